@@ -1,0 +1,20 @@
+"""ComfyUI Aligned Trainer: LoRA training inside ComfyUI with text encoders used the way each model
+family was trained.
+
+ComfyUI loads this package through its custom-node loader and calls :func:`comfy_entrypoint`
+(V3 node API). Node classes live in ``nodes/``; the engine they call lives in ``aligned_trainer/``.
+"""
+from comfy_api.latest import ComfyExtension
+
+WEB_DIRECTORY = "./js"
+
+
+class AlignedTrainerExtension(ComfyExtension):
+    async def get_node_list(self):
+        from .nodes import all_nodes
+
+        return all_nodes()
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    return AlignedTrainerExtension()

@@ -1,0 +1,1 @@
+"""Datasets, caption processing, buckets and the on-disk text-embedding / latent caches."""

@@ -1,0 +1,3 @@
+"""Nodes: data (see docs/)."""
+
+NODES = []

@@ -1,0 +1,3 @@
+"""Nodes: sampling (see docs/)."""
+
+NODES = []

@@ -1,0 +1,3 @@
+"""Nodes: text_encoders (see docs/)."""
+
+NODES = []

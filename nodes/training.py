@@ -1,0 +1,3 @@
+"""Nodes: training (see docs/)."""
+
+NODES = []

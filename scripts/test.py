@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Run the test suite on a fresh machine: sets everything up (scripts/setup.py), then runs pytest in
+the project's virtual environment against the real ComfyUI. Extra arguments go to pytest.
+
+    python3 scripts/test.py            # whole suite
+    python3 scripts/test.py -k spec    # a subset
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import setup as project_setup  # noqa: E402
+
+
+def main() -> int:
+    t0 = time.time()
+    try:
+        env = project_setup.setup()
+    except project_setup.SetupError as e:
+        print(f"[setup] ERROR: {e}", file=sys.stderr)
+        return 2
+    run_env = dict(os.environ, COMFYUI_PATH=env["COMFYUI_PATH"], PYTHONUNBUFFERED="1")
+    cmd = [env["PYTHON"], "-m", "pytest", *sys.argv[1:]]
+    print(f"[test] {' '.join(cmd)}", flush=True)
+    rc = subprocess.call(cmd, cwd=project_setup.ROOT, env=run_env)
+    print(f"[test] finished in {time.time() - t0:.0f}s with exit code {rc}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

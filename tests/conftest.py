@@ -1,0 +1,80 @@
+"""Fixtures: a real ComfyUI booted in-process with this pack loaded by ComfyUI's own loader, a real
+ComfyUI server on a free loopback port, and seeded tiny models/datasets."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support.boot import boot  # noqa: E402
+from support.paths import MODEL_CACHE  # noqa: E402
+from support.server import ComfyServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    dirs = {n: base / n for n in ("output", "temp", "input", "models")}
+    for d in dirs.values():
+        d.mkdir()
+    for sub in ("checkpoints", "loras", "text_encoders", "vae", "diffusion_models"):
+        (dirs["models"] / sub).mkdir()
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_dirs):
+    """ComfyUI imported in this process (CPU), built-in nodes and this pack loaded."""
+    c = boot(output_dir=comfy_dirs["output"], temp_dir=comfy_dirs["temp"])
+    import folder_paths
+
+    folder_paths.set_input_directory(str(comfy_dirs["input"]))
+    for sub in ("checkpoints", "loras", "text_encoders", "vae", "diffusion_models"):
+        folder_paths.add_model_folder_path(sub, str(comfy_dirs["models"] / sub), is_default=True)
+    return c
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy, comfy_dirs):
+    """Tiny SD1.5 checkpoint file, visible to CheckpointLoaderSimple as ``tiny-sd15.safetensors``."""
+    from support.factories import sd15
+
+    src = sd15.checkpoint()
+    link = comfy_dirs["models"] / "checkpoints" / "tiny-sd15.safetensors"
+    if not link.exists():
+        link.symlink_to(src)
+    return link
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy, sd15_checkpoint):
+    """(MODEL, CLIP, VAE) of the tiny SD1.5 checkpoint, loaded by the stock CheckpointLoaderSimple."""
+    return comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint.name)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, sd15_checkpoint, comfy_dirs):
+    """The real ComfyUI server (main.py) with this pack, on a free loopback port; always stopped."""
+    base = tmp_path_factory.mktemp("server")
+    srv = ComfyServer(base, model_folders={"checkpoints": sd15_checkpoint.parent,
+                                           "loras": comfy_dirs["models"] / "loras"})
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    from support.factories.dataset import make_dataset
+
+    return make_dataset(tmp_path / "dataset", n=6)
+
+
+def pytest_report_header(config):
+    return [f"ComfyUI: {os.environ.get('COMFYUI_PATH', '(bundled)')}", f"model cache: {MODEL_CACHE}"]
