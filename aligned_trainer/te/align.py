@@ -1,0 +1,217 @@
+"""Apply a text-encoder spec to a ComfyUI ``CLIP``.
+
+The aligned CLIP is a ``comfy.sd.CLIP`` (so ``CLIPTextEncode`` and every sampler use it unchanged) whose
+``tokenize`` builds each encoder's tokens the way the spec says (truncate vs chunk, length, padding,
+pad token, character cap, template, cleaning) and whose ``encode_from_tokens`` sets each encoder's
+options for the call (hidden layer, final layer norm, attention masks in the encoder and to the denoiser,
+zeroed pads, projected pooled) and restores them afterwards, because ComfyUI shares one encoder model
+between clones. ComfyUI's files are not touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import html
+import re
+import urllib.parse
+
+import comfy.sd
+import torch
+
+from .specs import EncoderSpec, TESpec, detect_spec, get_spec
+
+NO_LIMIT = 10 ** 9
+
+
+def clean_text(text: str, mode: str) -> str:
+    """Caption cleaning named by the spec: ``whitespace`` collapses runs of spaces; ``pixart`` also
+    unescapes HTML entities/URL quoting and drops URLs (the gist of diffusers' ``_clean_caption``)."""
+    if mode == "none":
+        return text
+    if mode == "pixart":
+        text = urllib.parse.unquote_plus(html.unescape(text))
+        text = re.sub(r"\b(?:https?:|www\.)\S+", "", text)
+        text = text.lower()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def encoder_text(text: str, enc: EncoderSpec) -> str:
+    text = clean_text(text, enc["cleaning"])
+    if enc["template"]:
+        text = enc["template"].replace("{prompt}", text)
+    if enc["char_cap"]:
+        text = text[: enc["char_cap"]]
+    return text
+
+
+def pad_id(sub, enc: EncoderSpec) -> int:
+    mode = enc["pad_token"]
+    if mode == "end":
+        return sub.end_token
+    if mode == "zero":
+        return 0
+    return sub.pad_token
+
+
+def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kwargs: dict) -> list:
+    """Tokens for one encoder, as ComfyUI's tokenizer returns them (list of batches of tuples)."""
+    text = encoder_text(text, enc)
+    kwargs = dict(kwargs)
+    opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
+            if not k.startswith(f"{sub.embedding_key}_min_")}
+    kwargs["tokenizer_options"] = opts
+    if enc["truncation"] == "chunk":
+        s = copy.copy(sub)
+        s.max_length = enc["max_length"]
+        s.pad_to_max_length = enc["padding"] == "max_length"
+        s.min_length = enc["min_length"]
+        s.pad_with_end = enc["pad_token"] == "end"
+        s.pad_token = pad_id(sub, enc)
+        return s.tokenize_with_weights(text, return_word_ids, **kwargs)
+    # One sequence with every token, then truncate/pad it ourselves (tokenizer(..., truncation=True)).
+    s = copy.copy(sub)
+    s.max_length, s.pad_to_max_length, s.min_length, s.min_padding = NO_LIMIT, False, None, None
+    flat = [t for batch in s.tokenize_with_weights(text, True, **kwargs) for t in batch]
+    start = flat[0] if sub.start_token is not None and flat and flat[0][0] == sub.start_token else None
+    body = flat[1:] if start is not None else flat
+    end = body[-1] if sub.end_token is not None and body and body[-1][0] == sub.end_token else None
+    if end is not None:
+        body = body[:-1]
+    n_special = (start is not None) + (end is not None)
+    if enc["truncation"] == "truncate":
+        body = body[: enc["max_length"] - n_special]
+    seq = ([start] if start is not None else []) + body + ([end] if end is not None else [])
+    target = len(seq)
+    if enc["padding"] == "max_length":
+        target = max(target, enc["max_length"])
+    if enc["min_length"]:
+        target = max(target, enc["min_length"])
+    pad = pad_id(sub, enc)
+    seq = seq + [(pad, 1.0, 0)] * (target - len(seq))
+    if not return_word_ids:
+        seq = [(t, w) for t, w, _ in seq]
+    return [seq]
+
+
+def _content_count(tokens: list, sub) -> int:
+    special = {sub.start_token, sub.end_token, sub.pad_token, 0 if sub.pad_token is not None else None}
+    return sum(1 for batch in tokens for t in batch if not isinstance(t[0], int) or t[0] not in special)
+
+
+@contextlib.contextmanager
+def encoder_options(cond_stage_model, spec: TESpec):
+    """Set each encoder's options from the spec for one encode call; restore them afterwards."""
+    saved = []
+    try:
+        for enc in spec.encoders:
+            m = getattr(cond_stage_model, enc.attr, None)
+            if m is None:
+                continue
+            saved.append((m, m.options_default, m.enable_attention_masks, m.return_attention_masks,
+                          m.zero_out_masked, m.layer_norm_hidden_state))
+            layer = ("last", None) if enc["hidden_layer"] == "last" else ("hidden", -2)
+            projected = enc["pooled"] == "eos_projected"
+            m.options_default = (layer[0], layer[1], projected)
+            m.enable_attention_masks = bool(enc["encoder_attention_mask"])
+            m.return_attention_masks = bool(enc["denoiser_attention_mask"])
+            m.zero_out_masked = bool(enc["zero_padded"])
+            if enc["final_layer_norm"] is not None and layer[0] == "hidden":
+                m.layer_norm_hidden_state = bool(enc["final_layer_norm"])
+            m.reset_clip_options()
+        yield
+    finally:
+        for m, default, eam, ram, zom, lnh in saved:
+            m.options_default = default
+            m.enable_attention_masks, m.return_attention_masks, m.zero_out_masked = eam, ram, zom
+            m.layer_norm_hidden_state = lnh
+            m.reset_clip_options()
+
+
+class AlignedCLIP(comfy.sd.CLIP):
+    """A ComfyUI CLIP that tokenizes and encodes the way ``spec`` says. Survives ``clone()``."""
+
+    spec: TESpec
+
+    @property
+    def aligned_trainer_spec(self) -> dict:
+        return self.spec.identity()
+
+    def clone(self):
+        n = super().clone()
+        n.__class__ = AlignedCLIP
+        n.spec = self.spec
+        return n
+
+    def _sub(self, enc: EncoderSpec):
+        return getattr(self.tokenizer, enc.attr, None)
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        out = super().tokenize(text, return_word_ids, **kwargs)
+        opts = {**self.tokenizer_options, **kwargs.get("tokenizer_options", {})}
+        kw = {k: v for k, v in kwargs.items() if k != "tokenizer_options"}
+        kw["tokenizer_options"] = opts
+        for enc in self.spec.encoders:
+            sub = self._sub(enc)
+            if sub is not None and enc.key in out:
+                out[enc.key] = tokenize_encoder(sub, enc, text, return_word_ids, kw)
+        return out
+
+    def _zero_empty(self, tokens) -> bool:
+        """True when the spec says an empty prompt is zeros and these tokens hold no content."""
+        zero_encs = [e for e in self.spec.encoders if e["empty_prompt"] == "zeros"]
+        if not zero_encs or not isinstance(tokens, dict):
+            return False
+        for enc in self.spec.encoders:
+            sub = self._sub(enc)
+            if sub is not None and enc.key in tokens and _content_count(tokens[enc.key], sub) > 0:
+                return False
+        return True
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        with encoder_options(self.cond_stage_model, self.spec):
+            out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
+        scale = {e["output_scale"] for e in self.spec.encoders}
+        zero = self._zero_empty(tokens)
+        if not zero and scale == {1.0}:
+            return out
+        factor = 0.0 if zero else float(next(iter(scale)))
+
+        def fix(t):
+            return t * factor if isinstance(t, torch.Tensor) else t
+
+        if return_dict:
+            out = dict(out)
+            out["cond"] = fix(out["cond"])
+            if out.get("pooled_output") is not None:
+                out["pooled_output"] = fix(out["pooled_output"])
+            return out
+        if return_pooled:
+            return fix(out[0]), fix(out[1])
+        return fix(out)
+
+
+def resolve_spec(clip, spec: str | TESpec | None) -> TESpec:
+    if isinstance(spec, TESpec):
+        return spec
+    if spec in (None, "", "auto"):
+        return detect_spec(clip)
+    return get_spec(spec)
+
+
+def align_clip(clip, spec: str | TESpec | None = "auto") -> AlignedCLIP:
+    """A new CLIP following ``spec`` (``auto`` detects it from the CLIP); ``clip`` is left unchanged."""
+    if isinstance(clip, AlignedCLIP):
+        clip = unaligned(clip)
+    s = resolve_spec(clip, spec)
+    n = clip.clone()
+    n.__class__ = AlignedCLIP
+    n.spec = s
+    n.layer_idx = None  # the spec decides each encoder's layer
+    return n
+
+
+def unaligned(clip) -> comfy.sd.CLIP:
+    """A plain ComfyUI CLIP sharing the same weights (ComfyUI's default behaviour)."""
+    n = comfy.sd.CLIP.clone(clip)
+    n.__class__ = comfy.sd.CLIP
+    return n

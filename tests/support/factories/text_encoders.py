@@ -1,0 +1,146 @@
+"""Seeded text encoders saved as files ComfyUI's loaders read, plus the same weights as transformers
+models for the reference pipelines. Tokenizers come from the files ComfyUI ships (no downloads)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from . import common
+from .sd15 import CLIP_L, clip_l_state_dict
+
+
+def comfy_tokenizer_dir(name: str) -> Path:
+    """Tokenizer folders ComfyUI ships: ``sd1`` (CLIP BPE) and ``t5``."""
+    import comfy.sd1_clip
+
+    root = Path(comfy.sd1_clip.__file__).parent
+    return {"sd1": root / "sd1_tokenizer", "t5": root / "text_encoders" / "t5_tokenizer"}[name]
+
+
+def clip_l_file(seed: int = 11) -> Path:
+    """A CLIP-L text encoder (fp32 safetensors, ``text_model.*`` keys) for ``CLIPLoader``/``load_clip``."""
+    path = common.cached_file(f"clip-l-s{seed}", common.source_key(sys.modules[__name__], sys.modules["support.factories.sd15"]))
+    if not path.exists():
+        common.atomic_save(clip_l_state_dict(seed), path)
+    return path
+
+
+def clip_l_transformers(path: Path):
+    """The same weights as a transformers ``CLIPTextModel`` (fp32, eval) and its tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    model = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
+    sd = load_file(str(path))
+    missing, unexpected = model.load_state_dict(
+        {k if k in model.state_dict() else k.removeprefix("text_model."): v for k, v in sd.items()}, strict=False)
+    assert not [m for m in missing if "position_ids" not in m], missing
+    # openai/clip-vit-large-patch14's tokenizer_config has model_max_length=77; ComfyUI's copy does not.
+    tok = CLIPTokenizer.from_pretrained(str(comfy_tokenizer_dir("sd1")), model_max_length=77)
+    return model, tok
+
+
+def load_comfy_clip(paths: list[Path], clip_type: str):
+    """Load text-encoder files the way ComfyUI's CLIPLoader does, computing in fp32."""
+    import comfy.sd
+
+    ct = getattr(comfy.sd.CLIPType, clip_type.upper())
+    return comfy.sd.load_clip(ckpt_paths=[str(p) for p in paths], clip_type=ct,
+                              model_options={"dtype": torch.float32})
+
+
+# --- FLUX.1: CLIP-L + a shrunk T5 (same class and code path as T5-XXL, fewer/narrower layers) -----------
+T5_TINY = {"d_ff": 256, "d_kv": 16, "d_model": 128, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
+           "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "relative_attention_num_buckets": 32,
+           "relative_attention_max_distance": 128, "vocab_size": 32128, "eos_token_id": 1, "pad_token_id": 0,
+           "decoder_start_token_id": 0, "is_encoder_decoder": True, "tie_word_embeddings": False,
+           "feed_forward_proj": "gated-gelu"}
+
+
+def t5_tiny_file(seed: int = 12) -> Path:
+    """A seeded tiny T5 encoder in the HF key layout ComfyUI's T5 loads (fp32 safetensors)."""
+    path = common.cached_file(f"t5-tiny-s{seed}", common.source_key(sys.modules[__name__]))
+    if not path.exists():
+        from transformers import T5Config, T5EncoderModel
+
+        torch.manual_seed(seed)
+        model = T5EncoderModel(T5Config(**T5_TINY)).eval()
+        common.atomic_save({k: v.clone() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}, path)
+    return path
+
+
+def t5_transformers(path: Path):
+    from safetensors.torch import load_file
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    model = T5EncoderModel(T5Config(**T5_TINY)).eval()
+    model.load_state_dict(load_file(str(path)), strict=False)
+    tok = T5TokenizerFast.from_pretrained(str(comfy_tokenizer_dir("t5")))
+    return model, tok
+
+
+def flux_clip(clip_l: Path, t5: Path):
+    """ComfyUI's FLUX text encoder (FluxTokenizer + FluxClipModel) with the T5 built from ``T5_TINY``."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+    import comfy.utils
+
+    class TinyT5XXLModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=False, model_options={}):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(T5_TINY),
+                             dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                             enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                             model_options={**model_options, "model_name": "t5xxl"})
+
+    class TinyFluxClipModel(comfy.text_encoders.flux.FluxClipModel):
+        def __init__(self, dtype_t5=None, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                     model_options=model_options)
+            self.t5xxl = TinyT5XXLModel(device=device, dtype=dtype, model_options=model_options)
+            self.dtypes = {dtype}
+
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    for p in (clip_l, t5):
+        clip.load_sd(comfy.utils.load_torch_file(str(p)))
+    return clip
+
+
+# --- the reference pipelines (diffusers), on the same weights ---------------------------------------------
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+
+
+def sd_pipeline(clip_l: Path):
+    """diffusers' StableDiffusionPipeline around our CLIP-L (tiny UNet/VAE: only encode_prompt is used)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    model, tok = clip_l_transformers(clip_l)
+    unet = UNet2DConditionModel(block_out_channels=(32,), layers_per_block=1, cross_attention_dim=768,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                norm_num_groups=8, attention_head_dim=8, sample_size=8)
+    return StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=model, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def flux_pipeline(clip_l: Path, t5: Path):
+    """diffusers' FluxPipeline around our CLIP-L and tiny T5 (tiny transformer/VAE: only encode_prompt is used)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_m, clip_tok = clip_l_transformers(clip_l)
+    t5_m, t5_tok = t5_transformers(t5)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=T5_TINY["d_model"],
+                                pooled_projection_dim=768, axes_dims_rope=(4, 6, 6))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(), text_encoder=clip_m,
+                        tokenizer=clip_tok, text_encoder_2=t5_m, tokenizer_2=t5_tok, transformer=tr)
