@@ -1,0 +1,103 @@
+"""Token inspection (how each encoder splits a text; trigger-word and truncation warnings) and the
+alignment report (two CLIPs compared per encoder)."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .align import AlignedCLIP
+
+
+def _subs(clip):
+    """(token-dict key, sub-tokenizer) for each encoder of a ComfyUI CLIP."""
+    out = {}
+    tok = clip.tokenizer
+    for name, sub in vars(tok).items():
+        if hasattr(sub, "tokenize_with_weights") and hasattr(sub, "tokenizer"):
+            out[name] = sub
+    return out
+
+
+def _key_for(attr: str, tokens: dict) -> str | None:
+    for cand in (attr, attr.removeprefix("clip_"), "l" if attr == "clip_l" else None):
+        if cand in tokens:
+            return cand
+    return None
+
+
+def token_pieces(sub, text: str) -> list[tuple[int, str]]:
+    ids = sub.tokenizer(text)["input_ids"]
+    pieces = sub.tokenizer.convert_ids_to_tokens(ids)
+    return list(zip(ids, pieces))
+
+
+def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> dict:
+    """Per encoder: pieces and ids, how many positions the encoder sees, truncation, and warnings."""
+    tokens = clip.tokenize(text)
+    report = {"text": text, "encoders": {}, "warnings": []}
+    limits = {}
+    if isinstance(clip, AlignedCLIP):
+        limits = {e.attr: e for e in clip.spec.encoders}
+    for attr, sub in _subs(clip).items():
+        key = _key_for(attr, tokens)
+        pieces = token_pieces(sub, text)
+        special = {sub.start_token, sub.end_token}
+        content = [p for p in pieces if p[0] not in special]
+        positions = sum(len(b) for b in tokens[key]) if key else None
+        entry = {"pieces": [p for _, p in content], "ids": [i for i, _ in content], "content_tokens": len(content),
+                 "positions": positions, "chunks": len(tokens[key]) if key else None}
+        enc = limits.get(attr)
+        if enc is not None and enc["truncation"] == "truncate":
+            room = enc["max_length"] - sum(1 for t in (sub.start_token, sub.end_token) if t is not None)
+            dropped = max(0, len(content) - room)
+            entry["truncated_tokens"] = dropped
+            if dropped:
+                kept = sub.tokenizer.convert_tokens_to_string([p for _, p in content[room:room + 12]])
+                report["warnings"].append(f"{attr}: caption truncated, {dropped} token(s) dropped from '{kept}...'")
+        elif positions and len(content) + 2 > getattr(sub, "max_length", 10 ** 9) < 10 ** 6:
+            report["warnings"].append(f"{attr}: {len(content)} tokens exceed one {sub.max_length}-token window; "
+                                      "ComfyUI splits it into chunks")
+        if trigger:
+            tp = [p for i, p in token_pieces(sub, trigger) if i not in special]
+            entry["trigger_pieces"] = tp
+            vocab = sub.tokenizer.get_vocab()
+            word = trigger.strip().lower()
+            as_word = any(v in vocab for v in (word + "</w>", "▁" + word, word))
+            if len(tp) > vocab_words:
+                report["warnings"].append(f"{attr}: trigger '{trigger}' splits into {len(tp)} pieces {tp}; "
+                                          "a rarer single token trains more cleanly")
+            elif as_word and re.fullmatch(r"[a-z]+", word) and len(word) >= 3:
+                report["warnings"].append(f"{attr}: trigger '{trigger}' is an ordinary word in the vocabulary; "
+                                          "training will shift its existing meaning")
+        report["encoders"][attr] = entry
+    return report
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+
+def compare_clips(clip_a, clip_b, prompts: list[str]) -> list[dict]:
+    """For each prompt: shapes, tokens used/truncated, cosine of the common positions and of pooled
+    vectors, norm/std of each, and statistics of the positions only one side has (padding)."""
+    rows = []
+    for prompt in prompts:
+        oa = clip_a.encode_from_tokens(clip_a.tokenize(prompt), return_dict=True)
+        ob = clip_b.encode_from_tokens(clip_b.tokenize(prompt), return_dict=True)
+        ca, cb = oa["cond"].float(), ob["cond"].float()
+        n = min(ca.shape[1], cb.shape[1])
+        row = {"prompt": prompt, "positions_a": int(ca.shape[1]), "positions_b": int(cb.shape[1]),
+               "seq_cosine": _cos(ca[:, :n], cb[:, :n]),
+               "min_token_cosine": float(torch.nn.functional.cosine_similarity(ca[0, :n], cb[0, :n], dim=-1).min()),
+               "norm_a": float(ca.norm()), "norm_b": float(cb.norm()), "std_a": float(ca.std()), "std_b": float(cb.std()),
+               "mask_a": "attention_mask" in oa, "mask_b": "attention_mask" in ob}
+        extra = ca[:, n:] if ca.shape[1] > n else cb[:, n:]
+        row["extra_positions_norm"] = float(extra.norm(dim=-1).mean()) if extra.numel() else 0.0
+        pa, pb = oa.get("pooled_output"), ob.get("pooled_output")
+        row["pooled_cosine"] = _cos(pa, pb) if pa is not None and pb is not None else None
+        info = inspect_text(clip_a, prompt)
+        row["tokens"] = {k: v["content_tokens"] for k, v in info["encoders"].items()}
+        row["truncated_a"] = {k: v.get("truncated_tokens", 0) for k, v in info["encoders"].items()}
+        rows.append(row)
+    return rows
