@@ -2,9 +2,9 @@
 alignment report (two CLIPs compared per encoder)."""
 from __future__ import annotations
 
-import re
-
 import torch
+
+COMMON_FRACTION = 0.4  # single-token triggers with an id in the first 40% of the vocabulary are common words
 
 from .align import AlignedCLIP
 
@@ -59,17 +59,17 @@ def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> di
             report["warnings"].append(f"{attr}: {len(content)} tokens exceed one {sub.max_length}-token window; "
                                       "ComfyUI splits it into chunks")
         if trigger:
-            tp = [p for i, p in token_pieces(sub, trigger) if i not in special]
+            tp_ids = [(i, p) for i, p in token_pieces(sub, trigger) if i not in special]
+            tp = [p for _, p in tp_ids]
             entry["trigger_pieces"] = tp
-            vocab = sub.tokenizer.get_vocab()
-            word = trigger.strip().lower()
-            as_word = any(v in vocab for v in (word + "</w>", "▁" + word, word))
+            vocab_size = len(sub.tokenizer.get_vocab())
             if len(tp) > vocab_words:
                 report["warnings"].append(f"{attr}: trigger '{trigger}' splits into {len(tp)} pieces {tp}; "
                                           "a rarer single token trains more cleanly")
-            elif as_word and re.fullmatch(r"[a-z]+", word) and len(word) >= 3:
-                report["warnings"].append(f"{attr}: trigger '{trigger}' is an ordinary word in the vocabulary; "
-                                          "training will shift its existing meaning")
+            elif tp_ids and tp_ids[0][0] < COMMON_FRACTION * vocab_size:
+                # BPE / sentencepiece vocabularies are ordered roughly by frequency: a low id is a common word
+                report["warnings"].append(f"{attr}: trigger '{trigger}' is an ordinary word (token id {tp_ids[0][0]} "
+                                          f"of {vocab_size}); training will shift its existing meaning")
         report["encoders"][attr] = entry
     return report
 
