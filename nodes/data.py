@@ -1,3 +1,139 @@
-"""Nodes: data (see docs/)."""
+"""Nodes: datasets and caches (Dataset, Cache Latents, Cache Text Embeddings). See docs/data.md."""
+from __future__ import annotations
 
-NODES = []
+import json
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from ..aligned_trainer import imaging
+from ..aligned_trainer.data import cache
+from ..aligned_trainer.data.buckets import BucketConfig
+from ..aligned_trainer.data.captions import CaptionConfig
+from ..aligned_trainer.data.dataset import from_folder, from_images
+from ._common import NodeProgress, category, node_id
+
+CAT = category("Data")
+DATASET = io.Custom("AT_DATASET")
+LATENT_CACHE = io.Custom("AT_LATENT_CACHE")
+TRAINING_SET = io.Custom("AT_TRAINING_SET")
+
+
+def _resolve(folder: str) -> Path:
+    import folder_paths
+
+    p = Path(folder).expanduser()
+    return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
+
+
+def report_image(rep: dict):
+    rows = [[f"bucket {b}", str(n)] for b, n in rep["per_bucket"].items()]
+    rows += [["caption words min/mean/max", f"{rep['caption_words']['min']}/{rep['caption_words']['mean']}/"
+                                            f"{rep['caption_words']['max']}"]]
+    rows += [[f"tag: {t}", str(n)] for t, n in rep["tag_frequency"][:15]]
+    rows += [[n, ""] for n in rep["notes"][:10]]
+    return imaging.table_image(["", "count"], rows, title=f"Dataset: {rep['images']} images, {rep['items']} items",
+                               first_col_width=420, col_width=80)
+
+
+class Dataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("Dataset"), display_name="Dataset", category=CAT,
+            description="Images + captions, bucketed by aspect ratio, with caption processing. Reads a folder "
+                        "(kohya N_name repeat folders, .txt captions) or images and captions from the graph.",
+            inputs=[
+                io.String.Input("folder", default="dataset", tooltip="Folder of images with .txt captions; absolute or "
+                                "relative to ComfyUI's input folder. Ignored when images are connected."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                             tooltip="Square bucket side; the bucket area limit is resolution^2."),
+                io.Int.Input("min_side", default=256, min=64, max=4096, step=64, tooltip="Smallest bucket side."),
+                io.Int.Input("max_side", default=1024, min=64, max=8192, step=64, tooltip="Largest bucket side."),
+                io.Int.Input("bucket_step", default=64, min=8, max=256, step=8, tooltip="Bucket sides are multiples of this."),
+                io.String.Input("trigger_word", default="", tooltip="Prepended to every caption (kept first when shuffling)."),
+                io.Boolean.Input("shuffle_tags", default=False, tooltip="Shuffle comma-separated tags in caption variants."),
+                io.Int.Input("keep_tokens", default=1, min=0, max=32, tooltip="Leading tags that never move or drop."),
+                io.Float.Input("tag_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Chance to drop each non-kept tag in a caption variant."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Chance per training step to train on the empty caption instead."),
+                io.Int.Input("caption_variants", default=1, min=1, max=64,
+                             tooltip="Processed variants per caption, encoded once and picked per step."),
+                io.Boolean.Input("flip", default=False, tooltip="Add a mirrored copy of each image."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the caption variants."),
+                io.String.Input("reg_folder", default="", optional=True,
+                                tooltip="Optional regularization/class images folder (same layout)."),
+                io.Float.Input("reg_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="Loss weight of regularization images."),
+                io.Image.Input("images", optional=True, tooltip="Images from the graph instead of a folder."),
+                io.String.Input("captions", multiline=True, default="", optional=True,
+                                tooltip="One caption per line, one line per graph image."),
+            ],
+            outputs=[DATASET.Output("dataset", tooltip="The dataset (for Cache Latents)."),
+                     io.String.Output("report", tooltip="Images per bucket, caption stats, tag frequency, notes."),
+                     io.Image.Output("report_image", tooltip="The report as a table.")],
+        )
+
+    @classmethod
+    def execute(cls, folder, resolution, min_side, max_side, bucket_step, trigger_word, shuffle_tags, keep_tokens,
+                tag_dropout, caption_dropout, caption_variants, flip, seed, reg_folder="", reg_weight=1.0,
+                images=None, captions="") -> io.NodeOutput:
+        ccfg = CaptionConfig(trigger_word.strip(), shuffle_tags, keep_tokens, tag_dropout, caption_dropout, caption_variants)
+        bcfg = BucketConfig(resolution, min_side, max(max_side, resolution), bucket_step)
+        if images is not None:
+            ds = from_images(images, captions.split("\n") if captions else [], ccfg, bcfg, flip, seed)
+        else:
+            ds = from_folder(_resolve(folder), ccfg, bcfg, flip, seed,
+                             _resolve(reg_folder) if reg_folder else None, reg_weight)
+        rep = ds.report()
+        return io.NodeOutput(ds, json.dumps(rep, indent=1), report_image(rep))
+
+
+class CacheLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("CacheLatents"), display_name="Cache Latents", category=CAT,
+            description="VAE-encodes every dataset item once into an on-disk cache reused across runs.",
+            inputs=[DATASET.Input("dataset", tooltip="From the Dataset node."),
+                    io.Vae.Input("vae", tooltip="The VAE of the model you train.")],
+            outputs=[LATENT_CACHE.Output("latents", tooltip="Cached latents (for Cache Text Embeddings)."),
+                     io.String.Output("info", tooltip="Cache folder, hits and misses.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, dataset, vae) -> io.NodeOutput:
+        prog = NodeProgress(len(dataset.items), cls.hidden.unique_id)
+        lc = cache.cache_latents(dataset, vae, progress=lambda n, t: prog(n, t))
+        hits, misses, repaired = lc.stats
+        return io.NodeOutput(lc, f"{lc.root}: {hits} cached, {misses} encoded, {repaired} repaired")
+
+
+class CacheTextEmbeddings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("CacheTextEmbeddings"), display_name="Cache Text Embeddings", category=CAT,
+            description="Encodes every caption variant (and the empty caption) once, caches it on disk, then "
+                        "lets the text encoder leave memory.",
+            inputs=[LATENT_CACHE.Input("latents", tooltip="From Cache Latents."),
+                    io.Clip.Input("clip", tooltip="The (aligned) CLIP to encode captions with."),
+                    io.Boolean.Input("unload_text_encoder", default=True,
+                                     tooltip="Unload the text encoder after caching to free memory for training.")],
+            outputs=[TRAINING_SET.Output("training_set", tooltip="Latents + conditionings, ready for Train Init."),
+                     io.String.Output("info", tooltip="Cache folder, hits and misses.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, latents, clip, unload_text_encoder) -> io.NodeOutput:
+        n = len({c for i in latents.dataset.items for c in i.captions}) + 1
+        prog = NodeProgress(n, cls.hidden.unique_id)
+        ts, (hits, misses, repaired) = cache.cache_text(latents, clip, progress=lambda k, t: prog(k, t),
+                                                         unload=unload_text_encoder)
+        return io.NodeOutput(ts, f"{ts.meta['text_cache']}: {hits} cached, {misses} encoded, {repaired} repaired")
+
+
+NODES = [Dataset, CacheLatents, CacheTextEmbeddings]

@@ -28,6 +28,7 @@ class Sample:
     weight: float = 1.0           # loss weight (regularization images use the dataset's reg weight)
     is_reg: bool = False
     bucket: tuple[int, int] = (0, 0)  # (width, height) in pixels
+    repeats: int = 1              # kohya folder repeats: drawn this many times as often
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,10 @@ class Comfy:
 
     def call_full(self, node_id: str, unique_id: str = "1", **inputs):
         cls = self.node(node_id)
-        clone = cls.PREPARE_CLASS_CLONE({"unique_id": unique_id, "prompt": {}, "extra_pnginfo": {}})
+        from comfy_api.latest import io
+
+        clone = cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id, io.Hidden.prompt: {},
+                                         io.Hidden.extra_pnginfo: {}})
         out = clone.execute(**inputs)
         if inspect.isawaitable(out):
             out = asyncio.run(out)
