@@ -1,3 +1,249 @@
-"""Nodes: training (see docs/)."""
+"""Nodes: training (LoRA Config, Timestep Strategy, Optimizer, Train Init, Train Steps, Save LoRA).
+See docs/training.md."""
+from __future__ import annotations
 
-NODES = []
+import json
+import time
+
+import torch
+from comfy_api.latest import io
+
+from ..aligned_trainer import imaging, plot
+from ..aligned_trainer.train import config as C
+from ..aligned_trainer.train import export, loop, state, timesteps
+from ._common import NodeProgress, category, node_id, send_event
+
+CAT = category("Training")
+LORA_CONFIG = io.Custom("AT_LORA_CONFIG")
+TIMESTEPS = io.Custom("AT_TIMESTEPS")
+OPTIMIZER = io.Custom("AT_OPTIMIZER")
+TRAIN_RUN = io.Custom("AT_TRAIN_RUN")
+TRAINING_SET = io.Custom("AT_TRAINING_SET")
+PREVIEW_PLAN = io.Custom("AT_PREVIEW_PLAN")
+
+
+class LoraConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("LoraConfig"), display_name="LoRA Config", category=CAT,
+            description="What to train: algorithm, rank/alpha, target layers, dropout, max norm.",
+            inputs=[
+                io.Combo.Input("algorithm", options=list(C.ALGORITHMS), default="lora",
+                               tooltip="lora; locon (LoRA on conv layers too); loha; lokr (ComfyUI weight adapters)."),
+                io.Int.Input("rank", default=16, min=0, max=1024, tooltip="LoRA rank (dim)."),
+                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="Scale = alpha / rank. 0 means alpha = rank (scale 1)."),
+                io.Combo.Input("targets", options=list(C.PRESETS), default="attention+mlp",
+                               tooltip="Preset of layers to train."),
+                io.String.Input("include", default="", tooltip="Regex of extra module names to train."),
+                io.String.Input("exclude", default="", tooltip="Regex of module names never to train."),
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=0.99, step=0.01, tooltip="Drop rank dims per step (LoRA)."),
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=0.99, step=0.01, tooltip="Skip whole adapters per step."),
+                io.Float.Input("network_dropout", default=0.0, min=0.0, max=0.99, step=0.01,
+                               tooltip="Activation dropout; not possible with weight-space adapters (must be 0)."),
+                io.Combo.Input("init", options=["default", "gaussian"], default="default",
+                               tooltip="LoRA down init: kaiming-scaled (default) or gaussian 1/rank; up starts at 0."),
+                io.Float.Input("max_norm", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Scale weight norms (kohya): cap each LoRA delta's norm; 0 = off."),
+            ],
+            outputs=[LORA_CONFIG.Output("lora_config", tooltip="For Train Init.")],
+        )
+
+    @classmethod
+    def execute(cls, algorithm, rank, alpha, targets, include, exclude, rank_dropout, module_dropout,
+                network_dropout, init, max_norm) -> io.NodeOutput:
+        cfg = C.LoraConfig(algorithm, rank, alpha or None, targets, include, exclude, rank_dropout, module_dropout,
+                           network_dropout, init, max_norm)
+        cfg.validate()
+        return io.NodeOutput(cfg)
+
+
+class TimestepStrategy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("TimestepStrategy"), display_name="Timestep Strategy", category=CAT,
+            description="How training picks noise levels and weights the loss; works for eps, v and flow models.",
+            inputs=[
+                io.Combo.Input("density", options=list(C.DENSITIES), default="uniform",
+                               tooltip="uniform; logit_normal (SD3/sigmoid); mode; cosmap."),
+                io.Float.Input("logit_mean", default=0.0, min=-5, max=5, step=0.05, tooltip="logit-normal mean."),
+                io.Float.Input("logit_std", default=1.0, min=0.01, max=5, step=0.05, tooltip="logit-normal scale."),
+                io.Float.Input("mode_scale", default=1.29, min=0, max=5, step=0.01, tooltip="Scale of the 'mode' density."),
+                io.Combo.Input("shift", options=["model", "none", "fixed", "flux_resolution"], default="model",
+                               tooltip="model: the model's own schedule; fixed: SD3 shift; flux_resolution: FLUX's "
+                                       "resolution-dependent shift (flow models)."),
+                io.Float.Input("shift_value", default=3.0, min=0.1, max=20, step=0.1, tooltip="Shift for 'fixed'."),
+                io.Combo.Input("bias", options=["balanced", "high_noise", "low_noise"], default="balanced",
+                               tooltip="Move the distribution towards noisy (composition) or clean (detail) steps."),
+                io.Float.Input("bias_strength", default=0.0, min=0, max=5, step=0.05, tooltip="Strength of the bias."),
+                io.Int.Input("min_timestep", default=0, min=0, max=999, tooltip="Lowest timestep (of 1000)."),
+                io.Int.Input("max_timestep", default=1000, min=1, max=1000, tooltip="Highest timestep (of 1000)."),
+                io.Combo.Input("weighting", options=list(C.WEIGHTINGS), default="none",
+                               tooltip="Loss weighting: min_snr (gamma), debiased estimation, SD3 sigma_sqrt/cosmap."),
+                io.Float.Input("min_snr_gamma", default=5.0, min=0.1, max=50, step=0.1, tooltip="Gamma of min-SNR."),
+                io.Float.Input("noise_offset", default=0.0, min=0, max=1, step=0.005, tooltip="Noise offset strength."),
+                io.Int.Input("multires_iterations", default=0, min=0, max=10, tooltip="Pyramid noise iterations (0 = off)."),
+                io.Float.Input("multires_discount", default=0.3, min=0, max=1, step=0.01, tooltip="Pyramid noise discount."),
+            ],
+            outputs=[TIMESTEPS.Output("timesteps", tooltip="For Train Init."),
+                     io.Image.Output("histogram", tooltip="20k draws of the timestep distribution.")],
+        )
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        cfg = C.TimestepConfig(**kw)
+        cfg.validate()
+        u = timesteps.histogram_u(cfg)
+        img = plot.histogram(u.tolist(), title=f"timesteps: {cfg.density}, bias {cfg.bias} (shift applied at train time)")
+        return io.NodeOutput(cfg, imaging.to_tensor(img))
+
+
+class Optimizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("Optimizer"), display_name="Optimizer", category=CAT,
+            description="Optimizer, learning-rate schedule and gradient clipping.",
+            inputs=[
+                io.Combo.Input("optimizer", options=list(C.OPTIMIZERS), default="adamw",
+                               tooltip="adamw; adamw8bit (needs bitsandbytes); prodigy (use lr 1.0); adafactor; lion."),
+                io.Float.Input("learning_rate", default=1e-4, min=-1.0, max=10.0, step=1e-5, tooltip="Learning rate."),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="Weight decay."),
+                io.Float.Input("beta1", default=0.9, min=0.0, max=0.9999, step=0.001, tooltip="Adam/Prodigy/Lion beta1."),
+                io.Float.Input("beta2", default=0.999, min=0.0, max=0.99999, step=0.0001, tooltip="Adam/Prodigy/Lion beta2."),
+                io.Combo.Input("scheduler", options=list(C.SCHEDULERS), default="constant", tooltip="LR schedule (diffusers)."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, tooltip="Linear warmup steps."),
+                io.Int.Input("total_steps", default=1000, min=1, max=1000000, tooltip="Horizon of decaying schedules."),
+                io.Int.Input("num_cycles", default=1, min=1, max=100, tooltip="Restarts of cosine_with_restarts."),
+                io.Float.Input("power", default=1.0, min=0.1, max=10, step=0.1, tooltip="Power of the polynomial schedule."),
+                io.Float.Input("grad_clip", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Max gradient norm; 0 = off."),
+                io.Float.Input("d_coef", default=1.0, min=0.01, max=10, step=0.01, tooltip="Prodigy d_coef."),
+                io.Boolean.Input("decouple", default=True, tooltip="Prodigy decoupled weight decay."),
+                io.Boolean.Input("use_bias_correction", default=False, tooltip="Prodigy bias correction."),
+                io.Boolean.Input("safeguard_warmup", default=False, tooltip="Prodigy safeguard warmup."),
+            ],
+            outputs=[OPTIMIZER.Output("optimizer_config", tooltip="For Train Init.")],
+        )
+
+    @classmethod
+    def execute(cls, optimizer, learning_rate, weight_decay, beta1, beta2, scheduler, warmup_steps, total_steps,
+                num_cycles, power, grad_clip, d_coef, decouple, use_bias_correction, safeguard_warmup) -> io.NodeOutput:
+        cfg = C.OptimizerConfig(optimizer, learning_rate, weight_decay, (beta1, beta2), 1e-8, scheduler, warmup_steps,
+                                total_steps, num_cycles, power, grad_clip, d_coef, decouple, use_bias_correction,
+                                safeguard_warmup)
+        cfg.validate()
+        return io.NodeOutput(cfg)
+
+
+class TrainInit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("TrainInit"), display_name="Train Init", category=CAT,
+            description="Builds (or resumes) a training run. Everything is validated here, before training.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train a LoRA for."),
+                TRAINING_SET.Input("training_set", tooltip="From Cache Text Embeddings."),
+                LORA_CONFIG.Input("lora_config", tooltip="From LoRA Config."),
+                TIMESTEPS.Input("timesteps", tooltip="From Timestep Strategy."),
+                OPTIMIZER.Input("optimizer", tooltip="From Optimizer."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, batches, noise, timesteps."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step (same bucket)."),
+                io.Int.Input("grad_accum", default=1, min=1, max=256, tooltip="Gradient accumulation steps."),
+                io.Combo.Input("precision", options=list(loop.DTYPES), default="fp32", tooltip="Autocast precision."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute blocks in backward to save memory."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, tooltip="EMA of the LoRA; 0 = off."),
+                io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Guidance fed to guidance-distilled models (FLUX dev) during training."),
+                io.Int.Input("val_count", default=0, min=0, max=10000,
+                             tooltip="Samples held out for validation loss (0: validate on the training samples)."),
+                io.String.Input("run_name", default="my_lora", tooltip="Run folder under output/aligned_trainer/runs."),
+                io.String.Input("resume", default="none",
+                                tooltip="'none', 'latest' (newest checkpoint of this run name), or a checkpoint path."),
+            ],
+            outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
+        )
+
+    @classmethod
+    def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
+                gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume) -> io.NodeOutput:
+        settings = state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay,
+                                     guidance, val_count, 4, run_name)
+        return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume))
+
+
+class TrainSteps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("TrainSteps"), display_name="Train Steps", category=CAT,
+            description="Runs K steps and returns a NEW run (its input is never changed: re-queueing repeats the "
+                        "same K steps; chain nodes or resume to continue) and the model with the current LoRA.",
+            inputs=[
+                TRAIN_RUN.Input("run", tooltip="From Train Init or another Train Steps."),
+                io.Int.Input("steps", default=100, min=1, max=1000000, tooltip="Optimizer steps to run."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip="Save a checkpoint every N steps (0 = at the end only)."),
+                io.Int.Input("keep_last", default=3, min=1, max=1000, tooltip="Checkpoints to keep."),
+                io.Int.Input("val_every", default=0, min=0, max=1000000, tooltip="Validation loss every N steps (0 = off)."),
+                PREVIEW_PLAN.Input("preview_plan", optional=True, tooltip="Optional: render sample previews every N steps."),
+            ],
+            outputs=[TRAIN_RUN.Output("trained_run", tooltip="The run after these steps."),
+                     io.Model.Output("model", tooltip="The model with the current LoRA applied (any sampler)."),
+                     io.Image.Output("loss_plot", tooltip="Loss so far.")],
+            hidden=[io.Hidden.unique_id],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, run, steps, checkpoint_every, keep_last, val_every, preview_plan=None) -> io.NodeOutput:
+        uid = cls.hidden.unique_id
+        prog = NodeProgress(steps, uid)
+        t0 = time.perf_counter()
+
+        def on_step(r, trainer):
+            done = r.step - run.step
+            rate = done / max(1e-9, time.perf_counter() - t0)
+            eta = (steps - done) / max(rate, 1e-9)
+            text = f"step {r.step} | loss {r.loss:.4f} | lr {r.lr:.2e} | {rate:.2f} it/s | ETA {eta:.0f}s"
+            preview = None
+            if preview_plan is not None and r.step % max(1, preview_plan.every_n) == 0:
+                lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
+                image = preview_plan.render(lora_model, r.step)
+                preview = ("JPEG", imaging.to_pil(image), 512)
+                send_event("preview", {"node": uid, "step": r.step})
+            prog(done, text) if preview is None else prog.bar.update_absolute(done, steps, preview)
+            send_event("loss", {"node": uid, "step": r.step, "loss": r.loss, "lr": r.lr, "val_loss": r.val_loss,
+                                "eta": eta, "its": rate})
+
+        new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step)
+        if checkpoint_every == 0 or new.step % checkpoint_every:
+            new = new.advanced(checkpoints=state.save_checkpoint(new, keep_last))
+        model = export.model_with_lora(new.model, export.kohya_state_dict(new, dtype=torch.float32))
+        img, _ = plot.loss_plot(list(new.history))
+        return io.NodeOutput(new, model, imaging.to_tensor(img))
+
+
+class SaveLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("SaveLora"), display_name="Save LoRA", category=CAT,
+            description="Writes the LoRA into ComfyUI's loras folder (kohya keys + training metadata), after "
+                        "checking that ComfyUI's own LoRA loader maps every key.",
+            inputs=[TRAIN_RUN.Input("run", tooltip="The trained run."),
+                    io.String.Input("name", default="my_lora", tooltip="File name (no folders, no '..')."),
+                    io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16", tooltip="Stored precision.")],
+            outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, run, name, dtype) -> io.NodeOutput:
+        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype])
+        text = json.dumps(report)
+        return io.NodeOutput(str(path), ui={"text": [text]})
+
+
+NODES = [LoraConfig, TimestepStrategy, Optimizer, TrainInit, TrainSteps, SaveLora]

@@ -78,3 +78,22 @@ def tiny_dataset(tmp_path):
 
 def pytest_report_header(config):
     return [f"ComfyUI: {os.environ.get('COMFYUI_PATH', '(bundled)')}", f"model cache: {MODEL_CACHE}"]
+
+
+@pytest.fixture(scope="session")
+def sd15_training_set(comfy, sd15, tmp_path_factory):
+    """A 4-image, 64 px TrainingSet built with the pack's own data engine from the tiny SD1.5."""
+    from support.factories.dataset import make_dataset
+
+    _, clip, vae = sd15
+    base = tmp_path_factory.mktemp("trainset")
+    folder = make_dataset(base / "data", n=4, sizes=((64, 64),))
+    D = comfy.engine("data.dataset")
+    caps = comfy.engine("data.captions")
+    bk = comfy.engine("data.buckets")
+    cache = comfy.engine("data.cache")
+    ds = D.from_folder(folder.parent, caps.CaptionConfig(trigger_word="ohwx"),
+                       bk.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
+    lc = cache.cache_latents(ds, vae, base / "cache")
+    ts, _ = cache.cache_text(lc, clip, base / "cache", unload=False)
+    return ts

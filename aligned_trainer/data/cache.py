@@ -91,7 +91,8 @@ class DiskCache:
             self.hits += 1
             return got
         self.misses += 1
-        tensors = compute()
+        with torch.no_grad():
+            tensors = {k: v.detach().clone() for k, v in compute().items()}
         self.put(key, tensors, meta)
         return tensors
 

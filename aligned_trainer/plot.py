@@ -1,0 +1,116 @@
+"""Loss curves and histograms drawn with PIL (no plotting library needed)."""
+from __future__ import annotations
+
+import math
+
+from PIL import Image, ImageDraw
+
+from .imaging import BG, FG, MUTED, font
+
+LOSS = (90, 170, 255)
+SMOOTH = (255, 200, 60)
+VAL = (120, 220, 120)
+MINIMA = (255, 90, 90)
+
+
+def ema(values: list[float], smoothing: float) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else smoothing * acc + (1 - smoothing) * v
+        out.append(acc)
+    return out
+
+
+def local_minima(values: list[float], window: int = 5) -> list[int]:
+    """Indices that are the minimum of their +-window neighbourhood (plateaus report their first index)."""
+    idx = []
+    for i, v in enumerate(values):
+        lo, hi = max(0, i - window), min(len(values), i + window + 1)
+        seg = values[lo:hi]
+        if v == min(seg) and (i == lo or values[i - 1] > v) and len(values) > 2:
+            idx.append(i)
+    return idx
+
+
+def summarize(history: list[dict], smoothing: float = 0.9, window: int = 5) -> dict:
+    steps = [h["step"] for h in history]
+    loss = [float(h["loss"]) for h in history]
+    sm = ema(loss, smoothing)
+    val = [(h["step"], float(h["val_loss"])) for h in history if h.get("val_loss") is not None]
+    return {"steps": steps, "loss": loss, "smoothed": sm,
+            "smoothed_minima_steps": [steps[i] for i in local_minima(sm, window)],
+            "val": val, "val_minima_steps": [val[i][0] for i in local_minima([v for _, v in val], 1)] if val else [],
+            "best_val_step": min(val, key=lambda t: t[1])[0] if val else None}
+
+
+def loss_plot(history: list[dict], smoothing: float = 0.9, size=(640, 360), title: str = "training loss") -> tuple[Image.Image, dict]:
+    info = summarize(history, smoothing)
+    W, H = size
+    L, R, T, B = 56, 16, 28, 36
+    img = Image.new("RGB", size, BG)
+    d = ImageDraw.Draw(img)
+    f = font(11)
+    d.text((L, 6), title, fill=FG, font=font(13))
+    if not history:
+        d.text((L, H // 2), "no steps yet", fill=MUTED, font=f)
+        return img, info
+    ys = info["loss"] + [v for _, v in info["val"]]
+    lo, hi = min(ys), max(ys)
+    if hi - lo < 1e-12:
+        hi = lo + 1e-6
+    s0, s1 = min(info["steps"]), max(info["steps"])
+    span = max(1, s1 - s0)
+
+    def px(step, v):
+        return L + (step - s0) / span * (W - L - R), T + (1 - (v - lo) / (hi - lo)) * (H - T - B)
+
+    d.rectangle([L, T, W - R, H - B], outline=MUTED)
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        y = px(s0, v)[1]
+        d.text((4, y - 6), f"{v:.4g}", fill=MUTED, font=f)
+    d.text((L, H - B + 6), str(s0), fill=MUTED, font=f)
+    d.text((W - R - 30, H - B + 6), str(s1), fill=MUTED, font=f)
+    pts = [px(s, v) for s, v in zip(info["steps"], info["loss"])]
+    if len(pts) > 1:
+        d.line(pts, fill=LOSS, width=1)
+    spts = [px(s, v) for s, v in zip(info["steps"], info["smoothed"])]
+    if len(spts) > 1:
+        d.line(spts, fill=SMOOTH, width=2)
+    vpts = [px(s, v) for s, v in info["val"]]
+    if len(vpts) > 1:
+        d.line(vpts, fill=VAL, width=2)
+    for x, y in vpts:
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=VAL)
+    for step in info["smoothed_minima_steps"]:
+        i = info["steps"].index(step)
+        x, y = spts[i]
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=MINIMA)
+    d.text((W - 250, 8), "loss  smoothed  validation  o minima", fill=MUTED, font=f)
+    return img, info
+
+
+def histogram(values, bins: int = 40, size=(480, 240), title: str = "") -> Image.Image:
+    vals = [float(v) for v in values]
+    lo, hi = 0.0, 1.0
+    counts = [0] * bins
+    for v in vals:
+        counts[min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins)))] += 1
+    W, H = size
+    img = Image.new("RGB", size, BG)
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), title, fill=FG, font=font(12))
+    top = max(counts) or 1
+    bw = (W - 20) / bins
+    for i, c in enumerate(counts):
+        h = (H - 50) * c / top
+        d.rectangle([10 + i * bw, H - 24 - h, 10 + (i + 1) * bw - 1, H - 24], fill=LOSS)
+    d.text((10, H - 20), "clean (t=0)", fill=MUTED, font=font(10))
+    d.text((W - 90, H - 20), "noise (t=1000)", fill=MUTED, font=font(10))
+    mean = sum(vals) / max(1, len(vals))
+    d.text((W // 2 - 40, H - 20), f"mean {mean * 1000:.0f}", fill=FG, font=font(10))
+    return img
+
+
+def nan_safe(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x

@@ -1,0 +1,1 @@
+"""Training engine: LoRA/timestep/optimizer configs, the training loop, checkpoints and export."""

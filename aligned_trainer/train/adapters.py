@@ -1,0 +1,97 @@
+"""Trainable adapters on a ComfyUI model: target selection by preset/regex, ComfyUI's own weight adapters
+(LoRA / LoHa / LoKr, conv layers for LoCon) attached with ``add_weight_wrapper``, dropout and max-norm."""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
+
+from .config import PRESETS, ConfigError, LoraConfig
+
+ADAPTER = {"lora": LoRAAdapter, "locon": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter}
+
+
+def target_layers(diffusion_model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
+    """Names (ComfyUI module names inside the diffusion model) of the layers to train."""
+    preset = re.compile(PRESETS[cfg.preset])
+    inc = re.compile(cfg.include) if cfg.include else None
+    exc = re.compile(cfg.exclude) if cfg.exclude else None
+    out = []
+    for name, m in diffusion_model.named_modules():
+        w = getattr(m, "weight", None)
+        if not hasattr(m, "weight_function") or w is None:
+            continue
+        if w.ndim == 2 or (w.ndim in (3, 4) and cfg.conv):
+            if not preset.search(name) and not (inc and inc.search(name)):
+                continue
+            if exc and exc.search(name):
+                continue
+            out.append(name)
+    if not out:
+        raise ConfigError(f"no layer of this model matches preset '{cfg.preset}'"
+                          f"{' with include ' + repr(cfg.include) if cfg.include else ''}"
+                          f"{' and exclude ' + repr(cfg.exclude) if cfg.exclude else ''}; this model has no such "
+                          "layers (e.g. DiT models have no separate cross-attention): pick another preset")
+    return out
+
+
+class TrainAdapter(torch.nn.Module):
+    """A ComfyUI train adapter plus rank/module dropout. Called by ComfyUI's weight wrapper with the weight."""
+
+    def __init__(self, inner: torch.nn.Module, cfg: LoraConfig):
+        super().__init__()
+        self.inner = inner
+        self.rank_dropout = cfg.rank_dropout if cfg.algorithm in ("lora", "locon") else 0.0
+        self.module_dropout = cfg.module_dropout
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, w):
+        if self.training and self.generator is not None:
+            if self.module_dropout and float(torch.rand((), generator=self.generator)) < self.module_dropout:
+                return w
+            if self.rank_dropout:
+                inner = self.inner
+                keep = (torch.rand(inner.rank, generator=self.generator) >= self.rank_dropout).to(w.device)
+                up = inner.lora_up.weight * keep.to(inner.lora_up.weight.dtype) / (1 - self.rank_dropout)
+                diff = up @ inner.lora_down.weight
+                return (w + (inner.alpha / inner.rank) * diff.reshape(w.shape)).to(w.dtype)
+        return self.inner(w)
+
+
+def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator) -> TrainAdapter:
+    inner = ADAPTER[cfg.algorithm].create_train(weight, rank=cfg.rank, alpha=cfg.scale_alpha)
+    if cfg.algorithm in ("lora", "locon"):
+        # Standard LoRA init from the run's seed: down ~ kaiming/gaussian, up = 0 (no change at step 0).
+        down = inner.lora_down.weight
+        with torch.no_grad():
+            std = 1.0 / math.sqrt(down.shape[1]) if cfg.init == "default" else 1.0 / cfg.rank
+            down.copy_(torch.randn(down.shape, generator=generator) * std)
+            inner.lora_up.weight.zero_()
+    else:
+        with torch.no_grad():
+            for p in inner.parameters():
+                if p.requires_grad and p.ndim >= 1 and not torch.isfinite(p).all():
+                    p.zero_()
+    return TrainAdapter(inner.float(), cfg)
+
+
+def apply_max_norm(adapters: dict[str, TrainAdapter], max_norm: float) -> int:
+    """Scale LoRA pairs whose delta norm exceeds ``max_norm`` (kohya scale_weight_norms); returns how many."""
+    if not max_norm:
+        return 0
+    scaled = 0
+    with torch.no_grad():
+        for a in adapters.values():
+            inner = a.inner
+            if not hasattr(inner, "lora_up"):
+                continue
+            delta = (inner.lora_up.weight @ inner.lora_down.weight.flatten(1)) * (inner.alpha / inner.rank)
+            n = delta.norm()
+            if n > max_norm:
+                r = (max_norm / n).sqrt()
+                inner.lora_up.weight.mul_(r)
+                inner.lora_down.weight.mul_(r)
+                scaled += 1
+    return scaled

@@ -1,0 +1,156 @@
+"""Training configuration objects (immutable) and their validation. Every check runs before training
+starts and raises one ConfigError saying what to change."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+
+class ConfigError(ValueError):
+    pass
+
+
+ALGORITHMS = ("lora", "locon", "loha", "lokr")
+_ATTN = r"(attn1|attn2|attn|self_attn|img_attn|txt_attn)\.(to_q|to_k|to_v|to_out\.0|qkv|proj)$|single_blocks\.\d+\.linear[12]$"
+_MLP = r"(ff\.net\.(0\.proj|2)|mlp\.(fc1|fc2|0|2)|img_mlp\.(0|2)|txt_mlp\.(0|2))$"
+PRESETS = {
+    # regexes over ComfyUI module names of the diffusion model (linear layers unless "+conv")
+    "attention": _ATTN,
+    "cross-attention": r"attn2\.(to_q|to_k|to_v|to_out\.0)$",
+    "attention+mlp": f"{_ATTN}|{_MLP}",
+    "all-linear": r".*",
+    "all-linear+conv": r".*",
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    algorithm: str = "lora"
+    rank: int = 16
+    alpha: float | None = 16.0
+    preset: str = "attention+mlp"
+    include: str = ""
+    exclude: str = ""
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    network_dropout: float = 0.0
+    init: str = "default"       # default (ComfyUI adapter init) | gaussian
+    max_norm: float = 0.0       # scale_weight_norms; 0 = off
+
+    @property
+    def conv(self) -> bool:
+        return self.algorithm == "locon" or self.preset.endswith("+conv")
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown LoRA algorithm '{self.algorithm}'; use one of {ALGORITHMS}")
+        if self.rank is None or self.rank < 1:
+            if self.alpha is not None:
+                raise ConfigError(f"alpha {self.alpha} was given without a rank (rank={self.rank}); set rank >= 1")
+            raise ConfigError(f"rank must be >= 1 (got {self.rank})")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0 (got {self.alpha}); alpha = rank means scale 1")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown target preset '{self.preset}'; use one of {tuple(PRESETS)}")
+        if self.algorithm == "locon" and self.preset in ("attention", "cross-attention"):
+            raise ConfigError(f"LoCon trains convolutions but preset '{self.preset}' has none; choose "
+                              "'all-linear+conv' or algorithm 'lora'")
+        for name in ("rank_dropout", "module_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        if self.rank_dropout and self.algorithm != "lora" and self.algorithm != "locon":
+            raise ConfigError("rank_dropout applies to lora/locon only")
+        if self.network_dropout:
+            raise ConfigError("network_dropout needs activation-space adapters; this trainer patches weights "
+                              "(ComfyUI weight adapters). Use rank_dropout or module_dropout instead.")
+        for name in ("include", "exclude"):
+            try:
+                re.compile(getattr(self, name))
+            except re.error as e:
+                raise ConfigError(f"{name} pattern '{getattr(self, name)}' is not a valid regex: {e}") from None
+        if self.init not in ("default", "gaussian"):
+            raise ConfigError("init must be 'default' or 'gaussian'")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
+WEIGHTINGS = ("none", "min_snr", "debiased", "sd3_sigma_sqrt", "sd3_cosmap")
+
+
+@dataclass(frozen=True)
+class TimestepConfig:
+    density: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: str = "model"        # model | none | fixed | flux_resolution
+    shift_value: float = 3.0
+    bias: str = "balanced"      # balanced | high_noise | low_noise
+    bias_strength: float = 0.0
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+
+    def validate(self) -> None:
+        if self.density not in DENSITIES:
+            raise ConfigError(f"unknown density '{self.density}'; use one of {DENSITIES}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown loss weighting '{self.weighting}'; use one of {WEIGHTINGS}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ConfigError(f"need 0 <= min_timestep < max_timestep <= 1000 (got {self.min_timestep}, {self.max_timestep})")
+        if self.logit_std <= 0:
+            raise ConfigError("logit_std must be > 0")
+        if self.bias not in ("balanced", "high_noise", "low_noise"):
+            raise ConfigError("bias must be balanced, high_noise or low_noise")
+        if self.shift not in ("model", "none", "fixed", "flux_resolution"):
+            raise ConfigError("shift must be model, none, fixed or flux_resolution")
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
+SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1000       # horizon of decaying schedules
+    num_cycles: int = 1
+    power: float = 1.0
+    grad_clip: float = 1.0        # 0 = off
+    # Prodigy
+    d_coef: float = 1.0
+    decouple: bool = True
+    use_bias_correction: bool = False
+    safeguard_warmup: bool = False
+
+    def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{self.name}'; use one of {OPTIMIZERS}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0 (got {self.lr}); Prodigy usually wants 1.0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0 (got {self.weight_decay})")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler '{self.scheduler}'; use one of {SCHEDULERS}")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise ConfigError("warmup_steps must be >= 0 and total_steps >= 1")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip must be >= 0 (0 turns clipping off)")
+
+
+def as_dict(cfg) -> dict:
+    return {"type": type(cfg).__name__, **asdict(cfg)}

@@ -1,0 +1,134 @@
+"""LoRA files: kohya-style keys (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
+LoHa ``hada_*``, LoKr ``lokr_*``), written atomically into ComfyUI's ``loras`` folder and checked by
+loading them back through ComfyUI's stock LoRA loader before success is reported."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import comfy.lora
+import comfy.sd
+import torch
+from safetensors.torch import save_file
+
+from .state import TrainRun
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    if run.state is None:
+        raise ExportError("the run has no trained weights yet; run Train Steps first")
+    return kohya_from_adapters(run.state["adapters"], dtype)
+
+
+def kohya_from_adapters(adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed ``<module>.<param>`` -> kohya keys ``lora_unet_<module_underscored>.<param>``."""
+    out = {}
+    for key, t in adapters.items():
+        module, param = _split(key)
+        out[f"lora_unet_{module.replace('.', '_')}.{param}"] = t.detach().to(
+            torch.float32 if param == "alpha" else dtype).contiguous()
+    return out
+
+
+def _split(key: str) -> tuple[str, str]:
+    for suffix in ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"):
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def model_with_lora(model, lora_sd: dict[str, torch.Tensor], strength: float = 1.0):
+    """MODEL with the LoRA applied through ComfyUI's stock loader (what a user gets after saving)."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0.0)
+    return patched
+
+
+def unmapped_keys(model, lora_sd: dict[str, torch.Tensor]) -> list[str]:
+    """Keys ComfyUI's LoRA loader would skip ("lora key not loaded")."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    loaded = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
+    used = set()
+    for patch in loaded.values():
+        keys = getattr(patch, "loaded_keys", None)
+        if keys:
+            used |= set(keys)
+    return sorted(k for k in lora_sd if k not in used)
+
+
+def metadata(run: TrainRun) -> dict[str, str]:
+    cfg = run.config_json()
+    ds_hash = (run.meta or {}).get("dataset_hash") or ""
+    te = run.te_spec or {}
+    md = {
+        "aligned_trainer.config": json.dumps(cfg),
+        "aligned_trainer.te_spec": json.dumps(te),
+        "aligned_trainer.steps": str(run.step),
+        "aligned_trainer.dataset_hash": ds_hash,
+        "ss_network_module": {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",
+                              "lokr": "lycoris.kohya"}[run.lora.algorithm],
+        "ss_network_dim": str(run.lora.rank),
+        "ss_network_alpha": str(run.lora.scale_alpha),
+        "ss_learning_rate": str(run.optimizer.lr),
+        "ss_optimizer": run.optimizer.name,
+        "ss_lr_scheduler": run.optimizer.scheduler,
+        "ss_steps": str(run.step),
+        "ss_max_train_steps": str(run.step),
+        "ss_seed": str(run.settings.seed),
+        "ss_batch_size_per_device": str(run.settings.batch_size),
+        "ss_gradient_accumulation_steps": str(run.settings.grad_accum),
+        "ss_mixed_precision": run.settings.precision,
+        "ss_min_snr_gamma": str(run.timesteps.min_snr_gamma if run.timesteps.weighting == "min_snr" else ""),
+        "ss_noise_offset": str(run.timesteps.noise_offset),
+        "ss_multires_noise_iterations": str(run.timesteps.multires_iterations),
+        "ss_multires_noise_discount": str(run.timesteps.multires_discount),
+        "ss_dataset_hash": ds_hash,
+        "ss_num_train_images": str(len(run.training_set)),
+        "ss_training_comment": f"ComfyUI Aligned Trainer; te_spec {te.get('id', 'none')}",
+    }
+    return md
+
+
+def check_name(name: str) -> str:
+    if not name or "/" in name or "\\" in name or ".." in name or not NAME_RE.match(name):
+        raise ExportError(f"LoRA name '{name}' is not allowed: use letters, digits, spaces, '_', '-', '.' "
+                          "without path separators or '..'")
+    return name if name.endswith(".safetensors") else name + ".safetensors"
+
+
+def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.float16) -> tuple[Path, dict]:
+    """Write the LoRA; verify it loads completely in ComfyUI's stock loader; return (path, report)."""
+    fname = check_name(name)
+    if folder is None:
+        import folder_paths
+
+        folder = Path(folder_paths.get_folder_paths("loras")[0])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = kohya_state_dict(run, dtype)
+    missing = unmapped_keys(run.model, sd)
+    if missing:
+        raise ExportError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
+    path = folder / fname
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=metadata(run))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logging.info("aligned_trainer: saved %s (%d tensors)", path, len(sd))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return path, {"path": str(path), "tensors": len(sd), "unmapped": 0, "sha256_16": digest, "steps": run.step}

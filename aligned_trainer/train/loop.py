@@ -1,0 +1,314 @@
+"""The training loop. ``init_run`` validates everything and returns a fresh :class:`TrainRun`;
+``train_steps`` rebuilds a live trainer from a run's state, runs K optimizer steps and returns a NEW run
+(the input run is never changed, so re-queueing the same graph repeats the same K steps from the same
+state; chain Train Steps nodes, or resume from a checkpoint, to continue)."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import comfy.model_management as mm
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+import torch.utils.checkpoint
+
+from ..data.types import TrainingSet
+from . import adapters as ad
+from . import state as st
+from . import timesteps as ts
+from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig
+from .optim import build_optimizer, build_scheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_runs_root() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / "aligned_trainer" / "runs"
+
+
+def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: TimestepConfig,
+             optimizer: OptimizerConfig, settings: st.RunSettings, resume: str = "none",
+             runs_root: Path | None = None) -> st.TrainRun:
+    """Validate all settings (one clear error before any training) and create or resume a run."""
+    for cfg in (lora, timesteps, optimizer):
+        cfg.validate()
+    if settings.batch_size < 1 or settings.grad_accum < 1:
+        raise ConfigError("batch_size and grad_accum must be >= 1")
+    if settings.precision not in DTYPES:
+        raise ConfigError(f"precision must be one of {tuple(DTYPES)}")
+    if not 0.0 <= settings.ema_decay < 1.0:
+        raise ConfigError("ema_decay must be in [0, 1) (0 turns EMA off)")
+    if not settings.run_name or any(c in settings.run_name for c in "/\\") or ".." in settings.run_name:
+        raise ConfigError(f"run name '{settings.run_name}' must be a plain name (no path separators or '..')")
+    if len(training_set) == 0:
+        raise ConfigError("the training set is empty")
+    ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
+    run_dir = Path(runs_root or default_runs_root()) / settings.run_name
+    te_spec = None
+    if training_set.te_spec_id:
+        te_spec = {"id": training_set.te_spec_id}
+    run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
+                      settings=settings, run_dir=str(run_dir), te_spec=te_spec,
+                      meta={"dataset_hash": training_set.meta.get("dataset_hash")})
+    if resume and resume != "none":
+        path = st.latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise ConfigError(f"no checkpoint to resume in {run_dir / 'checkpoints'}; set resume to 'none'")
+        ck = st.load_checkpoint(path)
+        run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"],
+                           checkpoints=tuple(str(p) for p in sorted((run_dir / "checkpoints").glob("step_*.safetensors"))))
+    return run
+
+
+def native(model_sampling, sigma: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """The model output that ComfyUI's ``calculate_denoised`` maps to ``denoised`` (eps, v or flow velocity).
+    calculate_denoised is affine in the output, so out = (denoised - d(0)) / (d(1) - d(0))."""
+    zero = model_sampling.calculate_denoised(sigma, torch.zeros_like(x), x)
+    one = model_sampling.calculate_denoised(sigma, torch.ones_like(x), x)
+    return (denoised - zero) / (one - zero)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing of each block in the model's block lists, undone afterwards (modules are
+    shared with every other user of the model)."""
+    patched = []
+    if enabled:
+        for child in diffusion_model.children():
+            if isinstance(child, torch.nn.ModuleList):
+                for block in child:
+                    fwd = block.forward
+                    block.forward = functools.partial(torch.utils.checkpoint.checkpoint, fwd, use_reentrant=False)
+                    patched.append((block, fwd))
+    try:
+        yield
+    finally:
+        for block, fwd in patched:
+            block.forward = fwd
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    val_loss: float | None = None
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Live training objects rebuilt from a run's state."""
+
+    def __init__(self, run: st.TrainRun):
+        self.run = run
+        s = run.settings
+        self.patcher = run.model.clone()
+        self.ms = self.patcher.model.model_sampling
+        dm = self.patcher.model.diffusion_model
+        self.gen = torch.Generator().manual_seed(s.seed)
+        init_gen = torch.Generator().manual_seed(s.seed + 1)
+        self.names = ad.target_layers(dm, run.lora)
+        modules = dict(dm.named_modules())
+        self.adapters: dict[str, ad.TrainAdapter] = {}
+        for name in self.names:
+            a = ad.create(modules[name].weight.detach(), run.lora, init_gen)
+            a.generator = self.gen
+            self.adapters[name] = a
+            self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", a)
+        self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
+        self.opt = build_optimizer(run.optimizer, self.params)
+        self.sched = build_scheduler(run.optimizer, self.opt)
+        self.ema = None
+        if s.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=s.ema_decay)
+        self.py_rng = random.Random(s.seed)
+        self.samples = list(run.training_set.samples)
+        n_val = s.val_count if 0 < s.val_count < len(self.samples) else 0
+        self.val_samples = self.samples[-n_val:] if n_val else list(self.samples)
+        self.train_samples = self.samples[:-n_val] if n_val else list(self.samples)
+        if run.state is not None:
+            self.load_state(run.state)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": v.detach().clone() for n, a in self.adapters.items() for k, v in a.inner.state_dict().items()}
+
+    def state(self) -> dict:
+        return {"adapters": self.adapter_state(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "rng": self.gen.get_state(), "py_rng": list(self.py_rng.getstate()[1]) + [self.py_rng.getstate()[2]]}
+
+    def load_state(self, state: dict) -> None:
+        sd = state["adapters"]
+        for n, a in self.adapters.items():
+            a.inner.load_state_dict({k: sd[f"{n}.{k}"] for k in a.inner.state_dict()})
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["rng"])
+        pr = state["py_rng"]
+        self.py_rng.setstate((3, tuple(int(x) for x in pr[:-1]), pr[-1]))
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def draw_batch(self) -> list:
+        pool = self.train_samples
+        weights = [s.repeats for s in pool]
+        first = self.py_rng.choices(range(len(pool)), weights=weights)[0]
+        same = [i for i, s in enumerate(pool) if s.latent.shape == pool[first].latent.shape]
+        rest = self.py_rng.choices(same, weights=[pool[i].repeats for i in same], k=self.run.settings.batch_size - 1)
+        return [pool[i] for i in [first, *rest]]
+
+    def conditioning(self, sample) -> list:
+        tset = self.run.training_set
+        if tset.empty_conditioning is not None and tset.caption_dropout and self.py_rng.random() < tset.caption_dropout:
+            return tset.empty_conditioning
+        return self.py_rng.choice(sample.captions).conditioning
+
+    def model_kwargs(self, conds: list, x: torch.Tensor) -> dict:
+        """Batch the samples' conditionings through ComfyUI's own cond machinery (extra_conds)."""
+        per = []
+        for i, cond in enumerate(conds):
+            extras = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()}
+            c = [[cond[0][0].detach().clone(), {**extras, "guidance": self.run.settings.guidance}]]
+            conv = comfy.sampler_helpers.convert_cond(c)
+            conv = comfy.samplers.encode_model_conds(self.patcher.model.extra_conds, conv, x[i:i + 1], x.device,
+                                                     "positive", latent_image=x[i:i + 1])
+            per.append({k: v.process_cond(batch_size=1, device=x.device, area=None)
+                        for k, v in conv[0]["model_conds"].items()})
+        out = {}
+        for k in per[0]:
+            first = per[0][k]
+            out[k] = first.concat([p[k] for p in per[1:]]) if len(per) > 1 else first.cond
+        return out
+
+    def predict_loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
+        """Per-sample loss in the model's own parametrisation (eps / v / flow velocity)."""
+        xt = self.ms.noise_scaling(sigma, noise, x0)
+        kwargs = self.model_kwargs(conds, xt)
+        dtype = DTYPES[self.run.settings.precision]
+        with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            denoised = self.patcher.model.apply_model(xt, sigma, **kwargs)
+        denoised = denoised.float()
+        sig = sigma.view(sigma.shape[:1] + (1,) * (x0.ndim - 1))
+        pred = native(self.ms, sig, xt, denoised)
+        target = native(self.ms, sig, xt, x0)
+        return ((pred - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def step(self) -> tuple[float, float]:
+        s = self.run.settings
+        total = 0.0
+        for _ in range(s.grad_accum):
+            batch = self.draw_batch()
+            x0 = self.patcher.model.process_latent_in(torch.stack([b.latent.detach() for b in batch]).float())
+            noise = ts.training_noise(self.run.timesteps, x0, self.gen)
+            u = ts.sample_u(self.run.timesteps, len(batch), self.gen)
+            sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape)
+            conds = [self.conditioning(b) for b in batch]
+            per = self.predict_loss(x0, noise, sigma, conds)
+            w = ts.loss_weights(self.run.timesteps, self.ms, sigma) * torch.tensor([b.weight for b in batch])
+            loss = (per * w).mean() / s.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        if self.run.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.run.optimizer.grad_clip)
+        lr = float(self.sched.get_last_lr()[0])
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        ad.apply_max_norm(self.adapters, self.run.lora.max_norm)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return total, lr
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over the validation samples at fixed timesteps and fixed noise (comparable across runs)."""
+        for a in self.adapters.values():
+            a.eval()
+        g = torch.Generator().manual_seed(12345)
+        k = self.run.settings.val_timesteps
+        us = torch.linspace(0.1, 0.9, k)
+        losses = []
+        for sample in self.val_samples:
+            x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
+            noise = torch.randn(x0.shape, generator=g)
+            for u in us:
+                sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))])
+                losses.append(float(self.predict_loss(x0, noise, sigma, [sample.captions[0].conditioning])[0]))
+        for a in self.adapters.values():
+            a.train()
+        return sum(losses) / len(losses)
+
+    def load(self) -> None:
+        """Load through ComfyUI's memory manager with a real estimate (not 'evict everything')."""
+        est = self.patcher.model_size() + sum(p.numel() * 4 * 4 for p in self.params)  # weights + adapter/grad/adam
+        est += self.patcher.memory_required([self.run.settings.batch_size, 4, 128, 128]) * 3
+        mm.load_models_gpu([self.patcher], memory_required=est, force_full_load=True)
+
+
+Callback = Callable[[StepResult, "Trainer"], None]
+
+
+def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_last: int = 3, val_every: int = 0,
+                on_step: Callback | None = None) -> st.TrainRun:
+    """Run ``steps`` optimizer steps from ``run``; return the new run. On interrupt (ComfyUI Cancel) the
+    last completed step is checkpointed, then the interrupt propagates."""
+    if steps < 1:
+        raise ConfigError("steps must be >= 1")
+    trainer = Trainer(run)
+    history = list(run.history)
+    step = run.step
+    checkpoints = run.checkpoints
+
+    def snapshot():
+        return run.advanced(step=step, state=trainer.state(), history=tuple(history), checkpoints=checkpoints)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer.load()
+        dm = trainer.patcher.model.diffusion_model
+        with checkpointed_blocks(dm, run.settings.gradient_checkpointing):
+            for a in trainer.adapters.values():
+                a.train()
+            try:
+                for _ in range(steps):
+                    mm.throw_exception_if_processing_interrupted()
+                    t0 = time.perf_counter()
+                    loss, lr = trainer.step()
+                    step += 1
+                    rec = {"step": step, "loss": loss, "lr": lr}
+                    val = None
+                    if val_every and step % val_every == 0:
+                        val = trainer.validation_loss()
+                        rec["val_loss"] = val
+                    history.append(rec)
+                    if checkpoint_every and step % checkpoint_every == 0:
+                        checkpoints = st.save_checkpoint(snapshot(), keep_last)
+                    if on_step:
+                        on_step(StepResult(step, loss, lr, val, time.perf_counter() - t0), trainer)
+            except mm.InterruptProcessingException:
+                if step > run.step:
+                    st.save_checkpoint(snapshot(), keep_last)
+                raise
+            finally:
+                for a in trainer.adapters.values():
+                    a.eval()
+    return snapshot()
+
+
+def validation_loss(run: st.TrainRun) -> float:
+    with torch.inference_mode(False):
+        tr = Trainer(run)
+        tr.load()
+        return tr.validation_loss()

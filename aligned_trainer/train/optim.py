@@ -1,0 +1,45 @@
+"""Optimizers and learning-rate schedules from established libraries (torch, prodigyopt, transformers'
+Adafactor, bitsandbytes when installed, lion-pytorch) and diffusers' ``get_scheduler``."""
+from __future__ import annotations
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from .config import ConfigError, OptimizerConfig
+
+
+def build_optimizer(cfg: OptimizerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("AdamW8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); use adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, d_coef=cfg.d_coef,
+                       decouple=cfg.decouple, use_bias_correction=cfg.use_bias_correction,
+                       safeguard_warmup=cfg.safeguard_warmup)
+    if cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, relative_step=False, scale_parameter=False,
+                         warmup_init=False)
+    if cfg.name == "lion":
+        from lion_pytorch import Lion
+
+        return Lion(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown optimizer {cfg.name}")
+
+
+def build_scheduler(cfg: OptimizerConfig, optimizer):
+    kwargs = {}
+    if cfg.scheduler == "cosine_with_restarts":
+        kwargs["num_cycles"] = cfg.num_cycles
+    if cfg.scheduler == "polynomial":
+        kwargs["power"] = cfg.power
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=cfg.total_steps, **kwargs)

@@ -1,0 +1,111 @@
+"""Timestep sampling, loss weighting and training noise, for eps, v-prediction and flow models.
+
+A training step draws u in (0, 1) (0 = clean, 1 = pure noise) from the configured density, applies the
+bias, the [min, max] timestep window and (flow models) the shift, then turns it into the model's own
+sigma through ComfyUI's ``model_sampling``. Densities and SD3 weighting use diffusers' training utilities.
+"""
+from __future__ import annotations
+
+import math
+
+import comfy.model_sampling
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from .config import TimestepConfig
+
+
+def is_flow(model_sampling) -> bool:
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def sample_u(cfg: TimestepConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw n values of u in (0, 1) from the density, then bias and window them."""
+    if cfg.density in ("logit_normal", "mode"):
+        fork = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        devstate = torch.random.get_rng_state()
+        torch.random.set_rng_state(fork.get_state())
+        try:  # diffusers draws from the global RNG; run it on a forked, seeded state
+            u = compute_density_for_timestep_sampling(cfg.density, n, logit_mean=cfg.logit_mean,
+                                                      logit_std=cfg.logit_std, mode_scale=cfg.mode_scale)
+        finally:
+            torch.random.set_rng_state(devstate)
+    elif cfg.density == "cosmap":
+        v = torch.rand(n, generator=generator)
+        u = 1.0 - 1.0 / (torch.tan(math.pi / 2 * v) + 1.0)
+    else:
+        u = torch.rand(n, generator=generator)
+    u = u.float().clamp(1e-5, 1 - 1e-5)
+    if cfg.bias != "balanced" and cfg.bias_strength > 0:
+        k = 1.0 + cfg.bias_strength
+        u = u ** (1.0 / k) if cfg.bias == "high_noise" else u ** k
+    lo, hi = cfg.min_timestep / 1000.0, cfg.max_timestep / 1000.0
+    return lo + u * (hi - lo)
+
+
+def flux_resolution_shift(image_seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """FLUX's resolution-dependent shift mu (black-forest-labs get_schedule / diffusers calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def shift_u(cfg: TimestepConfig, u: torch.Tensor, latent_shape) -> torch.Tensor:
+    if cfg.shift == "fixed":
+        s = cfg.shift_value
+        return s * u / (1 + (s - 1) * u)
+    if cfg.shift == "flux_resolution":
+        h, w = latent_shape[-2:]
+        mu = flux_resolution_shift((h // 2) * (w // 2))
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return u
+
+
+def sigmas_for(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
+    """Model sigmas for draws u. ``shift='model'`` uses the model's own schedule (ComfyUI percent_to_sigma)."""
+    if cfg.shift == "model":
+        return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - float(x))) for x in u])
+    t = shift_u(cfg, u, latent_shape)
+    if is_flow(model_sampling):
+        return t
+    return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - float(x))) for x in t])
+
+
+def snr(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    if is_flow(model_sampling):
+        return ((1 - sigma) / sigma.clamp(min=1e-6)) ** 2
+    return 1.0 / sigma.clamp(min=1e-6) ** 2
+
+
+def loss_weights(cfg: TimestepConfig, model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    if cfg.weighting == "none":
+        return torch.ones_like(sigma)
+    if cfg.weighting in ("sd3_sigma_sqrt", "sd3_cosmap"):
+        scheme = "sigma_sqrt" if cfg.weighting == "sd3_sigma_sqrt" else "cosmap"
+        return compute_loss_weighting_for_sd3(scheme, sigma.float())
+    s = snr(model_sampling, sigma)
+    if cfg.weighting == "min_snr":
+        vpred = isinstance(model_sampling, comfy.model_sampling.V_PREDICTION)
+        return torch.minimum(s, torch.full_like(s, cfg.min_snr_gamma)) / (s + 1 if vpred else s)
+    return 1.0 / torch.sqrt(s.clamp(max=1000.0))  # debiased estimation
+
+
+def training_noise(cfg: TimestepConfig, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(like.shape, generator=generator)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn((*like.shape[:2], *([1] * (like.ndim - 2))), generator=generator)
+    if cfg.multires_iterations > 0:
+        b, c, h, w = like.shape[0], like.shape[1], like.shape[-2], like.shape[-1]
+        for i in range(cfg.multires_iterations):
+            r = float(torch.rand((), generator=generator)) * 2 + 2
+            wi, hi = max(1, int(w / r ** (i + 1))), max(1, int(h / r ** (i + 1)))
+            small = torch.randn((b, c, hi, wi), generator=generator)
+            up = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear").reshape(noise.shape)
+            noise = noise + up * cfg.multires_discount ** (i + 1)
+            if wi == 1 or hi == 1:
+                break
+        noise = noise / noise.std()
+    return noise
+
+
+def histogram_u(cfg: TimestepConfig, n: int = 20000, seed: int = 0) -> torch.Tensor:
+    return sample_u(cfg, n, torch.Generator().manual_seed(seed))
