@@ -1,3 +1,158 @@
-"""Nodes: sampling (see docs/)."""
+"""Nodes: sampling and comparison (Sample Preview, Preview Plan, A/B Compare, Checkpoint Grid, Loss Graph).
+See docs/sampling.md."""
+from __future__ import annotations
 
-NODES = []
+import json
+from pathlib import Path
+
+import comfy.samplers
+from comfy_api.latest import io, ui
+
+from ..aligned_trainer import imaging, plot
+from ..aligned_trainer.sampling import plans
+from ..aligned_trainer.sampling.render import SampleSettings
+from ._common import category, node_id
+
+CAT = category("Sampling")
+PREVIEW_PLAN = io.Custom("AT_PREVIEW_PLAN")
+TRAIN_RUN = io.Custom("AT_TRAIN_RUN")
+
+
+def sampler_inputs(default_steps: int = 20):
+    return [
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False, tooltip="Base seed."),
+        io.Combo.Input("seed_mode", options=["fixed", "walk"], default="fixed",
+                       tooltip="fixed: the same seed every time; walk: seed + training step."),
+        io.Int.Input("steps", default=default_steps, min=1, max=1000, tooltip="Sampling steps."),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
+        io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1,
+                       tooltip="Distilled guidance (FLUX dev); ignored by models that do not use it."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler", tooltip="Sampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal", tooltip="Scheduler."),
+        io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width."),
+        io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height."),
+    ]
+
+
+def settings(kw: dict) -> SampleSettings:
+    return SampleSettings(kw["steps"], kw["cfg"], kw["guidance"], kw["sampler_name"], kw["scheduler"], kw["width"],
+                          kw["height"], kw["seed"], kw["seed_mode"])
+
+
+PROMPTS = io.String.Input("prompts", multiline=True, default="ohwx, a photo",
+                          tooltip="One prompt per line; each becomes a column.")
+NEGATIVE = io.String.Input("negative", default="", tooltip="Negative prompt (used when cfg > 1).")
+
+
+class SamplePreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("SamplePreview"), display_name="Sample Preview", category=CAT,
+            description="Renders prompts with ComfyUI's own sampler path into a labelled grid.",
+            inputs=[io.Model.Input("model", tooltip="Model (with or without LoRA)."),
+                    io.Clip.Input("clip", tooltip="CLIP to encode the prompts."),
+                    io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
+                    io.Int.Input("step", default=0, min=0, max=10**9, tooltip="Training step label (and walk offset).")],
+            outputs=[io.Image.Output("grid", tooltip="Labelled grid (prompt, seed, step)."),
+                     io.Image.Output("images", tooltip="The cells as a batch.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, prompts, negative, step, **kw) -> io.NodeOutput:
+        g, cells, _ = plans.preview_grid(model, clip, vae, plans.prompt_list(prompts), negative, settings(kw), step)
+        return io.NodeOutput(g, cells, ui=ui.PreviewImage(g, cls=cls))
+
+
+class PreviewPlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("PreviewPlan"), display_name="Preview Plan", category=CAT,
+            description="Previews for Train Steps: rendered every N steps with the LoRA being trained.",
+            inputs=[io.Clip.Input("clip", tooltip="CLIP to encode the prompts (encoded once, now)."),
+                    io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
+                    io.Int.Input("every_n", default=100, min=1, max=10**6, tooltip="Render every N training steps.")],
+            outputs=[PREVIEW_PLAN.Output("preview_plan", tooltip="For Train Steps' preview_plan input.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, vae, prompts, negative, every_n, **kw) -> io.NodeOutput:
+        return io.NodeOutput(plans.make_plan(clip, vae, plans.prompt_list(prompts), negative, settings(kw), every_n))
+
+
+class ABCompare(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("ABCompare"), display_name="A/B Compare", category=CAT,
+            description="The same prompts, seed and noise through A and B: two CLIPs (aligned vs unaligned) "
+                        "and/or two models (two LoRA states).",
+            inputs=[io.Model.Input("model", tooltip="Model for A (and B unless model_b is given)."),
+                    io.Vae.Input("vae", tooltip="VAE to decode."),
+                    io.Clip.Input("clip_a", tooltip="CLIP of column A (e.g. aligned)."),
+                    io.Clip.Input("clip_b", tooltip="CLIP of column B (e.g. ComfyUI default)."),
+                    PROMPTS, NEGATIVE, *sampler_inputs(),
+                    io.String.Input("label_a", default="aligned", tooltip="Label of column A."),
+                    io.String.Input("label_b", default="unaligned", tooltip="Label of column B."),
+                    io.Model.Input("model_b", optional=True, tooltip="Optional second model for column B.")],
+            outputs=[io.Image.Output("grid", tooltip="Side-by-side labelled grid with per-pair differences."),
+                     io.Image.Output("images_a", tooltip="Column A images."),
+                     io.Image.Output("images_b", tooltip="Column B images."),
+                     io.String.Output("differences", tooltip="Mean absolute pixel difference per pair (JSON).")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip_a, clip_b, prompts, negative, label_a, label_b, model_b=None, **kw) -> io.NodeOutput:
+        g, a, b, diffs, _ = plans.ab_compare(model, model_b or model, clip_a, clip_b, vae, plans.prompt_list(prompts),
+                                             negative, settings(kw), (label_a, label_b))
+        return io.NodeOutput(g, a, b, json.dumps(diffs, indent=1), ui=ui.PreviewImage(g, cls=cls))
+
+
+class CheckpointGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("CheckpointGrid"), display_name="Checkpoint Grid", category=CAT,
+            description="Every saved checkpoint (rows) x prompts (columns), to pick the best step.",
+            inputs=[io.Model.Input("model", tooltip="Base model (without LoRA)."),
+                    io.Clip.Input("clip", tooltip="CLIP to encode the prompts."), io.Vae.Input("vae", tooltip="VAE."),
+                    io.String.Input("folder", default="", tooltip="Folder of LoRA files or a run's checkpoints folder."),
+                    PROMPTS, NEGATIVE, *sampler_inputs(),
+                    io.Float.Input("strength", default=1.0, min=-5, max=5, step=0.05, tooltip="LoRA strength.")],
+            outputs=[io.Image.Output("grid", tooltip="Checkpoints x prompts."),
+                     io.String.Output("rows", tooltip="Row labels (JSON).")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, folder, prompts, negative, strength, **kw) -> io.NodeOutput:
+        files = plans.list_checkpoints(Path(folder))
+        g, labels, _ = plans.checkpoint_grid(model, clip, vae, files, plans.prompt_list(prompts), negative,
+                                             settings(kw), strength)
+        return io.NodeOutput(g, json.dumps(labels), ui=ui.PreviewImage(g, cls=cls))
+
+
+class LossGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("LossGraph"), display_name="Loss Graph", category=CAT,
+            description="Training and validation loss with smoothing; local minima marked.",
+            inputs=[TRAIN_RUN.Input("run", optional=True, tooltip="A training run (reads its loss history)."),
+                    io.String.Input("history_json", multiline=True, default="", optional=True,
+                                    tooltip="Or a JSON list of {step, loss, val_loss?} records."),
+                    io.Float.Input("smoothing", default=0.9, min=0.0, max=0.999, step=0.01, tooltip="EMA smoothing.")],
+            outputs=[io.Image.Output("plot", tooltip="The loss plot."),
+                     io.String.Output("summary", tooltip="Smoothed minima, best validation step (JSON).")],
+        )
+
+    @classmethod
+    def execute(cls, smoothing, run=None, history_json="") -> io.NodeOutput:
+        img, info = plot.loss_plot(plans.history_from(run, history_json), smoothing)
+        t = imaging.to_tensor(img)
+        summary = {k: info[k] for k in ("smoothed_minima_steps", "val", "best_val_step")}
+        summary["steps"] = len(info["steps"])
+        return io.NodeOutput(t, json.dumps(summary), ui=ui.PreviewImage(t, cls=cls))
+
+
+NODES = [SamplePreview, PreviewPlan, ABCompare, CheckpointGrid, LossGraph]
