@@ -14,10 +14,11 @@ MINIMA = (255, 90, 90)
 
 
 def ema(values: list[float], smoothing: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else smoothing * acc + (1 - smoothing) * v
-        out.append(acc)
+    """Exponential moving average, bias-corrected (no pull towards the first value)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc = smoothing * acc + (1 - smoothing) * v
+        out.append(acc / (1 - smoothing ** (i + 1)) if smoothing < 1 else v)
     return out
 
 
@@ -86,7 +87,11 @@ def loss_plot(history: list[dict], smoothing: float = 0.9, size=(640, 360), titl
         i = info["steps"].index(step)
         x, y = spts[i]
         d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=MINIMA)
-    d.text((W - 250, 8), "loss  smoothed  validation  o minima", fill=MUTED, font=f)
+    x = W - 300
+    for label, color in (("loss", LOSS), ("smoothed", SMOOTH), ("validation", VAL), ("minima", MINIMA)):
+        d.rectangle([x, 11, x + 8, 19], fill=color)
+        d.text((x + 11, 8), label, fill=MUTED, font=f)
+        x += 16 + int(d.textlength(label, font=f))
     return img, info
 
 

@@ -206,18 +206,19 @@ class TrainSteps(io.ComfyNode):
             done = r.step - run.step
             rate = done / max(1e-9, time.perf_counter() - t0)
             eta = (steps - done) / max(rate, 1e-9)
-            text = f"step {r.step} | loss {r.loss:.4f} | lr {r.lr:.2e} | {rate:.2f} it/s | ETA {eta:.0f}s"
-            preview = None
-            if preview_plan is not None and r.step % max(1, preview_plan.every_n) == 0:
-                lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
-                image = preview_plan.render(lora_model, r.step)
-                preview = ("JPEG", imaging.to_pil(image), 512)
-                send_event("preview", {"node": uid, "step": r.step})
-            prog(done, text) if preview is None else prog.bar.update_absolute(done, steps, preview)
+            prog(done, f"step {r.step} | loss {r.loss:.4f} | lr {r.lr:.2e} | {rate:.2f} it/s | ETA {eta:.0f}s")
             send_event("loss", {"node": uid, "step": r.step, "loss": r.loss, "lr": r.lr, "val_loss": r.val_loss,
                                 "eta": eta, "its": rate})
 
-        new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step)
+        def preview(trainer, step):
+            lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
+            image = preview_plan.render(lora_model, step)
+            prog.bar.update_absolute(step - run.step, steps, ("JPEG", imaging.to_pil(image), 512))
+            send_event("preview", {"node": uid, "step": step})
+
+        new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
+                               preview if preview_plan is not None else None,
+                               preview_plan.every_n if preview_plan is not None else 0)
         if checkpoint_every == 0 or new.step % checkpoint_every:
             new = new.advanced(checkpoints=state.save_checkpoint(new, keep_last))
         model = export.model_with_lora(new.model, export.kohya_state_dict(new, dtype=torch.float32))

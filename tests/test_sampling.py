@@ -95,8 +95,15 @@ def test_preview_plan_renders_during_training_and_releases_memory(comfy, sd15, s
             rendered.append((step, img.shape, any(lm.model is m for lm in mm.current_loaded_models)))
             return img
 
-    comfy.call(P + "TrainSteps", run=run, steps=5, checkpoint_every=0, keep_last=1, val_every=0, preview_plan=Spy())
+    with torch.inference_mode():
+        with_preview, _, _ = comfy.call(P + "TrainSteps", run=run, steps=5, checkpoint_every=0, keep_last=1,
+                                        val_every=0, preview_plan=Spy())
+        without, _, _ = comfy.call(P + "TrainSteps", run=run, steps=5, checkpoint_every=0, keep_last=1, val_every=0)
     assert [r[0] for r in rendered] == [2, 4]
+    # previews do not disturb training: the training model is reloaded with its adapters afterwards
+    for k, v in without.state["adapters"].items():
+        assert torch.equal(v, with_preview.state["adapters"][k]), k
+    assert with_preview.history == without.history
     assert all(r[1][-1] == 3 for r in rendered)
     assert not any(r[2] for r in rendered)  # the preview model left memory before training resumed
 

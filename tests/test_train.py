@@ -167,7 +167,9 @@ def test_training_nodes_chain(comfy, sd15, sd15_training_set):
                         timesteps=tcfg, optimizer=ocfg, seed=1, batch_size=1, grad_accum=2, precision="fp32",
                         gradient_checkpointing=True, ema_decay=0.0, guidance=1.0, val_count=1, run_name="chain",
                         resume="none")
-    new, model, plot = comfy.call(P + "TrainSteps", run=run, steps=3, checkpoint_every=0, keep_last=2, val_every=3)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        new, model, plot = comfy.call(P + "TrainSteps", run=run, steps=3, checkpoint_every=0, keep_last=2,
+                                      val_every=3)
     assert new.step == 3 and run.step == 0
     assert len(new.history) == 3 and "val_loss" in new.history[-1]
     assert new.checkpoints and Path(new.checkpoints[-1]).exists()

@@ -256,18 +256,40 @@ class Trainer:
         est = self.patcher.model_size() + sum(p.numel() * 4 * 4 for p in self.params)  # weights + adapter/grad/adam
         est += self.patcher.memory_required([self.run.settings.batch_size, 4, 128, 128]) * 3
         mm.load_models_gpu([self.patcher], memory_required=est, force_full_load=True)
+        unfreeze_inference_tensors(self.patcher.model.diffusion_model)
+
+
+def unfreeze_inference_tensors(module: torch.nn.Module) -> int:
+    """ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded there are inference tensors,
+    which autograd cannot save for backward. Replace them (same values, same device) by normal tensors."""
+    n = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    n += 1
+    return n
 
 
 Callback = Callable[[StepResult, "Trainer"], None]
 
 
+Preview = Callable[["Trainer", int], None]
+
+
 def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_last: int = 3, val_every: int = 0,
-                on_step: Callback | None = None) -> st.TrainRun:
+                on_step: Callback | None = None, preview: Preview | None = None, preview_every: int = 0) -> st.TrainRun:
     """Run ``steps`` optimizer steps from ``run``; return the new run. On interrupt (ComfyUI Cancel) the
-    last completed step is checkpointed, then the interrupt propagates."""
+    last completed step is checkpointed, then the interrupt propagates. ``preview(trainer, step)`` runs every
+    ``preview_every`` steps without gradients; sampling may swap models in ComfyUI's memory manager, so the
+    training model is loaded again afterwards."""
     if steps < 1:
         raise ConfigError("steps must be >= 1")
-    trainer = Trainer(run)
     history = list(run.history)
     step = run.step
     checkpoints = run.checkpoints
@@ -276,6 +298,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         return run.advanced(step=step, state=trainer.state(), history=tuple(history), checkpoints=checkpoints)
 
     with torch.inference_mode(False), torch.enable_grad():
+        trainer = Trainer(run)  # adapters, optimizer state: normal tensors even when called under inference mode
         trainer.load()
         dm = trainer.patcher.model.diffusion_model
         with checkpointed_blocks(dm, run.settings.gradient_checkpointing):
@@ -297,6 +320,14 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                         checkpoints = st.save_checkpoint(snapshot(), keep_last)
                     if on_step:
                         on_step(StepResult(step, loss, lr, val, time.perf_counter() - t0), trainer)
+                    if preview is not None and preview_every and step % preview_every == 0:
+                        for a in trainer.adapters.values():
+                            a.eval()
+                        with torch.inference_mode():
+                            preview(trainer, step)
+                        trainer.load()
+                        for a in trainer.adapters.values():
+                            a.train()
             except mm.InterruptProcessingException:
                 if step > run.step:
                     st.save_checkpoint(snapshot(), keep_last)

@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 def write_extra_model_paths(path: Path, folders: dict[str, Path]) -> Path:
-    """An extra_model_paths.yaml that adds our generated model folders (checkpoints, loras, ...)."""
-    lines = ["aligned_trainer_tests:"]
+    """An extra_model_paths.yaml that adds our folders first (``is_default``: Save LoRA writes there)."""
+    lines = ["aligned_trainer_tests:", "    is_default: true"]
     for kind, folder in folders.items():
         lines.append(f"    {kind}: {folder}")
     path.write_text("\n".join(lines) + "\n")

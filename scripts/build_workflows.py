@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Regenerate the UI-format workflows in workflows/ from the definitions below, using the node schemas
+of a real ComfyUI with this pack loaded (so widget order and types always match the nodes).
+
+    .work/venv/bin/python scripts/build_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.workflow import widget_names  # noqa: E402
+
+P = "AlignedTrainer_"
+
+
+class Graph:
+    def __init__(self, info: dict):
+        self.info = info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.col = 0
+
+    def add(self, node_type: str, title: str | None = None, col: int | None = None, **widgets) -> dict:
+        info = self.info[node_type]
+        wnames = widget_names(self.info, node_type)
+        values = []
+        for name, control in wnames:
+            spec = info["input"].get("required", {}).get(name) or info["input"].get("optional", {}).get(name)
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if name in widgets:
+                v = widgets.pop(name)
+            elif "default" in opts:
+                v = opts["default"]
+            elif isinstance(spec[0], list):
+                v = spec[0][0] if spec[0] else ""
+            elif spec[0] == "COMBO":
+                v = (opts.get("options") or [""])[0]
+            else:
+                v = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec[0]]
+            values.append(v)
+            if control:
+                values.append("fixed")
+        if widgets:
+            raise KeyError(f"{node_type} has no widgets {sorted(widgets)}")
+        widget_set = {n for n, _ in wnames}
+        inputs = []
+        for section in ("required", "optional"):
+            for name in (info.get("input_order") or info["input"]).get(section, []):
+                spec = info["input"][section][name]
+                if name not in widget_set:
+                    inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None})
+        names = info.get("output_name") or info["output"]
+        outputs = [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(zip(names, info["output"]))]
+        c = self.col if col is None else col
+        row = sum(1 for n in self.nodes if n.get("_col") == c)
+        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": [40 + c * 360, 40 + row * 300], "size": [320, 260],
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": node_type}, "widgets_values": values, "_col": c}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: dict, out: str | int, dst: dict, inp: str) -> None:
+        ids = self.info[src["type"]].get("_output_ids") or []
+        names = [o["name"] for o in src["outputs"]]
+        slot = out if isinstance(out, int) else (ids.index(out) if out in ids else names.index(out))
+        dslot = next(i for i, x in enumerate(dst["inputs"]) if x["name"] == inp)
+        lid = len(self.links) + 1
+        ltype = src["outputs"][slot]["type"]
+        self.links.append([lid, src["id"], slot, dst["id"], dslot, ltype])
+        src["outputs"][slot]["links"].append(lid)
+        dst["inputs"][dslot]["link"] = lid
+
+    def note(self, text: str, col: int = 0) -> dict:
+        row = sum(1 for n in self.nodes if n.get("_col") == col)
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": [40 + col * 360, 40 + row * 300], "size": [340, 240],
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
+                "properties": {}, "widgets_values": [text], "_col": col}
+        self.nodes.append(node)
+        return node
+
+    def to_json(self) -> dict:
+        nodes = [{k: v for k, v in n.items() if k != "_col"} for n in self.nodes]
+        return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes, "links": self.links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4}
+
+
+def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, trigger: str, steps: int,
+                   density: str, shift: str, weighting: str, lr: float, rank: int, every_n: int, prompts: str,
+                   sample_steps: int, cfg: float, guidance: float, size: int, run_name: str, lora_name: str,
+                   image_prefix: str, targets: str = "attention+mlp", max_side: int | None = None,
+                   checkpoint_every: int = 0, train_guidance: float = 1.0) -> dict:
+    g.col = 1
+    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    g.link(clip, "CLIP", te, "clip")
+    ds = g.add(P + "Dataset", folder=folder, resolution=resolution, min_side=min(resolution, 256) if resolution > 128 else 64,
+               max_side=max_side or resolution * 2, bucket_step=64, trigger_word=trigger, caption_variants=1)
+    lat = g.add(P + "CacheLatents")
+    g.link(ds, "dataset", lat, "dataset")
+    g.link(vae, "VAE", lat, "vae")
+    txt = g.add(P + "CacheTextEmbeddings")
+    g.link(lat, "latents", txt, "latents")
+    g.link(te, "aligned_clip", txt, "clip")
+    g.col = 2
+    lc = g.add(P + "LoraConfig", rank=rank, alpha=float(rank), targets=targets)
+    tcfg = g.add(P + "TimestepStrategy", density=density, shift=shift, weighting=weighting)
+    oc = g.add(P + "Optimizer", learning_rate=lr, total_steps=steps)
+    g.col = 3
+    init = g.add(P + "TrainInit", run_name=run_name, guidance=train_guidance)
+    g.link(model, "MODEL", init, "model")
+    g.link(txt, "training_set", init, "training_set")
+    g.link(lc, "lora_config", init, "lora_config")
+    g.link(tcfg, "timesteps", init, "timesteps")
+    g.link(oc, "optimizer_config", init, "optimizer")
+    plan = g.add(P + "PreviewPlan", prompts=prompts, every_n=every_n, steps=sample_steps, cfg=cfg, guidance=guidance,
+                 width=size, height=size)
+    g.link(te, "aligned_clip", plan, "clip")
+    g.link(vae, "VAE", plan, "vae")
+    ts = g.add(P + "TrainSteps", steps=steps, checkpoint_every=checkpoint_every, val_every=max(1, steps // 4))
+    g.link(init, "run", ts, "run")
+    g.link(plan, "preview_plan", ts, "preview_plan")
+    g.col = 4
+    save = g.add(P + "SaveLora", name=lora_name)
+    g.link(ts, "trained_run", save, "run")
+    sp = g.add(P + "SamplePreview", prompts=prompts, steps=sample_steps, cfg=cfg, guidance=guidance, width=size,
+               height=size, step=steps)
+    g.link(ts, "model", sp, "model")
+    g.link(te, "aligned_clip", sp, "clip")
+    g.link(vae, "VAE", sp, "vae")
+    g.col = 5
+    si = g.add("SaveImage", filename_prefix=f"{image_prefix}/sample_grid")
+    g.link(sp, "grid", si, "images")
+    lg = g.add(P + "LossGraph")
+    g.link(ts, "trained_run", lg, "run")
+    sl = g.add("SaveImage", filename_prefix=f"{image_prefix}/loss_plot")
+    g.link(lg, "plot", sl, "images")
+    return {"te": te, "train": ts}
+
+
+FAMILY_NOTE = ("Train a {name} LoRA with the text encoders aligned to {ref}.\n\n"
+               "Change for your model: the loader file names ({files}), the Dataset folder (relative to ComfyUI's "
+               "input folder), trigger word, resolution, steps and learning rate. The LoRA is written to "
+               "models/loras/{lora}.safetensors; checkpoints and resume live in output/aligned_trainer/runs/{run}.\n"
+               "Timesteps: {ts}.")
+
+
+def build(info: dict) -> dict[str, dict]:
+    out = {}
+    # --- the demo on the generated tiny SD1.5 ----------------------------------------------------------------
+    g = Graph(info)
+    g.note("Demo on a generated tiny SD1.5 (scripts/demo.py makes the model and the dataset).\n\n"
+           "For a real model: pick your SD1.5 checkpoint in the loader, point Dataset at your folder, use "
+           "resolution 512, ~1500 steps, lr 1e-4, rank 16, previews every 250 steps.")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    chain = training_chain(g, ck, ck, ck, folder="demo_dataset", resolution=64, trigger="ohwx", steps=20,
+                           density="uniform", shift="model", weighting="min_snr", lr=1e-2, rank=8, every_n=10,
+                           prompts="ohwx, a red circle\nohwx, a blue square", sample_steps=4, cfg=2.0, guidance=3.5,
+                           size=64, run_name="demo", lora_name="demo_lora", image_prefix="demo", max_side=128,
+                           targets="all-linear+conv", checkpoint_every=10)
+    g.col = 5
+    ab = g.add(P + "ABCompare", prompts="ohwx, a red circle, " + ", ".join(f"detail {i}" for i in range(40)),
+               steps=4, cfg=2.0, width=64, height=64)
+    g.link(chain["train"], "model", ab, "model")
+    g.link(ck, "VAE", ab, "vae")
+    g.link(chain["te"], "aligned_clip", ab, "clip_a")
+    g.link(chain["te"], "unaligned_clip", ab, "clip_b")
+    sab = g.add("SaveImage", filename_prefix="demo/ab_compare")
+    g.link(ab, "grid", sab, "images")
+    out["demo_train_tiny"] = g.to_json()
+
+    # --- one training workflow per family (real model files) ---------------------------------------------
+    fam = {
+        "train_lora_sd15": dict(name="SD1.5", ref="diffusers' StableDiffusionPipeline (CLIP-L, 77 tokens, truncated)",
+                                files="v1-5-pruned-emaonly.safetensors", loader="ckpt", ckpt="v1-5-pruned-emaonly.safetensors",
+                                resolution=512, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
+                                size=512, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5 (kohya default)"),
+        "train_lora_sdxl": dict(name="SDXL", ref="StableDiffusionXLPipeline (both CLIPs penultimate, empty caption = zeros)",
+                                files="sd_xl_base_1.0.safetensors", loader="ckpt", ckpt="sd_xl_base_1.0.safetensors",
+                                resolution=1024, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
+                                size=1024, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5"),
+        "train_lora_sd35": dict(name="SD3.5", ref="Stability's SD3.5 reference (T5 min 77 tokens, 226-character cap)",
+                                files="sd3.5_medium.safetensors + clip_l/clip_g/t5xxl", loader="sd3",
+                                ckpt="sd3.5_medium.safetensors", resolution=1024, density="logit_normal", shift="fixed",
+                                weighting="none", lr=1e-4, size=1024, cfg=4.5, sample_steps=28,
+                                ts="logit-normal with shift 3, as SD3 was trained"),
+        "train_lora_flux1": dict(name="FLUX.1 [dev]", ref="FluxPipeline (T5 512 tokens, no mask)",
+                                 files="flux1-dev.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors",
+                                 loader="flux", ckpt="flux1-dev.safetensors", resolution=1024, density="logit_normal",
+                                 shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
+                                 sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift"),
+    }
+    for wid, f in fam.items():
+        g = Graph(info)
+        run = wid.replace("train_lora_", "") + "_lora"
+        g.note(FAMILY_NOTE.format(name=f["name"], ref=f["ref"], files=f["files"], lora=run, run=run, ts=f["ts"]))
+        if f["loader"] == "ckpt":
+            m = c = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
+        elif f["loader"] == "sd3":
+            m = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
+            c = g.add("TripleCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
+                      clip_name3="t5xxl_fp16.safetensors")
+        else:
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
+            v = g.add("VAELoader", vae_name="ae.safetensors")
+        training_chain(g, m, c, v, folder="my_dataset", resolution=f["resolution"], trigger="ohwx", steps=1500,
+                       density=f["density"], shift=f["shift"], weighting=f["weighting"], lr=f["lr"], rank=16,
+                       every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"], cfg=f["cfg"],
+                       guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
+                       checkpoint_every=250)
+        out[wid] = g.to_json()
+
+    # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------
+    g = Graph(info)
+    g.note("A/B: the same prompts, seed and noise through the aligned and the unaligned (ComfyUI default) text "
+           "encoders. Pick your checkpoint; long prompts show the difference most for SD1.5/SDXL (truncation vs "
+           "chunking), any prompt for FLUX (T5 512 vs 256).")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    g.col = 1
+    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    g.link(ck, "CLIP", te, "clip")
+    ab = g.add(P + "ABCompare", prompts="a red circle\n" + "a red circle, " + ", ".join(f"detail {i}" for i in range(40)),
+               steps=4, cfg=2.0, width=64, height=64)
+    for s_, o, i in ((ck, "MODEL", "model"), (ck, "VAE", "vae"), (te, "aligned_clip", "clip_a"), (te, "unaligned_clip", "clip_b")):
+        g.link(s_, o, ab, i)
+    g.col = 2
+    pv = g.add("SaveImage", filename_prefix="ab/aligned_vs_unaligned")
+    g.link(ab, "grid", pv, "images")
+    out["ab_aligned_vs_unaligned"] = g.to_json()
+
+    g = Graph(info)
+    g.note("Text-encoder alignment report: tokens used and truncated, cosine of sequence and pooled embeddings, "
+           "norms and padding statistics of the aligned vs the default encoder. Token Inspector checks a trigger "
+           "word. Pick your checkpoint (or a CLIP loader for FLUX/SD3).")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    g.col = 1
+    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    g.link(ck, "CLIP", te, "clip")
+    rep = g.add(P + "TextEncoderAlignmentReport",
+                prompts="a photo of a cat\n\n" + "a photo, " + ", ".join(f"detail {i}" for i in range(40)))
+    g.link(te, "aligned_clip", rep, "clip_a")
+    g.link(te, "unaligned_clip", rep, "clip_b")
+    tok = g.add(P + "TokenInspector", text="ohwx, a photo of a dog", trigger_word="ohwx")
+    g.link(te, "aligned_clip", tok, "clip")
+    g.col = 2
+    pv = g.add("SaveImage", filename_prefix="report/alignment")
+    g.link(rep, "table", pv, "images")
+    out["te_alignment_report"] = g.to_json()
+    return out
+
+
+def main() -> int:
+    from support.boot import boot
+    from support.workflow import object_info_inprocess, validate
+
+    c = boot()
+    info = object_info_inprocess(c.nodes)
+    for name, wf in build(info).items():
+        problems = [p for p in validate(wf, info)]
+        if problems:
+            print(name, problems)
+            return 1
+        (REPO / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote workflows/{name}.json ({len(wf['nodes'])} nodes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The README's main job: the shipped demo workflow on a generated tiny SD1.5 and dataset, through the
+real ComfyUI server's HTTP API. Used by scripts/demo.py and by the tests."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .factories import sd15
+from .factories.dataset import make_dataset
+from .paths import REPO
+from .server import ComfyServer
+from .workflow import load, ui_to_api, validate
+
+DEMO_WORKFLOW = REPO / "workflows" / "demo_train_tiny.json"
+
+
+def prepare_inputs(input_dir: Path, checkpoints_dir: Path) -> None:
+    """The tiny checkpoint and the captioned dataset the demo workflow names."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    link = checkpoints_dir / "tiny-sd15.safetensors"
+    if not link.exists():
+        link.symlink_to(sd15.checkpoint())
+    if not (input_dir / "demo_dataset").exists():
+        make_dataset(input_dir / "demo_dataset", n=6, trigger="ohwx", repeats=2)
+
+
+def run_workflow(server: ComfyServer, path: Path, timeout: float = 900) -> tuple[dict, float]:
+    info = server.get("/object_info")
+    wf = load(path)
+    problems = validate(wf, info)
+    if problems:
+        raise RuntimeError(f"{path.name} is not valid for this ComfyUI: {problems}")
+    t0 = time.time()
+    entry = server.run(ui_to_api(wf, info), timeout=timeout)
+    return entry, time.time() - t0
+
+
+def output_files(entry: dict, output_dir: Path) -> list[Path]:
+    files = []
+    for out in entry.get("outputs", {}).values():
+        for img in out.get("images", []):
+            if img.get("type") == "output":
+                files.append(output_dir / img.get("subfolder", "") / img["filename"])
+    return files
+
+
+def run_demo(base: Path) -> dict:
+    base = Path(base)
+    ckpt_dir = base / "models" / "checkpoints"
+    lora_dir = base / "output" / "demo"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    with ComfyServer(base, model_folders={"checkpoints": ckpt_dir, "loras": lora_dir}) as server:
+        prepare_inputs(server.input_dir, ckpt_dir)
+        entry, seconds = run_workflow(server, DEMO_WORKFLOW)
+        images = output_files(entry, server.output_dir)
+    loras = sorted(lora_dir.glob("*.safetensors"))
+    return {"folder": lora_dir, "lora": loras, "images": images, "seconds": seconds, "log": server.log_path}
