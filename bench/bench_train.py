@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--dataset-sizes", default="8,512")
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
     import torch
@@ -93,7 +94,13 @@ def main() -> int:
     for batch, gc_on, r in rows:
         lines.append(f"| {batch} | {'on' if gc_on else 'off'} | {r['floor']:.1f} | {r['builtin']:.1f} | "
                      f"{r['ours']:.1f} | {r['ours'] / r['floor']:.2f} | {r['builtin'] / r['ours']:.2f} |")
-    lines.append(f"\nPeak RSS of the benchmark process: {common.peak_rss_mb():.0f} MiB")
+    from bench_ours import run_ours
+
+    lines += ["", "| dataset size | ours ms/step (batch 1) |", "|---|---|"]
+    for n in [int(x) for x in args.dataset_sizes.split(",")]:
+        ms = median_ms(run_ours(c, model, latents, cond, args.rank, args.steps, args.warmup, 1, False, dataset_size=n))
+        lines.append(f"| {n} | {ms:.1f} |")
+    lines.append(f"\nPeak RSS of the benchmark process (all runs, one process): {common.peak_rss_mb():.0f} MiB")
     table = "\n".join(lines)
     print(table)
     if args.write:

@@ -178,3 +178,15 @@ def test_training_nodes_chain(comfy, sd15, sd15_training_set):
         comfy.call(P + "Optimizer", optimizer="adamw", learning_rate=-1.0, weight_decay=0.0, beta1=0.9, beta2=0.999,
                    scheduler="constant", warmup_steps=0, total_steps=10, num_cycles=1, power=1.0, grad_clip=1.0,
                    d_coef=1.0, decouple=True, use_bias_correction=False, safeguard_warmup=False)
+
+
+def test_gradient_checkpointing_same_result_and_restored(comfy, T, sd15, sd15_training_set, tmp_path):
+    dm = sd15[0].model.diffusion_model
+    units = T.loop.checkpoint_units(dm)
+    assert len(units) >= 4
+    forwards = [u.forward for u in units]
+    a = T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, "gc_off"), 2)
+    b = T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, "gc_on", gradient_checkpointing=True), 2)
+    for k, v in a.state["adapters"].items():
+        assert torch.allclose(v, b.state["adapters"][k], atol=1e-5), k
+    assert [u.forward for u in units] == forwards  # shared modules left as they were

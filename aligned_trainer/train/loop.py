@@ -76,18 +76,30 @@ def native(model_sampling, sigma: torch.Tensor, x: torch.Tensor, denoised: torch
     return (denoised - zero) / (one - zero)
 
 
+def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks to recompute in backward: children of the model's block lists; where such a child is
+    itself a container (UNet's TimestepEmbedSequential calls its layers one by one), its children."""
+    units = []
+    for child in diffusion_model.children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                if isinstance(block, (torch.nn.Sequential, torch.nn.ModuleList)):
+                    units += [m for m in block if any(p.numel() for p in m.parameters())]
+                else:
+                    units.append(block)
+    return units
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
-    """Gradient checkpointing of each block in the model's block lists, undone afterwards (modules are
-    shared with every other user of the model)."""
+    """Gradient checkpointing of each block, undone afterwards (the modules are shared with every other
+    user of the model)."""
     patched = []
     if enabled:
-        for child in diffusion_model.children():
-            if isinstance(child, torch.nn.ModuleList):
-                for block in child:
-                    fwd = block.forward
-                    block.forward = functools.partial(torch.utils.checkpoint.checkpoint, fwd, use_reentrant=False)
-                    patched.append((block, fwd))
+        for block in checkpoint_units(diffusion_model):
+            fwd = block.forward
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, fwd, use_reentrant=False)
+            patched.append((block, fwd))
     try:
         yield
     finally:
