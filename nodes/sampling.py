@@ -106,7 +106,9 @@ class ABCompare(io.ComfyNode):
     def execute(cls, model, vae, clip_a, clip_b, prompts, negative, label_a, label_b, model_b=None, **kw) -> io.NodeOutput:
         g, a, b, diffs, _ = plans.ab_compare(model, model_b or model, clip_a, clip_b, vae, plans.prompt_list(prompts),
                                              negative, settings(kw), (label_a, label_b))
-        return io.NodeOutput(g, a, b, json.dumps(diffs, indent=1), ui=ui.PreviewImage(g, cls=cls))
+        view = {"images": ui.PreviewImage(g, cls=cls).values, "a_images": ui.PreviewImage(a, cls=cls).values,
+                "b_images": ui.PreviewImage(b, cls=cls).values, "ab_labels": [label_a, label_b]}
+        return io.NodeOutput(g, a, b, json.dumps(diffs, indent=1), ui=view)
 
 
 class CheckpointGrid(io.ComfyNode):

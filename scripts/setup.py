@@ -171,6 +171,25 @@ def ensure_link(comfy: Path) -> Path:
     return link
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_browser() -> Path:
+    """Debian's Chromium for the browser tests (Playwright drives it; no browser is downloaded by pip)."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise SetupError(f"the browser tests need Chromium at {CHROMIUM}: install Debian's 'chromium' package "
+                         "(sudo apt-get install chromium) or run only the other tests (-m 'not browser').")
+    log("installing Debian's chromium for the browser tests")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
+    if not CHROMIUM.exists():
+        raise SetupError(f"apt-get installed chromium but {CHROMIUM} is missing")
+    return CHROMIUM
+
+
 def resolve_comfyui() -> Path:
     env = os.environ.get("COMFYUI_PATH")
     if env:
@@ -182,7 +201,7 @@ def resolve_comfyui() -> Path:
     return path
 
 
-def setup() -> dict:
+def setup(browser: bool = False) -> dict:
     if sys.version_info < (3, 10):
         raise SetupError(f"Python {sys.version.split()[0]} is too old; ComfyUI needs 3.10 or newer.")
     WORK.mkdir(exist_ok=True)
@@ -190,6 +209,8 @@ def setup() -> dict:
     comfy = resolve_comfyui()
     ensure_venv(comfy)
     link = ensure_link(comfy)
+    if browser:
+        ensure_browser()
     env = {"COMFYUI_PATH": str(comfy), "PYTHON": str(venv_python()), "PACK_LINK": str(link),
            "COMFYUI_VERSION": comfyui_version(comfy)}
     log(f"ready in {time.time() - t0:.1f}s: ComfyUI {env['COMFYUI_VERSION']} at {comfy}")

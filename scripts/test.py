@@ -20,7 +20,7 @@ import setup as project_setup  # noqa: E402
 def main() -> int:
     t0 = time.time()
     try:
-        env = project_setup.setup()
+        env = project_setup.setup(browser=True)
     except project_setup.SetupError as e:
         print(f"[setup] ERROR: {e}", file=sys.stderr)
         return 2

@@ -47,9 +47,13 @@ def _order(info: dict, node_type: str) -> list[str]:
     return [*order.get("required", []), *order.get("optional", [])]
 
 
-def _has_control(spec) -> bool:
+def _has_control(spec, name: str = "") -> bool:
+    """The frontend adds a 'control after generate' widget value after INT inputs that ask for it, and by
+    default after INT inputs named seed / noise_seed unless they set control_after_generate=False."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(opts.get("control_after_generate"))
+    if "control_after_generate" in opts:
+        return bool(opts["control_after_generate"])
+    return spec[0] == "INT" and name in ("seed", "noise_seed")
 
 
 def widget_names(info: dict, node_type: str) -> list[tuple[str, bool]]:
@@ -58,7 +62,7 @@ def widget_names(info: dict, node_type: str) -> list[tuple[str, bool]]:
     for name in _order(info, node_type):
         spec = _spec(info, node_type, name)
         if spec is not None and _is_widget(spec):
-            out.append((name, _has_control(spec)))
+            out.append((name, _has_control(spec, name)))
     return out
 
 
