@@ -1,6 +1,7 @@
-"""Aspect-ratio buckets. Each image goes to the bucket whose aspect ratio is closest to its own; it is
-resized so the bucket is covered (aspect kept), then centre-cropped to the bucket. Images smaller than
-their bucket are upscaled (and listed in the report)."""
+"""Aspect-ratio buckets. Each image goes to the bucket whose aspect ratio is closest to its own (ties:
+the larger bucket); it is resized with Lanczos so the bucket is covered (aspect kept), then centre-cropped
+to the bucket, so at most a thin strip on one axis is lost. Images smaller than their bucket are upscaled
+(and listed in the report)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ class BucketConfig:
         if not (0 < self.min_side <= self.resolution <= self.max_side):
             raise ValueError(f"buckets need 0 < min_side ({self.min_side}) <= resolution ({self.resolution}) "
                              f"<= max_side ({self.max_side})")
+        if self.area < self.min_side * self.min_side:
+            raise ValueError(f"max pixel area {self.area} is smaller than min_side^2 ({self.min_side}^2): no bucket "
+                             "fits; raise max_pixels or lower min_side")
 
     @property
     def area(self) -> int:
@@ -29,17 +33,24 @@ class BucketConfig:
 
 
 def make_buckets(cfg: BucketConfig) -> list[tuple[int, int]]:
-    """All (width, height) multiples of ``step`` within the side limits whose area fits, maximal ones only."""
+    """All (width, height) multiples of ``step`` within the side limits whose area fits (for each width the
+    tallest height that fits), plus the largest square that fits."""
     cfg.validate()
+    step = cfg.step
+    lo = -(-cfg.min_side // step) * step          # smallest side: min_side rounded up to the step
+    hi = cfg.max_side // step * step
     out = set()
-    w = cfg.min_side
-    while w <= cfg.max_side:
-        h = min(cfg.max_side, (cfg.area // w) // cfg.step * cfg.step)
-        if h >= cfg.min_side:
+    for w in range(lo, hi + 1, step):
+        h = min(hi, (cfg.area // w) // step * step)
+        if h >= lo:
             out.add((w, h))
             out.add((h, w))
-        w += cfg.step
-    out.add((cfg.resolution, cfg.resolution))
+    side = min(int(cfg.area ** 0.5) // step * step, cfg.resolution // step * step, hi)
+    if side >= lo:
+        out.add((side, side))
+    if not out:
+        raise ValueError(f"no bucket fits: sides {cfg.min_side}..{cfg.max_side} in steps of {step} with at most "
+                         f"{cfg.area} pixels; widen the side limits or raise max_pixels")
     return sorted(out)
 
 

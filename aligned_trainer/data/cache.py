@@ -27,6 +27,11 @@ from .types import CaptionVariant, Sample, TrainingSet
 Progress = Callable[[int, str], None]
 log = logging.getLogger("aligned_trainer")
 
+# Part of every key: bump when the way an entry is computed changes (resize/crop method, stored layout).
+CACHE_VERSION = "2"
+PIXEL_PIPELINE = "exif-rgb8|lanczos-cover|centre-crop"
+TMP_MAX_AGE_S = 3600
+
 
 def default_cache_root() -> Path:
     import folder_paths
@@ -52,6 +57,21 @@ class DiskCache:
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+    def sweep_temporaries(self, max_age_s: float = TMP_MAX_AGE_S) -> int:
+        """Delete temporary files left by a process killed mid-write (older than ``max_age_s``)."""
+        import time
+
+        n = 0
+        if self.root.is_dir():
+            for t in self.root.glob("*/*.tmp"):
+                try:
+                    if time.time() - t.stat().st_mtime > max_age_s:
+                        t.unlink()
+                        n += 1
+                except OSError:
+                    pass
+        return n
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         p = self.path(key)
@@ -97,32 +117,75 @@ class DiskCache:
         return tensors
 
 
+SAMPLES_PER_TENSOR = 32
+
+
+def _tensor_sample(t: torch.Tensor) -> bytes:
+    """Bytes of up to ``SAMPLES_PER_TENSOR`` evenly spaced elements of ``t`` (cheap on any device/size)."""
+    try:
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        if n == 0:
+            return b""
+        idx = torch.linspace(0, n - 1, min(n, SAMPLES_PER_TENSOR), device=flat.device).long()
+        return flat[idx].float().cpu().numpy().tobytes()
+    except Exception:  # exotic (quantized) tensor types: names/shapes still count
+        return b"?"
+
+
+def _fingerprint(obj, h, depth: int = 0) -> None:
+    """Feed a stable description of ``obj`` (tensors sampled, containers recursed) into ``h``."""
+    if depth > 6:
+        h.update(type(obj).__name__.encode())
+    elif isinstance(obj, torch.Tensor):
+        h.update(f"T{tuple(obj.shape)}{obj.dtype}".encode())
+        h.update(_tensor_sample(obj))
+    elif isinstance(obj, (str, int, float, bool, type(None))):
+        h.update(repr(obj).encode())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(f"k{k}".encode())
+            _fingerprint(obj[k], h, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _fingerprint(v, h, depth + 1)
+    elif hasattr(obj, "weights"):  # comfy.weight_adapter objects
+        h.update(type(obj).__name__.encode())
+        _fingerprint(obj.weights, h, depth + 1)
+    else:
+        h.update(type(obj).__name__.encode())
+
+
 def module_identity(module: torch.nn.Module, *extra) -> str:
-    """Cheap identity of a model's weights: names/shapes/dtypes of all tensors + bytes of a few of them."""
+    """Cheap identity of a model's weights: class, every tensor's name/shape/dtype and a few evenly spaced
+    values of each tensor (a fine-tune, a different checkpoint or another dtype all change it) + ``extra``."""
     h = hashlib.sha256(type(module).__name__.encode())
     sd = module.state_dict()
-    keys = sorted(sd)
-    for k in keys:
-        h.update(f"{k}{tuple(sd[k].shape)}{sd[k].dtype}".encode())
-    for k in {keys[0], keys[len(keys) // 2], keys[-1]} if keys else ():
-        h.update(sd[k].detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps([str(e) for e in extra]).encode())
+    for k in sorted(sd):
+        h.update(k.encode())
+        _fingerprint(sd[k], h)
+    _fingerprint(list(extra), h)
     return h.hexdigest()[:24]
 
 
 def vae_identity(vae) -> str:
-    return module_identity(vae.first_stage_model, type(vae).__name__, getattr(vae, "latent_channels", None))
+    """VAE weights identity + its class, latent channels, dtype and any weight patches."""
+    return module_identity(vae.first_stage_model, type(vae).__name__, getattr(vae, "latent_channels", None),
+                           str(getattr(vae, "vae_dtype", "")), getattr(getattr(vae, "patcher", None), "patches", {}))
 
 
 def clip_identity(clip) -> str:
-    patches = sorted((k, len(v)) for k, v in getattr(clip.patcher, "patches", {}).items())
-    return module_identity(clip.cond_stage_model, type(clip.tokenizer).__name__, clip.layer_idx,
-                           sorted(getattr(clip, "tokenizer_options", {}).items()),
-                           getattr(clip, "aligned_trainer_spec", None), patches)
+    """Text-encoder identity: weights, weight patches (LoRA applied to the CLIP, with strengths), tokenizer
+    class and options, clip layer, the aligned spec (``aligned_trainer_spec``) and the CLIP's class."""
+    return module_identity(clip.cond_stage_model, type(clip).__name__, type(clip.tokenizer).__name__,
+                           clip.layer_idx, getattr(clip, "tokenizer_options", {}),
+                           getattr(clip, "aligned_trainer_spec", None), getattr(clip, "use_clip_schedule", None),
+                           getattr(clip.patcher, "patches", {}))
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], default=str, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -135,12 +198,15 @@ class LatentCache:
 
 
 def item_key(item: Item, vae_id: str) -> str:
-    return _key("latent", item.sha, vae_id, item.bucket, item.crop, item.flip)
+    return _key("latent", PIXEL_PIPELINE, item.sha, vae_id, item.bucket, item.crop, item.flip)
 
 
-def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Progress | None = None) -> LatentCache:
+def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Progress | None = None,
+                  unload: bool = False) -> LatentCache:
+    """VAE-encode every dataset item once (disk cache); ``unload`` lets the VAE leave memory afterwards."""
     root = Path(root or default_cache_root()) / "latents"
     cache = DiskCache(root)
+    cache.sweep_temporaries()
     vid = vae_identity(vae)
     out = []
     for n, item in enumerate(dataset.items):
@@ -151,45 +217,79 @@ def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Pro
             pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
             return {"latent": vae.encode(pixels)[0].float()}
 
-        t = cache.get_or_compute(item_key(item, vid), compute, {"source": item.source, "bucket": item.bucket})
-        out.append(t["latent"])
+        t = cache.get_or_compute(item_key(item, vid), compute, {"source": item.source, "bucket": item.bucket,
+                                                                "flip": item.flip, "vae": vid})
+        lat = t["latent"]
+        if lat.ndim != 3 or not torch.isfinite(lat).all():
+            raise ValueError(f"VAE gave a {tuple(lat.shape)} latent with non-finite values for {item.source}; "
+                             "check the VAE (dtype/weights)")
+        out.append(lat)
         if progress:
             progress(n + 1, f"latents {n + 1}/{len(dataset.items)} (hits {cache.hits}, encoded {cache.misses})")
+    if unload:
+        unload_patcher(vae.patcher)
     return LatentCache(dataset, tuple(out), vid, str(root), (cache.hits, cache.misses, cache.repaired))
 
 
 def _cond_to_tensors(cond: list) -> dict[str, torch.Tensor]:
-    c, extras = cond[0]
-    out = {"cond": c.float()}
-    for k, v in extras.items():
-        if isinstance(v, torch.Tensor):
-            out[f"x.{k}"] = v
+    """ComfyUI CONDITIONING ``[[cond, extras], ...]`` -> flat tensors ``{i}.cond`` / ``{i}.x.<name>``.
+    Non-tensor extras that are plain JSON values go to ``{i}.json`` (a uint8 tensor); others are dropped."""
+    out = {}
+    for i, (c, extras) in enumerate(cond):
+        out[f"{i}.cond"] = c.float()
+        plain = {}
+        for k, v in extras.items():
+            if isinstance(v, torch.Tensor):
+                out[f"{i}.x.{k}"] = v
+            elif isinstance(v, (str, int, float, bool, type(None))):
+                plain[k] = v
+        if plain:
+            out[f"{i}.json"] = torch.frombuffer(bytearray(json.dumps(plain).encode()), dtype=torch.uint8)
     return out
 
 
 def _tensors_to_cond(t: dict[str, torch.Tensor]) -> list:
-    return [[t["cond"], {k[2:]: v for k, v in t.items() if k.startswith("x.")}]]
+    n = len([k for k in t if k.endswith(".cond")])
+    cond = []
+    for i in range(n):
+        extras = {k[len(f"{i}.x."):]: v for k, v in t.items() if k.startswith(f"{i}.x.")}
+        if f"{i}.json" in t:
+            extras.update(json.loads(bytes(t[f"{i}.json"].numpy()).decode()))
+        cond.append([t[f"{i}.cond"], extras])
+    return cond
+
+
+def unload_patcher(patcher) -> int:
+    """Unload every ComfyUI-loaded model that shares ``patcher``'s model, through model management
+    (``LoadedModel.model_unload`` then removal from ``current_loaded_models``, as ``free_memory`` does)."""
+    n = 0
+    for i in reversed(range(len(mm.current_loaded_models))):
+        lm = mm.current_loaded_models[i]
+        m = lm.model
+        if m is not None and (m is patcher or m.model is patcher.model):
+            lm.model_unload()
+            mm.current_loaded_models.pop(i)
+            n += 1
+    mm.soft_empty_cache()
+    return n
 
 
 def unload_text_encoder(clip) -> None:
     """Let the text encoder leave memory through ComfyUI's model management."""
-    for i in reversed(range(len(mm.current_loaded_models))):
-        lm = mm.current_loaded_models[i]
-        m = lm.model
-        if m is not None and (m is clip.patcher or m.model is clip.patcher.model):
-            lm.model_unload()
-            mm.current_loaded_models.pop(i)
-    mm.soft_empty_cache()
+    unload_patcher(clip.patcher)
 
 
-def is_loaded(clip) -> bool:
-    return any(lm.model is not None and lm.model.model is clip.patcher.model for lm in mm.current_loaded_models)
+def is_loaded(model) -> bool:
+    """True while ComfyUI's model management holds ``model`` (a CLIP, a VAE or a ModelPatcher) loaded."""
+    patcher = getattr(model, "patcher", model)
+    return any(lm.model is not None and lm.model.model is patcher.model for lm in mm.current_loaded_models)
 
 
 def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: Progress | None = None,
                unload: bool = True) -> tuple[TrainingSet, tuple[int, int, int]]:
     root = Path(root or default_cache_root()) / "text"
     cache = DiskCache(root)
+    cache.sweep_temporaries()
     cid = clip_identity(clip)
     ds = latents.dataset
     texts = sorted({c for item in ds.items for c in item.captions} | {""})
@@ -198,7 +298,7 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
         mm.throw_exception_if_processing_interrupted()
         t = cache.get_or_compute(_key("text", cid, text),
                                  lambda text=text: _cond_to_tensors(clip.encode_from_tokens_scheduled(clip.tokenize(text))),
-                                 {"text": text[:200]})
+                                 {"text": text, "clip": cid})
         conds[text] = _tensors_to_cond(t)
         if progress:
             progress(n + 1, f"captions {n + 1}/{len(texts)} (hits {cache.hits}, encoded {cache.misses})")

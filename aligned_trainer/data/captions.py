@@ -32,9 +32,10 @@ def split_tags(caption: str, sep: str = ",") -> list[str]:
 
 
 def with_trigger(caption: str, trigger: str, sep: str = ",") -> str:
+    """The caption with ``trigger`` as its first tag (moved there if the caption already has it)."""
     tags = split_tags(caption, sep)
-    if trigger and trigger not in tags:
-        tags.insert(0, trigger)
+    if trigger:
+        tags = [trigger] + [t for t in tags if t != trigger]
     return f"{sep} ".join(tags)
 
 
@@ -50,10 +51,13 @@ def variant(caption: str, cfg: CaptionConfig, rng: random.Random) -> str:
 
 
 def variants(caption: str, cfg: CaptionConfig, seed: int) -> tuple[str, ...]:
-    """Up to ``cfg.variants`` distinct processed captions, drawn deterministically from ``seed``."""
+    """Up to ``cfg.variants`` distinct processed captions, drawn deterministically from ``seed``.
+
+    Without shuffle or tag dropout there is exactly one variant (the caption with the trigger word)."""
     rng = random.Random(seed)
     out: list[str] = []
-    for _ in range(cfg.variants):
+    n = cfg.variants if (cfg.shuffle_tags or cfg.tag_dropout > 0) else 1
+    for _ in range(n):
         v = variant(caption, cfg, rng)
         if v not in out:
             out.append(v)

@@ -4,7 +4,8 @@ folder) or images + captions from the graph, bucketed and with processed caption
 Handling of bad input (also in docs/data.md):
 - unreadable / truncated image, non-UTF-8 caption, empty folder, image/caption count mismatch -> DataError
   naming the file (or the inputs) and the fix;
-- missing or empty caption -> the trigger word alone is the caption; listed in the report;
+- missing or empty caption file -> the trigger word alone is the caption; listed in the report;
+- graph images with 1 or 4 channels -> grey repeated to RGB / alpha channel dropped;
 - image smaller than its bucket -> upscaled; listed in the report;
 - CMYK, palette, alpha (composited on white), 16-bit, EXIF-rotated -> converted to upright 8-bit RGB.
 """
@@ -59,7 +60,11 @@ class Dataset:
             arr = self.graph_images[int(item.source.split(":")[1])]
             img = Image.fromarray((arr.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
         else:
-            img = load_image(Path(item.source))
+            path = Path(item.source)
+            if file_sha(path) != item.sha:
+                raise DataError(f"image {path} changed after the Dataset node read it; run the graph again so the "
+                                "dataset (and its cache keys) are rebuilt.")
+            img = load_image(path)
         (rw, rh), box = crop_box(img.size, item.bucket)
         img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(box)
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if item.flip else img
@@ -67,12 +72,17 @@ class Dataset:
     def report(self) -> dict:
         per_bucket = Counter(f"{w}x{h}" for w, h in (i.bucket for i in self.items))
         lengths = [len(c.split()) for i in self.items for c in i.captions[:1]]
+        ntags = [len(split_tags(c, self.caption_cfg.separator)) for i in self.items for c in i.captions[:1]]
         tags = Counter(t for i in self.items if not i.flip for t in split_tags(i.caption, self.caption_cfg.separator))
         return {"images": sum(1 for i in self.items if not i.flip), "items": len(self.items),
                 "regularization": sum(1 for i in self.items if i.is_reg and not i.flip),
                 "per_bucket": dict(sorted(per_bucket.items())),
                 "caption_words": {"min": min(lengths, default=0), "max": max(lengths, default=0),
                                   "mean": round(statistics.fmean(lengths), 2) if lengths else 0},
+                "caption_tags": {"min": min(ntags, default=0), "max": max(ntags, default=0),
+                                 "mean": round(statistics.fmean(ntags), 2) if ntags else 0},
+                "caption_variants": {"distinct": len({c for i in self.items for c in i.captions}),
+                                     "per_image_max": max((len(i.captions) for i in self.items), default=0)},
                 "tag_frequency": tags.most_common(25), "notes": list(self.notes), "hash": self.hash}
 
 
@@ -89,8 +99,11 @@ class _Builder:
         bucket = assign_bucket(size, buckets)
         if size[0] < bucket[0] or size[1] < bucket[1]:
             self.notes.append(f"upscaled: {source} is {size[0]}x{size[1]}, smaller than its bucket {bucket[0]}x{bucket[1]}")
-        if not caption.strip():
-            self.notes.append(f"no caption: {source} (trained with the trigger word only)")
+        if caption is None:
+            self.notes.append(f"no caption file: {source} (trained with the trigger word only)")
+        elif not caption.strip():
+            self.notes.append(f"empty caption: {source} (trained with the trigger word only)")
+        caption = caption or ""
         seed = self.seed ^ int(sha[:8], 16)
         caps = variants(caption, self.caption_cfg, seed)
         _, box = crop_box(size, bucket)
@@ -103,7 +116,7 @@ def read_caption(img_path: Path) -> str | None:
         p = img_path.with_suffix(ext)
         if p.exists():
             try:
-                return p.read_text(encoding="utf-8").strip()
+                return p.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError:
                 raise DataError(f"caption {p} is not UTF-8 text. Re-save it as UTF-8.") from None
     return None
@@ -126,10 +139,29 @@ def scan_folder(folder: Path) -> list[tuple[Path, int]]:
 
 
 def _finish(b: _Builder, reg_weight: float, graph_images=()) -> Dataset:
+    cc = b.caption_cfg
+    if (cc.shuffle_tags or cc.tag_dropout > 0) and cc.variants == 1:
+        b.notes.append("shuffle/tag dropout with caption_variants=1: each image keeps one fixed processed caption; "
+                       "raise caption_variants to vary captions between steps")
     h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg] for i in b.items]).encode())
     h.update(repr((b.caption_cfg, b.bucket_cfg, reg_weight)).encode())
     return Dataset(tuple(b.items), b.caption_cfg, b.bucket_cfg, reg_weight, tuple(b.notes), tuple(graph_images),
                    h.hexdigest()[:16])
+
+
+def folder_fingerprint(*folders: Path | None) -> str:
+    """Names, sizes and modification times of every file the dataset would read (for ComfyUI's
+    re-execution check: the Dataset node runs again when a file is added, removed or edited)."""
+    h = hashlib.sha256()
+    for folder in folders:
+        if folder is None or not Path(folder).is_dir():
+            h.update(f"missing:{folder}".encode())
+            continue
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, flip: bool = False,
@@ -147,7 +179,7 @@ def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConf
         for path, repeats in found:
             img = load_image(path)
             caption = read_caption(path)
-            b.add(str(path), file_sha(path), img.size, caption or "", repeats, is_reg, buckets)
+            b.add(str(path), file_sha(path), img.size, caption, repeats, is_reg, buckets)
     return _finish(b, reg_weight)
 
 
@@ -161,8 +193,11 @@ def from_images(images: torch.Tensor, captions: list[str], caption_cfg: CaptionC
     buckets = make_buckets(bucket_cfg)
     b = _Builder(caption_cfg, bucket_cfg, flip, seed)
     frames = []
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise DataError(f"images from the graph must be an IMAGE batch (B, H, W, 3); got shape {tuple(images.shape)}")
     for i, (img, cap) in enumerate(zip(images, captions)):
-        img = img.detach().float().cpu()
+        img = img.detach().float().cpu().clone()
+        img = img.expand(-1, -1, 3).contiguous() if img.shape[-1] == 1 else img[..., :3].contiguous()
         frames.append(img)
         sha = hashlib.sha256(img.numpy().tobytes()).hexdigest()
         b.add(f"graph:{i}", sha, (int(img.shape[1]), int(img.shape[0])), cap, 1, False, buckets)

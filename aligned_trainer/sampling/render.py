@@ -33,6 +33,7 @@ def encode(clip, text: str, guidance: float) -> list:
     return node_helpers.conditioning_set_values(cond, {"guidance": guidance})
 
 
+@torch.no_grad()
 def sample(model, vae, positive: list, negative: list, s: SampleSettings, seed: int) -> torch.Tensor:
     """One image (1, H, W, 3): empty latent -> comfy.sample.sample -> VAE decode, as KSampler + VAEDecode."""
     latent = torch.zeros([1, 4, s.height // 8, s.width // 8])

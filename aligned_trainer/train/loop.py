@@ -218,7 +218,32 @@ class Trainer:
         return ((pred - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
 
     # -- steps ---------------------------------------------------------------------------------------------
+    clone_saved = False  # set when the model's inference code modifies saved activations in place
+
     def step(self) -> tuple[float, float]:
+        """One optimizer step. Some ComfyUI models (FLUX's blocks: ``x += ...``) modify tensors in place that
+        autograd saved; the first time that happens the step is retried, from the same RNG state, with
+        saved tensors cloned at save time (more memory, same result)."""
+        rng, py = self.gen.get_state(), self.py_rng.getstate()
+        try:
+            with self._saved_tensor_mode():
+                return self._step()
+        except RuntimeError as e:
+            if self.clone_saved or "modified by an inplace operation" not in str(e):
+                raise
+            self.opt.zero_grad(set_to_none=True)
+            self.gen.set_state(rng)
+            self.py_rng.setstate(py)
+            self.clone_saved = True
+            with self._saved_tensor_mode():
+                return self._step()
+
+    def _saved_tensor_mode(self):
+        if not self.clone_saved:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+    def _step(self) -> tuple[float, float]:
         s = self.run.settings
         total = 0.0
         for _ in range(s.grad_accum):
