@@ -10,7 +10,7 @@ from ..aligned_trainer import imaging
 from ..aligned_trainer.data import cache
 from ..aligned_trainer.data.buckets import BucketConfig
 from ..aligned_trainer.data.captions import CaptionConfig
-from ..aligned_trainer.data.dataset import from_folder, from_images
+from ..aligned_trainer.data.dataset import folder_fingerprint, from_folder, from_images
 from ._common import NodeProgress, category, node_id
 
 CAT = category("Data")
@@ -30,6 +30,9 @@ def report_image(rep: dict):
     rows = [[f"bucket {b}", str(n)] for b, n in rep["per_bucket"].items()]
     rows += [["caption words min/mean/max", f"{rep['caption_words']['min']}/{rep['caption_words']['mean']}/"
                                             f"{rep['caption_words']['max']}"]]
+    rows += [["caption tags min/mean/max", f"{rep['caption_tags']['min']}/{rep['caption_tags']['mean']}/"
+                                           f"{rep['caption_tags']['max']}"],
+             ["distinct caption variants (all cached)", str(rep["caption_variants"]["distinct"])]]
     rows += [[f"tag: {t}", str(n)] for t, n in rep["tag_frequency"][:15]]
     rows += [[n, ""] for n in rep["notes"][:10]]
     return imaging.table_image(["", "count"], rows, title=f"Dataset: {rep['images']} images, {rep['items']} items",
@@ -70,6 +73,8 @@ class Dataset(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Images from the graph instead of a folder."),
                 io.String.Input("captions", multiline=True, default="", optional=True,
                                 tooltip="One caption per line, one line per graph image."),
+                io.Int.Input("max_pixels", default=0, min=0, max=64 * 1024 * 1024, step=4096, optional=True,
+                             tooltip="Largest bucket area in pixels; 0 = resolution x resolution."),
             ],
             outputs=[DATASET.Output("dataset", tooltip="The dataset (for Cache Latents)."),
                      io.String.Output("report", tooltip="Images per bucket, caption stats, tag frequency, notes."),
@@ -79,16 +84,24 @@ class Dataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, resolution, min_side, max_side, bucket_step, trigger_word, shuffle_tags, keep_tokens,
                 tag_dropout, caption_dropout, caption_variants, flip, seed, reg_folder="", reg_weight=1.0,
-                images=None, captions="") -> io.NodeOutput:
+                images=None, captions="", max_pixels=0) -> io.NodeOutput:
         ccfg = CaptionConfig(trigger_word.strip(), shuffle_tags, keep_tokens, tag_dropout, caption_dropout, caption_variants)
-        bcfg = BucketConfig(resolution, min_side, max(max_side, resolution), bucket_step)
+        bcfg = BucketConfig(resolution, min_side, max(max_side, resolution), bucket_step, max_pixels or None)
         if images is not None:
-            ds = from_images(images, captions.split("\n") if captions else [], ccfg, bcfg, flip, seed)
+            lines = captions.rstrip("\r\n").replace("\r\n", "\n").split("\n") if captions.strip() else []
+            ds = from_images(images, lines, ccfg, bcfg, flip, seed)
         else:
             ds = from_folder(_resolve(folder), ccfg, bcfg, flip, seed,
                              _resolve(reg_folder) if reg_folder else None, reg_weight)
         rep = ds.report()
         return io.NodeOutput(ds, json.dumps(rep, indent=1), report_image(rep))
+
+    @classmethod
+    def fingerprint_inputs(cls, folder="", reg_folder="", images=None, **kwargs):
+        """Run again when a file in the dataset folders is added, removed or edited."""
+        if images is not None:
+            return ""
+        return folder_fingerprint(_resolve(folder), _resolve(reg_folder) if reg_folder else None)
 
 
 class CacheLatents(io.ComfyNode):
@@ -98,16 +111,18 @@ class CacheLatents(io.ComfyNode):
             node_id=node_id("CacheLatents"), display_name="Cache Latents", category=CAT,
             description="VAE-encodes every dataset item once into an on-disk cache reused across runs.",
             inputs=[DATASET.Input("dataset", tooltip="From the Dataset node."),
-                    io.Vae.Input("vae", tooltip="The VAE of the model you train.")],
+                    io.Vae.Input("vae", tooltip="The VAE of the model you train."),
+                    io.Boolean.Input("unload_vae", default=True, optional=True,
+                                     tooltip="Unload the VAE after caching to free memory for training.")],
             outputs=[LATENT_CACHE.Output("latents", tooltip="Cached latents (for Cache Text Embeddings)."),
                      io.String.Output("info", tooltip="Cache folder, hits and misses.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, dataset, vae) -> io.NodeOutput:
+    def execute(cls, dataset, vae, unload_vae=True) -> io.NodeOutput:
         prog = NodeProgress(len(dataset.items), cls.hidden.unique_id)
-        lc = cache.cache_latents(dataset, vae, progress=lambda n, t: prog(n, t))
+        lc = cache.cache_latents(dataset, vae, progress=lambda n, t: prog(n, t), unload=unload_vae)
         hits, misses, repaired = lc.stats
         return io.NodeOutput(lc, f"{lc.root}: {hits} cached, {misses} encoded, {repaired} repaired")
 

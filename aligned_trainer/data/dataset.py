@@ -100,9 +100,9 @@ class _Builder:
         if size[0] < bucket[0] or size[1] < bucket[1]:
             self.notes.append(f"upscaled: {source} is {size[0]}x{size[1]}, smaller than its bucket {bucket[0]}x{bucket[1]}")
         if caption is None:
-            self.notes.append(f"no caption file: {source} (trained with the trigger word only)")
+            self.notes.append(f"no caption: {source} (no caption file; trained with the trigger word only)")
         elif not caption.strip():
-            self.notes.append(f"empty caption: {source} (trained with the trigger word only)")
+            self.notes.append(f"no caption: {source} (empty caption; trained with the trigger word only)")
         caption = caption or ""
         seed = self.seed ^ int(sha[:8], 16)
         caps = variants(caption, self.caption_cfg, seed)
