@@ -60,18 +60,15 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
     opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
             if not k.startswith(f"{sub.embedding_key}_min_")}
     kwargs["tokenizer_options"] = opts
-    if enc["truncation"] in ("chunk", "first_chunk"):
-        # ComfyUI's own word-aligned chunking at the spec's length; first_chunk keeps only the first one
+    if enc["truncation"] == "chunk":
         s = copy.copy(sub)
         s.max_length = enc["max_length"]
         s.pad_to_max_length = enc["padding"] == "max_length"
         s.min_length = enc["min_length"]
         s.pad_with_end = enc["pad_token"] == "end"
         s.pad_token = pad_id(sub, enc)
-        chunks = s.tokenize_with_weights(text, return_word_ids, **kwargs)
-        return chunks[:1] if enc["truncation"] == "first_chunk" else chunks
-    # One sequence with every token, then truncate ("truncate" = tokenizer(..., truncation=True)) or keep it
-    # whole ("none"), and pad it ourselves.
+        return s.tokenize_with_weights(text, return_word_ids, **kwargs)
+    # One sequence with every token, then truncate/pad it ourselves (tokenizer(..., truncation=True)).
     s = copy.copy(sub)
     s.max_length, s.pad_to_max_length, s.min_length, s.min_padding = NO_LIMIT, False, None, None
     flat = [t for batch in s.tokenize_with_weights(text, True, **kwargs) for t in batch]
