@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ def main() -> int:
     ap.add_argument("--captions", type=int, default=1000)
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (images and caches)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="at-cache-bench-"))
     c = common.boot_comfy(tmp)
@@ -79,6 +81,8 @@ def main() -> int:
     if args.write:
         with open(REPO / "BENCHMARKS.md", "a", encoding="utf-8") as f:
             f.write("\n" + table + "\n")
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -145,7 +145,7 @@ class CacheTextEmbeddings(io.ComfyNode):
 
     @classmethod
     def execute(cls, latents, clip, unload_text_encoder) -> io.NodeOutput:
-        n = len({c for i in latents.dataset.items for c in i.captions}) + 1
+        n = len({c for i in latents.dataset.items for c in i.captions} | {""})
         prog = NodeProgress(n, cls.hidden.unique_id)
         ts, (hits, misses, repaired) = cache.cache_text(latents, clip, progress=lambda k, t: prog(k, t),
                                                          unload=unload_text_encoder)

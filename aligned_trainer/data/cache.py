@@ -127,7 +127,8 @@ def _tensor_sample(t: torch.Tensor) -> bytes:
         n = flat.numel()
         if n == 0:
             return b""
-        idx = torch.linspace(0, n - 1, min(n, SAMPLES_PER_TENSOR), device=flat.device).long()
+        k = min(n, SAMPLES_PER_TENSOR)
+        idx = torch.tensor([i * (n - 1) // max(k - 1, 1) for i in range(k)], device=flat.device)
         return flat[idx].float().cpu().numpy().tobytes()
     except Exception:  # exotic (quantized) tensor types: names/shapes still count
         return b"?"
