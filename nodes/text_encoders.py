@@ -23,7 +23,7 @@ class LoadAlignedTextEncoders(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="A CLIP from any ComfyUI loader (checkpoint, CLIPLoader, DualCLIPLoader...)."),
                 io.Combo.Input("spec", options=["auto", *specs.list_spec_ids()], default="auto",
                                tooltip="Text-encoder spec. 'auto' detects the family from the CLIP's tokenizer; "
-                                       "pick a variant (e.g. flux1-schnell, sd3-diffusers) to override."),
+                                       "pick a family or family:variant (e.g. flux1-schnell, sd3:diffusers) to override."),
             ],
             outputs=[
                 io.Clip.Output("aligned_clip", tooltip="CLIP that tokenizes/encodes as the spec says."),
@@ -35,7 +35,7 @@ class LoadAlignedTextEncoders(io.ComfyNode):
     @classmethod
     def execute(cls, clip, spec) -> io.NodeOutput:
         aligned = align.align_clip(clip, spec)
-        text = aligned.spec.to_json()
+        text = json.dumps({**aligned.spec.raw, **aligned.aligned_trainer_spec}, indent=1, ensure_ascii=False)
         return io.NodeOutput(aligned, clip, text, ui={"text": [text]})
 
 

@@ -35,13 +35,23 @@ def flux_te(comfy, clip_l_path, t5_path):
     return te.flux_clip(clip_l_path, t5_path)
 
 
+@pytest.fixture(scope="module")
+def sd_pipe(comfy, clip_l_path):
+    return te.sd_pipeline(clip_l_path)
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(comfy, clip_l_path, t5_path):
+    return te.flux_pipeline(clip_l_path, t5_path)
+
+
 @pytest.mark.parametrize("name", PROMPTS)
-def test_sd15_matches_stable_diffusion_pipeline(comfy, sd_clip, clip_l_path, name):
+def test_sd15_matches_stable_diffusion_pipeline(comfy, sd_clip, sd_pipe, name):
     """Reference: StableDiffusionPipeline.encode_prompt(prompt, do_classifier_free_guidance=False), whose
     tokenizer call is padding='max_length', max_length=77, truncation=True and whose embeds are
     text_encoder(ids)[0] (last layer after the final LayerNorm)."""
     align = comfy.engine("te.align")
-    pipe = te.sd_pipeline(clip_l_path)
+    pipe = sd_pipe
     prompt = PROMPTS[name]
     with torch.no_grad():
         ref, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
@@ -53,11 +63,11 @@ def test_sd15_matches_stable_diffusion_pipeline(comfy, sd_clip, clip_l_path, nam
 
 @pytest.mark.parametrize("spec_id,length", [("flux1-dev", 512), ("flux1-schnell", 256)])
 @pytest.mark.parametrize("name", ["plain", "empty", "unicode", "long"])
-def test_flux_matches_flux_pipeline(comfy, flux_te, clip_l_path, t5_path, spec_id, length, name):
+def test_flux_matches_flux_pipeline(comfy, flux_te, flux_pipe, spec_id, length, name):
     """Reference: FluxPipeline.encode_prompt(prompt, prompt_2=None, max_sequence_length=<spec T5 length>):
     T5 padded to max_length and truncated, no attention mask; pooled = CLIP-L pooler_output."""
     align = comfy.engine("te.align")
-    pipe = te.flux_pipeline(clip_l_path, t5_path)
+    pipe = flux_pipe
     prompt = PROMPTS[name] if name != "long" else "word " * (length + 40)
     with torch.no_grad():
         ref, ref_pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device="cpu", max_sequence_length=length)

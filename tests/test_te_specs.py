@@ -13,8 +13,9 @@ SPEC_FILES = sorted(p for p in (REPO / "te_specs").glob("*.json") if p.name != "
 
 def test_required_families_present():
     ids = {p.stem for p in SPEC_FILES}
-    assert {"sd15", "sd2x", "sdxl", "sd3", "sd3-diffusers", "flux1-dev", "flux1-schnell"} <= ids
-    assert len(ids - {"sd15", "sd2x", "sdxl", "sd3", "sd3-diffusers", "flux1-dev", "flux1-schnell"}) >= 2
+    core = {"sd15", "sd2x", "sdxl", "sd3", "sd35", "flux1-dev", "flux1-schnell"}
+    assert core <= ids
+    assert len(ids - core) >= 2
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
@@ -84,3 +85,22 @@ def test_detection_follows_comfy_match(comfy, sd15):
             for cls in spec.raw["comfy_match"]["tokenizer_class"]:
                 assert cls not in seen, f"{spec.id} and {seen.get(cls)} are both default for {cls}"
                 seen[cls] = spec.id
+
+
+def test_variants_are_named_and_validated(comfy, tmp_path):
+    specs = comfy.engine("te.specs")
+    keys = specs.list_spec_ids()
+    assert {"sd3:reference", "sd3:diffusers", "sd35:large", "sd35:medium"} <= set(keys)
+    ref, dif = specs.get_spec("sd3"), specs.get_spec("sd3:diffusers")
+    assert ref.identity()["variant"] == "reference" and dif.identity()["id"] == "sd3"
+    assert ref.hash != dif.hash
+    t5 = {s.variant: next(e for e in s.encoders if e.key == "t5xxl") for s in (ref, dif)}
+    assert t5["reference"]["char_cap"] == 226 and t5["diffusers"]["max_length"] == 256
+    bad = json.loads((REPO / "te_specs" / "sd3.json").read_text())
+    bad["variants"]["diffusers"]["encoders"]["t5xxl"]["max_length"]["value"] = "long"
+    with pytest.raises(specs.SpecError) as e:
+        specs.load_spec_variants(_write(tmp_path, bad))
+    assert "bad.json" in str(e.value) and "variant diffusers" in str(e.value) and "max_length" in str(e.value)
+    bad["variants"]["diffusers"]["encoders"] = {"t5": {}}
+    with pytest.raises(specs.SpecError, match="variants/diffusers/encoders/t5"):
+        specs.load_spec_variants(_write(tmp_path, bad))

@@ -60,15 +60,18 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
     opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
             if not k.startswith(f"{sub.embedding_key}_min_")}
     kwargs["tokenizer_options"] = opts
-    if enc["truncation"] == "chunk":
+    if enc["truncation"] in ("chunk", "first_chunk"):
+        # ComfyUI's own word-aligned chunking at the spec's length; first_chunk keeps only the first one
         s = copy.copy(sub)
         s.max_length = enc["max_length"]
         s.pad_to_max_length = enc["padding"] == "max_length"
         s.min_length = enc["min_length"]
         s.pad_with_end = enc["pad_token"] == "end"
         s.pad_token = pad_id(sub, enc)
-        return s.tokenize_with_weights(text, return_word_ids, **kwargs)
-    # One sequence with every token, then truncate/pad it ourselves (tokenizer(..., truncation=True)).
+        chunks = s.tokenize_with_weights(text, return_word_ids, **kwargs)
+        return chunks[:1] if enc["truncation"] == "first_chunk" else chunks
+    # One sequence with every token, then truncate ("truncate" = tokenizer(..., truncation=True)) or keep it
+    # whole ("none"), and pad it ourselves.
     s = copy.copy(sub)
     s.max_length, s.pad_to_max_length, s.min_length, s.min_padding = NO_LIMIT, False, None, None
     flat = [t for batch in s.tokenize_with_weights(text, True, **kwargs) for t in batch]
@@ -98,13 +101,31 @@ def _content_count(tokens: list, sub) -> int:
     return sum(1 for batch in tokens for t in batch if not isinstance(t[0], int) or t[0] not in special)
 
 
+def encoder_model(cond_stage_model, enc: EncoderSpec):
+    """The encoder module for ``enc``: ComfyUI names it like the tokenizer (``clip_l``) or, for single-encoder
+    models built with ``SD1ClipModel(name=...)``, without the ``clip_`` prefix (PixArt/Chroma ``t5xxl``)."""
+    for name in (enc.attr, enc.attr.removeprefix("clip_")):
+        m = getattr(cond_stage_model, name, None)
+        if m is not None and hasattr(m, "enable_attention_masks"):
+            return m
+    return None
+
+
+def show_pad_tokens(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The denoiser mask with the first ``n`` padded positions after the content visible (Chroma: 1)."""
+    mask = mask.clone()
+    idx = torch.arange(mask.shape[-1], device=mask.device).unsqueeze(0)
+    used = mask.sum(dim=-1, keepdim=True)
+    return torch.where((idx >= used) & (idx < used + n), torch.ones_like(mask), mask)
+
+
 @contextlib.contextmanager
 def encoder_options(cond_stage_model, spec: TESpec):
     """Set each encoder's options from the spec for one encode call; restore them afterwards."""
     saved = []
     try:
         for enc in spec.encoders:
-            m = getattr(cond_stage_model, enc.attr, None)
+            m = encoder_model(cond_stage_model, enc)
             if m is None:
                 continue
             saved.append((m, m.options_default, m.enable_attention_masks, m.return_attention_masks,
@@ -170,6 +191,10 @@ class AlignedCLIP(comfy.sd.CLIP):
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         with encoder_options(self.cond_stage_model, self.spec):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
+        visible = [e["visible_pad_tokens"] for e in self.spec.encoders if e["visible_pad_tokens"]]
+        if return_dict and visible and out.get("attention_mask") is not None:
+            out = dict(out)
+            out["attention_mask"] = show_pad_tokens(out["attention_mask"], int(visible[0]))
         scale = {e["output_scale"] for e in self.spec.encoders}
         zero = self._zero_empty(tokens)
         if not zero and scale == {1.0}:

@@ -1,6 +1,7 @@
 """Load and validate the per-family text-encoder specs in ``te_specs/`` (data, not code)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,21 +35,27 @@ class EncoderSpec:
         return entry["value"] if isinstance(entry, dict) else entry
 
 
+DEFAULT_VARIANT = "default"
+
+
 @dataclass(frozen=True)
 class TESpec:
+    """One family's spec with one variant applied (``raw`` is the merged data, without ``variants``)."""
     id: str
     name: str
     raw: dict
     path: Path
     hash: str
+    variant: str = DEFAULT_VARIANT
 
     @property
     def encoders(self) -> tuple[EncoderSpec, ...]:
         return tuple(EncoderSpec(e) for e in self.raw["encoders"])
 
     @property
-    def variant(self) -> str:
-        return self.raw.get("variant_of", self.id)
+    def key(self) -> str:
+        """``id`` for a file without variants, ``id:variant`` otherwise (the node's combo value)."""
+        return self.id if self.variant == DEFAULT_VARIANT else f"{self.id}:{self.variant}"
 
     def identity(self) -> dict:
         return {"id": self.id, "variant": self.variant, "hash": self.hash}
@@ -74,29 +81,77 @@ def _field(error) -> str:
     return path
 
 
-def parse_spec(data: dict, path: Path) -> TESpec:
+def _check(data: dict, path: Path, where: str = "") -> None:
     errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
-        lines = [f"  field {_field(e)}: {e.message}" for e in errors[:8]]
+        lines = [f"  field {where}{_field(e)}: {e.message}" for e in errors[:8]]
         raise SpecError(f"invalid text-encoder spec {path}:\n" + "\n".join(lines) +
                         f"\nFix the file so it follows {SCHEMA_FILE} (every value needs a 'source').")
+
+
+def _merge_variant(data: dict, name: str, path: Path) -> dict:
+    """The file's data with variant ``name`` applied: its top-level fields replace the file's, and its
+    ``encoders`` (keyed by ``comfy_key``) replace single fields of those encoders."""
+    var = data["variants"][name]
+    merged = {k: copy.deepcopy(v) for k, v in data.items() if k not in ("variants",)}
+    for k, v in var.items():
+        if k not in ("encoders", "default"):
+            merged[k] = copy.deepcopy(v)
+    by_key = {e["comfy_key"]: e for e in merged["encoders"]}
+    for key, fields in var.get("encoders", {}).items():
+        if key not in by_key:
+            raise SpecError(f"invalid text-encoder spec {path}: field variants/{name}/encoders/{key}: no encoder "
+                            f"with comfy_key '{key}' (have {', '.join(by_key)}).")
+        by_key[key].update(copy.deepcopy(fields))
+    return merged
+
+
+def parse_specs(data: dict, path: Path) -> list[TESpec]:
+    """Every variant of one spec file (one TESpec with variant ``default`` when the file has none)."""
+    _check(data, path)
     expected = path.stem
     if data["id"] != expected:
         raise SpecError(f"invalid text-encoder spec {path}: field id is '{data['id']}' but the file is named "
                         f"'{expected}.json'; rename one of them.")
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-    return TESpec(id=data["id"], name=data["name"], raw=data, path=path, hash=digest)
+    variants = data.get("variants") or {}
+    defaults = [n for n, v in variants.items() if v.get("default")]
+    if len(defaults) > 1:
+        raise SpecError(f"invalid text-encoder spec {path}: field variants: several variants are default "
+                        f"({', '.join(defaults)}); mark one.")
+    names = (defaults + [n for n in variants if n not in defaults]) or [DEFAULT_VARIANT]
+    out = []
+    for name in names:
+        merged = data if name == DEFAULT_VARIANT else _merge_variant(data, name, path)
+        if name != DEFAULT_VARIANT:
+            _check(merged, path, where=f"(variant {name}) ")
+        digest = hashlib.sha256(json.dumps([name, merged], sort_keys=True).encode()).hexdigest()[:16]
+        out.append(TESpec(id=data["id"], name=merged["name"], raw=merged, path=path, hash=digest, variant=name))
+    return out
 
 
-def load_spec_file(path: Path) -> TESpec:
-    path = Path(path)
+def parse_spec(data: dict, path: Path) -> TESpec:
+    """The default variant of a spec file's data."""
+    return parse_specs(data, path)[0]
+
+
+def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SpecError(f"invalid text-encoder spec {path}: not valid JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(data, dict):
         raise SpecError(f"invalid text-encoder spec {path}: the top level must be an object")
-    return parse_spec(data, path)
+    return data
+
+
+def load_spec_variants(path: Path) -> list[TESpec]:
+    path = Path(path)
+    return parse_specs(_read(path), path)
+
+
+def load_spec_file(path: Path) -> TESpec:
+    """The default variant of one file (every variant is validated)."""
+    return load_spec_variants(path)[0]
 
 
 def spec_files(folder: Path = SPEC_DIR) -> list[Path]:
@@ -104,30 +159,54 @@ def spec_files(folder: Path = SPEC_DIR) -> list[Path]:
 
 
 @lru_cache(maxsize=None)
-def _all_specs(folder: str) -> dict[str, TESpec]:
-    return {s.id: s for s in (load_spec_file(p) for p in spec_files(Path(folder)))}
+def _all_variants(folder: str) -> dict[str, TESpec]:
+    return {s.key: s for p in spec_files(Path(folder)) for s in load_spec_variants(p)}
+
+
+def all_variants() -> dict[str, TESpec]:
+    """Every (file, variant) by key: ``sd15``, ``sd3:reference``, ``sd3:diffusers``..."""
+    return _all_variants(str(SPEC_DIR))
 
 
 def all_specs() -> dict[str, TESpec]:
-    return _all_specs(str(SPEC_DIR))
+    """The default variant of each file, by id."""
+    out = {}
+    for s in all_variants().values():
+        out.setdefault(s.id, s)  # a file's default variant comes first
+    return out
 
 
 def list_spec_ids() -> list[str]:
-    return sorted(all_specs())
+    """Keys for the node's combo: each file id without variants, ``id:variant`` for each variant."""
+    return sorted(all_variants())
 
 
 def get_spec(spec_id: str) -> TESpec:
-    specs = all_specs()
-    if spec_id not in specs:
-        raise SpecError(f"unknown text-encoder spec '{spec_id}'; known: {', '.join(sorted(specs))}. "
-                        f"Add te_specs/{spec_id}.json to define it.")
-    return specs[spec_id]
+    """``id`` (the file's default variant) or ``id:variant``."""
+    variants = all_variants()
+    if spec_id in variants:
+        return variants[spec_id]
+    if spec_id in all_specs():
+        return all_specs()[spec_id]
+    base = spec_id.split(":")[0]
+    raise SpecError(f"unknown text-encoder spec '{spec_id}'; known: {', '.join(sorted(variants))}. "
+                    f"Add te_specs/{base}.json (or a variant in it) to define it.")
+
+
+def _class_names(obj) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
 
 
 def matching_specs(clip) -> list[TESpec]:
-    """Specs whose ``comfy_match.tokenizer_class`` names this CLIP's tokenizer class (default first)."""
-    cls = type(clip.tokenizer).__name__
-    found = [s for s in all_specs().values() if cls in s.raw["comfy_match"]["tokenizer_class"]]
+    """Default variants whose ``comfy_match`` names this CLIP's tokenizer class (and, when listed, one of its
+    encoder model classes); the spec marked ``default`` comes first."""
+    tok = _class_names(clip.tokenizer)
+    model = _class_names(getattr(clip, "cond_stage_model", None))
+    found = []
+    for s in all_specs().values():
+        m = s.raw["comfy_match"]
+        if tok & set(m["tokenizer_class"]) and (not m.get("model_class") or model & set(m["model_class"])):
+            found.append(s)
     return sorted(found, key=lambda s: (not s.raw["comfy_match"].get("default", False), s.id))
 
 
