@@ -97,3 +97,19 @@ def sd15_training_set(comfy, sd15, tmp_path_factory):
     lc = cache.cache_latents(ds, vae, base / "cache")
     ts, _ = cache.cache_text(lc, clip, base / "cache", unload=False)
     return ts
+
+
+@pytest.fixture(scope="session")
+def family_bundle(comfy):
+    """Factory ``name -> (MODEL, CLIP, VAE)`` of a tiny SDXL/SD3/FLUX.1 bundle (support.factories.families),
+    built once per name for the session. Bundles are read-only to tests: clone before patching."""
+    from support.factories import families
+
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = families.build(name)
+        return built[name]
+
+    return get

@@ -1,59 +1,229 @@
-"""Tiny model bundles built from ComfyUI's own classes (the loaders' code path, smaller sizes).
+"""Tiny SDXL, SD3 and FLUX.1 (dev/schnell) bundles built from ComfyUI's own classes.
 
-FLUX.1: ``comfy.supported_models.Flux`` -> ``model_base.Flux`` with a shrunk transformer (hidden 64, one
-double and one single block), guidance embedding for dev and none for schnell, ComfyUI's 16-channel VAE
-(``comfy.sd.VAE`` detecting a seeded AutoencoderKL state dict) and ComfyUI's FLUX text encoder (CLIP-L +
-the shrunk T5 from text_encoders.py). SDXL and SD3 bundles are not written yet.
+Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
+model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``)
+with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that config's own
+``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
+``FluxClipModel``), shrunk through ComfyUI's own per-encoder config override
+(``model_options["<clip_l|clip_g|t5xxl>_model_config"]``); and a ``comfy.sd.VAE`` that ComfyUI's VAE
+detection builds from a state dict. Weights are loaded the way the loaders load them
+(``load_model_weights``, ``CLIP.load_sd(full_model=True)``, ``VAE(sd=...)``) from seeded state dicts cached
+in ``.work/cache/models`` under this module's source key.
+
+What keeps its real size, and why:
+- CLIP-L width 768 (3 of 12 layers): 768 is the pooled/vector width FLUX's ``vector_in`` and SD3's text
+  encoder are written for. CLIP-G: width 320 (of 1280), 3 of 32 layers; ComfyUI's CLIP projects
+  hidden->hidden, so its pooled vector is 320 wide too (SDXL's ADM input 320+1536, SD3's 768+320).
+  3 layers is the minimum: SDXL/SD3 read layer -2.
+- SD3's T5 keeps ``d_model`` 4096: ``sd3_clip`` pads CLIP-L+G to a hard-coded 4096 and concatenates T5 on
+  the sequence axis. Everything else about it is tiny, but its 32128-token embedding alone is 132M
+  parameters. FLUX's T5 has no such constraint: d_model 128.
+- VAEs are full size: ComfyUI's detection of an SD-style VAE state dict hard-codes ch=128, ch_mult
+  [1, 2, 4, 4] and reads only the latent channel count. SDXL uses the 4-channel KL VAE (with quant convs,
+  as SDXL's VAE file has), SD3/FLUX the 16-channel one (without quant convs, as their VAE files have).
+- FLUX's DiT: hidden 64 (2 heads of 32, axes 8/12/12), one double and one single block; dev has the
+  guidance embedding, schnell does not. SD3's MMDiT: depth 2 (hidden 128, 2 heads; ComfyUI derives hidden
+  = 64*depth), sin-cos position table of 64x64 patches. SDXL's UNet: 64/128 channels, two levels, the
+  first without attention (as SDXL), one transformer block per attention level.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from . import common
-from .text_encoders import T5_TINY, clip_l_file, flux_clip, t5_tiny_file
 
-NAMES = ("flux1-dev", "flux1-schnell")
-FLUX_TINY = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=T5_TINY["d_model"],
-                 hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
-                 theta=10000, patch_size=2, qkv_bias=True)
-VAE16 = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-             num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell")
+
+# ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
+# overridden key by key through model_options["<model_name>_model_config"].
+CLIP_L = {"num_hidden_layers": 3}
+CLIP_G = {"hidden_size": 320, "intermediate_size": 1280, "num_attention_heads": 5, "num_hidden_layers": 3}
+T5_SD3 = {"num_layers": 2, "num_heads": 4, "d_kv": 16, "d_ff": 256}
+T5_FLUX = dict(T5_SD3, d_model=128)
+# ComfyUI's CLIP text_projection is hidden->hidden, so CLIP-G's pooled vector is as wide as its hidden state.
+CLIP_L_WIDTH, CLIP_G_WIDTH = 768, CLIP_G["hidden_size"]
+CLIP_G_POOLED = CLIP_G_WIDTH
+
+SDXL_UNET = dict(
+    use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, num_classes="sequential",
+    adm_in_channels=CLIP_G_POOLED + 6 * 256, in_channels=4, out_channels=4, model_channels=64,
+    num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+    transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
+    use_temporal_attention=False, use_temporal_resblock=False,
+)
+SD3_MMDIT = dict(
+    in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=CLIP_L_WIDTH + CLIP_G_POOLED,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    num_patches=64 * 64, pos_embed_max_size=64, pos_embed_scaling_factor=None, x_block_self_attn_layers=[],
+)
+FLUX_DIT = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=CLIP_L_WIDTH, context_in_dim=T5_FLUX["d_model"],
+    hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+    patch_size=2, qkv_bias=True,
+)
+FLUX_TINY = FLUX_DIT  # earlier name, kept for callers
+VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                    num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
-def _vae16(seed: int):
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+@dataclass(frozen=True)
+class Spec:
+    config: str                  # class in comfy.supported_models
+    unet: dict
+    te_name: str                 # text encoders are shared between FLUX dev and schnell
+    te: dict = field(default_factory=dict)      # model_name -> config override
+    te_keys: tuple = ()          # one key per encoder: what the config's clip_target looks for
+    vae_channels: int = 4
+    vae_quant_conv: bool = True
 
-    path = common.cached_file(f"vae16-s{seed}", common.source_key(sys.modules[__name__]))
-    if not path.exists():
-        vae = AutoencoderKL(ddconfig=VAE16, embed_dim=16)
-        common.seeded_init_(vae, seed)
-        common.atomic_save(vae.state_dict(), path)
+
+_TE_MARK = "{}.transformer.text_model.final_layer_norm.weight"
+_T5_MARK = "t5xxl.transformer.encoder.final_layer_norm.weight"
+SPECS = {
+    "sdxl": Spec("SDXL", SDXL_UNET, "sdxl", {"clip_l": CLIP_L, "clip_g": CLIP_G},
+                 (_TE_MARK.format("clip_l"), _TE_MARK.format("clip_g"))),
+    "sd3": Spec("SD3", SD3_MMDIT, "sd3", {"clip_l": CLIP_L, "clip_g": CLIP_G, "t5xxl": T5_SD3},
+                (_TE_MARK.format("clip_l"), _TE_MARK.format("clip_g"), _T5_MARK), 16, False),
+    "flux1-dev": Spec("Flux", dict(FLUX_DIT, guidance_embed=True), "flux1", {"clip_l": CLIP_L, "t5xxl": T5_FLUX},
+                      (_TE_MARK.format("clip_l"), _T5_MARK), 16, False),
+    "flux1-schnell": Spec("FluxSchnell", dict(FLUX_DIT, guidance_embed=False), "flux1",
+                          {"clip_l": CLIP_L, "t5xxl": T5_FLUX}, (_TE_MARK.format("clip_l"), _T5_MARK), 16, False),
+}
+
+
+def _key() -> str:
+    return common.source_key(sys.modules[__name__])
+
+
+def _load(path) -> dict[str, torch.Tensor]:
     import comfy.utils
 
-    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    return comfy.utils.load_torch_file(str(path), safe_load=True)
 
 
-def flux(name: str = "flux1-dev", seed: int = 0):
-    """(MODEL, CLIP, VAE) of a tiny FLUX.1 dev/schnell."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
+def _cached(name: str, make) -> dict[str, torch.Tensor]:
+    path = common.cached_file(name, _key())
+    if not path.exists():
+        common.atomic_save(make(), path, metadata={"generator": f"aligned-trainer tiny {name}"})
+    return _load(path)
+
+
+@torch.no_grad()
+def _seed_all_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seed every parameter; fill the buffers a checkpoint carries (SD3's sin-cos position table)."""
+    common.seeded_init_(module, seed)
+    pos = getattr(module, "pos_embed", None)
+    if isinstance(pos, torch.Tensor):
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+        grid = int(round(pos.shape[1] ** 0.5))
+        pos.copy_(torch.from_numpy(get_2d_sincos_pos_embed(pos.shape[2], grid)).float().unsqueeze(0))
+    return module
+
+
+def model_config(name: str):
     import comfy.supported_models
 
-    cfg = dict(FLUX_TINY, guidance_embed=name == "flux1-dev")
-    model_config = comfy.supported_models.Flux(cfg)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device="cpu")
-    common.seeded_init_(model.diffusion_model, seed)
-    model.diffusion_model.float()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    return patcher, flux_clip(clip_l_file(), t5_tiny_file()), _vae16(seed + 5)
+    spec = SPECS[name]
+    cfg = getattr(comfy.supported_models, spec.config)(dict(spec.unet))
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg
+
+
+def diffusion_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Freshly generated (uncached) seeded weights of the family's tiny diffusion model."""
+    import comfy.model_management as mm
+
+    model = model_config(name).get_model({}, "", device=mm.unet_offload_device())
+    return {k: v.clone() for k, v in _seed_all_(model.diffusion_model, seed).state_dict().items()}
+
+
+def build_model(name: str, seed: int = 0):
+    """MODEL: the family's model_base model made by its supported_models config, weights loaded as loaders do."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    sd = _cached(f"tiny-{name}-dit-s{seed}", lambda: diffusion_state_dict(name, seed))
+    model = model_config(name).get_model({}, "", device=mm.unet_offload_device())
+    expected = set(model.diffusion_model.state_dict())
+    assert set(sd) == expected, f"tiny {name}: cached weights do not cover the model ({set(sd) ^ expected})"
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def _clip_options(spec: Spec) -> dict:
+    return {"dtype": torch.float32, **{f"{n}_model_config": dict(c) for n, c in spec.te.items()}}
+
+
+def _clip_from(name: str, sd: dict[str, torch.Tensor], load: bool = True):
+    """Like load_checkpoint_guess_config: target from the config's clip_target(state dict), then load_sd."""
+    import comfy.sd
+
+    spec, cfg = SPECS[name], model_config(name)
+    prefix = cfg.text_encoder_key_prefix[0]
+    target = cfg.clip_target({prefix + k: v for k, v in sd.items()})
+    clip = comfy.sd.CLIP(target=target, model_options=_clip_options(spec))
+    if load:
+        missing, unexpected = clip.load_sd(sd, full_model=True)
+        assert not missing and not unexpected, f"tiny {name} text encoders: missing {missing}, unexpected {unexpected}"
+    return clip
+
+
+def text_encoder_state_dict(name: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Freshly generated seeded weights of the family's text encoders (keys as CLIP.cond_stage_model has them)."""
+    spec = SPECS[name]
+    marks = {k: torch.zeros(1) for k in spec.te_keys}
+    clip = _clip_from(name, marks, load=False)
+    clip_keys = set(clip.cond_stage_model.state_dict())
+    assert set(marks) <= clip_keys, f"tiny {name}: text encoders lack {set(marks) - clip_keys}"
+    return {k: v.clone() for k, v in common.seeded_init_(clip.cond_stage_model, seed).state_dict().items()}
+
+
+def build_clip(name: str, seed: int = 1):
+    """CLIP: the family's real text-encoder classes (shrunk through ComfyUI's config override), seeded."""
+    spec = SPECS[name]
+    sd = _cached(f"tiny-{spec.te_name}-te-s{seed}", lambda: text_encoder_state_dict(name, seed))
+    return _clip_from(name, sd)
+
+
+def vae_state_dict(channels: int, quant_conv: bool, seed: int = 2) -> dict[str, torch.Tensor]:
+    """A seeded SD-style KL VAE in the layout ComfyUI's VAE detection reads (with or without quant convs)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+
+    dd = dict(VAE_DDCONFIG, z_channels=channels)
+    if quant_conv:
+        vae = AutoencoderKL(ddconfig=dd, embed_dim=channels)
+    else:
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": dd},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": dd})
+    return {k: v.clone() for k, v in common.seeded_init_(vae, seed).state_dict().items()}
+
+
+def build_vae(name: str, seed: int = 2):
+    import comfy.sd
+
+    spec = SPECS[name]
+    q = "q" if spec.vae_quant_conv else ""
+    sd = _cached(f"tiny-vae{spec.vae_channels}{q}-s{seed}", lambda: vae_state_dict(spec.vae_channels, spec.vae_quant_conv, seed))
+    vae = comfy.sd.VAE(sd=dict(sd))
+    assert vae.latent_channels == spec.vae_channels, f"tiny {name}: VAE detected {vae.latent_channels} channels"
+    assert len(vae.first_stage_model.state_dict()) == len(sd), f"tiny {name}: VAE weights do not cover the model"
+    return vae
 
 
 def build(name: str, seed: int = 0):
-    if name.startswith("flux1"):
-        return flux(name, seed)
-    raise NotImplementedError(f"no tiny bundle for {name} yet (available: {NAMES})")
+    """(MODEL, CLIP, VAE) of the tiny ``name`` (one of ``NAMES``); components use seeds seed, seed+1, seed+2."""
+    if name not in SPECS:
+        raise ValueError(f"no tiny bundle named {name!r}; available: {', '.join(NAMES)}")
+    return build_model(name, seed), build_clip(name, seed + 1), build_vae(name, seed + 2)
+
+
+# Earlier entry point, kept for callers.
+def flux(name: str = "flux1-dev", seed: int = 0):
+    return build(name, seed)
