@@ -67,7 +67,8 @@ class TimestepStrategy(io.ComfyNode):
             description="How training picks noise levels and weights the loss; works for eps, v and flow models.",
             inputs=[
                 io.Combo.Input("density", options=list(C.DENSITIES), default="uniform",
-                               tooltip="uniform; logit_normal (SD3/sigmoid); mode; cosmap."),
+                               tooltip="uniform; linear (ai-toolkit: 1000 evenly spaced steps); logit_normal (SD3); "
+                                       "sigmoid (ai-toolkit's name for logit-normal); mode; cosmap."),
                 io.Float.Input("logit_mean", default=0.0, min=-5, max=5, step=0.05, tooltip="logit-normal mean."),
                 io.Float.Input("logit_std", default=1.0, min=0.01, max=5, step=0.05, tooltip="logit-normal scale."),
                 io.Float.Input("mode_scale", default=1.29, min=0, max=5, step=0.01, tooltip="Scale of the 'mode' density."),
@@ -81,7 +82,8 @@ class TimestepStrategy(io.ComfyNode):
                 io.Int.Input("min_timestep", default=0, min=0, max=999, tooltip="Lowest timestep (of 1000)."),
                 io.Int.Input("max_timestep", default=1000, min=1, max=1000, tooltip="Highest timestep (of 1000)."),
                 io.Combo.Input("weighting", options=list(C.WEIGHTINGS), default="none",
-                               tooltip="Loss weighting: min_snr (gamma), debiased estimation, SD3 sigma_sqrt/cosmap."),
+                               tooltip="Loss weighting: min_snr (gamma; eps and v), debiased estimation, SD3 "
+                                       "sigma_sqrt/cosmap, weighted (ai-toolkit's bell curve over timesteps)."),
                 io.Float.Input("min_snr_gamma", default=5.0, min=0.1, max=50, step=0.1, tooltip="Gamma of min-SNR."),
                 io.Float.Input("noise_offset", default=0.0, min=0, max=1, step=0.005, tooltip="Noise offset strength."),
                 io.Int.Input("multires_iterations", default=0, min=0, max=10, tooltip="Pyramid noise iterations (0 = off)."),
@@ -96,7 +98,8 @@ class TimestepStrategy(io.ComfyNode):
         cfg = C.TimestepConfig(**kw)
         cfg.validate()
         u = timesteps.histogram_u(cfg)
-        img = plot.histogram(u.tolist(), title=f"timesteps: {cfg.density}, bias {cfg.bias} (shift applied at train time)")
+        img = plot.histogram(u.tolist(), title=f"timesteps: {cfg.density}, bias {cfg.bias}, shift {cfg.shift}"
+                             + ("" if cfg.shift in ("none", "fixed") else " (applied per model at train time)"))
         return io.NodeOutput(cfg, imaging.to_tensor(img))
 
 
@@ -160,19 +163,28 @@ class TrainInit(io.ComfyNode):
                                tooltip="Guidance fed to guidance-distilled models (FLUX dev) during training."),
                 io.Int.Input("val_count", default=0, min=0, max=10000,
                              tooltip="Samples held out for validation loss (0: validate on the training samples)."),
+                io.Float.Input("reg_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Multiplies the loss weight of regularization images (on top of the dataset's)."),
+                io.Float.Input("dop_weight", default=0.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Differential output preservation: keep the model's prediction for the "
+                                       "preservation prompt unchanged (0 = off; needs preservation_prompt)."),
                 io.String.Input("run_name", default="my_lora", tooltip="Run folder under output/aligned_trainer/runs."),
                 io.String.Input("resume", default="none",
                                 tooltip="'none', 'latest' (newest checkpoint of this run name), or a checkpoint path."),
+                io.Conditioning.Input("preservation_prompt", optional=True,
+                                      tooltip="Encoded preservation prompt (e.g. 'a photo of a person') for DOP."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
         )
 
     @classmethod
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
-                gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume) -> io.NodeOutput:
+                gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
+                dop_weight=0.0, preservation_prompt=None) -> io.NodeOutput:
         settings = state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay,
-                                     guidance, val_count, 4, run_name)
-        return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume))
+                                     guidance, val_count, 4, run_name, reg_weight, dop_weight)
+        return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
+                                           preservation=preservation_prompt))
 
 
 class TrainSteps(io.ComfyNode):
@@ -191,7 +203,8 @@ class TrainSteps(io.ComfyNode):
                 PREVIEW_PLAN.Input("preview_plan", optional=True, tooltip="Optional: render sample previews every N steps."),
             ],
             outputs=[TRAIN_RUN.Output("trained_run", tooltip="The run after these steps."),
-                     io.Model.Output("model", tooltip="The model with the current LoRA applied (any sampler)."),
+                     io.Model.Output("model", tooltip="The model with the current LoRA applied (EMA weights when "
+                                                      "the run keeps an EMA); works with any sampler."),
                      io.Image.Output("loss_plot", tooltip="Loss so far.")],
             hidden=[io.Hidden.unique_id],
             not_idempotent=True,
@@ -236,14 +249,17 @@ class SaveLora(io.ComfyNode):
                         "checking that ComfyUI's own LoRA loader maps every key.",
             inputs=[TRAIN_RUN.Input("run", tooltip="The trained run."),
                     io.String.Input("name", default="my_lora", tooltip="File name (no folders, no '..')."),
-                    io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16", tooltip="Stored precision.")],
+                    io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16", tooltip="Stored precision."),
+                    io.Boolean.Input("use_ema", default=True, optional=True,
+                                     tooltip="Save the EMA-averaged weights when the run keeps an EMA (else the "
+                                             "last trained weights).")],
             outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, run, name, dtype) -> io.NodeOutput:
-        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype])
+    def execute(cls, run, name, dtype, use_ema=True) -> io.NodeOutput:
+        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema)
         text = json.dumps(report)
         return io.NodeOutput(str(path), ui={"text": [text]})
 

@@ -55,6 +55,7 @@ def test_resume_equals_uninterrupted(T, sd15, sd15_training_set, tmp_path):
     done = T.loop.train_steps(resumed, 10)
     for k, v in full.state["adapters"].items():
         assert torch.equal(v, done.state["adapters"][k]), k
+        assert torch.equal(full.state["ema_adapters"][k], done.state["ema_adapters"][k]), k
     assert [h["loss"] for h in full.history] == [h["loss"] for h in done.history]
 
 

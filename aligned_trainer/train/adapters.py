@@ -46,8 +46,17 @@ class TrainAdapter(torch.nn.Module):
         self.rank_dropout = cfg.rank_dropout if cfg.algorithm in ("lora", "locon") else 0.0
         self.module_dropout = cfg.module_dropout
         self.generator: torch.Generator | None = None
+        self.enabled = True  # off: the base model's weight (differential output preservation's reference)
+
+    def move_to(self, device) -> int:
+        """Called by ComfyUI's ModelPatcher when it moves the model (``move_weight_functions``). Parameters
+        move in place, so the optimizer keeps referring to them."""
+        self.inner.to(device)
+        return sum(p.numel() * p.element_size() for p in self.inner.parameters())
 
     def __call__(self, w):
+        if not self.enabled:
+            return w
         if self.training and self.generator is not None:
             if self.module_dropout and float(torch.rand((), generator=self.generator)) < self.module_dropout:
                 return w
@@ -60,8 +69,13 @@ class TrainAdapter(torch.nn.Module):
         return self.inner(w)
 
 
-def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator) -> TrainAdapter:
-    inner = ADAPTER[cfg.algorithm].create_train(weight, rank=cfg.rank, alpha=cfg.scale_alpha)
+def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, device=None) -> TrainAdapter:
+    """A trainable adapter for ``weight`` (only its shape is used), initialised from ``generator`` and placed
+    on ``device`` (where the model will run)."""
+    shape_only = torch.zeros(()).expand(*weight.shape)  # create_train reads shape and device only; no copy
+    with torch.random.fork_rng(devices=[]):  # ComfyUI's create_train draws from the global RNG: seed it from ours
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        inner = ADAPTER[cfg.algorithm].create_train(shape_only, rank=cfg.rank, alpha=cfg.scale_alpha)
     if cfg.algorithm in ("lora", "locon"):
         # Standard LoRA init from the run's seed: down ~ kaiming/gaussian, up = 0 (no change at step 0).
         down = inner.lora_down.weight
@@ -74,7 +88,7 @@ def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator) ->
             for p in inner.parameters():
                 if p.requires_grad and p.ndim >= 1 and not torch.isfinite(p).all():
                     p.zero_()
-    return TrainAdapter(inner.float(), cfg)
+    return TrainAdapter(inner.float().to(device or "cpu"), cfg)
 
 
 def apply_max_norm(adapters: dict[str, TrainAdapter], max_norm: float) -> int:

@@ -77,8 +77,10 @@ class LoraConfig:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
-DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
-WEIGHTINGS = ("none", "min_snr", "debiased", "sd3_sigma_sqrt", "sd3_cosmap")
+# "sigmoid" is ai-toolkit's name for the logit-normal density; "linear" is ai-toolkit's evenly spaced grid of
+# 1000 timesteps (a discrete uniform). "weighted" (ai-toolkit) = linear timesteps + a bell-shaped loss weight.
+DENSITIES = ("uniform", "linear", "logit_normal", "sigmoid", "mode", "cosmap")
+WEIGHTINGS = ("none", "min_snr", "debiased", "sd3_sigma_sqrt", "sd3_cosmap", "weighted")
 
 
 @dataclass(frozen=True)

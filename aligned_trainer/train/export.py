@@ -25,18 +25,36 @@ class ExportError(ValueError):
     pass
 
 
-def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The run's LoRA in kohya keys; with ``ema`` the EMA-averaged weights when the run keeps an EMA."""
     if run.state is None:
         raise ExportError("the run has no trained weights yet; run Train Steps first")
-    return kohya_from_adapters(run.state["adapters"], dtype)
+    weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+    return kohya_from_adapters(weights, dtype, conv_shapes(run.model))
 
 
-def kohya_from_adapters(adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Adapter tensors keyed ``<module>.<param>`` -> kohya keys ``lora_unet_<module_underscored>.<param>``."""
+def conv_shapes(model) -> dict[str, torch.Size]:
+    """Weight shapes of the diffusion model's convolutions, by module name."""
+    dm = model.model.diffusion_model
+    return {n: m.weight.shape for n, m in dm.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim > 2}
+
+
+def kohya_from_adapters(adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16,
+                        conv: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed ``<module>.<param>`` -> kohya keys ``lora_unet_<module_underscored>.<param>``.
+    LoRA pairs of convolutions (``conv``: module -> weight shape) get kohya's conv layout: down
+    (rank, in, kh, kw), up (out, rank, 1, 1); ComfyUI flattens either layout."""
     out = {}
     for key, t in adapters.items():
         module, param = _split(key)
-        out[f"lora_unet_{module.replace('.', '_')}.{param}"] = t.detach().to(
+        t = t.detach()
+        shape = (conv or {}).get(module)
+        if shape is not None and param == "lora_down.weight" and t.ndim == 2:
+            t = t.reshape(t.shape[0], *shape[1:])
+        elif shape is not None and param == "lora_up.weight" and t.ndim == 2:
+            t = t.reshape(*t.shape, *([1] * (len(shape) - 2)))
+        out[f"lora_unet_{module.replace('.', '_')}.{param}"] = t.to(
             torch.float32 if param == "alpha" else dtype).contiguous()
     return out
 
@@ -107,7 +125,8 @@ def check_name(name: str) -> str:
     return name if name.endswith(".safetensors") else name + ".safetensors"
 
 
-def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.float16) -> tuple[Path, dict]:
+def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.float16,
+              ema: bool = True) -> tuple[Path, dict]:
     """Write the LoRA; verify it loads completely in ComfyUI's stock loader; return (path, report)."""
     fname = check_name(name)
     if folder is None:
@@ -116,7 +135,8 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
         folder = Path(folder_paths.get_folder_paths("loras")[0])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = kohya_state_dict(run, dtype)
+    sd = kohya_state_dict(run, dtype, ema)
+    use_ema = bool(ema and run.state.get("ema_adapters"))
     missing = unmapped_keys(run.model, sd)
     if missing:
         raise ExportError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
@@ -124,11 +144,12 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(sd, tmp, metadata=metadata(run))
+        save_file(sd, tmp, metadata={**metadata(run), "aligned_trainer.weights": "ema" if use_ema else "trained"})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     logging.info("aligned_trainer: saved %s (%d tensors)", path, len(sd))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return path, {"path": str(path), "tensors": len(sd), "unmapped": 0, "sha256_16": digest, "steps": run.step}
+    return path, {"path": str(path), "tensors": len(sd), "unmapped": 0, "sha256_16": digest, "steps": run.step,
+                  "weights": "ema" if use_ema else "trained"}

@@ -19,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..data.types import TrainingSet
+from ..te import specs
 from . import adapters as ad
 from . import state as st
 from . import timesteps as ts
@@ -36,8 +37,9 @@ def default_runs_root() -> Path:
 
 def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: TimestepConfig,
              optimizer: OptimizerConfig, settings: st.RunSettings, resume: str = "none",
-             runs_root: Path | None = None) -> st.TrainRun:
-    """Validate all settings (one clear error before any training) and create or resume a run."""
+             runs_root: Path | None = None, preservation: list | None = None) -> st.TrainRun:
+    """Validate all settings (one clear error before any training) and create or resume a run.
+    ``preservation``: CONDITIONING of the preservation prompt for differential output preservation."""
     for cfg in (lora, timesteps, optimizer):
         cfg.validate()
     if settings.batch_size < 1 or settings.grad_accum < 1:
@@ -48,6 +50,13 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         raise ConfigError("ema_decay must be in [0, 1) (0 turns EMA off)")
     if not settings.run_name or any(c in settings.run_name for c in "/\\") or ".." in settings.run_name:
         raise ConfigError(f"run name '{settings.run_name}' must be a plain name (no path separators or '..')")
+    if settings.reg_weight < 0:
+        raise ConfigError(f"reg_weight must be >= 0 (got {settings.reg_weight})")
+    if settings.dop_weight < 0:
+        raise ConfigError(f"dop_weight must be >= 0 (got {settings.dop_weight})")
+    if settings.dop_weight > 0 and preservation is None:
+        raise ConfigError("differential output preservation (dop_weight > 0) needs a preservation prompt: connect "
+                          "its CONDITIONING (e.g. 'a photo of a person') to Train Init, or set dop_weight to 0")
     if len(training_set) == 0:
         raise ConfigError("the training set is empty")
     ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
@@ -55,9 +64,14 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     te_spec = None
     if training_set.te_spec_id:
         te_spec = {"id": training_set.te_spec_id}
+        try:
+            te_spec = specs.get_spec(training_set.te_spec_id).identity()  # id, variant, hash
+        except Exception:  # a spec file removed since caching: keep the id
+            pass
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
-                      meta={"dataset_hash": training_set.meta.get("dataset_hash")})
+                      meta={"dataset_hash": training_set.meta.get("dataset_hash")},
+                      preservation=preservation if settings.dop_weight > 0 else None)
     if resume and resume != "none":
         path = st.latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
         if path is None:
@@ -125,13 +139,14 @@ class Trainer:
         self.patcher = run.model.clone()
         self.ms = self.patcher.model.model_sampling
         dm = self.patcher.model.diffusion_model
+        self.device = mm.get_torch_device()  # where load() puts the model; RNG draws stay on the CPU
         self.gen = torch.Generator().manual_seed(s.seed)
         init_gen = torch.Generator().manual_seed(s.seed + 1)
         self.names = ad.target_layers(dm, run.lora)
         modules = dict(dm.named_modules())
         self.adapters: dict[str, ad.TrainAdapter] = {}
         for name in self.names:
-            a = ad.create(modules[name].weight.detach(), run.lora, init_gen)
+            a = ad.create(modules[name].weight.detach(), run.lora, init_gen, self.device)
             a.generator = self.gen
             self.adapters[name] = a
             self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", a)
@@ -155,8 +170,21 @@ class Trainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {f"{n}.{k}": v.detach().clone() for n, a in self.adapters.items() for k, v in a.inner.state_dict().items()}
 
+    def ema_adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The adapter state with the EMA's averaged weights in place of the trained ones (None without EMA)."""
+        if self.ema is None:
+            return None
+        shadow = iter(self.ema.shadow_params)  # same order as self.params
+        out = self.adapter_state()
+        for n, a in self.adapters.items():
+            for k, p in a.inner.named_parameters():
+                if p.requires_grad:
+                    out[f"{n}.{k}"] = next(shadow).detach().clone()
+        return out
+
     def state(self) -> dict:
-        return {"adapters": self.adapter_state(), "optimizer": self.opt.state_dict(),
+        return {"adapters": self.adapter_state(), "ema_adapters": self.ema_adapter_state(),
+                "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "rng": self.gen.get_state(), "py_rng": list(self.py_rng.getstate()[1]) + [self.py_rng.getstate()[2]]}
 
@@ -206,6 +234,11 @@ class Trainer:
 
     def predict_loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
         """Per-sample loss in the model's own parametrisation (eps / v / flow velocity)."""
+        pred, target = self.predict(x0, noise, sigma, conds)
+        return ((pred - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+
+    def predict(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, conds: list):
+        """(prediction, target), both in the model's own parametrisation (eps / v / flow velocity)."""
         xt = self.ms.noise_scaling(sigma, noise, x0)
         kwargs = self.model_kwargs(conds, xt)
         dtype = DTYPES[self.run.settings.precision]
@@ -213,9 +246,22 @@ class Trainer:
             denoised = self.patcher.model.apply_model(xt, sigma, **kwargs)
         denoised = denoised.float()
         sig = sigma.view(sigma.shape[:1] + (1,) * (x0.ndim - 1))
-        pred = native(self.ms, sig, xt, denoised)
-        target = native(self.ms, sig, xt, x0)
-        return ((pred - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        return native(self.ms, sig, xt, denoised), native(self.ms, sig, xt, x0)
+
+    def preservation_loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Differential output preservation (ai-toolkit): with the preservation prompt, the trained model's
+        prediction should stay what the base model (adapters off) predicts."""
+        conds = [self.run.preservation] * x0.shape[0]
+        for a in self.adapters.values():
+            a.enabled = False
+        try:
+            with torch.no_grad():
+                base, _ = self.predict(x0, noise, sigma, conds)
+        finally:
+            for a in self.adapters.values():
+                a.enabled = True
+        pred, _ = self.predict(x0, noise, sigma, conds)
+        return ((pred - base.detach()) ** 2).mean()
 
     # -- steps ---------------------------------------------------------------------------------------------
     clone_saved = False  # set when the model's inference code modifies saved activations in place
@@ -252,15 +298,20 @@ class Trainer:
             noise = ts.training_noise(self.run.timesteps, x0, self.gen)
             u = ts.sample_u(self.run.timesteps, len(batch), self.gen)
             sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape)
+            weights = ts.loss_weights(self.run.timesteps, self.ms, sigma, u) * torch.tensor(
+                [b.weight * (s.reg_weight if b.is_reg else 1.0) for b in batch])
+            x0, noise, sigma, weights = (t.to(self.device) for t in (x0, noise, sigma, weights))
             conds = [self.conditioning(b) for b in batch]
             per = self.predict_loss(x0, noise, sigma, conds)
-            w = ts.loss_weights(self.run.timesteps, self.ms, sigma) * torch.tensor([b.weight for b in batch])
-            loss = (per * w).mean() / s.grad_accum
+            loss = (per * weights).mean()
+            if self.run.preservation is not None and s.dop_weight > 0:
+                loss = loss + s.dop_weight * self.preservation_loss(x0, noise, sigma)
+            loss = loss / s.grad_accum
             loss.backward()
             total += float(loss.detach())
         if self.run.optimizer.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.run.optimizer.grad_clip)
-        lr = float(self.sched.get_last_lr()[0])
+        lr = float(self.sched.get_last_lr()[0]) * float(self.opt.param_groups[0].get("d", 1.0))  # Prodigy: d*lr
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -280,9 +331,10 @@ class Trainer:
         losses = []
         for sample in self.val_samples:
             x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
-            noise = torch.randn(x0.shape, generator=g)
+            noise = torch.randn(x0.shape, generator=g).to(self.device)
+            x0 = x0.to(self.device)
             for u in us:
-                sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))])
+                sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))], device=self.device)
                 losses.append(float(self.predict_loss(x0, noise, sigma, [sample.captions[0].conditioning])[0]))
         for a in self.adapters.values():
             a.train()
@@ -290,8 +342,14 @@ class Trainer:
 
     def load(self) -> None:
         """Load through ComfyUI's memory manager with a real estimate (not 'evict everything')."""
-        est = self.patcher.model_size() + sum(p.numel() * 4 * 4 for p in self.params)  # weights + adapter/grad/adam
-        est += self.patcher.memory_required([self.run.settings.batch_size, 4, 128, 128]) * 3
+        # load_models_gpu already counts the model's weights; memory_required is what training needs on top:
+        # adapter fp32 params/grads/two optimizer moments (+ EMA) and the activations of the largest training
+        # batch kept for backward (ComfyUI's inference estimate x3; x1 with gradient checkpointing)
+        largest = max(self.samples, key=lambda smp: smp.latent.numel()).latent.shape
+        acts = self.patcher.memory_required([self.run.settings.batch_size, *largest])
+        est = sum(p.numel() * 4 * (5 if self.ema else 4) for p in self.params)
+        est += acts * (1 if self.run.settings.gradient_checkpointing else 3)
+        self.memory_estimate = int(est)
         mm.load_models_gpu([self.patcher], memory_required=est, force_full_load=True)
         unfreeze_inference_tensors(self.patcher.model.diffusion_model)
 

@@ -34,6 +34,8 @@ class RunSettings:
     val_count: int = 0               # samples held out for validation (0: validate on training samples)
     val_timesteps: int = 4
     run_name: str = "run"
+    reg_weight: float = 1.0          # multiplies the loss weight of regularization samples (dataset's weight x this)
+    dop_weight: float = 0.0          # differential output preservation (needs TrainRun.preservation); 0 = off
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TrainRun:
     checkpoints: tuple = ()
     te_spec: dict | None = None
     meta: dict = field(default_factory=dict)
+    preservation: list | None = None  # CONDITIONING of the preservation prompt (DOP), e.g. "a photo of a person"
 
     def advanced(self, **kw) -> "TrainRun":
         return replace(self, **kw)

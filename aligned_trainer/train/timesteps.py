@@ -30,6 +30,10 @@ def sample_u(cfg: TimestepConfig, n: int, generator: torch.Generator) -> torch.T
                                                       logit_std=cfg.logit_std, mode_scale=cfg.mode_scale)
         finally:
             torch.random.set_rng_state(devstate)
+    elif cfg.density == "sigmoid":  # ai-toolkit's name: sigmoid of a normal draw (= logit-normal)
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
+    elif cfg.density == "linear":  # ai-toolkit: one of 1000 evenly spaced timesteps (discrete uniform)
+        u = (torch.randint(0, 1000, (n,), generator=generator).float() + 0.5) / 1000
     elif cfg.density == "cosmap":
         v = torch.rand(n, generator=generator)
         u = 1.0 - 1.0 / (torch.tan(math.pi / 2 * v) + 1.0)
@@ -76,9 +80,23 @@ def snr(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     return 1.0 / sigma.clamp(min=1e-6) ** 2
 
 
-def loss_weights(cfg: TimestepConfig, model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+def bell_weight(t: torch.Tensor) -> torch.Tensor:
+    """ai-toolkit's "weighted" timesteps: exp(-2 (t - 1/2)^2) over t in [0, 1] (t = timestep / 1000), shifted
+    to be 0 at both ends and scaled to mean 1 over the 1000-step grid."""
+    grid = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    lo = math.exp(-0.5)
+    mean = float((torch.exp(-2 * (grid - 0.5) ** 2) - lo).mean())
+    return ((torch.exp(-2 * (t.double() - 0.5) ** 2) - lo) / mean).float()
+
+
+def loss_weights(cfg: TimestepConfig, model_sampling, sigma: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss weights. ``u`` (the drawn timestep fraction, 1 = pure noise) is needed by 'weighted'
+    on non-flow models; for flow models the timestep fraction is sigma itself."""
     if cfg.weighting == "none":
         return torch.ones_like(sigma)
+    if cfg.weighting == "weighted":
+        t = sigma if is_flow(model_sampling) or u is None else u
+        return bell_weight(t.float())
     if cfg.weighting in ("sd3_sigma_sqrt", "sd3_cosmap"):
         scheme = "sigma_sqrt" if cfg.weighting == "sd3_sigma_sqrt" else "cosmap"
         return compute_loss_weighting_for_sd3(scheme, sigma.float())
@@ -108,4 +126,7 @@ def training_noise(cfg: TimestepConfig, like: torch.Tensor, generator: torch.Gen
 
 
 def histogram_u(cfg: TimestepConfig, n: int = 20000, seed: int = 0) -> torch.Tensor:
-    return sample_u(cfg, n, torch.Generator().manual_seed(seed))
+    """Draws of the timestep fraction as training will use them; a fixed shift is included (it does not
+    depend on the model), the model's own schedule and FLUX's resolution shift are applied at train time."""
+    u = sample_u(cfg, n, torch.Generator().manual_seed(seed))
+    return shift_u(cfg, u, (1, 1)) if cfg.shift == "fixed" else u
