@@ -3,15 +3,13 @@ See docs/sampling.md."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..aligned_trainer import imaging, plot
-from ..aligned_trainer.sampling import plans
+from ..aligned_trainer.sampling import checkpoints, compare, history, plans
 from ..aligned_trainer.sampling.render import SampleSettings
-from ._common import category, node_id
+from ._common import NodeProgress, category, node_id
 
 CAT = category("Sampling")
 PREVIEW_PLAN = io.Custom("AT_PREVIEW_PLAN")
@@ -96,19 +94,19 @@ class ABCompare(io.ComfyNode):
                     io.String.Input("label_a", default="aligned", tooltip="Label of column A."),
                     io.String.Input("label_b", default="unaligned", tooltip="Label of column B."),
                     io.Model.Input("model_b", optional=True, tooltip="Optional second model for column B.")],
-            outputs=[io.Image.Output("grid", tooltip="Side-by-side labelled grid with per-pair differences."),
+            outputs=[io.Image.Output("grid", tooltip="Rows = prompts; columns A, B and |A-B| (x4) with the mean absolute difference."),
                      io.Image.Output("images_a", tooltip="Column A images."),
                      io.Image.Output("images_b", tooltip="Column B images."),
-                     io.String.Output("differences", tooltip="Mean absolute pixel difference per pair (JSON).")],
+                     io.String.Output("differences", tooltip="Per pair: mean/max absolute pixel difference, RMSE, PSNR (JSON).")],
         )
 
     @classmethod
     def execute(cls, model, vae, clip_a, clip_b, prompts, negative, label_a, label_b, model_b=None, **kw) -> io.NodeOutput:
-        g, a, b, diffs, _ = plans.ab_compare(model, model_b or model, clip_a, clip_b, vae, plans.prompt_list(prompts),
+        g, a, b, diffs, _ = compare.ab_compare(model, model_b or model, clip_a, clip_b, vae, plans.prompt_list(prompts),
                                              negative, settings(kw), (label_a, label_b))
         view = {"images": ui.PreviewImage(g, cls=cls).values, "a_images": ui.PreviewImage(a, cls=cls).values,
                 "b_images": ui.PreviewImage(b, cls=cls).values, "ab_labels": [label_a, label_b]}
-        return io.NodeOutput(g, a, b, json.dumps(diffs, indent=1), ui=view)
+        return io.NodeOutput(g, a, b, json.dumps(compare.json_safe(diffs), indent=1), ui=view)
 
 
 class CheckpointGrid(io.ComfyNode):
@@ -119,7 +117,7 @@ class CheckpointGrid(io.ComfyNode):
             description="Every saved checkpoint (rows) x prompts (columns), to pick the best step.",
             inputs=[io.Model.Input("model", tooltip="Base model (without LoRA)."),
                     io.Clip.Input("clip", tooltip="CLIP to encode the prompts."), io.Vae.Input("vae", tooltip="VAE."),
-                    io.String.Input("folder", default="", tooltip="Folder of LoRA files or a run's checkpoints folder."),
+                    io.String.Input("folder", default="", tooltip="A folder of LoRA files / a run's checkpoints folder (absolute, or a sub-folder of models/loras), or file names one per line. Rows are sorted by training step (metadata or trailing digits of the name)."),
                     PROMPTS, NEGATIVE, *sampler_inputs(),
                     io.Float.Input("strength", default=1.0, min=-5, max=5, step=0.05, tooltip="LoRA strength.")],
             outputs=[io.Image.Output("grid", tooltip="Checkpoints x prompts."),
@@ -128,9 +126,9 @@ class CheckpointGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, folder, prompts, negative, strength, **kw) -> io.NodeOutput:
-        files = plans.list_checkpoints(Path(folder))
-        g, labels, _ = plans.checkpoint_grid(model, clip, vae, files, plans.prompt_list(prompts), negative,
-                                             settings(kw), strength)
+        files = checkpoints.resolve(folder)
+        g, labels, _ = checkpoints.checkpoint_grid(model, clip, vae, files, plans.prompt_list(prompts), negative,
+                                                   settings(kw), strength, NodeProgress(len(files)))
         return io.NodeOutput(g, json.dumps(labels), ui=ui.PreviewImage(g, cls=cls))
 
 
@@ -150,9 +148,9 @@ class LossGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, smoothing, run=None, history_json="") -> io.NodeOutput:
-        img, info = plot.loss_plot(plans.history_from(run, history_json), smoothing)
+        img, info = plot.loss_plot(history.history_from(run, history_json), smoothing)
         t = imaging.to_tensor(img)
-        summary = {k: info[k] for k in ("smoothed_minima_steps", "val", "best_val_step")}
+        summary = {k: info[k] for k in ("smoothed_minima_steps", "val", "val_minima_steps", "best_val_step")}
         summary["steps"] = len(info["steps"])
         return io.NodeOutput(t, json.dumps(summary), ui=ui.PreviewImage(t, cls=cls))
 

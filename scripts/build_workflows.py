@@ -95,9 +95,9 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    density: str, shift: str, weighting: str, lr: float, rank: int, every_n: int, prompts: str,
                    sample_steps: int, cfg: float, guidance: float, size: int, run_name: str, lora_name: str,
                    image_prefix: str, targets: str = "attention+mlp", max_side: int | None = None,
-                   checkpoint_every: int = 0, train_guidance: float = 1.0) -> dict:
+                   checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto") -> dict:
     g.col = 1
-    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
     ds = g.add(P + "Dataset", folder=folder, resolution=resolution, min_side=min(resolution, 256) if resolution > 128 else 64,
                max_side=max_side or resolution * 2, bucket_step=64, trigger_word=trigger, caption_variants=1)
@@ -111,6 +111,8 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     lc = g.add(P + "LoraConfig", rank=rank, alpha=float(rank), targets=targets)
     tcfg = g.add(P + "TimestepStrategy", density=density, shift=shift, weighting=weighting)
     oc = g.add(P + "Optimizer", learning_rate=lr, total_steps=steps)
+    hist = g.add("PreviewImage", title="timestep density")
+    g.link(tcfg, "histogram", hist, "images")
     g.col = 3
     init = g.add(P + "TrainInit", run_name=run_name, guidance=train_guidance)
     g.link(model, "MODEL", init, "model")
@@ -146,8 +148,9 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
 FAMILY_NOTE = ("Train a {name} LoRA with the text encoders aligned to {ref}.\n\n"
                "Change for your model: the loader file names ({files}), the Dataset folder (relative to ComfyUI's "
                "input folder), trigger word, resolution, steps and learning rate. The LoRA is written to "
-               "models/loras/{lora}.safetensors; checkpoints and resume live in output/aligned_trainer/runs/{run}.\n"
-               "Timesteps: {ts}.")
+               "models/loras/{lora}.safetensors; checkpoints live in output/aligned_trainer/runs/{run} (set Train Init's "
+               "resume to 'latest' to continue a run).\n"
+               "Text encoders: spec '{spec}' (or 'auto' to detect it from the CLIP). Timesteps: {ts}.")
 
 
 def build(info: dict) -> dict[str, dict]:
@@ -179,26 +182,29 @@ def build(info: dict) -> dict[str, dict]:
         "train_lora_sd15": dict(name="SD1.5", ref="diffusers' StableDiffusionPipeline (CLIP-L, 77 tokens, truncated)",
                                 files="v1-5-pruned-emaonly.safetensors", loader="ckpt", ckpt="v1-5-pruned-emaonly.safetensors",
                                 resolution=512, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
-                                size=512, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5 (kohya default)"),
+                                size=512, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5 (kohya default)",
+                                spec="sd15"),
         "train_lora_sdxl": dict(name="SDXL", ref="StableDiffusionXLPipeline (both CLIPs penultimate, empty caption = zeros)",
                                 files="sd_xl_base_1.0.safetensors", loader="ckpt", ckpt="sd_xl_base_1.0.safetensors",
                                 resolution=1024, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
-                                size=1024, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5"),
+                                size=1024, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5", spec="sdxl"),
         "train_lora_sd35": dict(name="SD3.5", ref="Stability's SD3.5 reference (T5 min 77 tokens, 226-character cap)",
                                 files="sd3.5_medium.safetensors + clip_l/clip_g/t5xxl", loader="sd3",
                                 ckpt="sd3.5_medium.safetensors", resolution=1024, density="logit_normal", shift="fixed",
                                 weighting="none", lr=1e-4, size=1024, cfg=4.5, sample_steps=28,
-                                ts="logit-normal with shift 3, as SD3 was trained"),
+                                ts="logit-normal with shift 3, as SD3 was trained", spec="sd35:medium"),
         "train_lora_flux1": dict(name="FLUX.1 [dev]", ref="FluxPipeline (T5 512 tokens, no mask)",
                                  files="flux1-dev.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors",
                                  loader="flux", ckpt="flux1-dev.safetensors", resolution=1024, density="logit_normal",
                                  shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
-                                 sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift"),
+                                 sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift",
+                                 spec="flux1-dev"),
     }
     for wid, f in fam.items():
         g = Graph(info)
         run = wid.replace("train_lora_", "") + "_lora"
-        g.note(FAMILY_NOTE.format(name=f["name"], ref=f["ref"], files=f["files"], lora=run, run=run, ts=f["ts"]))
+        g.note(FAMILY_NOTE.format(name=f["name"], ref=f["ref"], files=f["files"], lora=run, run=run, ts=f["ts"],
+                                 spec=f["spec"]))
         if f["loader"] == "ckpt":
             m = c = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
         elif f["loader"] == "sd3":
@@ -213,7 +219,7 @@ def build(info: dict) -> dict[str, dict]:
                        density=f["density"], shift=f["shift"], weighting=f["weighting"], lr=f["lr"], rank=16,
                        every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"], cfg=f["cfg"],
                        guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
-                       checkpoint_every=250)
+                       checkpoint_every=250, spec=f["spec"])
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------

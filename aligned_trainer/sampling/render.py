@@ -1,4 +1,7 @@
-"""Render images with ComfyUI's sampling path (the code the stock KSampler runs) and lay them out."""
+"""Render images with ComfyUI's sampling path (the code the stock KSampler runs) and lay them out.
+
+One image is exactly what ``EmptyLatentImage -> KSampler -> VAEDecode`` gives for the same model,
+conditioning, seed and settings: ``comfy.sample.prepare_noise`` + ``comfy.sample.sample`` + ``VAE.decode``."""
 from __future__ import annotations
 
 import gc
@@ -6,6 +9,7 @@ from dataclasses import dataclass
 
 import comfy.model_management as mm
 import comfy.sample
+import comfy.samplers
 import node_helpers
 import torch
 
@@ -24,11 +28,24 @@ class SampleSettings:
     seed: int = 0
     seed_mode: str = "fixed"        # fixed | walk (seed + step)
 
+    def __post_init__(self):
+        if self.seed_mode not in ("fixed", "walk"):
+            raise ValueError(f"seed_mode must be 'fixed' or 'walk', not {self.seed_mode!r}")
+        if self.sampler not in comfy.samplers.KSampler.SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; pick one of comfy.samplers.KSampler.SAMPLERS")
+        if self.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; pick one of comfy.samplers.KSampler.SCHEDULERS")
+        if self.steps < 1 or self.width < 8 or self.height < 8:
+            raise ValueError("steps must be >= 1 and width/height >= 8")
+
     def seed_for(self, step: int = 0) -> int:
-        return self.seed + step if self.seed_mode == "walk" else self.seed
+        """fixed: the base seed at every step; walk: base seed + training step (step 0 = the base seed)."""
+        return self.seed + int(step) if self.seed_mode == "walk" else self.seed
 
 
 def encode(clip, text: str, guidance: float) -> list:
+    """CLIPTextEncode, then FluxGuidance's ``guidance`` value on the conditioning. Models without a guidance
+    embedding (SD1.5, SDXL, SD3, FLUX schnell) ignore the value, as they do in a stock workflow."""
     cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     return node_helpers.conditioning_set_values(cond, {"guidance": guidance})
 
@@ -41,27 +58,34 @@ def sample(model, vae, positive: list, negative: list, s: SampleSettings, seed: 
     noise = comfy.sample.prepare_noise(latent, seed, None)
     samples = comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler, positive, negative, latent,
                                   denoise=1.0, disable_pbar=True, seed=seed)
+    del noise, latent
     images = vae.decode(samples)
+    del samples
     if images.ndim == 5:  # video VAEs
         images = images.reshape(-1, *images.shape[-3:])
-    return images[:1].float().cpu()
+    return images[:1].float().cpu().clone()
 
 
-def release(model) -> None:
-    """Drop the sampling model from ComfyUI's loaded set and free cached memory (before training resumes)."""
-    for i in reversed(range(len(mm.current_loaded_models))):
-        lm = mm.current_loaded_models[i]
-        if lm.model is model:
-            lm.model_unload()
-            mm.current_loaded_models.pop(i)
+def release(*models) -> None:
+    """Drop sampling models from ComfyUI's loaded set (restoring un-patched weights) and free cached memory,
+    so training does not resume with sampling memory still held."""
+    for model in models:
+        for i in reversed(range(len(mm.current_loaded_models))):
+            lm = mm.current_loaded_models[i]
+            if lm.model is model:
+                lm.model_unload()
+                mm.current_loaded_models.pop(i)
     gc.collect()
     mm.soft_empty_cache()
 
 
 def grid(images: list[list[torch.Tensor]], row_labels: list[str], col_labels: list[str],
          cell_labels: list[list[str]] | None = None) -> tuple[torch.Tensor, dict]:
+    """Labelled grid as an IMAGE plus its geometry: ``cell_boxes[i][j]`` (x0, y0, x1, y1) and the labels."""
     cells = [[imaging.to_pil(im) for im in row] for row in images]
     img, geo = imaging.labelled_grid(cells, row_labels, col_labels, cell_labels)
+    geo.update(row_labels=list(row_labels), col_labels=list(col_labels),
+               cell_labels=[list(r) for r in cell_labels] if cell_labels else None)
     return imaging.to_tensor(img), geo
 
 

@@ -1,0 +1,92 @@
+"""Checkpoint grid: saved LoRA files (or training checkpoints) x prompts, rows ordered by training step."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from . import render
+from .render import SampleSettings, short
+
+CHECKPOINT_FORMAT = "aligned_trainer.checkpoint.v1"
+
+
+def resolve(text: str) -> list[Path]:
+    """``text`` is a folder (absolute, or a sub-folder of ComfyUI's loras folders) or one file per line
+    (absolute paths or names in the loras folders). Returns the .safetensors files."""
+    entries = [t.strip() for t in text.split("\n") if t.strip()]
+    if not entries:
+        raise ValueError("folder: give a folder of LoRA files, a sub-folder of models/loras, or file names (one per line)")
+    files: list[Path] = []
+    for e in entries:
+        p = Path(e)
+        if not p.is_absolute():
+            full = folder_paths.get_full_path("loras", e)
+            if full:
+                p = Path(full)
+            else:
+                roots = [Path(r) / e for r in folder_paths.get_folder_paths("loras")]
+                p = next((r for r in roots if r.is_dir()), p)
+        if p.is_dir():
+            found = sorted(p.glob("*.safetensors"))
+            if not found:
+                raise ValueError(f"folder: no .safetensors files in {p}")
+            files.extend(found)
+        elif p.is_file() and p.suffix == ".safetensors":
+            files.append(p)
+        else:
+            raise ValueError(f"folder: {e!r} is neither a folder nor a .safetensors file (absolute, or in models/loras)")
+    return files
+
+
+def step_of(path: Path, meta: dict) -> int | None:
+    """Training step from metadata (ours or kohya's ``ss_steps``), else trailing digits of the file name."""
+    for k in ("step", "aligned_trainer.steps", "ss_steps"):
+        if str(meta.get(k, "")).isdigit():
+            return int(meta[k])
+    m = re.search(r"(\d+)$", Path(path).stem)
+    return int(m.group(1)) if m else None
+
+
+def read_lora(path: Path) -> tuple[dict, int | None]:
+    """A LoRA file (stock loader), or one of our training checkpoints converted to kohya keys; plus its step."""
+    sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    meta = meta or {}
+    if meta.get("format") == CHECKPOINT_FORMAT:
+        import torch
+
+        from ..train.export import kohya_from_adapters
+        from ..train.state import load_checkpoint
+
+        ck = load_checkpoint(path)
+        return kohya_from_adapters(ck["state"]["adapters"], torch.float32), int(ck["step"])
+    return sd, step_of(path, meta)
+
+
+def checkpoint_grid(model, clip, vae, files: list[Path], prompts: list[str], negative: str, s: SampleSettings,
+                    strength: float = 1.0, progress=None):
+    """Rows = checkpoints sorted by step, columns = prompts; every cell uses ``s.seed``.
+    Returns (grid, row labels, geometry)."""
+    neg = render.encode(clip, negative, s.guidance)
+    pos = [render.encode(clip, p, s.guidance) for p in prompts]
+    loaded = []
+    for f in files:
+        lora, step = read_lora(f)
+        loaded.append((step if step is not None else float("inf"), Path(f).name, lora))
+    loaded.sort(key=lambda t: (t[0], t[1]))
+    rows, labels = [], []
+    for k, (step, name, lora) in enumerate(loaded):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+        try:
+            rows.append([render.sample(patched, vae, c, neg, s, s.seed) for c in pos])
+        finally:
+            render.release(patched)
+        labels.append(f"step {step} ({name})" if step != float("inf") else name)
+        if progress:
+            progress(k + 1, f"checkpoint {k + 1}/{len(loaded)}: {name}")
+    cell_labels = [[f"seed {s.seed}" for _ in prompts] for _ in rows]
+    g, geo = render.grid(rows, [short(lab, 18) for lab in labels], [short(p) for p in prompts], cell_labels)
+    return g, labels, geo
