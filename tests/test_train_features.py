@@ -188,3 +188,26 @@ def test_training_load_keeps_other_models_loaded(T, sd15, sd15_training_set, tmp
     assert 4 * adapter_bytes < tr.memory_estimate < 2 * 1024 ** 3
     assert any(m is clip.patcher for m in mm.loaded_models())  # the text encoder stayed loaded
     assert any(m is tr.patcher for m in mm.loaded_models())
+
+
+def test_mixed_precision_bf16_fp16(T, sd15, sd15_training_set, tmp_path):
+    """bf16 and fp16 autocast train with fp32 adapters; fp16 scales the loss (GradScaler) and its scale is
+    checkpointed, so an fp16 run interrupted and resumed equals an uninterrupted one."""
+    opt = T.C.OptimizerConfig(lr=1e-2)
+    ref = T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, "fp32", opt=opt), 1)
+    for precision in ("bf16", "fp16"):
+        run = T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, precision, opt=opt, precision=precision),
+                                 3, checkpoint_every=2)
+        losses = [h["loss"] for h in run.history]
+        assert all(math.isfinite(v) for v in losses), (precision, losses)
+        assert losses[0] == pytest.approx(ref.history[0]["loss"], rel=0.05), precision  # same step, lower precision
+        assert losses[0] != ref.history[0]["loss"]  # autocast really ran in lower precision
+        ups = [v for k, v in run.state["adapters"].items() if k.endswith("lora_up.weight")]
+        assert all(v.dtype == torch.float32 for v in ups) and any(v.abs().sum() > 0 for v in ups), precision
+        assert (run.state["scaler"] is not None) == (precision == "fp16")
+    resumed = _run(T, sd15, sd15_training_set, tmp_path, "fp16", opt=opt, precision="fp16", resume="latest")
+    assert resumed.step == 2 and resumed.state["scaler"]["scale"] > 0
+    fresh = T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, "fp16_ref", opt=opt, precision="fp16"), 3)
+    done = T.loop.train_steps(resumed, 1)
+    for k, v in fresh.state["adapters"].items():
+        assert torch.equal(v, done.state["adapters"][k]), k

@@ -153,6 +153,8 @@ class Trainer:
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
         self.opt = build_optimizer(run.optimizer, self.params)
         self.sched = build_scheduler(run.optimizer, self.opt)
+        # fp16 autocast: scale the loss so small gradients do not underflow (bf16/fp32 need no scaling)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.precision == "fp16")
         self.ema = None
         if s.ema_decay:
             from diffusers.training_utils import EMAModel
@@ -186,6 +188,7 @@ class Trainer:
         return {"adapters": self.adapter_state(), "ema_adapters": self.ema_adapter_state(),
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": self.gen.get_state(), "py_rng": list(self.py_rng.getstate()[1]) + [self.py_rng.getstate()[2]]}
 
     def load_state(self, state: dict) -> None:
@@ -196,6 +199,8 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["rng"])
         pr = state["py_rng"]
         self.py_rng.setstate((3, tuple(int(x) for x in pr[:-1]), pr[-1]))
@@ -307,12 +312,14 @@ class Trainer:
             if self.run.preservation is not None and s.dop_weight > 0:
                 loss = loss + s.dop_weight * self.preservation_loss(x0, noise, sigma)
             loss = loss / s.grad_accum
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += float(loss.detach())
+        self.scaler.unscale_(self.opt)  # no-op unless fp16; clipping and max-norm see true gradients
         if self.run.optimizer.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.run.optimizer.grad_clip)
         lr = float(self.sched.get_last_lr()[0]) * float(self.opt.param_groups[0].get("d", 1.0))  # Prodigy: d*lr
-        self.opt.step()
+        self.scaler.step(self.opt)  # skips the update when fp16 gradients overflowed, then lowers the scale
+        self.scaler.update()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         ad.apply_max_norm(self.adapters, self.run.lora.max_norm)
