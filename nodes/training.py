@@ -46,15 +46,18 @@ class LoraConfig(io.ComfyNode):
                                tooltip="LoRA down init: kaiming-scaled (default) or gaussian 1/rank; up starts at 0."),
                 io.Float.Input("max_norm", default=0.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Scale weight norms (kohya): cap each LoRA delta's norm; 0 = off."),
+                io.Boolean.Input("dora", default=False, optional=True,
+                                 tooltip="DoRA: also train a per-column magnitude (saved as dora_scale, applied by "
+                                         "ComfyUI's LoRA loader). lora/locon only."),
             ],
             outputs=[LORA_CONFIG.Output("lora_config", tooltip="For Train Init.")],
         )
 
     @classmethod
     def execute(cls, algorithm, rank, alpha, targets, include, exclude, rank_dropout, module_dropout,
-                network_dropout, init, max_norm) -> io.NodeOutput:
+                network_dropout, init, max_norm, dora=False) -> io.NodeOutput:
         cfg = C.LoraConfig(algorithm, rank, alpha or None, targets, include, exclude, rank_dropout, module_dropout,
-                           network_dropout, init, max_norm)
+                           network_dropout, init, max_norm, dora)
         cfg.validate()
         return io.NodeOutput(cfg)
 

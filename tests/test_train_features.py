@@ -211,3 +211,38 @@ def test_mixed_precision_bf16_fp16(T, sd15, sd15_training_set, tmp_path):
     done = T.loop.train_steps(resumed, 1)
     for k, v in fresh.state["adapters"].items():
         assert torch.equal(v, done.state["adapters"][k]), k
+
+
+@pytest.mark.parametrize("algorithm,preset", [("lora", "attention"), ("locon", "all-linear+conv")])
+def test_dora_trains_and_loads_as_trained(T, sd15, sd15_training_set, tmp_path, algorithm, preset):
+    """DoRA trains a magnitude per input column; the saved file's dora_scale makes ComfyUI's stock LoRA loader
+    produce exactly the weights training used (fp32), and DoRA is refused where it does not apply."""
+    import comfy.lora
+    import comfy.utils
+
+    with pytest.raises(T.C.ConfigError, match="DoRA"):
+        T.C.LoraConfig(algorithm="loha", dora=True).validate()
+    lora = T.C.LoraConfig(algorithm=algorithm, rank=4, alpha=4, preset=preset, dora=True)
+    run = T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, "dora_" + algorithm, lora=lora,
+                                  opt=T.C.OptimizerConfig(lr=3e-2)), 2)
+    scales = {k: v for k, v in run.state["adapters"].items() if k.endswith("dora_scale")}
+    assert scales and len(scales) == len({T.export._split(k)[0] for k in run.state["adapters"]})
+    path, report = T.export.save_lora(run, "tiny_dora_" + algorithm, folder=tmp_path / "loras", dtype=torch.float32)
+    sd = comfy.utils.load_torch_file(str(path))
+    assert report["unmapped"] == 0 and T.export.unmapped_keys(sd15[0], sd) == []
+    patched = T.export.model_with_lora(sd15[0], sd)  # ComfyUI's stock LoRA loading path
+    tr = T.loop.Trainer(run)  # adapters restored from the run's state
+    for a in tr.adapters.values():
+        a.eval()
+    base = sd15[0].model.state_dict()
+    checked = moved = 0
+    for name, adapter in tr.adapters.items():
+        key = f"diffusion_model.{name}.weight"
+        w0 = base[key].float()
+        with torch.no_grad():
+            ours = adapter(w0.clone())
+        theirs = comfy.lora.calculate_weight(patched.patches[key], w0.clone(), key)
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(w0.abs().max())), name
+        checked += 1
+        moved += int(not torch.allclose(ours, w0, atol=1e-7))
+    assert checked == len(scales) and moved > 0

@@ -1,5 +1,5 @@
 """Trainable adapters on a ComfyUI model: target selection by preset/regex, ComfyUI's own weight adapters
-(LoRA / LoHa / LoKr, conv layers for LoCon) attached with ``add_weight_wrapper``, dropout and max-norm."""
+(LoRA / LoHa / LoKr, conv layers for LoCon) attached with ``add_weight_wrapper``, DoRA, dropout and max-norm."""
 from __future__ import annotations
 
 import math
@@ -65,8 +65,22 @@ class TrainAdapter(torch.nn.Module):
                 keep = (torch.rand(inner.rank, generator=self.generator) >= self.rank_dropout).to(w.device)
                 up = inner.lora_up.weight * keep.to(inner.lora_up.weight.dtype) / (1 - self.rank_dropout)
                 diff = up @ inner.lora_down.weight
-                return (w + (inner.alpha / inner.rank) * diff.reshape(w.shape)).to(w.dtype)
-        return self.inner(w)
+                return self._dora((w + (inner.alpha / inner.rank) * diff.reshape(w.shape)).to(w.dtype), w.dtype)
+        return self._dora(self.inner(w), w.dtype)
+
+    def _dora(self, w_new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """DoRA as ComfyUI's loader applies a ``dora_scale`` of shape (1, in, ...) (weight_decompose): the
+        updated weight's columns normalised, times the trained magnitude."""
+        m = getattr(self.inner, "dora_scale", None)
+        if m is None:
+            return w_new
+        return (w_new * (m.to(w_new.dtype) / (input_axis_norm(w_new) + torch.finfo(dtype).eps))).to(dtype)
+
+
+def input_axis_norm(w: torch.Tensor) -> torch.Tensor:
+    """Norm of each input column of ``w`` (out, in, ...), shaped (1, in, 1...) like a ``dora_scale``."""
+    return (w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1))
 
 
 def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, device=None) -> TrainAdapter:
@@ -83,6 +97,8 @@ def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, de
             std = 1.0 / math.sqrt(down.shape[1]) if cfg.init == "default" else 1.0 / cfg.rank
             down.copy_(torch.randn(down.shape, generator=generator) * std)
             inner.lora_up.weight.zero_()
+        if cfg.dora:  # magnitude starts at the base weight's column norms: no change at step 0
+            inner.dora_scale = torch.nn.Parameter(input_axis_norm(weight.detach().float()).clone())
     else:
         with torch.no_grad():
             for p in inner.parameters():

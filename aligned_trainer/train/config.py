@@ -36,6 +36,7 @@ class LoraConfig:
     network_dropout: float = 0.0
     init: str = "default"       # default (ComfyUI adapter init) | gaussian
     max_norm: float = 0.0       # scale_weight_norms; 0 = off
+    dora: bool = False          # weight-decomposed LoRA (magnitude vector ``dora_scale``), lora/locon only
 
     @property
     def conv(self) -> bool:
@@ -71,6 +72,9 @@ class LoraConfig:
                 raise ConfigError(f"{name} pattern '{getattr(self, name)}' is not a valid regex: {e}") from None
         if self.init not in ("default", "gaussian"):
             raise ConfigError("init must be 'default' or 'gaussian'")
+        if self.dora and self.algorithm not in ("lora", "locon"):
+            raise ConfigError(f"DoRA decomposes LoRA weights; it does not apply to '{self.algorithm}' (use lora or "
+                              "locon, or turn dora off)")
 
     @property
     def scale_alpha(self) -> float:
