@@ -1,6 +1,6 @@
 """The real ComfyUI frontend in Debian's Chromium (Playwright): load every shipped workflow, queue the ones
 that run on tiny models, see the live loss chart draw and the A/B viewer show both images. Screenshots
-are saved under the test's tmp folder (paths printed)."""
+are saved as test artifacts in .work/artifacts/browser/ (paths printed)."""
 from __future__ import annotations
 
 import time
@@ -16,6 +16,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RUNNABLE = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report"}
+ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
@@ -26,6 +27,9 @@ def page(server, tmp_path_factory):
         pytest.fail(f"Chromium is missing at {CHROMIUM}; scripts/setup.py installs it (python3 scripts/test.py)")
     from playwright.sync_api import sync_playwright
 
+    # a returning user: the frontend opens the templates dialog over the canvas on a first visit otherwise
+    server.post("/settings/Comfy.TutorialCompleted", True)
+    server.post("/settings/LiteGraph.Canvas.MinFontSizeForLOD", 1)  # screenshots keep node text when zoomed out
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(str(profile), executable_path=str(CHROMIUM), args=FLAGS,
@@ -35,13 +39,21 @@ def page(server, tmp_path_factory):
             pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
             pg.wait_for_function("window.app && window.app.graph && window.alignedTrainer", timeout=120_000)
             pg.wait_for_timeout(3000)
-            pg.keyboard.press("Escape")  # the templates dialog opens on a first visit
-            close = pg.locator(".p-dialog-close-button")
-            if close.count():
-                close.first.click(timeout=5000)
+            _close_dialogs(pg)
             yield pg
         finally:
             browser.close()
+
+
+def _close_dialogs(pg) -> None:
+    """Close what the frontend pops up over the canvas (the templates dialog on a first visit, toasts)."""
+    for _ in range(3):
+        pg.keyboard.press("Escape")
+        close = pg.locator(".p-dialog-close-button:visible")
+        if not close.count():
+            break
+        close.first.click(timeout=5000)
+        pg.wait_for_timeout(300)
 
 
 def _wait_done(server, before: int, timeout: float = 600) -> dict:
@@ -81,7 +93,14 @@ def test_frontend_loads_and_runs_workflow(page, server, sd15_checkpoint, tmp_pat
         if path.stem in ("demo_train_tiny", "ab_aligned_vs_unaligned"):
             page.wait_for_function("""() => { const im = [...document.querySelectorAll('img[data-ab-side]')];
                 return im.length >= 2 && im.every(i => i.complete && i.naturalWidth > 0); }""", timeout=30_000)
-    shot = tmp_path / f"{path.stem}.png"
+    _close_dialogs(page)
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+    page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"{path.stem}.png"
     page.screenshot(path=str(shot))
+    dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent)"
+                            ".map(d => d.className + ' | ' + d.innerText.slice(0, 80))")
+    assert not dialogs, f"a dialog covers the canvas: {dialogs}"
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
