@@ -24,11 +24,18 @@ class Graph:
         self.nodes: list[dict] = []
         self.links: list[list] = []
         self.col = 0
+        self.bottom: dict[int, int] = {}  # lowest y used in each column, so nodes never overlap
+
+    def _place(self, col: int, height: int) -> list[int]:
+        y = self.bottom.get(col, 40)
+        self.bottom[col] = y + height + 40
+        return [40 + col * 360, y]
 
     def add(self, node_type: str, title: str | None = None, col: int | None = None, **widgets) -> dict:
         info = self.info[node_type]
         wnames = widget_names(self.info, node_type)
         values = []
+        height = 0
         for name, control in wnames:
             spec = info["input"].get("required", {}).get(name) or info["input"].get("optional", {}).get(name)
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
@@ -43,6 +50,7 @@ class Graph:
             else:
                 v = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec[0]]
             values.append(v)
+            height += 100 if opts.get("multiline") else 24
             if control:
                 values.append("fixed")
         if widgets:
@@ -57,8 +65,10 @@ class Graph:
         names = info.get("output_name") or info["output"]
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(zip(names, info["output"]))]
         c = self.col if col is None else col
-        row = sum(1 for n in self.nodes if n.get("_col") == c)
-        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": [40 + c * 360, 40 + row * 300], "size": [320, 260],
+        height += 40 + 22 * max(len(inputs), len(outputs))
+        if not outputs or any(t == "IMAGE" for t in info["output"]):
+            height = max(height, 280)  # room for the image preview
+        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": self._place(c, height), "size": [320, height],
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": node_type}, "widgets_values": values, "_col": c}
         if title:
@@ -78,8 +88,7 @@ class Graph:
         dst["inputs"][dslot]["link"] = lid
 
     def note(self, text: str, col: int = 0) -> dict:
-        row = sum(1 for n in self.nodes if n.get("_col") == col)
-        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": [40 + col * 360, 40 + row * 300], "size": [340, 240],
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": self._place(col, 240), "size": [340, 240],
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
                 "properties": {}, "widgets_values": [text], "_col": col}
         self.nodes.append(node)
