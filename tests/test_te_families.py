@@ -78,8 +78,8 @@ def _cut_to_first_chunk(tok, prompt: str) -> str:
     return " ".join(words)
 
 
-@pytest.mark.parametrize("spec_id,name", [(s, n) for s in ("sd3:reference", "sd3:diffusers") for n in PROMPTS] +
-                         [("sd35:large", "long"), ("sd35:diffusers", "plain")])
+@pytest.mark.parametrize("spec_id,name", [(s, n) for s in ("sd3:reference", "sd3:diffusers", "sd35:large",
+                                                            "sd35:medium", "sd35:diffusers") for n in PROMPTS])
 def test_sd3_matches_sd3_pipeline(comfy, sd3, spec_id, name):
     """diffusers variant: StableDiffusion3Pipeline.encode_prompt(prompt, prompt_2=None, prompt_3=None,
     device='cpu', do_classifier_free_guidance=False, max_sequence_length=256).
@@ -129,12 +129,14 @@ def test_sdxl_comfy_default_vs_spec(comfy, sdxl):
     assert d["cond"].abs().max() > 0 and a["cond"].abs().max() == 0
 
 
-def test_sd3_comfy_default_vs_spec(comfy, sd3):
+@pytest.mark.parametrize("ref_id,dif_id", [("sd3:reference", "sd3:diffusers"), ("sd35:large", "sd35:diffusers"),
+                                            ("sd35:medium", "sd35:diffusers")])
+def test_sd3_comfy_default_vs_spec(comfy, sd3, ref_id, dif_id):
     """reference: ComfyUI equal on short prompts; differs on the 226-char T5 cap and extra CLIP chunks.
     diffusers: T5 length 77 (ComfyUI) vs 256, and CLIP-L pooled projected."""
     clip, _, _ = sd3
     align = comfy.engine("te.align")
-    ref, dif = align.align_clip(clip, "sd3:reference"), align.align_clip(clip, "sd3:diffusers")
+    ref, dif = align.align_clip(clip, ref_id), align.align_clip(clip, dif_id)
     d, r = _encode(clip, PROMPTS["plain"]), _encode(ref, PROMPTS["plain"])
     assert _max(d["cond"], r["cond"]) <= 1e-5 and _max(d["pooled_output"], r["pooled_output"]) <= 1e-5
     d, r = _encode(clip, PROMPTS["long"]), _encode(ref, PROMPTS["long"])

@@ -197,17 +197,26 @@ def _class_names(obj) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__}
 
 
+def _mro_rank(obj, names) -> int | None:
+    """How far up ``obj``'s class hierarchy the first class named in ``names`` sits (0 = its own class)."""
+    for i, c in enumerate(type(obj).__mro__):
+        if c.__name__ in names:
+            return i
+    return None
+
+
 def matching_specs(clip) -> list[TESpec]:
     """Default variants whose ``comfy_match`` names this CLIP's tokenizer class (and, when listed, one of its
-    encoder model classes); the spec marked ``default`` comes first."""
-    tok = _class_names(clip.tokenizer)
+    encoder model classes). The most specific match comes first (``SD2Tokenizer`` subclasses
+    ``SD1Tokenizer``: an SD2 CLIP is SD2.x, not SD1.5), then the spec marked ``default``."""
     model = _class_names(getattr(clip, "cond_stage_model", None))
     found = []
     for s in all_specs().values():
         m = s.raw["comfy_match"]
-        if tok & set(m["tokenizer_class"]) and (not m.get("model_class") or model & set(m["model_class"])):
-            found.append(s)
-    return sorted(found, key=lambda s: (not s.raw["comfy_match"].get("default", False), s.id))
+        rank = _mro_rank(clip.tokenizer, set(m["tokenizer_class"]))
+        if rank is not None and (not m.get("model_class") or model & set(m["model_class"])):
+            found.append((rank, not m.get("default", False), s.id, s))
+    return [s for *_, s in sorted(found, key=lambda t: t[:3])]
 
 
 def detect_spec(clip) -> TESpec:
