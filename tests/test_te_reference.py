@@ -120,3 +120,17 @@ def test_stock_clip_text_encode_uses_aligned_clip(comfy, sd_clip):
     ac = align.align_clip(sd_clip, "sd15")
     (cond,) = comfy.nodes.CLIPTextEncode().encode(ac, PROMPTS["long"])
     assert cond[0][0].shape == (1, 77, 768)
+
+
+def test_flux_schnell_comfy_default_equal_until_256_tokens(comfy, flux_te):
+    """schnell's spec is T5 at 256 tokens, which is ComfyUI's minimum: equal for short prompts; above 256
+    tokens ComfyUI keeps every token where the spec (and the official pipeline) truncates."""
+    align = comfy.engine("te.align")
+    ac = align.align_clip(flux_te, "flux1-schnell")
+    d = flux_te.encode_from_tokens(flux_te.tokenize(PROMPTS["plain"]), return_dict=True)
+    a = ac.encode_from_tokens(ac.tokenize(PROMPTS["plain"]), return_dict=True)
+    assert d["cond"].shape[1] == a["cond"].shape[1] == 256
+    assert torch.allclose(d["cond"], a["cond"], atol=1e-5)
+    long = "word " * 300
+    assert flux_te.encode_from_tokens(flux_te.tokenize(long)).shape[1] > 256
+    assert ac.encode_from_tokens(ac.tokenize(long)).shape[1] == 256
