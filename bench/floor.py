@@ -1,69 +1,216 @@
-"""The plain-PyTorch floor: the same diffusion model, the same layers wrapped with a LoRA of the same
-rank, one forward + backward + AdamW step per iteration, written directly against ``torch.func`` with no
-ComfyUI patching in the step. Our trainer and ComfyUI's TrainLoraNode are reported as ratios to this."""
+"""The plain-PyTorch floor: the same diffusion model, the same layers with a LoRA of the same rank merged into
+their weights (``W + up @ down``, as ComfyUI's weight adapters do, so the same arithmetic), one forward +
+backward + AdamW step per iteration. The step is written directly in PyTorch: each target layer's ``forward``
+becomes ``F.linear`` / ``_conv_forward`` with the merged weight (restored afterwards), no ComfyUI sampling,
+conditioning or weight-patching machinery runs inside the timed step. Our trainer and ComfyUI's TrainLoraNode
+are reported as ratios to this.
+
+Gradient checkpointing wraps each block of the model's block lists (as ours and TrainLoraNode do). ComfyUI's
+FLUX blocks add into tensors autograd saved (``img += ...``): the first step that fails on it is redone with
+saved tensors copied, and checkpointed blocks then run on copies of their inputs and copy what their
+recomputation saves (without which their gradients would be silently wrong)."""
 from __future__ import annotations
 
-import copy
+import contextlib
+import functools
 import math
 import time
 
 import torch
-from torch.func import functional_call
 
 
 def lora_targets(diffusion_model: torch.nn.Module, min_ndim: int = 2) -> list[str]:
-    """Parameter names of the weights ComfyUI can patch (layers with ``weight_function``)."""
+    """Module names of the weights ComfyUI can patch (layers with ``weight_function``), >= ``min_ndim``-D."""
     names = []
     for n, m in diffusion_model.named_modules():
         if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None and m.weight.ndim >= min_ndim:
-            names.append(f"{n}.weight")
+            names.append(n)
     return names
 
 
-def time_floor(model_patcher, latents: torch.Tensor, context: torch.Tensor, rank: int, steps: int,
-               warmup: int, batch_size: int, lr: float = 1e-4, seed: int = 0,
-               gradient_checkpointing: bool = False, targets: list[str] | None = None) -> list[float]:
-    """Per-step wall times (s) of the floor after ``warmup`` steps. ``latents``: (N, C, H, W)."""
-    torch.manual_seed(seed)
-    with torch.inference_mode(False), torch.enable_grad():
-        unet = copy.deepcopy(model_patcher.model.diffusion_model).float().train()
-        for p in unet.parameters():
+def diffusion_kwargs(model_patcher, cond, x: torch.Tensor, guidance: float = 1.0) -> dict:
+    """The diffusion model's keyword inputs for a batch shaped like ``x``, all from ``cond`` (CONDITIONING),
+    made once before timing by the model's own ``extra_conds`` (SD: context; FLUX: context, pooled ``y``,
+    ``guidance``)."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    base = model_patcher.model
+    c = [[cond[0][0].clone(), {**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()},
+                               "guidance": guidance}]]
+    conv = comfy.samplers.encode_model_conds(base.extra_conds, comfy.sampler_helpers.convert_cond(c), x[:1],
+                                             x.device, "positive", latent_image=x[:1])
+    out = {}
+    for k, v in conv[0]["model_conds"].items():
+        t = v.process_cond(batch_size=x.shape[0], device=x.device, area=None).cond
+        out["context" if k == "c_crossattn" else k] = t
+    return out
+
+
+def _merged(m, lora):
+    down, up, scale = lora
+    return m.weight + (scale * (up @ down)).view_as(m.weight).to(m.weight.dtype)
+
+
+def _linear(m, lora, x):
+    return torch.nn.functional.linear(x, _merged(m, lora), m.bias)
+
+
+def _conv(m, lora, x):
+    return m._conv_forward(x, _merged(m, lora), m.bias)
+
+
+def _embedding(m, lora, x):
+    return torch.nn.functional.embedding(x, _merged(m, lora), m.padding_idx, m.max_norm, m.norm_type,
+                                         m.scale_grad_by_freq, m.sparse)
+
+
+def _plain_forward(m):
+    if isinstance(m, torch.nn.Linear):
+        return _linear
+    if hasattr(m, "_conv_forward"):
+        return _conv
+    if isinstance(m, torch.nn.Embedding):
+        return _embedding
+    raise TypeError(f"floor: no plain forward for {type(m).__name__}")
+
+
+def _blocks(dm: torch.nn.Module) -> list[torch.nn.Module]:
+    return [b for child in dm.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+
+
+class _CopyRecomputedSaves:
+    """Recompute context for torch.utils.checkpoint: copy each tensor the recomputation saves, then hand the
+    copy to checkpoint's own hook (a block may change it in place later in the same recomputation)."""
+
+    def __enter__(self):
+        pack, unpack = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._h = torch.autograd.graph.saved_tensors_hooks(lambda t: pack(t.clone()), unpack)
+        return self._h.__enter__()
+
+    def __exit__(self, *exc):
+        return self._h.__exit__(*exc)
+
+
+def _ckpt_block(fwd, state, *args, **kwargs):
+    if not state["copy"]:
+        return torch.utils.checkpoint.checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+
+    def on_copies(*a, **k):
+        cp = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return fwd(*map(cp, a), **{n: cp(v) for n, v in k.items()})
+
+    return torch.utils.checkpoint.checkpoint(on_copies, *args, use_reentrant=False, **kwargs,
+                                             context_fn=lambda: (contextlib.nullcontext(), _CopyRecomputedSaves()))
+
+
+@contextlib.contextmanager
+def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpointing: bool, state: dict):
+    """The model with each target's forward using its merged weight, and blocks checkpointed; all undone on exit
+    (the model is shared with the other trainers)."""
+    mods = dict(diffusion_model.named_modules())
+    saved = []
+    req = [(p, p.requires_grad) for p in diffusion_model.parameters()]
+    try:
+        for p, _ in req:
             p.requires_grad_(False)
-        ms = model_patcher.model.model_sampling
-        params = dict(unet.named_parameters())
-        targets = targets or lora_targets(unet)
-        lora = {}
-        for name in targets:
-            w = params[name]
-            fan_in = math.prod(w.shape[1:])
-            down = torch.nn.Parameter(torch.randn(rank, fan_in) / math.sqrt(fan_in))
-            up = torch.nn.Parameter(torch.zeros(w.shape[0], rank))
-            lora[name] = (down, up)
-        opt = torch.optim.AdamW([p for pair in lora.values() for p in pair], lr=lr)
-        latents = latents.clone().float()
-        context = context.clone().float()
-        times = []
-        for step in range(steps + warmup):
-            t0 = time.perf_counter()
-            idx = torch.randint(0, latents.shape[0], (batch_size,))
-            x0 = latents[idx]
-            noise = torch.randn_like(x0)
-            sigma = torch.tensor([float(ms.percent_to_sigma(torch.rand(()).item())) for _ in range(batch_size)])
-            xt = ms.noise_scaling(sigma, noise, x0)
-            x_in = ms.calculate_input(sigma, xt)
-            timestep = ms.timestep(sigma).float()
-            eff = {n: params[n] + (up @ down).view_as(params[n]) for n, (down, up) in lora.items()}
-            ctx = context[idx % context.shape[0]]
-            if gradient_checkpointing:
-                out = torch.utils.checkpoint.checkpoint(
-                    lambda a, b, c: functional_call(unet, eff, (a, b), {"context": c}), x_in, timestep, ctx,
-                    use_reentrant=False)
+        for name, pair in lora.items():
+            m = mods[name]
+            fn = _plain_forward(m)
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = functools.partial(fn, m, pair)
+        if gradient_checkpointing:
+            for b in _blocks(diffusion_model):
+                saved.append((b, b.__dict__.get("forward")))
+                b.forward = functools.partial(_ckpt_block, b.forward, state)
+        yield
+    finally:
+        for m, f in reversed(saved):
+            if f is None:
+                del m.forward
             else:
-                out = functional_call(unet, eff, (x_in, timestep), {"context": ctx})
-            loss = torch.nn.functional.mse_loss(out, noise)
-            loss.backward()
-            opt.step()
+                m.forward = f
+        for p, r in req:
+            p.requires_grad_(r)
+
+
+def make_floor(model_patcher, latents: torch.Tensor, cond, rank: int, batch_size: int, lr: float = 1e-4,
+               seed: int = 0, precision: str = "fp32", device=None, targets: list[str] | None = None):
+    """(lora, step, setup): ``step()`` runs one training step inside ``setup(gradient_checkpointing)``."""
+    torch.manual_seed(seed)
+    dm = model_patcher.model.diffusion_model
+    device = torch.device(device) if device is not None else next(dm.parameters()).device
+    ms = model_patcher.model.model_sampling
+    import comfy.model_sampling
+
+    flow = isinstance(ms, comfy.model_sampling.CONST)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    wdtype = next(dm.parameters()).dtype
+    lora = {}
+    for name in targets or lora_targets(dm):
+        w = dict(dm.named_modules())[name].weight
+        fan_in = math.prod(w.shape[1:])
+        down = torch.nn.Parameter(torch.randn(rank, fan_in, device=device) / math.sqrt(fan_in))
+        up = torch.nn.Parameter(torch.zeros(w.shape[0], rank, device=device))
+        lora[name] = (down, up, 1.0)
+    opt = torch.optim.AdamW([p for d, u, _ in lora.values() for p in (d, u)], lr=lr)
+    latents = latents.to(device=device, dtype=torch.float32)
+    kw = diffusion_kwargs(model_patcher, cond, latents[:1].expand(batch_size, *latents.shape[1:]).clone())
+    kw = {k: v.to(device=device, dtype=wdtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+          else (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    state = {"copy": False}
+
+    def one():
+        idx = torch.randint(0, latents.shape[0], (batch_size,))
+        x0 = latents[idx.to(latents.device)]
+        noise = torch.randn_like(x0)
+        sigma = torch.tensor([float(ms.percent_to_sigma(torch.rand(()).item())) for _ in range(batch_size)],
+                             device=device)
+        xt = ms.noise_scaling(sigma, noise, x0)
+        x_in = ms.calculate_input(sigma, xt).to(wdtype)
+        t = ms.timestep(sigma).float()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = dm(x_in, t, **kw)
+        target = noise - x0 if flow else noise
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        if state["copy"]:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                return one()
+        try:
+            return one()
+        except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise
             opt.zero_grad(set_to_none=True)
-            if step >= warmup:
-                times.append(time.perf_counter() - t0)
+            state["copy"] = True
+            return step()
+
+    def setup(gradient_checkpointing: bool):
+        return lora_model(dm, lora, gradient_checkpointing, state)
+
+    return lora, step, setup
+
+
+def time_floor(model_patcher, latents: torch.Tensor, cond, rank: int, steps: int, warmup: int, batch_size: int,
+               lr: float = 1e-4, seed: int = 0, gradient_checkpointing: bool = False, precision: str = "fp32",
+               device=None, targets: list[str] | None = None) -> list[float]:
+    """Per-step wall times (s) of the floor after ``warmup`` steps. ``latents``: (N, C, H, W)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        _, step, setup = make_floor(model_patcher, latents, cond, rank, batch_size, lr, seed, precision, device,
+                                    targets)
+        cuda = latents.device.type == "cuda" or (device is not None and torch.device(device).type == "cuda")
+        times = []
+        with setup(gradient_checkpointing):
+            for i in range(steps + warmup):
+                t0 = time.perf_counter()
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
         return times

@@ -191,3 +191,20 @@ def test_gradient_checkpointing_same_result_and_restored(comfy, T, sd15, sd15_tr
     for k, v in a.state["adapters"].items():
         assert torch.allclose(v, b.state["adapters"][k], atol=1e-5), k
     assert [u.forward for u in units] == forwards  # shared modules left as they were
+
+
+def test_base_weights_get_no_gradient(T, sd15, sd15_training_set, tmp_path):
+    """Only the adapters train: the model's own weights get no gradient, even when loaded outside inference mode
+    with requires_grad on (as ComfyUI's loaders leave them there)."""
+    params = list(sd15[0].model.diffusion_model.parameters())
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        T.loop.train_steps(_run(T, sd15, sd15_training_set, tmp_path, "frozen"), 2)
+        assert all(p.grad is None for p in params)
+        assert not any(p.requires_grad for p in params)
+    finally:
+        for p, w in zip(params, was):
+            p.grad = None
+            p.requires_grad_(w)

@@ -32,3 +32,26 @@ def test_family_trains_with_finite_loss(comfy, family_bundle, name, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
     assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+
+
+def test_flux_gradient_checkpointing_same_result(comfy, family_bundle, tmp_path):
+    """FLUX's blocks add into their input and into activations they saved (``img += ...``): with gradient
+    checkpointing the recomputation must still see the forward's values, so training with it equals training
+    without (which keeps copies of saved tensors)."""
+    model, clip, vae = family_bundle("flux1-dev")
+    types = comfy.engine("data.types")
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    (cond,) = comfy.nodes.CLIPTextEncode().encode(clip, "ohwx, a red circle")
+    lat = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts = types.TrainingSet((types.Sample("a", lat, (types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
+    out = {}
+    for gc in (False, True):
+        run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="all-linear+conv"), C.TimestepConfig(),
+                            C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=f"gc{gc}", gradient_checkpointing=gc),
+                            runs_root=tmp_path)
+        out[gc] = loop.train_steps(run, 2)
+    assert [h["loss"] for h in out[False].history] == pytest.approx([h["loss"] for h in out[True].history], rel=1e-5)
+    for k, v in out[False].state["adapters"].items():
+        assert torch.allclose(v, out[True].state["adapters"][k], atol=1e-6), k

@@ -104,15 +104,52 @@ def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
+class _CloneRecomputedSaves:
+    """Recompute context for ``torch.utils.checkpoint``: each tensor the recomputation saves for backward is
+    copied first, then handed to checkpoint's own hook. torch keeps recomputed tensors by reference, so a block
+    that later changes them in place (FLUX's ``img += ...`` after ``img_norm1(img)`` saved ``img``) would
+    otherwise give backward the changed values: wrong gradients, no error."""
+
+    def __enter__(self):
+        # the hooks on top now are checkpoint's recomputation hooks (this context is entered inside them)
+        pack, unpack = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: pack(t.clone()), unpack)
+        return self._hooks.__enter__()
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def _recompute_contexts():
+    return contextlib.nullcontext(), _CloneRecomputedSaves()
+
+
+def _on_copies(fwd):
+    """``fwd`` called with copies of its tensor arguments: a block that adds into its input in place leaves
+    the input checkpoint saved (and recomputes from) unchanged."""
+    def call(*args, **kwargs):
+        copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return fwd(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+    return call
+
+
+def _checkpointed(fwd, protect: Callable[[], bool], *args, **kwargs):
+    if not protect():
+        return torch.utils.checkpoint.checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_on_copies(fwd), *args, use_reentrant=False,
+                                             context_fn=_recompute_contexts, **kwargs)
+
+
 @contextlib.contextmanager
-def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, protect: Callable[[], bool] = lambda: False):
     """Gradient checkpointing of each block, undone afterwards (the modules are shared with every other
-    user of the model)."""
+    user of the model). While ``protect()`` is true (a model that modifies saved activations in place, see
+    ``Trainer.step``) blocks run on copies of their inputs and the recomputation keeps copies of what it saves."""
     patched = []
     if enabled:
         for block in checkpoint_units(diffusion_model):
             fwd = block.forward
-            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, fwd, use_reentrant=False)
+            block.forward = functools.partial(_checkpointed, fwd, protect)
             patched.append((block, fwd))
     try:
         yield
@@ -274,7 +311,9 @@ class Trainer:
     def step(self) -> tuple[float, float]:
         """One optimizer step. Some ComfyUI models (FLUX's blocks: ``x += ...``) modify tensors in place that
         autograd saved; the first time that happens the step is retried, from the same RNG state, with
-        saved tensors cloned at save time (more memory, same result)."""
+        saved tensors cloned at save time (more memory, same result). With gradient checkpointing the
+        checkpointed blocks then also run on copies of their inputs and clone what their recomputation saves
+        (``checkpointed_blocks``), without which their gradients would be silently wrong."""
         rng, py = self.gen.get_state(), self.py_rng.getstate()
         try:
             with self._saved_tensor_mode():
@@ -359,6 +398,7 @@ class Trainer:
         self.memory_estimate = int(est)
         mm.load_models_gpu([self.patcher], memory_required=est, force_full_load=True)
         unfreeze_inference_tensors(self.patcher.model.diffusion_model)
+        freeze_base(self.patcher.model.diffusion_model)
 
 
 def unfreeze_inference_tensors(module: torch.nn.Module) -> int:
@@ -376,6 +416,15 @@ def unfreeze_inference_tensors(module: torch.nn.Module) -> int:
                     m._buffers[name] = b.clone()
                     n += 1
     return n
+
+
+def freeze_base(module: torch.nn.Module) -> None:
+    """Only the adapters train: no gradient is computed or kept for the model's own weights. ComfyUI's loaders
+    leave ``requires_grad`` on when a model is loaded outside inference mode; backward would then compute and
+    keep (in ``.grad``, never freed) a gradient as large as the model."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+        p.grad = None
 
 
 Callback = Callable[[StepResult, "Trainer"], None]
@@ -403,7 +452,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         trainer = Trainer(run)  # adapters, optimizer state: normal tensors even when called under inference mode
         trainer.load()
         dm = trainer.patcher.model.diffusion_model
-        with checkpointed_blocks(dm, run.settings.gradient_checkpointing):
+        with checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
             for a in trainer.adapters.values():
                 a.train()
             try:

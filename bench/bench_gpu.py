@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""GPU mode: full-size SDXL and FLUX.1-dev, random weights built by ComfyUI's own ``supported_models``
+configs (no download), bf16, LoRA on every patchable >= 2-D weight. Reports per-step time and peak GPU memory
+of the plain-PyTorch floor (bench/floor.py) and of our trainer, the FLOPs of one step (counted by
+``torch.utils.flop_counter.FlopCounterMode``) and the model-FLOPs utilisation against the GPU's peak dense
+bf16 rate.
+
+    .work/venv/bin/python bench/bench_gpu.py [--family sdxl,flux1] [--resolution 1024] [--write]
+    .work/venv/bin/python bench/bench_gpu.py --tiny --device cpu --steps 2 --warmup 1   # smoke test, no GPU
+
+FLOPs: ``fwd`` = one forward of the diffusion model (no gradients); ``step`` = everything one floor step runs
+(forward, backward, the LoRA merge, AdamW); with gradient checkpointing that includes the recomputed forward,
+so the model FLOPs of a step are ``step - fwd`` there and ``step`` without it. Merging the LoRA into the weight
+(ComfyUI's weight adapters, and the floor) makes backward compute the full weight gradient, so a step is about
+3x the forward (an activation-side LoRA would need about 2x). MFU = model FLOPs / step time / peak; HFU counts
+the recomputation too. Only ComfyUI's model code and the engine are imported (no server, node API or
+TrainLoraNode), so a bare GPU machine needs only torch and ComfyUI's model dependencies.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import common
+from common import REPO, median_ms
+
+# Peak dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's datasheets, matched in order against
+# torch.cuda.get_device_name(): more specific names first.
+PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.5), ("H200", 989.5), ("GH200", 989.5), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
+    ("H100", 989.5), ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, tf in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tf
+    return None
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def forward_flops(model, latents, cond, batch, precision, device) -> int:
+    import torch
+
+    from floor import diffusion_kwargs
+
+    dm = model.model.diffusion_model
+    wdtype = next(dm.parameters()).dtype
+    x = latents[:1].expand(batch, *latents.shape[1:]).to(device=device, dtype=wdtype)
+    kw = {k: (v.to(device=device, dtype=wdtype) if v.is_floating_point() else v.to(device))
+          if isinstance(v, torch.Tensor) else v for k, v in diffusion_kwargs(model, cond, x).items()}
+    t = torch.full((batch,), 0.5, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+    def fwd():
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            dm(x, t, **kw)
+
+    return count_flops(fwd)
+
+
+def floor_step_flops(model, latents, cond, rank, batch, gc_on, precision, device) -> int:
+    import torch
+
+    from floor import make_floor
+
+    with torch.inference_mode(False), torch.enable_grad():
+        _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device)
+        with setup(gc_on):
+            step()  # the first step may be redone (FLUX's in-place adds); count a settled one
+            return count_flops(step)
+
+
+PROFILE_DIR = None
+
+
+def profile(tag: str, fn, device: str, rows: int = 18) -> None:
+    """Run ``fn`` under torch.profiler; print the top ops by self device (or CPU) time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    print(f"--- profile {tag} (2 steps) ---\n{table}", flush=True)
+    if PROFILE_DIR:
+        Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(PROFILE_DIR) / f"profile-{tag}.txt").write_text(table, encoding="utf-8")
+
+
+def floor_profile(model, latents, cond, rank, batch, gc_on, precision, device, fam) -> None:
+    import torch
+
+    from floor import make_floor
+
+    with torch.inference_mode(False), torch.enable_grad():
+        _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device)
+        with setup(gc_on):
+            step()
+            step()
+            profile(f"floor-{fam}", lambda: [step() for _ in range(2)], device)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="sdxl,flux1", help="comma list of: sdxl, flux1")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny SDXL/FLUX configs (smoke test of this code)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side in px (default 1024; --tiny: 64)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--grad-ckpt", default="sdxl:off,flux1:on",
+                    help="per family on/off, e.g. 'sdxl:off,flux1:on' (full FLUX.1 without it needs > 80 GB)")
+    ap.add_argument("--tokens", type=int, default=None, help="text tokens (default: SDXL 77, FLUX 512)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak bf16 TFLOP/s")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over 2 steps of each trainer: top ops by device time (printed, and saved "
+                         "to $OUT or bench/profiles/ when --profile-dir is given)")
+    ap.add_argument("--profile-dir", default=None)
+    ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    args = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile_dir
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA GPU here (torch.cuda.is_available() is False). Run it on a machine with an "
+              "NVIDIA GPU, or smoke-test the code path on the CPU with: "
+              ".work/venv/bin/python bench/bench_gpu.py --tiny --device cpu --steps 2 --warmup 1", file=sys.stderr)
+        return 2
+    # CPU: one thread, since each trainer then runs in a forked child (common.isolated), which would hang in an
+    # OpenMP pool the parent had started
+    common.set_threads(1 if args.device == "cpu" else max(1, min(8, torch.get_num_threads())))
+    engine = common.light_comfy(cpu=args.device == "cpu")
+    import bundles
+    from bench_ours import run_ours
+    from floor import time_floor
+
+    res = args.resolution or (64 if args.tiny else 1024)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    gc_map = dict(kv.split(":") for kv in args.grad_ckpt.split(","))
+    dev_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    peak = args.peak_tflops or (peak_tflops(dev_name) if args.device == "cuda" else None)
+    rows = []
+    for fam in args.family.split(","):
+        if fam not in bundles.GPU_FAMILIES:
+            raise SystemExit(f"unknown family {fam!r}; use {', '.join(bundles.GPU_FAMILIES)}")
+        gc_on = gc_map.get(fam, "off") == "on"
+        print(f"== {fam}: building ({'tiny' if args.tiny else 'full size'}, {args.precision}, {args.device})", flush=True)
+        model = bundles.random_model(fam, args.device, dtype, tiny_size=args.tiny)
+        n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        cond = bundles.random_cond(fam, args.tiny, args.tokens)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(4, bundles.latent_channels(fam), res // 8, res // 8, generator=g)
+        dev_lat = latents.to(args.device)
+        fwd = forward_flops(model, dev_lat, cond, args.batch, args.precision, args.device)
+        step = floor_step_flops(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device)
+        model_flops = step - fwd if gc_on else step
+        print(f"   {n_params / 1e9:.3f}B params; forward {fwd / 1e12:.4g} TFLOP, floor step {step / 1e12:.4g} TFLOP "
+              f"(executed), model {model_flops / 1e12:.4g} TFLOP", flush=True)
+        ours_flops = {}
+        pre = {}
+
+        def on_ours(trainer):  # after ours' first step (inside its timed run; warm-up drops that interval)
+            if args.device == "cuda":
+                pre["peak"] = torch.cuda.max_memory_allocated() / 2**20
+                print(f"   ours after step 1: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+                      f"peak {pre['peak'] / 1024:.1f} GiB", flush=True)
+            try:
+                ours_flops["step"] = count_flops(trainer.step)
+            except torch.OutOfMemoryError as e:
+                print(f"   ours: FLOP count ran out of memory ({str(e).splitlines()[0]})", flush=True)
+            if args.profile:
+                profile(f"ours-{fam}", lambda: [trainer.step() for _ in range(2)], args.device)
+            if args.device == "cuda":  # FlopCounterMode's module tracking holds tensors: not a training peak
+                torch.cuda.synchronize()
+                print(f"   (FLOP count / profile peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
+                      "left out)", flush=True)
+                torch.cuda.reset_peak_memory_stats()
+
+        out = {}
+        runs = {"floor": (time_floor, (model, dev_lat, cond, args.rank, args.steps, args.warmup, args.batch),
+                          dict(gradient_checkpointing=gc_on, precision=args.precision, device=args.device)),
+                "ours": (run_ours, (engine, model, latents, cond, args.rank, args.steps, max(args.warmup, 1),
+                                    args.batch, gc_on), dict(precision=args.precision, on_trainer=on_ours))}
+        if args.profile:
+            floor_profile(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device, fam)
+        for name, (fn, a, kw) in runs.items():
+            print(f"   {name} ...", flush=True)
+            try:
+                out[name] = common.measured(args.device, fn, *a, **kw)
+                if name == "ours" and "peak" in pre:  # the peak before the FLOP count, and after it
+                    mem = out[name][1]
+                    mem["peak"] = max(mem["peak"], pre["peak"])
+                    mem["delta"] = mem["peak"] - mem["base"]
+                print(f"   {name} {median_ms(out[name][0]):.1f} ms, peak {out[name][1]['peak'] / 1024:.1f} GiB", flush=True)
+            except torch.OutOfMemoryError as e:
+                print(f"   {name}: out of memory: {str(e).splitlines()[0]}", flush=True)
+                out[name] = None
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        for name, res_ in out.items():
+            if res_ is None:
+                rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, oom=True))
+                continue
+            times, mem = res_
+            ms = median_ms(times)
+            tfs = model_flops / (ms / 1000) / 1e12
+            executed = ours_flops.get("step") if name == "ours" else step  # None: counted in a forked child (CPU)
+            rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, ms=ms, mib=mem["delta"],
+                             peak=mem["peak"], model_tflop=model_flops / 1e12, exec_tflop=executed / 1e12 if executed else None, tfs=tfs,
+                             mfu=tfs / peak if peak else None,
+                             hfu=executed / 1e12 / (ms / 1000) / peak if peak and executed else None))
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    size = "tiny (tests' configs)" if args.tiny else "full size"
+    cmd = " ".join(["bench/bench_gpu.py", *sys.argv[1:]])
+    lines = [f"### GPU mode: {size} SDXL / FLUX.1-dev, random weights, {args.precision}, {res} px, batch {args.batch}, "
+             f"rank {args.rank} — {common.stamp()}",
+             f"Machine: {common.machine()}; peak dense bf16: {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}  ",
+             f"Command: `python {cmd}`", "",
+             "| model | params | grad ckpt | trainer | ms/step | ours/floor | peak mem GiB (over start) | model TFLOP/step "
+             "| TFLOP/s | MFU | executed TFLOP/step | HFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    floor_ms = {r["fam"]: r["ms"] for r in rows if r["trainer"] == "floor" and "ms" in r}
+    for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {r['trainer']} | "
+                         "out of memory | | | | | | | |")
+            continue
+        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
+        ratio = f"{r['ms'] / floor_ms[r['fam']]:.2f}" if r["trainer"] == "ours" and r["fam"] in floor_ms else ""
+        lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {r['trainer']} | "
+                     f"{r['ms']:.1f} | {ratio} | {r['peak'] / 1024:.2f} ({r['mib'] / 1024:.2f}) | {r['model_tflop']:.4g} | "
+                     f"{r['tfs']:.4g} | {pct(r['mfu'])} | {'n/a' if r['exec_tflop'] is None else format(r['exec_tflop'], '.4g')} | "
+                     f"{pct(r['hfu'])} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        with open(REPO / "BENCHMARKS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
