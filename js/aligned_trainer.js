@@ -156,9 +156,12 @@ app.registerExtension({
       const node = app.graph.getNodeById(Number(detail.node));
       if (!node) return;
       let chart = state.charts[node.id];
-      if (!chart) {
+      // a chart belongs to one node object: a newly loaded graph reuses node ids
+      if (!chart || chart.node !== node) {
         chart = state.charts[node.id] = new LossChart(node);
         setWidget(node, "loss_chart", chart.root);
+      } else if (chart.points.length && detail.step <= chart.points[chart.points.length - 1].step) {
+        chart.points = []; // the node was queued again: a new run from its input state
       }
       chart.add(detail);
       node.setDirtyCanvas(true, false);

@@ -69,6 +69,16 @@ def server(tmp_path_factory, sd15_checkpoint, comfy_dirs):
         srv.stop()
 
 
+@pytest.fixture(scope="session")
+def family_server(tmp_path_factory, comfy):
+    """A real ComfyUI server with the tiny family models, the test-only loaders and the demo inputs
+    (support.tiny_workflows.family_server); shared by the family-workflow and browser tests."""
+    from support.tiny_workflows import family_server as start
+
+    with start(tmp_path_factory.mktemp("family_server")) as srv:
+        yield srv
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     from support.factories.dataset import make_dataset

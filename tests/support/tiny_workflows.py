@@ -1,0 +1,112 @@
+"""Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1) so they run on tiny
+generated models in seconds, and the real ComfyUI server they run on. Used by
+tests/test_workflows_families.py (API prompts) and tests/test_browser.py (the same changes made in the
+frontend's graph before queueing it).
+
+What is changed in each shipped workflow, and nothing else (checked by
+tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_sizes):
+
+1. Loader nodes, because the shipped ones name real model files (``v1-5-pruned-emaonly.safetensors``,
+   ``flux1-dev.safetensors``...). Where a stock loader detects a tiny model, the loader stays and only its
+   file name is rewritten to a generated file in the server's model folders:
+   - SD1.5: ``CheckpointLoaderSimple`` <- ``tiny-sd15.safetensors`` (one-level 320-channel UNet, CLIP-L,
+     SD VAE: ``support.factories.sd15``);
+   - SD3.5: ``CheckpointLoaderSimple`` <- ``tiny-sd3.safetensors`` (tiny SD3 MMDiT + 16-channel VAE, no text
+     encoders: ``support.factories.family_files``; detected as SD3 from ``in_channels`` 16);
+   - FLUX.1: ``VAELoader`` <- ``tiny-flux1-ae.safetensors`` (16-channel VAE).
+   Where stock detection only accepts full-size models, the loader node's class is replaced by a test-only
+   loader with the same output types and slots (tests/support/comfy_nodes/aligned_trainer_tiny_loaders,
+   on the server's ``custom_nodes`` path) that loads the tiny bundle of ``support.factories.families`` by
+   family name through ComfyUI's own model, text-encoder and VAE classes:
+   - SDXL: ``CheckpointLoaderSimple`` -> ``TinyCheckpointLoader(sdxl)``: SDXL is matched only at its real
+     UNet size (model_channels 320, transformer_depth [0, 0, 2, 2, 10, 10], context_dim 2048);
+   - SD3.5: ``TripleCLIPLoader`` -> ``TinyTextEncoderLoader(sd3)``;
+   - FLUX.1: ``DualCLIPLoader`` -> ``TinyTextEncoderLoader(flux1-dev)``: the CLIP loaders recognise CLIP-G
+     by its 31st layer and T5-XXL by its 24th block and build them from full-size configs;
+   - FLUX.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(flux1-dev)``: FLUX detection fixes 24 heads of 128
+     (hidden 3072) whatever the file holds.
+2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``): dataset resolution and bucket
+   sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
+   optimizer 4); preview plan and final sample preview 2 sampling steps at 64x64, the plan rendering every 2
+   steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
+   (4 generated 64 px captioned images in the server's input folder).
+
+Everything else is the shipped workflow: the aligned text-encoder node with its spec, dataset and caches,
+LoRA config (rank, targets), timestep strategy, optimizer, Train Init, Train Steps, Save LoRA, sample preview,
+loss graph and the Save/Preview Image nodes, with their links.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+from . import demo
+from .factories import family_files, sd15
+from .factories.dataset import make_dataset
+from .server import ComfyServer
+
+TEST_NODES = Path(__file__).resolve().parent / "comfy_nodes"
+TINY = "AlignedTrainerTests_Tiny"
+
+# workflow -> (family of support.factories.families whose LoRA keys the saved file must map to, or "sd15";
+#              loader substitutions: class_type -> (new class_type or None to keep, inputs))
+FAMILIES = {
+    "train_lora_sd15": ("sd15", {"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd15.safetensors"})}),
+    "train_lora_sdxl": ("sdxl", {"CheckpointLoaderSimple": (f"{TINY}CheckpointLoader", {"family": "sdxl"})}),
+    "train_lora_sd35": ("sd3", {"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd3.safetensors"}),
+                                "TripleCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "sd3"})}),
+    "train_lora_flux1": ("flux1-dev", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "flux1-dev"}),
+                                       "DualCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "flux1-dev"}),
+                                       "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+}
+STEPS = 4
+SHRINK = {
+    "AlignedTrainer_Dataset": {"resolution": 64, "min_side": 64, "max_side": 64},
+    "AlignedTrainer_TrainSteps": {"steps": STEPS, "checkpoint_every": 2, "val_every": 2},
+    "AlignedTrainer_Optimizer": {"total_steps": STEPS},
+    "AlignedTrainer_PreviewPlan": {"steps": 2, "width": 64, "height": 64, "every_n": 2},
+    "AlignedTrainer_SamplePreview": {"steps": 2, "width": 64, "height": 64, "step": STEPS},
+}
+
+
+def tiny_prompt(api: dict, name: str) -> dict:
+    """The shipped API prompt with its loaders pointed at the tiny models and its sizes shrunk (see above)."""
+    out = copy.deepcopy(api)
+    _, loaders = FAMILIES[name]
+    for node in out.values():
+        t = node["class_type"]
+        if t in loaders:
+            new_type, inputs = loaders[t]
+            if new_type is not None:
+                node["class_type"], node["inputs"] = new_type, {}
+            node["inputs"].update(inputs)
+        for k, v in SHRINK.get(t, {}).items():
+            assert k in node["inputs"], f"{name}: {t} has no input {k}"
+            node["inputs"][k] = v
+    return out
+
+
+
+@contextlib.contextmanager
+def family_server(base: Path):
+    """A real ComfyUI server with the tiny model files in its model folders, the test-only loaders on its
+    ``custom_nodes`` path, the family workflows' dataset (``my_dataset``: 4 captioned 64 px images) and the
+    demo workflows' inputs (tiny SD1.5 checkpoint, ``demo_dataset``); always stopped."""
+    models = base / "models"
+    folders = {k: models / k for k in ("checkpoints", "vae", "loras")}
+    for d in folders.values():
+        d.mkdir(parents=True)
+    for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
+                      (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
+                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev"))):
+        link.symlink_to(src)
+    srv = ComfyServer(base, model_folders={**folders, "custom_nodes": TEST_NODES}, log_name="family-server.log")
+    srv.start()
+    try:
+        make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
+        demo.prepare_inputs(srv.input_dir, folders["checkpoints"])
+        srv.info = srv.get("/object_info")
+        yield srv
+    finally:
+        srv.stop()
