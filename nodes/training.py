@@ -41,7 +41,8 @@ class LoraConfig(io.ComfyNode):
                 io.Float.Input("rank_dropout", default=0.0, min=0.0, max=0.99, step=0.01, tooltip="Drop rank dims per step (LoRA)."),
                 io.Float.Input("module_dropout", default=0.0, min=0.0, max=0.99, step=0.01, tooltip="Skip whole adapters per step."),
                 io.Float.Input("network_dropout", default=0.0, min=0.0, max=0.99, step=0.01,
-                               tooltip="Activation dropout; not possible with weight-space adapters (must be 0)."),
+                               tooltip="Dropout on the LoRA's rank activations (kohya network dropout); lora/locon "
+                                       "without DoRA only (LoHa/LoKr/DoRA patch weights: must be 0)."),
                 io.Combo.Input("init", options=["default", "gaussian"], default="default",
                                tooltip="LoRA down init: kaiming-scaled (default) or gaussian 1/rank; up starts at 0."),
                 io.Float.Input("max_norm", default=0.0, min=0.0, max=100.0, step=0.1,

@@ -100,7 +100,8 @@ def test_process_killed_during_checkpoint_write_keeps_previous(comfy, T, sd15, s
     (dict(lora=dict(rank=0, alpha=8.0)), "alpha 8.0 was given without a rank"),
     (dict(opt=dict(lr=-1e-4)), "learning rate must be > 0"),
     (dict(lora=dict(algorithm="locon", preset="attention")), "LoCon trains convolutions"),
-    (dict(lora=dict(network_dropout=0.1)), "network_dropout"),
+    (dict(lora=dict(algorithm="loha", network_dropout=0.1)), "network_dropout acts on activations"),
+    (dict(lora=dict(dora=True, network_dropout=0.1)), "network_dropout acts on activations"),
     (dict(tcfg=dict(min_timestep=500, max_timestep=100)), "min_timestep"),
     (dict(settings=dict(run_name="../evil")), "plain name"),
 ])

@@ -1,11 +1,26 @@
 """Trainable adapters on a ComfyUI model: target selection by preset/regex, ComfyUI's own weight adapters
-(LoRA / LoHa / LoKr, conv layers for LoCon) attached with ``add_weight_wrapper``, DoRA, dropout and max-norm."""
+(LoRA / LoHa / LoKr, conv layers for LoCon), DoRA, dropout and max-norm.
+
+Two ways to run an adapter, same parameters (so checkpoints and exported LoRAs do not depend on the path):
+
+- activation side (LoRA/LoCon without DoRA on a Linear, or on a Conv2d with groups 1 and zero padding): a
+  forward hook adds ``scale * up(drop(down(x)))`` to the layer's output. The layer itself runs its plain
+  forward (no weight copy, no weight-sized gradient); rank, module and network dropout act on activations.
+  The hooks are installed only while the trainer runs the model (``hooked``): the layers are shared with every
+  other user of the model.
+- weight side (LoHa, LoKr, DoRA, other layers): ComfyUI's weight wrapper (``ModelPatcher.add_weight_wrapper``)
+  merges ``W + delta`` on every forward.
+
+Dropout draws from torch's global RNG: the trainer seeds it per micro-step from its own (checkpointed)
+generator, and ``torch.utils.checkpoint`` restores it for the recomputation, so a recomputed block sees the
+same masks as its forward."""
 from __future__ import annotations
 
 import math
 import re
 
 import torch
+import torch.nn.functional as F
 from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
 
 from .config import PRESETS, ConfigError, LoraConfig
@@ -37,16 +52,70 @@ def target_layers(diffusion_model: torch.nn.Module, cfg: LoraConfig) -> list[str
     return out
 
 
-class TrainAdapter(torch.nn.Module):
-    """A ComfyUI train adapter plus rank/module dropout. Called by ComfyUI's weight wrapper with the weight."""
+def activation_kind(module: torch.nn.Module, cfg: LoraConfig) -> str | None:
+    """``"linear"`` or ``"conv"`` when ``module``'s adapter runs on the activation side, else None (weight side:
+    LoHa, LoKr, DoRA, grouped or non-zero-padded convolutions, 1-D/3-D convolutions, other layers)."""
+    if cfg.algorithm not in ("lora", "locon") or cfg.dora:
+        return None
+    w = getattr(module, "weight", None)
+    if w is None:
+        return None
+    if isinstance(module, torch.nn.Linear) and w.ndim == 2:
+        return "linear"
+    if (isinstance(module, torch.nn.Conv2d) and w.ndim == 4 and module.groups == 1
+            and module.padding_mode == "zeros"):
+        return "conv"
+    return None
 
-    def __init__(self, inner: torch.nn.Module, cfg: LoraConfig):
+
+class TrainAdapter(torch.nn.Module):
+    """A ComfyUI train adapter plus rank/module(/network) dropout. Weight side: called by ComfyUI's weight
+    wrapper with the weight. Activation side (``kind`` set): ``hook`` is a forward hook of the layer."""
+
+    def __init__(self, inner: torch.nn.Module, cfg: LoraConfig, kind: str | None = None,
+                 layer: torch.nn.Module | None = None):
         super().__init__()
         self.inner = inner
         self.rank_dropout = cfg.rank_dropout if cfg.algorithm in ("lora", "locon") else 0.0
         self.module_dropout = cfg.module_dropout
-        self.generator: torch.Generator | None = None
+        self.network_dropout = cfg.network_dropout if kind else 0.0
+        self.kind = kind
+        self.scale = cfg.scale_alpha / cfg.rank  # ComfyUI's LoRA adapter: alpha / rank
+        if kind == "conv":
+            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+            self.kernel = tuple(layer.weight.shape[1:])
         self.enabled = True  # off: the base model's weight (differential output preservation's reference)
+
+    def hook(self, layer, args, out):
+        """Forward hook of the layer (activation side): ``out + scale * up(drop(down(x)))``. Under autocast
+        the LoRA matmuls run in the autocast dtype like the layer's own; outside it in ``x``'s dtype."""
+        if not self.enabled:
+            return None
+        train = self.training
+        if train and self.module_dropout and float(torch.rand(())) < self.module_dropout:
+            return None
+        x = args[0]
+        inner = self.inner
+        down, up = inner.lora_down.weight, inner.lora_up.weight
+        if self.kind == "linear":
+            h = F.linear(x, down.to(x.dtype))
+        else:
+            h = F.conv2d(x, down.reshape(down.shape[0], *self.kernel).to(x.dtype), None, **self.conv)
+        scale = self.scale
+        if train:
+            if self.network_dropout:
+                h = F.dropout(h, p=self.network_dropout)
+            if self.rank_dropout:  # kohya: one mask per sample over the rank, kept ranks scaled 1/(1-p)
+                shape = (h.shape[0], h.shape[1], 1, 1) if self.kind == "conv" else \
+                    (h.shape[0], *[1] * (h.ndim - 2), h.shape[-1])
+                h = h * (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
+                scale = scale / (1 - self.rank_dropout)
+        up = (up * scale).to(h.dtype)
+        if self.kind == "linear":
+            y = F.linear(h, up)
+        else:
+            y = F.conv2d(h, up.reshape(*up.shape, 1, 1))
+        return out + y.to(out.dtype)
 
     def move_to(self, device) -> int:
         """Called by ComfyUI's ModelPatcher when it moves the model (``move_weight_functions``). Parameters
@@ -57,12 +126,12 @@ class TrainAdapter(torch.nn.Module):
     def __call__(self, w):
         if not self.enabled:
             return w
-        if self.training and self.generator is not None:
-            if self.module_dropout and float(torch.rand((), generator=self.generator)) < self.module_dropout:
+        if self.training:
+            if self.module_dropout and float(torch.rand(())) < self.module_dropout:
                 return w
             if self.rank_dropout:
                 inner = self.inner
-                keep = (torch.rand(inner.rank, generator=self.generator) >= self.rank_dropout).to(w.device)
+                keep = (torch.rand(inner.rank) >= self.rank_dropout).to(w.device)
                 up = inner.lora_up.weight * keep.to(inner.lora_up.weight.dtype) / (1 - self.rank_dropout)
                 diff = up @ inner.lora_down.weight
                 return self._dora((w + (inner.alpha / inner.rank) * diff.reshape(w.shape)).to(w.dtype), w.dtype)
@@ -83,9 +152,11 @@ def input_axis_norm(w: torch.Tensor) -> torch.Tensor:
             .reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1))
 
 
-def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, device=None) -> TrainAdapter:
+def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, device=None,
+           layer: torch.nn.Module | None = None) -> TrainAdapter:
     """A trainable adapter for ``weight`` (only its shape is used), initialised from ``generator`` and placed
-    on ``device`` (where the model will run)."""
+    on ``device`` (where the model will run). With ``layer`` (the module owning ``weight``) the adapter runs
+    on the activation side where ``activation_kind`` allows."""
     shape_only = torch.zeros(()).expand(*weight.shape)  # create_train reads shape and device only; no copy
     with torch.random.fork_rng(devices=[]):  # ComfyUI's create_train draws from the global RNG: seed it from ours
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -104,7 +175,8 @@ def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, de
             for p in inner.parameters():
                 if p.requires_grad and p.ndim >= 1 and not torch.isfinite(p).all():
                     p.zero_()
-    return TrainAdapter(inner.float().to(device or "cpu"), cfg)
+    kind = activation_kind(layer, cfg) if layer is not None else None
+    return TrainAdapter(inner.float().to(device or "cpu"), cfg, kind, layer)
 
 
 def apply_max_norm(adapters: dict[str, TrainAdapter], max_norm: float) -> int:

@@ -56,15 +56,17 @@ class LoraConfig:
         if self.algorithm == "locon" and self.preset in ("attention", "cross-attention"):
             raise ConfigError(f"LoCon trains convolutions but preset '{self.preset}' has none; choose "
                               "'all-linear+conv' or algorithm 'lora'")
-        for name in ("rank_dropout", "module_dropout"):
+        for name in ("rank_dropout", "module_dropout", "network_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {v}")
         if self.rank_dropout and self.algorithm != "lora" and self.algorithm != "locon":
             raise ConfigError("rank_dropout applies to lora/locon only")
-        if self.network_dropout:
-            raise ConfigError("network_dropout needs activation-space adapters; this trainer patches weights "
-                              "(ComfyUI weight adapters). Use rank_dropout or module_dropout instead.")
+        if self.network_dropout and (self.algorithm not in ("lora", "locon") or self.dora):
+            raise ConfigError(f"network_dropout acts on activations, which only lora/locon without DoRA train on; "
+                              f"'{self.algorithm}'{' with DoRA' if self.dora else ''} patches weights (ComfyUI "
+                              "weight adapters). Use rank_dropout or module_dropout instead, or lora/locon "
+                              "without DoRA.")
         for name in ("include", "exclude"):
             try:
                 re.compile(getattr(self, name))

@@ -59,7 +59,15 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
                           "its CONDITIONING (e.g. 'a photo of a person') to Train Init, or set dop_weight to 0")
     if len(training_set) == 0:
         raise ConfigError("the training set is empty")
-    ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
+    names = ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
+    if lora.network_dropout:
+        modules = dict(model.model.diffusion_model.named_modules())
+        weight_side = [n for n in names if not ad.activation_kind(modules[n], lora)]
+        if weight_side:
+            raise ConfigError(f"network_dropout acts on activations, but {len(weight_side)} target layer(s) (e.g. "
+                              f"'{weight_side[0]}': grouped, non-zero-padded or non-2-D convolutions) can only be "
+                              "trained through weight patches: exclude them (exclude regex) or set network_dropout "
+                              "to 0")
     run_dir = Path(runs_root or default_runs_root()) / settings.run_name
     te_spec = None
     if training_set.te_spec_id:
@@ -167,10 +175,29 @@ class StepResult:
     seconds: float = 0.0
 
 
-class Trainer:
-    """Live training objects rebuilt from a run's state."""
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device):
+    """torch's global RNG (CPU, and ``device``'s when it has its own) seeded with ``seed`` inside, restored on
+    exit. Dropout draws from it; ``torch.utils.checkpoint`` restores the same states for its recomputation."""
+    device = torch.device(device)
+    devices = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            mod = getattr(torch, device.type)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    mod.manual_seed(seed)
+            else:
+                mod.manual_seed(seed)
+        yield
 
-    def __init__(self, run: st.TrainRun):
+
+class Trainer:
+    """Live training objects rebuilt from a run's state. ``activation_side=False`` runs every adapter through
+    ComfyUI's weight wrappers (the comparison the tests make; network dropout then has nowhere to act)."""
+
+    def __init__(self, run: st.TrainRun, activation_side: bool = True):
         self.run = run
         s = run.settings
         self.patcher = run.model.clone()
@@ -182,11 +209,23 @@ class Trainer:
         self.names = ad.target_layers(dm, run.lora)
         modules = dict(dm.named_modules())
         self.adapters: dict[str, ad.TrainAdapter] = {}
+        self.hooked_layers: list[tuple[torch.nn.Module, ad.TrainAdapter]] = []  # activation side
         for name in self.names:
-            a = ad.create(modules[name].weight.detach(), run.lora, init_gen, self.device)
-            a.generator = self.gen
+            layer = modules[name]
+            a = ad.create(layer.weight.detach(), run.lora, init_gen, self.device, layer if activation_side else None)
             self.adapters[name] = a
-            self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", a)
+            if a.kind:
+                self.hooked_layers.append((layer, a))
+            else:
+                self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", a)
+        lc = run.lora
+        self.dropout = bool(lc.module_dropout or lc.network_dropout
+                            or (lc.rank_dropout and lc.algorithm in ("lora", "locon")))
+        if lc.network_dropout and any(not a.kind for a in self.adapters.values()):
+            raise ConfigError("network_dropout acts on activations; this run has adapters that patch weights "
+                              f"(algorithm '{lc.algorithm}'{', DoRA' if lc.dora else ''} or layers the "
+                              "activation-side LoRA does not cover): use lora/locon without DoRA, or set "
+                              "network_dropout to 0")
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
         self.opt = build_optimizer(run.optimizer, self.params)
         self.sched = build_scheduler(run.optimizer, self.opt)
@@ -308,16 +347,42 @@ class Trainer:
     # -- steps ---------------------------------------------------------------------------------------------
     clone_saved = False  # set when the model's inference code modifies saved activations in place
 
+    @contextlib.contextmanager
+    def hooked(self):
+        """The activation-side adapters' forward hooks on their layers, removed on exit (the layers are shared
+        with every other user of the model: previews, samplers, other runs)."""
+        handles = []
+        try:
+            for layer, a in self.hooked_layers:
+                handles.append(layer.register_forward_hook(a.hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _dropout_rng(self):
+        """Per micro-batch: the global RNG seeded from the trainer's generator (so dropout masks follow the run's
+        seed and survive resume), only when some dropout is on (no draw otherwise: runs without dropout keep
+        their random stream)."""
+        if not self.dropout:
+            return contextlib.nullcontext()
+        return seeded_global_rng(int(torch.randint(0, 2**62, (1,), generator=self.gen)), self.device)
+
     def step(self) -> tuple[float, float]:
-        """One optimizer step. Some ComfyUI models (FLUX's blocks: ``x += ...``) modify tensors in place that
-        autograd saved; the first time that happens the step is retried, from the same RNG state, with
+        """One optimizer step: ``backward`` then the update."""
+        return self._update(self.backward())
+
+    def backward(self) -> float:
+        """Forward and backward over ``grad_accum`` micro-batches; the gradients are left in the adapters'
+        ``.grad``; returns the loss. Some ComfyUI models (FLUX's blocks: ``x += ...``) modify tensors in place
+        that autograd saved; the first time that happens the pass is retried, from the same RNG state, with
         saved tensors cloned at save time (more memory, same result). With gradient checkpointing the
         checkpointed blocks then also run on copies of their inputs and clone what their recomputation saves
         (``checkpointed_blocks``), without which their gradients would be silently wrong."""
         rng, py = self.gen.get_state(), self.py_rng.getstate()
         try:
-            with self._saved_tensor_mode():
-                return self._step()
+            with self.hooked(), self._saved_tensor_mode():
+                return self._backward()
         except RuntimeError as e:
             if self.clone_saved or "modified by an inplace operation" not in str(e):
                 raise
@@ -325,34 +390,42 @@ class Trainer:
             self.gen.set_state(rng)
             self.py_rng.setstate(py)
             self.clone_saved = True
-            with self._saved_tensor_mode():
-                return self._step()
+            with self.hooked(), self._saved_tensor_mode():
+                return self._backward()
 
     def _saved_tensor_mode(self):
         if not self.clone_saved:
             return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
-    def _step(self) -> tuple[float, float]:
+    def _backward(self) -> float:
         s = self.run.settings
         total = 0.0
         for _ in range(s.grad_accum):
-            batch = self.draw_batch()
-            x0 = self.patcher.model.process_latent_in(torch.stack([b.latent.detach() for b in batch]).float())
-            noise = ts.training_noise(self.run.timesteps, x0, self.gen)
-            u = ts.sample_u(self.run.timesteps, len(batch), self.gen)
-            sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape)
-            weights = ts.loss_weights(self.run.timesteps, self.ms, sigma, u) * torch.tensor(
-                [b.weight * (s.reg_weight if b.is_reg else 1.0) for b in batch])
-            x0, noise, sigma, weights = (t.to(self.device) for t in (x0, noise, sigma, weights))
-            conds = [self.conditioning(b) for b in batch]
-            per = self.predict_loss(x0, noise, sigma, conds)
-            loss = (per * weights).mean()
-            if self.run.preservation is not None and s.dop_weight > 0:
-                loss = loss + s.dop_weight * self.preservation_loss(x0, noise, sigma)
-            loss = loss / s.grad_accum
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            with self._dropout_rng():
+                total += self._micro_batch()
+        return total
+
+    def _micro_batch(self) -> float:
+        s = self.run.settings
+        batch = self.draw_batch()
+        x0 = self.patcher.model.process_latent_in(torch.stack([b.latent.detach() for b in batch]).float())
+        noise = ts.training_noise(self.run.timesteps, x0, self.gen)
+        u = ts.sample_u(self.run.timesteps, len(batch), self.gen)
+        sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape)
+        weights = ts.loss_weights(self.run.timesteps, self.ms, sigma, u) * torch.tensor(
+            [b.weight * (s.reg_weight if b.is_reg else 1.0) for b in batch])
+        x0, noise, sigma, weights = (t.to(self.device) for t in (x0, noise, sigma, weights))
+        conds = [self.conditioning(b) for b in batch]
+        per = self.predict_loss(x0, noise, sigma, conds)
+        loss = (per * weights).mean()
+        if self.run.preservation is not None and s.dop_weight > 0:
+            loss = loss + s.dop_weight * self.preservation_loss(x0, noise, sigma)
+        loss = loss / s.grad_accum
+        self.scaler.scale(loss).backward()
+        return float(loss.detach())
+
+    def _update(self, total: float) -> tuple[float, float]:
         self.scaler.unscale_(self.opt)  # no-op unless fp16; clipping and max-norm see true gradients
         if self.run.optimizer.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.run.optimizer.grad_clip)
@@ -375,6 +448,13 @@ class Trainer:
         k = self.run.settings.val_timesteps
         us = torch.linspace(0.1, 0.9, k)
         losses = []
+        with self.hooked():
+            self._validation_losses(losses, g, k, us)
+        for a in self.adapters.values():
+            a.train()
+        return sum(losses) / len(losses)
+
+    def _validation_losses(self, losses: list, g: torch.Generator, k: int, us: torch.Tensor) -> None:
         for sample in self.val_samples:
             x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
             noise = torch.randn(x0.shape, generator=g).to(self.device)
@@ -382,9 +462,6 @@ class Trainer:
             for u in us:
                 sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))], device=self.device)
                 losses.append(float(self.predict_loss(x0, noise, sigma, [sample.captions[0].conditioning])[0]))
-        for a in self.adapters.values():
-            a.train()
-        return sum(losses) / len(losses)
 
     def load(self) -> None:
         """Load through ComfyUI's memory manager with a real estimate (not 'evict everything')."""
