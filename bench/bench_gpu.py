@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """GPU mode: full-size SDXL and FLUX.1-dev, random weights built by ComfyUI's own ``supported_models``
 configs (no download), bf16, LoRA on every patchable >= 2-D weight. Reports per-step time and peak GPU memory
-of the plain-PyTorch floor (bench/floor.py) and of our trainer, the FLOPs of one step (counted by
+of the two plain-PyTorch floors (bench/floor.py: LoRA merged into the weights, LoRA on the activations) and of
+our trainer, the FLOPs of one step (counted by
 ``torch.utils.flop_counter.FlopCounterMode``) and the model-FLOPs utilisation against the GPU's peak dense
 bf16 rate.
 
     .work/venv/bin/python bench/bench_gpu.py [--family sdxl,flux1] [--resolution 1024] [--write]
     .work/venv/bin/python bench/bench_gpu.py --tiny --device cpu --steps 2 --warmup 1   # smoke test, no GPU
 
-FLOPs: ``fwd`` = one forward of the diffusion model (no gradients); ``step`` = everything one floor step runs
-(forward, backward, the LoRA merge, AdamW); with gradient checkpointing that includes the recomputed forward,
-so the model FLOPs of a step are ``step - fwd`` there and ``step`` without it. Merging the LoRA into the weight
-(ComfyUI's weight adapters, and the floor) makes backward compute the full weight gradient, so a step is about
-3x the forward (an activation-side LoRA would need about 2x). MFU = model FLOPs / step time / peak; HFU counts
+FLOPs: ``fwd`` = one forward of the diffusion model (no gradients); ``step`` = everything one merge-floor step
+runs (forward, backward, the LoRA merge, AdamW); with gradient checkpointing that includes the recomputed
+forward, so the model FLOPs of a step are ``step - fwd`` there and ``step`` without it. Merging the LoRA into
+the weight (ComfyUI's weight adapters, TrainLoraNode, the merge floor) makes backward compute the full weight
+gradient, so a step is about 3x the forward; the activation-side LoRA (our trainer for LoRA/LoCon, the
+activation floor) needs about 2x: its MFU against the merge step's model FLOPs can exceed what it executes
+(compare the executed TFLOP/step column). MFU = model FLOPs / step time / peak; HFU counts
 the recomputation too. Only ComfyUI's model code and the engine are imported (no server, node API or
 TrainLoraNode), so a bare GPU machine needs only torch and ComfyUI's model dependencies.
 """
@@ -69,19 +72,21 @@ def forward_flops(model, latents, cond, batch, precision, device) -> int:
     return count_flops(fwd)
 
 
-def floor_step_flops(model, latents, cond, rank, batch, gc_on, precision, device) -> int:
+def floor_step_flops(model, latents, cond, rank, batch, gc_on, precision, device, formulation="merge") -> int:
     import torch
 
     from floor import make_floor
 
     with torch.inference_mode(False), torch.enable_grad():
-        _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device)
+        _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device,
+                                    formulation=formulation)
         with setup(gc_on):
             step()  # the first step may be redone (FLUX's in-place adds); count a settled one
             return count_flops(step)
 
 
 PROFILE_DIR = None
+SHOWN = {"floor": "merge floor", "floor_act": "activation floor", "ours": "ours"}
 
 
 def profile(tag: str, fn, device: str, rows: int = 18) -> None:
@@ -107,12 +112,14 @@ def floor_profile(model, latents, cond, rank, batch, gc_on, precision, device, f
 
     from floor import make_floor
 
-    with torch.inference_mode(False), torch.enable_grad():
-        _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device)
-        with setup(gc_on):
-            step()
-            step()
-            profile(f"floor-{fam}", lambda: [step() for _ in range(2)], device)
+    for formulation in ("merge", "activation"):
+        with torch.inference_mode(False), torch.enable_grad():
+            _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device,
+                                        formulation=formulation)
+            with setup(gc_on):
+                step()
+                step()
+                profile(f"floor-{formulation}-{fam}", lambda: [step() for _ in range(2)], device)
 
 
 def main() -> int:
@@ -173,8 +180,11 @@ def main() -> int:
         fwd = forward_flops(model, dev_lat, cond, args.batch, args.precision, args.device)
         step = floor_step_flops(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device)
         model_flops = step - fwd if gc_on else step
+        act_step = floor_step_flops(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device,
+                                    "activation")
         print(f"   {n_params / 1e9:.3f}B params; forward {fwd / 1e12:.4g} TFLOP, floor step {step / 1e12:.4g} TFLOP "
-              f"(executed), model {model_flops / 1e12:.4g} TFLOP", flush=True)
+              f"(executed), model {model_flops / 1e12:.4g} TFLOP; activation floor step {act_step / 1e12:.4g} "
+              "TFLOP (executed)", flush=True)
         ours_flops = {}
         pre = {}
 
@@ -198,6 +208,9 @@ def main() -> int:
         out = {}
         runs = {"floor": (time_floor, (model, dev_lat, cond, args.rank, args.steps, args.warmup, args.batch),
                           dict(gradient_checkpointing=gc_on, precision=args.precision, device=args.device)),
+                "floor_act": (time_floor, (model, dev_lat, cond, args.rank, args.steps, args.warmup, args.batch),
+                              dict(gradient_checkpointing=gc_on, precision=args.precision, device=args.device,
+                                   formulation="activation")),
                 "ours": (run_ours, (engine, model, latents, cond, args.rank, args.steps, max(args.warmup, 1),
                                     args.batch, gc_on), dict(precision=args.precision, on_trainer=on_ours))}
         if args.profile:
@@ -224,7 +237,8 @@ def main() -> int:
             times, mem = res_
             ms = median_ms(times)
             tfs = model_flops / (ms / 1000) / 1e12
-            executed = ours_flops.get("step") if name == "ours" else step  # None: counted in a forked child (CPU)
+            executed = {"ours": ours_flops.get("step"), "floor": step, "floor_act": act_step}[name]  # ours: None when
+            # counted in a forked child (CPU)
             rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, ms=ms, mib=mem["delta"],
                              peak=mem["peak"], model_tflop=model_flops / 1e12, exec_tflop=executed / 1e12 if executed else None, tfs=tfs,
                              mfu=tfs / peak if peak else None,
@@ -238,17 +252,18 @@ def main() -> int:
              f"rank {args.rank} — {common.stamp()}",
              f"Machine: {common.machine()}; peak dense bf16: {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}  ",
              f"Command: `python {cmd}`", "",
-             "| model | params | grad ckpt | trainer | ms/step | ours/floor | peak mem GiB (over start) | model TFLOP/step "
+             "| model | params | grad ckpt | trainer | ms/step | ours/floor (merge / activation) | peak mem GiB (over start) | model TFLOP/step "
              "| TFLOP/s | MFU | executed TFLOP/step | HFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    floor_ms = {r["fam"]: r["ms"] for r in rows if r["trainer"] == "floor" and "ms" in r}
+    floor_ms = {(r["fam"], r["trainer"]): r["ms"] for r in rows if r["trainer"].startswith("floor") and "ms" in r}
     for r in rows:
         if r.get("oom"):
-            lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {r['trainer']} | "
+            lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN[r['trainer']]} | "
                          "out of memory | | | | | | | |")
             continue
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
-        ratio = f"{r['ms'] / floor_ms[r['fam']]:.2f}" if r["trainer"] == "ours" and r["fam"] in floor_ms else ""
-        lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {r['trainer']} | "
+        ratio = " / ".join(f"{r['ms'] / floor_ms[(r['fam'], f)]:.2f}" if (r["fam"], f) in floor_ms else "–"
+                           for f in ("floor", "floor_act")) if r["trainer"] == "ours" else ""
+        lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN[r['trainer']]} | "
                      f"{r['ms']:.1f} | {ratio} | {r['peak'] / 1024:.2f} ({r['mib'] / 1024:.2f}) | {r['model_tflop']:.4g} | "
                      f"{r['tfs']:.4g} | {pct(r['mfu'])} | {'n/a' if r['exec_tflop'] is None else format(r['exec_tflop'], '.4g')} | "
                      f"{pct(r['hfu'])} |")

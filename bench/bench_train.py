@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-step training time and peak memory of each trainer: our Train Steps vs ComfyUI's built-in
-TrainLoraNode vs the plain-PyTorch floor (bench/floor.py), on the same generated tiny model, same rank, same
-layers, batch and dtype. Results are printed as Markdown tables with ratios (appended to BENCHMARKS.md with
+TrainLoraNode vs the two plain-PyTorch floors (bench/floor.py: the LoRA merged into the weights, and the LoRA
+on the activations), on the same generated tiny model, same rank, same layers, batch and dtype. Results are printed as Markdown tables with ratios (appended to BENCHMARKS.md with
 --write).
 
     .work/venv/bin/python bench/bench_train.py [--family sd15|flux1] [--steps 20] [--warmup 3] [--write]
@@ -22,14 +22,19 @@ import common  # bench/common.py (sys.path has bench/ as the script's folder)
 
 from common import REPO, StepClock, median_ms
 
-TRAINERS = ("floor", "builtin", "ours")
-NAMES = {"floor": "floor", "builtin": "TrainLoraNode", "ours": "ours"}
+TRAINERS = ("floor", "floor_act", "builtin", "ours")
+NAMES = {"floor": "merge floor", "floor_act": "activation floor", "builtin": "TrainLoraNode", "ours": "ours"}
 
 
-def time_floor(c, b, rank, steps, warmup, batch, gc_on):
+def time_floor(c, b, rank, steps, warmup, batch, gc_on, formulation="merge"):
     from floor import time_floor as tf
 
-    return tf(b.model, b.latents, b.cond, rank, steps, warmup, batch, gradient_checkpointing=gc_on)
+    return tf(b.model, b.latents, b.cond, rank, steps, warmup, batch, gradient_checkpointing=gc_on,
+              formulation=formulation)
+
+
+def time_floor_act(c, b, rank, steps, warmup, batch, gc_on):
+    return time_floor(c, b, rank, steps, warmup, batch, gc_on, formulation="activation")
 
 
 def time_builtin(c, b, rank, steps, warmup, batch, gc_on):
@@ -51,7 +56,7 @@ def time_ours(c, b, rank, steps, warmup, batch, gc_on, dataset_size=None):
     return run_ours(c.engine, b.model, b.latents, b.cond, rank, steps, warmup, batch, gc_on, dataset_size=dataset_size)
 
 
-TIMERS = {"floor": time_floor, "builtin": time_builtin, "ours": time_ours}
+TIMERS = {"floor": time_floor, "floor_act": time_floor_act, "builtin": time_builtin, "ours": time_ours}
 
 
 def measure(isolate: bool, rounds: int, fn, *args, **kwargs) -> list:
@@ -92,19 +97,20 @@ def _ratio(a: dict, b: dict, key: str) -> str:
 
 
 def profile_both(c, b, rank: int) -> None:
-    """torch.profiler over 2 settled steps of the floor and of ours, same model and batch 1."""
+    """torch.profiler over 2 settled steps of each floor and of ours, same model and batch 1."""
     import torch
 
     from bench_gpu import profile
     from bench_ours import run_ours
     from floor import make_floor
 
-    with torch.inference_mode(False), torch.enable_grad():
-        _, step, setup = make_floor(b.model, b.latents, b.cond, rank, 1)
-        with setup(False):
-            for _ in range(3):
-                step()
-            profile("floor", lambda: [step() for _ in range(2)], "cpu", rows=25)
+    for formulation in ("merge", "activation"):
+        with torch.inference_mode(False), torch.enable_grad():
+            _, step, setup = make_floor(b.model, b.latents, b.cond, rank, 1, formulation=formulation)
+            with setup(False):
+                for _ in range(3):
+                    step()
+                profile(f"floor ({formulation})", lambda: [step() for _ in range(2)], "cpu", rows=25)
 
     def on_trainer(trainer):
         trainer.step()
@@ -126,7 +132,7 @@ def main() -> int:
                          "shared machine then hits all trainers alike")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--profile", action="store_true",
-                    help="only profile 2 steps of the floor and of ours (batch 1, no checkpointing): top ops by CPU "
+                    help="only profile 2 steps of each floor and of ours (batch 1, no checkpointing): top ops by CPU "
                          "time, and where ours' extra time goes")
     ap.add_argument("--no-isolate", action="store_true", help="run all trainers in this process (no per-trainer memory)")
     ap.add_argument("--write", action="store_true", help="append the tables to BENCHMARKS.md")
@@ -174,8 +180,9 @@ def main() -> int:
              f"Machine: {common.machine()}, {args.threads} torch thread(s)  ", f"Command: `{cmd}`", "",
              f"Time: ms per optimizer step, median of {args.rounds} x {args.steps} timed steps (each run after "
              f"{args.warmup} warm-up steps; the trainers' runs interleaved), interquartile range in brackets.", "",
-             "| batch | grad ckpt | floor ms | TrainLoraNode ms | ours ms | ours/floor | TrainLoraNode/ours |",
-             "|---|---|---|---|---|---|---|"]
+             "| batch | grad ckpt | merge floor ms | activation floor ms | TrainLoraNode ms | ours ms | "
+             "ours/merge floor | ours/activation floor | TrainLoraNode/ours |",
+             "|---|---|---|---|---|---|---|---|---|"]
     errors = {}
     for batch, gc_on, r in rows:
         cells = []
@@ -187,16 +194,19 @@ def main() -> int:
             else:
                 cells.append(f"{r[t]['ms']:.1f} ({r[t]['iqr']:.1f})")
         lines.append(f"| {batch} | {'on' if gc_on else 'off'} | {' | '.join(cells)} | "
-                     f"{_ratio(r['ours'], r['floor'], 'ms')} | {_ratio(r['builtin'], r['ours'], 'ms')} |")
+                     f"{_ratio(r['ours'], r['floor'], 'ms')} | {_ratio(r['ours'], r['floor_act'], 'ms')} | "
+                     f"{_ratio(r['builtin'], r['ours'], 'ms')} |")
     if iso:
         lines += ["", "Memory: peak RSS of each trainer's own process over its start (MiB the trainer added: "
                       "adapters, optimizer state, activations, copies), same runs.", "",
-                  "| batch | grad ckpt | floor MiB | TrainLoraNode MiB | ours MiB | ours/floor | TrainLoraNode/ours |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| batch | grad ckpt | merge floor MiB | activation floor MiB | TrainLoraNode MiB | ours MiB | "
+                  "ours/merge floor | ours/activation floor | TrainLoraNode/ours |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for batch, gc_on, r in rows:
             cells = [_cell(r[t], "mib", ".0f") for t in TRAINERS]
             lines.append(f"| {batch} | {'on' if gc_on else 'off'} | {' | '.join(cells)} | "
-                         f"{_ratio(r['ours'], r['floor'], 'mib')} | {_ratio(r['builtin'], r['ours'], 'mib')} |")
+                         f"{_ratio(r['ours'], r['floor'], 'mib')} | {_ratio(r['ours'], r['floor_act'], 'mib')} | "
+                         f"{_ratio(r['builtin'], r['ours'], 'mib')} |")
         base = rows[0][2]["ours"].get("peak", float("nan")) - rows[0][2]["ours"].get("mib", float("nan"))
         lines.append(f"\nEach trainer's process starts at {base:.0f} MiB RSS (booted ComfyUI + the model); a process "
                      f"that trains nothing adds {null:.0f} MiB. Largest of the rounds.")

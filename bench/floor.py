@@ -1,9 +1,15 @@
-"""The plain-PyTorch floor: the same diffusion model, the same layers with a LoRA of the same rank merged into
-their weights (``W + up @ down``, as ComfyUI's weight adapters do, so the same arithmetic), one forward +
-backward + AdamW step per iteration. The step is written directly in PyTorch: each target layer's ``forward``
-becomes ``F.linear`` / ``_conv_forward`` with the merged weight (restored afterwards), no ComfyUI sampling,
-conditioning or weight-patching machinery runs inside the timed step. Our trainer and ComfyUI's TrainLoraNode
-are reported as ratios to this.
+"""The plain-PyTorch floors: the same diffusion model, the same layers with a LoRA of the same rank, one
+forward + backward + AdamW step per iteration, in one of two formulations:
+
+- ``merge``: the LoRA merged into the weight (``W + up @ down``, as ComfyUI's weight adapters and TrainLoraNode
+  do, so the same arithmetic; backward computes a weight-sized gradient per layer);
+- ``activation``: the LoRA on the activations (``base(x) + up(down(x))``, as our trainer does for LoRA/LoCon:
+  Linear as two ``F.linear``; Conv2d with down as a conv with the layer's kernel/stride/padding/dilation and
+  up as a 1x1 conv; other layers merged).
+
+The step is written directly in PyTorch: each target layer's ``forward`` becomes ``F.linear`` /
+``_conv_forward`` (restored afterwards), no ComfyUI sampling, conditioning or weight-patching machinery runs
+inside the timed step. Our trainer and ComfyUI's TrainLoraNode are reported as ratios to these.
 
 Gradient checkpointing wraps each block of the model's block lists (as ours and TrainLoraNode do). ComfyUI's
 FLUX blocks add into tensors autograd saved (``img += ...``): the first step that fails on it is redone with
@@ -65,9 +71,25 @@ def _embedding(m, lora, x):
                                          m.scale_grad_by_freq, m.sparse)
 
 
-def _plain_forward(m):
+def _act_linear(m, lora, x):
+    down, up, scale = lora
+    return (torch.nn.functional.linear(x, m.weight, m.bias)
+            + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up * scale))
+
+
+def _act_conv(m, lora, x):
+    down, up, scale = lora
+    F = torch.nn.functional
+    h = F.conv2d(x, down.view(down.shape[0], *m.weight.shape[1:]), None, m.stride, m.padding, m.dilation)
+    return m._conv_forward(x, m.weight, m.bias) + F.conv2d(h, (up * scale)[:, :, None, None])
+
+
+def _plain_forward(m, formulation: str = "merge"):
     if isinstance(m, torch.nn.Linear):
-        return _linear
+        return _act_linear if formulation == "activation" else _linear
+    if (formulation == "activation" and isinstance(m, torch.nn.Conv2d) and m.groups == 1
+            and m.padding_mode == "zeros"):
+        return _act_conv
     if hasattr(m, "_conv_forward"):
         return _conv
     if isinstance(m, torch.nn.Embedding):
@@ -105,9 +127,11 @@ def _ckpt_block(fwd, state, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpointing: bool, state: dict):
-    """The model with each target's forward using its merged weight, and blocks checkpointed; all undone on exit
-    (the model is shared with the other trainers)."""
+def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpointing: bool, state: dict,
+               formulation: str = "merge"):
+    """The model with each target's forward using its merged weight (``merge``) or adding the LoRA to its
+    output (``activation``), and blocks checkpointed; all undone on exit (the model is shared with the other
+    trainers)."""
     mods = dict(diffusion_model.named_modules())
     saved = []
     req = [(p, p.requires_grad) for p in diffusion_model.parameters()]
@@ -116,7 +140,7 @@ def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpoint
             p.requires_grad_(False)
         for name, pair in lora.items():
             m = mods[name]
-            fn = _plain_forward(m)
+            fn = _plain_forward(m, formulation)
             saved.append((m, m.__dict__.get("forward")))
             m.forward = functools.partial(fn, m, pair)
         if gradient_checkpointing:
@@ -135,8 +159,10 @@ def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpoint
 
 
 def make_floor(model_patcher, latents: torch.Tensor, cond, rank: int, batch_size: int, lr: float = 1e-4,
-               seed: int = 0, precision: str = "fp32", device=None, targets: list[str] | None = None):
-    """(lora, step, setup): ``step()`` runs one training step inside ``setup(gradient_checkpointing)``."""
+               seed: int = 0, precision: str = "fp32", device=None, targets: list[str] | None = None,
+               formulation: str = "merge"):
+    """(lora, step, setup): ``step()`` runs one training step inside ``setup(gradient_checkpointing)``.
+    ``formulation``: ``merge`` or ``activation`` (module docstring)."""
     torch.manual_seed(seed)
     dm = model_patcher.model.diffusion_model
     device = torch.device(device) if device is not None else next(dm.parameters()).device
@@ -191,18 +217,18 @@ def make_floor(model_patcher, latents: torch.Tensor, cond, rank: int, batch_size
             return step()
 
     def setup(gradient_checkpointing: bool):
-        return lora_model(dm, lora, gradient_checkpointing, state)
+        return lora_model(dm, lora, gradient_checkpointing, state, formulation)
 
     return lora, step, setup
 
 
 def time_floor(model_patcher, latents: torch.Tensor, cond, rank: int, steps: int, warmup: int, batch_size: int,
                lr: float = 1e-4, seed: int = 0, gradient_checkpointing: bool = False, precision: str = "fp32",
-               device=None, targets: list[str] | None = None) -> list[float]:
+               device=None, targets: list[str] | None = None, formulation: str = "merge") -> list[float]:
     """Per-step wall times (s) of the floor after ``warmup`` steps. ``latents``: (N, C, H, W)."""
     with torch.inference_mode(False), torch.enable_grad():
         _, step, setup = make_floor(model_patcher, latents, cond, rank, batch_size, lr, seed, precision, device,
-                                    targets)
+                                    targets, formulation)
         cuda = latents.device.type == "cuda" or (device is not None and torch.device(device).type == "cuda")
         times = []
         with setup(gradient_checkpointing):
