@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 import torch.utils.checkpoint
+from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from ..data.types import TrainingSet
 from ..te import specs
@@ -99,17 +101,23 @@ def native(model_sampling, sigma: torch.Tensor, x: torch.Tensor, denoised: torch
 
 
 def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks to recompute in backward: children of the model's block lists; where such a child is
-    itself a container (UNet's TimestepEmbedSequential calls its layers one by one), its children."""
+    """The blocks to recompute in backward: the children of the model's block lists (the layers of a container
+    other than a UNet block), plus a UNet's middle block. UNet blocks (``TimestepEmbedSequential``) are run by
+    ComfyUI's ``forward_timestep_embed`` function, not by their own ``forward``; ``checkpointed_blocks`` wraps
+    that call for them."""
     units = []
     for child in diffusion_model.children():
         if isinstance(child, torch.nn.ModuleList):
             for block in child:
-                if isinstance(block, (torch.nn.Sequential, torch.nn.ModuleList)):
-                    units += [m for m in block if any(p.numel() for p in m.parameters())]
-                else:
+                if isinstance(block, openaimodel.TimestepEmbedSequential) or \
+                        not isinstance(block, (torch.nn.Sequential, torch.nn.ModuleList)):
                     units.append(block)
-    return units
+                else:  # another container the model may iterate itself: its layers
+                    units += list(block)
+    middle = getattr(diffusion_model, "middle_block", None)
+    if isinstance(middle, openaimodel.TimestepEmbedSequential):
+        units.append(middle)
+    return [u for u in units if any(p.numel() for p in u.parameters())]
 
 
 class _CloneRecomputedSaves:
@@ -148,20 +156,57 @@ def _checkpointed(fwd, protect: Callable[[], bool], *args, **kwargs):
                                              context_fn=_recompute_contexts, **kwargs)
 
 
+_TIMESTEP_EMBED = inspect.signature(openaimodel.forward_timestep_embed)
+
+
+def _checkpointed_timestep_embed(orig, blocks: set[int], protect: Callable[[], bool]):
+    """A stand-in for ComfyUI's ``forward_timestep_embed`` that checkpoints the whole call for ``blocks``.
+    That function also counts ``transformer_options["transformer_index"]`` up in place: the forward pass
+    works on the caller's dict as usual, the recomputation on a copy of the dict as it was at the start."""
+    def call(ts, x, *args, **kwargs):
+        if id(ts) not in blocks or not torch.is_grad_enabled():
+            return orig(ts, x, *args, **kwargs)
+        bound = _TIMESTEP_EMBED.bind(ts, x, *args, **kwargs)
+        bound.apply_defaults()
+        fixed = dict(bound.arguments)
+        at_start = dict(fixed["transformer_options"])
+        first = [True]
+
+        def run(x_, emb_, context_):
+            a = {**fixed, "x": x_, "emb": emb_, "context": context_}
+            if not first[0]:
+                a["transformer_options"] = dict(at_start)
+            first[0] = False
+            return orig(**a)
+
+        return _checkpointed(run, protect, fixed["x"], fixed["emb"], fixed["context"])
+    return call
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, protect: Callable[[], bool] = lambda: False):
     """Gradient checkpointing of each block, undone afterwards (the modules are shared with every other
     user of the model). While ``protect()`` is true (a model that modifies saved activations in place, see
-    ``Trainer.step``) blocks run on copies of their inputs and the recomputation keeps copies of what it saves."""
+    ``Trainer.step``) blocks run on copies of their inputs and the recomputation keeps copies of what it saves.
+    UNet blocks: ComfyUI's ``forward_timestep_embed`` is replaced, for the duration, by one that checkpoints
+    these blocks and calls the original for any other."""
     patched = []
+    unet_blocks = set()
     if enabled:
         for block in checkpoint_units(diffusion_model):
+            if isinstance(block, openaimodel.TimestepEmbedSequential):
+                unet_blocks.add(id(block))
+                continue
             fwd = block.forward
             block.forward = functools.partial(_checkpointed, fwd, protect)
             patched.append((block, fwd))
+    orig = openaimodel.forward_timestep_embed
+    if unet_blocks:
+        openaimodel.forward_timestep_embed = _checkpointed_timestep_embed(orig, unet_blocks, protect)
     try:
         yield
     finally:
+        openaimodel.forward_timestep_embed = orig
         for block, fwd in patched:
             block.forward = fwd
 
