@@ -11,7 +11,9 @@ The step is written directly in PyTorch: each target layer's ``forward`` becomes
 ``_conv_forward`` (restored afterwards), no ComfyUI sampling, conditioning or weight-patching machinery runs
 inside the timed step. Our trainer and ComfyUI's TrainLoraNode are reported as ratios to these.
 
-Gradient checkpointing wraps each block of the model's block lists (as ours and TrainLoraNode do). ComfyUI's
+Gradient checkpointing wraps each block of the model's block lists (as ours does); a UNet's blocks (and its
+middle block) through ComfyUI's ``forward_timestep_embed``, which is what runs them (their own ``forward`` is
+never called). ComfyUI's
 FLUX blocks add into tensors autograd saved (``img += ...``): the first step that fails on it is redone with
 saved tensors copied, and checkpointed blocks then run on copies of their inputs and copy what their
 recomputation saves (without which their gradients would be silently wrong)."""
@@ -126,6 +128,17 @@ def _ckpt_block(fwd, state, *args, **kwargs):
                                              context_fn=lambda: (contextlib.nullcontext(), _CopyRecomputedSaves()))
 
 
+def _unet_ckpt(orig, blocks: set, state: dict):
+    """ComfyUI's forward_timestep_embed with the whole call checkpointed for ``blocks`` (each call on its own
+    copy of transformer_options: this floor sets no transformer patches)."""
+    def call(ts, x, emb, context=None, transformer_options={}, *args, **kwargs):  # noqa: B006 - ComfyUI's signature
+        if id(ts) not in blocks or not torch.is_grad_enabled():
+            return orig(ts, x, emb, context, transformer_options, *args, **kwargs)
+        fn = lambda x_, emb_, c_: orig(ts, x_, emb_, c_, dict(transformer_options), *args, **kwargs)  # noqa: E731
+        return _ckpt_block(fn, state, x, emb, context)
+    return call
+
+
 @contextlib.contextmanager
 def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpointing: bool, state: dict,
                formulation: str = "merge"):
@@ -134,6 +147,7 @@ def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpoint
     trainers)."""
     mods = dict(diffusion_model.named_modules())
     saved = []
+    orig_fte = None
     req = [(p, p.requires_grad) for p in diffusion_model.parameters()]
     try:
         for p, _ in req:
@@ -144,11 +158,23 @@ def lora_model(diffusion_model: torch.nn.Module, lora: dict, gradient_checkpoint
             saved.append((m, m.__dict__.get("forward")))
             m.forward = functools.partial(fn, m, pair)
         if gradient_checkpointing:
+            from comfy.ldm.modules.diffusionmodules import openaimodel
+
+            unet = [b for b in _blocks(diffusion_model) if isinstance(b, openaimodel.TimestepEmbedSequential)]
             for b in _blocks(diffusion_model):
-                saved.append((b, b.__dict__.get("forward")))
-                b.forward = functools.partial(_ckpt_block, b.forward, state)
+                if b not in unet:
+                    saved.append((b, b.__dict__.get("forward")))
+                    b.forward = functools.partial(_ckpt_block, b.forward, state)
+            if unet:  # a UNet runs its blocks through forward_timestep_embed, never through block.forward
+                unet.append(diffusion_model.middle_block)
+                orig_fte = openaimodel.forward_timestep_embed
+                openaimodel.forward_timestep_embed = _unet_ckpt(orig_fte, {id(b) for b in unet}, state)
         yield
     finally:
+        if orig_fte is not None:
+            from comfy.ldm.modules.diffusionmodules import openaimodel
+
+            openaimodel.forward_timestep_embed = orig_fte
         for m, f in reversed(saved):
             if f is None:
                 del m.forward
