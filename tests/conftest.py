@@ -79,6 +79,20 @@ def family_server(tmp_path_factory, comfy):
         yield srv
 
 
+@pytest.fixture(scope="session")
+def T(comfy):
+    """The training engine's modules, imported the way ComfyUI loaded the pack."""
+    class NS:
+        C = comfy.engine("train.config")
+        loop = comfy.engine("train.loop")
+        st = comfy.engine("train.state")
+        ts = comfy.engine("train.timesteps")
+        export = comfy.engine("train.export")
+        ad = comfy.engine("train.adapters")
+        types = comfy.engine("data.types")
+    return NS
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     from support.factories.dataset import make_dataset

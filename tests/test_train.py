@@ -12,16 +12,6 @@ import torch
 P = "AlignedTrainer_"
 
 
-@pytest.fixture(scope="module")
-def T(comfy):
-    class NS:
-        C = comfy.engine("train.config")
-        loop = comfy.engine("train.loop")
-        st = comfy.engine("train.state")
-        export = comfy.engine("train.export")
-    return NS
-
-
 def _run(T, sd15, ts, tmp_path, name="r", lora=None, tcfg=None, opt=None, resume="none", **settings):
     model = sd15[0]
     return T.loop.init_run(model, ts, lora or T.C.LoraConfig(rank=8, alpha=8, preset="attention+mlp"),

@@ -7,17 +7,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def T(comfy):
-    class NS:
-        C = comfy.engine("train.config")
-        loop = comfy.engine("train.loop")
-        st = comfy.engine("train.state")
-        ad = comfy.engine("train.adapters")
-        types = comfy.engine("data.types")
-    return NS
-
-
 def _run(T, model, tset, tmp_path, name, lora, resume="none", preservation=None, opt=None, **settings):
     return T.loop.init_run(model, tset, lora, T.C.TimestepConfig(), opt or T.C.OptimizerConfig(lr=1e-3),
                            T.st.RunSettings(run_name=name, **settings), resume=resume, runs_root=tmp_path / "runs",

@@ -12,18 +12,6 @@ from scipy import stats
 N = 20000
 
 
-@pytest.fixture(scope="module")
-def T(comfy):
-    class NS:
-        C = comfy.engine("train.config")
-        loop = comfy.engine("train.loop")
-        st = comfy.engine("train.state")
-        ts = comfy.engine("train.timesteps")
-        export = comfy.engine("train.export")
-        types = comfy.engine("data.types")
-    return NS
-
-
 def _run(T, sd15, tset, tmp_path, name="r", lora=None, tcfg=None, opt=None, resume="none", preservation=None,
          **settings):
     return T.loop.init_run(sd15[0], tset, lora or T.C.LoraConfig(rank=4, alpha=4, preset="attention"),

@@ -227,14 +227,7 @@ def seeded_global_rng(seed: int, device: torch.device):
     device = torch.device(device)
     devices = [device] if device.type != "cpu" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            mod = getattr(torch, device.type)
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    mod.manual_seed(seed)
-            else:
-                mod.manual_seed(seed)
+        torch.manual_seed(seed)  # the CPU generator and every accelerator's
         yield
 
 
@@ -494,19 +487,16 @@ class Trainer:
         us = torch.linspace(0.1, 0.9, k)
         losses = []
         with self.hooked():
-            self._validation_losses(losses, g, k, us)
+            for sample in self.val_samples:
+                x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
+                noise = torch.randn(x0.shape, generator=g).to(self.device)
+                x0 = x0.to(self.device)
+                for u in us:
+                    sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))], device=self.device)
+                    losses.append(float(self.predict_loss(x0, noise, sigma, [sample.captions[0].conditioning])[0]))
         for a in self.adapters.values():
             a.train()
         return sum(losses) / len(losses)
-
-    def _validation_losses(self, losses: list, g: torch.Generator, k: int, us: torch.Tensor) -> None:
-        for sample in self.val_samples:
-            x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
-            noise = torch.randn(x0.shape, generator=g).to(self.device)
-            x0 = x0.to(self.device)
-            for u in us:
-                sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))], device=self.device)
-                losses.append(float(self.predict_loss(x0, noise, sigma, [sample.captions[0].conditioning])[0]))
 
     def load(self) -> None:
         """Load through ComfyUI's memory manager with a real estimate (not 'evict everything')."""
