@@ -9,15 +9,15 @@ bf16 rate.
     .work/venv/bin/python bench/bench_gpu.py [--family sdxl,flux1] [--resolution 1024] [--write]
     .work/venv/bin/python bench/bench_gpu.py --tiny --device cpu --steps 2 --warmup 1   # smoke test, no GPU
 
-FLOPs: ``fwd`` = one forward of the diffusion model (no gradients); ``step`` = everything one merge-floor step
-runs (forward, backward, the LoRA merge, AdamW); with gradient checkpointing that includes the recomputed
-forward, so the model FLOPs of a step are ``step - fwd`` there and ``step`` without it. Merging the LoRA into
-the weight (ComfyUI's weight adapters, TrainLoraNode, the merge floor) makes backward compute the full weight
-gradient, so a step is about 3x the forward; the activation-side LoRA (our trainer for LoRA/LoCon, the
-activation floor) needs about 2x: its MFU against the merge step's model FLOPs can exceed what it executes
-(compare the executed TFLOP/step column). MFU = model FLOPs / step time / peak; HFU counts
-the recomputation too. Only ComfyUI's model code and the engine are imported (no server, node API or
-TrainLoraNode), so a bare GPU machine needs only torch and ComfyUI's model dependencies.
+FLOPs: ``fwd`` = one forward of the diffusion model (no gradients); a floor ``step`` = everything one step of
+that floor runs (forward, backward, AdamW; the merge floor also the LoRA merge), with gradient checkpointing
+including the recomputed forward. **Model FLOPs** of a step = the activation floor's step (minus the recomputed
+forward under checkpointing): what LoRA training needs, since a frozen base weight needs no gradient (about 2x
+the forward). Merging the LoRA into the weight (ComfyUI's weight adapters, TrainLoraNode, the merge floor)
+makes backward compute each full weight gradient as well (about 3x the forward): that is executed, not model,
+work, and shows in the executed TFLOP/step and HFU columns. MFU = model FLOPs / step time / peak; HFU = what
+the trainer executed (recomputation included) / step time / peak. Only ComfyUI's model code and the
+engine are imported (no server, node API or TrainLoraNode), so a bare GPU machine needs only torch and ComfyUI's model dependencies.
 """
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def floor_step_flops(model, latents, cond, rank, batch, gc_on, precision, device
 
 
 PROFILE_DIR = None
+PYPROFILE = False
 SHOWN = {"floor": "merge floor", "floor_act": "activation floor", "ours": "ours"}
 
 
@@ -99,20 +100,39 @@ def profile(tag: str, fn, device: str, rows: int = 18) -> None:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    keys = (["self_cuda_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]
+    table = "\n".join(f"sorted by {k}:\n" + prof.key_averages().table(sort_by=k, row_limit=rows, max_name_column_width=60)
+                      for k in keys)
     print(f"--- profile {tag} (2 steps) ---\n{table}", flush=True)
     if PROFILE_DIR:
         Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
         (Path(PROFILE_DIR) / f"profile-{tag}.txt").write_text(table, encoding="utf-8")
 
 
-def floor_profile(model, latents, cond, rank, batch, gc_on, precision, device, fam) -> None:
+def pyprofile(tag: str, fn, steps: int = 3, rows: int = 25) -> None:
+    """cProfile over ``steps`` calls of ``fn``: the Python-side (host) cost, top functions by own time. On a
+    GPU a launch-bound step's time is this host work."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        fn()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(rows)
+    print(f"--- python profile {tag} ({steps} steps) ---\n{buf.getvalue().strip()}", flush=True)
+
+
+def floor_profile(model, latents, cond, rank, batch, gc_on, precision, device, fam,
+                  formulations=("merge", "activation")) -> None:
     import torch
 
     from floor import make_floor
 
-    for formulation in ("merge", "activation"):
+    for formulation in formulations:
         with torch.inference_mode(False), torch.enable_grad():
             _, step, setup = make_floor(model, latents, cond, rank, batch, precision=precision, device=device,
                                         formulation=formulation)
@@ -120,6 +140,8 @@ def floor_profile(model, latents, cond, rank, batch, gc_on, precision, device, f
                 step()
                 step()
                 profile(f"floor-{formulation}-{fam}", lambda: [step() for _ in range(2)], device)
+                if PYPROFILE:
+                    pyprofile(f"floor-{formulation}-{fam}", step)
 
 
 def main() -> int:
@@ -141,10 +163,16 @@ def main() -> int:
                     help="torch.profiler over 2 steps of each trainer: top ops by device time (printed, and saved "
                          "to $OUT or bench/profiles/ when --profile-dir is given)")
     ap.add_argument("--profile-dir", default=None)
+    ap.add_argument("--pyprofile", action="store_true",
+                    help="with --profile: also cProfile 3 steps of each trainer (host-side Python cost)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the trainers this many times, interleaved; medians over all rounds")
+    ap.add_argument("--trainers", default="floor,floor_act,ours",
+                    help="comma list of: floor (merge floor), floor_act (activation floor), ours")
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
-    global PROFILE_DIR
-    PROFILE_DIR = args.profile_dir
+    global PROFILE_DIR, PYPROFILE
+    PROFILE_DIR, PYPROFILE = args.profile_dir, args.pyprofile
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -179,16 +207,19 @@ def main() -> int:
         dev_lat = latents.to(args.device)
         fwd = forward_flops(model, dev_lat, cond, args.batch, args.precision, args.device)
         step = floor_step_flops(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device)
-        model_flops = step - fwd if gc_on else step
         act_step = floor_step_flops(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device,
                                     "activation")
-        print(f"   {n_params / 1e9:.3f}B params; forward {fwd / 1e12:.4g} TFLOP, floor step {step / 1e12:.4g} TFLOP "
-              f"(executed), model {model_flops / 1e12:.4g} TFLOP; activation floor step {act_step / 1e12:.4g} "
-              "TFLOP (executed)", flush=True)
+        model_flops = act_step - fwd if gc_on else act_step  # see the module docstring
+        print(f"   {n_params / 1e9:.3f}B params; forward {fwd / 1e12:.4g} TFLOP, merge floor step {step / 1e12:.4g} "
+              f"TFLOP (executed); activation floor step {act_step / 1e12:.4g} TFLOP (executed), model "
+              f"{model_flops / 1e12:.4g} TFLOP", flush=True)
         ours_flops = {}
         pre = {}
 
-        def on_ours(trainer):  # after ours' first step (inside its timed run; warm-up drops that interval)
+        def on_ours(trainer):  # after ours' first step (of the first round)
+            if pre.get("done"):
+                return
+            pre["done"] = True  # (inside its timed run; warm-up drops that interval)
             if args.device == "cuda":
                 pre["peak"] = torch.cuda.max_memory_allocated() / 2**20
                 print(f"   ours after step 1: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
@@ -199,6 +230,8 @@ def main() -> int:
                 print(f"   ours: FLOP count ran out of memory ({str(e).splitlines()[0]})", flush=True)
             if args.profile:
                 profile(f"ours-{fam}", lambda: [trainer.step() for _ in range(2)], args.device)
+                if PYPROFILE:
+                    pyprofile(f"ours-{fam}", trainer.step)
             if args.device == "cuda":  # FlopCounterMode's module tracking holds tensors: not a training peak
                 torch.cuda.synchronize()
                 print(f"   (FLOP count / profile peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
@@ -213,23 +246,33 @@ def main() -> int:
                                    formulation="activation")),
                 "ours": (run_ours, (engine, model, latents, cond, args.rank, args.steps, max(args.warmup, 1),
                                     args.batch, gc_on), dict(precision=args.precision, on_trainer=on_ours))}
+        chosen = [t for t in args.trainers.split(",") if t]
         if args.profile:
-            floor_profile(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device, fam)
-        for name, (fn, a, kw) in runs.items():
-            print(f"   {name} ...", flush=True)
-            try:
-                out[name] = common.measured(args.device, fn, *a, **kw)
-                if name == "ours" and "peak" in pre:  # the peak before the FLOP count, and after it
-                    mem = out[name][1]
-                    mem["peak"] = max(mem["peak"], pre["peak"])
-                    mem["delta"] = mem["peak"] - mem["base"]
-                print(f"   {name} {median_ms(out[name][0]):.1f} ms, peak {out[name][1]['peak'] / 1024:.1f} GiB", flush=True)
-            except torch.OutOfMemoryError as e:
-                print(f"   {name}: out of memory: {str(e).splitlines()[0]}", flush=True)
-                out[name] = None
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            floor_profile(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device, fam,
+                          [f for t, f in (("floor", "merge"), ("floor_act", "activation")) if t in chosen])
+        for r_ in range(args.rounds):
+            for name in chosen:
+                fn, a, kw = runs[name]
+                if out.get(name, ()) is None:
+                    continue  # ran out of memory before
+                print(f"   {name} ..." + (f" (round {r_ + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+                try:
+                    times, mem = common.measured(args.device, fn, *a, **kw)
+                    if name == "ours" and "peak" in pre:  # the peak before the FLOP count, and after it
+                        mem["peak"] = max(mem["peak"], pre["peak"])
+                        mem["delta"] = mem["peak"] - mem["base"]
+                    print(f"   {name} {median_ms(times):.1f} ms, peak {mem['peak'] / 1024:.1f} GiB", flush=True)
+                    if name in out:  # later rounds: all step times, the largest peak
+                        t0, m0 = out[name]
+                        mem = mem if mem["peak"] >= m0["peak"] else m0
+                        times = list(t0) + list(times)
+                    out[name] = (times, mem)
+                except torch.OutOfMemoryError as e:
+                    print(f"   {name}: out of memory: {str(e).splitlines()[0]}", flush=True)
+                    out[name] = None
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
         for name, res_ in out.items():
             if res_ is None:
                 rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, oom=True))
