@@ -16,8 +16,9 @@ forward under checkpointing): what LoRA training needs, since a frozen base weig
 the forward). Merging the LoRA into the weight (ComfyUI's weight adapters, TrainLoraNode, the merge floor)
 makes backward compute each full weight gradient as well (about 3x the forward): that is executed, not model,
 work, and shows in the executed TFLOP/step and HFU columns. MFU = model FLOPs / step time / peak; HFU = what
-the trainer executed (recomputation included) / step time / peak. Only ComfyUI's model code and the
-engine are imported (no server, node API or TrainLoraNode), so a bare GPU machine needs only torch and ComfyUI's model dependencies.
+the trainer executed (recomputation included) / step time / peak. Only ComfyUI's model code and the engine
+are imported (no server, node API or TrainLoraNode), so a bare GPU machine needs only torch and ComfyUI's model
+dependencies.
 """
 from __future__ import annotations
 
@@ -216,10 +217,9 @@ def main() -> int:
         ours_flops = {}
         pre = {}
 
-        def on_ours(trainer):  # after ours' first step (of the first round)
-            if pre.get("done"):
+        def on_ours(trainer):  # after ours' first step, first round only (inside its timed run; warm-up drops
+            if pre.get("round"):  # that interval)
                 return
-            pre["done"] = True  # (inside its timed run; warm-up drops that interval)
             if args.device == "cuda":
                 pre["peak"] = torch.cuda.max_memory_allocated() / 2**20
                 print(f"   ours after step 1: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
@@ -251,6 +251,7 @@ def main() -> int:
             floor_profile(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device, fam,
                           [f for t, f in (("floor", "merge"), ("floor_act", "activation")) if t in chosen])
         for r_ in range(args.rounds):
+            pre["round"] = r_  # set before the run (on the CPU each run is a forked child)
             for name in chosen:
                 fn, a, kw = runs[name]
                 if out.get(name, ()) is None:
