@@ -93,6 +93,18 @@ def T(comfy):
     return NS
 
 
+@pytest.fixture(scope="session")
+def D(comfy):
+    """The data engine's modules, imported the way ComfyUI loaded the pack."""
+    class NS:
+        captions = comfy.engine("data.captions")
+        buckets = comfy.engine("data.buckets")
+        dataset = comfy.engine("data.dataset")
+        images = comfy.engine("data.images")
+        cache = comfy.engine("data.cache")
+    return NS
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     from support.factories.dataset import make_dataset

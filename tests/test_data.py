@@ -14,17 +14,6 @@ from support.factories.dataset import make_dataset
 P = "AlignedTrainer_"
 
 
-@pytest.fixture(scope="module")
-def D(comfy):
-    class NS:
-        captions = comfy.engine("data.captions")
-        buckets = comfy.engine("data.buckets")
-        dataset = comfy.engine("data.dataset")
-        images = comfy.engine("data.images")
-        cache = comfy.engine("data.cache")
-    return NS
-
-
 # --- caption transforms -------------------------------------------------------------------------------------
 def test_trigger_word_first_and_not_duplicated(D):
     cfg = D.captions.CaptionConfig(trigger_word="ohwx")

@@ -16,16 +16,6 @@ from support.factories.dataset import make_dataset
 P = "AlignedTrainer_"
 
 
-@pytest.fixture(scope="module")
-def D(comfy):
-    class NS:
-        captions = comfy.engine("data.captions")
-        buckets = comfy.engine("data.buckets")
-        dataset = comfy.engine("data.dataset")
-        cache = comfy.engine("data.cache")
-    return NS
-
-
 def _bc(D):
     return D.buckets.BucketConfig(resolution=64, min_side=64, max_side=128, step=64, max_area=128 * 64)
 

@@ -68,6 +68,17 @@ def activation_kind(module: torch.nn.Module, cfg: LoraConfig) -> str | None:
     return None
 
 
+def refuse_network_dropout_on_weights(cfg: LoraConfig, kinds: dict[str, str | None]) -> None:
+    """``kinds``: target layer name -> its adapter's ``activation_kind`` (None: weight side). Network dropout
+    acts on activations, so a run with it where any adapter patches weights is refused."""
+    weight_side = [n for n, k in kinds.items() if not k]
+    if cfg.network_dropout and weight_side:
+        raise ConfigError(f"network_dropout acts on activations, but {len(weight_side)} target layer(s) (e.g. "
+                          f"'{weight_side[0]}') can only be trained through weight patches (LoHa, LoKr, DoRA, or "
+                          "grouped, non-zero-padded or non-2-D convolutions): exclude them (exclude regex), use "
+                          "lora/locon without DoRA, or set network_dropout to 0")
+
+
 class TrainAdapter(torch.nn.Module):
     """A ComfyUI train adapter plus rank/module(/network) dropout. Weight side: called by ComfyUI's weight
     wrapper with the weight. Activation side (``kind`` set): ``hook`` is a forward hook of the layer."""

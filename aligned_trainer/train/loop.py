@@ -62,14 +62,9 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     if len(training_set) == 0:
         raise ConfigError("the training set is empty")
     names = ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
-    if lora.network_dropout:
+    if lora.network_dropout:  # and on layers it cannot act on, before any training
         modules = dict(model.model.diffusion_model.named_modules())
-        weight_side = [n for n in names if not ad.activation_kind(modules[n], lora)]
-        if weight_side:
-            raise ConfigError(f"network_dropout acts on activations, but {len(weight_side)} target layer(s) (e.g. "
-                              f"'{weight_side[0]}': grouped, non-zero-padded or non-2-D convolutions) can only be "
-                              "trained through weight patches: exclude them (exclude regex) or set network_dropout "
-                              "to 0")
+        ad.refuse_network_dropout_on_weights(lora, {n: ad.activation_kind(modules[n], lora) for n in names})
     run_dir = Path(runs_root or default_runs_root()) / settings.run_name
     te_spec = None
     if training_set.te_spec_id:
@@ -256,14 +251,8 @@ class Trainer:
                 self.hooked_layers.append((layer, a))
             else:
                 self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", a)
-        lc = run.lora
-        self.dropout = bool(lc.module_dropout or lc.network_dropout
-                            or (lc.rank_dropout and lc.algorithm in ("lora", "locon")))
-        if lc.network_dropout and any(not a.kind for a in self.adapters.values()):
-            raise ConfigError("network_dropout acts on activations; this run has adapters that patch weights "
-                              f"(algorithm '{lc.algorithm}'{', DoRA' if lc.dora else ''} or layers the "
-                              "activation-side LoRA does not cover): use lora/locon without DoRA, or set "
-                              "network_dropout to 0")
+        ad.refuse_network_dropout_on_weights(run.lora, {n: a.kind for n, a in self.adapters.items()})
+        self.dropout = any(a.rank_dropout or a.module_dropout or a.network_dropout for a in self.adapters.values())
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
         self.opt = build_optimizer(run.optimizer, self.params)
         self.sched = build_scheduler(run.optimizer, self.opt)
