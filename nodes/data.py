@@ -2,28 +2,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..aligned_trainer import imaging
+from ..aligned_trainer import imaging, paths
 from ..aligned_trainer.data import cache
 from ..aligned_trainer.data.buckets import BucketConfig
 from ..aligned_trainer.data.captions import CaptionConfig
-from ..aligned_trainer.data.dataset import folder_fingerprint, from_folder, from_images
+from ..aligned_trainer.data.dataset import from_folder, from_images, guarded_fingerprint
 from ._common import NodeProgress, category, node_id
 
 CAT = category("Data")
 DATASET = io.Custom("AT_DATASET")
 LATENT_CACHE = io.Custom("AT_LATENT_CACHE")
 TRAINING_SET = io.Custom("AT_TRAINING_SET")
-
-
-def _resolve(folder: str) -> Path:
-    import folder_paths
-
-    p = Path(folder).expanduser()
-    return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
 
 
 def report_image(rep: dict):
@@ -47,8 +39,9 @@ class Dataset(io.ComfyNode):
             description="Images + captions, bucketed by aspect ratio, with caption processing. Reads a folder "
                         "(kohya N_name repeat folders, .txt captions) or images and captions from the graph.",
             inputs=[
-                io.String.Input("folder", default="dataset", tooltip="Folder of images with .txt captions; absolute or "
-                                "relative to ComfyUI's input folder. Ignored when images are connected."),
+                io.String.Input("folder", default="dataset", tooltip="Folder of images with .txt captions, relative to "
+                                "ComfyUI's input folder (or inside a folder the server admin allowed in "
+                                "aligned_trainer_allowed_folders.json). Ignored when images are connected."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
                              tooltip="Square bucket side; the bucket area limit is resolution^2."),
                 io.Int.Input("min_side", default=256, min=64, max=4096, step=64, tooltip="Smallest bucket side."),
@@ -67,7 +60,8 @@ class Dataset(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the caption variants."),
                 io.String.Input("reg_folder", default="", optional=True,
-                                tooltip="Optional regularization/class images folder (same layout)."),
+                                tooltip="Optional regularization/class images folder (same layout and same allowed "
+                                        "folders as 'folder')."),
                 io.Float.Input("reg_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
                                tooltip="Loss weight of regularization images."),
                 io.Image.Input("images", optional=True, tooltip="Images from the graph instead of a folder."),
@@ -91,8 +85,8 @@ class Dataset(io.ComfyNode):
             lines = captions.rstrip("\r\n").replace("\r\n", "\n").split("\n") if captions.strip() else []
             ds = from_images(images, lines, ccfg, bcfg, flip, seed)
         else:
-            ds = from_folder(_resolve(folder), ccfg, bcfg, flip, seed,
-                             _resolve(reg_folder) if reg_folder else None, reg_weight)
+            roots, root, reg = paths.dataset_folders(folder, reg_folder)
+            ds = from_folder(root, ccfg, bcfg, flip, seed, reg, reg_weight, roots)
         rep = ds.report()
         return io.NodeOutput(ds, json.dumps(rep, indent=1), report_image(rep))
 
@@ -101,7 +95,7 @@ class Dataset(io.ComfyNode):
         """Run again when a file in the dataset folders is added, removed or edited."""
         if images is not None:
             return ""
-        return folder_fingerprint(_resolve(folder), _resolve(reg_folder) if reg_folder else None)
+        return guarded_fingerprint(folder, reg_folder)
 
 
 class CacheLatents(io.ComfyNode):

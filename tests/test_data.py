@@ -184,12 +184,12 @@ def test_text_cache_and_text_encoder_unloaded(comfy, D, sd15, tmp_path):
     assert stats3[0] == 0
 
 
-def test_dataset_and_cache_nodes(comfy, sd15, tmp_path):
+def test_dataset_and_cache_nodes(comfy, sd15, comfy_dirs):
     import folder_paths
 
     _, clip, vae = sd15
-    make_dataset(tmp_path / "nodeds", n=2)
-    ds, rep, img = comfy.call(P + "Dataset", folder=str(tmp_path / "nodeds"), resolution=64, min_side=64, max_side=128,
+    make_dataset(comfy_dirs["input"] / "nodeds", n=2)
+    ds, rep, img = comfy.call(P + "Dataset", folder="nodeds", resolution=64, min_side=64, max_side=128,
                               bucket_step=64, trigger_word="ohwx", shuffle_tags=False, keep_tokens=1, tag_dropout=0.0,
                               caption_dropout=0.0, caption_variants=1, flip=False, seed=0)
     assert json.loads(rep)["images"] == 2 and img.shape[-1] == 3

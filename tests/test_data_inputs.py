@@ -152,9 +152,9 @@ def test_node_graph_images_and_report(comfy):
         comfy.call(P + "Dataset", **_node_args(images=torch.rand(3, 64, 64, 3), captions="a\nb"))
 
 
-def test_node_fingerprint_follows_folder_contents(comfy, tmp_path):
+def test_node_fingerprint_follows_folder_contents(comfy, comfy_dirs):
     node = comfy.node(P + "Dataset")
-    folder = make_dataset(tmp_path / "d", n=2).parent
+    folder = make_dataset(comfy_dirs["input"] / "fingerprint_d", n=2).parent
     a = node.fingerprint_inputs(folder=str(folder))
     assert a == node.fingerprint_inputs(folder=str(folder))
     (folder / "1_ohwx" / "img_000.txt").write_text("changed caption", encoding="utf-8")

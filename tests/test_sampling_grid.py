@@ -37,13 +37,13 @@ def test_kohya_files_rows_sorted_by_step_and_equal_stock(comfy, sd15, comfy_dirs
     assert not torch.equal(cells[0], cells[1])
 
 
-def test_training_checkpoints_grid_and_loss_graph_of_run(comfy, sd15, sd15_training_set, tmp_path):
+def test_training_checkpoints_grid_and_loss_graph_of_run(comfy, sd15, sd15_training_set):
     model, clip, vae = sd15
     C, st, loop = comfy.engine("train.config"), comfy.engine("train.state"), comfy.engine("train.loop")
     run = loop.init_run(model, sd15_training_set, C.LoraConfig(rank=4, alpha=4), C.TimestepConfig(),
-                        C.OptimizerConfig(lr=5e-2), st.RunSettings(run_name="grid"), runs_root=tmp_path)
+                        C.OptimizerConfig(lr=5e-2), st.RunSettings(run_name="ckgrid_run"))  # output/aligned_trainer/runs
     out = loop.train_steps(run, 2, checkpoint_every=1, keep_last=5, val_every=1)
-    folder = tmp_path / "grid" / "checkpoints"
+    folder = loop.default_runs_root() / "ckgrid_run" / "checkpoints"
     grid, rows = comfy.call(P + "CheckpointGrid", model=model, clip=clip, vae=vae, folder=str(folder),
                             prompts="ohwx", negative="", strength=1.0, **KW)
     assert [lab.split(" (")[0] for lab in json.loads(rows)] == ["step 1", "step 2"]

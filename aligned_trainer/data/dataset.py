@@ -7,12 +7,18 @@ Handling of bad input (also in docs/data.md):
 - missing or empty caption file -> the trigger word alone is the caption; listed in the report;
 - graph images with 1 or 4 channels -> grey repeated to RGB / alpha channel dropped;
 - image smaller than its bucket -> upscaled; listed in the report;
-- CMYK, palette, alpha (composited on white), 16-bit, EXIF-rotated -> converted to upright 8-bit RGB.
+- CMYK, palette, alpha (composited on white), 16-bit, EXIF-rotated -> converted to upright 8-bit RGB;
+- decompression-bomb image -> DataError naming the file;
+- animated GIF/PNG/WebP, SVG, HEIC, PSD and other unusable formats -> skipped and listed in the report;
+- caption longer than an encoder reads (over 75 words) -> listed in the report; caption file over 1 MiB -> DataError;
+- folders are listed by ``paths.walk``: the folder and its ``N_name`` sub-folders only, bounded in entries and
+  time; links out of the allowed folders and folders reached twice (symlink loops) are skipped and listed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import statistics
 from collections import Counter
@@ -23,11 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import paths
 from .buckets import BucketConfig, assign_bucket, crop_box, make_buckets
 from .captions import CaptionConfig, split_tags, variants
-from .images import IMAGE_EXTS, DataError, file_sha, load_image
+from .images import IMAGE_EXTS, DataError, Unsupported, file_sha, load_image, unsupported
 
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+CAPTION_EXTS = (".txt", ".caption")
+MAX_CAPTION_BYTES = 1 << 20
+LONG_CAPTION_WORDS = 75        # CLIP reads 77 tokens (about 60 English words); beyond this even T5 setups cut
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,10 @@ class _Builder:
             self.notes.append(f"no caption: {source} (no caption file; trained with the trigger word only)")
         elif not caption.strip():
             self.notes.append(f"no caption: {source} (empty caption; trained with the trigger word only)")
+        elif len(caption.split()) > LONG_CAPTION_WORDS:
+            self.notes.append(f"long caption: {source} has {len(caption.split())} words ({len(caption)} characters); "
+                              "CLIP encoders read 77 tokens (about 60 words), T5 encoders 256-512 tokens: the rest is "
+                              "cut when encoding. Shorten it or put the key words first")
         caption = caption or ""
         seed = self.seed ^ int(sha[:8], 16)
         caps = variants(caption, self.caption_cfg, seed)
@@ -112,9 +126,12 @@ class _Builder:
 
 
 def read_caption(img_path: Path) -> str | None:
-    for ext in (".txt", ".caption"):
+    for ext in CAPTION_EXTS:
         p = img_path.with_suffix(ext)
-        if p.exists():
+        if p.is_file():
+            if p.stat().st_size > MAX_CAPTION_BYTES:
+                raise DataError(f"caption {p} is {p.stat().st_size} bytes, more than {MAX_CAPTION_BYTES} (1 MiB); "
+                                "a caption is a line or a paragraph: shorten it.")
             try:
                 return p.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError:
@@ -122,19 +139,29 @@ def read_caption(img_path: Path) -> str | None:
     return None
 
 
-def scan_folder(folder: Path) -> list[tuple[Path, int]]:
-    """(image, repeats) for a folder: images directly in it (repeats 1) and in ``N_name`` subfolders."""
+def _listing(folder: Path, roots: paths.Roots | None) -> paths.Listing:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"dataset folder {folder} does not exist or is not a folder.")
+    try:
+        return paths.walk(folder, roots, max_depth=1)
+    except paths.PathRefused as e:
+        raise DataError(str(e)) from None
+
+
+def scan_folder(folder: Path, roots: paths.Roots | None = None, notes: list | None = None) -> list[tuple[Path, int]]:
+    """(image, repeats) for a folder: images directly in it (repeats 1) and in ``N_name`` subfolders.
+    Skipped entries (unsupported formats, links out of ``roots``, folders met twice) go to ``notes``."""
+    listing = _listing(folder, roots)
     out = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
-            out.append((p, 1))
-        elif p.is_dir():
-            m = REPEAT_DIR.match(p.name)
-            repeats = int(m.group(1)) if m else 1
-            out += [(q, repeats) for q in sorted(p.iterdir()) if q.is_file() and q.suffix.lower() in IMAGE_EXTS]
+    for p, depth in listing.files:
+        if p.suffix.lower() in IMAGE_EXTS:
+            m = REPEAT_DIR.match(p.parent.name) if depth else None
+            out.append((p, int(m.group(1)) if m else 1))
+        elif (why := unsupported(p)) and notes is not None:
+            notes.append(f"skipped: {p}: {why}")
+    if notes is not None:
+        notes.extend(listing.notes)
     return out
 
 
@@ -149,7 +176,7 @@ def _finish(b: _Builder, reg_weight: float, graph_images=()) -> Dataset:
                    h.hexdigest()[:16])
 
 
-def folder_fingerprint(*folders: Path | None) -> str:
+def folder_fingerprint(*folders: Path | None, roots: paths.Roots | None = None) -> str:
     """Names, sizes and modification times of every file the dataset would read (for ComfyUI's
     re-execution check: the Dataset node runs again when a file is added, removed or edited)."""
     h = hashlib.sha256()
@@ -157,29 +184,50 @@ def folder_fingerprint(*folders: Path | None) -> str:
         if folder is None or not Path(folder).is_dir():
             h.update(f"missing:{folder}".encode())
             continue
-        for p in sorted(Path(folder).rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        for p, _ in _listing(folder, roots).files:
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
+def guarded_fingerprint(folder: str, reg_folder: str = "") -> str:
+    """``folder_fingerprint`` of the Dataset node's folders after the path guard; a refused or unlistable
+    folder gives its error text (the node's run then reports the error)."""
+    try:
+        roots, f, r = paths.dataset_folders(folder, reg_folder)
+        return folder_fingerprint(f, r, roots=roots)
+    except (paths.PathRefused, DataError) as e:
+        return f"error: {e}"
+
+
 def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, flip: bool = False,
-                seed: int = 0, reg_folder: Path | None = None, reg_weight: float = 1.0) -> Dataset:
+                seed: int = 0, reg_folder: Path | None = None, reg_weight: float = 1.0,
+                roots: paths.Roots | None = None) -> Dataset:
+    """A dataset from ``folder`` (and ``reg_folder``); with ``roots``, links inside the folders that lead
+    outside those roots are skipped unread (the node passes the roots its path guard allowed)."""
     caption_cfg.validate()
+    if not math.isfinite(reg_weight) or reg_weight < 0:
+        raise DataError(f"reg_weight must be a finite number >= 0 (got {reg_weight}); 1.0 weighs regularization "
+                        "images like training images.")
     buckets = make_buckets(bucket_cfg)
     b = _Builder(caption_cfg, bucket_cfg, flip, seed)
     for root, is_reg in ((folder, False), (reg_folder, True)):
         if root is None:
             continue
-        found = scan_folder(root)
-        if not found:
-            raise DataError(f"dataset folder {root} has no images ({', '.join(sorted(IMAGE_EXTS))}); "
-                            "put images (with .txt captions) in it or in N_name subfolders.")
+        found = scan_folder(root, roots, b.notes)
         for path, repeats in found:
-            img = load_image(path)
+            try:
+                img = load_image(path)
+            except Unsupported as e:
+                b.notes.append(f"skipped: {e}")
+                continue
             caption = read_caption(path)
             b.add(str(path), file_sha(path), img.size, caption, repeats, is_reg, buckets)
+        if not any(i.is_reg == is_reg for i in b.items):
+            skipped = [n for n in b.notes if n.startswith("skipped")]
+            raise DataError(f"dataset folder {root} has no images to train on ({', '.join(sorted(IMAGE_EXTS))}); "
+                            "put images (with .txt captions) in it or in N_name subfolders."
+                            + (f" Skipped: {'; '.join(skipped[:5])}" if skipped else ""))
     return _finish(b, reg_weight)
 
 

@@ -8,6 +8,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from .. import paths
 from . import render
 from .render import SampleSettings, short
 
@@ -15,30 +16,40 @@ CHECKPOINT_FORMAT = "aligned_trainer.checkpoint.v1"
 
 
 def resolve(text: str) -> list[Path]:
-    """``text`` is a folder (absolute, or a sub-folder of ComfyUI's loras folders) or one file per line
-    (absolute paths or names in the loras folders). Returns the .safetensors files."""
+    """``text`` is a folder or one file per line, each a name inside ComfyUI's loras folders (or a run's
+    checkpoints folder under output/aligned_trainer/runs), relative or absolute. Anything outside those
+    folders is refused by the path guard with one message, whether or not it exists. Returns the
+    .safetensors files."""
     entries = [t.strip() for t in text.split("\n") if t.strip()]
     if not entries:
         raise ValueError("folder: give a folder of LoRA files, a sub-folder of models/loras, or file names (one per line)")
+    roots = paths.lora_roots()
     files: list[Path] = []
     for e in entries:
-        p = Path(e)
-        if not p.is_absolute():
-            full = folder_paths.get_full_path("loras", e)
-            if full:
-                p = Path(full)
-            else:
-                roots = [Path(r) / e for r in folder_paths.get_folder_paths("loras")]
-                p = next((r for r in roots if r.is_dir()), p)
+        p = None
+        if not Path(e).is_absolute():
+            full = folder_paths.get_full_path("loras", e) if not e.startswith("~") else None
+            candidates = ([Path(full)] if full else []) + [Path(r) / e for r in roots.roots]
+            for c in candidates:
+                try:
+                    c = paths.confine(str(c), roots)
+                except paths.PathRefused:
+                    continue
+                if c.exists():
+                    p = c
+                    break
+        if p is None:
+            p = paths.confine(e, roots)
         if p.is_dir():
-            found = sorted(p.glob("*.safetensors"))
+            found = [f for f, _ in paths.walk(p, roots, max_depth=0).files if f.suffix == ".safetensors"]
             if not found:
-                raise ValueError(f"folder: no .safetensors files in {p}")
+                raise ValueError(f"folder: no .safetensors files in {e!r}")
             files.extend(found)
         elif p.is_file() and p.suffix == ".safetensors":
             files.append(p)
         else:
-            raise ValueError(f"folder: {e!r} is neither a folder nor a .safetensors file (absolute, or in models/loras)")
+            raise ValueError(f"folder: {e!r} is neither a folder nor a .safetensors file in models/loras or a run's "
+                             "checkpoints folder")
     return files
 
 

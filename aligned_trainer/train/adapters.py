@@ -18,30 +18,48 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import torch
 import torch.nn.functional as F
 from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
 
-from .config import PRESETS, ConfigError, LoraConfig
+from .config import PRESETS, ConfigError, LoraConfig, user_pattern
 
 ADAPTER = {"lora": LoRAAdapter, "locon": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter}
 
 
+REGEX_BUDGET_S = 0.5   # all include/exclude matching of one model together
+
+
 def target_layers(diffusion_model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
-    """Names (ComfyUI module names inside the diffusion model) of the layers to train."""
+    """Names (ComfyUI module names inside the diffusion model) of the layers to train.
+
+    The user's include/exclude patterns run on the ``regex`` engine with a shared time budget
+    (``REGEX_BUDGET_S``): a pattern with catastrophic backtracking raises ConfigError within the budget, and
+    the engine releases the GIL while matching, so the server keeps answering meanwhile."""
     preset = re.compile(PRESETS[cfg.preset])
-    inc = re.compile(cfg.include) if cfg.include else None
-    exc = re.compile(cfg.exclude) if cfg.exclude else None
+    inc = user_pattern("include", cfg.include)
+    exc = user_pattern("exclude", cfg.exclude)
+    deadline = time.monotonic() + REGEX_BUDGET_S
+
+    def hit(name: str, which: str, pattern) -> bool:
+        try:
+            return pattern.search(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
+        except TimeoutError:
+            raise ConfigError(f"{which} pattern {pattern.pattern!r} took longer than {REGEX_BUDGET_S} s on this "
+                              f"model's layer names (last: {name!r}); it backtracks catastrophically (nested "
+                              "repeats such as '(a+)+'). Simplify it, e.g. anchor it or drop the nested repeat.") from None
+
     out = []
     for name, m in diffusion_model.named_modules():
         w = getattr(m, "weight", None)
         if not hasattr(m, "weight_function") or w is None:
             continue
         if w.ndim == 2 or (w.ndim in (3, 4) and cfg.conv):
-            if not preset.search(name) and not (inc and inc.search(name)):
+            if not preset.search(name) and not (inc and hit(name, "include", inc)):
                 continue
-            if exc and exc.search(name):
+            if exc and hit(name, "exclude", exc):
                 continue
             out.append(name)
     if not out:

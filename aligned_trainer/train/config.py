@@ -2,12 +2,42 @@
 starts and raises one ConfigError saying what to change."""
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+
+import regex
 
 
 class ConfigError(ValueError):
     pass
+
+
+MAX_PATTERN = 1000   # characters of an include/exclude regex
+
+
+def user_pattern(name: str, pattern: str):
+    """A user's include/exclude regex compiled on the ``regex`` engine (matching takes a timeout and releases
+    the GIL), or None when blank. Invalid or over-long patterns raise ConfigError naming the field."""
+    if not pattern:
+        return None
+    if len(pattern) > MAX_PATTERN:
+        raise ConfigError(f"{name} pattern is {len(pattern)} characters long, more than {MAX_PATTERN}; a module-name "
+                          "regex is short: simplify it.")
+    try:
+        return regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError) as e:
+        raise ConfigError(f"{name} pattern '{pattern}' is not a valid regex: {e}") from None
+
+
+def check_finite(cfg, names: dict[str, str] | None = None) -> None:
+    """Every float field of a config is a finite number (NaN passes every range check; JSON prompts can carry
+    it). ``names`` maps field names to the node input names the user sees."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+            name = (names or {}).get(f.name, f.name)
+            raise ConfigError(f"{name} is {v!r}: it must be a finite number (NaN or infinity usually come from a "
+                              f"typed 'nan' or a broken primitive); enter a number for {name}.")
 
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr")
@@ -43,6 +73,7 @@ class LoraConfig:
         return self.algorithm == "locon" or self.preset.endswith("+conv")
 
     def validate(self) -> None:
+        check_finite(self)
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown LoRA algorithm '{self.algorithm}'; use one of {ALGORITHMS}")
         if self.rank is None or self.rank < 1:
@@ -68,10 +99,7 @@ class LoraConfig:
                               "weight adapters). Use rank_dropout or module_dropout instead, or lora/locon "
                               "without DoRA.")
         for name in ("include", "exclude"):
-            try:
-                re.compile(getattr(self, name))
-            except re.error as e:
-                raise ConfigError(f"{name} pattern '{getattr(self, name)}' is not a valid regex: {e}") from None
+            user_pattern(name, getattr(self, name))
         if self.init not in ("default", "gaussian"):
             raise ConfigError("init must be 'default' or 'gaussian'")
         if self.dora and self.algorithm not in ("lora", "locon"):
@@ -108,6 +136,7 @@ class TimestepConfig:
     multires_discount: float = 0.3
 
     def validate(self) -> None:
+        check_finite(self)
         if self.density not in DENSITIES:
             raise ConfigError(f"unknown density '{self.density}'; use one of {DENSITIES}")
         if self.weighting not in WEIGHTINGS:
@@ -146,6 +175,7 @@ class OptimizerConfig:
     safeguard_warmup: bool = False
 
     def validate(self) -> None:
+        check_finite(self, {"lr": "learning_rate", "betas": "beta1/beta2"})
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{self.name}'; use one of {OPTIMIZERS}")
         if not self.lr > 0:

@@ -36,7 +36,8 @@ class ComfyServer:
     """A ComfyUI ``main.py`` process on 127.0.0.1. Use as a context manager."""
 
     def __init__(self, base: Path, model_folders: dict[str, Path] | None = None, port: int | None = None,
-                 extra_args: list[str] | None = None, log_name: str = "comfyui-server.log"):
+                 extra_args: list[str] | None = None, log_name: str = "comfyui-server.log",
+                 env: dict[str, str] | None = None):
         self.base = Path(base)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -46,6 +47,7 @@ class ComfyServer:
         self.user_dir = self.base / "user"
         self.model_folders = model_folders or {}
         self.extra_args = extra_args or []
+        self.extra_env = env or {}
         self.log_path = self.base / log_name
         self.proc: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
@@ -62,7 +64,7 @@ class ComfyServer:
         if self.model_folders:
             cfg = write_extra_model_paths(self.base / "extra_model_paths.yaml", self.model_folders)
             cmd += ["--extra-model-paths-config", str(cfg)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(root), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
