@@ -117,7 +117,7 @@ class CheckpointGrid(io.ComfyNode):
             description="Every saved checkpoint (rows) x prompts (columns), to pick the best step.",
             inputs=[io.Model.Input("model", tooltip="Base model (without LoRA)."),
                     io.Clip.Input("clip", tooltip="CLIP to encode the prompts."), io.Vae.Input("vae", tooltip="VAE."),
-                    io.String.Input("folder", default="", tooltip="A folder of LoRA files / a run's checkpoints folder (absolute, or a sub-folder of models/loras), or file names one per line. Rows are sorted by training step (metadata or trailing digits of the name)."),
+                    io.String.Input("folder", default="", tooltip="A folder of LoRA files / a run's checkpoints folder (a sub-folder of models/loras, or a path inside a registered loras folder or output/aligned_trainer/runs), or file names one per line. Rows are sorted by training step (metadata or trailing digits of the name)."),
                     PROMPTS, NEGATIVE, *sampler_inputs(),
                     io.Float.Input("strength", default=1.0, min=-5, max=5, step=0.05, tooltip="LoRA strength.")],
             outputs=[io.Image.Output("grid", tooltip="Checkpoints x prompts."),

@@ -29,15 +29,16 @@ from .config import PRESETS, ConfigError, LoraConfig, user_pattern
 ADAPTER = {"lora": LoRAAdapter, "locon": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter}
 
 
-REGEX_BUDGET_S = 0.5   # all include/exclude matching of one model together
+REGEX_BUDGET_S = 0.25  # CPU seconds for all include/exclude matching of one model (the regex engine's timeout
+                       # counts CPU time; real patterns need microseconds per layer name)
 
 
 def target_layers(diffusion_model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     """Names (ComfyUI module names inside the diffusion model) of the layers to train.
 
     The user's include/exclude patterns run on the ``regex`` engine with a shared time budget
-    (``REGEX_BUDGET_S``): a pattern with catastrophic backtracking raises ConfigError within the budget, and
-    the engine releases the GIL while matching, so the server keeps answering meanwhile."""
+    (``REGEX_BUDGET_S`` of CPU time): a pattern with catastrophic backtracking raises ConfigError within the
+    budget, and the engine releases the GIL while matching, so the server keeps answering meanwhile."""
     preset = re.compile(PRESETS[cfg.preset])
     inc = user_pattern("include", cfg.include)
     exc = user_pattern("exclude", cfg.exclude)
