@@ -48,7 +48,7 @@ def target_layers(diffusion_model: torch.nn.Module, cfg: LoraConfig) -> list[str
         try:
             return pattern.search(name, timeout=max(deadline - time.monotonic(), 1e-3)) is not None
         except TimeoutError:
-            raise ConfigError(f"{which} pattern {pattern.pattern!r} took longer than {REGEX_BUDGET_S} s on this "
+            raise ConfigError(f"{which} pattern '{pattern.pattern}' took longer than {REGEX_BUDGET_S} s on this "
                               f"model's layer names (last: {name!r}); it backtracks catastrophically (nested "
                               "repeats such as '(a+)+'). Simplify it, e.g. anchor it or drop the nested repeat.") from None
 
