@@ -194,6 +194,22 @@ def _train(T, model, tset, tmp_path, name, lora, steps, **settings):
                                    **settings), steps)
 
 
+def _assert_same_weights(a, b, rel=1e-4):
+    """Each adapter tensor of two runs agrees to ``rel`` in norm: ||a - b|| <= rel * ||a||.
+
+    Checkpointing recomputes each block with the forward's dropout masks, so both runs compute the same
+    gradients up to float32 rounding; the rounding differs (the recomputed graph accumulates in another order,
+    and oneDNN picks kernels by alignment and CPU features, so the bits differ between machines). AdamW divides
+    each gradient by its running RMS, which turns rounding in near-zero gradient elements into element-wise
+    differences of a few 1e-6 at lr 3e-2 (an element-wise rtol check failed on another machine for that reason).
+    Measured on 2026-11-30 (2-core CPU, tiny FLUX.1): worst tensor 2.3e-6 relative. Masks drawn differently
+    in the recomputation give gradients of another sample: differences of order 1, far above ``rel``."""
+    for k, v in a.state["adapters"].items():
+        w = b.state["adapters"][k]
+        err = ((v - w).norm() / v.norm().clamp_min(1e-12)).item()
+        assert err <= rel, (k, err)
+
+
 DROPOUT = dict(rank=4, alpha=4, network_dropout=0.3, rank_dropout=0.25, module_dropout=0.2)
 
 
@@ -218,8 +234,7 @@ def test_dropout_deterministic_and_same_with_gradient_checkpointing(comfy, T, sd
         assert torch.equal(v, b.state["adapters"][k]), k
     # checkpointing recomputes each block: it must draw the forward's masks again
     assert losses == pytest.approx([h["loss"] for h in gc.history], rel=1e-5)
-    for k, v in a.state["adapters"].items():
-        assert torch.allclose(v, gc.state["adapters"][k], rtol=1e-4, atol=1e-6), k
+    _assert_same_weights(a, gc)
     # the dropout did act
     assert any(not torch.allclose(v, plain.state["adapters"][k], atol=1e-5) for k, v in a.state["adapters"].items())
 
@@ -231,8 +246,7 @@ def test_weight_side_dropout_same_with_gradient_checkpointing(T, sd15, sd15_trai
     a = _train(T, sd15[0], sd15_training_set, tmp_path, "wa", lora, 3)
     gc = _train(T, sd15[0], sd15_training_set, tmp_path, "wgc", lora, 3, gradient_checkpointing=True)
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in gc.history], rel=1e-5)
-    for k, v in a.state["adapters"].items():
-        assert torch.allclose(v, gc.state["adapters"][k], rtol=1e-4, atol=1e-6), k
+    _assert_same_weights(a, gc)
 
 
 def test_network_dropout_resume_equals_uninterrupted(T, sd15, sd15_training_set, tmp_path):

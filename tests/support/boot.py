@@ -52,20 +52,26 @@ class Comfy:
 _BOOTED: Comfy | None = None
 
 
+def make_importable(root: Path | None = None) -> Path:
+    """Put ComfyUI on ``sys.path`` the way ``main.py`` runs (its ``utils`` package first, before anything can
+    shadow it with comfy/utils.py), CPU only, so ``comfy.*`` imports work, e.g. for the tiny-model factories."""
+    root = root or comfyui_path()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import utils.extra_config  # noqa: F401
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is first imported: it picks its device at import
+    return root
+
+
 def boot(output_dir: Path | None = None, temp_dir: Path | None = None) -> Comfy:
     """Import ComfyUI from its folder, CPU only, with every built-in node and this pack loaded."""
     global _BOOTED
     if _BOOTED is not None:
         return _BOOTED
-    root = comfyui_path()
+    root = make_importable()
     link = pack_link(root)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import utils.extra_config  # noqa: F401  (main.py imports ComfyUI's `utils` package first, before
-    # anything can shadow it with comfy/utils.py)
-    from comfy.cli_args import args
-
-    args.cpu = True
     import folder_paths
 
     if output_dir is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .boot import make_importable
 from .factories import sd15
 from .factories.dataset import make_dataset
 from .paths import REPO
@@ -16,6 +17,7 @@ DEMO_WORKFLOW = REPO / "workflows" / "demo_train_tiny.json"
 
 def prepare_inputs(input_dir: Path, checkpoints_dir: Path) -> None:
     """The tiny checkpoint and the captioned dataset the demo workflow names."""
+    make_importable()  # the checkpoint is built from ComfyUI's own classes (a fresh clone has no cached file)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     link = checkpoints_dir / "tiny-sd15.safetensors"
     if not link.exists():

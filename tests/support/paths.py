@@ -7,7 +7,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".work"
 CACHE = WORK / "cache"
-MODEL_CACHE = CACHE / "models"
+# ALIGNED_TRAINER_MODEL_CACHE points the generated tiny models somewhere else (an empty folder reproduces a
+# fresh clone: tests/test_main_command.py).
+MODEL_CACHE = Path(os.environ["ALIGNED_TRAINER_MODEL_CACHE"]) if os.environ.get("ALIGNED_TRAINER_MODEL_CACHE") \
+    else CACHE / "models"
 PACK_NAME = "comfyui-aligned-trainer"
 
 
