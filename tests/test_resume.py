@@ -70,6 +70,35 @@ def test_resume_through_nodes_under_inference_mode_equals_uninterrupted(comfy, T
     assert [h["loss"] for h in full.history] == [h["loss"] for h in done.history]
 
 
+def test_interrupt_inside_a_forward_pass_checkpoints_a_resumable_state(T, sd15, sd15_training_set, tmp_path):
+    """ComfyUI's ops raise the interrupt (POST /interrupt, Cancel) inside the forward pass of the step in
+    progress, after it drew its batch, noise and timesteps. The checkpoint holds the last completed step with the
+    random state from before the interrupted one: resumed, it continues exactly like an uninterrupted run."""
+    import comfy.model_management as mm
+
+    root = tmp_path / "runs"
+    done = []
+    dm = sd15[0].model.diffusion_model
+    hook = dm.input_blocks[1][0].register_forward_hook(
+        lambda *a: mm.interrupt_current_processing(True) if len(done) == 2 else None)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            T.loop.train_steps(_init(T, sd15, sd15_training_set, root, "cut"), 10,
+                               on_step=lambda r, tr: done.append(r.step))
+    finally:
+        hook.remove()
+        mm.interrupt_current_processing(False)
+    assert done == [1, 2]
+    (kept,) = T.st.existing_checkpoints(root / "cut")
+    resumed = _init(T, sd15, sd15_training_set, root, "cut", resume="latest")
+    assert kept.name == "step_0000002.safetensors" and resumed.step == 2
+    after = T.loop.train_steps(resumed, 1)
+    full = T.loop.train_steps(_init(T, sd15, sd15_training_set, root, "cut_ref"), 3)
+    for k, v in full.state["adapters"].items():
+        assert torch.equal(v, after.state["adapters"][k]), k
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in after.history]
+
+
 # -- checkpoint digest --------------------------------------------------------------------------------------
 
 def _fake_run(T, run_dir, step=3, lora=None):

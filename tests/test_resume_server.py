@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path

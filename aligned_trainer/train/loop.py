@@ -576,18 +576,21 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         with checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
             for a in trainer.adapters.values():
                 a.train()
+            in_step = None  # the random state before the step in progress (None between steps)
             try:
                 for _ in range(steps):
                     mm.throw_exception_if_processing_interrupted()
                     t0 = time.perf_counter()
+                    in_step = (trainer.gen.get_state(), trainer.py_rng.getstate())
                     loss, lr = trainer.step()
+                    in_step = None
                     step += 1
                     rec = {"step": step, "loss": loss, "lr": lr}
+                    history.append(rec)
                     val = None
                     if val_every and step % val_every == 0:
                         val = trainer.validation_loss()
                         rec["val_loss"] = val
-                    history.append(rec)
                     if checkpoint_every and step % checkpoint_every == 0:
                         checkpoints = st.save_checkpoint(snapshot(), keep_last)
                     if on_step:
@@ -601,6 +604,12 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                         for a in trainer.adapters.values():
                             a.train()
             except mm.InterruptProcessingException:
+                # ComfyUI's ops raise the interrupt inside a forward pass: the step in progress has drawn its batch,
+                # noise and timesteps but updated nothing, so the checkpoint takes the random state from before it
+                # (resuming then repeats that step exactly, as an uninterrupted run takes it)
+                if in_step is not None:
+                    trainer.gen.set_state(in_step[0])
+                    trainer.py_rng.setstate(in_step[1])
                 if step > run.step:
                     st.save_checkpoint(snapshot(), keep_last)
                 raise
