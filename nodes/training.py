@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.train import config as C
-from ..aligned_trainer.train import export, loop, state, timesteps
+from ..aligned_trainer.train import export, files, loop, state, timesteps
 from ._common import NodeProgress, category, node_id, send_event
 
 CAT = category("Training")
@@ -172,11 +172,19 @@ class TrainInit(io.ComfyNode):
                 io.Float.Input("dop_weight", default=0.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Differential output preservation: keep the model's prediction for the "
                                        "preservation prompt unchanged (0 = off; needs preservation_prompt)."),
-                io.String.Input("run_name", default="my_lora", tooltip="Run folder under output/aligned_trainer/runs."),
+                io.String.Input("run_name", default="my_lora",
+                                tooltip="Run folder under output/aligned_trainer/runs (a plain name, at most 100 "
+                                        "characters)."),
                 io.String.Input("resume", default="none",
-                                tooltip="'none', 'latest' (newest checkpoint of this run name), or a checkpoint path."),
+                                tooltip="'none', 'latest' (newest checkpoint of this run name), another run's name "
+                                        "(its newest checkpoint), or a checkpoint file inside "
+                                        "output/aligned_trainer/runs, e.g. 'my_lora/checkpoints/step_0000100.safetensors'."),
                 io.Conditioning.Input("preservation_prompt", optional=True,
                                       tooltip="Encoded preservation prompt (e.g. 'a photo of a person') for DOP."),
+                io.Combo.Input("if_exists", options=list(state.RUN_IF_EXISTS), default="new_name", optional=True,
+                               tooltip="When run_name already holds checkpoints of another run: new_name (write to "
+                                       "'<run_name>_2', ...; nothing is lost), overwrite (delete its old "
+                                       "checkpoints), resume (continue its newest checkpoint)."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
         )
@@ -184,11 +192,11 @@ class TrainInit(io.ComfyNode):
     @classmethod
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
-                dop_weight=0.0, preservation_prompt=None) -> io.NodeOutput:
+                dop_weight=0.0, preservation_prompt=None, if_exists="new_name") -> io.NodeOutput:
         settings = state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay,
                                      guidance, val_count, 4, run_name, reg_weight, dop_weight)
         return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
-                                           preservation=preservation_prompt))
+                                           preservation=preservation_prompt, if_exists=if_exists))
 
 
 class TrainSteps(io.ComfyNode):
@@ -252,18 +260,23 @@ class SaveLora(io.ComfyNode):
             description="Writes the LoRA into ComfyUI's loras folder (kohya keys + training metadata), after "
                         "checking that ComfyUI's own LoRA loader maps every key.",
             inputs=[TRAIN_RUN.Input("run", tooltip="The trained run."),
-                    io.String.Input("name", default="my_lora", tooltip="File name (no folders, no '..')."),
+                    io.String.Input("name", default="my_lora",
+                                    tooltip="File name in the loras folder (no folders, no '..', at most 120 characters)."),
                     io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16", tooltip="Stored precision."),
                     io.Boolean.Input("use_ema", default=True, optional=True,
                                      tooltip="Save the EMA-averaged weights when the run keeps an EMA (else the "
-                                             "last trained weights).")],
+                                             "last trained weights)."),
+                    io.Combo.Input("if_exists", options=list(files.IF_EXISTS), default="new_name",
+                                   optional=True,
+                                   tooltip="When a LoRA of this name exists: new_name (save as '<name>_2', ...; "
+                                           "nothing is lost) or overwrite.")],
             outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, run, name, dtype, use_ema=True) -> io.NodeOutput:
-        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema)
+    def execute(cls, run, name, dtype, use_ema=True, if_exists="new_name") -> io.NodeOutput:
+        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema, if_exists=if_exists)
         text = json.dumps(report)
         return io.NodeOutput(str(path), ui={"text": [text]})
 

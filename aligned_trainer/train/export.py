@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import comfy.lora
@@ -16,6 +14,7 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
+from . import files
 from .state import TrainRun
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
@@ -118,16 +117,27 @@ def metadata(run: TrainRun) -> dict[str, str]:
     return md
 
 
+NAME_MAX = 120  # characters before ".safetensors" (room for a "_<n>" suffix under the usual 255-byte limit)
+
+
 def check_name(name: str) -> str:
+    shown = repr(name if len(name) <= 60 else name[:57] + "...")
     if not name or "/" in name or "\\" in name or ".." in name or not NAME_RE.match(name):
-        raise ExportError(f"LoRA name '{name}' is not allowed: use letters, digits, spaces, '_', '-', '.' "
+        raise ExportError(f"LoRA name {shown} is not allowed: use letters, digits, spaces, '_', '-', '.' "
                           "without path separators or '..'")
-    return name if name.endswith(".safetensors") else name + ".safetensors"
+    stem = name.removesuffix(".safetensors")
+    if len(stem) > NAME_MAX:
+        raise ExportError(f"LoRA name {shown} is {len(stem)} characters long; use at most {NAME_MAX}")
+    return stem + ".safetensors"
 
 
 def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.float16,
-              ema: bool = True) -> tuple[Path, dict]:
-    """Write the LoRA; verify it loads completely in ComfyUI's stock loader; return (path, report)."""
+              ema: bool = True, if_exists: str = "new_name") -> tuple[Path, dict]:
+    """Write the LoRA; verify it loads completely in ComfyUI's stock loader; return (path, report).
+    ``if_exists``: 'new_name' (the default: an existing file keeps its name and this one gets the first free
+    ``<name>_<n>``) or 'overwrite'."""
+    if if_exists not in files.IF_EXISTS:
+        raise ExportError(f"if_exists {if_exists!r} is not one of {files.IF_EXISTS}")
     fname = check_name(name)
     if folder is None:
         import folder_paths
@@ -140,16 +150,12 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     missing = unmapped_keys(run.model, sd)
     if missing:
         raise ExportError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
-    path = folder / fname
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={**metadata(run), "aligned_trainer.weights": "ema" if use_ema else "trained"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    md = {**metadata(run), "aligned_trainer.weights": "ema" if use_ema else "trained"}
+    path = files.write_atomic(folder / fname, lambda tmp: save_file(sd, tmp, metadata=md),
+                              overwrite=if_exists == "overwrite")
+    if path.name != fname:
+        logging.info("aligned_trainer: %s exists; saved as %s (if_exists 'new_name')", fname, path.name)
     logging.info("aligned_trainer: saved %s (%d tensors)", path, len(sd))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return path, {"path": str(path), "tensors": len(sd), "unmapped": 0, "sha256_16": digest, "steps": run.step,
-                  "weights": "ema" if use_ema else "trained"}
+                  "weights": "ema" if use_ema else "trained", "requested": fname}

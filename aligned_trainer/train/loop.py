@@ -23,6 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
+from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
 from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig
@@ -39,9 +40,13 @@ def default_runs_root() -> Path:
 
 def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: TimestepConfig,
              optimizer: OptimizerConfig, settings: st.RunSettings, resume: str = "none",
-             runs_root: Path | None = None, preservation: list | None = None) -> st.TrainRun:
+             runs_root: Path | None = None, preservation: list | None = None,
+             if_exists: str = "new_name") -> st.TrainRun:
     """Validate all settings (one clear error before any training) and create or resume a run.
-    ``preservation``: CONDITIONING of the preservation prompt for differential output preservation."""
+    ``preservation``: CONDITIONING of the preservation prompt for differential output preservation.
+    ``resume``: 'none', 'latest', a run name or a checkpoint file inside the runs folder; ``if_exists``: what to
+    do when the run name already holds another run's checkpoints ('new_name', 'overwrite', 'resume'; see
+    ``state.claim_run_dir``)."""
     for cfg in (lora, timesteps, optimizer):
         cfg.validate()
     if settings.batch_size < 1 or settings.grad_accum < 1:
@@ -50,8 +55,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         raise ConfigError(f"precision must be one of {tuple(DTYPES)}")
     if not 0.0 <= settings.ema_decay < 1.0:
         raise ConfigError("ema_decay must be in [0, 1) (0 turns EMA off)")
-    if not settings.run_name or any(c in settings.run_name for c in "/\\") or ".." in settings.run_name:
-        raise ConfigError(f"run name '{settings.run_name}' must be a plain name (no path separators or '..')")
+    st.check_run_name(settings.run_name)
     if settings.reg_weight < 0:
         raise ConfigError(f"reg_weight must be >= 0 (got {settings.reg_weight})")
     if settings.dop_weight < 0:
@@ -65,7 +69,6 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     if lora.network_dropout:  # and on layers it cannot act on, before any training
         modules = dict(model.model.diffusion_model.named_modules())
         ad.refuse_network_dropout_on_weights(lora, {n: ad.activation_kind(modules[n], lora) for n in names})
-    run_dir = Path(runs_root or default_runs_root()) / settings.run_name
     te_spec = None
     if training_set.te_spec_id:
         te_spec = {"id": training_set.te_spec_id}
@@ -73,17 +76,18 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
             te_spec = specs.get_spec(training_set.te_spec_id).identity()  # id, variant, hash
         except Exception:  # a spec file removed since caching: keep the id
             pass
+    opened = resume_mod.open_run(Path(runs_root or default_runs_root()), settings.run_name, resume, if_exists,
+                                 model, names, lora, optimizer, te_spec)
+    run_dir = opened.run_dir
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
                       meta={"dataset_hash": training_set.meta.get("dataset_hash")},
                       preservation=preservation if settings.dop_weight > 0 else None)
-    if resume and resume != "none":
-        path = st.latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            raise ConfigError(f"no checkpoint to resume in {run_dir / 'checkpoints'}; set resume to 'none'")
-        ck = st.load_checkpoint(path)
-        run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"],
-                           checkpoints=tuple(str(p) for p in sorted((run_dir / "checkpoints").glob("step_*.safetensors"))))
+    if opened.checkpoint is not None:
+        ck = opened.checkpoint
+        run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept)
+    for old in opened.replaced:  # if_exists 'overwrite', after every check has passed
+        old.unlink(missing_ok=True)
     return run
 
 
@@ -295,6 +299,11 @@ class Trainer:
                 "rng": self.gen.get_state(), "py_rng": list(self.py_rng.getstate()[1]) + [self.py_rng.getstate()[2]]}
 
     def load_state(self, state: dict) -> None:
+        """Continue from ``state`` (a run's or a checkpoint's). Its tensors are copied first, outside inference
+        mode: the optimizer updates its moments in place, which inference tensors (read under ComfyUI's
+        ``torch.inference_mode()``) refuse, and the run that holds ``state`` must stay unchanged."""
+        with torch.inference_mode(False):
+            state = _ordinary_copy(state)
         sd = state["adapters"]
         for n, a in self.adapters.items():
             a.inner.load_state_dict({k: sd[f"{n}.{k}"] for k in a.inner.state_dict()})
@@ -502,6 +511,17 @@ class Trainer:
         freeze_base(self.patcher.model.diffusion_model)
 
 
+def _ordinary_copy(obj):
+    """``obj`` (nested dicts/lists/tuples) with every tensor cloned into an ordinary (non-inference) tensor."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _ordinary_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_ordinary_copy(v) for v in obj)
+    return obj
+
+
 def unfreeze_inference_tensors(module: torch.nn.Module) -> int:
     """ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded there are inference tensors,
     which autograd cannot save for backward. Replace them (same values, same device) by normal tensors."""
@@ -556,18 +576,21 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         with checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
             for a in trainer.adapters.values():
                 a.train()
+            in_step = None  # the random state before the step in progress (None between steps)
             try:
                 for _ in range(steps):
                     mm.throw_exception_if_processing_interrupted()
                     t0 = time.perf_counter()
+                    in_step = (trainer.gen.get_state(), trainer.py_rng.getstate())
                     loss, lr = trainer.step()
+                    in_step = None
                     step += 1
                     rec = {"step": step, "loss": loss, "lr": lr}
+                    history.append(rec)
                     val = None
                     if val_every and step % val_every == 0:
                         val = trainer.validation_loss()
                         rec["val_loss"] = val
-                    history.append(rec)
                     if checkpoint_every and step % checkpoint_every == 0:
                         checkpoints = st.save_checkpoint(snapshot(), keep_last)
                     if on_step:
@@ -581,6 +604,12 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                         for a in trainer.adapters.values():
                             a.train()
             except mm.InterruptProcessingException:
+                # ComfyUI's ops raise the interrupt inside a forward pass: the step in progress has drawn its batch,
+                # noise and timesteps but updated nothing, so the checkpoint takes the random state from before it
+                # (resuming then repeats that step exactly, as an uninterrupted run takes it)
+                if in_step is not None:
+                    trainer.gen.set_state(in_step[0])
+                    trainer.py_rng.setstate(in_step[1])
                 if step > run.step:
                     st.save_checkpoint(snapshot(), keep_last)
                 raise

@@ -1,15 +1,23 @@
-"""The training-run state (immutable) and its checkpoints.
+"""The training-run state (immutable), its checkpoints, and the runs folder.
 
 A checkpoint is one safetensors file holding the adapter weights, the optimizer state tensors, the EMA
 weights and the RNG state; the scheduler state, optimizer hyper-parameters, history and configs go in its
-metadata. It is written to a temporary name and renamed, so a crash mid-write leaves the previous
+metadata, with a digest of the tensors and of that metadata, verified on load (a flipped byte is refused,
+never trained on). It is written to a temporary name and renamed, so a crash mid-write leaves the previous
 checkpoint intact. The last K are kept.
+
+Runs live in one folder (``output/aligned_trainer/runs/<run name>``). ``resume`` takes 'none', 'latest',
+a run name or a checkpoint file inside that folder, nothing else (:func:`resolve_resume`); a run name that is
+already taken needs an explicit choice (:func:`claim_run_dir`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..data.types import TrainingSet
-from .config import LoraConfig, OptimizerConfig, TimestepConfig, as_dict
+from . import files
+from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig, as_dict
+
+FORMAT = "aligned_trainer.checkpoint.v2"   # v2: with a digest
+FORMAT_V1 = "aligned_trainer.checkpoint.v1"
+RUN_NAME_MAX = 100
+RUN_IF_EXISTS = ("new_name", "overwrite", "resume")
+RUNS_HINT = "output/aligned_trainer/runs"
+log = logging.getLogger("aligned_trainer")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed (damaged, foreign, incompatible with the run's settings)."""
 
 
 @dataclass(frozen=True)
@@ -89,24 +109,31 @@ def _unflatten(obj, tensors: dict):
     return obj
 
 
+def digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the digest itself."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"T|{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for k in sorted(meta):
+        if k != "digest":
+            h.update(f"M|{k}|{len(meta[k])}|{meta[k]}".encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(run: TrainRun, keep_last: int = 3) -> tuple[str, ...]:
     """Write the run's state at ``run.step``; return the kept checkpoint paths (oldest first)."""
     folder = Path(run.run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{run.step:07d}.safetensors"
     tensors: dict[str, torch.Tensor] = {}
     structure = _flatten("s", run.state, tensors, None)
-    meta = {"format": "aligned_trainer.checkpoint.v1", "step": str(run.step), "state": json.dumps(structure),
+    tensors = tensors or {"empty": torch.zeros(1)}
+    meta = {"format": FORMAT, "step": str(run.step), "state": json.dumps(structure),
             "history": json.dumps(list(run.history)), "config": json.dumps(run.config_json()),
             "te_spec": json.dumps(run.te_spec)}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors or {"empty": torch.zeros(1)}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta["digest"] = digest(tensors, meta)
+    files.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     kept = [str(path)] + [c for c in run.checkpoints if c != str(path)]
     kept = sorted(set(kept))
     for old in kept[:-keep_last] if keep_last > 0 else []:
@@ -114,22 +141,160 @@ def save_checkpoint(run: TrainRun, keep_last: int = 3) -> tuple[str, ...]:
     return tuple(kept[-keep_last:]) if keep_last > 0 else tuple(kept)
 
 
+def _earlier(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("step_*.safetensors") if p.name != path.name)
+    return (f"resume from an earlier checkpoint of the run ({', '.join(others[-3:])})" if others
+            else "set resume to 'none' to start again")
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """{'step', 'state', 'history', 'config', 'te_spec'} from a checkpoint file."""
+    """{'step', 'state', 'history', 'config', 'te_spec'} from a checkpoint file, verified against its digest.
+    The tensors are ordinary tensors even when called under ComfyUI's ``torch.inference_mode()`` (the optimizer
+    updates its state in place when training goes on)."""
     path = Path(path)
+    damaged = f"checkpoint {path.name} (in {path.parent}) is damaged"
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({e}); resume from an earlier one") from None
-    if meta.get("format") != "aligned_trainer.checkpoint.v1":
-        raise ValueError(f"{path} is not an Aligned Trainer checkpoint")
-    return {"step": int(meta["step"]), "state": _unflatten(json.loads(meta["state"]), tensors),
-            "history": tuple(json.loads(meta["history"])), "config": json.loads(meta["config"]),
-            "te_spec": json.loads(meta["te_spec"]), "path": str(path)}
+        raise CheckpointError(f"{damaged}: it cannot be read as safetensors ({str(e)[:200]}); {_earlier(path)}") from None
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, FORMAT_V1):
+        raise CheckpointError(f"{path.name} is not an Aligned Trainer checkpoint (format {fmt!r}); resume takes the "
+                              "step_*.safetensors files Train Steps writes")
+    if fmt == FORMAT and meta.get("digest") != digest(tensors, meta):
+        raise CheckpointError(f"{damaged}: its contents do not match the digest stored in it (changed bytes, e.g. "
+                              f"a disk or copy error); it was not used. {_earlier(path).capitalize()}")
+    if fmt == FORMAT_V1:
+        log.warning("aligned_trainer: checkpoint %s has no digest (written by an older version); not verified", path)
+    try:
+        ck = {"step": int(meta["step"]), "state": _unflatten(json.loads(meta["state"]), tensors),
+              "history": tuple(json.loads(meta["history"])), "config": json.loads(meta["config"]),
+              "te_spec": json.loads(meta["te_spec"]), "path": str(path)}
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{damaged}: its metadata is incomplete ({e}); {_earlier(path)}") from None
+    bad = [k for k, v in (ck["state"] or {}).get("adapters", {}).items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path.name} holds non-finite adapter weights (NaN/inf in {bad[0]}): the "
+                              f"run had diverged by step {ck['step']}; {_earlier(path)} and lower the learning rate")
+    return ck
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = sorted((Path(run_dir) / "checkpoints").glob("step_*.safetensors"))
+    return latest_in(Path(run_dir) / "checkpoints")
+
+
+# -- the runs folder ---------------------------------------------------------------------------------------
+
+def check_run_name(name: str) -> str:
+    """The run name as a plain folder name, or one ConfigError naming it and the fix."""
+    shown = repr(name if len(name) <= 60 else name[:57] + "...")
+    why = None
+    if not name or not name.strip():
+        why = "it is empty"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "it contains a control character (e.g. NUL)"
+    elif any(c in name for c in "/\\") or ".." in name:
+        why = "it contains a path separator or '..'"
+    elif name.startswith((".", "~")) or name != name.strip() or name.endswith("."):
+        why = "it starts with '.' or '~', or starts/ends with a space or ends with '.'"
+    elif len(name) > RUN_NAME_MAX:
+        why = f"it is {len(name)} characters long (at most {RUN_NAME_MAX})"
+    elif name in ("none", "latest"):
+        why = "'none' and 'latest' are resume keywords"
+    if why:
+        raise ConfigError(f"run name {shown} is not allowed: {why}. Use a plain name (a folder under "
+                          f"{RUNS_HINT}: letters, digits, '_', '-', '.', spaces; at most {RUN_NAME_MAX} "
+                          "characters), e.g. 'my_lora'")
+    return name
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _refused(value: str) -> CheckpointError:
+    shown = repr(value if len(value) <= 80 else value[:77] + "...")
+    return CheckpointError(
+        f"resume {shown} is refused: resume takes 'none', 'latest' (this run name's newest checkpoint), a run name, "
+        f"or a checkpoint file inside the runs folder ({RUNS_HINT}) given relative to it, e.g. 'my_lora' or "
+        "'my_lora/checkpoints/step_0000100.safetensors'")
+
+
+def runs_path(value: str, runs_root: Path) -> Path:
+    """``value`` (relative to the runs folder, or absolute) as a real path inside ``runs_root``; the same
+    CheckpointError for everything else (absolute paths elsewhere, '..', '~', NUL, symlinks leading out) whether
+    or not the target exists. The filesystem is consulted only for paths already known to lie inside."""
+    root_abs = os.path.normpath(os.path.abspath(runs_root))
+    root_real = os.path.realpath(runs_root)
+    if not value or "\x00" in value or value.startswith("~") or \
+            any(part == ".." for part in re.split(r"[\\/]", value)):
+        raise _refused(value)
+    lexical = os.path.normpath(value if os.path.isabs(value) else os.path.join(root_abs, value))
+    if not (_inside(lexical, root_abs) or _inside(lexical, root_real)):
+        raise _refused(value)
+    real = os.path.realpath(lexical)  # follows symlinks inside the runs folder
+    if not _inside(real, root_real) or real == root_real:
+        raise _refused(value)
+    return Path(real)
+
+
+def resolve_resume(value: str, runs_root: Path, run_name: str) -> Path | None:
+    """The checkpoint file ``resume`` names, or None for 'none'. 'latest': the newest checkpoint of
+    ``run_name``; a run name (folder): its newest; a file: that checkpoint."""
+    value = (value or "none").strip()
+    if value == "none":
+        return None
+    if value == "latest":
+        target = Path(runs_root) / run_name
+    else:
+        target = runs_path(value, Path(runs_root))
+    if target.is_dir():
+        found = latest_checkpoint(target) or (latest_in(target) if target.name == "checkpoints" else None)
+        if found is None:
+            raise CheckpointError(f"no checkpoint to resume in {target}: train this run first, or set resume "
+                                  "to 'none'")
+        return found
+    if target.is_file() and target.suffix == ".safetensors":
+        return target
+    what = f"run '{run_name}'" if value == "latest" else repr(value)
+    raise CheckpointError(f"no checkpoint to resume: {what} is neither a run nor a checkpoint file in the runs "
+                          f"folder ({RUNS_HINT}); check the name, or set resume to 'none'")
+
+
+def latest_in(folder: Path) -> Path | None:
+    found = sorted(Path(folder).glob("step_*.safetensors"))
     return found[-1] if found else None
+
+
+def existing_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*.safetensors"))
+
+
+def claim_run_dir(runs_root: Path, run_name: str, source: Path | None, if_exists: str) -> tuple[Path, Path | None, list[Path]]:
+    """Where the run writes its checkpoints: ``(run_dir, checkpoint to resume from, old checkpoints to delete)``.
+    A run folder that already holds checkpoints is reused as is only when the run continues its newest
+    checkpoint; otherwise ``if_exists`` decides: 'new_name' (the default; the first free '<name>_2', '<name>_3',
+    ...: nothing is lost), 'overwrite' (its old checkpoints are deleted, so 'latest' cannot point into the old
+    run) or 'resume' (continue its newest checkpoint; only with resume 'none')."""
+    if if_exists not in RUN_IF_EXISTS:
+        raise ConfigError(f"if_exists {if_exists!r} is not one of {RUN_IF_EXISTS}")
+    run_dir = Path(runs_root) / run_name
+    old = existing_checkpoints(run_dir)
+    if not old or (source is not None and os.path.realpath(source) == os.path.realpath(old[-1])):
+        return run_dir, source, []
+    if if_exists == "resume":
+        if source is not None:
+            raise ConfigError(f"run '{run_name}' already has checkpoints (newest {old[-1].name}) and resume names "
+                              f"another checkpoint ({source.name}): set if_exists to 'new_name' to continue it in "
+                              "a new run folder, or 'overwrite' to replace the old run's checkpoints")
+        return run_dir, old[-1], []
+    if if_exists == "overwrite":
+        return run_dir, source, [p for p in old if source is None or os.path.realpath(p) != os.path.realpath(source)]
+    for n in range(2, files.MAX_SUFFIX):
+        candidate = Path(runs_root) / f"{run_name}_{n}"
+        if not existing_checkpoints(candidate):
+            return candidate, source, []
+    raise ConfigError(f"run name '{run_name}' and its numbered variants are all taken; choose another run name")

@@ -1,0 +1,70 @@
+"""Writing training outputs (checkpoints, LoRA files): atomically, with the permissions ComfyUI's own
+outputs get, and never over an existing file unless the caller asks for it.
+
+A file is written to a temporary name in its folder, flushed to disk, given mode ``0666 & ~umask`` (0644
+under the usual umask 022, like the images ComfyUI saves; ``tempfile`` would leave 0600), then either
+renamed over the target (``overwrite``) or hard-linked to the first free name (``name.safetensors``,
+``name_2.safetensors``, ...): ``os.link`` fails when the name exists, so two writers cannot both take
+the same name and nothing is replaced without a word.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+IF_EXISTS = ("new_name", "overwrite")
+MAX_SUFFIX = 10_000
+
+
+def output_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` gives a new file in this process (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def suffixed(path: Path, n: int) -> Path:
+    """``name.ext`` for n = 1, ``name_<n>.ext`` after."""
+    return path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+
+
+def _claim(tmp: str, target: Path) -> None:
+    """Give the finished ``tmp`` the name ``target`` unless that name exists (FileExistsError)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: reserve the name exclusively, then rename onto it
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.replace(tmp, target)
+
+
+def write_atomic(path: Path, write: Callable[[str], None], overwrite: bool = True) -> Path:
+    """Run ``write(tmp_path)``, then put the file at ``path`` (``overwrite``) or at the first free
+    ``suffixed(path, n)``; return where it went. A crash at any point leaves no partial file under a
+    final name (only a ``*.tmp`` in the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, output_mode())
+        if overwrite:
+            os.replace(tmp, path)
+            return path
+        for n in range(1, MAX_SUFFIX):
+            target = suffixed(path, n)
+            try:
+                _claim(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{path} and {MAX_SUFFIX - 2} numbered variants of it exist; choose another name")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
