@@ -34,6 +34,8 @@ def local_minima(values: list[float], window: int = 5) -> list[int]:
 
 
 def summarize(history: list[dict], smoothing: float = 0.9, window: int = 5) -> dict:
+    if not (math.isfinite(smoothing) and 0.0 <= smoothing < 1.0):
+        raise ValueError(f"smoothing is {smoothing!r}: it must be a number from 0 (none) to below 1; try 0.9.")
     steps = [h["step"] for h in history]
     loss = [float(h["loss"]) for h in history]
     sm = ema(loss, smoothing)

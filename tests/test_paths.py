@@ -242,14 +242,15 @@ def test_catastrophic_exclude_regex_errors_fast_and_server_keeps_answering(world
                           "noise_offset", "multires_discount"]),
     ("Optimizer", ["learning_rate", "weight_decay", "beta1", "beta2", "power", "grad_clip", "d_coef"]),
     ("Dataset", ["tag_dropout", "caption_dropout", "reg_weight"]),
+    ("TrainInit", ["ema_decay", "guidance", "reg_weight", "dop_weight"]),
 ])
 def test_nan_in_a_float_input_is_refused_at_its_node_naming_the_field(world, class_type, fields):
     srv = world["srv"]
-    key = {"LoraConfig": "5", "TimestepStrategy": "6", "Optimizer": "7", "Dataset": "2"}[class_type]
+    key = {"LoraConfig": "5", "TimestepStrategy": "6", "Optimizer": "7", "Dataset": "2", "TrainInit": "8"}[class_type]
     for f in fields:
         prompt = train_prompt(srv)
         prompt[key]["inputs"][f] = float("nan")   # JSON NaN: aiohttp's json.loads accepts it
-        if f == "reg_weight":
+        if f == "reg_weight" and class_type == "Dataset":
             prompt[key]["inputs"]["reg_folder"] = "ok_ds"
         err = run_error(srv, prompt)
         assert err["node_type"] == P + class_type, (f, err)

@@ -1,6 +1,7 @@
 """Checkpoint grid: saved LoRA files (or training checkpoints) x prompts, rows ordered by training step."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def checkpoint_grid(model, clip, vae, files: list[Path], prompts: list[str], neg
                     strength: float = 1.0, progress=None):
     """Rows = checkpoints sorted by step, columns = prompts; every cell uses ``s.seed``.
     Returns (grid, row labels, geometry)."""
+    if not math.isfinite(strength):
+        raise ValueError(f"strength is {strength!r}: it must be a finite number; enter a LoRA strength such as 1.0.")
     neg = render.encode(clip, negative, s.guidance)
     pos = [render.encode(clip, p, s.guidance) for p in prompts]
     loaded = []

@@ -14,6 +14,7 @@ import node_helpers
 import torch
 
 from .. import imaging
+from ..train.config import check_finite
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class SampleSettings:
     seed_mode: str = "fixed"        # fixed | walk (seed + step)
 
     def __post_init__(self):
+        check_finite(self)  # cfg, guidance: NaN passes every range check of a JSON prompt
         if self.seed_mode not in ("fixed", "walk"):
             raise ValueError(f"seed_mode must be 'fixed' or 'walk', not {self.seed_mode!r}")
         if self.sampler not in comfy.samplers.KSampler.SAMPLERS:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from ..data.types import TrainingSet
 from . import files
-from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig, as_dict
+from .config import ConfigError, LoraConfig, check_finite, OptimizerConfig, TimestepConfig, as_dict
 
 FORMAT = "aligned_trainer.checkpoint.v2"   # v2: with a digest
 FORMAT_V1 = "aligned_trainer.checkpoint.v1"
@@ -56,6 +56,9 @@ class RunSettings:
     run_name: str = "run"
     reg_weight: float = 1.0          # multiplies the loss weight of regularization samples (dataset's weight x this)
     dop_weight: float = 0.0          # differential output preservation (needs TrainRun.preservation); 0 = off
+
+    def __post_init__(self):
+        check_finite(self)  # NaN passes every range check of a JSON prompt
 
 
 @dataclass(frozen=True)
