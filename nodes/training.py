@@ -3,7 +3,6 @@ See docs/training.md."""
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 from comfy_api.latest import io
@@ -11,7 +10,8 @@ from comfy_api.latest import io
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.train import config as C
 from ..aligned_trainer.train import export, loop, state, timesteps
-from ._common import NodeProgress, category, node_id, send_event
+from ._common import category, node_id
+from ._progress import TrainMonitor
 
 CAT = category("Training")
 LORA_CONFIG = io.Custom("AT_LORA_CONFIG")
@@ -200,7 +200,7 @@ class TrainSteps(io.ComfyNode):
                         "same K steps; chain nodes or resume to continue) and the model with the current LoRA.",
             inputs=[
                 TRAIN_RUN.Input("run", tooltip="From Train Init or another Train Steps."),
-                io.Int.Input("steps", default=100, min=1, max=1000000, tooltip="Optimizer steps to run."),
+                io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps to run."),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip="Save a checkpoint every N steps (0 = at the end only)."),
                 io.Int.Input("keep_last", default=3, min=1, max=1000, tooltip="Checkpoints to keep."),
                 io.Int.Input("val_every", default=0, min=0, max=1000000, tooltip="Validation loss every N steps (0 = off)."),
@@ -217,22 +217,15 @@ class TrainSteps(io.ComfyNode):
     @classmethod
     def execute(cls, run, steps, checkpoint_every, keep_last, val_every, preview_plan=None) -> io.NodeOutput:
         uid = cls.hidden.unique_id
-        prog = NodeProgress(steps, uid)
-        t0 = time.perf_counter()
+        mon = TrainMonitor(uid, run.step, steps, val_every, checkpoint_every,
+                           preview_plan.every_n if preview_plan is not None else 0)
 
         def on_step(r, trainer):
-            done = r.step - run.step
-            rate = done / max(1e-9, time.perf_counter() - t0)
-            eta = (steps - done) / max(rate, 1e-9)
-            prog(done, f"step {r.step} | loss {r.loss:.4f} | lr {r.lr:.2e} | {rate:.2f} it/s | ETA {eta:.0f}s")
-            send_event("loss", {"node": uid, "step": r.step, "loss": r.loss, "lr": r.lr, "val_loss": r.val_loss,
-                                "eta": eta, "its": rate})
+            mon.on_step(r)
 
         def preview(trainer, step):
             lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
-            image = preview_plan.render(lora_model, step)
-            prog.bar.update_absolute(step - run.step, steps, ("JPEG", imaging.to_pil(image), 512))
-            send_event("preview", {"node": uid, "step": step})
+            mon.on_preview(step, imaging.to_pil(preview_plan.render(lora_model, step)))
 
         new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
                                preview if preview_plan is not None else None,
