@@ -15,7 +15,7 @@ const PREFIX = "AlignedTrainer_";
 const state = (window.alignedTrainer = window.alignedTrainer ||
   { charts: {}, lossPoints: 0, previews: 0, abShown: 0, specShown: 0, blocked: [], overall: [], datasets: 0 });
 const COLORS = { loss: "#5aaaff", smooth: "#ffc83c", val: "#78dc78", min: "#ff5a5a" };
-const PANEL_H = 270, PANEL_W = 620, PICKER_H = 150;
+const PANEL_H = 270, PANEL_W = 340, PICKER_H = 150; // fits the shipped workflows' columns (360 px apart)
 
 function el(tag, style = {}, text = null) {
   const e = document.createElement(tag);

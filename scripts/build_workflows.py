@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workflow import widget_names  # noqa: E402
 
 P = "AlignedTrainer_"
+UI_PANELS = {P + "TrainSteps": 290, P + "Dataset": 170}  # heights of the training panel and the dataset picker
 
 
 class Graph:
@@ -68,6 +69,7 @@ class Graph:
         height += 40 + 22 * max(len(inputs), len(outputs))
         if not outputs or any(t == "IMAGE" for t in info["output"]):
             height = max(height, 280)  # room for the image preview
+        height += UI_PANELS.get(node_type, 0)  # the frontend's panels (js/aligned_trainer.js)
         node = {"id": len(self.nodes) + 1, "type": node_type, "pos": self._place(c, height), "size": [320, height],
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": node_type}, "widgets_values": values, "_col": c}
