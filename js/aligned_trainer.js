@@ -149,7 +149,11 @@ class TrainPanel {
     };
     line(steps, loss, COLORS.loss, 1);
     line(steps, smooth, COLORS.smooth, 2);
-    if (val.length) line(val.map((v) => v[0]), val.map((v) => v[1]), COLORS.val, 2);
+    if (val.length) {
+      line(val.map((v) => v[0]), val.map((v) => v[1]), COLORS.val, 2);
+      g.fillStyle = COLORS.val; // a dot per validation pass: one pass is a point, not yet a line
+      for (const [s, v] of val) { g.beginPath(); g.arc(X(s), Y(v), 2.5, 0, 2 * Math.PI); g.fill(); }
+    }
     g.strokeStyle = COLORS.min; g.lineWidth = 1;
     for (const i of localMinima(smooth)) {
       g.beginPath(); g.arc(X(steps[i]), Y(smooth[i]), 3, 0, 2 * Math.PI); g.stroke();
