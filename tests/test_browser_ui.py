@@ -241,7 +241,7 @@ def test_thumbnails_served_and_console_clean(ui, family_server):
         with urllib.request.urlopen(f"{family_server.url}/api/workflow_templates/{pack}/{name}.jpg", timeout=30) as r:
             assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 5000
     ui.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
-    ui.wait_for_timeout(3000)
+    ui.wait_for_timeout(2000)
     _shot(ui, "templates")
     _close_dialogs(ui)
     bad = [u for u in ui.missing if "/workflow_templates/" in u]
