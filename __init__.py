@@ -11,8 +11,9 @@ WEB_DIRECTORY = "./js"
 
 class AlignedTrainerExtension(ComfyExtension):
     async def get_node_list(self):
-        from .nodes import all_nodes
+        from .nodes import all_nodes, routes
 
+        routes.register()  # the frontend's dataset picker and pre-queue check (nodes/routes.py)
         return all_nodes()
 
 

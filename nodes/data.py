@@ -40,20 +40,26 @@ class Dataset(io.ComfyNode):
                         "(kohya N_name repeat folders, .txt captions) or images and captions from the graph.",
             inputs=[
                 io.String.Input("folder", default="dataset", tooltip="Folder of images with .txt captions, relative to "
-                                "ComfyUI's input folder (or inside a folder the server admin allowed in "
-                                "aligned_trainer_allowed_folders.json). Ignored when images are connected."),
+                                "ComfyUI's input folder (choose or upload one with the picker below the node's inputs), "
+                                "or inside a folder the server admin allowed in aligned_trainer_allowed_folders.json. "
+                                "15-50 images are typical for a character. Ignored when images are connected."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
-                             tooltip="Square bucket side; the bucket area limit is resolution^2."),
+                             tooltip="Training resolution: square bucket side, and resolution^2 is the bucket area limit. "
+                                     "The family's native size: 512 for SD1.5, 768 for SD2.x, 1024 for SDXL, SD3.5 and FLUX.1 "
+                                     "(768 saves memory)."),
                 io.Int.Input("min_side", default=256, min=64, max=4096, step=64, tooltip="Smallest bucket side."),
                 io.Int.Input("max_side", default=1024, min=64, max=8192, step=64, tooltip="Largest bucket side."),
                 io.Int.Input("bucket_step", default=64, min=8, max=256, step=8, tooltip="Bucket sides are multiples of this."),
-                io.String.Input("trigger_word", default="", tooltip="Prepended to every caption (kept first when shuffling)."),
-                io.Boolean.Input("shuffle_tags", default=False, tooltip="Shuffle comma-separated tags in caption variants."),
+                io.String.Input("trigger_word", default="", tooltip="A rare token put first in every caption (kept first when shuffling), "
+                                                         "e.g. 'ohwx'; use it in prompts to call the concept."),
+                io.Boolean.Input("shuffle_tags", default=False, tooltip="Shuffle comma-separated tags in caption variants (kohya shuffle caption): "
+                                                         "on for tag-style captions, off for sentences."),
                 io.Int.Input("keep_tokens", default=1, min=0, max=32, tooltip="Leading tags that never move or drop."),
                 io.Float.Input("tag_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Chance to drop each non-kept tag in a caption variant."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Chance per training step to train on the empty caption instead."),
+                               tooltip="Chance per training step to train on the empty caption instead. 0 for most "
+                                       "LoRAs; 0.05-0.1 makes the concept appear without its trigger word."),
                 io.Int.Input("caption_variants", default=1, min=1, max=64,
                              tooltip="Processed variants per caption, encoded once and picked per step."),
                 io.Boolean.Input("flip", default=False, tooltip="Add a mirrored copy of each image."),

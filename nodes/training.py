@@ -3,7 +3,6 @@ See docs/training.md."""
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 from comfy_api.latest import io
@@ -11,7 +10,8 @@ from comfy_api.latest import io
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.train import config as C
 from ..aligned_trainer.train import export, files, loop, state, timesteps
-from ._common import NodeProgress, category, node_id, send_event
+from ._common import category, node_id
+from ._progress import TrainMonitor
 
 CAT = category("Training")
 LORA_CONFIG = io.Custom("AT_LORA_CONFIG")
@@ -31,9 +31,12 @@ class LoraConfig(io.ComfyNode):
             inputs=[
                 io.Combo.Input("algorithm", options=list(C.ALGORITHMS), default="lora",
                                tooltip="lora; locon (LoRA on conv layers too); loha; lokr (ComfyUI weight adapters)."),
-                io.Int.Input("rank", default=16, min=0, max=1024, tooltip="LoRA rank (dim)."),
+                io.Int.Input("rank", default=16, min=0, max=1024, tooltip="LoRA rank (dim): how many directions each adapted layer may change. Usual 4-32; 16-32 for a "
+                                                                                "character or style, 16 on very large models (FLUX, SD3.5 large). Higher = bigger file, more "
+                                                                                "overfitting (it also learns backgrounds and lighting)."),
                 io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
-                               tooltip="Scale = alpha / rank. 0 means alpha = rank (scale 1)."),
+                               tooltip="Scale = alpha / rank. 0 means alpha = rank (scale 1). kohya users often set rank/2 "
+                                       "or 1; a lower alpha needs a higher learning rate for the same effect."),
                 io.Combo.Input("targets", options=list(C.PRESETS), default="attention+mlp",
                                tooltip="Preset of layers to train."),
                 io.String.Input("include", default="", tooltip="Regex of extra module names to train."),
@@ -88,8 +91,8 @@ class TimestepStrategy(io.ComfyNode):
                 io.Combo.Input("weighting", options=list(C.WEIGHTINGS), default="none",
                                tooltip="Loss weighting: min_snr (gamma; eps and v), debiased estimation, SD3 "
                                        "sigma_sqrt/cosmap, weighted (ai-toolkit's bell curve over timesteps)."),
-                io.Float.Input("min_snr_gamma", default=5.0, min=0.1, max=50, step=0.1, tooltip="Gamma of min-SNR."),
-                io.Float.Input("noise_offset", default=0.0, min=0, max=1, step=0.005, tooltip="Noise offset strength."),
+                io.Float.Input("min_snr_gamma", default=5.0, min=0.1, max=50, step=0.1, tooltip="Gamma of min-SNR weighting; 5 is the usual value (kohya)."),
+                io.Float.Input("noise_offset", default=0.0, min=0, max=1, step=0.005, tooltip="Noise offset strength (darker darks, brighter brights); 0 = off, 0.03-0.1 if used."),
                 io.Int.Input("multires_iterations", default=0, min=0, max=10, tooltip="Pyramid noise iterations (0 = off)."),
                 io.Float.Input("multires_discount", default=0.3, min=0, max=1, step=0.01, tooltip="Pyramid noise discount."),
             ],
@@ -116,16 +119,22 @@ class Optimizer(io.ComfyNode):
             inputs=[
                 io.Combo.Input("optimizer", options=list(C.OPTIMIZERS), default="adamw",
                                tooltip="adamw; adamw8bit (needs bitsandbytes); prodigy (use lr 1.0); adafactor; lion."),
-                io.Float.Input("learning_rate", default=1e-4, min=-1.0, max=10.0, step=1e-5, tooltip="Learning rate."),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="Weight decay."),
+                io.Float.Input("learning_rate", default=1e-4, min=-1.0, max=10.0, step=1e-5, tooltip="Step size of the optimizer. 1e-4 is safe for LoRA on every family; 2e-4 trains faster "
+                                       "if you watch the previews; 4e-4 and above tends to overshoot. Prodigy: use 1.0."),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="Pulls weights towards 0 each step (AdamW-style) against overfitting; "
+                                       "0.01 (default) or 1e-4 work for LoRA and rarely need changing."),
                 io.Float.Input("beta1", default=0.9, min=0.0, max=0.9999, step=0.001, tooltip="Adam/Prodigy/Lion beta1."),
                 io.Float.Input("beta2", default=0.999, min=0.0, max=0.99999, step=0.0001, tooltip="Adam/Prodigy/Lion beta2."),
-                io.Combo.Input("scheduler", options=list(C.SCHEDULERS), default="constant", tooltip="LR schedule (diffusers)."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, tooltip="Linear warmup steps."),
-                io.Int.Input("total_steps", default=1000, min=1, max=1000000, tooltip="Horizon of decaying schedules."),
+                io.Combo.Input("scheduler", options=list(C.SCHEDULERS), default="constant", tooltip="How the learning rate changes over total_steps (diffusers schedules): constant "
+                                       "(default, simplest), cosine (a common all-rounder), linear, polynomial, with restarts."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, tooltip="Steps of linear warmup from 0 to the learning rate. 0 for AdamW; about 2-5% of the "
+                                      "steps with Prodigy."),
+                io.Int.Input("total_steps", default=1000, min=1, max=1000000, tooltip="Length of the schedule in steps: set it to the steps you will run in total (the "
+                                      "sum over Train Steps nodes), or decaying schedules end too early or too late. Default 1000 "
+                                      "matches a new Train Steps node."),
                 io.Int.Input("num_cycles", default=1, min=1, max=100, tooltip="Restarts of cosine_with_restarts."),
                 io.Float.Input("power", default=1.0, min=0.1, max=10, step=0.1, tooltip="Power of the polynomial schedule."),
-                io.Float.Input("grad_clip", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Max gradient norm; 0 = off."),
+                io.Float.Input("grad_clip", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Clip the gradient norm to this value; 1.0 (default) is the usual choice; 0 = off."),
                 io.Float.Input("d_coef", default=1.0, min=0.01, max=10, step=0.01, tooltip="Prodigy d_coef."),
                 io.Boolean.Input("decouple", default=True, tooltip="Prodigy decoupled weight decay."),
                 io.Boolean.Input("use_bias_correction", default=False, tooltip="Prodigy bias correction."),
@@ -158,11 +167,15 @@ class TrainInit(io.ComfyNode):
                 OPTIMIZER.Input("optimizer", tooltip="From Optimizer."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of init, batches, noise, timesteps."),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step (same bucket)."),
-                io.Int.Input("grad_accum", default=1, min=1, max=256, tooltip="Gradient accumulation steps."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step (from one bucket). 1 on consumer GPUs; use grad_accum for a larger "
+                                      "effective batch."),
+                io.Int.Input("grad_accum", default=1, min=1, max=256, tooltip="Add up the gradients of N batches before each optimizer step: batch_size x N images "
+                                      "per step at the memory of one batch (N times slower per step). 1-4 is usual."),
                 io.Combo.Input("precision", options=list(loop.DTYPES), default="fp32", tooltip="Autocast precision."),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute blocks in backward to save memory."),
-                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, tooltip="EMA of the LoRA; 0 = off."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute UNet/transformer blocks in the backward pass: much less memory, about "
+                                                   "20-30% slower. Turn on for SDXL/SD3.5/FLUX at 1024 px on <= 24 GB."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, tooltip="Keep an exponential moving average of the LoRA (saved when Save LoRA uses it); smooths "
+                                   "late-training noise. 0 = off; 0.999-0.9995 is usual."),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Guidance fed to guidance-distilled models (FLUX dev) during training."),
                 io.Int.Input("val_count", default=0, min=0, max=10000,
@@ -208,10 +221,15 @@ class TrainSteps(io.ComfyNode):
                         "same K steps; chain nodes or resume to continue) and the model with the current LoRA.",
             inputs=[
                 TRAIN_RUN.Input("run", tooltip="From Train Init or another Train Steps."),
-                io.Int.Input("steps", default=100, min=1, max=1000000, tooltip="Optimizer steps to run."),
-                io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip="Save a checkpoint every N steps (0 = at the end only)."),
+                io.Int.Input("steps", default=1000, min=1, max=1000000,
+                             tooltip="Optimizer steps to run in this node. Typical LoRA runs: 1000-3000 steps (SD1.5 "
+                                     "~1500; SDXL/FLUX 2000-3000); keep the Optimizer's total_steps equal to the total."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip="Save a resumable checkpoint every N steps (0 = at the end only). Every 250-500 "
+                                     "steps lets you pick an earlier, less overfit state."),
                 io.Int.Input("keep_last", default=3, min=1, max=1000, tooltip="Checkpoints to keep."),
-                io.Int.Input("val_every", default=0, min=0, max=1000000, tooltip="Validation loss every N steps (0 = off)."),
+                io.Int.Input("val_every", default=0, min=0, max=1000000, tooltip="Compute the validation loss (fixed noise and timesteps, comparable across steps) "
+                                     "every N steps; 0 = off. Drawn green in the loss chart; each pass costs about one step per "
+                                     "validation sample."),
                 PREVIEW_PLAN.Input("preview_plan", optional=True, tooltip="Optional: render sample previews every N steps."),
             ],
             outputs=[TRAIN_RUN.Output("trained_run", tooltip="The run after these steps."),
@@ -225,22 +243,15 @@ class TrainSteps(io.ComfyNode):
     @classmethod
     def execute(cls, run, steps, checkpoint_every, keep_last, val_every, preview_plan=None) -> io.NodeOutput:
         uid = cls.hidden.unique_id
-        prog = NodeProgress(steps, uid)
-        t0 = time.perf_counter()
+        mon = TrainMonitor(uid, run.step, steps, val_every, checkpoint_every,
+                           preview_plan.every_n if preview_plan is not None else 0)
 
         def on_step(r, trainer):
-            done = r.step - run.step
-            rate = done / max(1e-9, time.perf_counter() - t0)
-            eta = (steps - done) / max(rate, 1e-9)
-            prog(done, f"step {r.step} | loss {r.loss:.4f} | lr {r.lr:.2e} | {rate:.2f} it/s | ETA {eta:.0f}s")
-            send_event("loss", {"node": uid, "step": r.step, "loss": r.loss, "lr": r.lr, "val_loss": r.val_loss,
-                                "eta": eta, "its": rate})
+            mon.on_step(r)
 
         def preview(trainer, step):
             lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
-            image = preview_plan.render(lora_model, step)
-            prog.bar.update_absolute(step - run.step, steps, ("JPEG", imaging.to_pil(image), 512))
-            send_event("preview", {"node": uid, "step": step})
+            mon.on_preview(step, imaging.to_pil(preview_plan.render(lora_model, step)))
 
         new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
                                preview if preview_plan is not None else None,

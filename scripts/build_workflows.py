@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workflow import widget_names  # noqa: E402
 
 P = "AlignedTrainer_"
+UI_PANELS = {P + "TrainSteps": 290, P + "Dataset": 170}  # heights of the training panel and the dataset picker
 
 
 class Graph:
@@ -68,6 +69,7 @@ class Graph:
         height += 40 + 22 * max(len(inputs), len(outputs))
         if not outputs or any(t == "IMAGE" for t in info["output"]):
             height = max(height, 280)  # room for the image preview
+        height += UI_PANELS.get(node_type, 0)  # the frontend's panels (js/aligned_trainer.js)
         node = {"id": len(self.nodes) + 1, "type": node_type, "pos": self._place(c, height), "size": [320, height],
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": node_type}, "widgets_values": values, "_col": c}
@@ -155,8 +157,8 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
 
 
 FAMILY_NOTE = ("Train a {name} LoRA with the text encoders aligned to {ref}.\n\n"
-               "Change for your model: the loader file names ({files}), the Dataset folder (relative to ComfyUI's "
-               "input folder), trigger word, resolution, steps and learning rate. The LoRA is written to "
+               "Change for your model: the loader file names ({files}), the Dataset folder (pick or upload it on the "
+               "Dataset node; it lives in ComfyUI's input folder), trigger word, resolution, steps and learning rate. The LoRA is written to "
                "models/loras/{lora}.safetensors; checkpoints live in output/aligned_trainer/runs/{run} (set Train Init's "
                "resume to 'latest' to continue a run).\n"
                "Text encoders: spec '{spec}' (or 'auto' to detect it from the CLIP). Timesteps: {ts}.")
@@ -270,6 +272,115 @@ def build(info: dict) -> dict[str, dict]:
     return out
 
 
+# Model files the family workflows name: where ComfyUI expects them and where to get them. Written into each
+# loader's properties.models (name, url, directory): the frontend's missing-models dialog reads it when the
+# workflow loads and lists what is not installed.
+MODELS = {
+    "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
+    "sd_xl_base_1.0.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
+    "sd3.5_medium.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/resolve/main/sd3.5_medium.safetensors"),
+    "clip_l.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "clip_g.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/text_encoders/clip_g.safetensors"),
+    "t5xxl_fp16.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    "flux1-dev.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
+    "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
+}
+
+# What each workflow is for and what it needs: shown on its template card (the frontend 1.32.9 gives a custom
+# node pack's templates no description of their own; the card image carries it) and kept in extra.aligned_trainer.
+DESCRIPTIONS = {
+    "demo_train_tiny": ("Demo: train a tiny LoRA", "Trains a LoRA on a generated tiny SD1.5 in seconds, on a CPU: "
+                        "live loss chart, previews, A/B of aligned vs default text encoders.",
+                        ["tiny-sd15.safetensors (scripts/demo.py)", "input/demo_dataset"]),
+    "train_lora_sd15": ("Train an SD1.5 LoRA", "CLIP-L as SD1.5 was trained (77 tokens, truncated); uniform "
+                        "timesteps, min-SNR 5; 512 px.", ["checkpoints/v1-5-pruned-emaonly.safetensors",
+                                                           "input/my_dataset (images + .txt captions)"]),
+    "train_lora_sdxl": ("Train an SDXL LoRA", "Both CLIPs penultimate, empty caption as zeros, as SDXL was "
+                        "trained; min-SNR 5; 1024 px.", ["checkpoints/sd_xl_base_1.0.safetensors",
+                                                         "input/my_dataset (images + .txt captions)"]),
+    "train_lora_sd35": ("Train an SD3.5 Medium LoRA", "CLIP-L + CLIP-G + T5 as Stability's reference; "
+                        "logit-normal timesteps, shift 3; 1024 px.",
+                        ["checkpoints/sd3.5_medium.safetensors", "text_encoders/clip_l, clip_g, t5xxl_fp16",
+                         "input/my_dataset (images + .txt captions)"]),
+    "train_lora_flux1": ("Train a FLUX.1 [dev] LoRA", "T5 at 512 tokens as FluxPipeline; logit-normal timesteps "
+                         "with FLUX's resolution shift; 1024 px.",
+                         ["diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l, t5xxl_fp16",
+                          "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
+    "ab_aligned_vs_unaligned": ("A/B: aligned vs default encoders", "Same prompts, seed and noise through the "
+                                "aligned and ComfyUI's default text encoders, side by side.",
+                                ["any SD1.5 checkpoint (tiny-sd15 named)"]),
+    "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
+                            "of aligned vs default encoders; a trigger-word check.",
+                            ["any SD1.5 checkpoint (tiny-sd15 named)"]),
+}
+
+
+def declare_models(wf: dict) -> dict:
+    """properties.models on every node whose widgets name a file in MODELS."""
+    for node in wf["nodes"]:
+        names = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v in MODELS]
+        if names:
+            node["properties"]["models"] = [{"name": n, "url": MODELS[n][1], "directory": MODELS[n][0]} for n in names]
+    return wf
+
+
+def describe(name: str, wf: dict) -> dict:
+    title, text, needs = DESCRIPTIONS.get(name, (name.replace("_", " "), "", []))
+    wf["extra"]["aligned_trainer"] = {"title": title, "description": text, "needs": needs}
+    return wf
+
+
+def card(name: str, wf: dict):
+    """The template card (a designed JPEG, 512x384): title, what the workflow does, what it needs."""
+    from PIL import Image, ImageDraw
+
+    imaging = _imaging()
+    meta = wf["extra"]["aligned_trainer"]
+    img = Image.new("RGB", (512, 384), (28, 30, 38))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, 511, 6), fill=(90, 170, 255))
+    d.text((24, 24), "Aligned Trainer", font=imaging.font(16), fill=(140, 190, 255))
+    y = 52
+    for line in _wrap(meta["title"], imaging.font(30), 464, d):
+        d.text((24, y), line, font=imaging.font(30), fill=(240, 240, 245))
+        y += 36
+    y += 8
+    for line in _wrap(meta["description"], imaging.font(17), 464, d):
+        d.text((24, y), line, font=imaging.font(17), fill=(200, 200, 210))
+        y += 22
+    y = max(y + 14, 250)
+    if meta["needs"]:
+        d.text((24, y), "Needs", font=imaging.font(15), fill=(255, 200, 60))
+        y += 22
+        for need in meta["needs"][:4]:
+            d.text((34, y), "- " + need, font=imaging.font(14), fill=(190, 190, 200))
+            y += 19
+    return img
+
+
+def _imaging():
+    """aligned_trainer/imaging.py by path (the repository root on sys.path would shadow ComfyUI's ``nodes``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aligned_trainer_imaging", REPO / "aligned_trainer" / "imaging.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _wrap(text: str, f, width: int, d) -> list[str]:
+    imaging = _imaging()
+    lines, cur = [], ""
+    for word in text.split():
+        nxt = f"{cur} {word}".strip()
+        if cur and imaging.text_width(d, nxt, f) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = nxt
+    return lines + ([cur] if cur else [])
+
+
 def main() -> int:
     from support.boot import boot
     from support.workflow import object_info_inprocess, validate
@@ -281,7 +392,9 @@ def main() -> int:
         if problems:
             print(name, problems)
             return 1
+        wf = describe(name, declare_models(wf))
         (REPO / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n", encoding="utf-8")
+        card(name, wf).save(REPO / "workflows" / f"{name}.jpg", quality=88)
         print(f"wrote workflows/{name}.json ({len(wf['nodes'])} nodes)")
     return 0
 

@@ -53,14 +53,21 @@ def page(family_server, tmp_path_factory):
 
 
 def _close_dialogs(pg) -> None:
-    """Close what the frontend pops up over the canvas (the templates dialog on a first visit, toasts)."""
-    for _ in range(3):
+    """Close what the frontend pops up over the canvas (the templates dialog on a first visit, the missing-models
+    dialog of a family template, toasts): Escape, then the close button where Escape was not enough."""
+    visible = "() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent).length"
+    for _ in range(4):
         pg.keyboard.press("Escape")
-        close = pg.locator(".p-dialog-close-button:visible")
-        if not close.count():
+        pg.wait_for_timeout(400)
+        if not pg.evaluate(visible):
             break
-        close.first.click(timeout=5000)
-        pg.wait_for_timeout(300)
+        close = pg.locator(".p-dialog-close-button:visible")
+        if close.count():
+            try:
+                close.first.click(timeout=2000)
+            except Exception:  # detached while it closed
+                pass
+            pg.wait_for_timeout(300)
 
 
 # In the frontend's graph: replace or re-point the loaders and shrink sizes (support.tiny_workflows), by widget
