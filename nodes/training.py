@@ -177,6 +177,10 @@ class TrainInit(io.ComfyNode):
                                 tooltip="'none', 'latest' (newest checkpoint of this run name), or a checkpoint path."),
                 io.Conditioning.Input("preservation_prompt", optional=True,
                                       tooltip="Encoded preservation prompt (e.g. 'a photo of a person') for DOP."),
+                io.String.Input("init_lora", default="none", optional=True,
+                                tooltip="'none', or a LoRA file (path, or name in models/loras) written by kohya, "
+                                        "ai-toolkit, diffusers/peft or Save LoRA to continue training from; rank "
+                                        "and dora must match the file. Ignored when resuming."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
         )
@@ -184,11 +188,11 @@ class TrainInit(io.ComfyNode):
     @classmethod
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
-                dop_weight=0.0, preservation_prompt=None) -> io.NodeOutput:
+                dop_weight=0.0, preservation_prompt=None, init_lora="none") -> io.NodeOutput:
         settings = state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay,
                                      guidance, val_count, 4, run_name, reg_weight, dop_weight)
         return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
-                                           preservation=preservation_prompt))
+                                           preservation=preservation_prompt, init_lora=init_lora))
 
 
 class TrainSteps(io.ComfyNode):

@@ -39,9 +39,12 @@ def default_runs_root() -> Path:
 
 def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: TimestepConfig,
              optimizer: OptimizerConfig, settings: st.RunSettings, resume: str = "none",
-             runs_root: Path | None = None, preservation: list | None = None) -> st.TrainRun:
+             runs_root: Path | None = None, preservation: list | None = None,
+             init_lora: str | None = None) -> st.TrainRun:
     """Validate all settings (one clear error before any training) and create or resume a run.
-    ``preservation``: CONDITIONING of the preservation prompt for differential output preservation."""
+    ``preservation``: CONDITIONING of the preservation prompt for differential output preservation.
+    ``init_lora``: a LoRA file (kohya, ai-toolkit, diffusers/peft) the run starts from (``interop.start_from``);
+    ignored when resuming from a checkpoint."""
     for cfg in (lora, timesteps, optimizer):
         cfg.validate()
     if settings.batch_size < 1 or settings.grad_accum < 1:
@@ -75,7 +78,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
             pass
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
-                      meta={"dataset_hash": training_set.meta.get("dataset_hash")},
+                      meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time()},
                       preservation=preservation if settings.dop_weight > 0 else None)
     if resume and resume != "none":
         path = st.latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
@@ -84,6 +87,10 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         ck = st.load_checkpoint(path)
         run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"],
                            checkpoints=tuple(str(p) for p in sorted((run_dir / "checkpoints").glob("step_*.safetensors"))))
+    elif init_lora and init_lora != "none":
+        from . import interop
+
+        run = interop.start_from(run, init_lora, Trainer)
     return run
 
 
