@@ -64,18 +64,3 @@ def module_prefixes(model, modules) -> dict[str, str]:
                           "exclude them from training (exclude regex) to save this LoRA")
     return {m: "lora_unet_" + to_diffusers[m].replace(".", "_") for m in modules}
 
-
-def comfy_modules(model, prefixes) -> dict[str, str]:
-    """File key prefix (any spelling ComfyUI's loader maps: kohya, diffusers, peft) -> ComfyUI module name."""
-    import comfy.lora
-
-    base = getattr(model, "model", model)
-    key_map = comfy.lora.model_lora_keys_unet(base, {})
-    out = {}
-    for p in prefixes:
-        target = key_map.get(p)
-        if isinstance(target, tuple):  # a slice of a fused weight (FLUX linear1_qkv): not one module
-            target = None
-        if target is not None and target.startswith("diffusion_model.") and target.endswith(".weight"):
-            out[p] = target[len("diffusion_model."):-len(".weight")]
-    return out
