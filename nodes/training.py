@@ -198,6 +198,11 @@ class TrainInit(io.ComfyNode):
                                tooltip="When run_name already holds checkpoints of another run: new_name (write to "
                                        "'<run_name>_2', ...; nothing is lost), overwrite (delete its old "
                                        "checkpoints), resume (continue its newest checkpoint)."),
+                io.String.Input("init_lora", default="none", optional=True,
+                                tooltip="'none', or a LoRA file in models/loras (its name, or a path inside a "
+                                        "registered loras folder) written by kohya, ai-toolkit, diffusers/peft or "
+                                        "Save LoRA, to continue training from; rank and dora must match the file. "
+                                        "Ignored when resuming."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
         )
@@ -205,11 +210,12 @@ class TrainInit(io.ComfyNode):
     @classmethod
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
-                dop_weight=0.0, preservation_prompt=None, if_exists="new_name") -> io.NodeOutput:
+                dop_weight=0.0, preservation_prompt=None, if_exists="new_name", init_lora="none") -> io.NodeOutput:
         settings = state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay,
                                      guidance, val_count, 4, run_name, reg_weight, dop_weight)
         return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
-                                           preservation=preservation_prompt, if_exists=if_exists))
+                                           preservation=preservation_prompt, if_exists=if_exists,
+                                           init_lora=init_lora))
 
 
 class TrainSteps(io.ComfyNode):

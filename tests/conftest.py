@@ -90,6 +90,9 @@ def T(comfy):
         export = comfy.engine("train.export")
         ad = comfy.engine("train.adapters")
         types = comfy.engine("data.types")
+        naming = comfy.engine("train.naming")
+        diffusers_check = comfy.engine("train.diffusers_check")
+        interop = comfy.engine("train.interop")
     return NS
 
 

@@ -151,7 +151,8 @@ def test_ema_weights_are_saved_and_resumed(T, sd15, sd15_training_set, tmp_path)
     ema, raw = run.state["ema_adapters"], run.state["adapters"]
     ups = [k for k in raw if k.endswith("lora_up.weight")]
     assert any(not torch.equal(ema[k], raw[k]) for k in ups)
-    kohya = lambda k: "lora_unet_" + T.export._split(k)[0].replace(".", "_") + ".lora_up.weight"
+    names = T.naming.module_prefixes(sd15[0], {T.export._split(k)[0] for k in ups})  # the family's file names
+    kohya = lambda k: names[T.export._split(k)[0]] + ".lora_up.weight"  # noqa: E731
     p_ema, rep = T.export.save_lora(run, "tiny_ema", folder=tmp_path / "loras", dtype=torch.float32)
     p_raw, _ = T.export.save_lora(run, "tiny_raw", folder=tmp_path / "loras", dtype=torch.float32, ema=False)
     s_ema, s_raw = comfy.utils.load_torch_file(str(p_ema)), comfy.utils.load_torch_file(str(p_raw))

@@ -93,7 +93,23 @@ class Dataset:
                                  "mean": round(statistics.fmean(ntags), 2) if ntags else 0},
                 "caption_variants": {"distinct": len({c for i in self.items for c in i.captions}),
                                      "per_image_max": max((len(i.captions) for i in self.items), default=0)},
-                "tag_frequency": tags.most_common(25), "notes": list(self.notes), "hash": self.hash}
+                "tag_frequency": tags.most_common(25), "notes": list(self.notes), "hash": self.hash,
+                **self._folders()}
+
+    def _folders(self) -> dict:
+        """Per source folder (its name only, never a path; "graph" for images from the graph): repeats, image
+        count and caption tag counts, as kohya's ss_dataset_dirs / ss_tag_frequency list them."""
+        dirs: dict = {}
+        tags: dict = {}
+        for i in self.items:
+            if i.flip:
+                continue
+            d = "graph" if i.source.startswith("graph:") else Path(i.source).parent.name
+            dirs.setdefault(d, {"n_repeats": i.repeats, "img_count": 0})["img_count"] += 1
+            freq = tags.setdefault(d, {})
+            for t in split_tags(i.caption, self.caption_cfg.separator):
+                freq[t] = freq.get(t, 0) + 1
+        return {"dataset_dirs": dirs, "tag_frequency_by_dir": tags, "resolution": self.bucket_cfg.resolution}
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """LoRA files: kohya-style keys (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-LoHa ``hada_*``, LoKr ``lokr_*``), written atomically into ComfyUI's ``loras`` folder and checked by
-loading them back through ComfyUI's stock LoRA loader before success is reported."""
+LoHa ``hada_*``, LoKr ``lokr_*``) with each family's module names as its reference trainer writes them
+(``naming``), modelspec/kohya metadata (``metadata``), written atomically into ComfyUI's ``loras`` folder and
+checked before success is reported: ComfyUI's stock LoRA loader maps every key, and diffusers' loader would
+load every module (``diffusers_check``)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +16,8 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
-from . import files
+from . import diffusers_check, files, naming
+from . import metadata as lora_metadata
 from .state import TrainRun
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
@@ -29,7 +32,8 @@ def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: boo
     if run.state is None:
         raise ExportError("the run has no trained weights yet; run Train Steps first")
     weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
-    return kohya_from_adapters(weights, dtype, conv_shapes(run.model))
+    modules = {_split(k)[0] for k in weights}
+    return kohya_from_adapters(weights, dtype, conv_shapes(run.model), naming.module_prefixes(run.model, modules))
 
 
 def conv_shapes(model) -> dict[str, torch.Size]:
@@ -40,8 +44,10 @@ def conv_shapes(model) -> dict[str, torch.Size]:
 
 
 def kohya_from_adapters(adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16,
-                        conv: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
-    """Adapter tensors keyed ``<module>.<param>`` -> kohya keys ``lora_unet_<module_underscored>.<param>``.
+                        conv: dict[str, torch.Size] | None = None,
+                        prefixes: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed ``<module>.<param>`` -> kohya keys ``<prefix>.<param>``, the prefix from
+    ``prefixes`` (module -> family's name, ``naming.module_prefixes``) or ``lora_unet_<module_underscored>``.
     LoRA pairs of convolutions (``conv``: module -> weight shape) get kohya's conv layout: down
     (rank, in, kh, kw), up (out, rank, 1, 1); ComfyUI flattens either layout."""
     out = {}
@@ -53,7 +59,8 @@ def kohya_from_adapters(adapters: dict[str, torch.Tensor], dtype: torch.dtype = 
             t = t.reshape(t.shape[0], *shape[1:])
         elif shape is not None and param == "lora_up.weight" and t.ndim == 2:
             t = t.reshape(*t.shape, *([1] * (len(shape) - 2)))
-        out[f"lora_unet_{module.replace('.', '_')}.{param}"] = t.to(
+        prefix = (prefixes or {}).get(module) or f"lora_unet_{module.replace('.', '_')}"
+        out[f"{prefix}.{param}"] = t.to(
             torch.float32 if param == "alpha" else dtype).contiguous()
     return out
 
@@ -150,7 +157,17 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     missing = unmapped_keys(run.model, sd)
     if missing:
         raise ExportError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
-    md = {**metadata(run), "aligned_trainer.weights": "ema" if use_ema else "trained"}
+    in_diffusers = diffusers_check.check(run.model, sd)
+    if in_diffusers["dropped"]:
+        raise ExportError(f"diffusers' load_lora_weights would drop {len(in_diffusers['dropped'])} module(s) of this "
+                          f"LoRA (e.g. {in_diffusers['dropped'][:3]}); not saved. Exclude them from training "
+                          "(LoRA Config exclude regex) so the file loads completely everywhere")
+    if in_diffusers.get("refused"):
+        logging.warning("aligned_trainer: diffusers' LoRA converter raises on %d module(s) of %s (e.g. %s); "
+                        "ComfyUI loads them", len(in_diffusers["refused"]), fname, in_diffusers["refused"][0])
+    md = {**metadata(run), **lora_metadata.build(run, fname),
+          "aligned_trainer.weights": "ema" if use_ema else "trained"}
+    md.update(lora_metadata.kohya_hashes(sd, md))
     path = files.write_atomic(folder / fname, lambda tmp: save_file(sd, tmp, metadata=md),
                               overwrite=if_exists == "overwrite")
     if path.name != fname:
@@ -158,4 +175,5 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     logging.info("aligned_trainer: saved %s (%d tensors)", path, len(sd))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return path, {"path": str(path), "tensors": len(sd), "unmapped": 0, "sha256_16": digest, "steps": run.step,
-                  "weights": "ema" if use_ema else "trained", "requested": fname}
+                  "weights": "ema" if use_ema else "trained", "requested": fname, "diffusers": in_diffusers,
+                  "sshs_model_hash": md["sshs_model_hash"]}

@@ -41,12 +41,13 @@ def default_runs_root() -> Path:
 def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: TimestepConfig,
              optimizer: OptimizerConfig, settings: st.RunSettings, resume: str = "none",
              runs_root: Path | None = None, preservation: list | None = None,
-             if_exists: str = "new_name") -> st.TrainRun:
+             if_exists: str = "new_name", init_lora: str | None = None) -> st.TrainRun:
     """Validate all settings (one clear error before any training) and create or resume a run.
     ``preservation``: CONDITIONING of the preservation prompt for differential output preservation.
     ``resume``: 'none', 'latest', a run name or a checkpoint file inside the runs folder; ``if_exists``: what to
     do when the run name already holds another run's checkpoints ('new_name', 'overwrite', 'resume'; see
-    ``state.claim_run_dir``)."""
+    ``state.claim_run_dir``). ``init_lora``: a LoRA file (kohya, ai-toolkit, diffusers/peft) inside the loras
+    folders that the run starts from (``interop.start_from``); ignored when resuming from a checkpoint."""
     for cfg in (lora, timesteps, optimizer):
         cfg.validate()
     if settings.batch_size < 1 or settings.grad_accum < 1:
@@ -81,11 +82,15 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     run_dir = opened.run_dir
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
-                      meta={"dataset_hash": training_set.meta.get("dataset_hash")},
+                      meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time()},
                       preservation=preservation if settings.dop_weight > 0 else None)
     if opened.checkpoint is not None:
         ck = opened.checkpoint
         run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept)
+    elif init_lora and init_lora != "none":
+        from . import interop
+
+        run = interop.start_from(run, init_lora, Trainer)
     for old in opened.replaced:  # if_exists 'overwrite', after every check has passed
         old.unlink(missing_ok=True)
     return run

@@ -1,0 +1,335 @@
+"""Run settings to and from other trainers' config files: kohya sd-scripts (TOML or JSON, the argument names of
+``train_network.py`` / ``flux_train_network.py`` / ``sd3_train_network.py``) and ai-toolkit (YAML, the
+``config.process[0]`` of an ``sd_trainer`` job).
+
+``FIELDS`` is the single table behind import, export and the docs (docs/interop.md): our setting, its kohya
+name, its ai-toolkit path, and how well it maps (``exact``, ``approx`` with a note). Settings with no
+equivalent on either side are listed in ``UNMAPPED``. Import returns the four settings objects and a list of
+notes (values approximated or ignored); export writes every mapped value."""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig
+from .state import RunSettings
+
+# (section, our field, kohya key, ai-toolkit path under the process, quality, note)
+FIELDS = [
+    ("lora", "rank", "network_dim", "network.linear", "exact", ""),
+    ("lora", "alpha", "network_alpha", "network.linear_alpha", "exact", ""),
+    ("lora", "network_dropout", "network_dropout", "network.dropout", "exact", ""),
+    ("lora", "max_norm", "scale_weight_norms", None, "exact", ""),
+    ("optimizer", "lr", "learning_rate", "train.lr", "exact", "kohya unet_lr wins over learning_rate on import"),
+    ("optimizer", "name", "optimizer_type", "train.optimizer", "exact", "names translated (AdamW8bit <-> adamw8bit)"),
+    ("optimizer", "weight_decay", "optimizer_args.weight_decay", "train.optimizer_params.weight_decay", "exact", ""),
+    ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "exact", ""),
+    ("optimizer", "warmup_steps", "lr_warmup_steps", None, "exact", ""),
+    ("optimizer", "total_steps", "max_train_steps", "train.steps", "exact", ""),
+    ("optimizer", "num_cycles", "lr_scheduler_num_cycles", None, "exact", ""),
+    ("optimizer", "power", "lr_scheduler_power", None, "exact", ""),
+    ("optimizer", "grad_clip", "max_grad_norm", "train.max_grad_norm", "exact", ""),
+    ("settings", "seed", "seed", None, "exact", "ai-toolkit seeds sampling only"),
+    ("settings", "batch_size", "train_batch_size", "train.batch_size", "exact", ""),
+    ("settings", "grad_accum", "gradient_accumulation_steps", "train.gradient_accumulation_steps", "exact", ""),
+    ("settings", "precision", "mixed_precision", "train.dtype", "exact", "fp32 <-> kohya 'no'"),
+    ("settings", "gradient_checkpointing", "gradient_checkpointing", "train.gradient_checkpointing", "exact", ""),
+    ("settings", "ema_decay", None, "train.ema_config.ema_decay", "exact", "kohya LoRA training has no EMA"),
+    ("settings", "guidance", "guidance_scale", None, "exact", "FLUX dev guidance during training"),
+    ("settings", "run_name", "output_name", "<name>", "exact", "ai-toolkit: config.name"),
+    ("settings", "dop_weight", None, "train.diff_output_preservation_multiplier", "approx",
+     "ai-toolkit applies it only with diff_output_preservation: true"),
+    ("timesteps", "min_snr_gamma", "min_snr_gamma", "train.min_snr_gamma", "approx",
+     "imported only when set; sets weighting=min_snr"),
+    ("timesteps", "noise_offset", "noise_offset", "train.noise_offset", "exact", ""),
+    ("timesteps", "multires_iterations", "multires_noise_iterations", None, "exact", ""),
+    ("timesteps", "multires_discount", "multires_noise_discount", None, "exact", ""),
+    ("timesteps", "min_timestep", "min_timestep", None, "exact", ""),
+    ("timesteps", "max_timestep", "max_timestep", None, "exact", ""),
+    ("timesteps", "logit_mean", "logit_mean", None, "exact", ""),
+    ("timesteps", "logit_std", "logit_std", None, "exact", ""),
+    ("timesteps", "mode_scale", "mode_scale", None, "exact", ""),
+    ("timesteps", "density", "weighting_scheme", "train.timestep_type", "approx",
+     "kohya: logit_normal/mode (SD3 weighting_scheme); ai-toolkit: sigmoid/linear/weighted"),
+]
+UNMAPPED = [
+    ("lora.preset / include / exclude", "kohya: network_args target blocks differ per network module; ai-toolkit: "
+     "network_kwargs only_if_contains / ignore_if_contains (module-name substrings, not regexes)"),
+    ("lora.rank_dropout / module_dropout", "kohya network_args rank_dropout=, module_dropout= (exported there; "
+     "ai-toolkit has none)"),
+    ("lora.init", "neither tool exposes the LoRA init"),
+    ("timesteps.shift / bias", "kohya discrete_flow_shift and ai-toolkit's per-model shift differ in meaning"),
+    ("settings.val_count / reg_weight", "dataset-level settings in both tools"),
+]
+OPT_TO_KOHYA = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy", "adafactor": "Adafactor",
+                "lion": "Lion"}
+PREC_TO_KOHYA = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+DENSITY_KOHYA = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "none"}
+SECTIONS = {"lora": LoraConfig, "optimizer": OptimizerConfig, "timesteps": TimestepConfig, "settings": RunSettings}
+
+
+def _get(d: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _put(d: dict, path: str, value) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+    d[parts[-1]] = value
+
+
+def _coerce(section: str, name: str, value):
+    default = getattr(SECTIONS[section](), name)
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(value)
+        if isinstance(default, float) or (default is None and name == "alpha"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config value {name} = {value!r} is not a number") from None
+    return value
+
+
+def _kohya_args(value) -> dict:
+    """kohya's optimizer_args / network_args: a list of 'k=v' strings."""
+    out = {}
+    for item in value or []:
+        k, _, v = str(item).partition("=")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _objects(values: dict) -> tuple:
+    objs = []
+    for section, cls in SECTIONS.items():
+        known = {f.name for f in fields(cls)}
+        objs.append(cls(**{k: v for k, v in values.get(section, {}).items() if k in known}))
+    return tuple(objs)
+
+
+def from_kohya(cfg: dict) -> tuple[tuple, list[str]]:
+    """(LoraConfig, OptimizerConfig, TimestepConfig, RunSettings), notes from a kohya config dict."""
+    values: dict = {s: {} for s in SECTIONS}
+    notes = []
+    opt_args = _kohya_args(cfg.get("optimizer_args"))
+    net_args = _kohya_args(cfg.get("network_args"))
+    for section, name, kohya, _, quality, note in FIELDS:
+        if kohya is None:
+            continue
+        value = opt_args.get(kohya.split(".", 1)[1]) if kohya.startswith("optimizer_args.") else cfg.get(kohya)
+        if value is None:
+            continue
+        if name == "name":
+            value = {v.lower(): k for k, v in OPT_TO_KOHYA.items()}.get(str(value).lower())
+            if value is None:
+                notes.append(f"optimizer_type {cfg[kohya]!r} has no equivalent; kept adamw")
+                continue
+        elif name == "precision":
+            value = {v: k for k, v in PREC_TO_KOHYA.items()}.get(str(value), "fp32")
+        elif name == "density":
+            value = {v: k for k, v in DENSITY_KOHYA.items()}.get(str(value))
+            if value is None:
+                notes.append(f"weighting_scheme {cfg[kohya]!r} approximated by uniform timesteps")
+                continue
+        values[section][name] = _coerce(section, name, value)
+        if quality == "approx" and note:
+            notes.append(f"{kohya}: {note}")
+    if cfg.get("unet_lr") is not None:
+        values["optimizer"]["lr"] = float(cfg["unet_lr"])
+    if "min_snr_gamma" in values["timesteps"]:
+        values["timesteps"]["weighting"] = "min_snr"
+    if cfg.get("debiased_estimation_loss"):
+        values["timesteps"]["weighting"] = "debiased"
+    module = str(cfg.get("network_module", "networks.lora"))
+    algo = net_args.get("algo", "lora" if "lycoris" not in module else "locon")
+    algorithm = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}.get(algo)
+    if algorithm is None:
+        notes.append(f"network algo {algo!r} has no equivalent; kept lora")
+        algorithm = "lora"
+    if algorithm == "lora" and "conv_dim" in net_args:
+        algorithm = "locon"
+    values["lora"]["algorithm"] = algorithm
+    for k in ("rank_dropout", "module_dropout"):
+        if k in net_args:
+            values["lora"][k] = float(net_args[k])
+    if algorithm == "locon":
+        values["lora"]["preset"] = "all-linear+conv"
+    if str(net_args.get("dora_wd", "")).lower() == "true":
+        values["lora"]["dora"] = True
+    return _objects(values), notes
+
+
+def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
+    objs = {"lora": lora, "optimizer": opt, "timesteps": ts, "settings": settings}
+    out: dict = {}
+    opt_args = []
+    for section, name, kohya, _, _, _ in FIELDS:
+        if kohya is None:
+            continue
+        value = getattr(objs[section], name)
+        if name == "name":
+            value = OPT_TO_KOHYA[value]
+        elif name == "precision":
+            value = PREC_TO_KOHYA[value]
+        elif name == "density":
+            value = DENSITY_KOHYA.get(value, "none")
+        elif name == "alpha":
+            value = lora.scale_alpha
+        elif name == "min_snr_gamma" and ts.weighting != "min_snr":
+            continue
+        if kohya.startswith("optimizer_args."):
+            opt_args.append(f"{kohya.split('.', 1)[1]}={value}")
+        else:
+            out[kohya] = value
+    out["optimizer_args"] = opt_args
+    if ts.weighting == "debiased":
+        out["debiased_estimation_loss"] = True
+    lycoris = lora.algorithm in ("loha", "lokr")
+    out["network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
+    net_args = [f"algo={lora.algorithm}"] if lycoris else []
+    if lora.conv:
+        net_args += [f"conv_dim={lora.rank}", f"conv_alpha={lora.scale_alpha}"]
+    net_args += [f"{k}={getattr(lora, k)}" for k in ("rank_dropout", "module_dropout") if getattr(lora, k)]
+    if lora.dora:
+        net_args.append("dora_wd=True")
+    out["network_args"] = net_args
+    return out
+
+
+def from_ai_toolkit(cfg: dict) -> tuple[tuple, list[str]]:
+    config = cfg.get("config") or {}
+    procs = config.get("process") or []
+    if not procs or not isinstance(procs[0], dict):
+        raise ConfigError("ai-toolkit config has no config.process[0]; is this an ai-toolkit job file?")
+    proc = procs[0]
+    values: dict = {s: {} for s in SECTIONS}
+    notes = []
+    for section, name, _, path, quality, note in FIELDS:
+        if path is None:
+            continue
+        value = config.get("name") if path == "<name>" else _get(proc, path)
+        if value is None:
+            continue
+        if name == "name":
+            value = str(value).lower().replace("_", "")
+            if value not in OPT_TO_KOHYA:
+                notes.append(f"optimizer {_get(proc, path)!r} has no equivalent; kept adamw")
+                continue
+        elif name == "density":
+            value = {"sigmoid": "sigmoid", "linear": "linear", "weighted": "linear", "lognorm_blend": "logit_normal"}.get(
+                str(value), "uniform")
+            if _get(proc, path) == "weighted":
+                values["timesteps"]["weighting"] = "weighted"
+        elif name == "dop_weight" and not _get(proc, "train.diff_output_preservation"):
+            continue
+        values[section][name] = _coerce(section, name, value)
+        if quality == "approx" and note:
+            notes.append(f"{path}: {note}")
+    if "min_snr_gamma" in values["timesteps"]:
+        values["timesteps"]["weighting"] = "min_snr"
+    if not _get(proc, "train.ema_config.use_ema"):
+        values["settings"].pop("ema_decay", None)
+    net = proc.get("network") or {}
+    algorithm = {"lora": "lora", "locon": "locon", "lokr": "lokr"}.get(str(net.get("type", "lora")).lower(), "lora")
+    if algorithm == "lora" and net.get("conv"):
+        algorithm = "locon"
+    values["lora"]["algorithm"] = algorithm
+    if algorithm == "locon":
+        values["lora"]["preset"] = "all-linear+conv"
+    return _objects(values), notes
+
+
+def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
+    objs = {"lora": lora, "optimizer": opt, "timesteps": ts, "settings": settings}
+    proc: dict = {"type": "sd_trainer"}
+    for section, name, _, path, _, _ in FIELDS:
+        if path is None or path == "<name>":
+            continue
+        value = getattr(objs[section], name)
+        if name == "alpha":
+            value = lora.scale_alpha
+        elif name == "density":
+            value = "weighted" if ts.weighting == "weighted" else {"logit_normal": "lognorm_blend"}.get(value, value)
+            if value not in ("sigmoid", "linear", "weighted", "lognorm_blend"):
+                continue
+        elif name == "min_snr_gamma" and ts.weighting != "min_snr":
+            continue
+        elif name == "ema_decay":
+            if not value:
+                continue
+            _put(proc, "train.ema_config.use_ema", True)
+        elif name == "dop_weight":
+            if not value:
+                continue
+            _put(proc, "train.diff_output_preservation", True)
+        _put(proc, path, value)
+    proc["network"]["type"] = "lokr" if lora.algorithm == "lokr" else "lora"
+    if lora.conv:
+        proc["network"].update({"conv": lora.rank, "conv_alpha": lora.scale_alpha})
+    return {"job": "extension", "config": {"name": settings.run_name, "process": [proc]}}
+
+
+def read(path: str | Path) -> tuple[tuple, list[str]]:
+    """Import a kohya ``.toml``/``.json`` or an ai-toolkit ``.yaml``/``.yml`` config file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            return from_kohya(tomllib.loads(text))
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return from_ai_toolkit(yaml.safe_load(text) or {})
+        if path.suffix == ".json":
+            data = json.loads(text)
+            return from_ai_toolkit(data) if "config" in data else from_kohya(data)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be parsed ({e})") from None
+    raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
+
+
+def toml_text(cfg: dict) -> str:
+    """A flat kohya config as TOML (strings, numbers, booleans and lists of those)."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(str(v))
+    return "".join(f"{k} = {val(v)}\n" for k, v in cfg.items())
+
+
+def write(path: str | Path, lora, opt, ts, settings) -> Path:
+    """Export to kohya TOML/JSON or ai-toolkit YAML by the file's suffix, written atomically."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.suffix == ".toml":
+        text = toml_text(to_kohya(lora, opt, ts, settings))
+    elif path.suffix == ".json":
+        text = json.dumps(to_kohya(lora, opt, ts, settings), indent=2)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(to_ai_toolkit(lora, opt, ts, settings), sort_keys=False)
+    else:
+        raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+

@@ -1,0 +1,75 @@
+"""Save-time check that diffusers' standard ``load_lora_weights`` would load every module of a LoRA file.
+
+The file's keys go through the family pipeline's own ``lora_state_dict`` (diffusers' kohya converters, the
+step ``load_lora_weights`` runs first); each converted module name must be a module of the diffusers model,
+whose names come from ComfyUI's own ComfyUI -> diffusers tables (``comfy.utils.unet_to_diffusers``,
+``flux_to_diffusers``, ``mmdit_to_diffusers``; which one is data: ``diffusers_names`` in lora_formats.json).
+peft injects adapters by these names, so a name that is not a module of the model is a module diffusers drops.
+Families without a diffusers loader for kohya files, and LoHa/LoKr (diffusers has no loader for them), are
+reported as not checked, with the reason."""
+from __future__ import annotations
+
+import re
+import types
+
+import comfy.utils
+import torch
+
+from . import naming
+
+# converted key -> module: peft (``.lora_A.weight``), diffusers' older forms (``.lora.down.weight``,
+# ``.processor.to_q_lora.down.weight``), magnitudes and alphas
+_SUFFIX = re.compile(r"[._]lora[._](down|up|A|B)(\.weight)?$|\.lora_magnitude_vector$|\.alpha$")
+_PAIR = ("lora_down.weight", "lora_up.weight")
+
+
+def _module_name(converted_key: str) -> str:
+    """The model module a converted key targets (component prefix ``unet.``/``transformer.`` removed); the
+    attention-processor form names ``to_out.0`` as ``processor.to_out``, as diffusers' peft conversion reads it."""
+    name = _SUFFIX.sub("", converted_key).replace(".processor.", ".").split(".", 1)[1]
+    return name + ".0" if name.endswith(".to_out") else name
+
+
+def _diffusers_module_names(model, table: str) -> set[str]:
+    base = getattr(model, "model", model)
+    mapping = getattr(comfy.utils, table)(base.model_config.unet_config)
+    return {k[:-len(".weight")] for k in mapping if k.endswith(".weight")}
+
+
+def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
+    """``{"checked": bool, "reason": str, "modules": n, "dropped": [...], "refused": [...]}``. ``dropped``: the
+    module names diffusers' converter produces that are no module of the diffusers model (peft would not inject
+    them: the save fails on these); ``refused``: the converter's error when it raises on the file (``load_lora_weights`` then fails loudly; e.g. diffusers' kohya FLUX converter hard-codes FLUX.1's
+    full width 3072 for ``single_blocks.N.linear1``, so reduced-width test models are refused there)."""
+    facts = naming.family_facts(model)
+    pipe_name, table = facts.get("diffusers_pipeline"), facts.get("diffusers_names")
+    file_modules = sorted({k.rsplit(".", 2)[0] for k in lora_sd if k.endswith(_PAIR[0])})
+    if not pipe_name or not table:
+        return {"checked": False, "reason": f"diffusers has no loader for this family's kohya-format LoRA files "
+                                            f"({facts.get('config_class', 'unknown family')})", "dropped": []}
+    if any(not k.endswith(_PAIR) and not k.endswith((".alpha", ".dora_scale")) for k in lora_sd):
+        return {"checked": False, "reason": "diffusers has no loader for LoHa/LoKr files", "dropped": []}
+    import diffusers
+
+    pipe = getattr(diffusers, pipe_name)
+    kwargs = {}
+    unet_config = getattr(model, "model", model).model_config.unet_config
+    if facts.get("diffusers_sgm_remap"):  # as the pipeline's load_lora_weights passes its UNet config
+        kwargs["unet_config"] = types.SimpleNamespace(layers_per_block=unet_config["num_res_blocks"][0])
+    known = _diffusers_module_names(model, table)
+    dropped, refused = [], []
+    try:  # the whole file at once, as load_lora_weights converts it (block renumbering looks at every key)
+        out = pipe.lora_state_dict(dict(lora_sd), **kwargs)
+    except Exception as e:  # diffusers' converter raises: load_lora_weights fails loudly, drops nothing silently
+        refused = [f"{type(e).__name__}: {e}"[:300]]
+        out = ({},)
+    converted = out[0] if isinstance(out, tuple) else out
+    names = sorted({_module_name(k) for k in converted if _SUFFIX.search(k)})
+    dropped = [n for n in names if n not in known]
+    if not refused and len(names) < len(file_modules):  # several file modules converted onto one name
+        dropped.append(f"{len(file_modules) - len(names)} module(s) lost in conversion")
+    has_dora = any(k.endswith(".dora_scale") for k in lora_sd)
+    return {"checked": True, "pipeline": pipe_name, "modules": len(file_modules), "dropped": dropped,
+            "refused": refused,
+            "reason": "diffusers drops DoRA magnitudes (dora_scale) of kohya-format files and loads the LoRA part "
+                      "only" if has_dora else ""}

@@ -1,0 +1,125 @@
+"""Start a run from an existing LoRA file written by kohya sd-scripts, ai-toolkit, diffusers/peft or this pack.
+
+The file's keys are mapped to ComfyUI modules with ComfyUI's own tables (``comfy.lora.model_lora_keys_unet``,
+which covers kohya names, ComfyUI names and diffusers' attention-processor names) plus the family's diffusers
+module names from ``comfy.utils.<diffusers_names>`` (``lora_formats.json``) with and without the ``unet.`` /
+``transformer.`` component prefix, which is how peft and diffusers' ``save_lora_weights`` write them. The
+tensors are read the way ComfyUI's loader reads them (``LoRAAdapter.load``: every up/down spelling, alpha,
+dora_scale), so the run starts from exactly the LoRA that ComfyUI applies for that file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import comfy.lora
+import comfy.utils
+import torch
+from comfy.weight_adapter import LoRAAdapter
+
+from . import naming
+from .. import paths
+from .config import ConfigError, LoraConfig
+
+
+def resolve(name_or_path: str) -> Path:
+    """A LoRA file inside ComfyUI's ``loras`` folders (a name relative to the first one, or a path inside any
+    registered one) or the pack's runs folder, through the path guard: anything else is refused with one
+    message, whether or not it exists."""
+    roots = paths.lora_roots()
+    p = paths.confine(name_or_path, roots)
+    if not p.is_file():
+        raise ConfigError(f"init_lora '{name_or_path}' is not a LoRA file in ComfyUI's loras folder; pick a name "
+                          "from models/loras (or a file in a registered loras folder)")
+    return p
+
+
+def read(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"init_lora {path} is not a .safetensors file; only safetensors LoRAs are read (pickled "
+                          ".ckpt/.pt files can run code): convert it to safetensors first")
+    try:
+        return comfy.utils.load_torch_file(str(path), safe_load=True)
+    except Exception as e:
+        raise ConfigError(f"init_lora {path} cannot be read as safetensors ({e})") from None
+
+
+def key_map(model) -> dict[str, str]:
+    """File key prefix -> ComfyUI weight key (``diffusion_model.<module>.weight``)."""
+    base = getattr(model, "model", model)
+    km = {k: v for k, v in comfy.lora.model_lora_keys_unet(base, {}).items() if isinstance(v, str)}
+    table = naming.family_facts(model).get("diffusers_names")
+    if table:
+        for diff, comfy_key in getattr(comfy.utils, table)(base.model_config.unet_config).items():
+            if not diff.endswith(".weight") or not isinstance(comfy_key, str):
+                continue
+            target = comfy_key if comfy_key.startswith("diffusion_model.") else "diffusion_model." + comfy_key
+            name = diff[:-len(".weight")]
+            for prefix in ("", "unet.", "transformer.", "base_model.model."):
+                km.setdefault(prefix + name, target)
+    return km
+
+
+def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[str], cfg: LoraConfig,
+                       source: str = "init_lora") -> dict[str, torch.Tensor]:
+    """Adapter state entries (``<module>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` /
+    ``.dora_scale``, as ``Trainer.adapter_state`` keys them) for the LoRA in ``lora_sd``. The file's scale
+    (its alpha / rank; 1 without alpha, as ComfyUI applies it) is folded into ``lora_up`` so that the run's own
+    alpha/rank give the same delta. Raises ConfigError for keys nothing maps, modules outside ``targets``, a
+    rank other than the run's, non-LoRA algorithms and DoRA mismatches."""
+    if cfg.algorithm not in ("lora", "locon"):
+        raise ConfigError(f"{source}: starting from a LoRA file needs algorithm lora or locon (got '{cfg.algorithm}')")
+    loaded = set()
+    patches = {}
+    for target, a in comfy.lora.load_lora(lora_sd, key_map(model), log_missing=False).items():
+        if not isinstance(a, LoRAAdapter) or not isinstance(target, str):
+            raise ConfigError(f"{source}: module {target} is not a LoRA pair (LoHa/LoKr/other); only LoRA/LoCon/DoRA "
+                              "files can start a run")
+        loaded |= set(a.loaded_keys)
+        patches[target[len("diffusion_model."):-len(".weight")]] = a
+    unmapped = sorted(k for k in lora_sd if k not in loaded)
+    if unmapped:
+        raise ConfigError(f"{source}: {len(unmapped)} key(s) of the file match no module of this model (e.g. "
+                          f"{unmapped[:3]}); is it a LoRA for another model family, or a LoHa/LoKr file?")
+    outside = sorted(set(patches) - set(targets))
+    if outside:
+        raise ConfigError(f"{source}: the file trains {len(outside)} module(s) this run does not (e.g. {outside[:3]}); "
+                          "widen LoRA Config's targets (preset / include regex) to cover them")
+    out: dict[str, torch.Tensor] = {}
+    for module, a in patches.items():
+        up, down, alpha, mid, dora, _ = a.weights
+        if mid is not None:
+            raise ConfigError(f"{source}: module {module} has a Tucker/CP mid weight (LyCORIS); not supported as init")
+        if down.shape[0] != cfg.rank:
+            raise ConfigError(f"{source}: the file's rank is {down.shape[0]} (module {module}) but LoRA Config's rank "
+                              f"is {cfg.rank}; set rank to {down.shape[0]}")
+        if (dora is not None) != bool(cfg.dora):
+            raise ConfigError(f"{source}: the file {'has' if dora is not None else 'has no'} DoRA magnitudes "
+                              f"(dora_scale) but LoRA Config has dora {'off' if dora is not None else 'on'}; match them")
+        file_scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        run_scale = cfg.scale_alpha / cfg.rank
+        up2 = up.float().reshape(up.shape[0], -1)
+        out[f"{module}.lora_up.weight"] = up2 * (file_scale / run_scale)
+        out[f"{module}.lora_down.weight"] = down.float().reshape(down.shape[0], -1)
+        out[f"{module}.alpha"] = torch.tensor(cfg.scale_alpha)
+        if dora is not None:
+            out[f"{module}.dora_scale"] = dora.float()
+    return out
+
+
+def start_from(run, init_lora: str, trainer_cls):
+    """``run`` at step 0 with its adapters set to the LoRA in ``init_lora`` (fresh optimizer state; an EMA starts
+    at these weights). ``trainer_cls``: the loop's Trainer, which builds the adapters the run will train."""
+    path = resolve(init_lora)
+    with torch.inference_mode(False):
+        trainer = trainer_cls(run)
+        weights = adapters_from_lora(run.model, read(path), trainer.names, run.lora, f"init_lora {path.name}")
+        with torch.no_grad():
+            for name, a in trainer.adapters.items():
+                for key, p in a.inner.state_dict(keep_vars=True).items():
+                    value = weights.get(f"{name}.{key}")
+                    if value is not None:
+                        p.copy_(value.reshape(p.shape).to(p.dtype))
+        if trainer.ema is not None:
+            from diffusers.training_utils import EMAModel
+
+            trainer.ema = EMAModel(trainer.params, decay=run.settings.ema_decay)
+        return run.advanced(state=trainer.state(), meta={**run.meta, "init_lora": path.name})

@@ -1,0 +1,66 @@
+"""Key names of saved LoRA files, per model family as its reference trainer writes them.
+
+The facts are data (``lora_formats.json``, keyed by ComfyUI's model config class); the names themselves come
+from ComfyUI's own tables: ``original`` families keep ComfyUI's module names (they are the original
+checkpoint's), ``diffusers_unet`` families (SD1.x/SD2.x, which kohya sd-scripts trains on diffusers' UNet)
+use the diffusers module name that ``comfy.utils.unet_to_diffusers`` maps to each ComfyUI module."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import comfy.utils
+
+FORMATS = Path(__file__).with_name("lora_formats.json")
+
+
+class NamingError(ValueError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _formats() -> dict:
+    return json.loads(FORMATS.read_text())
+
+
+def family_facts(model) -> dict:
+    """The lora_formats.json entry of ``model`` (a ModelPatcher or BaseModel): the nearest class in its model
+    config's class hierarchy that the file lists, with ``extends`` resolved; ``{}`` for an unlisted family
+    (files then keep ComfyUI's module names, which ComfyUI's loader maps)."""
+    base = getattr(model, "model", model)
+    families = _formats()["families"]
+    for cls in type(base.model_config).__mro__:
+        if cls.__name__ in families:
+            return {"config_class": cls.__name__, **_resolve(families, cls.__name__)}
+    return {}
+
+
+def _resolve(families: dict, name: str) -> dict:
+    entry = dict(families[name])
+    parent = entry.pop("extends", None)
+    return {**_resolve(families, parent), **entry} if parent else entry
+
+
+def lycoris_network_module() -> str:
+    return _formats()["lycoris_network_module"]
+
+
+def module_prefixes(model, modules) -> dict[str, str]:
+    """ComfyUI module name (inside the diffusion model) -> the key prefix (``lora_unet_...``) its family's
+    reference trainer writes. A module the family's table does not cover raises NamingError."""
+    scheme = family_facts(model).get("names", "original")
+    if scheme == "original":
+        return {m: "lora_unet_" + m.replace(".", "_") for m in modules}
+    if scheme != "diffusers_unet":
+        raise NamingError(f"unknown naming scheme '{scheme}' in {FORMATS.name}")
+    base = getattr(model, "model", model)
+    to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
+                    for k, v in comfy.utils.unet_to_diffusers(base.model_config.unet_config).items()
+                    if k.endswith(".weight")}
+    missing = [m for m in modules if m not in to_diffusers]
+    if missing:
+        raise NamingError(f"no diffusers name for module(s) {missing[:3]} in ComfyUI's unet_to_diffusers map; "
+                          "exclude them from training (exclude regex) to save this LoRA")
+    return {m: "lora_unet_" + to_diffusers[m].replace(".", "_") for m in modules}
+

@@ -1,0 +1,50 @@
+"""The official diffusers models built from the SAME base weights as the tiny ComfyUI models, with diffusers'
+own single-file converters (``diffusers.loaders.single_file_utils``), and wrapped in the family's diffusers
+pipeline so that its standard ``load_lora_weights(path)`` can be called."""
+from __future__ import annotations
+
+import torch
+
+from . import sd15 as sd15_factory
+
+
+def sd15_original_config() -> dict:
+    """The LDM config (the original ``v1-inference.yaml`` layout) of the tiny SD1.5 checkpoint: the input
+    diffusers' ``create_unet_diffusers_config_from_ldm`` reads."""
+    u = sd15_factory.UNET_CONFIG
+    unet_params = dict(in_channels=u["in_channels"], out_channels=u["out_channels"],
+                       model_channels=u["model_channels"], attention_resolutions=[1],  # attention at every level
+                       num_res_blocks=u["num_res_blocks"][0], channel_mult=u["channel_mult"],
+                       num_heads=u["num_heads"], use_spatial_transformer=True, transformer_depth=1,
+                       context_dim=u["context_dim"], use_linear_in_transformer=u["use_linear_in_transformer"],
+                       legacy=False)
+    return {"model": {"params": {"unet_config": {"params": unet_params},
+                                 "first_stage_config": {"params": {"ddconfig": sd15_factory.VAE_DDCONFIG}}}}}
+
+
+def sd15_unet(checkpoint_path) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel (fp32) converted from the tiny SD1.5 checkpoint file."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from safetensors.torch import load_file
+
+    ckpt = {k: v.float() for k, v in load_file(str(checkpoint_path)).items()}
+    config = create_unet_diffusers_config_from_ldm(sd15_original_config(), ckpt)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
+    return unet.eval()
+
+
+def sd_pipeline(unet):
+    """A StableDiffusionPipeline around ``unet`` (no text encoder: the LoRAs under test have UNet keys only)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def lora_modules(model, adapter_name: str = "default_0") -> list[str]:
+    """Names of the modules of a diffusers model that carry a loaded peft LoRA adapter."""
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and adapter_name in m.lora_A)

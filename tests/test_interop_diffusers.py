@@ -1,0 +1,139 @@
+"""Saved LoRA files load in diffusers (#17): for the tiny SD1.5, the official diffusers UNet is built from the
+SAME base weights with diffusers' single-file converters, the file our Save LoRA wrote is loaded with the
+standard ``StableDiffusionPipeline.load_lora_weights(path)``, every module must be loaded, and the UNet's output
+must equal ComfyUI's (same LoRA through ComfyUI's stock loader) within 1e-4."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from support.factories import diffusers_ref as R
+
+
+def _run(T, sd15, tset, tmp_path, lora, name):
+    run = T.loop.init_run(sd15[0], tset, lora, T.C.TimestepConfig(), T.C.OptimizerConfig(lr=1e-3),
+                          T.st.RunSettings(run_name=name), runs_root=tmp_path / "runs")
+    run = T.loop.train_steps(run, 1)
+    # one real step leaves the LoRA almost zero; give it seeded, clearly visible weights so that a dropped or
+    # misplaced module shows in the outputs
+    g = torch.Generator().manual_seed(3)
+    adapters = {k: (torch.randn(v.shape, generator=g) * 0.5 if k.endswith("lora_up.weight") else v)
+                for k, v in run.state["adapters"].items()}
+    return run.advanced(state={**run.state, "adapters": adapters, "ema_adapters": None})
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 768, generator=g)
+
+
+def comfy_unet_out(T, model, lora_sd):
+    """ComfyUI's UNet output with the LoRA merged by ComfyUI's own loader and weight calculation, on a copy
+    of the (session-shared) diffusion model."""
+    import copy
+
+    import comfy.lora
+
+    patched = T.export.model_with_lora(model, lora_sd)
+    dm = copy.deepcopy(model.model.diffusion_model)
+    params = dict(dm.named_parameters())
+    with torch.no_grad():
+        for key, patches in patched.patches.items():
+            name = key[len("diffusion_model."):]
+            params[name].copy_(comfy.lora.calculate_weight(patches, params[name].detach().float().clone(), key))
+        x, t, ctx = _inputs()
+        return dm(x, timesteps=t, context=ctx).float()
+
+
+@pytest.fixture(scope="module")
+def diffusers_unet(sd15_checkpoint):
+    return R.sd15_unet(sd15_checkpoint.resolve())
+
+
+@pytest.mark.parametrize("algorithm,preset,dora", [("lora", "attention+mlp", False),
+                                                   ("lora", "all-linear", False),
+                                                   ("locon", "all-linear+conv", False)])
+def test_sd15_lora_loads_completely_in_diffusers_and_matches_comfyui(T, sd15, sd15_training_set, diffusers_unet,
+                                                                      tmp_path, caplog, algorithm, preset, dora):
+    import comfy.utils
+
+    lora = T.C.LoraConfig(algorithm=algorithm, rank=4, alpha=2, preset=preset, dora=dora)
+    run = _run(T, sd15, sd15_training_set, tmp_path, lora, f"dl_{algorithm}_{preset}")
+    path, report = T.export.save_lora(run, f"dl_{algorithm}", folder=tmp_path / "loras", dtype=torch.float32)
+    sd = comfy.utils.load_torch_file(str(path))
+    assert all(k.startswith("lora_unet_") for k in sd)
+    assert not any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in sd), \
+        "SD1.x keys use kohya's (diffusers) module names"
+    n_modules = len({k.rsplit(".", 2)[0] for k in sd if k.endswith("lora_down.weight")})
+
+    pipe = R.sd_pipeline(diffusers_unet)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(path), adapter_name="default_0")
+    try:
+        loaded = R.lora_modules(pipe.unet)
+        assert len(loaded) == n_modules, (len(loaded), n_modules)
+        x, t, ctx = _inputs()
+        with torch.no_grad():
+            ours = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+            pipe.unet.disable_adapters()
+            base = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+            pipe.unet.enable_adapters()
+    finally:
+        pipe.unload_lora_weights()
+    comfy_out = comfy_unet_out(T, sd15[0], sd)
+    assert (ours - base).abs().max() > 1e-2, "the LoRA must visibly change the output"
+    err = float((ours - comfy_out).abs().max())
+    assert err < 1e-4, err
+
+
+def test_save_check_agrees_with_diffusers_and_refuses_dropped_modules(T, sd15, sd15_training_set, diffusers_unet,
+                                                                       tmp_path, monkeypatch):
+    """The save-time check predicts what load_lora_weights does: with ComfyUI's internal module names
+    (what this pack wrote before #17) diffusers loads none of the modules, the check lists every one as dropped,
+    and Save LoRA refuses to write the file, naming a module."""
+    lora = T.C.LoraConfig(rank=4, alpha=4, preset="attention")
+    run = _run(T, sd15, sd15_training_set, tmp_path, lora, "dl_check")
+    internal = T.export.kohya_from_adapters(run.state["adapters"], torch.float32)  # lora_unet_input_blocks_...
+    assert any("input_blocks" in k for k in internal)
+    result = T.diffusers_check.check(sd15[0], internal)
+    n_modules = len({k.rsplit(".", 2)[0] for k in internal if k.endswith("lora_down.weight")})
+    pipe = R.sd_pipeline(diffusers_unet)
+    try:
+        pipe.load_lora_weights(dict(internal), adapter_name="default_0")
+        loaded = R.lora_modules(pipe.unet)
+    except ValueError:  # peft: "Target modules {...} not found in the base model" (the names it made up)
+        loaded = []
+    finally:
+        pipe.unload_lora_weights()
+    assert len(loaded) < n_modules
+    assert result["checked"] and result["dropped"], result
+    assert all(n.startswith(("down_blocks", "mid_block", "up_blocks")) or "lost" in n for n in result["dropped"])
+    named = T.export.kohya_state_dict(run, torch.float32)  # the names Save LoRA writes: nothing dropped
+    assert T.diffusers_check.check(sd15[0], named)["dropped"] == []
+
+    monkeypatch.setattr(T.naming, "module_prefixes", lambda model, modules: {})
+    with pytest.raises(T.export.ExportError, match=r"diffusers' load_lora_weights would drop \d+ module"):
+        T.export.save_lora(run, "dl_dropped", folder=tmp_path / "loras")
+    assert not (tmp_path / "loras" / "dl_dropped.safetensors").exists()
+
+
+def test_sd15_dora_modules_load_in_diffusers_without_magnitude(T, sd15, sd15_training_set, diffusers_unet, tmp_path):
+    """diffusers loads every LoRA module of a DoRA file, but its SD loaders drop kohya ``dora_scale`` keys (with a
+    warning, "DoRA checkpoint that is not compatible"), and peft decomposes on the output axis where kohya/LyCORIS
+    and ComfyUI use the input axis: the same DoRA cannot give ComfyUI's output in diffusers. Save LoRA says so."""
+    lora = T.C.LoraConfig(rank=4, alpha=2, preset="attention", dora=True)
+    run = _run(T, sd15, sd15_training_set, tmp_path, lora, "dl_dora")
+    path, report = T.export.save_lora(run, "dl_dora", folder=tmp_path / "loras", dtype=torch.float32)
+    assert "dora_scale" in report["diffusers"]["reason"] and not report["diffusers"]["dropped"]
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(path))
+    n_modules = len({k.rsplit(".", 2)[0] for k in sd if k.endswith("lora_down.weight")})
+    pipe = R.sd_pipeline(diffusers_unet)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="default_0")
+        assert len(R.lora_modules(pipe.unet)) == n_modules
+    finally:
+        pipe.unload_lora_weights()
