@@ -349,7 +349,7 @@ class Runner:
         self.log = log
         self.files = {str((ENGINE / m.file).resolve()) for m in mutants}
         self.cover: dict[tuple[str, int], set[int]] = {}
-        self.durations: dict[int, float] = {}
+        self.durations: dict[int, float] = {}  # CPU seconds of each test in the (traced) baseline
         self.current = -1
         self.baseline_ok = True
 
@@ -378,7 +378,7 @@ class Runner:
         t_start = time.time()
         for i, item in enumerate(items):
             self.current = i
-            t0 = time.time()
+            t0 = time.process_time()
             sys.settrace(self._tracer)
             threading.settrace(self._tracer)
             try:
@@ -387,7 +387,7 @@ class Runner:
             finally:
                 sys.settrace(None)
                 threading.settrace(None)
-            self.durations[i] = time.time() - t0
+            self.durations[i] = time.process_time() - t0
             if any(r.failed for r in reports):
                 self.log(f"baseline FAILED: {item.nodeid}; fix the test before mutating")
                 self.baseline_ok = False
@@ -423,6 +423,12 @@ class Runner:
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
+            try:  # dies with the runner
+                import ctypes
+
+                ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
@@ -442,12 +448,14 @@ class Runner:
             os.write(w, msg.encode()[:500])
             os._exit(code)
         os.close(w)
-        deadline = time.time() + limit
+        # the limit is in CPU seconds of the child (this machine is shared: wall time says little), with a
+        # generous wall-clock cap for a mutant that hangs without computing
+        wall_cap = time.time() + 20 * limit + 300
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
-            if time.time() > deadline:
+            if _cpu_seconds(pid) > limit or time.time() > wall_cap:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 os.close(r)
@@ -461,6 +469,14 @@ class Runner:
         if os.WEXITSTATUS(status) == 0:
             return "survived", "", secs
         return "killed", msg.split("::")[-1] if "::" in msg else msg, secs
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 # -- results and report ----------------------------------------------------------------------------------------
