@@ -49,6 +49,7 @@ ENGINE = ROOT / "aligned_trainer"
 RESULTS = ROOT / "scripts" / "mutation_results.json"
 EQUIVALENTS = ROOT / "scripts" / "mutation_equivalents.json"
 REPORT = ROOT / "MUTATION.md"
+NOTES = ROOT / "scripts" / "mutation_notes.md"  # hand-written notes appended to the report
 
 # The fast, in-process tests that exercise each engine module (server and browser tests are left out: the
 # server runs the pack in another process, which a forked mutant cannot reach).
@@ -561,6 +562,8 @@ Run it: `nice -n 10 .work/venv/bin/python scripts/mutate.py train/timesteps` (on
 |---|---|---|---|
 {chr(10).join(eqs) if eqs else "| - | - | - | - |"}
 """
+    if NOTES.exists():
+        text += "\n## Notes\n\n" + NOTES.read_text()
     REPORT.write_text(text)
 
 
