@@ -490,6 +490,18 @@ def load_results() -> dict:
 
 def save_results(rel: str, mutants: list[Mutant], tests: list[str], scope: str) -> None:
     data = load_results()
+    old = data.get(rel)
+    if scope.startswith("lines") and old and old.get("scope", "whole module") == "whole module":
+        # a re-run of some lines (after new tests): update those mutants in the whole-module result
+        fresh = {(m.index, m.op): m for m in mutants if m.status != "pending"}
+        for m in old["mutants"]:
+            new = fresh.get((m["index"], m["op"]))
+            if new is not None and new.key == Mutant(**{**m, "lines": tuple(m["lines"])}).key:
+                m.update(status=new.status, killer=new.killer, seconds=new.seconds)
+        old["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        old["tests"] = tests
+        RESULTS.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+        return
     data[rel] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "tests": tests,
                  "scope": scope,
                  "mutants": [asdict(m) for m in mutants]}

@@ -252,3 +252,33 @@ def test_conv_hook_uses_the_layers_geometry(A):
         out = a.hook(layer, (x,), layer(x))
         ref = F.conv2d(x, merged, layer.bias, stride=2, padding=2, dilation=2)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rank_dropout_mask_per_sample_for_tokens_and_convolutions(A):
+    """Sequences (B, T, in): one mask per sample over the rank, shared by its tokens, shape (B, 1, r); convolutions
+    (B, r, H, W): one per sample and rank channel, shape (B, r, 1, 1)."""
+    p = 0.5
+    layer, a = _linear_adapter(A, rank=4, alpha=4.0, rank_dropout=p)
+    a.train()
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(3))
+    down, up = a.inner.lora_down.weight.detach(), a.inner.lora_up.weight.detach()
+    torch.manual_seed(8)
+    mask = (torch.rand((3, 1, 4)) >= p).float()
+    expected = layer(x) + ((x @ down.T) * mask) @ (up / (1 - p)).T
+    torch.manual_seed(8)
+    with torch.no_grad():
+        torch.testing.assert_close(a.hook(layer, (x,), layer(x)), expected.detach())
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    cfg = A.C.LoraConfig(algorithm="locon", rank=2, alpha=2.0, preset="all-linear+conv", rank_dropout=p)
+    c = A.ad.create(conv.weight.detach(), cfg, torch.Generator().manual_seed(0), layer=conv)
+    with torch.no_grad():
+        c.inner.lora_up.weight.copy_(torch.randn(c.inner.lora_up.weight.shape, generator=torch.Generator().manual_seed(2)))
+    c.train()
+    xc = torch.randn(2, 3, 6, 6)
+    cd, cu = c.inner.lora_down.weight.detach().reshape(2, 3, 3, 3), c.inner.lora_up.weight.detach().reshape(4, 2, 1, 1)
+    torch.manual_seed(8)
+    cmask = (torch.rand((2, 2, 1, 1)) >= p).float()
+    ref = conv(xc) + F.conv2d(F.conv2d(xc, cd, padding=1) * cmask, cu / (1 - p))
+    torch.manual_seed(8)
+    with torch.no_grad():
+        torch.testing.assert_close(c.hook(conv, (xc,), conv(xc)), ref.detach(), rtol=1e-4, atol=1e-5)

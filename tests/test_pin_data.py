@@ -68,6 +68,12 @@ def test_keep_tokens_and_trigger_word(D):
         assert tags[:2] == ["T", "a"] and sorted(tags[2:]) == ["b", "c", "d", "e", "f"]
         v0 = C.variant(CAP, C.CaptionConfig(trigger_word="T", shuffle_tags=True, keep_tokens=0), random.Random(seed))
         assert C.split_tags(v0)[0] == "T"
+    # keep_tokens 0 with a trigger word: only the trigger stays, every other tag (the last one too) may move
+    seconds = {C.split_tags(C.variant(CAP, C.CaptionConfig(trigger_word="T", shuffle_tags=True, keep_tokens=0),
+                                      random.Random(s)))[1] for s in range(20)}
+    lasts = {C.split_tags(C.variant(CAP, C.CaptionConfig(trigger_word="T", shuffle_tags=True, keep_tokens=0),
+                                    random.Random(s)))[-1] for s in range(20)}
+    assert len(seconds) > 1 and len(lasts) > 1
     firsts = {C.split_tags(C.variant(CAP, C.CaptionConfig(shuffle_tags=True, keep_tokens=0), random.Random(s)))[0]
               for s in range(20)}
     assert len(firsts) > 1  # without trigger word and keep_tokens 0 every tag may move
@@ -127,3 +133,13 @@ def test_repeat_folders_flip_and_reg_weight(D, tmp_path):
     assert with_reg.reg_weight == 0.25 and [i.is_reg for i in with_reg.items].count(True) == 1
     assert with_reg.hash != D.dataset.from_folder(tmp_path / "train", cc, bc, reg_folder=reg.parent,
                                                   reg_weight=0.5).hash
+
+
+def test_caption_config_bounds(D):
+    C = D.captions
+    for ok in (dict(tag_dropout=1.0), dict(caption_dropout=1.0), dict(tag_dropout=0.0), dict(keep_tokens=0),
+               dict(variants=1)):
+        C.CaptionConfig(**ok).validate()
+    for bad in (dict(tag_dropout=1.01), dict(caption_dropout=-0.01), dict(keep_tokens=-1), dict(variants=0)):
+        with pytest.raises(ValueError):
+            C.CaptionConfig(**bad).validate()

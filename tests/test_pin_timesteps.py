@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-TIMESTEPS = torch.tensor([1, 10, 100, 400, 700, 999])
+TIMESTEPS = torch.tensor([0, 1, 10, 100, 400, 700, 999])  # t=0: snr above 1000 (debiased clamp)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +117,17 @@ def test_bias_and_window_exact_on_the_same_draws(TS):
     hi = TS.ts.sample_u(TS.C.TimestepConfig(bias="high_noise", bias_strength=0.5), 64, torch.Generator().manual_seed(4))
     lo = TS.ts.sample_u(TS.C.TimestepConfig(bias="low_noise", bias_strength=0.5), 64, torch.Generator().manual_seed(4))
     off = TS.ts.sample_u(TS.C.TimestepConfig(bias="high_noise", bias_strength=0.0), 64, torch.Generator().manual_seed(4))
+    bal = TS.ts.sample_u(TS.C.TimestepConfig(bias="balanced", bias_strength=0.5), 64, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(bal, base)  # strength only acts with a bias
     torch.testing.assert_close(hi, base ** (1 / 1.5))
     torch.testing.assert_close(lo, base ** 1.5)
     torch.testing.assert_close(off, base)
     win = TS.ts.sample_u(TS.C.TimestepConfig(min_timestep=250, max_timestep=750), 64, torch.Generator().manual_seed(4))
     torch.testing.assert_close(win, 0.25 + base * 0.5)
     assert base.min() > 0 and base.max() < 1
+    # draws are clamped to [1e-5, 1 - 1e-5]: a very wide sigmoid density reaches 0 and 1 in float32
+    wide = TS.ts.sample_u(TS.C.TimestepConfig(density="sigmoid", logit_std=60.0), 4000, torch.Generator().manual_seed(1))
+    assert float(wide.min()) == pytest.approx(1e-5) and float(wide.max()) == pytest.approx(1 - 1e-5)
 
 
 def test_densities_use_their_parameters(TS):
@@ -162,19 +167,22 @@ def test_noise_offset_and_pyramid_noise_exact(TS):
     per_channel = torch.randn((2, 3, 1, 1), generator=g)
     out = TS.ts.training_noise(TS.C.TimestepConfig(noise_offset=0.3), like, torch.Generator().manual_seed(11))
     torch.testing.assert_close(out, white + 0.3 * per_channel)
-    g = torch.Generator().manual_seed(11)
-    noise = torch.randn(like.shape, generator=g)
-    for i in range(2):
-        r = float(torch.rand((), generator=g)) * 2 + 2
-        wi, hi = max(1, int(8 / r ** (i + 1))), max(1, int(8 / r ** (i + 1)))
-        small = torch.randn((2, 3, hi, wi), generator=g)
-        noise = noise + torch.nn.functional.interpolate(small, size=(8, 8), mode="bilinear") * 0.4 ** (i + 1)
-        if wi == 1 or hi == 1:
-            break
-    expected = noise / noise.std()
-    out = TS.ts.training_noise(TS.C.TimestepConfig(multires_iterations=2, multires_discount=0.4), like,
-                               torch.Generator().manual_seed(11))
-    torch.testing.assert_close(out, expected)
+    # a non-square latent large enough for several levels; 1 and 5 iterations (5 stops when a side reaches 1)
+    like = torch.zeros(2, 3, 96, 160)
+    for iterations in (1, 5):
+        g = torch.Generator().manual_seed(11)
+        noise = torch.randn(like.shape, generator=g)
+        for i in range(iterations):
+            r = float(torch.rand((), generator=g)) * 2 + 2
+            wi, hi = max(1, int(160 / r ** (i + 1))), max(1, int(96 / r ** (i + 1)))
+            small = torch.randn((2, 3, hi, wi), generator=g)
+            noise = noise + torch.nn.functional.interpolate(small, size=(96, 160), mode="bilinear") * 0.4 ** (i + 1)
+            if wi == 1 or hi == 1:
+                break
+        expected = noise / noise.std()
+        out = TS.ts.training_noise(TS.C.TimestepConfig(multires_iterations=iterations, multires_discount=0.4), like,
+                                   torch.Generator().manual_seed(11))
+        torch.testing.assert_close(out, expected)
 
 
 def test_histogram_applies_only_a_fixed_shift(TS):
