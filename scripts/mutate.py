@@ -491,7 +491,7 @@ def load_results() -> dict:
 def save_results(rel: str, mutants: list[Mutant], tests: list[str], scope: str) -> None:
     data = load_results()
     old = data.get(rel)
-    if scope.startswith("lines") and old and old.get("scope", "whole module") == "whole module":
+    if scope.startswith("lines") and old:
         # a re-run of some lines (after new tests): update those mutants in the whole-module result
         fresh = {(m.index, m.op): m for m in mutants if m.status != "pending"}
         for m in old["mutants"]:
