@@ -41,5 +41,7 @@ def build_scheduler(cfg: OptimizerConfig, optimizer):
         kwargs["num_cycles"] = cfg.num_cycles
     if cfg.scheduler == "polynomial":
         kwargs["power"] = cfg.power
-    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+    # diffusers' "constant" ignores num_warmup_steps; its warmup variant is the documented constant + warmup
+    name = "constant_with_warmup" if cfg.scheduler == "constant" and cfg.warmup_steps else cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=cfg.total_steps, **kwargs)
