@@ -317,5 +317,6 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
             "prompt_syntax": getattr(clip, "prompt_syntax", "comfyui"),
             "latent_cache": latents.root, "text_cache": str(root)}
     ts = TrainingSet(tuple(samples), empty_conditioning=conds[""], caption_dropout=ds.caption_cfg.caption_dropout,
-                     te_spec_id=(getattr(clip, "aligned_trainer_spec", None) or {}).get("id"), meta=meta)
+                     te_spec_id=getattr(getattr(clip, "spec", None), "key", None),  # id or id:variant
+                     meta=meta)
     return ts, (cache.hits, cache.misses, cache.repaired)
