@@ -6,7 +6,7 @@ import json
 from comfy_api.latest import io
 
 from ..aligned_trainer import imaging
-from ..aligned_trainer.te import align, inspect, specs
+from ..aligned_trainer.te import align, inspect, specs, syntax
 from ._common import category, node_id
 
 CAT = category("Text Encoders")
@@ -24,6 +24,12 @@ class LoadAlignedTextEncoders(io.ComfyNode):
                 io.Combo.Input("spec", options=["auto", *specs.list_spec_ids()], default="auto",
                                tooltip="Text-encoder spec. 'auto' detects the family from the CLIP's tokenizer; "
                                        "pick a family or family:variant (e.g. flux1-schnell, sd3:diffusers) to override."),
+                io.Combo.Input("prompt_syntax", options=list(syntax.SYNTAXES), default=syntax.LITERAL, optional=True,
+                               tooltip="How prompts are read. 'literal' (default): as written, like the official "
+                                       "pipelines and trainers, so (object), \\(cat\\) and embedding:name are plain text. "
+                                       "'comfyui': ComfyUI's syntax for inference prompts: (word:1.2) weights, "
+                                       "((emphasis)), \\( escapes and embedding:name textual inversions. Training "
+                                       "captions are always cached literally."),
             ],
             outputs=[
                 io.Clip.Output("aligned_clip", tooltip="CLIP that tokenizes/encodes as the spec says."),
@@ -33,8 +39,8 @@ class LoadAlignedTextEncoders(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, spec) -> io.NodeOutput:
-        aligned = align.align_clip(clip, spec)
+    def execute(cls, clip, spec, prompt_syntax=syntax.LITERAL) -> io.NodeOutput:
+        aligned = align.align_clip(clip, spec, prompt_syntax)
         text = json.dumps({**aligned.spec.raw, **aligned.aligned_trainer_spec}, indent=1, ensure_ascii=False)
         return io.NodeOutput(aligned, clip, text, ui={"text": [text]})
 
@@ -59,11 +65,13 @@ class TextEncoderAlignmentReport(io.ComfyNode):
     def execute(cls, clip_a, clip_b, prompts) -> io.NodeOutput:
         lines = prompts.split("\n")
         rows = inspect.compare_clips(clip_a, clip_b, lines)
-        headers = ["prompt", "positions a/b", "seq cos", "min tok cos", "pooled cos", "std a/b", "pad norm", "truncated a"]
-        table = [[repr(r["prompt"]), f"{r['positions_a']}/{r['positions_b']}", f"{r['seq_cosine']:.5f}",
+        headers = ["prompt", "syntax a/b", "positions a/b", "seq cos", "min tok cos", "pooled cos", "std a/b", "pad norm",
+                   "truncated a", "ComfyUI syntax changes"]
+        table = [[repr(r["prompt"]), f"{r['syntax_a']}/{r['syntax_b']}", f"{r['positions_a']}/{r['positions_b']}", f"{r['seq_cosine']:.5f}",
                   f"{r['min_token_cosine']:.5f}", "-" if r["pooled_cosine"] is None else f"{r['pooled_cosine']:.5f}",
                   f"{r['std_a']:.3f}/{r['std_b']:.3f}", f"{r['extra_positions_norm']:.2f}",
-                  str(sum(r["truncated_a"].values()))] for r in rows]
+                  str(sum(r["truncated_a"].values())),
+                  "; ".join(r["comfyui_syntax_changes"]) or "-"] for r in rows]
         img = imaging.table_image(headers, table, title="Text encoder alignment: A vs B")
         return io.NodeOutput(img, json.dumps(rows, indent=1))
 
@@ -94,6 +102,12 @@ class TokenInspector(io.ComfyNode):
             lines.append("  " + " | ".join(f"{p}:{i}" for p, i in zip(e["pieces"], e["ids"])))
             if trigger_word:
                 lines.append(f"  trigger pieces: {e.get('trigger_pieces')}")
+        syn = rep["syntax"]
+        if syn["syntax"] == "comfyui":
+            lines.append("prompt syntax: comfyui; it changed: " + ("; ".join(syn["changes"]) or "nothing"))
+        else:
+            lines.append("prompt syntax: literal (text read as written); ComfyUI's syntax would change: "
+                         + ("; ".join(syn["comfyui_would"]) or "nothing"))
         lines += [f"WARNING: {w}" for w in rep["warnings"]] or ["no warnings"]
         text_out = "\n".join(lines)
         return io.NodeOutput(text_out, json.dumps(rep, indent=1), ui={"text": [text_out]})

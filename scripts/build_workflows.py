@@ -269,6 +269,55 @@ def build(info: dict) -> dict[str, dict]:
     pv = g.add("SaveImage", filename_prefix="report/alignment")
     g.link(rep, "table", pv, "images")
     out["te_alignment_report"] = g.to_json()
+
+    # --- A/B training experiment: the same data and seed, aligned vs unaligned text encoders -------------------
+    g = Graph(info)
+    g.note("A/B training: the same dataset, LoRA, timesteps, optimizer and seed, trained twice: run A with the "
+           "aligned text encoders (captions read literally, as the official trainers read them), run B with "
+           "ComfyUI's default CLIP. A/B Training Report draws both validation-loss curves on one chart and a "
+           "sample grid (rows: aligned LoRA + aligned CLIP, unaligned LoRA + unaligned CLIP, and the crossed "
+           "pairs); its 'record' output lists where the two runs' configs differ (only the run name and the text "
+           "encoder). Runs on the tiny SD1.5 demo; pick your checkpoint and dataset for a real comparison.")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    g.col = 1
+    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    g.link(ck, "CLIP", te, "clip")
+    ds = g.add(P + "Dataset", folder="demo_dataset", resolution=64, min_side=64, max_side=128, bucket_step=64,
+               trigger_word="ohwx", caption_variants=1)
+    lat = g.add(P + "CacheLatents")
+    g.link(ds, "dataset", lat, "dataset")
+    g.link(ck, "VAE", lat, "vae")
+    g.col = 2
+    lc = g.add(P + "LoraConfig", rank=8, alpha=8.0, targets="attention+mlp")
+    tcfg = g.add(P + "TimestepStrategy", density="uniform", shift="model", weighting="min_snr")
+    oc = g.add(P + "Optimizer", learning_rate=1e-2, total_steps=8)
+    runs = {}
+    for k, (label, out_name) in enumerate((("aligned", "aligned_clip"), ("unaligned", "unaligned_clip"))):
+        g.col = 3 + k
+        txt = g.add(P + "CacheTextEmbeddings", title=f"Cache Text Embeddings ({label})")
+        g.link(lat, "latents", txt, "latents")
+        g.link(te, out_name, txt, "clip")
+        init = g.add(P + "TrainInit", title=f"Train Init ({label})", run_name=f"ab_{label}", seed=0)
+        for s_, o, i in ((ck, "MODEL", "model"), (txt, "training_set", "training_set"), (lc, "lora_config", "lora_config"),
+                         (tcfg, "timesteps", "timesteps"), (oc, "optimizer_config", "optimizer")):
+            g.link(s_, o, init, i)
+        ts = g.add(P + "TrainSteps", title=f"Train Steps ({label})", steps=8, val_every=4)
+        g.link(init, "run", ts, "run")
+        save = g.add(P + "SaveLora", title=f"Save LoRA ({label})", name=f"ab_{label}_lora")
+        g.link(ts, "trained_run", save, "run")
+        runs[label] = ts
+    g.col = 5
+    rep = g.add(P + "ABTrainingReport", prompts="ohwx, a red circle\nohwx, a blue square", steps=2, cfg=2.0,
+                width=64, height=64)
+    for s_, o, i in ((runs["aligned"], "trained_run", "run_a"), (runs["unaligned"], "trained_run", "run_b"),
+                     (runs["aligned"], "model", "model_a"), (runs["unaligned"], "model", "model_b"),
+                     (te, "aligned_clip", "clip_a"), (te, "unaligned_clip", "clip_b"), (ck, "VAE", "vae")):
+        g.link(s_, o, rep, i)
+    g.col = 6
+    for o, name in (("loss_chart", "validation_loss"), ("grid", "lora_clip_grid")):
+        si = g.add("SaveImage", filename_prefix=f"ab_training/{name}")
+        g.link(rep, o, si, "images")
+    out["ab_training_aligned_vs_unaligned"] = g.to_json()
     return out
 
 
@@ -309,6 +358,11 @@ DESCRIPTIONS = {
     "ab_aligned_vs_unaligned": ("A/B: aligned vs default encoders", "Same prompts, seed and noise through the "
                                 "aligned and ComfyUI's default text encoders, side by side.",
                                 ["any SD1.5 checkpoint (tiny-sd15 named)"]),
+    "ab_training_aligned_vs_unaligned": ("A/B training: aligned vs default encoders", "Trains the same data "
+                                         "twice with one seed, once with aligned and once with ComfyUI's default "
+                                         "text encoders: both validation-loss curves and a LoRA x CLIP grid.",
+                                         ["any SD1.5 checkpoint (tiny-sd15 named)",
+                                          "input/demo_dataset (images + .txt captions)"]),
     "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
                             "of aligned vs default encoders; a trigger-word check.",
                             ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -21,7 +21,7 @@ from support.workflow import load
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report"}
+AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report", "ab_training_aligned_vs_unaligned"}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]

@@ -10,12 +10,13 @@ from support.workflow import load, object_info_inprocess, ui_to_api, validate
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 RUNNABLE = ["demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report"]  # on the tiny SD1.5
+# ab_training_aligned_vs_unaligned runs in test_ab_training_runs_differ_only_in_the_text_encoder
 
 
 def test_required_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
     assert {"demo_train_tiny", "train_lora_sd15", "train_lora_sdxl", "train_lora_sd35", "train_lora_flux1",
-            "ab_aligned_vs_unaligned", "te_alignment_report"} <= names
+            "ab_aligned_vs_unaligned", "te_alignment_report", "ab_training_aligned_vs_unaligned"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -68,3 +69,33 @@ def test_workflow_runs_on_tiny_models(server, comfy_dirs, sd15_checkpoint, name)
         assert lora.exists()
         assert {"sample_grid", "loss_plot", "ab_compare"} <= {f.name.rsplit("_", 2)[0] for f in files}
         print(f"demo workflow ran in {seconds:.1f}s")
+
+
+@pytest.mark.server
+def test_ab_training_runs_differ_only_in_the_text_encoder(server, comfy_dirs, sd15_checkpoint):
+    """The A/B training workflow's two runs share data, seed and every setting; their recorded configs differ in
+    the run name only, their text-encoder records in the spec and caption reading (aligned: sd15, literal;
+    unaligned: none, ComfyUI's syntax). Both LoRAs, the chart and the 4-row grid are written."""
+    import json
+
+    demo.prepare_inputs(server.input_dir, sd15_checkpoint.parent)
+    path = REPO / "workflows" / "ab_training_aligned_vs_unaligned.json"
+    entry, seconds = demo.run_workflow(server, path)
+    assert entry["status"]["status_str"] == "success"
+    wf = load(path)
+    rep_id = next(str(n["id"]) for n in wf["nodes"] if n["type"] == "AlignedTrainer_ABTrainingReport")
+    rec = json.loads(entry["outputs"][rep_id]["text"][0])
+    a, b = rec["a"], rec["b"]
+    assert a["config"]["settings"]["run_name"] == "ab_aligned" and b["config"]["settings"]["run_name"] == "ab_unaligned"
+    assert {d for d in rec["differences"] if d.startswith("config/")} == {"config/settings/run_name"}
+    assert a["config"]["settings"]["seed"] == b["config"]["settings"]["seed"] and a["dataset_hash"] == b["dataset_hash"]
+    assert a["te_spec"]["id"] == "sd15" and a["prompt_syntax"] == "literal"
+    assert b["te_spec"] is None and b["prompt_syntax"] == "comfyui"
+    assert set(rec["differences"]) <= {"config/settings/run_name", "te_spec", "prompt_syntax", "clip_id"}
+    assert rec["grid_rows"] == ["aligned LoRA + aligned CLIP", "unaligned LoRA + unaligned CLIP",
+                                "aligned LoRA + unaligned CLIP", "unaligned LoRA + aligned CLIP"]
+    for name in ("ab_aligned_lora", "ab_unaligned_lora"):
+        assert (comfy_dirs["models"] / "loras" / f"{name}.safetensors").exists()
+    files = {f.name.rsplit("_", 2)[0] for f in demo.output_files(entry, server.output_dir)}
+    assert {"validation_loss", "lora_clip_grid"} <= files, files
+    print(f"A/B training workflow ran in {seconds:.1f}s")

@@ -291,6 +291,8 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
     root = Path(root or default_cache_root()) / "text"
     cache = DiskCache(root)
     cache.sweep_temporaries()
+    if hasattr(clip, "training_clip"):  # an aligned CLIP: captions are read literally whatever its prompt syntax
+        clip = clip.training_clip()
     cid = clip_identity(clip)
     ds = latents.dataset
     texts = sorted({c for item in ds.items for c in item.captions} | {""})
@@ -312,7 +314,9 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
                               weight=ds.reg_weight if item.is_reg else 1.0, is_reg=item.is_reg, bucket=item.bucket,
                               repeats=item.repeats))
     meta = {"dataset_hash": ds.hash, "vae_id": latents.vae_id, "clip_id": cid, "report": ds.report(),
+            "prompt_syntax": getattr(clip, "prompt_syntax", "comfyui"),
             "latent_cache": latents.root, "text_cache": str(root)}
     ts = TrainingSet(tuple(samples), empty_conditioning=conds[""], caption_dropout=ds.caption_cfg.caption_dropout,
-                     te_spec_id=(getattr(clip, "aligned_trainer_spec", None) or {}).get("id"), meta=meta)
+                     te_spec_id=getattr(getattr(clip, "spec", None), "key", None),  # id or id:variant
+                     meta=meta)
     return ts, (cache.hits, cache.misses, cache.repaired)

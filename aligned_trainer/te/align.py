@@ -2,10 +2,13 @@
 
 The aligned CLIP is a ``comfy.sd.CLIP`` (so ``CLIPTextEncode`` and every sampler use it unchanged) whose
 ``tokenize`` builds each encoder's tokens the way the spec says (truncate vs chunk, length, padding,
-pad token, character cap, template, cleaning) and whose ``encode_from_tokens`` sets each encoder's
+pad token, character cap, template, cleaning, prompt syntax) and whose ``encode_from_tokens`` sets each encoder's
 options for the call (hidden layer, final layer norm, attention masks in the encoder and to the denoiser,
 zeroed pads, projected pooled) and restores them afterwards, because ComfyUI shares one encoder model
 between clones. ComfyUI's files are not touched.
+
+Text is read literally, as the official pipelines read it (the spec's ``prompt_syntax``), unless ComfyUI's
+prompt syntax (emphasis weights, escapes, ``embedding:`` names) is chosen explicitly; see ``syntax.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import urllib.parse
 import comfy.sd
 import torch
 
+from . import syntax as sx
 from .specs import EncoderSpec, TESpec, detect_spec, get_spec
 
 NO_LIMIT = 10 ** 9
@@ -53,33 +57,91 @@ def pad_id(sub, enc: EncoderSpec) -> int:
     return sub.pad_token
 
 
-def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kwargs: dict) -> list:
-    """Tokens for one encoder, as ComfyUI's tokenizer returns them (list of batches of tuples)."""
+def literal_ids(sub, text: str) -> list[int]:
+    """Content token ids of ``text`` read literally: the encoder's own tokenizer on the text as written, without
+    the start/end tokens (added back by the caller, as ComfyUI's tokenizer does)."""
+    ids = sub.tokenizer(text)["input_ids"]
+    return ids[sub.tokens_start:-1 if sub.tokenizer_adds_end_token else None]
+
+
+def chunk_groups(s, groups: list[list[int]]) -> list[list[tuple]]:
+    """Word groups laid into ``s.max_length`` windows the way ComfyUI's and Stability's reference tokenizers do:
+    a group that does not fit starts the next window, unless it has ``max_word_length`` pieces or more (then it
+    is split); every window gets start/end tokens, windows are padded as ``s`` says."""
+    start = [(s.start_token, 1.0, 0)] if s.start_token is not None else []
+    end = [(s.end_token, 1.0, 0)] if s.end_token is not None else []
+    batch = list(start)
+    batches = [batch]
+    for i, ids in enumerate(groups):
+        group = [(t, 1.0, i + 1) for t in ids]
+        large = len(group) >= s.max_word_length
+        while group:
+            room = s.max_length - len(batch) - len(end)
+            if len(group) <= room:
+                batch.extend(group)
+                break
+            if large:
+                batch.extend(group[:room])
+                group = group[room:]
+                batch.extend(end)
+            else:
+                batch.extend(end)
+                if s.pad_to_max_length:
+                    s.pad_tokens(batch, room)
+            batch = list(start)
+            batches.append(batch)
+    batch.extend(end)
+    if s.pad_to_max_length and len(batch) < s.max_length:
+        s.pad_tokens(batch, s.max_length - len(batch))
+    if s.min_length is not None and len(batch) < s.min_length:
+        s.pad_tokens(batch, s.min_length - len(batch))
+    return batches
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in text.replace("\n", " ").split(" ") if w]
+
+
+def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kwargs: dict,
+                     syntax: str = sx.LITERAL) -> list:
+    """Tokens for one encoder, as ComfyUI's tokenizer returns them (list of batches of tuples). ``literal``
+    tokenizes the text as written; ``comfyui`` lets ComfyUI's tokenizer parse its prompt syntax first."""
     text = encoder_text(text, enc)
     kwargs = dict(kwargs)
     opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
             if not k.startswith(f"{sub.embedding_key}_min_")}
     kwargs["tokenizer_options"] = opts
+    literal = sx.check(syntax) == sx.LITERAL
     if enc["truncation"] in ("chunk", "first_chunk"):
-        # ComfyUI's own word-aligned chunking at the spec's length; first_chunk keeps only the first one
+        # word-aligned chunking at the spec's length; first_chunk keeps only the first one
         s = copy.copy(sub)
         s.max_length = enc["max_length"]
         s.pad_to_max_length = enc["padding"] == "max_length"
         s.min_length = enc["min_length"]
         s.pad_with_end = enc["pad_token"] == "end"
         s.pad_token = pad_id(sub, enc)
-        chunks = s.tokenize_with_weights(text, return_word_ids, **kwargs)
+        if literal:
+            chunks = chunk_groups(s, [literal_ids(sub, w) for w in _words(text)])
+            if not return_word_ids:
+                chunks = [[(t, w) for t, w, _ in c] for c in chunks]
+        else:
+            chunks = s.tokenize_with_weights(text, return_word_ids, **kwargs)
         return chunks[:1] if enc["truncation"] == "first_chunk" else chunks
     # One sequence with every token, then truncate ("truncate" = tokenizer(..., truncation=True)) or keep it
     # whole ("none"), and pad it ourselves.
-    s = copy.copy(sub)
-    s.max_length, s.pad_to_max_length, s.min_length, s.min_padding = NO_LIMIT, False, None, None
-    flat = [t for batch in s.tokenize_with_weights(text, True, **kwargs) for t in batch]
-    start = flat[0] if sub.start_token is not None and flat and flat[0][0] == sub.start_token else None
-    body = flat[1:] if start is not None else flat
-    end = body[-1] if sub.end_token is not None and body and body[-1][0] == sub.end_token else None
-    if end is not None:
-        body = body[:-1]
+    if literal:
+        start = (sub.start_token, 1.0, 0) if sub.start_token is not None else None
+        end = (sub.end_token, 1.0, 0) if sub.end_token is not None else None
+        body = [(t, 1.0, 1) for t in literal_ids(sub, text)]
+    else:
+        s = copy.copy(sub)
+        s.max_length, s.pad_to_max_length, s.min_length, s.min_padding = NO_LIMIT, False, None, None
+        flat = [t for batch in s.tokenize_with_weights(text, True, **kwargs) for t in batch]
+        start = flat[0] if sub.start_token is not None and flat and flat[0][0] == sub.start_token else None
+        body = flat[1:] if start is not None else flat
+        end = body[-1] if sub.end_token is not None and body and body[-1][0] == sub.end_token else None
+        if end is not None:
+            body = body[:-1]
     n_special = (start is not None) + (end is not None)
     if enc["truncation"] == "truncate":
         body = body[: enc["max_length"] - n_special]
@@ -149,32 +211,51 @@ def encoder_options(cond_stage_model, spec: TESpec):
 
 
 class AlignedCLIP(comfy.sd.CLIP):
-    """A ComfyUI CLIP that tokenizes and encodes the way ``spec`` says. Survives ``clone()``."""
+    """A ComfyUI CLIP that tokenizes and encodes the way ``spec`` says, reading prompts with ``prompt_syntax``
+    (the spec's own, literal, unless ComfyUI's syntax was chosen). Survives ``clone()``."""
 
     spec: TESpec
+    prompt_syntax: str = sx.LITERAL
 
     @property
     def aligned_trainer_spec(self) -> dict:
-        return self.spec.identity()
+        return {**self.spec.identity(), "prompt_syntax": self.prompt_syntax}
 
     def clone(self):
         n = super().clone()
         n.__class__ = AlignedCLIP
         n.spec = self.spec
+        n.prompt_syntax = self.prompt_syntax
         return n
+
+    def with_syntax(self, syntax: str) -> "AlignedCLIP":
+        """A clone reading prompts with ``syntax`` (this CLIP is unchanged)."""
+        n = self.clone()
+        n.prompt_syntax = sx.check(syntax)
+        return n
+
+    def training_clip(self) -> "AlignedCLIP":
+        """The CLIP to encode training captions with: captions are always read literally, as the official
+        trainers read them, whatever syntax this CLIP uses for inference prompts."""
+        return self if self.prompt_syntax == sx.LITERAL else self.with_syntax(sx.LITERAL)
 
     def _sub(self, enc: EncoderSpec):
         return getattr(self.tokenizer, enc.attr, None)
 
     def tokenize(self, text, return_word_ids=False, **kwargs):
-        out = super().tokenize(text, return_word_ids, **kwargs)
+        keyed = [(enc, self._sub(enc)) for enc in self.spec.encoders]
+        # literal: ComfyUI's tokenizer only gives the dict's layout (on "", so no syntax parsing and no
+        # embedding look-ups happen); its own tokens are kept for keys the spec does not cover
+        out = super().tokenize("" if self.prompt_syntax == sx.LITERAL else text, return_word_ids, **kwargs)
+        covered = {enc.key for enc, sub in keyed if sub is not None and enc.key in out}
+        if self.prompt_syntax == sx.LITERAL and set(out) - covered:
+            out = super().tokenize(text, return_word_ids, **kwargs)
         opts = {**self.tokenizer_options, **kwargs.get("tokenizer_options", {})}
         kw = {k: v for k, v in kwargs.items() if k != "tokenizer_options"}
         kw["tokenizer_options"] = opts
-        for enc in self.spec.encoders:
-            sub = self._sub(enc)
+        for enc, sub in keyed:
             if sub is not None and enc.key in out:
-                out[enc.key] = tokenize_encoder(sub, enc, text, return_word_ids, kw)
+                out[enc.key] = tokenize_encoder(sub, enc, text, return_word_ids, kw, self.prompt_syntax)
         return out
 
     def _zero_empty(self, tokens) -> bool:
@@ -223,16 +304,25 @@ def resolve_spec(clip, spec: str | TESpec | None) -> TESpec:
     return get_spec(spec)
 
 
-def align_clip(clip, spec: str | TESpec | None = "auto") -> AlignedCLIP:
-    """A new CLIP following ``spec`` (``auto`` detects it from the CLIP); ``clip`` is left unchanged."""
+def align_clip(clip, spec: str | TESpec | None = "auto", prompt_syntax: str | None = None) -> AlignedCLIP:
+    """A new CLIP following ``spec`` (``auto`` detects it from the CLIP); ``clip`` is left unchanged.
+    ``prompt_syntax`` None follows the spec (literal, as the official pipelines); ``comfyui`` parses ComfyUI's
+    prompt syntax."""
     if isinstance(clip, AlignedCLIP):
         clip = unaligned(clip)
     s = resolve_spec(clip, spec)
     n = clip.clone()
     n.__class__ = AlignedCLIP
     n.spec = s
+    n.prompt_syntax = sx.check(prompt_syntax or spec_syntax(s))
     n.layer_idx = None  # the spec decides each encoder's layer
     return n
+
+
+def spec_syntax(spec: TESpec) -> str:
+    """The prompt syntax the spec's official pipeline uses (``literal`` for every shipped spec)."""
+    entry = spec.raw.get("prompt_syntax")
+    return entry["value"] if isinstance(entry, dict) else (entry or sx.LITERAL)
 
 
 def unaligned(clip) -> comfy.sd.CLIP:

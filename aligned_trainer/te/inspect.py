@@ -6,6 +6,7 @@ import torch
 
 COMMON_FRACTION = 0.4  # single-token triggers with an id in the first 40% of the vocabulary are common words
 
+from . import syntax as sx
 from .align import AlignedCLIP
 
 
@@ -32,10 +33,16 @@ def token_pieces(sub, text: str) -> list[tuple[int, str]]:
     return list(zip(ids, pieces))
 
 
+def prompt_syntax(clip) -> str:
+    """The prompt syntax a CLIP reads text with: the aligned CLIP's own; ComfyUI's for any other CLIP."""
+    return getattr(clip, "prompt_syntax", sx.COMFYUI) if isinstance(clip, AlignedCLIP) else sx.COMFYUI
+
+
 def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> dict:
-    """Per encoder: pieces and ids, how many positions the encoder sees, truncation, and warnings."""
+    """Per encoder: pieces and ids, how many positions the encoder sees, truncation, and warnings; the prompt
+    syntax in effect and what it changed in the text (or, when literal, what ComfyUI's syntax would)."""
     tokens = clip.tokenize(text)
-    report = {"text": text, "encoders": {}, "warnings": []}
+    report = {"text": text, "encoders": {}, "warnings": [], "syntax": sx.describe(text, prompt_syntax(clip))}
     limits = {}
     if isinstance(clip, AlignedCLIP):
         limits = {e.attr: e for e in clip.spec.encoders}
@@ -91,7 +98,9 @@ def compare_clips(clip_a, clip_b, prompts: list[str]) -> list[dict]:
                "seq_cosine": _cos(ca[:, :n], cb[:, :n]),
                "min_token_cosine": float(torch.nn.functional.cosine_similarity(ca[0, :n], cb[0, :n], dim=-1).min()),
                "norm_a": float(ca.norm()), "norm_b": float(cb.norm()), "std_a": float(ca.std()), "std_b": float(cb.std()),
-               "mask_a": "attention_mask" in oa, "mask_b": "attention_mask" in ob}
+               "mask_a": "attention_mask" in oa, "mask_b": "attention_mask" in ob,
+               "syntax_a": prompt_syntax(clip_a), "syntax_b": prompt_syntax(clip_b),
+               "comfyui_syntax_changes": sx.comfy_changes(prompt)}
         extra = ca[:, n:] if ca.shape[1] > n else cb[:, n:]
         row["extra_positions_norm"] = float(extra.norm(dim=-1).mean()) if extra.numel() else 0.0
         pa, pb = oa.get("pooled_output"), ob.get("pooled_output")

@@ -98,6 +98,10 @@ def metadata(run: TrainRun) -> dict[str, str]:
     md = {
         "aligned_trainer.config": json.dumps(cfg),
         "aligned_trainer.te_spec": json.dumps(te),
+        # how the cached captions were read ('literal' with an aligned CLIP, 'comfyui' with ComfyUI's default CLIP)
+        # and the base model class, for Load LoRA (aligned)
+        "aligned_trainer.prompt_syntax": str(run.training_set.meta.get("prompt_syntax", "")),
+        "aligned_trainer.base_model": type(getattr(run.model.model, "model_config", None)).__name__,
         "aligned_trainer.steps": str(run.step),
         "aligned_trainer.dataset_hash": ds_hash,
         "ss_network_module": {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",

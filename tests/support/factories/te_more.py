@@ -39,7 +39,7 @@ def clip_h_file(seed: int = 21) -> Path:
     return path
 
 
-def sd2_clip(clip_h: Path):
+def sd2_clip(clip_h: Path, embedding_directory=None):
     """ComfyUI's SD2 text encoder (SD2Tokenizer + SD2ClipModel, SD2ClipHModel's arguments) with the tiny CLIP-H."""
     import comfy.sd
     import comfy.sd1_clip
@@ -60,7 +60,8 @@ def sd2_clip(clip_h: Path):
                                                  clip_name="h", clip_model=TinySD2ClipH)
 
     target = comfy.supported_models_base.ClipTarget(sd2.SD2Tokenizer, TinySD2ClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"dtype": torch.float32})
     clip.load_sd(comfy.utils.load_torch_file(str(clip_h)))
     return clip
 
@@ -99,7 +100,7 @@ def pile_t5_file(seed: int = 22) -> Path:
     return path
 
 
-def auraflow_clip(pile_t5: Path):
+def auraflow_clip(pile_t5: Path, embedding_directory=None):
     """ComfyUI's AuraFlow text encoder (AuraT5Tokenizer + AuraT5Model, PT5XlModel's arguments: masks on,
     padded positions zeroed) with the tiny Pile-T5."""
     import comfy.sd
@@ -122,7 +123,8 @@ def auraflow_clip(pile_t5: Path):
                                                  name="pile_t5xl", clip_model=TinyPT5Xl)
 
     target = comfy.supported_models_base.ClipTarget(aura.AuraT5Tokenizer, TinyAuraT5Model)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"dtype": torch.float32})
     clip.load_sd(comfy.utils.load_torch_file(str(pile_t5)))
     return clip
 

@@ -13,7 +13,7 @@ import torch
 from .text_encoders import T5_TINY, t5_transformers
 
 
-def pixart_clip(t5: Path):
+def pixart_clip(t5: Path, embedding_directory=None):
     """A ComfyUI ``CLIP`` exactly as the PIXART/CHROMA loader builds it, with the tiny T5."""
     import comfy.sd
     import comfy.sd1_clip
@@ -38,7 +38,8 @@ def pixart_clip(t5: Path):
                                                  clip_model=TinyT5XXLModel, model_options=model_options)
 
     target = comfy.supported_models_base.ClipTarget(pixart.PixArtTokenizer, TinyPixArtT5XXL)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"dtype": torch.float32})
     clip.load_sd(comfy.utils.load_torch_file(str(t5)))
     return clip
 

@@ -42,13 +42,13 @@ def clip_l_transformers(path: Path):
     return model, tok
 
 
-def load_comfy_clip(paths: list[Path], clip_type: str):
+def load_comfy_clip(paths: list[Path], clip_type: str, embedding_directory=None):
     """Load text-encoder files the way ComfyUI's CLIPLoader does, computing in fp32."""
     import comfy.sd
 
     ct = getattr(comfy.sd.CLIPType, clip_type.upper())
     return comfy.sd.load_clip(ckpt_paths=[str(p) for p in paths], clip_type=ct,
-                              model_options={"dtype": torch.float32})
+                              embedding_directory=embedding_directory, model_options={"dtype": torch.float32})
 
 
 # --- FLUX.1: CLIP-L + a shrunk T5 (same class and code path as T5-XXL, fewer/narrower layers) -----------
@@ -81,7 +81,7 @@ def t5_transformers(path: Path):
     return model, tok
 
 
-def flux_clip(clip_l: Path, t5: Path):
+def flux_clip(clip_l: Path, t5: Path, embedding_directory=None):
     """ComfyUI's FLUX text encoder (FluxTokenizer + FluxClipModel) with the T5 built from ``T5_TINY``."""
     import comfy.sd
     import comfy.sd1_clip
@@ -106,7 +106,8 @@ def flux_clip(clip_l: Path, t5: Path):
             self.dtypes = {dtype}
 
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"dtype": torch.float32})
     for p in (clip_l, t5):
         clip.load_sd(comfy.utils.load_torch_file(str(p)))
     return clip
@@ -228,7 +229,7 @@ def _load_parts(clip, files: dict):
     return clip
 
 
-def sdxl_clip(clip_l: Path, clip_g: Path):
+def sdxl_clip(clip_l: Path, clip_g: Path, embedding_directory=None):
     """ComfyUI's SDXL text encoder (SDXLTokenizer + SDXLClipModel) with the tiny CLIP-G."""
     import comfy.sd
     import comfy.sdxl_clip
@@ -247,11 +248,12 @@ def sdxl_clip(clip_l: Path, clip_g: Path):
     import comfy.sd1_clip
 
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"dtype": torch.float32})
     return _load_parts(clip, {"clip_l": clip_l, "clip_g": clip_g})
 
 
-def sd3_clip(clip_l: Path, clip_g: Path, t5: Path):
+def sd3_clip(clip_l: Path, clip_g: Path, t5: Path, embedding_directory=None):
     """ComfyUI's SD3 text encoder (SD3Tokenizer + SD3ClipModel, T5 unmasked as ComfyUI loads it) with the tiny
     CLIP-G and the one-layer 4096-wide T5."""
     import comfy.sd
@@ -282,7 +284,8 @@ def sd3_clip(clip_l: Path, clip_g: Path, t5: Path):
             self.dtypes = {dtype}
 
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer, TinySD3ClipModel)
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"dtype": torch.float32})
     return _load_parts(clip, {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5})
 
 

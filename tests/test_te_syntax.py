@@ -1,0 +1,132 @@
+"""Prompts written in ComfyUI's prompt syntax are read literally by the aligned encoder, as the official pipelines
+read them: every family with a spec against diffusers on the same seeded weights (fp32), with the CLIPs built the
+way the stock loaders build them (an embeddings folder holding a real textual-inversion file). The aligned CLIP
+with ComfyUI's syntax chosen explicitly is reported beside it (and must differ where that syntax changes text)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.factories import te_more, te_t5
+from support.factories import text_encoders as te
+from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
+
+TOL = 1e-4
+
+
+def _diff(a, b) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def emb_dirs(comfy, tmp_path_factory):
+    return embeddings_folder(tmp_path_factory.mktemp("emb"), {
+        "clip_l": 768, "clip_g": te.CLIP_G_TINY["hidden_size"], "clip_h": te_more.CLIP_H_TINY["hidden_size"],
+        "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"]})
+
+
+@pytest.fixture(scope="module")
+def families(comfy, emb_dirs):
+    """spec id -> (ComfyUI CLIP with the embeddings folder, reference(prompt) -> (cond, pooled, mask))."""
+    align = comfy.engine("te.align")
+    l, lp, g, t5, t5_3 = te.clip_l_file(), te.clip_lp_file(), te.clip_g_file(), te.t5_tiny_file(), te.t5_sd3_file()
+    h, pile = te_more.clip_h_file(), te_more.pile_t5_file()
+    sd, flux = te.sd_pipeline(l), te.flux_pipeline(l, t5)
+    sdxl, sd2, aura = te.sdxl_pipeline(lp, g), te_more.sd2_pipeline(h), te_more.auraflow_pipeline(pile)
+    sd3_d, sd3_r = te.sd3_pipeline(lp, g, t5_3), te.sd3_pipeline(lp, g, t5_3, identity_l_projection=True)
+    pixart, chroma = te_t5.pixart_sigma_pipeline(t5), te_t5.chroma_pipeline(t5)
+    flux_clip, t5_clip = te.flux_clip(l, t5, emb_dirs), te_t5.pixart_clip(t5, emb_dirs)
+    sd3_clip = te.sd3_clip(lp, g, t5_3, emb_dirs)
+    cpu = dict(device="cpu")
+
+    def sd3_ref(pipe, prompt, variant):
+        if variant == "diffusers":
+            kw = dict(prompt=prompt, prompt_2=None, prompt_3=None, max_sequence_length=256)
+        else:  # Stability's reference: CLIP words split on spaces (short prompts: one chunk); T5 text[:226], >= 77
+            words = " ".join(w for w in prompt.replace("\n", " ").split(" ") if w)
+            n = len(pipe.tokenizer_3(prompt[:226])["input_ids"])
+            kw = dict(prompt=words, prompt_2=words, prompt_3=prompt[:226], max_sequence_length=max(77, n))
+        pe, _, pooled, _ = pipe.encode_prompt(do_classifier_free_guidance=False, **cpu, **kw)
+        return pe, pooled, None
+
+    def pixart_ref(prompt):
+        enc = comfy.engine("te.specs").get_spec("pixart-sigma").encoders[0]
+        pe, mask, _, _ = pixart.encode_prompt(align.clean_text(prompt, enc["cleaning"]), do_classifier_free_guidance=False,
+                                              max_sequence_length=300, clean_caption=False, **cpu)
+        return pe, None, mask
+
+    return {
+        "sd15": (te.load_comfy_clip([l], "stable_diffusion", emb_dirs),
+                 lambda p: (sd.encode_prompt(p, "cpu", 1, False)[0], None, None)),
+        "sd2x": (te_more.sd2_clip(h, emb_dirs), lambda p: (sd2.encode_prompt(p, "cpu", 1, False)[0], None, None)),
+        "sdxl": (te.sdxl_clip(lp, g, emb_dirs),
+                 lambda p: (lambda r: (r[0], r[2], None))(sdxl.encode_prompt(p, do_classifier_free_guidance=False, **cpu))),
+        "sd3:reference": (sd3_clip, lambda p: sd3_ref(sd3_r, p, "reference")),
+        "sd3:diffusers": (sd3_clip, lambda p: sd3_ref(sd3_d, p, "diffusers")),
+        "sd35:large": (sd3_clip, lambda p: sd3_ref(sd3_r, p, "reference")),
+        "flux1-dev": (flux_clip, lambda p: flux.encode_prompt(p, prompt_2=None, max_sequence_length=512, **cpu)[:2] + (None,)),
+        "flux1-schnell": (flux_clip,
+                          lambda p: flux.encode_prompt(p, prompt_2=None, max_sequence_length=256, **cpu)[:2] + (None,)),
+        "pixart-sigma": (t5_clip, pixart_ref),
+        "chroma": (t5_clip, lambda p: (lambda r: (r[0], None, r[2]))(
+            chroma.encode_prompt(p, do_classifier_free_guidance=False, max_sequence_length=512, **cpu))),
+        "auraflow": (te_more.auraflow_clip(pile, emb_dirs),
+                     lambda p: (aura.encode_prompt(p, do_classifier_free_guidance=False, max_sequence_length=256,
+                                                   **cpu)[0], None, None)),
+    }
+
+
+def test_every_spec_family_is_covered(comfy, families):
+    ids = {k.split(":")[0] for k in families}
+    assert ids == set(comfy.engine("te.specs").all_specs())
+
+
+@pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
+                                     "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow"])
+def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
+    """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with
+    ComfyUI's syntax chosen differs wherever that syntax changes the text (figures in the junit properties)."""
+    align, syntax = comfy.engine("te.align"), comfy.engine("te.syntax")
+    clip, reference = families[spec_id]
+    ac = align.align_clip(clip, spec_id)
+    assert ac.prompt_syntax == "literal"  # the default: the spec says literal
+    ac_comfy = align.align_clip(clip, spec_id, prompt_syntax="comfyui")
+    rows, bad = {}, []
+    for name, prompt in SYNTAX_PROMPTS.items():
+        with torch.no_grad():
+            ref, ref_pooled, ref_mask = reference(prompt)
+        out = ac.encode_from_tokens(ac.tokenize(prompt), return_dict=True)
+        com = ac_comfy.encode_from_tokens(ac_comfy.tokenize(prompt), return_dict=True)
+        d = _diff(out["cond"], ref)
+        if ref_pooled is not None:
+            d = max(d, _diff(out["pooled_output"], ref_pooled))
+        if ref_mask is not None:
+            d = max(d, 0.0 if torch.equal(out["attention_mask"].long(), ref_mask.long()) else float("inf"))
+        dc = _diff(com["cond"], ref)
+        rows[name] = {"aligned": d, "comfyui_syntax": dc}
+        if d > TOL:
+            bad.append(f"{name}: aligned differs from diffusers by {d:.3g}")
+        seen = [align.encoder_text(prompt, e) for e in ac.spec.encoders]  # after the spec's cleaning (PixArt: no URLs)
+        changed = [c for t in seen for c in syntax.comfy_changes(t) if not c.startswith("tokenized in")]
+        if changed and dc <= TOL:  # (splitting into segments alone can leave the tokens as they were)
+            bad.append(f"{name}: ComfyUI's syntax changes this prompt but its encoding equals the reference")
+    record_property("max_abs_vs_diffusers", rows)
+    print(spec_id, rows)
+    assert not bad, "\n".join(bad)
+
+
+def test_embedding_names_are_text_unless_comfyui_syntax_is_chosen(comfy, families):
+    """With the embeddings folder the stock loaders configure, ComfyUI's syntax replaces 'embedding:tiny_emb'
+    with the file's vectors; the literal reading tokenizes the words."""
+    align = comfy.engine("te.align")
+    clip, _ = families["sd15"]
+    prompt = f"embedding:{EMBEDDING_NAME}, a dog"
+    lit = align.align_clip(clip, "sd15").tokenize(prompt)["l"][0]
+    com = align.align_clip(clip, "sd15", prompt_syntax="comfyui").tokenize(prompt)["l"][0]
+    sub = clip.tokenizer.clip_l
+    assert all(isinstance(t, int) for t, _ in lit)
+    assert sub.tokenizer.decode([t for t, _ in lit[1:] if t != sub.end_token]).startswith("embedding : tiny _ emb")
+    assert sum(isinstance(t, torch.Tensor) for t, _ in com) == 2  # the two vectors of the file
+    assert clip.tokenize(prompt)["l"][0][1][0].shape == (768,)  # ComfyUI's default reads it as an embedding too
