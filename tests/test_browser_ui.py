@@ -250,7 +250,14 @@ def test_thumbnails_served_and_console_clean(ui, family_server):
     # non-core node type belongs to; ComfyUI's Content-Security-Policy blocks that offline, for any custom node
     # pack. That lookup is the frontend's, not this pack's code, so it is listed apart and not held against us.
     registry = [m for m in ui.console if "api.comfy.org/comfy-nodes/" in m[1]]
-    ours = [m for m in ui.console if m[0] in ("warning", "error") and m not in registry
+    # The missing-model tests above queue graphs whose models are absent on purpose: the pack refuses them
+    # ("Nothing was run. ...", recorded in window.alignedTrainer.blocked) and the frontend's error dialog shows
+    # that refusal, logging it as the error it displays. Those deliberate refusals are the feature under test
+    # there, not a fault; any other warning or error that mentions the pack fails this test.
+    blocked = ui.evaluate("() => window.alignedTrainer.blocked")
+    refusals = [m for m in ui.console if m[0] == "error" and any(b and b in m[1] for b in blocked)]
+    ours = [m for m in ui.console if m[0] in ("warning", "error") and m not in registry and m not in refusals
             and any(k in (m[1] + m[2]).lower() for k in PACK_MARKERS)]
-    print(f"console: {len(ui.console)} messages, {len(registry)} blocked registry lookups by the frontend")
+    print(f"console: {len(ui.console)} messages, {len(registry)} blocked registry lookups by the frontend, "
+          f"{len(refusals)} deliberate refusals")
     assert not ours, f"console warnings/errors from the pack: {ours[:10]}"

@@ -281,3 +281,22 @@ def test_network_dropout_refused_where_weights_are_patched(T, sd15, sd15_trainin
     run = _run(T, sd15[0], sd15_training_set, tmp_path, "ok", T.C.LoraConfig(rank=4, alpha=4, network_dropout=0.1))
     with torch.inference_mode(False), pytest.raises(T.C.ConfigError, match="network_dropout"):
         T.loop.Trainer(run, activation_side=False)
+
+
+@pytest.mark.parametrize("lora", [dict(dora=True), dict(algorithm="loha")])
+def test_weight_side_run_leaves_the_base_model_as_found(T, sd15, sd15_training_set, tmp_path, lora):
+    """LoHa/LoKr/DoRA train through ComfyUI's weight wrappers on modules shared with the base model; ComfyUI's
+    unpatch leaves ``weight_function`` as it is, so the trainer takes its wrappers off when it stops: the base
+    model then computes exactly as before training, also when used without ComfyUI's loader."""
+    model = sd15[0]
+    dm = model.model.diffusion_model
+
+    def wrappers():
+        return sum(len(getattr(m, "weight_function", None) or []) for m in dm.modules())
+
+    before, n0 = _base_output(model, sd15_training_set), wrappers()
+    cfg = T.C.LoraConfig(rank=4, alpha=4, preset="attention", **lora)
+    run = _train(T, model, sd15_training_set, tmp_path, "wside_" + "_".join(lora), cfg, 2)
+    assert run.step == 2 and any(float(v.abs().max()) > 0 for v in run.state["adapters"].values())
+    assert wrappers() == n0
+    assert torch.equal(_base_output(model, sd15_training_set), before)

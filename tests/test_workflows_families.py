@@ -6,6 +6,7 @@ shipped workflow (loaders and sizes, nothing else) is documented in ``support.ti
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -80,7 +81,11 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
     (save_id,) = by_type["AlignedTrainer_SaveLora"]
     report = json.loads(outputs[save_id]["text"][0])
     lora = Path(report["path"])
-    assert lora.parent == srv.base / "models" / "loras" and lora.name == f"{api[save_id]['inputs']['name']}.safetensors"
+    # the requested name, or the next free one (if_exists 'new_name'): the browser tests share this server and
+    # may have saved this workflow's LoRA under the same name before
+    requested = api[save_id]["inputs"]["name"]
+    assert lora.parent == srv.base / "models" / "loras" and report["requested"] == f"{requested}.safetensors"
+    assert re.fullmatch(rf"{re.escape(requested)}(_\d+)?\.safetensors", lora.name), lora.name
     assert lora.exists() and report["steps"] == STEPS and report["unmapped"] == 0
     family = FAMILIES[name][0]
     if family == "sd15":

@@ -501,6 +501,16 @@ class Trainer:
             a.train()
         return sum(losses) / len(losses)
 
+    def release(self) -> None:
+        """Take this trainer's weight wrappers (LoHa, LoKr, DoRA) off the modules it shares with the base model:
+        ComfyUI's unpatch leaves ``weight_function`` as it is after a full load, so a later use of those modules
+        that does not go through ComfyUI's loader (which wipes them) would still compute with the adapters."""
+        mine = {id(a) for a in self.adapters.values()}
+        for m in self.patcher.model.diffusion_model.modules():
+            fs = getattr(m, "weight_function", None)
+            if fs:
+                m.weight_function = [f for f in fs if id(f) not in mine]
+
     def load(self) -> None:
         """Load through ComfyUI's memory manager with a real estimate (not 'evict everything')."""
         # load_models_gpu already counts the model's weights; memory_required is what training needs on top:
@@ -621,6 +631,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
             finally:
                 for a in trainer.adapters.values():
                     a.eval()
+                trainer.release()
     return snapshot()
 
 
@@ -628,4 +639,7 @@ def validation_loss(run: st.TrainRun) -> float:
     with torch.inference_mode(False):
         tr = Trainer(run)
         tr.load()
-        return tr.validation_loss()
+        try:
+            return tr.validation_loss()
+        finally:
+            tr.release()
