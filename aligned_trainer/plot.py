@@ -46,10 +46,36 @@ def summarize(history: list[dict], smoothing: float = 0.9, window: int = 5) -> d
             "best_val_step": min(val, key=lambda t: t[1])[0] if val else None}
 
 
+MARGINS = (56, 16, 28, 36)  # left, right, top, bottom of a line chart's plot area
+
+
+def axes(d: ImageDraw.ImageDraw, size, steps: list, values: list[float], f, muted=MUTED):
+    """Frame, five value labels and the first/last step of a line chart over ``steps`` x ``values``; returns
+    ``px(step, value) -> (x, y)`` in image pixels."""
+    W, H = size
+    L, R, T, B = MARGINS
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        hi = lo + 1e-6
+    s0, s1 = min(steps), max(steps)
+    span = max(1, s1 - s0)
+
+    def px(step, v):
+        return L + (step - s0) / span * (W - L - R), T + (1 - (v - lo) / (hi - lo)) * (H - T - B)
+
+    d.rectangle([L, T, W - R, H - B], outline=muted)
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        d.text((4, px(s0, v)[1] - 6), f"{v:.4g}", fill=muted, font=f)
+    d.text((L, H - B + 6), str(s0), fill=muted, font=f)
+    d.text((W - R - 30, H - B + 6), str(s1), fill=muted, font=f)
+    return px
+
+
 def loss_plot(history: list[dict], smoothing: float = 0.9, size=(640, 360), title: str = "training loss") -> tuple[Image.Image, dict]:
     info = summarize(history, smoothing)
     W, H = size
-    L, R, T, B = 56, 16, 28, 36
+    L = MARGINS[0]
     img = Image.new("RGB", size, BG)
     d = ImageDraw.Draw(img)
     f = font(11)
@@ -57,23 +83,7 @@ def loss_plot(history: list[dict], smoothing: float = 0.9, size=(640, 360), titl
     if not history:
         d.text((L, H // 2), "no steps yet", fill=MUTED, font=f)
         return img, info
-    ys = info["loss"] + [v for _, v in info["val"]]
-    lo, hi = min(ys), max(ys)
-    if hi - lo < 1e-12:
-        hi = lo + 1e-6
-    s0, s1 = min(info["steps"]), max(info["steps"])
-    span = max(1, s1 - s0)
-
-    def px(step, v):
-        return L + (step - s0) / span * (W - L - R), T + (1 - (v - lo) / (hi - lo)) * (H - T - B)
-
-    d.rectangle([L, T, W - R, H - B], outline=MUTED)
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        y = px(s0, v)[1]
-        d.text((4, y - 6), f"{v:.4g}", fill=MUTED, font=f)
-    d.text((L, H - B + 6), str(s0), fill=MUTED, font=f)
-    d.text((W - R - 30, H - B + 6), str(s1), fill=MUTED, font=f)
+    px = axes(d, size, info["steps"], info["loss"] + [v for _, v in info["val"]], f)
     pts = [px(s, v) for s, v in zip(info["steps"], info["loss"])]
     if len(pts) > 1:
         d.line(pts, fill=LOSS, width=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
+from .. import plot
 from ..imaging import font, to_tensor
 from . import render
 from .render import SampleSettings, short
@@ -44,7 +45,7 @@ def val_curves(histories: list[list[dict]], labels: list[str], size=(640, 360),
             pts, kind = [(h["step"], float(h["loss"])) for h in hist if h.get("loss") is not None], "training"
         series.append((pts, kind))
     W, H = size
-    L, R, T, B = 56, 16, 28, 36
+    L = plot.MARGINS[0]
     img = Image.new("RGB", size, BG)
     d = ImageDraw.Draw(img)
     f = font(11)
@@ -53,20 +54,7 @@ def val_curves(histories: list[list[dict]], labels: list[str], size=(640, 360),
     if not allp:
         d.text((L, H // 2), "no steps yet", fill=MUTED, font=f)
         return img
-    lo, hi = min(v for _, v in allp), max(v for _, v in allp)
-    hi = hi if hi - lo > 1e-12 else lo + 1e-6
-    s0, s1 = min(s for s, _ in allp), max(s for s, _ in allp)
-    span = max(1, s1 - s0)
-
-    def px(step, v):
-        return L + (step - s0) / span * (W - L - R), T + (1 - (v - lo) / (hi - lo)) * (H - T - B)
-
-    d.rectangle([L, T, W - R, H - B], outline=MUTED)
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        d.text((4, px(s0, v)[1] - 6), f"{v:.4g}", fill=MUTED, font=f)
-    d.text((L, H - B + 6), str(s0), fill=MUTED, font=f)
-    d.text((W - R - 30, H - B + 6), str(s1), fill=MUTED, font=f)
+    px = plot.axes(d, size, [s for s, _ in allp], [v for _, v in allp], f, muted=MUTED)
     x = W - 320
     for (pts, kind), label, color in zip(series, labels, COLORS):
         xy = [px(s, v) for s, v in pts]
