@@ -9,6 +9,7 @@ shrunk), then queues that graph. Screenshots of each graph are saved as test art
 .work/artifacts/browser/ (paths printed)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -27,9 +28,10 @@ ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 
-@pytest.fixture(scope="module")
-def page(family_server, tmp_path_factory):
-    server = family_server
+@contextlib.contextmanager
+def open_frontend(server, profile: Path, settle_ms: int = 3000, listen=None):
+    """The real frontend of ``server`` in headless Chromium (fresh profile), loaded with this pack's extension
+    and with first-visit dialogs closed; ``listen(page)`` attaches listeners before the page loads."""
     if not CHROMIUM.exists():
         pytest.fail(f"Chromium is missing at {CHROMIUM}; scripts/setup.py installs it (python3 scripts/test.py)")
     from playwright.sync_api import sync_playwright
@@ -37,19 +39,26 @@ def page(family_server, tmp_path_factory):
     # a returning user: the frontend opens the templates dialog over the canvas on a first visit otherwise
     server.post("/settings/Comfy.TutorialCompleted", True)
     server.post("/settings/LiteGraph.Canvas.MinFontSizeForLOD", 1)  # screenshots keep node text when zoomed out
-    profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(str(profile), executable_path=str(CHROMIUM), args=FLAGS,
                                                         headless=True, viewport={"width": 1600, "height": 1000})
         try:
             pg = browser.new_page()
+            if listen is not None:
+                listen(pg)
             pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
             pg.wait_for_function("window.app && window.app.graph && window.alignedTrainer", timeout=120_000)
-            pg.wait_for_timeout(3000)
+            pg.wait_for_timeout(settle_ms)
             _close_dialogs(pg)
             yield pg
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(family_server, tmp_path_factory):
+    with open_frontend(family_server, tmp_path_factory.mktemp("chromium-profile")) as pg:
+        yield pg
 
 
 def _close_dialogs(pg) -> None:

@@ -21,7 +21,7 @@ from support.factories.dataset import make_dataset
 from support.paths import REPO
 from support.tiny_workflows import FAMILIES
 from support.workflow import load
-from test_browser import ARTIFACTS, CHROMIUM, FLAGS, _close_dialogs
+from test_browser import ARTIFACTS, _close_dialogs, open_frontend
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 PACK_MARKERS = ("aligned_trainer", "alignedtrainer", "aligned-trainer")
@@ -29,30 +29,15 @@ PACK_MARKERS = ("aligned_trainer", "alignedtrainer", "aligned-trainer")
 
 @pytest.fixture(scope="module")
 def ui(family_server, tmp_path_factory):
-    server = family_server
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}; scripts/setup.py installs it (python3 scripts/test.py)")
-    from playwright.sync_api import sync_playwright
-
-    server.post("/settings/Comfy.TutorialCompleted", True)
-    server.post("/settings/LiteGraph.Canvas.MinFontSizeForLOD", 1)
-    profile = tmp_path_factory.mktemp("chromium-profile-ui")
     console, missing = [], []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(str(profile), executable_path=str(CHROMIUM), args=FLAGS,
-                                                        headless=True, viewport={"width": 1600, "height": 1000})
-        try:
-            pg = browser.new_page()
-            pg.on("console", lambda m: console.append((m.type, m.text, (m.location or {}).get("url", ""))))
-            pg.on("response", lambda r: r.status == 404 and missing.append(r.url))
-            pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-            pg.wait_for_function("window.app && window.app.graph && window.alignedTrainer", timeout=120_000)
-            pg.wait_for_timeout(2000)
-            _close_dialogs(pg)
-            pg.console, pg.missing = console, missing
-            yield pg
-        finally:
-            browser.close()
+
+    def listen(pg):
+        pg.on("console", lambda m: console.append((m.type, m.text, (m.location or {}).get("url", ""))))
+        pg.on("response", lambda r: r.status == 404 and missing.append(r.url))
+
+    with open_frontend(family_server, tmp_path_factory.mktemp("chromium-profile-ui"), 2000, listen) as pg:
+        pg.console, pg.missing = console, missing
+        yield pg
 
 
 def _dialog_texts(pg) -> list[str]:
