@@ -71,3 +71,12 @@ def test_z_image_comfy_default_vs_spec(comfy, z_image):
     esc = r"a \(literal\) bracket"
     d, a = _encode(default, esc)["cond"], _encode(aligned, esc)["cond"]
     assert d.shape != a.shape or _max(d, a) > TOL
+
+
+def test_z_image_comfyui_syntax_equals_stock_comfyui(comfy, z_image):
+    """The 'comfyui' prompt syntax reproduces ComfyUI's own Z-Image encoding: escapes resolved, emphasis weights
+    ignored as ZImageTokenizer does (the spec's comfy_weights false), for prompts under the 512-token cap."""
+    align = comfy.engine("te.align")
+    ac = align.align_clip(z_image["clip"], "z-image", prompt_syntax="comfyui")
+    for prompt in (r"a (red:1.3) circle, \(cat\) on ((grass))", PROMPTS["plain"], ""):
+        assert _max(_encode(ac, prompt)["cond"], _encode(z_image["clip"], prompt)["cond"]) <= 1e-6, prompt

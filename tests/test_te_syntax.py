@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.factories import te_more, te_t5
+from support.factories import te_llm, te_more, te_t5
 from support.factories import text_encoders as te
 from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
 
@@ -24,7 +24,8 @@ def _diff(a, b) -> float:
 def emb_dirs(comfy, tmp_path_factory):
     return embeddings_folder(tmp_path_factory.mktemp("emb"), {
         "clip_l": 768, "clip_g": te.CLIP_G_TINY["hidden_size"], "clip_h": te_more.CLIP_H_TINY["hidden_size"],
-        "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"]})
+        "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"],
+        "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"]})
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,8 @@ def families(comfy, emb_dirs):
     sdxl, sd2, aura = te.sdxl_pipeline(lp, g), te_more.sd2_pipeline(h), te_more.auraflow_pipeline(pile)
     sd3_d, sd3_r = te.sd3_pipeline(lp, g, t5_3), te.sd3_pipeline(lp, g, t5_3, identity_l_projection=True)
     pixart, chroma = te_t5.pixart_sigma_pipeline(t5), te_t5.chroma_pipeline(t5)
+    qwen3 = te_llm.qwen3_tiny_file()
+    z_image = te_llm.z_image_pipeline(qwen3)
     flux_clip, t5_clip = te.flux_clip(l, t5, emb_dirs), te_t5.pixart_clip(t5, emb_dirs)
     sd3_clip = te.sd3_clip(lp, g, t5_3, emb_dirs)
     cpu = dict(device="cpu")
@@ -75,6 +78,8 @@ def families(comfy, emb_dirs):
         "auraflow": (te_more.auraflow_clip(pile, emb_dirs),
                      lambda p: (aura.encode_prompt(p, do_classifier_free_guidance=False, max_sequence_length=256,
                                                    **cpu)[0], None, None)),
+        "z-image": (te_llm.z_image_clip(qwen3, emb_dirs),
+                    lambda p: (z_image.encode_prompt(p, do_classifier_free_guidance=False, **cpu)[0][0][None], None, None)),
     }
 
 
@@ -84,7 +89,7 @@ def test_every_spec_family_is_covered(comfy, families):
 
 
 @pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
-                                     "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow"])
+                                     "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image"])
 def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
     """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with
     ComfyUI's syntax chosen differs wherever that syntax changes the text (figures in the junit properties)."""
@@ -109,7 +114,8 @@ def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property
         if d > TOL:
             bad.append(f"{name}: aligned differs from diffusers by {d:.3g}")
         seen = [align.encoder_text(prompt, e) for e in ac.spec.encoders]  # after the spec's cleaning (PixArt: no URLs)
-        changed = [c for t in seen for c in syntax.comfy_changes(t) if not c.startswith("tokenized in")]
+        weights = all(e["comfy_weights"] is not False for e in ac.spec.encoders)  # Z-Image: ComfyUI ignores them
+        changed = [c for t in seen for c in syntax.comfy_changes(t, weights) if not c.startswith("tokenized in")]
         if changed and dc <= TOL:  # (splitting into segments alone can leave the tokens as they were)
             bad.append(f"{name}: ComfyUI's syntax changes this prompt but its encoding equals the reference")
     record_property("max_abs_vs_diffusers", rows)

@@ -111,6 +111,8 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
     opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
             if not k.startswith(f"{sub.embedding_key}_min_")}
     kwargs["tokenizer_options"] = opts
+    if enc["comfy_weights"] is False:  # the family's ComfyUI tokenizer ignores emphasis weights (Z-Image)
+        kwargs["disable_weights"] = True
     literal = sx.check(syntax) == sx.LITERAL
     if enc["truncation"] in ("chunk", "first_chunk"):
         # word-aligned chunking at the spec's length; first_chunk keeps only the first one

@@ -38,11 +38,20 @@ def prompt_syntax(clip) -> str:
     return getattr(clip, "prompt_syntax", sx.COMFYUI) if isinstance(clip, AlignedCLIP) else sx.COMFYUI
 
 
+def comfy_weights(clip) -> bool:
+    """Whether ComfyUI's syntax applies emphasis weights for this CLIP's family (its spec's ``comfy_weights``;
+    True for a CLIP without a spec)."""
+    if not isinstance(clip, AlignedCLIP):
+        return True
+    return all(e["comfy_weights"] is not False for e in clip.spec.encoders)
+
+
 def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> dict:
     """Per encoder: pieces and ids, how many positions the encoder sees, truncation, and warnings; the prompt
     syntax in effect and what it changed in the text (or, when literal, what ComfyUI's syntax would)."""
     tokens = clip.tokenize(text)
-    report = {"text": text, "encoders": {}, "warnings": [], "syntax": sx.describe(text, prompt_syntax(clip))}
+    report = {"text": text, "encoders": {}, "warnings": [], "syntax": sx.describe(text, prompt_syntax(clip),
+                                                                                comfy_weights(clip))}
     limits = {}
     if isinstance(clip, AlignedCLIP):
         limits = {e.attr: e for e in clip.spec.encoders}
@@ -100,7 +109,7 @@ def compare_clips(clip_a, clip_b, prompts: list[str]) -> list[dict]:
                "norm_a": float(ca.norm()), "norm_b": float(cb.norm()), "std_a": float(ca.std()), "std_b": float(cb.std()),
                "mask_a": "attention_mask" in oa, "mask_b": "attention_mask" in ob,
                "syntax_a": prompt_syntax(clip_a), "syntax_b": prompt_syntax(clip_b),
-               "comfyui_syntax_changes": sx.comfy_changes(prompt)}
+               "comfyui_syntax_changes": sx.comfy_changes(prompt, comfy_weights(clip_a))}
         extra = ca[:, n:] if ca.shape[1] > n else cb[:, n:]
         row["extra_positions_norm"] = float(extra.norm(dim=-1).mean()) if extra.numel() else 0.0
         pa, pb = oa.get("pooled_output"), ob.get("pooled_output")

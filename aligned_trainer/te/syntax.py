@@ -37,10 +37,13 @@ def check(syntax: str) -> str:
     return syntax
 
 
-def comfy_segments(text: str) -> list[tuple[str, float]]:
-    """``text`` as ComfyUI's tokenizer splits it: (segment, weight) with brackets and escapes resolved."""
+def comfy_segments(text: str, weights: bool = True) -> list[tuple[str, float]]:
+    """``text`` as ComfyUI's tokenizer splits it: (segment, weight) with brackets and escapes resolved.
+    ``weights=False``: a family whose ComfyUI tokenizer disables emphasis weights (only escapes resolved)."""
     from comfy.sd1_clip import escape_important, token_weights, unescape_important
 
+    if not weights:
+        return [(unescape_important(escape_important(text)), 1.0)]
     return [(unescape_important(s), w) for s, w in token_weights(escape_important(text), 1.0)]
 
 
@@ -52,9 +55,9 @@ def embedding_names(segment: str) -> list[str]:
             if w.startswith(EMBEDDING) and w[len(EMBEDDING):].strip()]
 
 
-def comfy_changes(text: str) -> list[str]:
+def comfy_changes(text: str, weights: bool = True) -> list[str]:
     """What ComfyUI's syntax does to ``text``, one readable line per effect (empty: nothing)."""
-    segs = comfy_segments(text)
+    segs = comfy_segments(text, weights)
     out = []
     weighted = [(s, w) for s, w in segs if abs(w - 1.0) > 1e-9]
     if weighted:
@@ -71,10 +74,10 @@ def comfy_changes(text: str) -> list[str]:
     return out
 
 
-def describe(text: str, syntax: str) -> dict:
+def describe(text: str, syntax: str, weights: bool = True) -> dict:
     """``{'syntax', 'changes', 'comfyui_would'}``: what the syntax in effect changed in ``text``, and (for
     literal) what ComfyUI's syntax would have changed."""
-    changes = comfy_changes(text)
+    changes = comfy_changes(text, weights)
     if syntax == COMFYUI:
         return {"syntax": syntax, "changes": changes, "comfyui_would": changes}
     return {"syntax": syntax, "changes": [], "comfyui_would": changes}
