@@ -1,4 +1,4 @@
-"""The tiny SDXL/SD3/FLUX.1 bundles behave like the real families in ComfyUI's stock nodes: the family's
+"""The tiny SDXL/SD3/FLUX.1/Z-Image bundles behave like the real families in ComfyUI's stock nodes: the family's
 supported_models config and text-encoder classes, stock encode -> KSampler -> VAE decode, trainable
 (finite gradients), and deterministic (same seed, same weights)."""
 from __future__ import annotations
@@ -8,14 +8,16 @@ import torch
 
 from support.factories import families
 
-CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell"}
+CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "z-image": "ZImage"}
 TEXT_ENCODER = {"sdxl": "SDXLClipModel", "sd3": "SD3ClipModel", "flux1-dev": "FluxClipModel",
-                "flux1-schnell": "FluxClipModel"}
+                "flux1-schnell": "FluxClipModel", "z-image": "ZImageTEModel"}
 
 
-def expected_cond_dims(model) -> tuple[int, int]:
-    """(context width, pooled width) the diffusion model itself is built to take."""
+def expected_cond_dims(model) -> tuple[int, int | None]:
+    """(context width, pooled width) the diffusion model itself is built to take (None: no pooled input)."""
     dm, cfg = model.model.diffusion_model, model.model.model_config.unet_config
+    if hasattr(dm, "cap_embedder"):  # Lumina 2 / Z-Image NextDiT: caption features only
+        return dm.cap_embedder[1].in_features, None
     if hasattr(dm, "context_embedder"):  # SD3 MMDiT
         return dm.context_embedder.in_features, cfg["adm_in_channels"]
     if hasattr(dm, "txt_in"):  # FLUX
@@ -51,7 +53,9 @@ def test_stock_encode_sample_decode(comfy, bundle):
     (pos,) = n.CLIPTextEncode().encode(clip, "ohwx, a red circle on a blue square")
     (neg,) = n.CLIPTextEncode().encode(clip, "")
     context, pooled = expected_cond_dims(model)
-    assert pos[0][0].shape[-1] == context and pos[0][1]["pooled_output"].shape[-1] == pooled
+    got_pooled = pos[0][1].get("pooled_output")
+    assert pos[0][0].shape[-1] == context
+    assert (got_pooled is None) if pooled is None else (got_pooled.shape[-1] == pooled)
     if model.model.latent_format.latent_channels == 4:
         (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
     else:
@@ -74,7 +78,9 @@ def test_forward_backward_gives_finite_grads(comfy, bundle):
             for p in params:
                 p.requires_grad_(True)
                 p.grad = None
-            c = base.extra_conds(cross_attn=cond["cond"].clone(), pooled_output=cond["pooled_output"].clone(),
+            pooled = cond.get("pooled_output")
+            c = base.extra_conds(cross_attn=cond["cond"].clone(),
+                                 pooled_output=pooled.clone() if pooled is not None else None,
                                  width=64, height=64, guidance=3.5, device="cpu",
                                  noise=torch.zeros(1, vae.latent_channels, 8, 8))
             kwargs = {k: v.cond for k, v in c.items()}

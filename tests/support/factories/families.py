@@ -35,7 +35,7 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -65,6 +65,17 @@ FLUX_DIT = dict(
     patch_size=2, qkv_bias=True,
 )
 FLUX_TINY = FLUX_DIT  # earlier name, kept for callers
+# Z-Image: ComfyUI's NextDiT (comfy/ldm/lumina/model.py) with the keys model_detection gives Z-Image (dim 3840 ->
+# 30 heads, axes 32/48/48, rope theta 256, ffn 8/3, z_image_modulation, time_scale 1000, caption pad token), shrunk:
+# dim 256 (the least z_image_modulation allows: its time embedding is 256 wide) = 2 heads of 128 (the real axes
+# 32/48/48), one main and one refiner layer of each kind; caption width = the tiny Qwen3.
+QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+         "num_key_value_heads": 1}
+ZIMAGE_DIT = dict(
+    image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=QWEN3["hidden_size"], n_layers=1,
+    n_refiner_layers=1, qk_norm=True, n_heads=2, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+    rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
+)
 VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
@@ -82,6 +93,7 @@ class Spec:
 
 _TE_MARK = "{}.transformer.text_model.final_layer_norm.weight"
 _T5_MARK = "t5xxl.transformer.encoder.final_layer_norm.weight"
+_QWEN3_MARK = "qwen3_4b.transformer.model.norm.weight"
 SPECS = {
     "sdxl": Spec("SDXL", SDXL_UNET, "sdxl", {"clip_l": CLIP_L, "clip_g": CLIP_G},
                  (_TE_MARK.format("clip_l"), _TE_MARK.format("clip_g"))),
@@ -91,6 +103,7 @@ SPECS = {
                       (_TE_MARK.format("clip_l"), _T5_MARK), 16, False),
     "flux1-schnell": Spec("FluxSchnell", dict(FLUX_DIT, guidance_embed=False), "flux1",
                           {"clip_l": CLIP_L, "t5xxl": T5_FLUX}, (_TE_MARK.format("clip_l"), _T5_MARK), 16, False),
+    "z-image": Spec("ZImage", ZIMAGE_DIT, "z-image", {"qwen3_4b": QWEN3}, (_QWEN3_MARK,), 16, False),
 }
 
 
