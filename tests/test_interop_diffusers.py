@@ -200,3 +200,45 @@ def test_sd15_dora_modules_load_in_diffusers_without_magnitude(T, sd15, sd15_tra
         assert len(R.lora_modules(pipe.unet)) == n_modules
     finally:
         pipe.unload_lora_weights()
+
+
+def test_flux_width_diffusers_cannot_convert_is_not_checkable(T, comfy, family_bundle, tmp_path):
+    """diffusers' kohya FLUX converter hard-codes FLUX.1's width (3072) for ``single_blocks.N.linear1``, and its
+    transformer converter hard-codes it too, so a reduced-width FLUX (the tiny one is 64 wide) has no diffusers
+    counterpart: Save LoRA reports such a file as not checkable (not as refused) and still saves it. A file without
+    linear1 modules converts, and is checked. The hard-coded width is diffusers' own fact: the same converter takes
+    a single-block linear1 LoRA at width 3072 and raises at width 64."""
+    from comfy.utils import load_torch_file
+    from diffusers import FluxPipeline
+
+    model, clip, _ = family_bundle("flux1-dev")
+    types = T.types
+    (cond,) = comfy.nodes.CLIPTextEncode().encode(clip, "ohwx, a red circle")
+    lat = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0))
+    tset = types.TrainingSet((types.Sample("a", lat, (types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
+    results = {}
+    for exclude in ("", r"single_blocks\.\d+\.linear1"):
+        lora = T.C.LoraConfig(rank=4, alpha=4, preset="attention", exclude=exclude)
+        run = _run(T, model, tset, tmp_path, lora, f"dl_flux{len(exclude)}")
+        path, report = T.export.save_lora(run, f"dl_flux{len(exclude)}", folder=tmp_path / "loras",
+                                          dtype=torch.float32)
+        keys = load_torch_file(str(path))
+        results[exclude] = (report["diffusers"], any("linear1" in k for k in keys))
+    full, with_linear1 = results[""]
+    assert with_linear1 and not full["checked"] and not full["refused"] and not full["dropped"], full
+    assert full["reason"].startswith("not checkable") and "3072" in full["reason"] and "64" in full["reason"]
+    part, with_linear1 = results[r"single_blocks\.\d+\.linear1"]
+    assert not with_linear1 and part["checked"] and part["dropped"] == [] and part["modules"] > 0, part
+
+    def linear1(width):
+        g = torch.Generator().manual_seed(0)
+        return {"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(4, width, generator=g),
+                "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(7 * width, 4, generator=g),
+                "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(4.0)}
+
+    converted = FluxPipeline.lora_state_dict(linear1(3072))
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    assert {k.rsplit(".", 2)[0] for k in converted} == {f"transformer.single_transformer_blocks.0.{m}" for m in
+                                                        ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+    with pytest.raises(Exception):
+        FluxPipeline.lora_state_dict(linear1(64))
