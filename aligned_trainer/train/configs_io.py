@@ -118,6 +118,12 @@ def _objects(values: dict) -> tuple:
 
 def from_kohya(cfg: dict) -> tuple[tuple, list[str]]:
     """(LoraConfig, OptimizerConfig, TimestepConfig, RunSettings), notes from a kohya config dict."""
+    values, notes = kohya_values(cfg)
+    return _objects(values), notes
+
+
+def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
+    """``{section: {field: value}}`` of the settings a kohya config dict sets, and notes."""
     values: dict = {s: {} for s in SECTIONS}
     notes = []
     opt_args = _kohya_args(cfg.get("optimizer_args"))
@@ -165,7 +171,7 @@ def from_kohya(cfg: dict) -> tuple[tuple, list[str]]:
         values["lora"]["preset"] = "all-linear+conv"
     if str(net_args.get("dora_wd", "")).lower() == "true":
         values["lora"]["dora"] = True
-    return _objects(values), notes
+    return values, notes
 
 
 def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
@@ -206,7 +212,14 @@ def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, setting
 
 
 def from_ai_toolkit(cfg: dict) -> tuple[tuple, list[str]]:
-    config = cfg.get("config") or {}
+    values, notes = ai_toolkit_values(cfg)
+    return _objects(values), notes
+
+
+def ai_toolkit_values(cfg: dict) -> tuple[dict, list[str]]:
+    """``{section: {field: value}}`` of the settings an ai-toolkit job dict sets, and notes."""
+    config = cfg.get("config") if isinstance(cfg, dict) else None
+    config = config if isinstance(config, dict) else {}
     procs = config.get("process") or []
     if not procs or not isinstance(procs[0], dict):
         raise ConfigError("ai-toolkit config has no config.process[0]; is this an ai-toolkit job file?")
@@ -245,7 +258,7 @@ def from_ai_toolkit(cfg: dict) -> tuple[tuple, list[str]]:
     values["lora"]["algorithm"] = algorithm
     if algorithm == "locon":
         values["lora"]["preset"] = "all-linear+conv"
-    return _objects(values), notes
+    return values, notes
 
 
 def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
@@ -278,23 +291,109 @@ def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, se
     return {"job": "extension", "config": {"name": settings.run_name, "process": [proc]}}
 
 
+MAX_BYTES = 1_000_000  # a training config is a few kB
+
+
 def read(path: str | Path) -> tuple[tuple, list[str]]:
     """Import a kohya ``.toml``/``.json`` or an ai-toolkit ``.yaml``/``.yml`` config file."""
+    values, notes = read_values(path)
+    return _objects(values), notes
+
+
+def read_values(path: str | Path) -> tuple[dict, list[str]]:
+    """``{section: {field: value}}`` of the settings a config file sets (by suffix: kohya ``.toml``/``.json``,
+    ai-toolkit ``.yaml``/``.yml``), and notes on what was approximated or has no equivalent."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path.name}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path.name} does not exist; put it in ComfyUI's input folder")
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"config file {path.name} is larger than {MAX_BYTES} bytes; is it a training config?")
+    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         if path.suffix == ".toml":
-            return from_kohya(tomllib.loads(text))
+            return kohya_values(tomllib.loads(text))
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return from_ai_toolkit(yaml.safe_load(text) or {})
-        if path.suffix == ".json":
-            data = json.loads(text)
-            return from_ai_toolkit(data) if "config" in data else from_kohya(data)
+            data = yaml.safe_load(text)
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path.name} is not an ai-toolkit job (a YAML mapping with config:)")
+            return ai_toolkit_values(data)
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path.name} is not a JSON object of kohya arguments")
+        return ai_toolkit_values(data) if "config" in data else kohya_values(data)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} cannot be parsed ({e})") from None
-    raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
+        raise ConfigError(f"config file {path.name} cannot be parsed ({e})") from None
+    except Exception as e:  # yaml errors
+        if type(e).__module__.startswith("yaml"):
+            raise ConfigError(f"config file {path.name} cannot be parsed ({str(e)[:200]})") from None
+        raise
+
+
+def import_config(text: str) -> tuple[LoraConfig, OptimizerConfig, TimestepConfig, dict, dict]:
+    """The Import Training Config node: the file ``text`` (a name in ComfyUI's input folder, or a path inside it or
+    inside a folder the server admin allows; ``paths.config_roots``) -> LoRA Config, Optimizer and Timestep
+    Strategy objects (the file's values, defaults elsewhere), the run settings the file sets (``{field: value}``,
+    for Train Init's ``run_settings``: they replace its widgets, the rest keep theirs), and a summary
+    ``{"file", "lora", "optimizer", "timesteps", "settings", "notes"}``. Everything is validated here."""
+    from .. import paths
+
+    path = paths.confine(text, paths.config_roots())
+    values, notes = read_values(path)
+    lora, opt, ts, _ = _objects(values)
+    for obj in (lora, opt, ts):
+        obj.validate()
+    settings = dict(values["settings"])
+    RunSettings(**settings)  # the same checks Train Init applies (finite numbers)
+    summary = {"file": path.name, "lora": _as_dict(lora), "optimizer": _as_dict(opt), "timesteps": _as_dict(ts),
+               "settings": settings, "notes": notes}
+    return lora, opt, ts, settings, summary
+
+
+def apply_settings(widgets: RunSettings, imported: dict | None) -> RunSettings:
+    """Train Init's settings: its widget values, replaced by those an imported config sets."""
+    if not imported:
+        return widgets
+    from dataclasses import replace
+
+    known = {f.name for f in fields(RunSettings)}
+    return replace(widgets, **{k: v for k, v in imported.items() if k in known})
+
+
+def _as_dict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+EXPORT_FOLDER = ("aligned_trainer", "configs")  # under ComfyUI's output folder
+
+
+def export_run(run, name: str = "", folder: Path | None = None) -> tuple[Path, Path]:
+    """Write the run's settings as a kohya TOML and an ai-toolkit YAML into ``output/aligned_trainer/configs``
+    (``<name>.toml``, ``<name>.yaml``; ``name`` defaults to the run name), each atomically at the first free
+    name (``<name>_2.toml``, ...); return both paths."""
+    from . import files
+
+    name = (name or run.settings.run_name).strip()
+    if not name or "/" in name or "\\" in name or ".." in name or "\x00" in name or len(name) > 100:
+        raise ConfigError(f"config name {name[:60]!r} is not allowed: a plain file name (no '/', '\\' or '..'), "
+                          "at most 100 characters")
+    if folder is None:
+        import folder_paths
+
+        folder = Path(folder_paths.get_output_directory()).joinpath(*EXPORT_FOLDER)
+    objs = (run.lora, run.optimizer, run.timesteps, run.settings)
+    out = []
+    for suffix in (".toml", ".yaml"):
+        text = _text(Path(name + suffix), *objs)
+        out.append(files.write_atomic(Path(folder) / (name + suffix),
+                                      lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"),
+                                      overwrite=False))
+    return out[0], out[1]
 
 
 def toml_text(cfg: dict) -> str:
@@ -310,26 +409,22 @@ def toml_text(cfg: dict) -> str:
     return "".join(f"{k} = {val(v)}\n" for k, v in cfg.items())
 
 
-def write(path: str | Path, lora, opt, ts, settings) -> Path:
-    """Export to kohya TOML/JSON or ai-toolkit YAML by the file's suffix, written atomically."""
-    import os
-    import tempfile
-
-    path = Path(path)
+def _text(path: Path, lora, opt, ts, settings) -> str:
     if path.suffix == ".toml":
-        text = toml_text(to_kohya(lora, opt, ts, settings))
-    elif path.suffix == ".json":
-        text = json.dumps(to_kohya(lora, opt, ts, settings), indent=2)
-    elif path.suffix in (".yaml", ".yml"):
+        return toml_text(to_kohya(lora, opt, ts, settings))
+    if path.suffix == ".json":
+        return json.dumps(to_kohya(lora, opt, ts, settings), indent=2)
+    if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        text = yaml.safe_dump(to_ai_toolkit(lora, opt, ts, settings), sort_keys=False)
-    else:
-        raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+        return yaml.safe_dump(to_ai_toolkit(lora, opt, ts, settings), sort_keys=False)
+    raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
 
+
+def write(path: str | Path, lora, opt, ts, settings) -> Path:
+    """Export to kohya TOML/JSON or ai-toolkit YAML by the file's suffix, written atomically."""
+    from . import files
+
+    path = Path(path)
+    text = _text(path, lora, opt, ts, settings)
+    return files.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=True)
