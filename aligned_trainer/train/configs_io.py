@@ -25,16 +25,22 @@ FIELDS = [
     ("optimizer", "lr", "learning_rate", "train.lr", "exact", "kohya unet_lr wins over learning_rate on import"),
     ("optimizer", "name", "optimizer_type", "train.optimizer", "exact", "names translated (AdamW8bit <-> adamw8bit)"),
     ("optimizer", "weight_decay", "optimizer_args.weight_decay", "train.optimizer_params.weight_decay", "exact", ""),
-    ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "exact", ""),
-    ("optimizer", "warmup_steps", "lr_warmup_steps", None, "exact", ""),
+    ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "ai-toolkit approx",
+     "ai-toolkit: cosine is torch CosineAnnealingLR over train.steps (ours without warmup), cosine_with_restarts "
+     "restarts only after train.steps (= one cosine), linear is torch LinearLR (rises from lr/3 to lr: no "
+     "equivalent), warmup only as constant_with_warmup"),
+    ("optimizer", "warmup_steps", "lr_warmup_steps", "train.lr_scheduler_params.num_warmup_steps",
+     "ai-toolkit approx", "ai-toolkit applies num_warmup_steps only with lr_scheduler constant_with_warmup"),
     ("optimizer", "total_steps", "max_train_steps", "train.steps", "exact", ""),
     ("optimizer", "num_cycles", "lr_scheduler_num_cycles", None, "exact", ""),
     ("optimizer", "power", "lr_scheduler_power", None, "exact", ""),
     ("optimizer", "grad_clip", "max_grad_norm", "train.max_grad_norm", "exact", ""),
     ("settings", "seed", "seed", None, "exact", "ai-toolkit seeds sampling only"),
     ("settings", "batch_size", "train_batch_size", "train.batch_size", "exact", ""),
-    ("settings", "grad_accum", "gradient_accumulation_steps", "train.gradient_accumulation_steps", "exact", ""),
-    ("settings", "precision", "mixed_precision", "train.dtype", "exact", "fp32 <-> kohya 'no'"),
+    ("settings", "grad_accum", "gradient_accumulation_steps", "train.gradient_accumulation_steps", "exact",
+     "ai-toolkit: train.gradient_accumulation (its newer key) is read too"),
+    ("settings", "precision", "mixed_precision", "train.dtype", "exact",
+     "fp32 <-> kohya 'no'; ai-toolkit's float/float32/half/float16/bfloat16 spellings are read"),
     ("settings", "gradient_checkpointing", "gradient_checkpointing", "train.gradient_checkpointing", "exact", ""),
     ("settings", "ema_decay", None, "train.ema_config.ema_decay", "exact", "kohya LoRA training has no EMA"),
     ("settings", "guidance", "guidance_scale", None, "exact", "FLUX dev guidance during training"),
@@ -67,6 +73,13 @@ OPT_TO_KOHYA = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"
                 "lion": "Lion"}
 PREC_TO_KOHYA = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 DENSITY_KOHYA = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "none"}
+# ai-toolkit (toolkit/train_tools.py get_torch_dtype, toolkit/scheduler.py get_lr_scheduler): its names -> ours
+AIT_DTYPES = {"fp32": "fp32", "float": "fp32", "float32": "fp32", "single": "fp32", "fp16": "fp16", "half": "fp16",
+              "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+AIT_SCHEDULERS = {"constant": ("constant", ""), "constant_with_warmup": ("constant", ""), "cosine": ("cosine", ""),
+                  "cosine_with_restarts": ("cosine", "ai-toolkit restarts only after train.steps: one cosine"),
+                  "linear": (None, "ai-toolkit's linear is torch LinearLR (lr/3 rising to lr): no equivalent; kept "
+                                   "constant")}
 SECTIONS = {"lora": LoraConfig, "optimizer": OptimizerConfig, "timesteps": TimestepConfig, "settings": RunSettings}
 
 
@@ -244,6 +257,22 @@ def ai_toolkit_values(cfg: dict) -> tuple[dict, list[str]]:
                 values["timesteps"]["weighting"] = "weighted"
         elif name == "dop_weight" and not _get(proc, "train.diff_output_preservation"):
             continue
+        elif name == "precision":
+            value = AIT_DTYPES.get(str(value).lower())
+            if value is None:
+                notes.append(f"train.dtype {_get(proc, path)!r} has no equivalent; kept fp32")
+                continue
+        elif name == "scheduler":
+            value, note = AIT_SCHEDULERS.get(str(value), (None, f"lr_scheduler {value!r} has no equivalent; kept "
+                                                                 "constant"))
+            if note:
+                notes.append(f"train.lr_scheduler: {note}")
+            if value is None:
+                continue
+        elif name == "warmup_steps" and _get(proc, "train.lr_scheduler") != "constant_with_warmup":
+            notes.append("train.lr_scheduler_params.num_warmup_steps ignored: ai-toolkit applies it only with "
+                         "constant_with_warmup")
+            continue
         values[section][name] = _coerce(section, name, value)
         if quality == "approx" and note:
             notes.append(f"{path}: {note}")
@@ -251,7 +280,14 @@ def ai_toolkit_values(cfg: dict) -> tuple[dict, list[str]]:
         values["timesteps"]["weighting"] = "min_snr"
     if not _get(proc, "train.ema_config.use_ema"):
         values["settings"].pop("ema_decay", None)
+    if (_get(proc, "train.gradient_accumulation") or 1) > 1:  # ai-toolkit's newer key (exclusive with the old one)
+        values["settings"]["grad_accum"] = _coerce("settings", "grad_accum", _get(proc, "train.gradient_accumulation"))
     net = proc.get("network") or {}
+    if isinstance(net, dict) and net.get("linear_alpha") is None and ("linear" in net or "rank" in net):
+        # ai-toolkit's NetworkConfig: linear_alpha defaults to network.alpha, which defaults to 1.0
+        values["lora"]["alpha"] = _coerce("lora", "alpha", net.get("alpha", 1.0))
+    if isinstance(net, dict) and net.get("linear") is None and net.get("rank") is not None:
+        values["lora"]["rank"] = _coerce("lora", "rank", net["rank"])  # NetworkConfig: rank, the older spelling
     algorithm = {"lora": "lora", "locon": "locon", "lokr": "lokr"}.get(str(net.get("type", "lora")).lower(), "lora")
     if algorithm == "lora" and net.get("conv"):
         algorithm = "locon"
@@ -259,6 +295,16 @@ def ai_toolkit_values(cfg: dict) -> tuple[dict, list[str]]:
     if algorithm == "locon":
         values["lora"]["preset"] = "all-linear+conv"
     return values, notes
+
+
+def _ait_scheduler(opt: OptimizerConfig) -> str | None:
+    """Our schedule in ai-toolkit's scheduler names, when it has one: constant (with warmup: constant_with_warmup),
+    cosine without warmup (torch CosineAnnealingLR over train.steps) and one-cycle cosine_with_restarts."""
+    if opt.scheduler == "constant":
+        return "constant_with_warmup" if opt.warmup_steps else "constant"
+    if opt.scheduler == "cosine" or (opt.scheduler == "cosine_with_restarts" and opt.num_cycles == 1):
+        return None if opt.warmup_steps else "cosine"
+    return None
 
 
 def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
@@ -284,6 +330,12 @@ def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, se
             if not value:
                 continue
             _put(proc, "train.diff_output_preservation", True)
+        elif name == "scheduler":
+            value = _ait_scheduler(opt)
+            if value is None:  # no equivalent in ai-toolkit: its default (constant) applies
+                continue
+        elif name == "warmup_steps" and not (value and opt.scheduler == "constant"):
+            continue
         _put(proc, path, value)
     proc["network"]["type"] = "lokr" if lora.algorithm == "lokr" else "lora"
     if lora.conv:
