@@ -292,14 +292,19 @@ class SaveLora(io.ComfyNode):
                     io.Combo.Input("if_exists", options=list(files.IF_EXISTS), default="new_name",
                                    optional=True,
                                    tooltip="When a LoRA of this name exists: new_name (save as '<name>_2', ...; "
-                                           "nothing is lost) or overwrite.")],
+                                           "nothing is lost) or overwrite."),
+                    io.String.Input("base_model_name", default="", optional=True,
+                                    tooltip="The checkpoint file the run trained on (e.g. 'sd_xl_base_1.0.safetensors'), "
+                                            "recorded as ss_sd_model_name for A1111/Forge/civitai; ComfyUI's MODEL "
+                                            "does not carry its file name. Empty: the model family is recorded.")],
             outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, run, name, dtype, use_ema=True, if_exists="new_name") -> io.NodeOutput:
-        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema, if_exists=if_exists)
+    def execute(cls, run, name, dtype, use_ema=True, if_exists="new_name", base_model_name="") -> io.NodeOutput:
+        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema, if_exists=if_exists,
+                                        base_model_name=base_model_name)
         text = json.dumps(report)
         return io.NodeOutput(str(path), ui={"text": [text]})
 
