@@ -75,6 +75,28 @@ def sdxl_pipeline(unet):
                                      tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler())
 
 
+def sd3_pipeline(diffusion_state_dict: dict):
+    """A StableDiffusion3Pipeline around diffusers' SD3Transformer2DModel converted from the tiny SD3's MMDiT weights
+    with diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` (every key must match); the model config is
+    written from the tiny factory's ``families.SD3_MMDIT`` (ComfyUI: hidden = 64 * depth, heads = depth)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    u = families.SD3_MMDIT
+    ctx = u["context_embedder_config"]["params"]
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=u["patch_size"], in_channels=u["in_channels"], out_channels=u["out_channels"],
+        num_layers=u["depth"], attention_head_dim=64, num_attention_heads=u["depth"],
+        joint_attention_dim=ctx["in_features"], caption_projection_dim=ctx["out_features"],
+        pooled_projection_dim=u["adm_in_channels"], pos_embed_max_size=u["pos_embed_max_size"])
+    converted = convert_sd3_transformer_checkpoint_to_diffusers({k: v.float().clone()
+                                                                 for k, v in diffusion_state_dict.items()})
+    transformer.load_state_dict(converted, strict=True)
+    return StableDiffusion3Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
 def sd_pipeline(unet):
     """A StableDiffusionPipeline around ``unet`` (no text encoder: the LoRAs under test have UNet keys only)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
