@@ -38,6 +38,11 @@ class ImportTrainingConfig(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, config_file="", **kwargs):
+        """Run again when the config file is edited."""
+        return configs_io.config_fingerprint(config_file)
+
+    @classmethod
     def execute(cls, config_file) -> io.NodeOutput:
         lora, opt, ts, settings, summary = configs_io.import_config(config_file)
         text = json.dumps(summary, indent=1)

@@ -97,6 +97,19 @@ def test_config_files_outside_the_input_folder_are_refused(server, imported, con
     assert "is not inside a folder this server reads" in err["exception_message"], err["exception_message"]
 
 
+@pytest.mark.server
+def test_an_edited_config_file_is_read_again(server):
+    """ComfyUI caches a node's outputs by its inputs; the file name stays the same when the file is edited, so the
+    node's fingerprint (the file's content hash) makes the next run read it again."""
+    path = server.input_dir / "edited.toml"
+    ranks = []
+    for dim in (8, 24):
+        path.write_text(f"network_dim = {dim}\nnetwork_alpha = 4\n")
+        entry = server.run({"1": node(server, P + "ImportTrainingConfig", config_file=path.name)})
+        ranks.append(_summary(entry, "1")["lora"]["rank"])
+    assert ranks == [8, 24]
+
+
 def test_export_takes_the_next_free_name_and_writes_atomically(comfy, tmp_path):
     IO = comfy.engine("train.configs_io")
     C, st = comfy.engine("train.config"), comfy.engine("train.state")

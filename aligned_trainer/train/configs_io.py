@@ -405,6 +405,22 @@ def import_config(text: str) -> tuple[LoraConfig, OptimizerConfig, TimestepConfi
     return lora, opt, ts, settings, summary
 
 
+def config_fingerprint(text: str) -> str:
+    """What the Import Training Config node's result depends on: the guarded file's content hash (so an edited file
+    is read again); a refused or unreadable path gives its error text (the node's run then reports it)."""
+    import hashlib
+
+    from .. import paths
+
+    try:
+        path = paths.confine(text, paths.config_roots())
+        if not path.is_file() or path.stat().st_size > MAX_BYTES:
+            return f"missing or too large: {text}"
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except (paths.PathRefused, OSError) as e:
+        return f"error: {e}"
+
+
 def apply_settings(widgets: RunSettings, imported: dict | None) -> RunSettings:
     """Train Init's settings: its widget values, replaced by those an imported config sets."""
     if not imported:
