@@ -88,6 +88,17 @@ def dataset_roots() -> Roots:
                  f'directory ({{"{SETTINGS_KEY}": ["/data/datasets"]}}).')
 
 
+def config_roots() -> Roots:
+    """Training config files to import (kohya TOML/JSON, ai-toolkit YAML): where datasets may be read."""
+    import folder_paths
+
+    inp = Path(folder_paths.get_input_directory())
+    return Roots("config file", (inp, *allowed_dataset_folders()), inp,
+                 "Put the config file in ComfyUI's input folder and give its name relative to it (e.g. "
+                 f"'my_lora.toml'), or ask the server admin to add its folder to {SETTINGS_FILE} in ComfyUI's user "
+                 f'directory ({{"{SETTINGS_KEY}": ["/data/configs"]}}).')
+
+
 def lora_roots() -> Roots:
     import folder_paths
 

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.train import config as C
-from ..aligned_trainer.train import export, files, loop, state, timesteps
+from ..aligned_trainer.train import configs_io, export, files, loop, state, timesteps
 from ._common import category, node_id
 from ._progress import TrainMonitor
 
@@ -20,6 +20,7 @@ OPTIMIZER = io.Custom("AT_OPTIMIZER")
 TRAIN_RUN = io.Custom("AT_TRAIN_RUN")
 TRAINING_SET = io.Custom("AT_TRAINING_SET")
 PREVIEW_PLAN = io.Custom("AT_PREVIEW_PLAN")
+RUN_SETTINGS = io.Custom("AT_RUN_SETTINGS")
 
 
 class LoraConfig(io.ComfyNode):
@@ -203,6 +204,9 @@ class TrainInit(io.ComfyNode):
                                         "registered loras folder) written by kohya, ai-toolkit, diffusers/peft or "
                                         "Save LoRA, to continue training from; rank and dora must match the file. "
                                         "Ignored when resuming."),
+                RUN_SETTINGS.Input("run_settings", optional=True,
+                                   tooltip="From Import Training Config: the settings its file sets (seed, batch size, "
+                                           "precision, run name, ...) replace the widgets here; the rest keep theirs."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
         )
@@ -210,9 +214,11 @@ class TrainInit(io.ComfyNode):
     @classmethod
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
-                dop_weight=0.0, preservation_prompt=None, if_exists="new_name", init_lora="none") -> io.NodeOutput:
-        settings = state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay,
-                                     guidance, val_count, 4, run_name, reg_weight, dop_weight)
+                dop_weight=0.0, preservation_prompt=None, if_exists="new_name", init_lora="none",
+                run_settings=None) -> io.NodeOutput:
+        settings = configs_io.apply_settings(
+            state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay, guidance,
+                              val_count, 4, run_name, reg_weight, dop_weight), run_settings)
         return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
                                            preservation=preservation_prompt, if_exists=if_exists,
                                            init_lora=init_lora))
@@ -286,14 +292,19 @@ class SaveLora(io.ComfyNode):
                     io.Combo.Input("if_exists", options=list(files.IF_EXISTS), default="new_name",
                                    optional=True,
                                    tooltip="When a LoRA of this name exists: new_name (save as '<name>_2', ...; "
-                                           "nothing is lost) or overwrite.")],
+                                           "nothing is lost) or overwrite."),
+                    io.String.Input("base_model_name", default="", optional=True,
+                                    tooltip="The checkpoint file the run trained on (e.g. 'sd_xl_base_1.0.safetensors'), "
+                                            "recorded as ss_sd_model_name for A1111/Forge/civitai; ComfyUI's MODEL "
+                                            "does not carry its file name. Empty: the model family is recorded.")],
             outputs=[io.String.Output("path", tooltip="Where the LoRA was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, run, name, dtype, use_ema=True, if_exists="new_name") -> io.NodeOutput:
-        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema, if_exists=if_exists)
+    def execute(cls, run, name, dtype, use_ema=True, if_exists="new_name", base_model_name="") -> io.NodeOutput:
+        path, report = export.save_lora(run, name, dtype=loop.DTYPES[dtype], ema=use_ema, if_exists=if_exists,
+                                        base_model_name=base_model_name)
         text = json.dumps(report)
         return io.NodeOutput(str(path), ui={"text": [text]})
 

@@ -95,3 +95,30 @@ def test_sd15_metadata_from_the_dataset_report(T, sd15, sd15_training_set, tmp_p
     tags = json.loads(md["ss_tag_frequency"])
     assert tags == rep["tag_frequency_by_dir"] and sum(sum(t.values()) for t in tags.values()) > 0
     assert md["ss_resolution"] == "(64, 64)" and md["sshs_model_hash"] == addnet_hash(path)
+
+
+def test_started_at_survives_resume_and_model_name_is_the_checkpoint_file(T, sd15, sd15_training_set, tmp_path,
+                                                                          monkeypatch):
+    """ss_training_started_at is the run's first start, kept in the checkpoint across a resume (kohya writes the
+    training start); ss_sd_model_name is the checkpoint's file name (no folders) when Save LoRA is told it, since
+    ComfyUI's MODEL does not carry it, and the model family otherwise."""
+    import time
+
+    def init(resume, at):  # Train Init at a known clock time
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda: at)
+            return T.loop.init_run(sd15[0], sd15_training_set, T.C.LoraConfig(rank=4, alpha=4, preset="attention"),
+                                   T.C.TimestepConfig(), T.C.OptimizerConfig(lr=1e-3),
+                                   T.st.RunSettings(run_name="started"), resume, runs_root=tmp_path / "runs")
+
+    T.loop.train_steps(init("none", 1_000_000.0), 1, checkpoint_every=1)
+    resumed = init("latest", 2_000_000.0)
+    assert resumed.step == 1
+    path, _ = T.export.save_lora(T.loop.train_steps(resumed, 1), "started", folder=tmp_path / "loras",
+                                 base_model_name="/models/checkpoints/sub\\tiny-sd15.safetensors")
+    md = _read(path)
+    assert float(md["ss_training_started_at"]) == 1_000_000.0
+    assert float(md["ss_training_finished_at"]) > 2_000_000.0
+    assert md["ss_sd_model_name"] == "tiny-sd15.safetensors"
+    path, _ = T.export.save_lora(resumed, "started_family", folder=tmp_path / "loras")
+    assert _read(path)["ss_sd_model_name"] == "SD15"

@@ -133,7 +133,9 @@ def test_every_path_input_refuses_outside_paths_with_one_message(world):
     srv = world["srv"]
     cases = {"Dataset.folder": (lambda v: dataset_prompt(srv, folder=v), srv.input_dir),
              "Dataset.reg_folder": (lambda v: dataset_prompt(srv, reg_folder=v), srv.input_dir),
-             "CheckpointGrid.folder": (lambda v: grid_prompt(srv, v), world["loras"])}
+             "CheckpointGrid.folder": (lambda v: grid_prompt(srv, v), world["loras"]),
+             "ImportTrainingConfig.config_file": (lambda v: {"1": node(srv, P + "ImportTrainingConfig",
+                                                                        config_file=v)}, srv.input_dir)}
     for label, (make, root) in cases.items():
         values = hostile_values(world, root)
         if label.startswith("CheckpointGrid"):
@@ -141,7 +143,7 @@ def test_every_path_input_refuses_outside_paths_with_one_message(world):
         messages = {}
         for v in values:
             err = run_error(srv, make(v))
-            assert err["node_type"] in (P + "Dataset", P + "CheckpointGrid"), err
+            assert err["node_type"] in (P + "Dataset", P + "CheckpointGrid", P + "ImportTrainingConfig"), err
             messages[v] = err["exception_message"].replace(repr(v), "<value>")
             assert str(world["outside"]) not in messages[v], (label, v, messages[v])
         assert len(set(messages.values())) == 1, (label, json.dumps(messages, indent=1))

@@ -25,16 +25,22 @@ FIELDS = [
     ("optimizer", "lr", "learning_rate", "train.lr", "exact", "kohya unet_lr wins over learning_rate on import"),
     ("optimizer", "name", "optimizer_type", "train.optimizer", "exact", "names translated (AdamW8bit <-> adamw8bit)"),
     ("optimizer", "weight_decay", "optimizer_args.weight_decay", "train.optimizer_params.weight_decay", "exact", ""),
-    ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "exact", ""),
-    ("optimizer", "warmup_steps", "lr_warmup_steps", None, "exact", ""),
+    ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "ai-toolkit approx",
+     "ai-toolkit: cosine is torch CosineAnnealingLR over train.steps (ours without warmup), cosine_with_restarts "
+     "restarts only after train.steps (= one cosine), linear is torch LinearLR (rises from lr/3 to lr: no "
+     "equivalent), warmup only as constant_with_warmup"),
+    ("optimizer", "warmup_steps", "lr_warmup_steps", "train.lr_scheduler_params.num_warmup_steps",
+     "ai-toolkit approx", "ai-toolkit applies num_warmup_steps only with lr_scheduler constant_with_warmup"),
     ("optimizer", "total_steps", "max_train_steps", "train.steps", "exact", ""),
     ("optimizer", "num_cycles", "lr_scheduler_num_cycles", None, "exact", ""),
     ("optimizer", "power", "lr_scheduler_power", None, "exact", ""),
     ("optimizer", "grad_clip", "max_grad_norm", "train.max_grad_norm", "exact", ""),
     ("settings", "seed", "seed", None, "exact", "ai-toolkit seeds sampling only"),
     ("settings", "batch_size", "train_batch_size", "train.batch_size", "exact", ""),
-    ("settings", "grad_accum", "gradient_accumulation_steps", "train.gradient_accumulation_steps", "exact", ""),
-    ("settings", "precision", "mixed_precision", "train.dtype", "exact", "fp32 <-> kohya 'no'"),
+    ("settings", "grad_accum", "gradient_accumulation_steps", "train.gradient_accumulation_steps", "exact",
+     "ai-toolkit: train.gradient_accumulation (its newer key) is read too"),
+    ("settings", "precision", "mixed_precision", "train.dtype", "exact",
+     "fp32 <-> kohya 'no'; ai-toolkit's float/float32/half/float16/bfloat16 spellings are read"),
     ("settings", "gradient_checkpointing", "gradient_checkpointing", "train.gradient_checkpointing", "exact", ""),
     ("settings", "ema_decay", None, "train.ema_config.ema_decay", "exact", "kohya LoRA training has no EMA"),
     ("settings", "guidance", "guidance_scale", None, "exact", "FLUX dev guidance during training"),
@@ -67,6 +73,13 @@ OPT_TO_KOHYA = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"
                 "lion": "Lion"}
 PREC_TO_KOHYA = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 DENSITY_KOHYA = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "none"}
+# ai-toolkit (toolkit/train_tools.py get_torch_dtype, toolkit/scheduler.py get_lr_scheduler): its names -> ours
+AIT_DTYPES = {"fp32": "fp32", "float": "fp32", "float32": "fp32", "single": "fp32", "fp16": "fp16", "half": "fp16",
+              "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+AIT_SCHEDULERS = {"constant": ("constant", ""), "constant_with_warmup": ("constant", ""), "cosine": ("cosine", ""),
+                  "cosine_with_restarts": ("cosine", "ai-toolkit restarts only after train.steps: one cosine"),
+                  "linear": (None, "ai-toolkit's linear is torch LinearLR (lr/3 rising to lr): no equivalent; kept "
+                                   "constant")}
 SECTIONS = {"lora": LoraConfig, "optimizer": OptimizerConfig, "timesteps": TimestepConfig, "settings": RunSettings}
 
 
@@ -118,6 +131,12 @@ def _objects(values: dict) -> tuple:
 
 def from_kohya(cfg: dict) -> tuple[tuple, list[str]]:
     """(LoraConfig, OptimizerConfig, TimestepConfig, RunSettings), notes from a kohya config dict."""
+    values, notes = kohya_values(cfg)
+    return _objects(values), notes
+
+
+def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
+    """``{section: {field: value}}`` of the settings a kohya config dict sets, and notes."""
     values: dict = {s: {} for s in SECTIONS}
     notes = []
     opt_args = _kohya_args(cfg.get("optimizer_args"))
@@ -165,7 +184,7 @@ def from_kohya(cfg: dict) -> tuple[tuple, list[str]]:
         values["lora"]["preset"] = "all-linear+conv"
     if str(net_args.get("dora_wd", "")).lower() == "true":
         values["lora"]["dora"] = True
-    return _objects(values), notes
+    return values, notes
 
 
 def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
@@ -206,7 +225,14 @@ def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, setting
 
 
 def from_ai_toolkit(cfg: dict) -> tuple[tuple, list[str]]:
-    config = cfg.get("config") or {}
+    values, notes = ai_toolkit_values(cfg)
+    return _objects(values), notes
+
+
+def ai_toolkit_values(cfg: dict) -> tuple[dict, list[str]]:
+    """``{section: {field: value}}`` of the settings an ai-toolkit job dict sets, and notes."""
+    config = cfg.get("config") if isinstance(cfg, dict) else None
+    config = config if isinstance(config, dict) else {}
     procs = config.get("process") or []
     if not procs or not isinstance(procs[0], dict):
         raise ConfigError("ai-toolkit config has no config.process[0]; is this an ai-toolkit job file?")
@@ -231,6 +257,22 @@ def from_ai_toolkit(cfg: dict) -> tuple[tuple, list[str]]:
                 values["timesteps"]["weighting"] = "weighted"
         elif name == "dop_weight" and not _get(proc, "train.diff_output_preservation"):
             continue
+        elif name == "precision":
+            value = AIT_DTYPES.get(str(value).lower())
+            if value is None:
+                notes.append(f"train.dtype {_get(proc, path)!r} has no equivalent; kept fp32")
+                continue
+        elif name == "scheduler":
+            value, note = AIT_SCHEDULERS.get(str(value), (None, f"lr_scheduler {value!r} has no equivalent; kept "
+                                                                 "constant"))
+            if note:
+                notes.append(f"train.lr_scheduler: {note}")
+            if value is None:
+                continue
+        elif name == "warmup_steps" and _get(proc, "train.lr_scheduler") != "constant_with_warmup":
+            notes.append("train.lr_scheduler_params.num_warmup_steps ignored: ai-toolkit applies it only with "
+                         "constant_with_warmup")
+            continue
         values[section][name] = _coerce(section, name, value)
         if quality == "approx" and note:
             notes.append(f"{path}: {note}")
@@ -238,14 +280,31 @@ def from_ai_toolkit(cfg: dict) -> tuple[tuple, list[str]]:
         values["timesteps"]["weighting"] = "min_snr"
     if not _get(proc, "train.ema_config.use_ema"):
         values["settings"].pop("ema_decay", None)
+    if (_get(proc, "train.gradient_accumulation") or 1) > 1:  # ai-toolkit's newer key (exclusive with the old one)
+        values["settings"]["grad_accum"] = _coerce("settings", "grad_accum", _get(proc, "train.gradient_accumulation"))
     net = proc.get("network") or {}
+    if isinstance(net, dict) and net.get("linear_alpha") is None and ("linear" in net or "rank" in net):
+        # ai-toolkit's NetworkConfig: linear_alpha defaults to network.alpha, which defaults to 1.0
+        values["lora"]["alpha"] = _coerce("lora", "alpha", net.get("alpha", 1.0))
+    if isinstance(net, dict) and net.get("linear") is None and net.get("rank") is not None:
+        values["lora"]["rank"] = _coerce("lora", "rank", net["rank"])  # NetworkConfig: rank, the older spelling
     algorithm = {"lora": "lora", "locon": "locon", "lokr": "lokr"}.get(str(net.get("type", "lora")).lower(), "lora")
     if algorithm == "lora" and net.get("conv"):
         algorithm = "locon"
     values["lora"]["algorithm"] = algorithm
     if algorithm == "locon":
         values["lora"]["preset"] = "all-linear+conv"
-    return _objects(values), notes
+    return values, notes
+
+
+def _ait_scheduler(opt: OptimizerConfig) -> str | None:
+    """Our schedule in ai-toolkit's scheduler names, when it has one: constant (with warmup: constant_with_warmup),
+    cosine without warmup (torch CosineAnnealingLR over train.steps) and one-cycle cosine_with_restarts."""
+    if opt.scheduler == "constant":
+        return "constant_with_warmup" if opt.warmup_steps else "constant"
+    if opt.scheduler == "cosine" or (opt.scheduler == "cosine_with_restarts" and opt.num_cycles == 1):
+        return None if opt.warmup_steps else "cosine"
+    return None
 
 
 def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
@@ -271,6 +330,12 @@ def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, se
             if not value:
                 continue
             _put(proc, "train.diff_output_preservation", True)
+        elif name == "scheduler":
+            value = _ait_scheduler(opt)
+            if value is None:  # no equivalent in ai-toolkit: its default (constant) applies
+                continue
+        elif name == "warmup_steps" and not (value and opt.scheduler == "constant"):
+            continue
         _put(proc, path, value)
     proc["network"]["type"] = "lokr" if lora.algorithm == "lokr" else "lora"
     if lora.conv:
@@ -278,23 +343,125 @@ def to_ai_toolkit(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, se
     return {"job": "extension", "config": {"name": settings.run_name, "process": [proc]}}
 
 
+MAX_BYTES = 1_000_000  # a training config is a few kB
+
+
 def read(path: str | Path) -> tuple[tuple, list[str]]:
     """Import a kohya ``.toml``/``.json`` or an ai-toolkit ``.yaml``/``.yml`` config file."""
+    values, notes = read_values(path)
+    return _objects(values), notes
+
+
+def read_values(path: str | Path) -> tuple[dict, list[str]]:
+    """``{section: {field: value}}`` of the settings a config file sets (by suffix: kohya ``.toml``/``.json``,
+    ai-toolkit ``.yaml``/``.yml``), and notes on what was approximated or has no equivalent."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path.name}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path.name} does not exist; put it in ComfyUI's input folder")
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"config file {path.name} is larger than {MAX_BYTES} bytes; is it a training config?")
+    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         if path.suffix == ".toml":
-            return from_kohya(tomllib.loads(text))
+            return kohya_values(tomllib.loads(text))
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return from_ai_toolkit(yaml.safe_load(text) or {})
-        if path.suffix == ".json":
-            data = json.loads(text)
-            return from_ai_toolkit(data) if "config" in data else from_kohya(data)
+            data = yaml.safe_load(text)
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path.name} is not an ai-toolkit job (a YAML mapping with config:)")
+            return ai_toolkit_values(data)
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path.name} is not a JSON object of kohya arguments")
+        return ai_toolkit_values(data) if "config" in data else kohya_values(data)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} cannot be parsed ({e})") from None
-    raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
+        raise ConfigError(f"config file {path.name} cannot be parsed ({e})") from None
+    except Exception as e:  # yaml errors
+        if type(e).__module__.startswith("yaml"):
+            raise ConfigError(f"config file {path.name} cannot be parsed ({str(e)[:200]})") from None
+        raise
+
+
+def import_config(text: str) -> tuple[LoraConfig, OptimizerConfig, TimestepConfig, dict, dict]:
+    """The Import Training Config node: the file ``text`` (a name in ComfyUI's input folder, or a path inside it or
+    inside a folder the server admin allows; ``paths.config_roots``) -> LoRA Config, Optimizer and Timestep
+    Strategy objects (the file's values, defaults elsewhere), the run settings the file sets (``{field: value}``,
+    for Train Init's ``run_settings``: they replace its widgets, the rest keep theirs), and a summary
+    ``{"file", "lora", "optimizer", "timesteps", "settings", "notes"}``. Everything is validated here."""
+    from .. import paths
+
+    path = paths.confine(text, paths.config_roots())
+    values, notes = read_values(path)
+    lora, opt, ts, _ = _objects(values)
+    for obj in (lora, opt, ts):
+        obj.validate()
+    settings = dict(values["settings"])
+    RunSettings(**settings)  # the same checks Train Init applies (finite numbers)
+    summary = {"file": path.name, "lora": _as_dict(lora), "optimizer": _as_dict(opt), "timesteps": _as_dict(ts),
+               "settings": settings, "notes": notes}
+    return lora, opt, ts, settings, summary
+
+
+def config_fingerprint(text: str) -> str:
+    """What the Import Training Config node's result depends on: the guarded file's content hash (so an edited file
+    is read again); a refused or unreadable path gives its error text (the node's run then reports it)."""
+    import hashlib
+
+    from .. import paths
+
+    try:
+        path = paths.confine(text, paths.config_roots())
+        if not path.is_file() or path.stat().st_size > MAX_BYTES:
+            return f"missing or too large: {text}"
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except (paths.PathRefused, OSError) as e:
+        return f"error: {e}"
+
+
+def apply_settings(widgets: RunSettings, imported: dict | None) -> RunSettings:
+    """Train Init's settings: its widget values, replaced by those an imported config sets."""
+    if not imported:
+        return widgets
+    from dataclasses import replace
+
+    known = {f.name for f in fields(RunSettings)}
+    return replace(widgets, **{k: v for k, v in imported.items() if k in known})
+
+
+def _as_dict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+EXPORT_FOLDER = ("aligned_trainer", "configs")  # under ComfyUI's output folder
+
+
+def export_run(run, name: str = "", folder: Path | None = None) -> tuple[Path, Path]:
+    """Write the run's settings as a kohya TOML and an ai-toolkit YAML into ``output/aligned_trainer/configs``
+    (``<name>.toml``, ``<name>.yaml``; ``name`` defaults to the run name), each atomically at the first free
+    name (``<name>_2.toml``, ...); return both paths."""
+    from . import files
+
+    name = (name or run.settings.run_name).strip()
+    if not name or "/" in name or "\\" in name or ".." in name or "\x00" in name or len(name) > 100:
+        raise ConfigError(f"config name {name[:60]!r} is not allowed: a plain file name (no '/', '\\' or '..'), "
+                          "at most 100 characters")
+    if folder is None:
+        import folder_paths
+
+        folder = Path(folder_paths.get_output_directory()).joinpath(*EXPORT_FOLDER)
+    objs = (run.lora, run.optimizer, run.timesteps, run.settings)
+    out = []
+    for suffix in (".toml", ".yaml"):
+        text = _text(Path(name + suffix), *objs)
+        out.append(files.write_atomic(Path(folder) / (name + suffix),
+                                      lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"),
+                                      overwrite=False))
+    return out[0], out[1]
 
 
 def toml_text(cfg: dict) -> str:
@@ -310,26 +477,22 @@ def toml_text(cfg: dict) -> str:
     return "".join(f"{k} = {val(v)}\n" for k, v in cfg.items())
 
 
-def write(path: str | Path, lora, opt, ts, settings) -> Path:
-    """Export to kohya TOML/JSON or ai-toolkit YAML by the file's suffix, written atomically."""
-    import os
-    import tempfile
-
-    path = Path(path)
+def _text(path: Path, lora, opt, ts, settings) -> str:
     if path.suffix == ".toml":
-        text = toml_text(to_kohya(lora, opt, ts, settings))
-    elif path.suffix == ".json":
-        text = json.dumps(to_kohya(lora, opt, ts, settings), indent=2)
-    elif path.suffix in (".yaml", ".yml"):
+        return toml_text(to_kohya(lora, opt, ts, settings))
+    if path.suffix == ".json":
+        return json.dumps(to_kohya(lora, opt, ts, settings), indent=2)
+    if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        text = yaml.safe_dump(to_ai_toolkit(lora, opt, ts, settings), sort_keys=False)
-    else:
-        raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+        return yaml.safe_dump(to_ai_toolkit(lora, opt, ts, settings), sort_keys=False)
+    raise ConfigError(f"config file {path}: use .toml/.json (kohya sd-scripts) or .yaml/.yml (ai-toolkit)")
 
+
+def write(path: str | Path, lora, opt, ts, settings) -> Path:
+    """Export to kohya TOML/JSON or ai-toolkit YAML by the file's suffix, written atomically."""
+    from . import files
+
+    path = Path(path)
+    text = _text(path, lora, opt, ts, settings)
+    return files.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=True)

@@ -6,7 +6,9 @@ whose names come from ComfyUI's own ComfyUI -> diffusers tables (``comfy.utils.u
 ``flux_to_diffusers``, ``mmdit_to_diffusers``; which one is data: ``diffusers_names`` in lora_formats.json).
 peft injects adapters by these names, so a name that is not a module of the model is a module diffusers drops.
 Families without a diffusers loader for kohya files, and LoHa/LoKr (diffusers has no loader for them), are
-reported as not checked, with the reason."""
+reported as not checked, with the reason. So is a model whose width differs from the one diffusers' converter
+hard-codes for its family (``diffusers_converter_width``: FLUX.1's 3072), when the converter raises on it: such a
+model (a reduced-width test model) has no diffusers counterpart to load the file into."""
 from __future__ import annotations
 
 import re
@@ -39,8 +41,10 @@ def _diffusers_module_names(model, table: str) -> set[str]:
 def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     """``{"checked": bool, "reason": str, "modules": n, "dropped": [...], "refused": [...]}``. ``dropped``: the
     module names diffusers' converter produces that are no module of the diffusers model (peft would not inject
-    them: the save fails on these); ``refused``: the converter's error when it raises on the file (``load_lora_weights`` then fails loudly; e.g. diffusers' kohya FLUX converter hard-codes FLUX.1's
-    full width 3072 for ``single_blocks.N.linear1``, so reduced-width test models are refused there)."""
+    them: the save fails on these); ``refused``: the converter's error when it raises on a file for a model of the
+    width it expects (``load_lora_weights`` then fails loudly). A model of another width than the one the
+    converter hard-codes (FLUX.1: 3072) is ``checked: False`` with a "not checkable" reason when the converter
+    raises, and checked normally when it does not (a file without ``single_blocks.N.linear1`` modules)."""
     facts = naming.family_facts(model)
     pipe_name, table = facts.get("diffusers_pipeline"), facts.get("diffusers_names")
     file_modules = sorted({k.rsplit(".", 2)[0] for k in lora_sd if k.endswith(_PAIR[0])})
@@ -61,6 +65,15 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     try:  # the whole file at once, as load_lora_weights converts it (block renumbering looks at every key)
         out = pipe.lora_state_dict(dict(lora_sd), **kwargs)
     except Exception as e:  # diffusers' converter raises: load_lora_weights fails loudly, drops nothing silently
+        fixed = facts.get("diffusers_converter_width")
+        width = unet_config.get(fixed["config_key"]) if fixed else None
+        if fixed and width != fixed["width"]:
+            return {"checked": False, "pipeline": pipe_name, "modules": len(file_modules), "dropped": [],
+                    "refused": [],
+                    "reason": f"not checkable: diffusers' converter only takes {facts['config_class']} models "
+                              f"{fixed['width']} wide ({fixed['where']}); this model's {fixed['config_key']} is "
+                              f"{width}, so no diffusers model of this size can load the file "
+                              f"({type(e).__name__}: {str(e)[:120]})"}
         refused = [f"{type(e).__name__}: {e}"[:300]]
         out = ({},)
     converted = out[0] if isinstance(out, tuple) else out

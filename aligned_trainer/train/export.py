@@ -143,10 +143,10 @@ def check_name(name: str) -> str:
 
 
 def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.float16,
-              ema: bool = True, if_exists: str = "new_name") -> tuple[Path, dict]:
+              ema: bool = True, if_exists: str = "new_name", base_model_name: str = "") -> tuple[Path, dict]:
     """Write the LoRA; verify it loads completely in ComfyUI's stock loader; return (path, report).
     ``if_exists``: 'new_name' (the default: an existing file keeps its name and this one gets the first free
-    ``<name>_<n>``) or 'overwrite'."""
+    ``<name>_<n>``) or 'overwrite'. ``base_model_name``: the checkpoint file name for ``ss_sd_model_name``."""
     if if_exists not in files.IF_EXISTS:
         raise ExportError(f"if_exists {if_exists!r} is not one of {files.IF_EXISTS}")
     fname = check_name(name)
@@ -169,7 +169,7 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     if in_diffusers.get("refused"):
         logging.warning("aligned_trainer: diffusers' LoRA converter raises on %d module(s) of %s (e.g. %s); "
                         "ComfyUI loads them", len(in_diffusers["refused"]), fname, in_diffusers["refused"][0])
-    md = {**metadata(run), **lora_metadata.build(run, fname),
+    md = {**metadata(run), **lora_metadata.build(run, fname, base_model_name=base_model_name),
           "aligned_trainer.weights": "ema" if use_ema else "trained"}
     md.update(lora_metadata.kohya_hashes(sd, md))
     path = files.write_atomic(folder / fname, lambda tmp: save_file(sd, tmp, metadata=md),

@@ -86,7 +86,8 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
                       preservation=preservation if settings.dop_weight > 0 else None)
     if opened.checkpoint is not None:
         ck = opened.checkpoint
-        run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept)
+        run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept,
+                           meta={**run.meta, "started_at": ck.get("started_at") or run.meta["started_at"]})
     elif init_lora and init_lora != "none":
         from . import interop
 

@@ -85,9 +85,16 @@ def _dataset_dirs(run) -> tuple[dict, dict]:
     return dirs, tags
 
 
+def _file_name(text: str) -> str:
+    """The last part of a file name or path (either separator), as kohya writes ss_sd_model_name."""
+    return (text or "").strip().replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def build(run, name: str, algorithm_module: str | None = None, started_at: float | None = None,
-          now: float | None = None) -> dict[str, str]:
-    """The ``modelspec.*`` and ``ss_*`` fields of the LoRA file ``name`` saved from ``run``."""
+          now: float | None = None, base_model_name: str = "") -> dict[str, str]:
+    """The ``modelspec.*`` and ``ss_*`` fields of the LoRA file ``name`` saved from ``run``. ``base_model_name``:
+    the checkpoint file the run trained on, for ``ss_sd_model_name`` (ComfyUI's MODEL does not carry its file
+    name; without it the model family's config class is written); only its file name is kept, never a folder."""
     facts = naming.family_facts(run.model)
     v = _is_v(run.model)
     now = time.time() if now is None else now
@@ -118,7 +125,8 @@ def build(run, name: str, algorithm_module: str | None = None, started_at: float
         "ss_bucket_info": json.dumps(_bucket_info(run)),
         "ss_dataset_dirs": json.dumps(dirs),
         "ss_output_name": title,
-        "ss_sd_model_name": str((run.meta or {}).get("base_model_name") or facts.get("config_class", "")),
+        "ss_sd_model_name": _file_name(base_model_name) or str((run.meta or {}).get("base_model_name")
+                                                               or facts.get("config_class", "")),
         "ss_clip_skip": str(clip_skip) if clip_skip is not None else "None",
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(now),

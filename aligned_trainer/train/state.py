@@ -135,6 +135,8 @@ def save_checkpoint(run: TrainRun, keep_last: int = 3) -> tuple[str, ...]:
     meta = {"format": FORMAT, "step": str(run.step), "state": json.dumps(structure),
             "history": json.dumps(list(run.history)), "config": json.dumps(run.config_json()),
             "te_spec": json.dumps(run.te_spec)}
+    if (run.meta or {}).get("started_at"):  # the first start of the run, kept across resumes (ss_training_started_at)
+        meta["started_at"] = str(run.meta["started_at"])
     meta["digest"] = digest(tensors, meta)
     files.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     kept = [str(path)] + [c for c in run.checkpoints if c != str(path)]
@@ -174,7 +176,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ck = {"step": int(meta["step"]), "state": _unflatten(json.loads(meta["state"]), tensors),
               "history": tuple(json.loads(meta["history"])), "config": json.loads(meta["config"]),
-              "te_spec": json.loads(meta["te_spec"]), "path": str(path)}
+              "te_spec": json.loads(meta["te_spec"]), "path": str(path),
+              "started_at": float(meta["started_at"]) if meta.get("started_at") else None}
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{damaged}: its metadata is incomplete ({e}); {_earlier(path)}") from None
     bad = [k for k, v in (ck["state"] or {}).get("adapters", {}).items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import families
 from . import sd15 as sd15_factory
 
 
@@ -33,6 +34,67 @@ def sd15_unet(checkpoint_path) -> torch.nn.Module:
     unet = UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
     return unet.eval()
+
+
+def sdxl_original_config() -> dict:
+    """The SGM config (``sd_xl_base.yaml``'s ``network_config`` layout) of the tiny SDXL UNet
+    (``families.SDXL_UNET``): attention at the second level only, 64-channel heads as ComfyUI's SDXL uses."""
+    u = families.SDXL_UNET
+    params = dict(in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=u["model_channels"],
+                  attention_resolutions=[2 ** i for i, d in enumerate(u["transformer_depth"]) if d],
+                  num_res_blocks=u["num_res_blocks"][0], channel_mult=u["channel_mult"], num_head_channels=64,
+                  use_linear_in_transformer=u["use_linear_in_transformer"], transformer_depth=u["transformer_depth"],
+                  context_dim=u["context_dim"], num_classes="sequential", adm_in_channels=u["adm_in_channels"],
+                  legacy=False)
+    return {"model": {"params": {"network_config": {"params": params},
+                                 "first_stage_config": {"params": {"ddconfig": families.VAE_DDCONFIG}}}}}
+
+
+def sdxl_unet(diffusion_state_dict: dict) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel (fp32) converted from the tiny SDXL's diffusion-model weights (ComfyUI's
+    = the original SGM names). diffusers' ``create_unet_diffusers_config_from_ldm`` recognises SDXL's size
+    conditioning only by the full-size context width (2048 or 1280); the tiny one is 1088 wide, so the config it
+    derives is corrected to SDXL's ``text_time`` embedding (what it sets for the full-size model). The weights
+    are converted by diffusers' own ``convert_ldm_unet_checkpoint``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    ckpt = {"model.diffusion_model." + k: v.float() for k, v in diffusion_state_dict.items()}
+    config = create_unet_diffusers_config_from_ldm(sdxl_original_config(), ckpt)
+    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
+    return unet.eval()
+
+
+def sdxl_pipeline(unet):
+    """A StableDiffusionXLPipeline around ``unet`` (no text encoders: the LoRAs under test have UNet keys only)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler())
+
+
+def sd3_pipeline(diffusion_state_dict: dict):
+    """A StableDiffusion3Pipeline around diffusers' SD3Transformer2DModel converted from the tiny SD3's MMDiT weights
+    with diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` (every key must match); the model config is
+    written from the tiny factory's ``families.SD3_MMDIT`` (ComfyUI: hidden = 64 * depth, heads = depth)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    u = families.SD3_MMDIT
+    ctx = u["context_embedder_config"]["params"]
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=u["patch_size"], in_channels=u["in_channels"], out_channels=u["out_channels"],
+        num_layers=u["depth"], attention_head_dim=64, num_attention_heads=u["depth"],
+        joint_attention_dim=ctx["in_features"], caption_projection_dim=ctx["out_features"],
+        pooled_projection_dim=u["adm_in_channels"], pos_embed_max_size=u["pos_embed_max_size"])
+    converted = convert_sd3_transformer_checkpoint_to_diffusers({k: v.float().clone()
+                                                                 for k, v in diffusion_state_dict.items()})
+    transformer.load_state_dict(converted, strict=True)
+    return StableDiffusion3Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
 
 
 def sd_pipeline(unet):
