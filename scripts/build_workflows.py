@@ -324,6 +324,17 @@ def build(info: dict) -> dict[str, dict]:
 # Model files the family workflows name: where ComfyUI expects them and where to get them. Written into each
 # loader's properties.models (name, url, directory): the frontend's missing-models dialog reads it when the
 # workflow loads and lists what is not installed.
+# Sources (checked 2026-11-30; the same name, folder and download file as ComfyUI's own templates, package
+# comfyui-workflow-templates 0.7.25, and ComfyUI_examples):
+# - sd_xl_base_1.0: templates/sdxl_simple_example.json (properties.models, with "?download=true");
+# - flux1-dev, clip_l, t5xxl_fp16, ae: templates/flux_dev_full_text_to_image.json (identical URLs and folders);
+# - clip_g: ComfyUI_examples sd3/README.md links Comfy-Org/stable-diffusion-3.5-fp8 text_encoders/clip_g.safetensors
+#   (a /blob/ page; /resolve/ is its download URL);
+# - sd3.5_medium: the file at the root of stabilityai/stable-diffusion-3.5-medium (gated: accept the licence on
+#   the page first; ComfyUI's templates name no SD3.5 Medium file); loaded, like sd3.5_large in
+#   ComfyUI_examples, with the three text encoders from their own files (TripleCLIPLoader);
+# - v1-5-pruned-emaonly: Comfy-Org/stable-diffusion-v1-5-archive holds it (fp32, the RunwayML upload) beside the
+#   v1-5-pruned-emaonly-fp16 that ComfyUI's default template (templates/default.json) names.
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
     "sd_xl_base_1.0.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),

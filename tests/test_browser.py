@@ -29,30 +29,37 @@ pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 
 @contextlib.contextmanager
-def open_frontend(server, profile: Path, settle_ms: int = 3000, listen=None):
+def open_frontend(server, profile: Path, settle_ms: int = 3000, listen=None, pack: bool = True):
     """The real frontend of ``server`` in headless Chromium (fresh profile), loaded with this pack's extension
-    and with first-visit dialogs closed; ``listen(page)`` attaches listeners before the page loads."""
+    (``pack=False``: a server started without the pack) and with first-visit dialogs closed; ``listen(page)``
+    attaches listeners before the page loads."""
     if not CHROMIUM.exists():
         pytest.fail(f"Chromium is missing at {CHROMIUM}; scripts/setup.py installs it (python3 scripts/test.py)")
     from playwright.sync_api import sync_playwright
 
-    # a returning user: the frontend opens the templates dialog over the canvas on a first visit otherwise
-    server.post("/settings/Comfy.TutorialCompleted", True)
-    server.post("/settings/LiteGraph.Canvas.MinFontSizeForLOD", 1)  # screenshots keep node text when zoomed out
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(str(profile), executable_path=str(CHROMIUM), args=FLAGS,
                                                         headless=True, viewport={"width": 1600, "height": 1000})
         try:
-            pg = browser.new_page()
-            if listen is not None:
-                listen(pg)
-            pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-            pg.wait_for_function("window.app && window.app.graph && window.alignedTrainer", timeout=120_000)
-            pg.wait_for_timeout(settle_ms)
-            _close_dialogs(pg)
-            yield pg
+            yield open_page(browser, server, settle_ms, listen, pack)
         finally:
             browser.close()
+
+
+def open_page(browser, server, settle_ms: int = 3000, listen=None, pack: bool = True):
+    """A new page of the Chromium context ``browser`` on ``server``'s frontend (see open_frontend)."""
+    # a returning user: the frontend opens the templates dialog over the canvas on a first visit otherwise
+    server.post("/settings/Comfy.TutorialCompleted", True)
+    server.post("/settings/LiteGraph.Canvas.MinFontSizeForLOD", 1)  # screenshots keep node text when zoomed out
+    pg = browser.new_page()
+    if listen is not None:
+        listen(pg)
+    pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
+    ready = "window.app && window.app.graph" + (" && window.alignedTrainer" if pack else "")
+    pg.wait_for_function(ready, timeout=120_000)
+    pg.wait_for_timeout(settle_ms)
+    _close_dialogs(pg)
+    return pg
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,12 @@ class ComfyServer:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyServer":
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> "ComfyServer":
+        """Start the process and return at once (``wait_ready`` before talking to it): a server that boots
+        while other tests run."""
         root = comfyui_path()
         for d in (self.output_dir, self.temp_dir, self.input_dir, self.user_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -68,6 +74,9 @@ class ComfyServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(root), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> "ComfyServer":
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
