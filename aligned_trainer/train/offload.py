@@ -36,7 +36,10 @@ class _Streamer:
             self.host.append(host)
 
     def _copy(self, i: int) -> dict[str, torch.Tensor]:
-        return {n: t.to(self.device, non_blocking=self.cuda, copy=True) for n, t in self.host[i].items()}
+        # quantized weights (quanto tensor subclasses) move with a plain .to(): some of them (the int4 layout
+        # for bf16) fail on copy=True; on one device they are then shared rather than copied
+        return {n: t.to(self.device, non_blocking=self.cuda, copy=True) if type(t) is torch.Tensor else
+                t.to(self.device) for n, t in self.host[i].items()}
 
     def prefetch(self, i: int) -> None:
         if i >= len(self.blocks) or i in self.ready:
