@@ -13,7 +13,8 @@ batch. Models above ``PROBE_MAX_PARAMS`` on a CPU are not probed (a forward ther
 ComfyUI's inference estimate times 3 (1 with checkpointing), as the loader did before, and the plan says so.
 
 A plan that does not fit is refused with a message listing settings that would fit. The budget is the device's
-free memory (``comfy.model_management.get_free_memory``) plus what this model already holds there, or
+free memory (``comfy.model_management.get_free_memory``) plus what loaded models hold there (ComfyUI evicts them
+to load ours; on the CPU only this model's share), or
 ``memory_budget_gb`` when set (or the environment variable ``ALIGNED_TRAINER_MEMORY_BUDGET_GB``)."""
 from __future__ import annotations
 
@@ -126,8 +127,17 @@ def budget_bytes(settings, patcher, device) -> int:
         return int(gb * GiB)
     import comfy.model_management as mm
 
-    held = patcher.loaded_size() if hasattr(patcher, "loaded_size") else 0
-    return int(mm.get_free_memory(device)) + int(held)
+    if torch.device(device).type == "cpu":
+        held = patcher.loaded_size() if hasattr(patcher, "loaded_size") else 0
+        return int(mm.get_free_memory(device)) + int(held)
+    # on an accelerator ComfyUI evicts the other loaded models to load ours: what they hold counts as free
+    held, seen = 0, set()
+    for lm in list(mm.current_loaded_models):
+        m = lm.model
+        if m is not None and torch.device(lm.device) == torch.device(device) and id(m.model) not in seen:
+            seen.add(id(m.model))
+            held += int(lm.model_loaded_memory())
+    return int(mm.get_free_memory(device)) + held
 
 
 def weight_bytes(dm: torch.nn.Module, mode: str, offload_n: int, same_device: bool) -> int:
