@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.train import config as C
-from ..aligned_trainer.train import configs_io, export, files, loop, state, timesteps
+from ..aligned_trainer.train import configs_io, export, files, loop, quantize, state, timesteps
 from ._common import category, node_id
 from ._progress import TrainMonitor
 
@@ -207,21 +207,37 @@ class TrainInit(io.ComfyNode):
                 RUN_SETTINGS.Input("run_settings", optional=True,
                                    tooltip="From Import Training Config: the settings its file sets (seed, batch size, "
                                            "precision, run name, ...) replace the widgets here; the rest keep theirs."),
+                io.Combo.Input("quantize", options=list(quantize.MODES), default="none", optional=True,
+                               tooltip="Quantize the frozen base's Linear weights while training (optimum-quanto): "
+                                       "int8 (~1 byte per weight, close to bf16 quality) or int4 (~0.5 byte; for "
+                                       "FLUX/Qwen-Image on 16-24 GB). The model itself is not changed; the LoRA "
+                                       "loads on the full-precision model. none for SD1.5/SDXL on >= 12 GB."),
+                io.Int.Input("offload_blocks", default=0, min=0, max=1000, optional=True,
+                             tooltip="Keep the weights of the last N blocks in CPU memory and stream each to the "
+                                     "GPU when it runs (forward and checkpointed backward). Saves their weights "
+                                     "at the cost of copies each step; needs gradient_checkpointing to help. 0 = off."),
+                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                               tooltip="Memory the plan may use, in GiB; 0 = the device's free memory. Train Init "
+                                       "refuses a plan above it and lists settings that fit."),
             ],
-            outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps).")],
+            outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps)."),
+                     io.String.Output("memory_plan", tooltip="Estimated peak memory (weights, adapters and "
+                                                             "optimizer, activations) against the budget.")],
         )
 
     @classmethod
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
                 dop_weight=0.0, preservation_prompt=None, if_exists="new_name", init_lora="none",
-                run_settings=None) -> io.NodeOutput:
+                run_settings=None, quantize="none", offload_blocks=0, memory_budget_gb=0.0) -> io.NodeOutput:
         settings = configs_io.apply_settings(
             state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay, guidance,
-                              val_count, 4, run_name, reg_weight, dop_weight), run_settings)
-        return io.NodeOutput(loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
-                                           preservation=preservation_prompt, if_exists=if_exists,
-                                           init_lora=init_lora))
+                              val_count, 4, run_name, reg_weight, dop_weight, quantize, offload_blocks,
+                              memory_budget_gb), run_settings)
+        run = loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
+                            preservation=preservation_prompt, if_exists=if_exists, init_lora=init_lora)
+        text = run.meta.get("memory_plan", "")
+        return io.NodeOutput(run, text, ui={"text": [text]})
 
 
 class TrainSteps(io.ComfyNode):

@@ -106,7 +106,8 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    density: str, shift: str, weighting: str, lr: float, rank: int, every_n: int, prompts: str,
                    sample_steps: int, cfg: float, guidance: float, size: int, run_name: str, lora_name: str,
                    image_prefix: str, targets: str = "attention+mlp", max_side: int | None = None,
-                   checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto") -> dict:
+                   checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto",
+                   init_widgets: dict | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
@@ -125,7 +126,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     hist = g.add("PreviewImage", title="timestep density")
     g.link(tcfg, "histogram", hist, "images")
     g.col = 3
-    init = g.add(P + "TrainInit", run_name=run_name, guidance=train_guidance)
+    init = g.add(P + "TrainInit", run_name=run_name, guidance=train_guidance, **(init_widgets or {}))
     g.link(model, "MODEL", init, "model")
     g.link(txt, "training_set", init, "training_set")
     g.link(lc, "lora_config", init, "lora_config")
@@ -198,18 +199,20 @@ def build(info: dict) -> dict[str, dict]:
         "train_lora_sdxl": dict(name="SDXL", ref="StableDiffusionXLPipeline (both CLIPs penultimate, empty caption = zeros)",
                                 files="sd_xl_base_1.0.safetensors", loader="ckpt", ckpt="sd_xl_base_1.0.safetensors",
                                 resolution=1024, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
-                                size=1024, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5", spec="sdxl"),
+                                size=1024, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5", spec="sdxl",
+                                init=dict(precision="bf16", gradient_checkpointing=True)),
         "train_lora_sd35": dict(name="SD3.5", ref="Stability's SD3.5 reference (T5 min 77 tokens, 226-character cap)",
                                 files="sd3.5_medium.safetensors + clip_l/clip_g/t5xxl", loader="sd3",
                                 ckpt="sd3.5_medium.safetensors", resolution=1024, density="logit_normal", shift="fixed",
                                 weighting="none", lr=1e-4, size=1024, cfg=4.5, sample_steps=28,
-                                ts="logit-normal with shift 3, as SD3 was trained", spec="sd35:medium"),
+                                ts="logit-normal with shift 3, as SD3 was trained", spec="sd35:medium",
+                                init=dict(precision="bf16", gradient_checkpointing=True)),
         "train_lora_flux1": dict(name="FLUX.1 [dev]", ref="FluxPipeline (T5 512 tokens, no mask)",
                                  files="flux1-dev.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors",
                                  loader="flux", ckpt="flux1-dev.safetensors", resolution=1024, density="logit_normal",
                                  shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
                                  sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift",
-                                 spec="flux1-dev"),
+                                 spec="flux1-dev", init=dict(precision="bf16", gradient_checkpointing=True)),
     }
     for wid, f in fam.items():
         g = Graph(info)
@@ -230,7 +233,7 @@ def build(info: dict) -> dict[str, dict]:
                        density=f["density"], shift=f["shift"], weighting=f["weighting"], lr=f["lr"], rank=16,
                        every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"], cfg=f["cfg"],
                        guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
-                       checkpoint_every=250, spec=f["spec"])
+                       checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------

@@ -23,6 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
+from . import memory, placement, quantize
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -66,6 +67,9 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
                           "its CONDITIONING (e.g. 'a photo of a person') to Train Init, or set dop_weight to 0")
     if len(training_set) == 0:
         raise ConfigError("the training set is empty")
+    quantize.check(settings.quantize)
+    if settings.offload_blocks < 0 or settings.memory_budget_gb < 0:
+        raise ConfigError("offload_blocks and memory_budget_gb must be >= 0")
     names = ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
     if lora.network_dropout:  # and on layers it cannot act on, before any training
         modules = dict(model.model.diffusion_model.named_modules())
@@ -92,6 +96,12 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         from . import interop
 
         run = interop.start_from(run, init_lora, Trainer)
+    with torch.inference_mode(False):
+        probe = Trainer(run)
+        try:
+            run = run.advanced(meta={**run.meta, "memory_plan": memory.check(probe).text()})
+        finally:
+            probe.release()
     for old in opened.replaced:  # if_exists 'overwrite', after every check has passed
         old.unlink(missing_ok=True)
     return run
@@ -589,7 +599,8 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         trainer = Trainer(run)  # adapters, optimizer state: normal tensors even when called under inference mode
         trainer.load()
         dm = trainer.patcher.model.diffusion_model
-        with checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
+        with placement.placed(trainer) as placed, \
+                checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
             for a in trainer.adapters.values():
                 a.train()
             in_step = None  # the random state before the step in progress (None between steps)
@@ -614,9 +625,10 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                     if preview is not None and preview_every and step % preview_every == 0:
                         for a in trainer.adapters.values():
                             a.eval()
-                        with torch.inference_mode():
-                            preview(trainer, step)
-                        trainer.load()
+                        with placed.suspended():
+                            with torch.inference_mode():
+                                preview(trainer, step)
+                            trainer.load()
                         for a in trainer.adapters.values():
                             a.train()
             except mm.InterruptProcessingException:

@@ -56,6 +56,9 @@ class RunSettings:
     run_name: str = "run"
     reg_weight: float = 1.0          # multiplies the loss weight of regularization samples (dataset's weight x this)
     dop_weight: float = 0.0          # differential output preservation (needs TrainRun.preservation); 0 = off
+    quantize: str = "none"           # none | int8 | int4: the frozen base's Linear weights (train/quantize.py)
+    offload_blocks: int = 0          # blocks kept on the offload device and streamed in (train/offload.py)
+    memory_budget_gb: float = 0.0    # the memory plan's budget; 0 = the device's free memory (train/memory.py)
 
     def __post_init__(self):
         check_finite(self)  # NaN passes every range check of a JSON prompt

@@ -1,0 +1,109 @@
+"""Quantized base weights on request (Train Init ``quantize``): the frozen diffusion model's Linear weights
+are replaced, for the duration of training, by optimum-quanto weight tensors (``qint8``: one byte per weight
+and a scale per output row; ``qint4``: two weights per byte, scale and shift per group of up to 128 inputs).
+The layers keep their ComfyUI class, so adapter targets, key names, hooks and ComfyUI's forward stay as they
+are; quanto's tensors implement ``F.linear`` with a gradient for the input, which is all LoRA needs.
+
+Why quanto and not torchao: docs/memory.md (measured on the tiny FLUX.1: same int8 accuracy, but torchao's
+4-/6-bit weights that run on the CPU are stored unpacked, one byte per weight, and its packed int4 needs an
+extra CUDA kernel package).
+
+The model is shared with every other user (samplers, previews, other runs), so :func:`quantized` is a scope:
+the original weights are kept (moved to ``offload_device`` when that differs from the training device) and put
+back on exit. Layers that ComfyUI casts on the fly (an fp8 model's ``manual_cast`` layers, partially loaded
+layers) or that a weight-side adapter patches (LoHa, LoKr, DoRA) are left as loaded."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import ConfigError
+
+MODES = ("none", "int8", "int4")
+BITS = {"int8": 8, "int4": 4}
+GROUP = 128  # quanto's group size for 4-bit weights (reduced to a divisor of the layer's width)
+
+
+def _qtype(mode: str):
+    from optimum.quanto import qint4, qint8
+
+    return {"int8": qint8, "int4": qint4}[mode]
+
+
+def group_size(in_features: int) -> int | None:
+    """quanto's rule for 4-bit weights: 128, lowered by 32 until it divides ``in_features``; None (per row)
+    when nothing does or the layer is narrower."""
+    g = GROUP
+    if in_features <= g:
+        return None if in_features % 32 else in_features
+    while in_features % g and g > 32:
+        g -= 32
+    return g if in_features % g == 0 else None
+
+
+def eligible(layer: torch.nn.Module) -> bool:
+    """A Linear whose weight ComfyUI uses as it is (not cast per call, not patched by a weight function)."""
+    w = getattr(layer, "weight", None)
+    return (isinstance(layer, torch.nn.Linear) and isinstance(w, torch.Tensor) and w.ndim == 2
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not getattr(layer, "comfy_cast_weights", False) and not getattr(layer, "weight_function", None))
+
+
+def quantize_weight(w: torch.Tensor, mode: str) -> torch.Tensor:
+    from optimum.quanto.tensor import quantize_weight as q
+    from optimum.quanto.tensor.optimizers import AbsmaxOptimizer, MaxOptimizer
+
+    qt = _qtype(mode)
+    w = w.detach()
+    if qt.bits == 8:
+        return q(w, qtype=qt, axis=0, scale=AbsmaxOptimizer()(w, qtype=qt, axis=0), shift=None)
+    gs = group_size(w.shape[1])
+    scale, shift = MaxOptimizer()(w, qtype=qt, axis=0, group_size=gs)
+    return q(w, qtype=qt, axis=0, scale=scale, shift=shift, group_size=gs)
+
+
+def quantized_bytes(numel: int, rows: int, in_features: int, mode: str, dtype_size: int = 4) -> int:
+    """Bytes of one quantized weight: the packed values plus quanto's scales (and 4-bit shifts)."""
+    if mode == "int8":
+        return numel + rows * dtype_size
+    gs = group_size(in_features) or in_features
+    return numel // 2 + 2 * (numel // gs) * dtype_size
+
+
+def check(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"quantize must be one of {MODES} (got {mode!r})")
+    if mode != "none":
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"quantize '{mode}' needs optimum-quanto: pip install -r requirements.txt "
+                              "(with ComfyUI's Python), or set quantize to 'none'") from None
+
+
+@contextlib.contextmanager
+def quantized(diffusion_model: torch.nn.Module, mode: str, offload_device=None):
+    """Inside: every eligible Linear of ``diffusion_model`` computes with a ``mode`` quantized weight. The
+    original weights are put back on exit (and meanwhile kept on ``offload_device`` if given)."""
+    if mode == "none":
+        yield 0
+        return
+    kept = []
+    try:
+        with torch.no_grad():
+            for layer in diffusion_model.modules():
+                if not eligible(layer):
+                    continue
+                w = layer.weight
+                qw = quantize_weight(w, mode)
+                store = w
+                if offload_device is not None and torch.device(offload_device) != w.device:
+                    store = torch.nn.Parameter(w.detach().to(offload_device), requires_grad=False)
+                kept.append((layer, store, w.device))
+                layer.weight = torch.nn.Parameter(qw, requires_grad=False)
+        yield len(kept)
+    finally:
+        for layer, store, device in kept:
+            layer.weight = store if store.device == device else \
+                torch.nn.Parameter(store.detach().to(device), requires_grad=False)

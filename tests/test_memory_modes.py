@@ -1,0 +1,136 @@
+"""Training on the base as the user loaded it (ComfyUI fp8 weight dtypes, scaled fp8), on a quantized base
+(Train Init ``quantize``) and with block offload (``offload_blocks``): tiny FLUX.1 and SDXL train with finite,
+falling validation loss, and the LoRA maps completely onto the full-precision base. With offload, the adapters
+after 10 steps are bit-equal to a run without it (CPU fp32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.factories import families, lowmem
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def setup(comfy, family_bundle):
+    types = comfy.engine("data.types")
+    out = {}
+    for name in ("flux1-dev", "sdxl"):
+        _, clip, vae = family_bundle(name)
+        (cond,) = comfy.nodes.CLIPTextEncode().encode(clip, "ohwx, a red circle")
+        ch = 16 if name.startswith("flux") else 4
+        g = torch.Generator().manual_seed(0)
+        samples = (types.Sample("s", torch.randn(ch, 8, 8, generator=g), (types.CaptionVariant("ohwx", cond),),
+                                bucket=(64, 64)),)
+        out[name] = types.TrainingSet(samples)
+    return out
+
+
+def _train(comfy, model, tset, tmp_path, steps, run_name, validate=True, **settings):
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    with torch.inference_mode():  # as ComfyUI runs Train Init and Train Steps
+        run = loop.init_run(model, tset, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(),
+                            C.OptimizerConfig(lr=1e-2), st.RunSettings(run_name=run_name, val_timesteps=2, **settings),
+                            runs_root=tmp_path)
+        before = loop.validation_loss(run) if validate else None
+        out = loop.train_steps(run, steps, val_every=steps if validate else 0)
+    return before, out
+
+
+def _check_trained(comfy, family_bundle, name, before, out):
+    export = comfy.engine("train.export")
+    losses = [h["loss"] for h in out.history]
+    after = out.history[-1]["val_loss"]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert after < before, (before, after)
+    full, _, _ = family_bundle(name)  # the full-precision base (fp32)
+    assert export.unmapped_keys(full, export.kohya_state_dict(out)) == []
+
+
+@pytest.mark.parametrize("name", ["flux1-dev", "sdxl"])
+def test_fp8_e4m3fn_base_trains_as_loaded(comfy, family_bundle, setup, name, tmp_path):
+    model = lowmem.build_model(name, FP8)
+    dm = model.model.diffusion_model
+    linears = [m for m in dm.modules() if isinstance(m, torch.nn.Linear)]
+    assert {m.weight.dtype for m in linears} == {FP8}  # the base ComfyUI loaded in fp8 ...
+    before, out = _train(comfy, model, setup[name], tmp_path, 4, "fp8")
+    _check_trained(comfy, family_bundle, name, before, out)
+    assert {m.weight.dtype for m in linears} == {FP8}  # ... stays fp8: nothing was upcast or replaced
+    assert all(v.dtype == torch.float32 for v in out.state["adapters"].values())
+
+
+def test_scaled_fp8_and_e5m2_flux(comfy, family_bundle, setup, tmp_path):
+    for dtype, scaled in ((FP8, True), (torch.float8_e5m2, False)):
+        model = lowmem.build_model("flux1-dev", dtype, scaled=scaled)
+        before, out = _train(comfy, model, setup["flux1-dev"], tmp_path, 4, f"s{scaled}")
+        _check_trained(comfy, family_bundle, "flux1-dev", before, out)
+
+
+@pytest.mark.parametrize("name,mode", [("flux1-dev", "int8"), ("flux1-dev", "int4"), ("sdxl", "int8")])
+def test_quantized_base_trains_and_is_restored(comfy, family_bundle, setup, name, mode, tmp_path):
+    model = families.build_model(name)
+    dm = model.model.diffusion_model
+    weights = {n: p.detach().clone() for n, p in dm.named_parameters()}
+    seen = []
+    quantize = comfy.engine("train.quantize")
+    orig = quantize.quantize_weight
+
+    def spy(w, m):  # the trainer really computes with quanto weights
+        q = orig(w, m)
+        seen.append(type(q).__name__)
+        return q
+    quantize.quantize_weight = spy
+    try:
+        before, out = _train(comfy, model, setup[name], tmp_path, 4, mode, quantize=mode)
+    finally:
+        quantize.quantize_weight = orig
+    assert seen and set(seen) == {"WeightQBytesTensor" if mode == "int8" else "WeightQBitsTensor"}
+    _check_trained(comfy, family_bundle, name, before, out)
+    for n, p in dm.named_parameters():  # the shared model is as it was loaded
+        assert type(p.data) is torch.Tensor and torch.equal(p, weights[n]), n
+
+
+def test_quantize_changes_the_forward_but_not_much(comfy, family_bundle):
+    """int8 vs int4 vs none on the same input: the quantized forward differs (it is really used), int8 by
+    less than int4."""
+    quantize = comfy.engine("train.quantize")
+    model = families.build_model("flux1-dev")
+    dm = model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.5]), torch.randn(1, 16, 128, generator=g),
+            torch.randn(1, 768, generator=g))
+    with torch.no_grad():
+        ref = dm(*args, guidance=torch.tensor([1.0]))
+        err = {}
+        for mode in ("int8", "int4"):
+            with quantize.quantized(dm, mode):
+                out = dm(*args, guidance=torch.tensor([1.0]))
+            err[mode] = float((out - ref).norm() / ref.norm())
+        assert torch.equal(dm(*args, guidance=torch.tensor([1.0])), ref)  # restored
+    assert 0 < err["int8"] < 0.05 and err["int8"] < err["int4"] < 0.5, err
+
+
+def test_offload_is_bit_equal_after_10_steps(comfy, family_bundle, setup, tmp_path):
+    model = families.build_model("flux1-dev")
+    offload = comfy.engine("train.offload")
+    calls = []
+    orig = offload._Streamer._copy
+
+    def counting(self, i):
+        calls.append(i)
+        return orig(self, i)
+    offload._Streamer._copy = counting
+    try:
+        _, plain = _train(comfy, model, setup["flux1-dev"], tmp_path, 10, "plain", False, gradient_checkpointing=True)
+        assert not calls
+        _, off = _train(comfy, model, setup["flux1-dev"], tmp_path, 10, "off", False, gradient_checkpointing=True,
+                        offload_blocks=2)
+    finally:
+        offload._Streamer._copy = orig
+    assert len(calls) >= 10 * 2 * 2  # two blocks, streamed in for forward and again for the recomputation
+    for k, v in plain.state["adapters"].items():
+        assert torch.equal(v, off.state["adapters"][k]), k
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in off.history]
