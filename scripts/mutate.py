@@ -78,9 +78,10 @@ TESTS = {
     "sampling/render.py": ["tests/test_sampling_preview.py", "tests/test_sampling_guidance.py",
                            "tests/test_sampling_compare.py"],
     "sampling/history.py": ["tests/test_sampling_loss.py"],
-    "te/align.py": ["tests/test_te_reference.py", "tests/test_te_families.py", "tests/test_te_nodes.py"],
-    "te/specs.py": ["tests/test_te_specs.py", "tests/test_te_reference.py"],
-    "te/inspect.py": ["tests/test_te_nodes.py"],
+    "te/align.py": ["tests/test_pin_te.py", "tests/test_te_reference.py", "tests/test_te_nodes.py"],
+    "te/specs.py": ["tests/test_pin_te_specs.py", "tests/test_te_specs.py"],
+    "te/inspect.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
+    "te/syntax.py": ["tests/test_pin_te_specs.py", "tests/test_te_recipe.py::test_inspector_and_report_show_the_syntax_and_what_it_changes"],
 }
 PACKAGES = ("train", "data", "sampling", "te")
 PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-m", "not server and not browser", "-x",
