@@ -79,7 +79,11 @@ def test_chunk_groups_equal_comfyui_tokenizer(E, sub, max_length, pad, min_lengt
     """chunk_groups lays word groups into windows exactly as ComfyUI's SDTokenizer.tokenize_with_weights lays
     out its groups (one per weighted segment: ``(word:1)`` per word makes one group per word), including a
     word of >= 8 pieces split across windows."""
-    words = f"a photo of {LONG_WORD} {LONG_WORD} with many small words in a row for the windows to fill up".split()
+    pieces = {n: next(LONG_WORD[:k] for k in range(1, len(LONG_WORD) + 1)
+                      if len(E.align.literal_ids(sub, LONG_WORD[:k])) == n) for n in (3, 8)}
+    # a word of exactly max_word_length (8) pieces, and 3-piece words that overflow a window with room left
+    words = (f"a photo of {LONG_WORD} {LONG_WORD} with many small words in a row for {pieces[8]} windows to "
+             f"fill {pieces[3]} up a b c d e f g {pieces[3]} h i j k l m n o p {pieces[8]} q").split()
     s = copy.copy(sub)
     s.max_length, s.pad_to_max_length, s.min_length = max_length, pad, min_length
     ours = E.align.chunk_groups(s, [E.align.literal_ids(sub, w) for w in words])
