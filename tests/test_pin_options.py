@@ -105,3 +105,15 @@ def test_dop_weight_between_zero_and_one_is_linear(T, sd15, sd15_training_set, t
     p = losses[1.0] - losses[0.0]
     assert p > 1e-6 * abs(losses[0.0])
     assert losses[0.25] - losses[0.0] == pytest.approx(0.25 * p, rel=1e-3)
+
+
+def test_prodigy_reports_d_times_lr(T, sd15, sd15_training_set, tmp_path):
+    """Prodigy's step size is d * lr (d starts at d0 = 1e-6 and adapts): the reported lr is that product, not
+    the configured lr."""
+    run = _run(T, sd15, sd15_training_set, tmp_path, "prodigy", seed=2, opt=T.C.OptimizerConfig(name="prodigy", lr=1.0))
+    with live(T, run) as tr:
+        tr.backward()
+        d = float(tr.opt.param_groups[0]["d"])
+        _, lr = tr._update(0.0)
+    assert d == 1e-6  # prodigyopt's d0
+    assert lr == pytest.approx(float(run.optimizer.lr) * d)
