@@ -129,6 +129,17 @@ def test_padding_longest_min_length_none_and_zero_pad(E, sub):
     assert [t for t, _ in cut[0]] == ids[:4] + [sub.end_token]
 
 
+def test_tokens_are_of_the_cleaned_templated_text(E, sub):
+    """tokenize_encoder tokenizes the text the spec makes of the caption (cleaning, template, character cap),
+    on both the truncating and the chunking paths."""
+    enc = _enc(template="a photo of {prompt}", cleaning="pixart", padding="longest")
+    want = sub.tokenizer("a photo of red & blue")["input_ids"]
+    for truncation in ("truncate", "chunk"):
+        out = E.align.tokenize_encoder(sub, E.specs.EncoderSpec({**enc, "truncation": truncation}),
+                                       "RED &amp; Blue https://x.org", False, {})
+        assert [t for t, _ in out[0]] == want, truncation
+
+
 def test_first_chunk_keeps_only_the_first_window(E, sub):
     text = " ".join(["circle"] * 30)
     chunk = E.specs.EncoderSpec(_enc(truncation="chunk", max_length=12))
