@@ -89,7 +89,9 @@ TESTS = {
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
-    "te/align.py": ["tests/test_pin_te.py", "tests/test_te_reference.py", "tests/test_te_nodes.py"],
+    # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
+    # 2026-11-30 run; survivors re-ran it for minutes each on the shared machine, so the rest used these two
+    "te/align.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
     "te/specs.py": ["tests/test_pin_te_specs.py", "tests/test_te_specs.py"],
     "te/inspect.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
     "te/syntax.py": ["tests/test_pin_te_specs.py", "tests/test_te_recipe.py::test_inspector_and_report_show_the_syntax_and_what_it_changes"],
