@@ -146,7 +146,30 @@ def test_first_chunk_keeps_only_the_first_window(E, sub):
     first = E.specs.EncoderSpec(_enc(truncation="first_chunk", max_length=12))
     all_chunks = E.align.tokenize_encoder(sub, chunk, text, False, {})
     assert len(all_chunks) == 3 and all(len(c) == 12 for c in all_chunks)
+    assert all(len(t) == 2 for c in all_chunks for t in c)  # (token, weight) without word ids
     assert E.align.tokenize_encoder(sub, first, text, False, {}) == all_chunks[:1]
+    with_ids = E.align.tokenize_encoder(sub, chunk, text, True, {})
+    assert [[(t, w) for t, w, _ in c] for c in with_ids] == all_chunks
+    assert [i for _, _, i in with_ids[0]][:3] == [0, 1, 2]
+
+
+def test_chunk_padding_follows_the_spec_and_ignores_min_options(E, sub):
+    """Chunks are padded to max_length only with padding 'max_length'; ComfyUI's per-call min_length/min_padding
+    options (its own minimums) do not change the spec's layout, other options pass through."""
+    ids = sub.tokenizer("red circle")["input_ids"]
+    for syntax in ("literal", "comfyui"):
+        padded = E.align.tokenize_encoder(sub, E.specs.EncoderSpec(_enc(truncation="chunk", max_length=12)),
+                                          "red circle", False, {}, syntax=syntax)
+        assert [t for t, _ in padded[0]] == ids + [sub.end_token] * (12 - len(ids)), syntax
+        longest = E.align.tokenize_encoder(sub, E.specs.EncoderSpec(_enc(truncation="chunk", max_length=12,
+                                                                          padding="longest")), "red circle", False, {},
+                                           syntax=syntax)
+        assert [t for t, _ in longest[0]] == ids, syntax
+    opts = {"tokenizer_options": {"clip_l_min_length": 30, "clip_l_min_padding": 5}}
+    enc = E.specs.EncoderSpec(_enc(truncation="chunk", max_length=12))
+    out = E.align.tokenize_encoder(sub, enc, "red circle", False, opts, syntax="comfyui")
+    assert [len(c) for c in out] == [12]
+    assert opts == {"tokenizer_options": {"clip_l_min_length": 30, "clip_l_min_padding": 5}}  # caller's dict kept
 
 
 def test_comfyui_syntax_truncates_the_parsed_text(E, sub):
