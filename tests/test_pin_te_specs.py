@@ -145,6 +145,7 @@ def test_comfy_segments_and_changes(X):
     changes = X.comfy_changes("a (red:1.5) circle")
     assert changes == ["weights: 'red' x1.5", "text seen: 'a red circle' (brackets, weight numbers or backslashes "
                        "removed)", "tokenized in 3 separate segments"]
+    assert X.comfy_changes("(red:1.5) circle")[-1] == "tokenized in 2 separate segments"
     assert X.comfy_changes("x \\(y\\)") == ["text seen: 'x (y)' (brackets, weight numbers or backslashes removed)"]
     emb = X.comfy_changes("embedding:foo a cat")
     assert emb == ["textual-inversion names (replaced by the file, or dropped when missing, when the CLIP has an "
@@ -154,7 +155,9 @@ def test_comfy_segments_and_changes(X):
 def test_embedding_names_follow_comfyui_split(X):
     assert X.embedding_names("embedding:foo, a cat") == ["foo,"]
     assert X.embedding_names("a embedding:foo b\nembedding:bar") == ["foo", "bar"]
-    assert X.embedding_names("aembedding:foo") == []  # only at the start or after a space/newline
+    assert X.embedding_names("aembedding:foo") == []
+    assert X.embedding_names("a embedding:embedding:x") == ["embedding:x"]  # ComfyUI looks up 'embedding:x'
+  # only at the start or after a space/newline
     assert X.embedding_names("a embedding:") == []
 
 
