@@ -59,10 +59,15 @@ TESTS = {
                            "tests/test_train_features.py::test_linear_is_uniform_on_the_1000_step_grid",
                            "tests/test_train_features.py::test_weighted_bell_curve",
                            "tests/test_train_features.py::test_fixed_shift_in_histogram"],
-    "train/adapters.py": ["tests/test_pin_adapters.py", "tests/test_train_activation.py::test_conv_hook_equals_weight_merge",
-                          "tests/test_pin_loop.py::test_max_norm_holds_after_each_update"],
+    "train/adapters.py": ["tests/test_pin_adapters.py", "tests/test_pin_adapter_weights.py",
+                          "tests/test_train_activation.py::test_conv_hook_equals_weight_merge",
+                          "tests/test_pin_loop.py::test_max_norm_holds_after_each_update",
+                          "tests/test_train_features.py::test_seeded_init_is_reproducible_for_all_algorithms",
+                          "tests/test_train_features.py::test_algorithms_save_with_zero_unmapped_keys",
+                          "tests/test_train_features.py::test_dora_trains_and_loads_as_trained",
+                          "tests/test_train_activation.py::test_network_dropout_refused_where_weights_are_patched"],
     "train/optim.py": ["tests/test_pin_optim.py"],
-    "train/loop.py": ["tests/test_pin_loop.py", "tests/test_train.py::test_resume_equals_uninterrupted",
+    "train/loop.py": ["tests/test_pin_loop.py", "tests/test_pin_options.py", "tests/test_train.py::test_resume_equals_uninterrupted",
                       "tests/test_train_features.py::test_dop_and_reg_weight_change_the_loss"],
     "train/config.py": ["tests/test_pin_config.py", "tests/test_train.py::test_invalid_settings_fail_before_training"],
     "train/state.py": ["tests/test_train.py", "tests/test_pin_loop.py"],
@@ -72,15 +77,24 @@ TESTS = {
     "data/dataset.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/images.py": ["tests/test_data.py", "tests/test_data_inputs.py"],
     "data/cache.py": ["tests/test_data.py", "tests/test_data_cache.py"],
-    "sampling/checkpoints.py": ["tests/test_sampling_grid.py", "tests/test_sampling_plan.py"],
-    "sampling/compare.py": ["tests/test_sampling_compare.py"],
-    "sampling/plans.py": ["tests/test_sampling_plan.py"],
-    "sampling/render.py": ["tests/test_sampling_preview.py", "tests/test_sampling_guidance.py",
-                           "tests/test_sampling_compare.py"],
-    "sampling/history.py": ["tests/test_sampling_loss.py"],
-    "te/align.py": ["tests/test_te_reference.py", "tests/test_te_families.py", "tests/test_te_nodes.py"],
-    "te/specs.py": ["tests/test_te_specs.py", "tests/test_te_reference.py"],
-    "te/inspect.py": ["tests/test_te_nodes.py"],
+    # sampling/: the pin tests only (no sampling) except render.py, whose sampler path only the stock-KSampler
+    # comparison exercises; the other stock comparisons (test_sampling_grid/compare/plan, test_te_recipe) are too
+    # slow to trace on the shared machine and are left out, so ab_compare, checkpoint_grid, apply count as not
+    # covered here.
+    "sampling/checkpoints.py": ["tests/test_pin_sampling.py"],
+    "sampling/compare.py": ["tests/test_pin_sampling.py"],
+    "sampling/plans.py": ["tests/test_pin_sampling.py", "tests/test_sampling_preview.py::test_walk_seed_is_base_plus_step"],
+    "sampling/render.py": ["tests/test_pin_sampling.py",
+                           "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
+    "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
+    "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
+    "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
+    # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
+    # 2026-11-30 run; survivors re-ran it for minutes each on the shared machine, so the rest used these two
+    "te/align.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
+    "te/specs.py": ["tests/test_pin_te_specs.py", "tests/test_te_specs.py"],
+    "te/inspect.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
+    "te/syntax.py": ["tests/test_pin_te_specs.py", "tests/test_te_recipe.py::test_inspector_and_report_show_the_syntax_and_what_it_changes"],
 }
 PACKAGES = ("train", "data", "sampling", "te")
 PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-m", "not server and not browser", "-x",
