@@ -141,7 +141,10 @@ LAYOUT_JS = """id => {
           status, statusText: root && root.querySelector('[data-aligned-trainer-status]').textContent,
           textWidgets: (node.widgets || []).filter(w => String(w.name).startsWith('$$')).map(w => w.name),
           legend: legend ? legend.innerText : '', chartPixels: chart ? (() => {
-            const d = chart.getContext('2d').getImageData(0, 0, chart.width, chart.height).data;
+            // read a copy: repeated getImageData on the pack's canvas makes Chromium warn (willReadFrequently)
+            const cp = document.createElement('canvas'); cp.width = chart.width; cp.height = chart.height;
+            const g = cp.getContext('2d', {willReadFrequently: true}); g.drawImage(chart, 0, 0);
+            const d = g.getImageData(0, 0, chart.width, chart.height).data;
             let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; })() : 0};
 }"""
 
@@ -288,7 +291,7 @@ CARDS_JS = """names => {
     if (!names.includes(img.alt) || !img.complete || !img.naturalWidth) continue;
     const c = document.createElement('canvas'), W = img.naturalWidth, H = img.naturalHeight, B = 32;
     c.width = W; c.height = H;
-    const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+    const g = c.getContext('2d', {willReadFrequently: true}); g.drawImage(img, 0, 0);
     const d = g.getImageData(0, 0, W, H).data, means = [];
     for (let by = 0; by + B <= H; by += B) for (let bx = 0; bx + B <= W; bx += B) for (let ch = 0; ch < 3; ch++) {
       let s = 0;
