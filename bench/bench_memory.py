@@ -105,31 +105,10 @@ def run_mode(engine, family, mode, args, device):
     return median_ms(d), peak, predicted
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--family", default="flux1,sdxl", help="comma list of: sdxl, flux1")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--tiny", action="store_true", help="the tests' tiny SDXL/FLUX configs (smoke test)")
-    ap.add_argument("--resolution", type=int, default=None, help="image side in px (default 1024; --tiny: 64)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--offload", type=int, default=8, help="offload_blocks for int4+offload (--tiny: 1)")
-    ap.add_argument("--caps", default="24,16,12", help="GiB caps (set_per_process_memory_fraction), GPU only")
-    ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
-    args = ap.parse_args()
+def report(engine, args) -> str:
+    """The markdown table for ``args`` (family, modes, caps, ...); ``engine(name)`` imports an engine module."""
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_memory.py: no CUDA GPU here. Smoke-test on the CPU with: .work/venv/bin/python "
-              "bench/bench_memory.py --tiny --device cpu --steps 2 --warmup 1", file=sys.stderr)
-        return 2
-    common.set_threads(1 if args.device == "cpu" else max(1, min(8, torch.get_num_threads())))
-    engine = common.light_comfy(cpu=args.device == "cpu")
-    args.resolution = args.resolution or (64 if args.tiny else 1024)
-    if args.tiny and args.offload == 8:
-        args.offload = 1
     modes = args.modes.split(",")
     caps = [float(c) for c in args.caps.split(",") if c] if args.device == "cuda" else []
     total = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 0
@@ -161,7 +140,40 @@ def main() -> int:
             lines.append(f"| {fam} | {mode} | {ms:.0f} | {ms / base[0]:.2f} | {peak / 2**30:.3f} | "
                          f"{peak / base[1]:.2f} | {pred / 2**30:.3f} | {pred / peak:.2f} |"
                          + "".join(f" {f} |" for f in fits))
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="flux1,sdxl", help="comma list of: sdxl, flux1")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny SDXL/FLUX configs (smoke test)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side in px (default 1024; --tiny: 64)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--offload", type=int, default=8, help="offload_blocks for int4+offload (--tiny: 1)")
+    ap.add_argument("--caps", default="24,16,12", help="GiB caps (set_per_process_memory_fraction), GPU only")
+    ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    args.resolution = args.resolution or (64 if args.tiny else 1024)
+    if args.tiny and args.offload == 8:
+        args.offload = 1
+    return args
+
+
+def main() -> int:
+    args = parse()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_memory.py: no CUDA GPU here. Smoke-test on the CPU with: .work/venv/bin/python "
+              "bench/bench_memory.py --tiny --device cpu --steps 2 --warmup 1", file=sys.stderr)
+        return 2
+    common.set_threads(1 if args.device == "cpu" else max(1, min(8, torch.get_num_threads())))
+    engine = common.light_comfy(cpu=args.device == "cpu")
+    table = report(engine, args)
     print(table)
     if args.write:
         with open(REPO / "BENCHMARKS.md", "a", encoding="utf-8") as f:

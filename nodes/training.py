@@ -220,9 +220,8 @@ class TrainInit(io.ComfyNode):
                                tooltip="Memory the plan may use, in GiB; 0 = the device's free memory. Train Init "
                                        "refuses a plan above it and lists settings that fit."),
             ],
-            outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps)."),
-                     io.String.Output("memory_plan", tooltip="Estimated peak memory (weights, adapters and "
-                                                             "optimizer, activations) against the budget.")],
+            outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps); its memory plan (estimated "
+                                                     "peak against the budget) is shown under the node.")],
         )
 
     @classmethod
@@ -237,7 +236,7 @@ class TrainInit(io.ComfyNode):
         run = loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
                             preservation=preservation_prompt, if_exists=if_exists, init_lora=init_lora)
         text = run.meta.get("memory_plan", "")
-        return io.NodeOutput(run, text, ui={"text": [text]})
+        return io.NodeOutput(run, ui={"text": [text]})
 
 
 class TrainSteps(io.ComfyNode):

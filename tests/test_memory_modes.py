@@ -69,6 +69,38 @@ def test_scaled_fp8_and_e5m2_flux(comfy, family_bundle, setup, tmp_path):
         _check_trained(comfy, family_bundle, "flux1-dev", before, out)
 
 
+def test_weight_side_adapter_on_scaled_fp8_sees_the_real_weight(comfy, setup, tmp_path):
+    """LoHa on a scaled-fp8 FLUX.1: a layer computes with ``adapter(W)`` where ``W`` = stored fp8 x scale_weight
+    (ComfyUI's cast path would otherwise give the adapter ``W / s`` and scale its delta by ``s``)."""
+    import torch.nn.functional as F
+
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    model = lowmem.build_model("flux1-dev", FP8, scaled=True)
+    run = loop.init_run(model, setup["flux1-dev"], C.LoraConfig(algorithm="loha", rank=4, alpha=4, preset="attention"),
+                        C.TimestepConfig(), C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="loha8"),
+                        runs_root=tmp_path)
+    with torch.inference_mode(False), torch.no_grad():
+        tr = loop.Trainer(run)
+        tr.load()
+        try:
+            dm = tr.patcher.model.diffusion_model
+            name, a = next((n, a) for n, a in tr.adapters.items() if float(dm.get_submodule(n).scale_weight) != 1.0)
+            g = torch.Generator().manual_seed(3)
+            for p in a.inner.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            layer = dm.get_submodule(name)
+            x = torch.randn(2, layer.in_features, generator=g)
+            real = layer.weight.float() * layer.scale_weight.float()
+            expected = F.linear(x, a(real), None if layer.bias is None else layer.bias.float())
+            got = layer(x)
+        finally:
+            tr.release()
+    assert not torch.allclose(a(real), real)  # a real delta
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,mode", [("flux1-dev", "int8"), ("flux1-dev", "int4"), ("sdxl", "int8")])
 def test_quantized_base_trains_and_is_restored(comfy, family_bundle, setup, name, mode, tmp_path):
     model = families.build_model(name)

@@ -270,7 +270,7 @@ class Trainer:
             if a.kind:
                 self.hooked_layers.append((layer, a))
             else:
-                self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", a)
+                self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", quantize.weight_wrapper(layer, a))
         ad.refuse_network_dropout_on_weights(run.lora, {n: a.kind for n, a in self.adapters.items()})
         self.dropout = any(a.rank_dropout or a.module_dropout or a.network_dropout for a in self.adapters.values())
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
@@ -520,7 +520,7 @@ class Trainer:
         for m in self.patcher.model.diffusion_model.modules():
             fs = getattr(m, "weight_function", None)
             if fs:
-                m.weight_function = [f for f in fs if id(f) not in mine]
+                m.weight_function = [f for f in fs if id(getattr(f, "adapter", f)) not in mine]
 
     def load(self) -> None:
         """Load through ComfyUI's memory manager with a real estimate (not 'evict everything')."""

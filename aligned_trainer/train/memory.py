@@ -92,10 +92,11 @@ class Plan:
     device: str
     settings: dict
     probed: bool
+    load: int = 0  # the model as loaded: ComfyUI loads it in full before it is quantized or offloaded
 
     @property
     def total(self) -> int:
-        return self.weights + self.adapters + self.activations
+        return max(self.weights + self.adapters + self.activations, self.load)
 
     @property
     def fits(self) -> bool:
@@ -108,7 +109,9 @@ class Plan:
                 f"({'fits' if self.fits else 'does NOT fit'}) = weights {g(self.weights)} + adapters/optimizer "
                 f"{g(self.adapters)} + activations {g(self.activations)}"
                 f"{'' if self.probed else ' (not probed: ComfyUI inference estimate)'}; "
-                + describe(s))
+                + describe(s)
+                + (f"; loading the model in full ({g(self.load)}) is the peak: quantize and offload_blocks act "
+                   "after the load" if self.load > self.weights + self.adapters + self.activations else ""))
 
 
 def describe(s: dict) -> str:
@@ -258,7 +261,8 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
              budget_bytes(s0, trainer.patcher, trainer.device), str(trainer.device),
              {"precision": s.precision, "quantize": s.quantize, "offload_blocks": s.offload_blocks,
               "gradient_checkpointing": s.gradient_checkpointing, "batch_size": s.batch_size,
-              "resolution": _resolution(trainer, largest, getattr(s, "area_scale", 1.0))}, acts.probed)
+              "resolution": _resolution(trainer, largest, getattr(s, "area_scale", 1.0))}, acts.probed,
+             weight_bytes(dm, "none", 0, True))
     return p, acts
 
 
@@ -318,7 +322,8 @@ def check(trainer) -> Plan:
     alts = alternatives(trainer, acts)
     fix = ("; ".join(f"{describe(a.settings)} (peak {a.total / GiB:.3f} GiB)" for a in alts) if alts else
            "none of precision bf16, checkpointing, quantize int8/int4, offload_blocks, batch 1 or a quarter of "
-           "the resolution fits; free memory (close other models) or use a larger device")
+           "the resolution fits; load the model in fp8 (UNETLoader weight_dtype fp8_e4m3fn), free memory (close "
+           "other models) or use a larger device")
     raise MemoryError_(f"this training plan needs about {p.total / GiB:.3f} GiB on {p.device} but "
                        f"{p.budget / GiB:.3f} GiB is available ({p.text()}). Settings that would fit: {fix}. "
                        f"(memory_budget_gb / {ENV_BUDGET} set the budget by hand)")

@@ -107,3 +107,28 @@ def quantized(diffusion_model: torch.nn.Module, mode: str, offload_device=None):
         for layer, store, device in kept:
             layer.weight = store if store.device == device else \
                 torch.nn.Parameter(store.detach().to(device), requires_grad=False)
+
+
+class ScaledWeight:
+    """A weight-side adapter (LoHa, LoKr, DoRA) on a scaled-fp8 layer (``comfy.ops.scaled_fp8_ops``): ComfyUI's
+    cast path hands weight functions the stored fp8 weight ``W / s`` and multiplies by ``scale_weight`` ``s``
+    afterwards, so the adapter gets ``W`` and its result is divided by ``s`` again: it trains on, and its saved
+    file applies to, the real weight."""
+
+    def __init__(self, layer: torch.nn.Module, adapter):
+        self.layer = layer
+        self.adapter = adapter
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.layer.scale_weight.to(device=w.device, dtype=w.dtype)
+        return self.adapter(w * s) / s
+
+    def move_to(self, device) -> int:
+        return self.adapter.move_to(device)
+
+
+def weight_wrapper(layer: torch.nn.Module, adapter):
+    """What to register as ``layer``'s weight function for a weight-side ``adapter``."""
+    if isinstance(getattr(layer, "scale_weight", None), torch.Tensor):
+        return ScaledWeight(layer, adapter)
+    return adapter
