@@ -175,10 +175,24 @@ def test_chunk_padding_follows_the_spec_and_ignores_min_options(E, sub):
 def test_comfyui_syntax_truncates_the_parsed_text(E, sub):
     """With ComfyUI's syntax the weights survive truncation and the brackets are gone."""
     enc = E.specs.EncoderSpec(_enc(max_length=8, padding="longest"))
-    out = E.align.tokenize_encoder(sub, enc, "(red:1.5) circle on a blue background", False, {}, syntax="comfyui")
-    ids = sub.tokenizer("red circle on a blue background")["input_ids"]
+    text = "(red:1.5) circle on a blue background with a green square"
+    out = E.align.tokenize_encoder(sub, enc, text, False, {}, syntax="comfyui")
+    ids = sub.tokenizer("red circle on a blue background with a green square")["input_ids"]
     assert [t for t, _ in out[0]] == ids[:7] + [sub.end_token]
     assert [w for _, w in out[0]][:3] == [1.0, 1.5, 1.0]
+    whole = E.align.tokenize_encoder(sub, E.specs.EncoderSpec(_enc(truncation="none", padding="longest")), text, False,
+                                     {}, syntax="comfyui")
+    assert [t for t, _ in whole[0]] == ids
+
+
+def test_empty_prompt_test_counts_content_tokens_only(E, sd15):
+    """An empty caption is only start/end/pad tokens (pad 0 with the 'zero' pad token); any word is content."""
+    clip = sd15[1]
+    for pad in ("end", "zero"):
+        ac = E.align.align_clip(clip, _spec(E, pad_token=pad, empty_prompt="zeros"))
+        assert ac._zero_empty(ac.tokenize("")) is True, pad
+        assert ac._zero_empty(ac.tokenize("a")) is False, pad
+    assert E.align.align_clip(clip, _spec(E))._zero_empty(clip.tokenize("")) is False  # spec says encode
 
 
 # -- denoiser mask, options, scale, empty prompt --------------------------------------------------------------
