@@ -370,3 +370,14 @@ def test_alignment_report_statistics_equal_direct_computation(E, t5clip):
     assert row["tokens"]["clip_t5xxl"] == n and row["truncated_a"]["clip_t5xxl"] == n - 15 > 0
     (same,) = E.inspect.compare_clips(ca_clip, ca_clip, ["a red circle"])
     assert same["extra_positions_norm"] == 0.0 and same["seq_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_encoder_model_lookup(E, sd15):
+    """The spec's attribute, else without the ``clip_`` prefix; only objects that are ComfyUI encoders count."""
+    from types import SimpleNamespace
+
+    real = sd15[1].cond_stage_model.clip_l
+    enc = E.specs.EncoderSpec(_enc(comfy_attr="clip_t5xxl"))
+    assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=object(), t5xxl=real), enc) is real
+    assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=real), enc) is real
+    assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=None, t5xxl=None), enc) is None
