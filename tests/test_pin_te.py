@@ -381,3 +381,21 @@ def test_encoder_model_lookup(E, sd15):
     assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=object(), t5xxl=real), enc) is real
     assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=real), enc) is real
     assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=None, t5xxl=None), enc) is None
+
+
+def test_literal_tokenize_never_parses_comfyui_syntax(E, sd15, caplog):
+    """Literal: ComfyUI's parser never sees the text (no embedding look-up, so no warning for a missing one);
+    keys the spec does not cover keep ComfyUI's own tokens of the text (an sd2x spec names clip_h, which an
+    SD1.5 CLIP does not have)."""
+    import logging
+
+    clip = sd15[1]
+    text = "embedding:no_such_embedding a cat"
+    with caplog.at_level(logging.WARNING):
+        E.align.align_clip(clip, "sd15").tokenize(text)
+    assert "no_such_embedding" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        E.align.align_clip(clip, "sd15", "comfyui").tokenize(text)
+    assert "no_such_embedding" in caplog.text  # the same CLIP with ComfyUI's syntax does look it up
+    other = E.align.align_clip(clip, "sd2x")
+    assert other.tokenize("a red circle")["l"] == clip.tokenize("a red circle")["l"]
