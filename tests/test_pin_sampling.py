@@ -31,9 +31,9 @@ def M(comfy):
 
 # -- compare --------------------------------------------------------------------------------------------------
 def test_metrics_are_mae_max_rmse_psnr(M):
-    a = torch.zeros(1, 2, 2, 3)
+    a = torch.full((1, 2, 2, 3), 0.25)
     b = a.clone()
-    b[0, 0, 0, 0], b[0, 1, 1, 2] = 0.5, -0.25  # diffs: 0.5 and 0.25 among 12 values
+    b[0, 0, 0, 0], b[0, 1, 1, 2] = 0.75, 0.0  # diffs: 0.5 and 0.25 among 12 values
     m = M.compare.metrics(a, b)
     mse = (0.5 ** 2 + 0.25 ** 2) / 12
     assert m["mean_abs_diff"] == pytest.approx(0.75 / 12)
@@ -43,8 +43,8 @@ def test_metrics_are_mae_max_rmse_psnr(M):
     assert M.compare.metrics(a, a)["psnr_db"] == math.inf and M.compare.metrics(a, a)["rmse"] == 0
     d = M.compare.diff_image(a, b)
     assert d[0, 0, 0, 0] == 1.0 and d[0, 1, 1, 2] == pytest.approx(1.0) and d.sum() == pytest.approx(2.0)
-    d2 = M.compare.diff_image(a, b * 0.2, gain=3.0)
-    assert d2[0, 0, 0, 0] == pytest.approx(0.3) and d2[0, 1, 1, 2] == pytest.approx(0.15)
+    d2 = M.compare.diff_image(a, a + 0.05, gain=3.0)
+    torch.testing.assert_close(d2, torch.full_like(a, 0.15))
     safe = M.compare.json_safe([{"psnr_db": math.inf, "rmse": 0.0, "prompt": "x"}, {"psnr_db": 12.5}])
     assert safe == [{"psnr_db": None, "rmse": 0.0, "prompt": "x"}, {"psnr_db": 12.5}]
     json.dumps(safe, allow_nan=False)
