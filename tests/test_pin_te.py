@@ -89,6 +89,9 @@ def test_chunk_groups_equal_comfyui_tokenizer(E, sub, max_length, pad, min_lengt
     ours = E.align.chunk_groups(s, [E.align.literal_ids(sub, w) for w in words])
     ref = s.tokenize_with_weights("".join(f"({w}:1)" for w in words), return_word_ids=True)
     assert ours == ref
+    tight = ["a"] * (max_length - 3) + [pieces[3]]  # one short of a full window, then a 3-piece word
+    assert E.align.chunk_groups(s, [E.align.literal_ids(sub, w) for w in tight]) == \
+        s.tokenize_with_weights("".join(f"({w}:1)" for w in tight), return_word_ids=True)
     if max_length < 77:
         assert len(ours) > 2
 
@@ -397,5 +400,8 @@ def test_literal_tokenize_never_parses_comfyui_syntax(E, sd15, caplog):
     with caplog.at_level(logging.WARNING):
         E.align.align_clip(clip, "sd15", "comfyui").tokenize(text)
     assert "no_such_embedding" in caplog.text  # the same CLIP with ComfyUI's syntax does look it up
+    weighted = E.align.align_clip(clip, "sd15", "comfyui")
+    assert {w for _, w in weighted.tokenize("(red:1.5) circle")["l"][0]} == {1.0, 1.5}
+    assert {w for _, w in weighted.tokenize("(red:1.5) circle", disable_weights=True)["l"][0]} == {1.0}  # passed on
     other = E.align.align_clip(clip, "sd2x")
     assert other.tokenize("a red circle")["l"] == clip.tokenize("a red circle")["l"]
