@@ -31,9 +31,9 @@ def M(comfy):
 
 # -- compare --------------------------------------------------------------------------------------------------
 def test_metrics_are_mae_max_rmse_psnr(M):
-    a = torch.zeros(1, 2, 2, 3)
+    a = torch.full((1, 2, 2, 3), 0.25)
     b = a.clone()
-    b[0, 0, 0, 0], b[0, 1, 1, 2] = 0.5, -0.25  # diffs: 0.5 and 0.25 among 12 values
+    b[0, 0, 0, 0], b[0, 1, 1, 2] = 0.75, 0.0  # diffs: 0.5 and 0.25 among 12 values
     m = M.compare.metrics(a, b)
     mse = (0.5 ** 2 + 0.25 ** 2) / 12
     assert m["mean_abs_diff"] == pytest.approx(0.75 / 12)
@@ -43,8 +43,8 @@ def test_metrics_are_mae_max_rmse_psnr(M):
     assert M.compare.metrics(a, a)["psnr_db"] == math.inf and M.compare.metrics(a, a)["rmse"] == 0
     d = M.compare.diff_image(a, b)
     assert d[0, 0, 0, 0] == 1.0 and d[0, 1, 1, 2] == pytest.approx(1.0) and d.sum() == pytest.approx(2.0)
-    d2 = M.compare.diff_image(a, b * 0.2, gain=3.0)
-    assert d2[0, 0, 0, 0] == pytest.approx(0.3) and d2[0, 1, 1, 2] == pytest.approx(0.15)
+    d2 = M.compare.diff_image(a, a + 0.05, gain=3.0)
+    torch.testing.assert_close(d2, torch.full_like(a, 0.15))
     safe = M.compare.json_safe([{"psnr_db": math.inf, "rmse": 0.0, "prompt": "x"}, {"psnr_db": 12.5}])
     assert safe == [{"psnr_db": None, "rmse": 0.0, "prompt": "x"}, {"psnr_db": 12.5}]
     json.dumps(safe, allow_nan=False)
@@ -238,3 +238,33 @@ def test_recipe_check_names_each_mismatch(M, comfy):
     (w,) = M.recipe.check(gone, _model("SD15"), _clip("SD1Tokenizer"))
     assert w == "the recorded spec 'sd15:gone' is not in te_specs/; the CLIP is left unaligned"
     assert M.recipe.check(M.recipe.Recipe(None, None, None), _model("SD15"), _clip("X")) == []
+
+
+def test_apply_aligns_the_clip_to_the_recorded_recipe(M, comfy, sd15, tmp_path):
+    """Load LoRA (aligned) on the tiny SD1.5 with LoRA files that hold no matching weights (only the recipe
+    matters here): the CLIP follows the recorded spec and syntax; an unknown syntax falls back to the spec's;
+    a file without a recipe is reported; the report names what was recorded and returned."""
+    model, clip, _ = sd15
+    align = comfy.engine("te.align")
+    spec = json.dumps(comfy.engine("te.specs").get_spec("sd15").identity())
+    meta = {"aligned_trainer.te_spec": spec, "aligned_trainer.base_model": type(model.model.model_config).__name__}
+    a = M.recipe.apply(model, clip, _lora_file(tmp_path / "a.safetensors",
+                                               {**meta, "aligned_trainer.prompt_syntax": "comfyui"}), 1.0, 1.0)
+    assert isinstance(a.clip, align.AlignedCLIP) and a.clip.prompt_syntax == "comfyui" and a.warnings == ()
+    assert a.clip.aligned_trainer_spec["id"] == "sd15"
+    assert a.report().splitlines()[0] == ("recorded te_spec: sd15; prompt syntax: comfyui; base model: "
+                                          + meta["aligned_trainer.base_model"])
+    assert "'prompt_syntax': 'comfyui'" in a.report().splitlines()[1] and "WARNING" not in a.report()
+    b = M.recipe.apply(model, a.clip, _lora_file(tmp_path / "b.safetensors",
+                                                 {**meta, "aligned_trainer.prompt_syntax": "weird"}), 1.0, 1.0)
+    assert b.clip.prompt_syntax == "literal" and b.warnings == ()
+    c = M.recipe.apply(model, clip, _lora_file(tmp_path / "c.safetensors", {}), 1.0, 1.0)
+    assert not isinstance(c.clip, align.AlignedCLIP)
+    assert c.warnings == ("c.safetensors records no text-encoder recipe (not saved by Aligned Trainer); the CLIP is "
+                          "returned unaligned",)
+    assert c.report().splitlines() == ["recorded te_spec: none (ComfyUI's default CLIP); prompt syntax: not recorded; "
+                                       "base model: not recorded", "CLIP returned: unaligned (ComfyUI default)",
+                                       "WARNING: " + c.warnings[0]]
+    d = M.recipe.apply(model, clip, _lora_file(tmp_path / "d.safetensors", {"aligned_trainer.prompt_syntax": "literal"}),
+                       1.0, 1.0)
+    assert d.warnings == ()  # trained with ComfyUI's default CLIP: nothing to align, nothing to warn about

@@ -89,6 +89,9 @@ def test_chunk_groups_equal_comfyui_tokenizer(E, sub, max_length, pad, min_lengt
     ours = E.align.chunk_groups(s, [E.align.literal_ids(sub, w) for w in words])
     ref = s.tokenize_with_weights("".join(f"({w}:1)" for w in words), return_word_ids=True)
     assert ours == ref
+    tight = ["a"] * (max_length - 3) + [pieces[3]]  # one short of a full window, then a 3-piece word
+    assert E.align.chunk_groups(s, [E.align.literal_ids(sub, w) for w in tight]) == \
+        s.tokenize_with_weights("".join(f"({w}:1)" for w in tight), return_word_ids=True)
     if max_length < 77:
         assert len(ours) > 2
 
@@ -175,10 +178,24 @@ def test_chunk_padding_follows_the_spec_and_ignores_min_options(E, sub):
 def test_comfyui_syntax_truncates_the_parsed_text(E, sub):
     """With ComfyUI's syntax the weights survive truncation and the brackets are gone."""
     enc = E.specs.EncoderSpec(_enc(max_length=8, padding="longest"))
-    out = E.align.tokenize_encoder(sub, enc, "(red:1.5) circle on a blue background", False, {}, syntax="comfyui")
-    ids = sub.tokenizer("red circle on a blue background")["input_ids"]
+    text = "(red:1.5) circle on a blue background with a green square"
+    out = E.align.tokenize_encoder(sub, enc, text, False, {}, syntax="comfyui")
+    ids = sub.tokenizer("red circle on a blue background with a green square")["input_ids"]
     assert [t for t, _ in out[0]] == ids[:7] + [sub.end_token]
     assert [w for _, w in out[0]][:3] == [1.0, 1.5, 1.0]
+    whole = E.align.tokenize_encoder(sub, E.specs.EncoderSpec(_enc(truncation="none", padding="longest")), text, False,
+                                     {}, syntax="comfyui")
+    assert [t for t, _ in whole[0]] == ids
+
+
+def test_empty_prompt_test_counts_content_tokens_only(E, sd15):
+    """An empty caption is only start/end/pad tokens (pad 0 with the 'zero' pad token); any word is content."""
+    clip = sd15[1]
+    for pad in ("end", "zero"):
+        ac = E.align.align_clip(clip, _spec(E, pad_token=pad, empty_prompt="zeros"))
+        assert ac._zero_empty(ac.tokenize("")) is True, pad
+        assert ac._zero_empty(ac.tokenize("a")) is False, pad
+    assert E.align.align_clip(clip, _spec(E))._zero_empty(clip.tokenize("")) is False  # spec says encode
 
 
 # -- denoiser mask, options, scale, empty prompt --------------------------------------------------------------
@@ -356,3 +373,35 @@ def test_alignment_report_statistics_equal_direct_computation(E, t5clip):
     assert row["tokens"]["clip_t5xxl"] == n and row["truncated_a"]["clip_t5xxl"] == n - 15 > 0
     (same,) = E.inspect.compare_clips(ca_clip, ca_clip, ["a red circle"])
     assert same["extra_positions_norm"] == 0.0 and same["seq_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_encoder_model_lookup(E, sd15):
+    """The spec's attribute, else without the ``clip_`` prefix; only objects that are ComfyUI encoders count."""
+    from types import SimpleNamespace
+
+    real = sd15[1].cond_stage_model.clip_l
+    enc = E.specs.EncoderSpec(_enc(comfy_attr="clip_t5xxl"))
+    assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=object(), t5xxl=real), enc) is real
+    assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=real), enc) is real
+    assert E.align.encoder_model(SimpleNamespace(clip_t5xxl=None, t5xxl=None), enc) is None
+
+
+def test_literal_tokenize_never_parses_comfyui_syntax(E, sd15, caplog):
+    """Literal: ComfyUI's parser never sees the text (no embedding look-up, so no warning for a missing one);
+    keys the spec does not cover keep ComfyUI's own tokens of the text (an sd2x spec names clip_h, which an
+    SD1.5 CLIP does not have)."""
+    import logging
+
+    clip = sd15[1]
+    text = "embedding:no_such_embedding a cat"
+    with caplog.at_level(logging.WARNING):
+        E.align.align_clip(clip, "sd15").tokenize(text)
+    assert "no_such_embedding" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        E.align.align_clip(clip, "sd15", "comfyui").tokenize(text)
+    assert "no_such_embedding" in caplog.text  # the same CLIP with ComfyUI's syntax does look it up
+    weighted = E.align.align_clip(clip, "sd15", "comfyui")
+    assert {w for _, w in weighted.tokenize("(red:1.5) circle")["l"][0]} == {1.0, 1.5}
+    assert {w for _, w in weighted.tokenize("(red:1.5) circle", disable_weights=True)["l"][0]} == {1.0}  # passed on
+    other = E.align.align_clip(clip, "sd2x")
+    assert other.tokenize("a red circle")["l"] == clip.tokenize("a red circle")["l"]

@@ -61,6 +61,10 @@ def test_variant_merge_replaces_fields_per_encoder(S, tmp_path):
     assert long.hash != plain.hash and len(long.hash) == 16
     assert S.load_spec_variants(_write(tmp_path, data, "v.json"))[0].hash == long.hash  # stable
     assert json.loads(long.to_json()) == long.raw
+    reordered = {k: data[k] for k in reversed(list(data))}  # the same spec, keys in another order
+    again = S.load_spec_variants(str(_write(tmp_path, reordered, "v.json")))  # a str path is accepted too
+    assert [s.hash for s in again] == [s.hash for s in specs]  # the hash is of the content, not the layout
+    assert S.parse_spec(data, tmp_path / "v.json").variant == "long"
 
 
 def test_spec_without_variants_is_the_default_variant(S):
