@@ -18,7 +18,7 @@ def bundle(comfy):
     return sd2.build(v_prediction=True)
 
 
-def _run(comfy, model, cond, tmp_path, name="sd2v"):
+def _run(comfy, model, cond, tmp_path):
     types = comfy.engine("data.types")
     C = comfy.engine("train.config")
     st = comfy.engine("train.state")
@@ -27,7 +27,7 @@ def _run(comfy, model, cond, tmp_path, name="sd2v"):
     ts = types.TrainingSet((types.Sample("a", lat, (types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
     return loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"),
                          C.TimestepConfig(weighting="min_snr"), C.OptimizerConfig(lr=1e-3),
-                         st.RunSettings(run_name=name, precision="fp32"), runs_root=tmp_path)
+                         st.RunSettings(run_name="sd2v", precision="fp32"), runs_root=tmp_path)
 
 
 def _scheduler():
@@ -47,29 +47,29 @@ def _reference(model, cond, x0, noise, t: int) -> tuple[torch.Tensor, torch.Tens
     return out, sched.get_velocity(x0, noise, tt)
 
 
-@pytest.mark.parametrize("t", [100, 700])
-def test_sd2_v_loss_is_the_velocity_mse(comfy, bundle, tmp_path, t):
+def test_sd2_v_loss_is_the_velocity_mse(comfy, bundle, tmp_path):
     from comfy.model_sampling import V_PREDICTION
 
     model, clip, _ = bundle
     loop = comfy.engine("train.loop")
     assert isinstance(model.model.model_sampling, V_PREDICTION)  # ComfyUI's own detection
     (cond,) = comfy.nodes.CLIPTextEncode().encode(comfy.engine("te.align").align_clip(clip, "sd2x"), "ohwx, a circle")
-    g = torch.Generator().manual_seed(t)
-    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
-    trainer = loop.Trainer(_run(comfy, model, cond, tmp_path, f"sd2v-{t}"))
+    trainer = loop.Trainer(_run(comfy, model, cond, tmp_path))
     try:
-        sigma = trainer.ms.sigmas[t].reshape(1)  # ComfyUI's sigma of discrete timestep t
-        with torch.no_grad():  # adapters start at zero: the base model
-            loss = trainer.predict_loss(x0, noise, sigma, [cond])
-            pred, target = trainer.predict(x0, noise, sigma, [cond])
+        for t in (100, 700):
+            g = torch.Generator().manual_seed(t)
+            x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+            sigma = trainer.ms.sigmas[t].reshape(1)  # ComfyUI's sigma of discrete timestep t
+            with torch.no_grad():  # adapters start at zero: the base model
+                loss = trainer.predict_loss(x0, noise, sigma, [cond])
+                pred, target = trainer.predict(x0, noise, sigma, [cond])
+            out, v = _reference(model, cond, x0, noise, t)
+            assert torch.allclose(target, v, atol=1e-5), (t, (target - v).abs().max())
+            assert torch.allclose(pred, out, atol=1e-5), (t, (pred - out).abs().max())
+            assert loss.item() == pytest.approx(((out - v) ** 2).mean().item(), rel=1e-4), t
+            assert not torch.allclose(target, noise, atol=1e-2), t  # velocity, not the noise (an eps target)
     finally:
         trainer.release()
-    out, v = _reference(model, cond, x0, noise, t)
-    assert torch.allclose(target, v, atol=1e-5), (target - v).abs().max()
-    assert torch.allclose(pred, out, atol=1e-5), (pred - out).abs().max()
-    assert loss.item() == pytest.approx(((out - v) ** 2).mean().item(), rel=1e-4)
-    assert not torch.allclose(target, noise, atol=1e-2)  # velocity, not the noise (an eps target fails here)
 
 
 def test_sd2_v_trains_and_maps(comfy, bundle, tmp_path):
