@@ -81,3 +81,27 @@ def test_sd2_v_trains_and_maps(comfy, bundle, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
     assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+
+
+def test_sd2_v_set_by_model_sampling_node(comfy, tmp_path):
+    """An SD2 v checkpoint ComfyUI detects as eps is run through its ``ModelSamplingDiscrete`` node
+    (sampling v_prediction), an object patch on the MODEL: the trainer must train that model's velocity too."""
+    from comfy.model_sampling import EPS
+
+    eps_model = sd2.build_model(v_prediction=False)
+    assert isinstance(eps_model.model.model_sampling, EPS)
+    (model,) = comfy.node("ModelSamplingDiscrete")().patch(eps_model, "v_prediction", False)
+    loop = comfy.engine("train.loop")
+    cond = [[torch.randn(1, 77, sd2.UNET["context_dim"], generator=torch.Generator().manual_seed(3)), {}]]
+    trainer = loop.Trainer(_run(comfy, model, cond, tmp_path))
+    try:
+        trainer.load()  # as train_steps does: ComfyUI's loader applies the node's object patch to the model
+        g = torch.Generator().manual_seed(5)
+        x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+        with torch.no_grad():
+            pred, target = trainer.predict(x0, noise, trainer.ms.sigmas[400].reshape(1), [cond])
+    finally:
+        trainer.release()
+    out, v = _reference(model, cond, x0, noise, 400)
+    assert torch.allclose(target, v, atol=1e-5), (target - v).abs().max()
+    assert torch.allclose(pred, out, atol=1e-5), (pred - out).abs().max()

@@ -254,7 +254,7 @@ class Trainer:
         self.run = run
         s = run.settings
         self.patcher = run.model.clone()
-        self.ms = self.patcher.model.model_sampling
+        self.ms = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
         dm = self.patcher.model.diffusion_model
         self.device = mm.get_torch_device()  # where load() puts the model; RNG draws stay on the CPU
         self.gen = torch.Generator().manual_seed(s.seed)
