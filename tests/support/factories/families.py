@@ -1,10 +1,11 @@
 """Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image and Chroma bundles built from ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
-model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``, ``ZImage``, ``Chroma``)
-with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that config's own
-``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
-``FluxClipModel``, ``ZImageTEModel``, Chroma's ``PixArtT5XXL``), shrunk through ComfyUI's own per-encoder config override
+model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
+``ZImage``, ``Chroma``) with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that
+config's own ``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
+``FluxClipModel``, ``ZImageTEModel``, Chroma's ``PixArtT5XXL``), shrunk through ComfyUI's own per-encoder config
+override
 (``model_options["<clip_l|clip_g|t5xxl>_model_config"]``); and a ``comfy.sd.VAE`` that ComfyUI's VAE
 detection builds from a state dict. Weights are loaded the way the loaders load them
 (``load_model_weights``, ``CLIP.load_sd(full_model=True)``, ``VAE(sd=...)``) from seeded state dicts cached
@@ -76,11 +77,11 @@ ZIMAGE_DIT = dict(
     n_refiner_layers=1, qk_norm=True, n_heads=2, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
     rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
 )
-# Chroma: ComfyUI's Chroma DiT (comfy/ldm/chroma/model.py) with the keys model_detection gives Chroma (FLUX's blocks
-# without per-block modulation, patchified 16-channel latents in: in/out_channels 64; a distilled guidance Approximator
-# of in_dim 64 producing the 344 modulation vectors of out_dim = hidden), shrunk like FLUX's DiT: hidden 64 (2 heads of
-# 32, axes 8/12/12), one double and one single block, Approximator hidden 128 and 1 layer (of 5); caption width = the
-# tiny T5.
+# Chroma: ComfyUI's Chroma DiT (comfy/ldm/chroma/model.py) with the keys model_detection gives Chroma (FLUX's
+# blocks without per-block modulation, patchified 16-channel latents in: in/out_channels 64; a distilled guidance
+# Approximator of in_dim 64 producing the 344 modulation vectors of out_dim = hidden), shrunk like FLUX's DiT:
+# hidden 64 (2 heads of 32, axes 8/12/12), one double and one single block, Approximator hidden 128 and 1 layer
+# (of 5); caption width = the tiny T5.
 CHROMA_DIT = dict(
     image_model="chroma", in_channels=64, out_channels=64, context_in_dim=T5_FLUX["d_model"], hidden_size=64,
     mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
