@@ -1,4 +1,4 @@
-"""The tiny SDXL/SD3/FLUX.1/Z-Image bundles behave like the real families in ComfyUI's stock nodes: the family's
+"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma bundles behave like the real families in ComfyUI's stock nodes: the family's
 supported_models config and text-encoder classes, stock encode -> KSampler -> VAE decode, trainable
 (finite gradients), and deterministic (same seed, same weights)."""
 from __future__ import annotations
@@ -8,9 +8,10 @@ import torch
 
 from support.factories import families
 
-CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "z-image": "ZImage"}
+CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "z-image": "ZImage",
+          "chroma": "Chroma"}
 TEXT_ENCODER = {"sdxl": "SDXLClipModel", "sd3": "SD3ClipModel", "flux1-dev": "FluxClipModel",
-                "flux1-schnell": "FluxClipModel", "z-image": "ZImageTEModel"}
+                "flux1-schnell": "FluxClipModel", "z-image": "ZImageTEModel", "chroma": "PixArtT5XXL"}
 
 
 def expected_cond_dims(model) -> tuple[int, int | None]:
@@ -20,8 +21,8 @@ def expected_cond_dims(model) -> tuple[int, int | None]:
         return dm.cap_embedder[1].in_features, None
     if hasattr(dm, "context_embedder"):  # SD3 MMDiT
         return dm.context_embedder.in_features, cfg["adm_in_channels"]
-    if hasattr(dm, "txt_in"):  # FLUX
-        return dm.txt_in.in_features, dm.vector_in.in_layer.in_features
+    if hasattr(dm, "txt_in"):  # FLUX; Chroma has no pooled input (its modulations come from the Approximator)
+        return dm.txt_in.in_features, dm.vector_in.in_layer.in_features if hasattr(dm, "vector_in") else None
     return cfg["context_dim"], cfg["adm_in_channels"] - 6 * 256  # SDXL: pooled + 6 size embeddings of 256
 
 
@@ -95,9 +96,10 @@ def test_forward_backward_gives_finite_grads(comfy, bundle):
             try:
                 step()
             except RuntimeError as e:
-                # ComfyUI's FLUX blocks add into activations in place (``img += ...``); the trainer then
-                # keeps copies of saved tensors, as here. Any other model must not need it.
-                assert name.startswith("flux1") and "modified by an inplace operation" in str(e), e
+                # ComfyUI's FLUX blocks (FLUX.1, Chroma) add into activations in place (``img += ...``); the
+                # trainer then keeps copies of saved tensors, as here. Any other model must not need it.
+                flux_blocks = hasattr(base.diffusion_model, "double_blocks")
+                assert flux_blocks and "modified by an inplace operation" in str(e), e
                 for p in params:
                     p.grad = None
                 with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):

@@ -23,7 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
-from . import memory, placement, quantize
+from . import memory, placement, quantize, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -254,7 +254,7 @@ class Trainer:
         self.run = run
         s = run.settings
         self.patcher = run.model.clone()
-        self.ms = self.patcher.model.model_sampling
+        self.ms = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
         dm = self.patcher.model.diffusion_model
         self.device = mm.get_torch_device()  # where load() puts the model; RNG draws stay on the CPU
         self.gen = torch.Generator().manual_seed(s.seed)
@@ -349,10 +349,12 @@ class Trainer:
         return self.py_rng.choice(sample.captions).conditioning
 
     def model_kwargs(self, conds: list, x: torch.Tensor) -> dict:
-        """Batch the samples' conditionings through ComfyUI's own cond machinery (extra_conds)."""
+        """Batch the samples' conditionings through ComfyUI's own cond machinery (extra_conds); an aligned text
+        mask goes in the form the model takes (``text_mask``)."""
         per = []
         for i, cond in enumerate(conds):
             extras = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()}
+            extras = text_mask.for_model(self.patcher.model, extras, x[i:i + 1])
             c = [[cond[0][0].detach().clone(), {**extras, "guidance": self.run.settings.guidance}]]
             conv = comfy.sampler_helpers.convert_cond(c)
             conv = comfy.samplers.encode_model_conds(self.patcher.model.extra_conds, conv, x[i:i + 1], x.device,

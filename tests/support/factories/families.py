@@ -1,10 +1,11 @@
-"""Tiny SDXL, SD3 and FLUX.1 (dev/schnell) bundles built from ComfyUI's own classes.
+"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image and Chroma bundles built from ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
-model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``)
-with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that config's own
-``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
-``FluxClipModel``), shrunk through ComfyUI's own per-encoder config override
+model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
+``ZImage``, ``Chroma``) with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that
+config's own ``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
+``FluxClipModel``, ``ZImageTEModel``, Chroma's ``PixArtT5XXL``), shrunk through ComfyUI's own per-encoder config
+override
 (``model_options["<clip_l|clip_g|t5xxl>_model_config"]``); and a ``comfy.sd.VAE`` that ComfyUI's VAE
 detection builds from a state dict. Weights are loaded the way the loaders load them
 (``load_model_weights``, ``CLIP.load_sd(full_model=True)``, ``VAE(sd=...)``) from seeded state dicts cached
@@ -35,7 +36,7 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -76,6 +77,16 @@ ZIMAGE_DIT = dict(
     n_refiner_layers=1, qk_norm=True, n_heads=2, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
     rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
 )
+# Chroma: ComfyUI's Chroma DiT (comfy/ldm/chroma/model.py) with the keys model_detection gives Chroma (FLUX's
+# blocks without per-block modulation, patchified 16-channel latents in: in/out_channels 64; a distilled guidance
+# Approximator of in_dim 64 producing the 344 modulation vectors of out_dim = hidden), shrunk like FLUX's DiT:
+# hidden 64 (2 heads of 32, axes 8/12/12), one double and one single block, Approximator hidden 128 and 1 layer
+# (of 5); caption width = the tiny T5.
+CHROMA_DIT = dict(
+    image_model="chroma", in_channels=64, out_channels=64, context_in_dim=T5_FLUX["d_model"], hidden_size=64,
+    mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+    qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=128, n_layers=1,
+)
 VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
@@ -104,6 +115,7 @@ SPECS = {
     "flux1-schnell": Spec("FluxSchnell", dict(FLUX_DIT, guidance_embed=False), "flux1",
                           {"clip_l": CLIP_L, "t5xxl": T5_FLUX}, (_TE_MARK.format("clip_l"), _T5_MARK), 16, False),
     "z-image": Spec("ZImage", ZIMAGE_DIT, "z-image", {"qwen3_4b": QWEN3}, (_QWEN3_MARK,), 16, False),
+    "chroma": Spec("Chroma", CHROMA_DIT, "chroma", {"t5xxl": T5_FLUX}, (_T5_MARK,), 16, False),
 }
 
 
