@@ -23,6 +23,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report", "ab_training_aligned_vs_unaligned"}
+# Run to completion through the server's API with stronger checks (test_workflows.py, test_workflows_families.py);
+# here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", *FAMILIES}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -147,6 +150,13 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
         loaders = {t: [new, inputs] for t, (new, inputs) in FAMILIES[name][1].items()}
         done = page.evaluate(TINY_GRAPH_JS, {"loaders": loaders, "shrink": SHRINK})
         assert done["nodes"] == len(wf["nodes"]), done
+    if name in RUN_THROUGH_API:
+        prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        types = {n["class_type"] for n in prompt.values()}
+        assert types >= {n["type"] for n in wf["nodes"] if n["type"].startswith("AlignedTrainer_")}
+        known = server.get("/object_info")
+        assert all(t in known for t in types), sorted(types - set(known))
+        return
     loss_before = page.evaluate("() => window.alignedTrainer.lossPoints")
     before = len(server.get("/history"))
     page.evaluate("() => window.app.queuePrompt(0, 1)")

@@ -15,7 +15,7 @@ def test_bench_memory_tiny_smoke(comfy):
     import bench_memory
 
     args = bench_memory.parse(["--tiny", "--device", "cpu", "--family", "flux1", "--modes", "bf16,int4+offload",
-                               "--steps", "1", "--warmup", "0"])
+                               "--steps", "1", "--warmup", "0", "--resolution", "32"])
     out = bench_memory.report(comfy.engine, args)
     rows = {r[1]: r for r in table_rows(out, "| model |")}
     assert set(rows) == {"bf16", "int4+offload"}

@@ -7,6 +7,8 @@ ComfyUI's Qwen3 keeps ``head_dim`` 128 as a class constant, so the tiny model ke
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 from pathlib import Path
 
@@ -96,6 +98,7 @@ def z_image_clip(path: Path, embedding_directory=None):
     return clip
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def z_image_pipeline(path: Path):
     """diffusers' ZImagePipeline around the tiny Qwen3 (no transformer/VAE: only encode_prompt is used)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline

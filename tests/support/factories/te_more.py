@@ -6,6 +6,8 @@ arguments (special tokens, layer choice, masks) are ComfyUI's.
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 from pathlib import Path
 
@@ -66,6 +68,7 @@ def sd2_clip(clip_h: Path, embedding_directory=None):
     return clip
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def sd2_pipeline(clip_h: Path):
     """diffusers' StableDiffusionPipeline as stabilityai/stable-diffusion-2-1 ships it: the text encoder is
     OpenCLIP-H with its last layer removed (text_encoder/config.json num_hidden_layers=23 of 24), so
@@ -150,6 +153,7 @@ def _pile_t5_tokenizer():
                            padding_side="right", model_max_length=10**9)
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def auraflow_pipeline(pile_t5: Path):
     """diffusers' AuraFlowPipeline around the same weights (no transformer/VAE: only encode_prompt is used)."""
     from diffusers import AuraFlowPipeline, FlowMatchEulerDiscreteScheduler

@@ -6,6 +6,8 @@ ComfyUI loads PixArt and Chroma text encoders through the same classes (``CLIPTy
 """
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ def pixart_clip(t5: Path, embedding_directory=None):
     return clip
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def pixart_sigma_pipeline(t5: Path):
     """diffusers' PixArtSigmaPipeline around the tiny T5 (no transformer/VAE: only encode_prompt is used)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
@@ -53,6 +56,7 @@ def pixart_sigma_pipeline(t5: Path):
                                scheduler=DPMSolverMultistepScheduler())
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def chroma_pipeline(t5: Path):
     """diffusers' ChromaPipeline around the tiny T5 (no transformer/VAE: only encode_prompt is used)."""
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler

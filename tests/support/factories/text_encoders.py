@@ -2,6 +2,8 @@
 models for the reference pipelines. Tokenizers come from the files ComfyUI ships (no downloads)."""
 from __future__ import annotations
 
+import functools
+
 import sys
 from pathlib import Path
 
@@ -121,6 +123,7 @@ def _tiny_vae():
                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def sd_pipeline(clip_l: Path):
     """diffusers' StableDiffusionPipeline around our CLIP-L (tiny UNet/VAE: only encode_prompt is used)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -134,6 +137,7 @@ def sd_pipeline(clip_l: Path):
                                    requires_safety_checker=False)
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def flux_pipeline(clip_l: Path, t5: Path):
     """diffusers' FluxPipeline around our CLIP-L and tiny T5 (tiny transformer/VAE: only encode_prompt is used)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -289,6 +293,7 @@ def sd3_clip(clip_l: Path, clip_g: Path, t5: Path, embedding_directory=None):
     return _load_parts(clip, {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5})
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def sdxl_pipeline(clip_l: Path, clip_g: Path):
     """diffusers' StableDiffusionXLPipeline around the same weights (no UNet/VAE: only encode_prompt is used).
     tokenizer_2 pads with '!' (id 0) as stabilityai/stable-diffusion-xl-base-1.0/tokenizer_2 does."""
@@ -300,6 +305,7 @@ def sdxl_pipeline(clip_l: Path, clip_g: Path):
                                      unet=None, scheduler=EulerDiscreteScheduler())
 
 
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
 def sd3_pipeline(clip_l: Path, clip_g: Path, t5: Path, identity_l_projection: bool = False):
     """diffusers' StableDiffusion3Pipeline around the same weights (no transformer/VAE). With
     ``identity_l_projection`` the diffusers copy of CLIP-L gets an identity text_projection, so its
