@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from support.api_nodes import node
 from support.factories.dataset import make_dataset
 from support.server import ComfyServer
 
@@ -79,29 +80,9 @@ def write_lora_like(path: Path) -> None:
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(path))
 
 
-def _info(srv, cache={}):
-    if srv.url not in cache:
-        cache[srv.url] = srv.get("/object_info")
-    return cache[srv.url]
-
-
-def node(srv, class_type: str, **inputs) -> dict:
-    """An API-format node with every widget input at its /object_info default, then ``inputs``."""
-    spec = _info(srv)[class_type]["input"]
-    out = {}
-    for section in ("required", "optional"):
-        for name, s in spec.get(section, {}).items():
-            opts = s[1] if len(s) > 1 and isinstance(s[1], dict) else {}
-            if "default" in opts:
-                out[name] = opts["default"]
-            elif isinstance(s[0], list) and section == "required":
-                out[name] = s[0][0]
-    out.update(inputs)
-    return {"class_type": class_type, "inputs": out}
-
-
 def run_error(srv, prompt: dict, timeout: float = 300) -> dict:
-    """Run a prompt that must fail; return ComfyUI's execution_error record (node_type, exception_message)."""
+    """Run a prompt that must fail; return ComfyUI's execution_error record (node_type, exception_message); the
+    canary caption appears nowhere in its history entry."""
     entry = srv.wait(srv.queue(prompt), timeout)
     errs = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "error" and errs, json.dumps(entry["status"])[:2000]

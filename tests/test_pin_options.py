@@ -4,27 +4,18 @@ sees unscaled gradients; an overflowed step is skipped and the scale backed off)
 and 1 (the loss is the plain loss plus dop_weight times the preservation term, linear in the weight)."""
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from test_pin_loop import live  # a Trainer as train_steps builds it
 
 
 def _run(T, sd15, tset, tmp_path, name, opt=None, preservation=None, **settings):
     return T.loop.init_run(sd15[0], tset, T.C.LoraConfig(rank=4, alpha=4, preset="attention"), T.C.TimestepConfig(),
                            opt or T.C.OptimizerConfig(lr=1e-3), T.st.RunSettings(run_name=name, **settings),
                            runs_root=tmp_path / "runs", preservation=preservation)
-
-
-@contextlib.contextmanager
-def live(T, run):
-    with torch.inference_mode(False), torch.enable_grad():
-        tr = T.loop.Trainer(run)
-        tr.load()
-        for a in tr.adapters.values():
-            a.train()
-        yield tr
 
 
 def _norm(tensors) -> float:
