@@ -44,16 +44,29 @@ def _keeps(base_model, extras: dict, latent: torch.Tensor) -> bool:
         return False
 
 
+_FORM: dict[type, str] = {}  # model class -> "plain" | "joint" | "none": asked once, not on every training step
+
+
+def _form(base_model, extras: dict, latent: torch.Tensor, grid: tuple[int, int] | None) -> str:
+    kind = type(base_model)
+    if kind not in _FORM:
+        if _keeps(base_model, extras, latent):
+            _FORM[kind] = "plain"
+        elif grid is not None and _keeps(base_model, {**extras, KEY: joint_bias(extras[KEY], grid[0] * grid[1]),
+                                                      SHAPE_KEY: grid}, latent):
+            _FORM[kind] = "joint"
+        else:
+            _FORM[kind] = "none"
+    return _FORM[kind]
+
+
 def for_model(base_model, extras: dict, latent: torch.Tensor) -> dict:
     """``extras`` (a conditioning's dict) with its text mask in the form ``base_model`` takes (unchanged when
     it holds no 2-D text mask, when the mask hides nothing, or when the model keeps the mask as it is)."""
     mask = extras.get(KEY)
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or SHAPE_KEY in extras or bool((mask > 0).all()):
         return extras
-    if _keeps(base_model, extras, latent):
-        return extras
     grid = _token_grid(base_model.diffusion_model, latent)
-    if grid is None:
+    if _form(base_model, extras, latent, grid) != "joint" or grid is None:
         return extras
-    joint = {**extras, KEY: joint_bias(mask, grid[0] * grid[1]), SHAPE_KEY: grid}
-    return joint if _keeps(base_model, joint, latent) else extras
+    return {**extras, KEY: joint_bias(mask, grid[0] * grid[1]), SHAPE_KEY: grid}
