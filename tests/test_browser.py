@@ -1,8 +1,8 @@
 """The real ComfyUI frontend in Debian's Chromium (Playwright): load every shipped workflow, queue it from the
 frontend, wait for it to finish, see the live loss chart draw and the A/B viewer show both images.
 
-The demo, A/B and alignment-report workflows run as shipped (they name the generated tiny SD1.5 and demo
-dataset). The family workflows (train_lora_sd15/_sdxl/_sd35/_flux1) name real model files; after loading
+The A/B and alignment-report workflows run as shipped (they name the generated tiny SD1.5 and demo dataset);
+the demo runs from the browser in test_browser_ui.py (training view). The family workflows (train_lora_sd15/_sdxl/_sd35/_flux1) name real model files; after loading
 one, the test makes in the frontend's graph the changes ``support.tiny_workflows`` documents (loaders pointed
 at tiny models, or replaced by test-only loaders with the same outputs and links; sizes and step counts
 shrunk), then queues that graph. Screenshots of each graph are saved as test artifacts in
@@ -25,7 +25,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report", "ab_training_aligned_vs_unaligned"}
 # Run to completion through the server's API with stronger checks (test_workflows.py, test_workflows_families.py);
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", *FAMILIES}
+# The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
+# spec viewer and A/B images; here it is loaded and turned into a prompt like the others.
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -176,7 +178,7 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
             if (!c) return 0; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""", trains[0]["id"])
         assert drawn > 500, "the loss chart did not draw"
-    if name in ("demo_train_tiny", "ab_aligned_vs_unaligned"):
+    if name == "ab_aligned_vs_unaligned":
         page.wait_for_function("""() => { const im = [...document.querySelectorAll('img[data-ab-side]')];
             return im.length >= 2 && im.every(i => i.complete && i.naturalWidth > 0); }""", timeout=30_000)
     _close_dialogs(page)

@@ -183,6 +183,7 @@ def test_training_view_during_the_demo(ui, family_server):
                 [ts["id"], next(n["id"] for n in wf["nodes"] if n["type"] == "AlignedTrainer_PreviewPlan"), total])
     ui.evaluate("id => { const n = window.app.graph.getNodeById(id); window.app.canvas.centerOnNode(n); }", ts["id"])
     ui.evaluate("() => { window.alignedTrainer.overall = []; }")
+    loss_before = ui.evaluate("() => window.alignedTrainer.lossPoints")
     before = len(family_server.get("/history"))
     _queue(ui)
     seen, shots, overlay, current = [], set(), [], []
@@ -227,6 +228,12 @@ def test_training_view_during_the_demo(ui, family_server):
     assert not overlay, f"node ids shown in the UI while running: {sorted(set(overlay))[:5]}"
     assert len(set(current)) >= 2 and current == sorted(current), f"frontend's Current node %: {current}"
     assert lay["chartPixels"] > 500
+    # the rest of the demo in the browser: one loss event per step, the spec viewer, the A/B viewer's two images
+    st = ui.evaluate("() => ({loss: window.alignedTrainer.lossPoints, spec: window.alignedTrainer.specShown})")
+    assert st["loss"] - loss_before >= total, (st, loss_before)
+    assert st["spec"] > 0, "the te_spec viewer did not show the spec in use"
+    ui.wait_for_function("""() => { const im = [...document.querySelectorAll('img[data-ab-side]')];
+        return im.length >= 2 && im.every(i => i.complete && i.naturalWidth > 0); }""", timeout=30_000)
 
 
 def test_dataset_picker_uploads_and_previews(ui, family_server, tmp_path):
