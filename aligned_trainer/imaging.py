@@ -93,3 +93,11 @@ def labelled_grid(cells: list[list[Image.Image]], row_labels: list[str], col_lab
                 d.text((x0 + 3, y0 + ch + 2), fit(cell_labels[i][j], cw - 6, d, f), fill=MUTED, font=f)
         boxes.append(row_boxes)
     return img, {"cell_boxes": boxes, "size": (W, H)}
+
+
+def rows_grid(rows: list[tuple[str, list[Image.Image], list[str]]], col_labels: list[str]) -> torch.Tensor:
+    """An IMAGE of labelled rows ``(label, cells, cell captions)``; a one-line note when there are none."""
+    if not rows:
+        return table_image(["", ""], [["no images", ""]], title="nothing to show")
+    img, _ = labelled_grid([r[1] for r in rows], [r[0] for r in rows], col_labels, [r[2] for r in rows])
+    return to_tensor(img)

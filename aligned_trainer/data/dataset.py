@@ -186,10 +186,16 @@ def _finish(b: _Builder, reg_weight: float, graph_images=()) -> Dataset:
     if (cc.shuffle_tags or cc.tag_dropout > 0) and cc.variants == 1:
         b.notes.append("shuffle/tag dropout with caption_variants=1: each image keeps one fixed processed caption; "
                        "raise caption_variants to vary captions between steps")
-    h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg] for i in b.items]).encode())
-    h.update(repr((b.caption_cfg, b.bucket_cfg, reg_weight)).encode())
     return Dataset(tuple(b.items), b.caption_cfg, b.bucket_cfg, reg_weight, tuple(b.notes), tuple(graph_images),
-                   h.hexdigest()[:16])
+                   _finish_hash(b.items, b.caption_cfg, b.bucket_cfg, reg_weight))
+
+
+def _finish_hash(items, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, reg_weight: float) -> str:
+    """The dataset's identity: every item's pixels (hash), captions, bucket, flip, repeats and role, and the
+    settings that made them."""
+    h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg] for i in items]).encode())
+    h.update(repr((caption_cfg, bucket_cfg, reg_weight)).encode())
+    return h.hexdigest()[:16]
 
 
 def folder_fingerprint(*folders: Path | None, roots: paths.Roots | None = None) -> str:
