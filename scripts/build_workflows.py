@@ -321,6 +321,38 @@ def build(info: dict) -> dict[str, dict]:
         si = g.add("SaveImage", filename_prefix=f"ab_training/{name}")
         g.link(rep, o, si, "images")
     out["ab_training_aligned_vs_unaligned"] = g.to_json()
+
+    # --- dataset tools: anti-AI-filter cleaning and the VAE round-trip (kohya LoRA guide) ------------------------
+    g = Graph(info)
+    g.note("Dataset tools from the kohya LoRA guide, before you train.\n\n"
+           "Clean Dataset re-filters every image into a cleaned copy in output/aligned_trainer/cache/cleaned (your "
+           "files are never written): against anti-AI noise, dithering and fine repeating motifs. Its report flags "
+           "suspect images; compare before/after, since cleaning also softens real fine detail.\n\n"
+           "VAE Round-Trip encodes and decodes each image as training sees it and lists PSNR/SSIM worst first: a "
+           "LoRA learns the decoded image. To train with a specific VAE, add Load VAE and connect it to both VAE "
+           "Round-Trip and Cache Latents. Runs on the tiny SD1.5 demo; pick your checkpoint and dataset.")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    g.col = 1
+    ds = g.add(P + "Dataset", folder="demo_dataset", resolution=64, min_side=64, max_side=128, bucket_step=64,
+               trigger_word="ohwx", caption_variants=1)
+    g.col = 2
+    cl = g.add(P + "CleanDataset", preview_rows=4)
+    g.link(ds, "dataset", cl, "dataset")
+    g.col = 3
+    rt = g.add(P + "VAERoundTrip", preview_rows=4)
+    g.link(cl, "cleaned", rt, "dataset")
+    g.link(ck, "VAE", rt, "vae")
+    lat = g.add(P + "CacheLatents", title="Cache Latents (train on the cleaned set with this VAE)")
+    g.link(cl, "cleaned", lat, "dataset")
+    g.link(ck, "VAE", lat, "vae")
+    g.col = 4
+    for src, o, name in ((cl, "before_after", "cleaning"), (rt, "grid", "vae_roundtrip")):
+        si = g.add("SaveImage", filename_prefix=f"dataset_tools/{name}")
+        g.link(src, o, si, "images")
+    for src in (cl, rt):
+        pa = g.add("PreviewAny", title="Report")
+        g.link(src, "report", pa, "source")
+    out["dataset_tools"] = g.to_json()
     return out
 
 
@@ -377,6 +409,9 @@ DESCRIPTIONS = {
                                          "text encoders: both validation-loss curves and a LoRA x CLIP grid.",
                                          ["any SD1.5 checkpoint (tiny-sd15 named)",
                                           "input/demo_dataset (images + .txt captions)"]),
+    "dataset_tools": ("Dataset tools: cleaning and VAE round-trip", "Removes anti-AI noise into cleaned copies "
+                      "and flags suspect images; shows what the VAE loses per image (PSNR/SSIM, worst first).",
+                      ["any SD1.5 checkpoint (tiny-sd15 named)", "input/demo_dataset (images + .txt captions)"]),
     "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
                             "of aligned vs default encoders; a trigger-word check.",
                             ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -99,3 +99,33 @@ def test_ab_training_runs_differ_only_in_the_text_encoder(server, comfy_dirs, sd
     files = {f.name.rsplit("_", 2)[0] for f in demo.output_files(entry, server.output_dir)}
     assert {"validation_loss", "lora_clip_grid"} <= files, files
     print(f"A/B training workflow ran in {seconds:.1f}s")
+
+
+@pytest.mark.server
+def test_dataset_tools_workflow_cleans_into_copies_and_reports_worst_first(server, comfy_dirs, sd15_checkpoint):
+    """The dataset-tools template through the real server: the user's dataset files are byte-identical after the
+    run, the cleaned copies are in the output folder's cache, both grids are saved, and the VAE report (as the
+    Preview as Text node shows it) lists one row per image, worst PSNR first."""
+    import hashlib
+    import json
+
+    demo.prepare_inputs(server.input_dir, sd15_checkpoint.parent)
+    data = server.input_dir / "demo_dataset"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.rglob("*")) if p.is_file()}
+    path = REPO / "workflows" / "dataset_tools.json"
+    entry, _ = demo.run_workflow(server, path)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.rglob("*")) if p.is_file()} == before
+    cleaned = list((server.output_dir / "aligned_trainer" / "cache" / "cleaned").glob("*.png"))
+    n_images = sum(1 for p in before if p.suffix == ".png")
+    assert len(cleaned) == n_images
+    files = demo.output_files(entry, server.output_dir)
+    assert {f.parent.name + "/" + f.name.rsplit("_", 2)[0] for f in files} == {"dataset_tools/cleaning",
+                                                                              "dataset_tools/vae_roundtrip"}
+    texts = [json.loads(out["text"][0]) for out in entry["outputs"].values() if "text" in out]
+    vae = next(t for t in texts if "thresholds" in t)
+    clean = next(t for t in texts if "method" in t)
+    assert len(vae["images"]) == n_images and len(clean["images"]) == n_images
+    psnr = [r["psnr"] for r in vae["images"]]
+    assert psnr == sorted(psnr)
+    assert clean["written"] + clean["reused"] == n_images
