@@ -353,6 +353,27 @@ def build(info: dict) -> dict[str, dict]:
         pa = g.add("PreviewAny", title="Report")
         g.link(src, "report", pa, "source")
     out["dataset_tools"] = g.to_json()
+
+    # --- token heatmaps (DAAM) ---------------------------------------------------------------------------------
+    g = Graph(info)
+    g.note("Token heatmaps (DAAM): where each chosen word of the prompt acts in the image, from the cross-attention "
+           "maps summed over heads, layers and sampling steps. The image is the one a plain KSampler gives.\n\n"
+           "Use it to see whether a trigger word bleeds into the outfit or the background: put a LoRA loader "
+           "before the model input, and compare the aligned and the default encoder (Load Aligned Text Encoders' "
+           "two outputs). UNet models (SD1.x, SD2.x, SDXL). Runs on the tiny SD1.5 demo; pick your checkpoint.")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    g.col = 1
+    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    g.link(ck, "CLIP", te, "clip")
+    g.col = 2
+    hm = g.add(P + "TokenHeatmaps", prompt="ohwx, a red circle on a blue background", words="ohwx, circle, background",
+               steps=4, cfg=2.0, width=64, height=64)
+    for s_, o, i in ((ck, "MODEL", "model"), (te, "aligned_clip", "clip"), (ck, "VAE", "vae")):
+        g.link(s_, o, hm, i)
+    g.col = 3
+    si = g.add("SaveImage", filename_prefix="heatmaps/tokens")
+    g.link(hm, "grid", si, "images")
+    out["token_heatmaps"] = g.to_json()
     return out
 
 
@@ -412,6 +433,9 @@ DESCRIPTIONS = {
     "dataset_tools": ("Dataset tools: cleaning and VAE round-trip", "Removes anti-AI noise into cleaned copies "
                       "and flags suspect images; shows what the VAE loses per image (PSNR/SSIM, worst first).",
                       ["any SD1.5 checkpoint (tiny-sd15 named)", "input/demo_dataset (images + .txt captions)"]),
+    "token_heatmaps": ("Token heatmaps (DAAM)", "Where each word of a prompt acts in the image: does the trigger "
+                       "word bleed into outfit or background? Compare base vs LoRA, aligned vs default encoders.",
+                       ["any SD1.x/SD2.x/SDXL checkpoint (tiny-sd15 named)"]),
     "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
                             "of aligned vs default encoders; a trigger-word check.",
                             ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -9,7 +9,7 @@ from support.paths import REPO
 from support.workflow import load, object_info_inprocess, ui_to_api, validate
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-RUNNABLE = ["demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report"]  # on the tiny SD1.5
+RUNNABLE = ["demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report", "token_heatmaps"]  # tiny SD1.5
 # ab_training_aligned_vs_unaligned runs in test_ab_training_runs_differ_only_in_the_text_encoder
 
 

@@ -1,0 +1,74 @@
+"""Token heatmaps (DAAM, issue #23 item 1) on the tiny SD1.5 through ComfyUI's own sampler: one finite map
+per chosen word, normalised to [0, 1] at image size; the image equals sampling without the capture (bit for
+bit); the captured maps are attention (over the text tokens they sum to one per pixel and layer call); words
+are found at the tokenizer's positions; a word missing from the prompt and a joint-attention model are refused
+by name. The node's grid runs through the server and in the browser test (workflows/token_heatmaps.json)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def H(comfy):
+    return comfy.engine("sampling.heatmaps")
+
+
+@pytest.fixture(scope="module")
+def R(comfy):
+    return comfy.engine("sampling.render")
+
+
+PROMPT = "ohwx, a zebra standing on a red carpet"
+
+
+def test_maps_are_finite_normalised_one_per_word_and_leave_the_image_unchanged(H, R, sd15):
+    model, clip, vae = sd15
+    s = R.SampleSettings(steps=3, cfg=2.0, width=64, height=64, seed=3)
+    words = ["zebra", "carpet", "ohwx"]
+    image, maps = H.heatmaps(model, clip, vae, PROMPT, "", words, s)
+    assert maps.shape == (3, 64, 64) and torch.isfinite(maps).all()
+    for m in maps:
+        assert m.min() >= 0 and m.max() == pytest.approx(1.0)
+    assert not torch.allclose(maps[0], maps[1], atol=1e-3)  # different tokens, different maps
+    plain = R.sample(model, vae, R.encode(clip, PROMPT, s.guidance), R.encode(clip, "", s.guidance), s, s.seed)
+    assert torch.equal(image, plain)  # the capture does not change the sampling
+    grid = H.heatmap_grid(image, maps, words)
+    assert grid.shape[0] == 1 and grid.shape[2] >= 4 * 64 and grid.shape[-1] == 3
+
+
+def test_captured_maps_are_attention_over_the_text_tokens(H, R, sd15):
+    model, clip, vae = sd15
+    cap = H.Capture()
+    s = R.SampleSettings(steps=2, cfg=2.0, width=64, height=64)
+    pos, neg = R.encode(clip, PROMPT, 3.5), R.encode(clip, "", 3.5)
+    import comfy.sample
+
+    latent = torch.zeros([1, 4, 8, 8])
+    noise = comfy.sample.prepare_noise(latent, 0, None)  # the sampler alone: no VAE decode needed here
+    comfy.sample.sample(H.patched(model, cap), noise, s.steps, s.cfg, s.sampler, s.scheduler, pos, neg, latent,
+                        disable_pbar=True, seed=0)
+    layers = len(H.cross_attention_blocks(model))
+    assert cap.calls == layers * s.steps  # every cross-attention layer, every step, conditional half only
+    assert cap.total.shape == (77, 8, 8)
+    # softmax over the tokens: at every latent pixel the maps of all tokens sum to one per layer call
+    # (bicubic upsampling is linear; its overshoot clamped at 0 shifts the sum by well under 1 %)
+    total = cap.total.sum(0)
+    assert torch.allclose(total, torch.full_like(total, float(cap.calls)), rtol=0.01)
+
+
+def test_word_positions_follow_the_tokenizer_and_bad_input_is_named(H, sd15, comfy):
+    _, clip, _ = sd15
+    ids = [t[0] for t in clip.tokenize(PROMPT)["l"][0]]
+    pos = H.token_positions(clip, PROMPT, ["zebra", "red carpet"])
+    zebra = [t[0] for t in clip.tokenize("zebra")["l"][0] if t[0] not in (49406, 49407)]
+    assert [ids[p] for p in pos["zebra"]] == zebra
+    assert len(pos["red carpet"]) >= 2 and pos["red carpet"] == sorted(pos["red carpet"])
+    with pytest.raises(ValueError, match="'giraffe' is not in the prompt"):
+        H.token_positions(clip, PROMPT, ["giraffe"])
+
+
+def test_joint_attention_models_are_refused_by_name(H, family_bundle):
+    model, _, _ = family_bundle("flux1-dev")
+    with pytest.raises(ValueError, match="joint attention: not supported yet"):
+        H.cross_attention_blocks(model)
