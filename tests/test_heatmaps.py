@@ -1,8 +1,9 @@
 """Token heatmaps (DAAM, issue #23 item 1) on the tiny SD1.5 through ComfyUI's own sampler: one finite map
 per chosen word, normalised to [0, 1] at image size; the image equals sampling without the capture (bit for
 bit); the captured maps are attention (over the text tokens they sum to one per pixel and layer call); words
-are found at the tokenizer's positions; a word missing from the prompt and a joint-attention model are refused
-by name. The node's grid runs through the server and in the browser test (workflows/token_heatmaps.json)."""
+are found at the tokenizer's positions; a word missing from the prompt and a model without readable text attention (SD3) are refused by name;
+FLUX.1's joint attention gives maps too, with the image unchanged. The node's grid runs through the server and
+in the browser test (workflows/token_heatmaps.json)."""
 from __future__ import annotations
 
 import pytest
@@ -68,7 +69,27 @@ def test_word_positions_follow_the_tokenizer_and_bad_input_is_named(H, sd15, com
         H.token_positions(clip, PROMPT, ["giraffe"])
 
 
-def test_joint_attention_models_are_refused_by_name(H, family_bundle):
-    model, _, _ = family_bundle("flux1-dev")
-    with pytest.raises(ValueError, match="joint attention: not supported yet"):
+def test_flux_joint_attention_maps_and_unchanged_image(H, R, family_bundle):
+    """FLUX.1: the text-to-image part of joint attention, through ComfyUI's attention override hook."""
+    model, clip, vae = family_bundle("flux1-dev")
+    s = R.SampleSettings(steps=2, cfg=1.0, width=64, height=32, seed=1)
+    prompt = "ohwx, a zebra on a red carpet"
+    image, maps = H.heatmaps(model, clip, vae, prompt, "", ["zebra", "carpet"], s)
+    assert maps.shape == (2, 32, 64) and torch.isfinite(maps).all()
+    assert all(m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
+    plain = R.sample(model, vae, R.encode(clip, prompt, s.guidance), R.encode(clip, "", s.guidance), s, s.seed)
+    assert torch.equal(image, plain)
+    cap = H.Capture()
+    pos = R.encode(clip, prompt, s.guidance)
+    hooked = H.patched(model, cap, text_len=pos[0][0].shape[1], aspect=0.5)
+    R.sample(hooked, vae, pos, pos, s, 0)
+    dm = model.model.diffusion_model
+    assert cap.calls == (len(dm.double_blocks) + len(dm.single_blocks)) * s.steps  # one per joint block and step
+    assert cap.total.shape == (pos[0][0].shape[1], 2, 4)  # text tokens x (32/16, 64/16) image patches
+    assert (cap.total.sum(0) < cap.calls).all()  # image keys take the rest of each softmax row
+
+
+def test_models_without_readable_attention_are_refused_by_name(H, family_bundle):
+    model, _, _ = family_bundle("sd3")
+    with pytest.raises(ValueError, match="not supported yet"):
         H.cross_attention_blocks(model)

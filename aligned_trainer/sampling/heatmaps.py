@@ -1,15 +1,17 @@
 """Token heatmaps (DAAM, Tang et al. 2022): where each prompt token acts in a generated image.
 
-While ComfyUI's own sampler runs, every cross-attention layer of the UNet is replaced (ComfyUI's ``attn2``
-replace patch on a clone of the model; ComfyUI is not edited) by a function that computes the layer's output
-with ComfyUI's own ``optimized_attention`` (the call the unpatched layer makes, so the image is unchanged) and,
-beside it, the softmax attention of the image queries over the text tokens. As DAAM does, those maps are
-averaged over heads, upsampled to the latent's size (bicubic), summed over layers and sampling steps (the
-conditional half of a CFG batch only), then upsampled to the image and normalised per token to [0, 1].
-
-Scope: UNet families with cross-attention (SD1.x, SD2.x, SDXL). Joint-attention DiTs (SD3, FLUX) route text
-and image through one attention call without an ``attn2`` hook; they are refused with a clear message (not
-built yet, see docs/heatmaps.md).
+While ComfyUI's own sampler runs, a clone of the model carries a capture hook (ComfyUI is not edited), and the
+hooked call still computes its output with ComfyUI's own attention function, so the image is unchanged:
+- UNet families (SD1.x, SD2.x, SDXL): every cross-attention layer gets ComfyUI's ``attn2`` replace patch, which
+  calls ``optimized_attention`` as the unpatched layer does and records the softmax attention of the image
+  queries over the text tokens;
+- joint-attention DiTs whose attention goes through ComfyUI's wrapped attention with text tokens first (FLUX.1,
+  Chroma): the ``optimized_attention_override`` hook of ``transformer_options`` sees every attention call; for
+  the calls over text + image tokens it records the text-to-image part (image queries, softmax over all keys,
+  the text keys' columns).
+As DAAM does, the maps are averaged over heads, summed over layers and sampling steps (the conditional half of a
+CFG batch only), upsampled to the image (bicubic) and normalised per token to [0, 1]. Other models (SD3's MMDiT
+and the newer DiTs) are refused with a clear message (docs/heatmaps.md).
 """
 from __future__ import annotations
 
@@ -52,6 +54,31 @@ class Capture:
             self.total += maps.cpu()
         self.calls += 1
 
+    def add_joint(self, q: torch.Tensor, k: torch.Tensor, text_len: int, aspect: float, options: dict) -> None:
+        """A joint-attention call (B, heads, text + image tokens, d), text first: the image queries' attention
+        to the text keys, softmax over all keys, averaged over heads one head at a time (bounded memory)."""
+        chunks = options.get("cond_or_uncond") or [0]
+        per = q.shape[0] // len(chunks)
+        rows = [i * per for i, c in enumerate(chunks) if c == 0]
+        if not rows:
+            return
+        n = q.shape[-2] - text_len
+        h = max(1, round(math.sqrt(n * aspect)))
+        w = n // h
+        if h * w != n:
+            return  # not an image-token layout this capture understands (e.g. extra reference tokens)
+        r = rows[0]
+        acc = torch.zeros(n, text_len)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        for head in range(q.shape[1]):
+            qi = q[r, head, text_len:].float()
+            ki = k[r, head].float()
+            acc += torch.softmax(qi @ ki.T * scale, dim=-1)[:, :text_len].cpu()
+        maps = (acc / q.shape[1]).T.reshape(text_len, h, w)
+        self.total = maps if self.total is None else (self.total + maps if self.total.shape == maps.shape
+                                                      else self._grow(maps))
+        self.calls += 1
+
     def _grow(self, maps: torch.Tensor) -> torch.Tensor:
         """A later call with a longer context (more token chunks): pad the shorter sum with zeros."""
         t = max(self.total.shape[0], maps.shape[0])
@@ -66,8 +93,8 @@ def cross_attention_blocks(model) -> list[tuple[str, int, int]]:
     UNet names them in ``transformer_options`` (input/middle/output blocks)."""
     dm = model.model.diffusion_model
     if not hasattr(dm, "input_blocks"):
-        raise ValueError(f"Token heatmaps need a UNet with cross-attention (SD1.x, SD2.x, SDXL); this model is "
-                         f"{type(dm).__name__}, whose text and image share joint attention: not supported yet.")
+        raise ValueError(f"Token heatmaps read UNet cross-attention (SD1.x, SD2.x, SDXL) or FLUX-style joint "
+                         f"attention; this model is {type(dm).__name__}: not supported yet.")
     found = []
     for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
         for i, seq in enumerate(blocks):
@@ -80,8 +107,31 @@ def cross_attention_blocks(model) -> list[tuple[str, int, int]]:
     return found
 
 
-def patched(model, capture: Capture):
-    """A clone of ``model`` whose cross-attention layers report to ``capture``; outputs are unchanged."""
+def _joint_model(model) -> bool:
+    """Joint text+image attention through ComfyUI's wrapped attention, text tokens first (FLUX.1 layout)."""
+    dm = model.model.diffusion_model
+    return hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
+
+
+def patched(model, capture: Capture, text_len: int | None = None, aspect: float = 1.0):
+    """A clone of ``model`` whose attention reports to ``capture``; outputs are unchanged. Joint-attention
+    models need the conditioning's ``text_len`` and the image's height/width ``aspect``."""
+    if _joint_model(model):
+        if not text_len:
+            raise ValueError("token heatmaps on a joint-attention model need the prompt's token count")
+
+        def override(func, *args, **kwargs):
+            out = func(*args, **kwargs)
+            q, k = args[0], args[1]
+            if kwargs.get("skip_reshape") and q.ndim == 4 and q.shape[-2] == k.shape[-2] > text_len:
+                with torch.no_grad():
+                    capture.add_joint(q, k, text_len, aspect, kwargs.get("transformer_options") or {})
+            return out
+
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        return m
+
     def attn2(q, k, v, extra):
         out = comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra["attn_precision"])
         with torch.no_grad():
@@ -94,20 +144,27 @@ def patched(model, capture: Capture):
     return m
 
 
-def _ids(clip, text: str) -> list[int]:
+def _ids(clip, text: str, text_len: int | None = None) -> tuple[list[int], str]:
+    """Token ids of ``text`` from the tokenizer whose tokens make the conditioning (the one whose count is
+    ``text_len``: T5 for FLUX.1, not CLIP-L's pooled text; for SDXL both CLIPs split words alike)."""
     toks = clip.tokenize(text)
-    key = sorted(toks)[0]  # one encoder's tokens ("g" before "l" for SDXL; both tokenizers split words alike)
-    return [int(tok[0]) for chunk in toks[key] for tok in chunk], key
+    flat = {k: [int(t[0]) for chunk in v for t in chunk] for k, v in toks.items()}
+    key = next((k for k in sorted(flat) if text_len and len(flat[k]) == text_len), sorted(flat)[0])
+    return flat[key], key
 
 
-def token_positions(clip, prompt: str, words: list[str]) -> dict[str, list[int]]:
+def token_positions(clip, prompt: str, words: list[str], text_len: int | None = None) -> dict[str, list[int]]:
     """Positions in the conditioning of each word's tokens (every occurrence). A word that does not occur
     raises, naming it."""
-    ids, key = _ids(clip, prompt)
-    special = set(_ids(clip, "")[0])
+    ids, key = _ids(clip, prompt, text_len)
+
+    def key_ids(text: str) -> list[int]:
+        return [int(t[0]) for chunk in clip.tokenize(text)[key] for t in chunk]
+
+    special = set(key_ids(""))  # start, end and padding tokens
     out = {}
     for word in words:
-        sub = [i for i in _ids(clip, word)[0] if i not in special]
+        sub = [i for i in key_ids(word) if i not in special]
         pos = [p + j for p in range(len(ids) - len(sub) + 1) if sub and ids[p:p + len(sub)] == sub
                for j in range(len(sub))]
         if not pos:
@@ -119,13 +176,16 @@ def token_positions(clip, prompt: str, words: list[str]) -> dict[str, list[int]]
 
 def heatmaps(model, clip, vae, prompt: str, negative: str, words: list[str], s: render.SampleSettings):
     """(image (1, H, W, 3), maps (len(words), H, W) in [0, 1]) for ``prompt`` sampled with ``s``."""
-    positions = token_positions(clip, prompt, words)
     capture = Capture()
     pos = render.encode(clip, prompt, s.guidance)
+    positions = token_positions(clip, prompt, words, pos[0][0].shape[1])
     neg = render.encode(clip, negative, s.guidance)
-    image = render.sample(patched(model, capture), vae, pos, neg, s, s.seed)
+    if not _joint_model(model):
+        cross_attention_blocks(model)  # refuses models it cannot read, before sampling
+    hooked = patched(model, capture, text_len=pos[0][0].shape[1], aspect=s.height / s.width)
+    image = render.sample(hooked, vae, pos, neg, s, s.seed)
     if capture.total is None:
-        raise RuntimeError("no cross-attention was captured while sampling; is this a UNet model?")
+        raise RuntimeError("no text attention was captured while sampling this model")
     h, w = image.shape[1:3]
     maps = []
     for word in words:
