@@ -5,8 +5,8 @@ hooked call still computes its output with ComfyUI's own attention function, so 
 - UNet families (SD1.x, SD2.x, SDXL): every cross-attention layer gets ComfyUI's ``attn2`` replace patch, which
   calls ``optimized_attention`` as the unpatched layer does and records the softmax attention of the image
   queries over the text tokens;
-- joint-attention DiTs whose attention goes through ComfyUI's wrapped attention with text tokens first (FLUX.1,
-  Chroma): the ``optimized_attention_override`` hook of ``transformer_options`` sees every attention call; for
+- joint-attention DiTs whose attention goes through ComfyUI's wrapped attention with text tokens first
+  (FLUX.1; checked there only, and the recorded maps ignore any attention mask): the ``optimized_attention_override`` hook of ``transformer_options`` sees every attention call; for
   the calls over text + image tokens it records the text-to-image part (image queries, softmax over all keys,
   the text keys' columns).
 As DAAM does, the maps are averaged over heads, summed over layers and sampling steps (the conditional half of a
