@@ -152,3 +152,13 @@ def family_bundle(comfy):
         return built[name]
 
     return get
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.py runs ``-n 2 --dist loadgroup``) a module's tests stay in one worker, so
+    its module fixtures (servers, trained runs) are built once; modules that share a session fixture as heavy as
+    the family server name a common ``xdist_group`` themselves."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
