@@ -23,6 +23,7 @@ from . import naming
 # ``.processor.to_q_lora.down.weight``), magnitudes and alphas
 _SUFFIX = re.compile(r"[._]lora[._](down|up|A|B)(\.weight)?$|\.lora_magnitude_vector$|\.alpha$")
 _PAIR = ("lora_down.weight", "lora_up.weight")
+_PEFT_PAIR = ("lora_A.weight", "lora_B.weight")
 
 
 def _module_name(converted_key: str) -> str:
@@ -47,11 +48,12 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     raises, and checked normally when it does not (a file without ``single_blocks.N.linear1`` modules)."""
     facts = naming.family_facts(model)
     pipe_name, table = facts.get("diffusers_pipeline"), facts.get("diffusers_names")
-    file_modules = sorted({k.rsplit(".", 2)[0] for k in lora_sd if k.endswith(_PAIR[0])})
-    if not pipe_name or not table:
+    file_modules = sorted({k.rsplit(".", 2)[0] for k in lora_sd if k.endswith((_PAIR[0], _PEFT_PAIR[0]))})
+    kohya_file = any(k.endswith(_PAIR[0]) for k in lora_sd)
+    if not pipe_name or not table or (kohya_file and facts.get("diffusers_kohya") is False):
         return {"checked": False, "reason": f"diffusers has no loader for this family's kohya-format LoRA files "
                                             f"({facts.get('config_class', 'unknown family')})", "dropped": []}
-    if any(not k.endswith(_PAIR) and not k.endswith((".alpha", ".dora_scale")) for k in lora_sd):
+    if any(not k.endswith(_PAIR + _PEFT_PAIR) and not k.endswith((".alpha", ".dora_scale")) for k in lora_sd):
         return {"checked": False, "reason": "diffusers has no loader for LoHa/LoKr files", "dropped": []}
     import diffusers
 
