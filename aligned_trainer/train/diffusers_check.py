@@ -26,10 +26,19 @@ _PAIR = ("lora_down.weight", "lora_up.weight")
 _PEFT_PAIR = ("lora_A.weight", "lora_B.weight")
 
 
+_COMPONENTS = ("unet.", "transformer.")
+
+
 def _module_name(converted_key: str) -> str:
     """The model module a converted key targets (component prefix ``unet.``/``transformer.`` removed); the
-    attention-processor form names ``to_out.0`` as ``processor.to_out``, as diffusers' peft conversion reads it."""
-    name = _SUFFIX.sub("", converted_key).replace(".processor.", ".").split(".", 1)[1]
+    attention-processor form names ``to_out.0`` as ``processor.to_out``, as diffusers' peft conversion reads it.
+    A key without a component prefix (diffusers 0.42.1's kohya FLUX converter names ``x_embedder``,
+    ``context_embedder``, ``time_text_embed.*``, ``norm_out.linear`` and ``proj_out`` so) is not loaded by
+    ``load_lora_weights``, which passes only its component's keys on: such a name is returned with a note."""
+    name = _SUFFIX.sub("", converted_key).replace(".processor.", ".")
+    if not name.startswith(_COMPONENTS):
+        return f"{name} (diffusers' converter names it outside the model component, so load_lora_weights skips it)"
+    name = name.split(".", 1)[1]
     return name + ".0" if name.endswith(".to_out") else name
 
 
