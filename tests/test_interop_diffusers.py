@@ -293,6 +293,19 @@ def test_flux_width_diffusers_cannot_convert_is_not_checkable(T, family_bundle, 
     assert full["reason"].startswith("not checkable") and "3072" in full["reason"] and "64" in full["reason"]
     part = T.diffusers_check.check(model, {k: v for k, v in sd.items() if "linear1" not in k})
     assert part["checked"] and part["dropped"] == [] and part["refused"] == [] and part["modules"] > 0, part
+    # modules outside the blocks: diffusers' kohya FLUX converter names them without the "transformer." prefix, which
+    # load_lora_weights then skips (measured at full width: tests/test_interop_flux_full.py); the check names them
+    dm_params = dict(model.model.diffusion_model.named_parameters())
+    outer = {}
+    for module in ("img_in", "final_layer.linear"):
+        out_dim, in_dim = dm_params[module + ".weight"].shape
+        key = "lora_unet_" + module.replace(".", "_")
+        outer.update({key + ".lora_down.weight": torch.zeros(4, in_dim), key + ".lora_up.weight": torch.zeros(out_dim, 4),
+                      key + ".alpha": torch.tensor(4.0)})
+    skipped = T.diffusers_check.check(model, outer)
+    assert skipped["checked"] and len(skipped["dropped"]) == 2, skipped
+    assert all("outside the model component" in n for n in skipped["dropped"])
+    assert {n.split(" ")[0] for n in skipped["dropped"]} == {"x_embedder", "proj_out"}
 
     def linear1(width):
         g = torch.Generator().manual_seed(0)
