@@ -370,6 +370,9 @@ def test_sd3_files_in_peft_layout_load_completely_in_diffusers_and_match_comfyui
     assert (algorithm == "locon") == any(k.startswith("transformer.pos_embed.proj.") for k in sd)
     assert d["modules"] == len({k.rsplit(".", 2)[0] for k in sd})
     assert T.export.unmapped_keys(sd3.model, sd) == []
+    # known limit (docs/interop.md): init_lora does not join split qkv slices back into ComfyUI's fused weight
+    with pytest.raises(T.C.ConfigError, match="match no module"):
+        T.interop.adapters_from_lora(sd3.model, sd, [], lora)
     n_modules = len({k.rsplit(".", 2)[0] for k in sd})
     pipe = sd3.pipeline
     pipe.load_lora_weights(str(path), adapter_name="default_0")
