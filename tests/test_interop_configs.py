@@ -220,7 +220,8 @@ def test_kohya_values_read_and_written_as_sd_scripts_reads_them(IO, tmp_path, mo
     'N%' is a ratio of ``max_train_steps``; its ``constant`` refuses warmup steps (``get_scheduler_fix``), so constant
     with warmup is written ``constant_with_warmup``; ``weighting_scheme`` sigma_sqrt/cosmap are loss weightings,
     uniform/none neither; ``dora_wd`` is LyCORIS's (``networks.lora`` ignores it), so DoRA is written with
-    ``lycoris.kohya``; schedulers we lack are noted, not passed on. The exported file re-imports to the same settings."""
+    ``lycoris.kohya``; schedulers we lack are noted, not passed on. The exported file re-imports to the same
+    settings."""
     path = tmp_path / "k.toml"
     path.write_text(KOHYA_SEMANTICS.format(module=module, scheduler=scheduler, warmup=warmup, scheme=scheme))
     (lora, opt, ts, s), notes = IO.read(path)

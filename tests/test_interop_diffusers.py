@@ -307,8 +307,8 @@ def test_flux_width_diffusers_cannot_convert_is_not_checkable(T, family_bundle, 
     for module in ("img_in", "final_layer.linear"):
         out_dim, in_dim = dm_params[module + ".weight"].shape
         key = "lora_unet_" + module.replace(".", "_")
-        outer.update({key + ".lora_down.weight": torch.zeros(4, in_dim), key + ".lora_up.weight": torch.zeros(out_dim, 4),
-                      key + ".alpha": torch.tensor(4.0)})
+        outer.update({key + ".lora_down.weight": torch.zeros(4, in_dim),
+                      key + ".lora_up.weight": torch.zeros(out_dim, 4), key + ".alpha": torch.tensor(4.0)})
     skipped = T.diffusers_check.check(model, outer)
     assert skipped["checked"] and len(skipped["dropped"]) == 2, skipped
     assert all("outside the model component" in n for n in skipped["dropped"])

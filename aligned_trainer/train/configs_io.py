@@ -28,7 +28,8 @@ FIELDS = [
     ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "ai-toolkit approx",
      "kohya: constant with warmup is its constant_with_warmup (its constant refuses lr_warmup_steps); its other "
      "schedulers (adafactor, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, piecewise_constant) have no "
-     "equivalent. ai-toolkit: cosine is torch CosineAnnealingLR over train.steps (ours without warmup), cosine_with_restarts "
+     "equivalent. ai-toolkit: cosine is torch CosineAnnealingLR over train.steps (ours without warmup), "
+     "cosine_with_restarts "
      "restarts only after train.steps (= one cosine), linear is torch LinearLR (rises from lr/3 to lr: no "
      "equivalent), warmup only as constant_with_warmup"),
     ("optimizer", "warmup_steps", "lr_warmup_steps", "train.lr_scheduler_params.num_warmup_steps",

@@ -96,5 +96,6 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     return {"checked": True, "pipeline": pipe_name, "modules": len(file_modules), "dropped": dropped,
             "refused": refused,
             "reason": "diffusers' load_lora_weights drops every DoRA magnitude (dora_scale) and loads the LoRA part "
-                      "only, so its output differs from ComfyUI's; no file layout carries DoRA to both (docs/interop.md)"
+                      "only, so its output differs from ComfyUI's; no file layout carries DoRA to both "
+                      "(docs/interop.md)"
                       if has_dora else ""}
