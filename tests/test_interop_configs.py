@@ -194,3 +194,49 @@ def test_bad_config_files_are_refused(IO, tmp_path):
     empty.write_text("job: extension\n")
     with pytest.raises(ValueError, match="process"):
         IO.read(empty)
+
+
+KOHYA_SEMANTICS = '''
+network_module = "{module}"
+network_dim = 8
+network_args = ["dora_wd=True"]
+lr_scheduler = "{scheduler}"
+lr_warmup_steps = {warmup}
+max_train_steps = 500
+weighting_scheme = "{scheme}"
+'''
+
+
+@pytest.mark.parametrize("module,scheduler,warmup,scheme,expect", [
+    # (imported dora, scheduler, warmup steps, density, weighting)
+    ("lycoris.kohya", "constant_with_warmup", "0.1", "uniform", (True, "constant", 50, "uniform", "none")),
+    ("networks.lora", "cosine", '"5%"', "cosmap", (False, "cosine", 25, "uniform", "sd3_cosmap")),
+    ("networks.lora", "adafactor", "30", "sigma_sqrt", (False, "constant", 30, "uniform", "sd3_sigma_sqrt")),
+    ("lycoris.kohya", "polynomial", "0", "logit_normal", (True, "polynomial", 0, "logit_normal", "none")),
+])
+def test_kohya_values_read_and_written_as_sd_scripts_reads_them(IO, tmp_path, module, scheduler, warmup, scheme,
+                                                                 expect):
+    """kohya sd-scripts' own meanings (checked against its source, docs/interop.md): ``lr_warmup_steps`` below 1 or
+    'N%' is a ratio of ``max_train_steps``; its ``constant`` refuses warmup steps (``get_scheduler_fix``), so constant
+    with warmup is written ``constant_with_warmup``; ``weighting_scheme`` sigma_sqrt/cosmap are loss weightings,
+    uniform/none neither; ``dora_wd`` is LyCORIS's (``networks.lora`` ignores it), so DoRA is written with
+    ``lycoris.kohya``; schedulers we lack are noted, not passed on. The exported file re-imports to the same
+    settings."""
+    path = tmp_path / "k.toml"
+    path.write_text(KOHYA_SEMANTICS.format(module=module, scheduler=scheduler, warmup=warmup, scheme=scheme))
+    (lora, opt, ts, s), notes = IO.read(path)
+    assert (lora.dora, opt.scheduler, opt.warmup_steps, ts.density, ts.weighting) == expect
+    assert (module == "networks.lora") == any("dora_wd" in n for n in notes)
+    assert (scheduler == "adafactor") == any("adafactor" in n for n in notes)
+    assert not any("approximated" in n for n in notes)
+    out = IO.write(tmp_path / "out.toml", lora, opt, ts, s)
+    import tomllib
+
+    written = tomllib.loads(out.read_text())
+    if opt.scheduler == "constant" and opt.warmup_steps:
+        assert written["lr_scheduler"] == "constant_with_warmup"
+    assert (written["network_module"] == "lycoris.kohya") == lora.dora
+    assert written["weighting_scheme"] == {"sd3_cosmap": "cosmap", "sd3_sigma_sqrt": "sigma_sqrt"}.get(
+        ts.weighting, ts.density)
+    again, _ = IO.read(out)
+    assert again == (lora, opt, ts, s)

@@ -26,11 +26,15 @@ FIELDS = [
     ("optimizer", "name", "optimizer_type", "train.optimizer", "exact", "names translated (AdamW8bit <-> adamw8bit)"),
     ("optimizer", "weight_decay", "optimizer_args.weight_decay", "train.optimizer_params.weight_decay", "exact", ""),
     ("optimizer", "scheduler", "lr_scheduler", "train.lr_scheduler", "ai-toolkit approx",
-     "ai-toolkit: cosine is torch CosineAnnealingLR over train.steps (ours without warmup), cosine_with_restarts "
+     "kohya: constant with warmup is its constant_with_warmup (its constant refuses lr_warmup_steps); its other "
+     "schedulers (adafactor, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, piecewise_constant) have no "
+     "equivalent. ai-toolkit: cosine is torch CosineAnnealingLR over train.steps (ours without warmup), "
+     "cosine_with_restarts "
      "restarts only after train.steps (= one cosine), linear is torch LinearLR (rises from lr/3 to lr: no "
      "equivalent), warmup only as constant_with_warmup"),
     ("optimizer", "warmup_steps", "lr_warmup_steps", "train.lr_scheduler_params.num_warmup_steps",
-     "ai-toolkit approx", "ai-toolkit applies num_warmup_steps only with lr_scheduler constant_with_warmup"),
+     "ai-toolkit approx", "kohya: a float below 1 (or 'N%') is a ratio of max_train_steps; ai-toolkit applies "
+     "num_warmup_steps only with lr_scheduler constant_with_warmup"),
     ("optimizer", "total_steps", "max_train_steps", "train.steps", "exact", ""),
     ("optimizer", "num_cycles", "lr_scheduler_num_cycles", None, "exact", ""),
     ("optimizer", "power", "lr_scheduler_power", None, "exact", ""),
@@ -58,7 +62,9 @@ FIELDS = [
     ("timesteps", "logit_std", "logit_std", None, "exact", ""),
     ("timesteps", "mode_scale", "mode_scale", None, "exact", ""),
     ("timesteps", "density", "weighting_scheme", "train.timestep_type", "approx",
-     "kohya: logit_normal/mode (SD3 weighting_scheme); ai-toolkit: sigmoid/linear/weighted"),
+     "kohya: weighting_scheme logit_normal/mode are sampling densities (FLUX: with timestep_sampling sigma, its "
+     "default), sigma_sqrt/cosmap loss weightings (our weighting sd3_sigma_sqrt/sd3_cosmap), uniform/none neither; "
+     "ai-toolkit: sigmoid/linear/weighted"),
 ]
 UNMAPPED = [
     ("lora.preset / include / exclude", "kohya: network_args target blocks differ per network module; ai-toolkit: "
@@ -69,10 +75,15 @@ UNMAPPED = [
     ("timesteps.shift / bias", "kohya discrete_flow_shift and ai-toolkit's per-model shift differ in meaning"),
     ("settings.val_count / reg_weight", "dataset-level settings in both tools"),
 ]
+# kohya library/train_util.py get_scheduler_fix: constant refuses num_warmup_steps; ours applies warmup to constant
+KOHYA_SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
+                    "cosine_with_restarts": "cosine_with_restarts", "linear": "linear", "polynomial": "polynomial"}
+# kohya weighting_scheme values that are loss weightings (sd3_train_utils.compute_loss_weighting_for_sd3)
+KOHYA_WEIGHTINGS = {"sigma_sqrt": "sd3_sigma_sqrt", "cosmap": "sd3_cosmap"}
 OPT_TO_KOHYA = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy", "adafactor": "Adafactor",
                 "lion": "Lion"}
 PREC_TO_KOHYA = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
-DENSITY_KOHYA = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "none"}
+DENSITY_KOHYA = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "uniform"}
 # ai-toolkit (toolkit/train_tools.py get_torch_dtype, toolkit/scheduler.py get_lr_scheduler): its names -> ours
 AIT_DTYPES = {"fp32": "fp32", "float": "fp32", "float32": "fp32", "single": "fp32", "fp16": "fp16", "half": "fp16",
               "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
@@ -155,10 +166,20 @@ def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
         elif name == "precision":
             value = {v: k for k, v in PREC_TO_KOHYA.items()}.get(str(value), "fp32")
         elif name == "density":
-            value = {v: k for k, v in DENSITY_KOHYA.items()}.get(str(value))
+            if str(value) in KOHYA_WEIGHTINGS:
+                values["timesteps"]["weighting"] = KOHYA_WEIGHTINGS[str(value)]
+                continue
+            value = {**{v: k for k, v in DENSITY_KOHYA.items()}, "none": "uniform"}.get(str(value))
             if value is None:
                 notes.append(f"weighting_scheme {cfg[kohya]!r} approximated by uniform timesteps")
                 continue
+        elif name == "scheduler":
+            value = KOHYA_SCHEDULERS.get(str(value))
+            if value is None:
+                notes.append(f"lr_scheduler {cfg[kohya]!r} has no equivalent; kept constant")
+                continue
+        elif name == "warmup_steps":
+            value = _kohya_warmup(value, cfg.get("max_train_steps"))
         values[section][name] = _coerce(section, name, value)
         if quality == "approx" and note:
             notes.append(f"{kohya}: {note}")
@@ -183,8 +204,22 @@ def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
     if algorithm == "locon":
         values["lora"]["preset"] = "all-linear+conv"
     if str(net_args.get("dora_wd", "")).lower() == "true":
-        values["lora"]["dora"] = True
+        if "lycoris" in module:
+            values["lora"]["dora"] = True
+        else:  # DoRA is LyCORIS's (dora_wd); sd-scripts' networks.lora has none and ignores the argument
+            notes.append(f"network_args dora_wd=True ignored: {module} has no DoRA (it is LyCORIS's, "
+                         "network_module lycoris.kohya)")
     return values, notes
+
+
+def _kohya_warmup(value, max_train_steps) -> int:
+    """kohya's lr_warmup_steps (train_util int_or_float / get_scheduler_fix): an int is steps; a float below 1 or
+    'N%' is a ratio of max_train_steps (its default 1600)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = float(value.strip()[:-1]) / 100
+    if isinstance(value, float) and value < 1:
+        return int(value * int(max_train_steps or 1600))
+    return value
 
 
 def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, settings: RunSettings) -> dict:
@@ -200,7 +235,11 @@ def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, setting
         elif name == "precision":
             value = PREC_TO_KOHYA[value]
         elif name == "density":
-            value = DENSITY_KOHYA.get(value, "none")
+            value = DENSITY_KOHYA.get(value, "uniform")
+            if value == "uniform":
+                value = {v: k for k, v in KOHYA_WEIGHTINGS.items()}.get(ts.weighting, "uniform")
+        elif name == "scheduler" and value == "constant" and opt.warmup_steps:
+            value = "constant_with_warmup"
         elif name == "alpha":
             value = lora.scale_alpha
         elif name == "min_snr_gamma" and ts.weighting != "min_snr":
@@ -212,9 +251,9 @@ def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, setting
     out["optimizer_args"] = opt_args
     if ts.weighting == "debiased":
         out["debiased_estimation_loss"] = True
-    lycoris = lora.algorithm in ("loha", "lokr")
+    lycoris = lora.algorithm in ("loha", "lokr") or lora.dora  # DoRA (dora_wd) is LyCORIS's, not networks.lora's
     out["network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
-    net_args = [f"algo={lora.algorithm}"] if lycoris else []
+    net_args = [f"algo={'lora' if lora.algorithm == 'locon' else lora.algorithm}"] if lycoris else []
     if lora.conv:
         net_args += [f"conv_dim={lora.rank}", f"conv_alpha={lora.scale_alpha}"]
     net_args += [f"{k}={getattr(lora, k)}" for k in ("rank_dropout", "module_dropout") if getattr(lora, k)]

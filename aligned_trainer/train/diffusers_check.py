@@ -23,12 +23,22 @@ from . import naming
 # ``.processor.to_q_lora.down.weight``), magnitudes and alphas
 _SUFFIX = re.compile(r"[._]lora[._](down|up|A|B)(\.weight)?$|\.lora_magnitude_vector$|\.alpha$")
 _PAIR = ("lora_down.weight", "lora_up.weight")
+_PEFT_PAIR = ("lora_A.weight", "lora_B.weight")
+
+
+_COMPONENTS = ("unet.", "transformer.")
 
 
 def _module_name(converted_key: str) -> str:
     """The model module a converted key targets (component prefix ``unet.``/``transformer.`` removed); the
-    attention-processor form names ``to_out.0`` as ``processor.to_out``, as diffusers' peft conversion reads it."""
-    name = _SUFFIX.sub("", converted_key).replace(".processor.", ".").split(".", 1)[1]
+    attention-processor form names ``to_out.0`` as ``processor.to_out``, as diffusers' peft conversion reads it.
+    A key without a component prefix (diffusers 0.42.1's kohya FLUX converter names ``x_embedder``,
+    ``context_embedder``, ``time_text_embed.*``, ``norm_out.linear`` and ``proj_out`` so) is not loaded by
+    ``load_lora_weights``, which passes only its component's keys on: such a name is returned with a note."""
+    name = _SUFFIX.sub("", converted_key).replace(".processor.", ".")
+    if not name.startswith(_COMPONENTS):
+        return f"{name} (diffusers' converter names it outside the model component, so load_lora_weights skips it)"
+    name = name.split(".", 1)[1]
     return name + ".0" if name.endswith(".to_out") else name
 
 
@@ -47,11 +57,12 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     raises, and checked normally when it does not (a file without ``single_blocks.N.linear1`` modules)."""
     facts = naming.family_facts(model)
     pipe_name, table = facts.get("diffusers_pipeline"), facts.get("diffusers_names")
-    file_modules = sorted({k.rsplit(".", 2)[0] for k in lora_sd if k.endswith(_PAIR[0])})
-    if not pipe_name or not table:
+    file_modules = sorted({k.rsplit(".", 2)[0] for k in lora_sd if k.endswith((_PAIR[0], _PEFT_PAIR[0]))})
+    kohya_file = any(k.endswith(_PAIR[0]) for k in lora_sd)
+    if not pipe_name or not table or (kohya_file and facts.get("diffusers_kohya") is False):
         return {"checked": False, "reason": f"diffusers has no loader for this family's kohya-format LoRA files "
                                             f"({facts.get('config_class', 'unknown family')})", "dropped": []}
-    if any(not k.endswith(_PAIR) and not k.endswith((".alpha", ".dora_scale")) for k in lora_sd):
+    if any(not k.endswith(_PAIR + _PEFT_PAIR) and not k.endswith((".alpha", ".dora_scale")) for k in lora_sd):
         return {"checked": False, "reason": "diffusers has no loader for LoHa/LoKr files", "dropped": []}
     import diffusers
 
@@ -84,5 +95,7 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     has_dora = any(k.endswith(".dora_scale") for k in lora_sd)
     return {"checked": True, "pipeline": pipe_name, "modules": len(file_modules), "dropped": dropped,
             "refused": refused,
-            "reason": "diffusers drops DoRA magnitudes (dora_scale) of kohya-format files and loads the LoRA part "
-                      "only" if has_dora else ""}
+            "reason": "diffusers' load_lora_weights drops every DoRA magnitude (dora_scale) and loads the LoRA part "
+                      "only, so its output differs from ComfyUI's; no file layout carries DoRA to both "
+                      "(docs/interop.md)"
+                      if has_dora else ""}

@@ -16,7 +16,7 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
-from . import diffusers_check, files, naming
+from . import diffusers_check, files, naming, peft_layout
 from . import metadata as lora_metadata
 from .state import TrainRun
 
@@ -34,6 +34,19 @@ def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: boo
     weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
     modules = {_split(k)[0] for k in weights}
     return kohya_from_adapters(weights, dtype, conv_shapes(run.model), naming.module_prefixes(run.model, modules))
+
+
+def file_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors Save LoRA writes: the family's layout (``peft_layout`` where lora_formats.json asks for it and
+    the LoRA is plain pairs), kohya keys otherwise."""
+    if run.state is None:
+        raise ExportError("the run has no trained weights yet; run Train Steps first")
+    weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+    if peft_layout.applies(run.model, weights):
+        modules = {_split(k)[0] for k in weights}
+        return peft_layout.from_kohya(run.model, kohya_from_adapters(weights, dtype, conv_shapes(run.model),
+                                                                     {m: m for m in modules}))
+    return kohya_state_dict(run, dtype, ema)
 
 
 def conv_shapes(model) -> dict[str, torch.Size]:
@@ -156,7 +169,7 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
         folder = Path(folder_paths.get_folder_paths("loras")[0])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = kohya_state_dict(run, dtype, ema)
+    sd = file_state_dict(run, dtype, ema)
     use_ema = bool(ema and run.state.get("ema_adapters"))
     missing = unmapped_keys(run.model, sd)
     if missing:

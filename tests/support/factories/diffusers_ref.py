@@ -110,3 +110,51 @@ def lora_modules(model, adapter_name: str = "default_0") -> list[str]:
     """Names of the modules of a diffusers model that carry a loaded peft LoRA adapter."""
     return sorted(n for n, m in model.named_modules()
                   if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and adapter_name in m.lora_A)
+
+
+# FLUX.1 at the width diffusers' FLUX converters hard-code (3072: inner_dim in
+# convert_flux_transformer_checkpoint_to_diffusers, dims=[3072]*3+[12288] in _convert_kohya_flux_lora_to_diffusers),
+# with one double and one single block and the tiny family's small text/vector widths. 24 heads of 128, rope axes
+# 16/56/56 as FLUX.1's own config (black-forest-labs/flux, flux1-dev params).
+FLUX_FULL_WIDTH = dict(families.FLUX_DIT, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], guidance_embed=True)
+
+
+def flux_full_width_model(seed: int = 0):
+    """MODEL: ComfyUI's FLUX.1 dev model (``supported_models.Flux``, fp32) at ``FLUX_FULL_WIDTH``, seeded weights (not
+    cached: ~2 GB)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from .common import seeded_init_
+
+    cfg = comfy.supported_models.Flux(dict(FLUX_FULL_WIDTH))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "", device=mm.unet_offload_device())
+    with torch.no_grad():
+        seeded_init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def flux_pipeline(diffusion_state_dict: dict):
+    """A FluxPipeline around diffusers' FluxTransformer2DModel converted from ComfyUI's FLUX.1 weights with diffusers'
+    ``convert_flux_transformer_checkpoint_to_diffusers`` (every key must match). The converter takes the tensors as
+    they are (no copy where it does not fuse or reorder), and the model is built on the meta device and takes them
+    by assignment, so the diffusers model shares the weights it does not reorder with ComfyUI's model: neither side
+    may change base weights while the other is used."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    u = FLUX_FULL_WIDTH
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=u["in_channels"] * u["patch_size"] ** 2, out_channels=None,
+            num_layers=u["depth"], num_single_layers=u["depth_single_blocks"],
+            attention_head_dim=u["hidden_size"] // u["num_heads"], num_attention_heads=u["num_heads"],
+            joint_attention_dim=u["context_in_dim"], pooled_projection_dim=u["vec_in_dim"],
+            guidance_embeds=u["guidance_embed"], axes_dims_rope=tuple(u["axes_dim"]))
+    converted = convert_flux_transformer_checkpoint_to_diffusers(dict(diffusion_state_dict))
+    transformer.load_state_dict(converted, strict=True, assign=True)
+    return FluxPipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
