@@ -5,10 +5,11 @@ the project's virtual environment against the real ComfyUI. Extra arguments go t
     python3 scripts/test.py            # whole suite
     python3 scripts/test.py -k spec    # a subset
 
-Tests run in two pytest-xdist workers (``-n 2 --dist loadgroup``; one torch thread each), which keeps the suite
-inside its time budget on a 2-core machine: much of a test's time is spent waiting on a server, a browser or a
-subprocess. Modules that share the family server run in one worker (``xdist_group``). Pass ``-n 0`` (or any
-``-n``) to choose yourself; ``-n 0`` runs serially.
+Tests run in two pytest-xdist workers (``-n 2``; one torch thread each), which keeps the suite inside its time
+budget on a 2-core machine: much of a test's time is spent waiting on a server, a browser or a subprocess. Each
+test file runs in one worker, and the files that share the family server run in the same one
+(tests/conftest.py: ``pytest_xdist_make_scheduler``). Pass ``-n 0`` (or any ``-n``) to choose yourself; ``-n 0``
+runs serially.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main() -> int:
     run_env = dict(os.environ, COMFYUI_PATH=env["COMFYUI_PATH"], PYTHONUNBUFFERED="1")
     args = sys.argv[1:]
     if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
-        args = ["-n", "2", "--dist", "loadgroup", *args]
+        args = ["-n", "2", *args]
         run_env.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores: no oversubscribed torch threads
     cmd = [env["PYTHON"], "-m", "pytest", *args]
     print(f"[test] {' '.join(cmd)}", flush=True)

@@ -154,11 +154,19 @@ def family_bundle(comfy):
     return get
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (scripts/test.py runs ``-n 2 --dist loadgroup``) a module's tests stay in one worker, so
-    its module fixtures (servers, trained runs) are built once; modules that share a session fixture as heavy as
-    the family server name a common ``xdist_group`` themselves."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (scripts/test.py runs ``-n 2``): whole test files go to one worker, so a module's fixtures
+    (servers, trained runs) are built once, and the files that use the family server (a session fixture that
+    builds every tiny family) go to the same worker, so it is built once per run. (xdist's own ``loadgroup`` marks
+    do not take effect with pytest 9, which ignores the node id suffix they rely on.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    tests = Path(__file__).resolve().parent
+    shared = {f"tests/{p.name}" for p in tests.glob("test_*.py") if "family_server" in p.read_text(encoding="utf-8")}
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "family_server" if file in shared else file
+
+    return FileScheduling(config, log)

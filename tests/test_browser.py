@@ -31,7 +31,7 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
-pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.xdist_group("family_server")]  # one family server per run
+pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 
 @contextlib.contextmanager

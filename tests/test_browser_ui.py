@@ -30,7 +30,7 @@ from support.tiny_workflows import FAMILIES, TEST_NODES
 from support.workflow import load
 from test_browser import ARTIFACTS, _close_dialogs, open_frontend, open_page
 
-pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.xdist_group("family_server")]  # one family server per run
+pytestmark = [pytest.mark.server, pytest.mark.browser]
 VISIBLE_DIALOGS = "() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent).length"
 
 

@@ -370,9 +370,18 @@ def test_sd3_files_in_peft_layout_load_completely_in_diffusers_and_match_comfyui
     assert (algorithm == "locon") == any(k.startswith("transformer.pos_embed.proj.") for k in sd)
     assert d["modules"] == len({k.rsplit(".", 2)[0] for k in sd})
     assert T.export.unmapped_keys(sd3.model, sd) == []
-    # known limit (docs/interop.md): init_lora does not join split qkv slices back into ComfyUI's fused weight
-    with pytest.raises(T.C.ConfigError, match="match no module"):
-        T.interop.adapters_from_lora(sd3.model, sd, [], lora)
+    # init_lora joins the split qkv slices back into ComfyUI's fused weight: the run's own adapters come back
+    names = sorted({k.rsplit(".", 2)[0] for k in run.state["adapters"] if k.endswith(".lora_up.weight")})
+    back = T.interop.adapters_from_lora(sd3.model, sd, names, lora)
+    for k, v in run.state["adapters"].items():
+        if k.endswith(("lora_up.weight", "lora_down.weight")):
+            assert torch.allclose(back[k].reshape(v.shape), v.float(), atol=1e-6), k
+    assert {k for k in back if k.endswith("lora_up.weight")} == {n + ".lora_up.weight" for n in names}
+    bad = dict(sd)
+    q = next(k for k in sd if k.endswith("attn.to_q.lora_A.weight"))
+    bad[q] = sd[q] + 1.0  # to_q's down no longer the fused LoRA's down
+    with pytest.raises(T.C.ConfigError, match="different down"):
+        T.interop.adapters_from_lora(sd3.model, bad, names, lora)
     n_modules = len({k.rsplit(".", 2)[0] for k in sd})
     pipe = sd3.pipeline
     pipe.load_lora_weights(str(path), adapter_name="default_0")

@@ -16,8 +16,6 @@ from support.paths import REPO
 from support.tiny_workflows import FAMILIES, SHRINK, STEPS, tiny_prompt
 from support.workflow import load, ui_to_api, validate
 
-pytestmark = pytest.mark.xdist_group("family_server")  # shares the family server with the browser tests (one per run)
-
 
 def test_substitutions_touch_only_loaders_and_sizes(comfy):
     """Guard on the test itself: what tiny_prompt changes is exactly the loaders and the SHRINK inputs."""

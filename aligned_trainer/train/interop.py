@@ -42,20 +42,51 @@ def read(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"init_lora {path} cannot be read as safetensors ({e})") from None
 
 
-def key_map(model) -> dict[str, str]:
-    """File key prefix -> ComfyUI weight key (``diffusion_model.<module>.weight``)."""
+def key_map(model) -> dict[str, str | tuple]:
+    """File key prefix -> ComfyUI weight key (``diffusion_model.<module>.weight``), or, where one file module is a
+    slice of a fused ComfyUI weight (SD3's ``to_q`` of ``qkv``), ComfyUI's ``(weight key, (dim, start, length)[,
+    row function])``."""
     base = getattr(model, "model", model)
-    km = {k: v for k, v in comfy.lora.model_lora_keys_unet(base, {}).items() if isinstance(v, str)}
+    km = {k: v for k, v in comfy.lora.model_lora_keys_unet(base, {}).items() if isinstance(v, (str, tuple))}
     table = naming.family_facts(model).get("diffusers_names")
     if table:
         for diff, comfy_key in getattr(comfy.utils, table)(base.model_config.unet_config).items():
-            if not diff.endswith(".weight") or not isinstance(comfy_key, str):
+            if not diff.endswith(".weight"):
                 continue
-            target = comfy_key if comfy_key.startswith("diffusion_model.") else "diffusion_model." + comfy_key
+            key = comfy_key if isinstance(comfy_key, str) else comfy_key[0]
+            if not key.endswith(".weight"):
+                continue
+            key = key if key.startswith("diffusion_model.") else "diffusion_model." + key
+            target = key if isinstance(comfy_key, str) else (key, *comfy_key[1:])
             name = diff[:-len(".weight")]
             for prefix in ("", "unet.", "transformer.", "base_model.model."):
                 km.setdefault(prefix + name, target)
     return km
+
+
+def _joined(model, module: str, parts: list, source: str) -> tuple:
+    """One LoRA (up, down, alpha=None, ...) for a fused ComfyUI weight from files' per-slice LoRAs (SD3's
+    ``to_q``/``to_k``/``to_v`` of ``qkv``, as our peft layout and diffusers write them): exact when every slice has
+    the same down matrix, the way a fused LoRA splits. Each slice's scale is folded into its rows of up, and its
+    row function (ComfyUI's, e.g. swap_scale_shift) applied as ComfyUI's loader applies it."""
+    rows = model.model.diffusion_model.get_submodule(module).weight.shape[0]
+    down0 = None
+    up = None
+    for offset, fn, (p_up, p_down, p_alpha, p_mid, p_dora, _) in parts:
+        dim, start, length = offset if offset is not None else (0, 0, rows)  # whole weight with a row function
+        if dim != 0 or p_mid is not None or p_dora is not None:
+            raise ConfigError(f"{source}: module {module} is split in the file in a way a fused LoRA cannot hold "
+                              "(not row slices, or with mid/DoRA weights)")
+        d = p_down.float().reshape(p_down.shape[0], -1)
+        if down0 is None:
+            down0, up = d, torch.zeros(rows, d.shape[0])
+        elif d.shape != down0.shape or not torch.allclose(d, down0, rtol=0, atol=1e-6):
+            raise ConfigError(f"{source}: the slices of {module} (e.g. to_q/to_k/to_v) have different down (lora_A) "
+                              "matrices, so they are not one rank-r LoRA of the fused weight; this file cannot start "
+                              "a run (ComfyUI still applies it with Load LoRA)")
+        part = p_up.float().reshape(p_up.shape[0], -1) * (float(p_alpha) / d.shape[0] if p_alpha is not None else 1.0)
+        up[start:start + length] = fn(part) if fn is not None else part
+    return up, down0, None, None, None, None
 
 
 def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[str], cfg: LoraConfig,
@@ -69,12 +100,19 @@ def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[st
         raise ConfigError(f"{source}: starting from a LoRA file needs algorithm lora or locon (got '{cfg.algorithm}')")
     loaded = set()
     patches = {}
+    slices: dict[str, list] = {}
     for target, a in comfy.lora.load_lora(lora_sd, key_map(model), log_missing=False).items():
-        if not isinstance(a, LoRAAdapter) or not isinstance(target, str):
+        if not isinstance(a, LoRAAdapter):
             raise ConfigError(f"{source}: module {target} is not a LoRA pair (LoHa/LoKr/other); only LoRA/LoCon/DoRA "
                               "files can start a run")
         loaded |= set(a.loaded_keys)
-        patches[target[len("diffusion_model."):-len(".weight")]] = a
+        if isinstance(target, str):
+            patches[target[len("diffusion_model."):-len(".weight")]] = a.weights
+        else:  # a slice of a fused weight: (key, (dim, start, length)[, row function])
+            module = target[0][len("diffusion_model."):-len(".weight")]
+            slices.setdefault(module, []).append((target[1], target[2] if len(target) > 2 else None, a.weights))
+    for module, parts in slices.items():
+        patches[module] = _joined(model, module, parts, source)
     unmapped = sorted(k for k in lora_sd if k not in loaded)
     if unmapped:
         raise ConfigError(f"{source}: {len(unmapped)} key(s) of the file match no module of this model (e.g. "
@@ -84,8 +122,8 @@ def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[st
         raise ConfigError(f"{source}: the file trains {len(outside)} module(s) this run does not (e.g. {outside[:3]}); "
                           "widen LoRA Config's targets (preset / include regex) to cover them")
     out: dict[str, torch.Tensor] = {}
-    for module, a in patches.items():
-        up, down, alpha, mid, dora, _ = a.weights
+    for module, weights in patches.items():
+        up, down, alpha, mid, dora, _ = weights
         if mid is not None:
             raise ConfigError(f"{source}: module {module} has a Tucker/CP mid weight (LyCORIS); not supported as init")
         if down.shape[0] != cfg.rank:
