@@ -4,6 +4,9 @@
     .work/venv/bin/python scripts/mutate.py train/timesteps            # one module
     .work/venv/bin/python scripts/mutate.py train data --budget 1800  # packages, 30 min in all
     .work/venv/bin/python scripts/mutate.py --report                  # rewrite MUTATION.md from the results
+    .work/venv/bin/python scripts/mutate.py data/dataset --lines 124-142 --tests tests/test_pin_data.py::test_x
+                                          # what one test kills (not scored; kept in mutation_targeted.json)
+    .work/venv/bin/python scripts/mutate.py --killed-by test_ema_value  # stored mutants a test killed
 
 (``COMFYUI_PATH`` as for the tests; ``scripts/setup.py`` exports it, the default is ``.work/ComfyUI``.)
 Not part of CI. Runs under ``nice -n 10`` and with one torch thread.
@@ -49,6 +52,7 @@ ENGINE = ROOT / "aligned_trainer"
 RESULTS = ROOT / "scripts" / "mutation_results.json"
 EQUIVALENTS = ROOT / "scripts" / "mutation_equivalents.json"
 REPORT = ROOT / "MUTATION.md"
+TARGETED = ROOT / "scripts" / "mutation_targeted.json"  # --tests runs: which mutants given tests kill (not scored)
 NOTES = ROOT / "scripts" / "mutation_notes.md"  # hand-written notes appended to the report
 
 # The fast, in-process tests that exercise each engine module (server and browser tests are left out: the
@@ -701,8 +705,14 @@ def main() -> int:
         pytest.main([*PYTEST_ARGS, *tests], plugins=[runner])
         if not runner.baseline_ok:
             return 1
-        if args.tests:
-            print("(other tests than the module's list: results not stored)")
+        if args.tests:  # not part of the module's score; kept as evidence of what these tests kill
+            runs = json.loads(TARGETED.read_text()) if TARGETED.exists() else []
+            runs.append({"module": rel, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         "tests": tests, "lines": args.lines or "all",
+                         "mutants": [{"line": m.line, "function": m.function, "change": m.change, "status": m.status,
+                                      "killer": m.killer} for m in mutants if m.status != "pending"]})
+            TARGETED.write_text(json.dumps(runs, indent=1) + "\n")
+            print(f"(other tests than the module's list: not scored; written to {TARGETED.name})")
             continue
         save_results(rel, mutants, tests, scope)
         killed = sum(m.status in ("killed", "timeout", "crashed") for m in mutants)
