@@ -328,8 +328,9 @@ def test_val_curves_title_legend_dots_and_line_width(M):
         x, y = at(s, 0.75)
         assert col[0][y - 2:y + 3, x].all() and col[0][y, x - 2:x + 3].all() and col[0][y - 1:y + 2, x - 1:x + 2].all()
         assert not col[0][y - 3, x] and not col[0][y + 3, x]
-    x, y = at(3, 0.75)
+    x, y = at(3, 0.75)  # a whole pixel: the dot is the 5x5 disc around it (rows of 3, 5, line, line, 3)
     assert int(col[0][y - 6:y + 7, x].sum()) == 5          # the dot, 5 px tall
+    assert [int(col[0][r, x - 6:x + 7].sum()) for r in (y - 2, y - 1, y + 2)] == [3, 5, 3]
     xm = (at(1, 0)[0] + at(3, 0)[0]) // 2
     assert int(col[0][T + 1:H - B, xm].sum()) == 2         # between dots: the line, 2 px wide
     # the two-point training curve is a line from corner to corner of the plot area
