@@ -530,6 +530,16 @@ def save_results(rel: str, mutants: list[Mutant], tests: list[str], scope: str) 
                 m.update(status=new[0].status, killer=new[0].killer, seconds=new[0].seconds, line=new[0].line,
                          lines=list(new[0].lines), index=new[0].index)
         old["mutants"] += [asdict(m) for ms in fresh.values() for m in ms if id(m) not in used]  # new mutants
+        left = {}  # drop stored mutants the module no longer has (their code was edited away)
+        for m in mutants_of(rel):
+            left[m.key] = left.get(m.key, 0) + 1
+        kept = []
+        for m in old["mutants"]:
+            k = Mutant(**{**m, "lines": tuple(m["lines"])}).key
+            if left.get(k, 0) > 0:
+                left[k] -= 1
+                kept.append(m)
+        old["mutants"] = kept
         old["mutants"].sort(key=lambda m: m["index"])
         old["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         old["tests"] = tests
