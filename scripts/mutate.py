@@ -4,6 +4,9 @@
     .work/venv/bin/python scripts/mutate.py train/timesteps            # one module
     .work/venv/bin/python scripts/mutate.py train data --budget 1800  # packages, 30 min in all
     .work/venv/bin/python scripts/mutate.py --report                  # rewrite MUTATION.md from the results
+    .work/venv/bin/python scripts/mutate.py data/dataset --lines 124-142 --tests tests/test_pin_data.py::test_x
+                                          # what one test kills (not scored; kept in mutation_targeted.json)
+    .work/venv/bin/python scripts/mutate.py --killed-by test_ema_value  # stored mutants a test killed
 
 (``COMFYUI_PATH`` as for the tests; ``scripts/setup.py`` exports it, the default is ``.work/ComfyUI``.)
 Not part of CI. Runs under ``nice -n 10`` and with one torch thread.
@@ -49,6 +52,7 @@ ENGINE = ROOT / "aligned_trainer"
 RESULTS = ROOT / "scripts" / "mutation_results.json"
 EQUIVALENTS = ROOT / "scripts" / "mutation_equivalents.json"
 REPORT = ROOT / "MUTATION.md"
+TARGETED = ROOT / "scripts" / "mutation_targeted.json"  # --tests runs: which mutants given tests kill (not scored)
 NOTES = ROOT / "scripts" / "mutation_notes.md"  # hand-written notes appended to the report
 
 # The fast, in-process tests that exercise each engine module (server and browser tests are left out: the
@@ -65,7 +69,8 @@ TESTS = {
                           "tests/test_train_features.py::test_seeded_init_is_reproducible_for_all_algorithms",
                           "tests/test_train_features.py::test_algorithms_save_with_zero_unmapped_keys",
                           "tests/test_train_features.py::test_dora_trains_and_loads_as_trained",
-                          "tests/test_train_activation.py::test_network_dropout_refused_where_weights_are_patched"],
+                          "tests/test_train_activation.py::test_network_dropout_refused_where_weights_are_patched",
+                          "tests/test_paths.py::test_user_regex_times_out_within_a_second_on_real_layers"],
     "train/optim.py": ["tests/test_pin_optim.py"],
     "train/loop.py": ["tests/test_pin_loop.py", "tests/test_pin_options.py", "tests/test_train.py::test_resume_equals_uninterrupted",
                       "tests/test_train_features.py::test_dop_and_reg_weight_change_the_loss"],
@@ -77,12 +82,13 @@ TESTS = {
     "data/dataset.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/images.py": ["tests/test_data.py", "tests/test_data_inputs.py"],
     "data/cache.py": ["tests/test_data.py", "tests/test_data_cache.py"],
-    # sampling/: the pin tests only (no sampling) except render.py, whose sampler path only the stock-KSampler
-    # comparison exercises; the other stock comparisons (test_sampling_grid/compare/plan, test_te_recipe) are too
-    # slow to trace on the shared machine and are left out, so ab_compare, checkpoint_grid, apply count as not
-    # covered here.
+    # sampling/: the pin tests only (no sampling) except render.py and compare.py, whose sampler paths only the
+    # stock-KSampler comparisons exercise (one each); the other stock comparisons (test_sampling_grid/plan,
+    # test_te_recipe, the A/B training server test) are too slow to trace on the shared machine and are left out,
+    # so checkpoint_grid, pairs_grid, apply count as not covered here.
     "sampling/checkpoints.py": ["tests/test_pin_sampling.py"],
-    "sampling/compare.py": ["tests/test_pin_sampling.py"],
+    "sampling/compare.py": ["tests/test_pin_sampling.py",
+                            "tests/test_sampling_compare.py::test_ab_two_models_grid_and_difference_column"],
     "sampling/plans.py": ["tests/test_pin_sampling.py", "tests/test_sampling_preview.py::test_walk_seed_is_base_plus_step"],
     "sampling/render.py": ["tests/test_pin_sampling.py",
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
@@ -506,12 +512,35 @@ def save_results(rel: str, mutants: list[Mutant], tests: list[str], scope: str) 
     data = load_results()
     old = data.get(rel)
     if scope.startswith("lines") and old:
-        # a re-run of some lines (after new tests): update those mutants in the whole-module result
-        fresh = {(m.index, m.op): m for m in mutants if m.status != "pending"}
+        # a re-run of some lines (after new tests): update those mutants in the whole-module result, matched by
+        # what they change (function, source line, change; n-th of equal ones), so edits elsewhere in the module
+        # that move lines do not lose them; line numbers are refreshed
+        fresh: dict[str, list[Mutant]] = {}
+        for m in mutants:
+            if m.status != "pending":
+                fresh.setdefault(m.key, []).append(m)
+        seen: dict[str, int] = {}
+        used: set[int] = set()
         for m in old["mutants"]:
-            new = fresh.get((m["index"], m["op"]))
-            if new is not None and new.key == Mutant(**{**m, "lines": tuple(m["lines"])}).key:
-                m.update(status=new.status, killer=new.killer, seconds=new.seconds)
+            k = Mutant(**{**m, "lines": tuple(m["lines"])}).key
+            n = seen[k] = seen.get(k, -1) + 1
+            new = fresh.get(k, [])[n:n + 1]
+            if new:
+                used.add(id(new[0]))
+                m.update(status=new[0].status, killer=new[0].killer, seconds=new[0].seconds, line=new[0].line,
+                         lines=list(new[0].lines), index=new[0].index)
+        old["mutants"] += [asdict(m) for ms in fresh.values() for m in ms if id(m) not in used]  # new mutants
+        left = {}  # drop stored mutants the module no longer has (their code was edited away)
+        for m in mutants_of(rel):
+            left[m.key] = left.get(m.key, 0) + 1
+        kept = []
+        for m in old["mutants"]:
+            k = Mutant(**{**m, "lines": tuple(m["lines"])}).key
+            if left.get(k, 0) > 0:
+                left[k] -= 1
+                kept.append(m)
+        old["mutants"] = kept
+        old["mutants"].sort(key=lambda m: m["index"])
         old["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         old["tests"] = tests
         RESULTS.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
@@ -544,16 +573,23 @@ def write_report() -> None:
         pct = 100.0 * killed / scored if scored else 100.0
         rows.append(f"| `{rel}` | {res.get('scope', 'whole module')} | {res['date']} | {len(ms)} | {killed} | {len(alive)} | {len(equiv)} | {pending} "
                     f"| {pct:.1f} % |")
-        pkg = per_pkg.setdefault(rel.split("/")[0], [0, 0, 0])
+        pkg = per_pkg.setdefault(rel.split("/")[0], [0, 0, 0, 0, []])
         pkg[0] += killed
         pkg[1] += len(alive)
         pkg[2] += pending
+        pkg[3] += len(equiv)
         for m in alive:
             surv.append(f"| `{rel}:{m.line}` | `{m.function}` | {m.status} | `{_md(m.change)}` |")
         for m in equiv:
             eqs.append(f"| `{rel}:{m.line}` | `{m.function}` | `{_md(m.change)}` | {eq[m.key]} |")
-    pkg_rows = [f"| `{p}/` | {k} | {s} | {pe} | {100.0 * k / (k + s) if k + s else 100.0:.1f} % |"
-                for p, (k, s, pe) in sorted(per_pkg.items())]
+    for rel in TESTS:  # modules with a test list that were never run
+        if rel not in data:
+            per_pkg.setdefault(rel.split("/")[0], [0, 0, 0, 0, []])[4].append(rel.split("/", 1)[1])
+            rows.append(f"| `{rel}` | not run | - | - | - | - | - | - | - |")
+    rows.sort()
+    pkg_rows = [f"| `{p}/` | {k} | {s} | {eqn} | {pe} | {', '.join(nr) or '-'} | "
+                f"{100.0 * k / (k + s) if k + s else 100.0:.1f} % |"
+                for p, (k, s, pe, eqn, nr) in sorted(per_pkg.items())]
     text = f"""# Mutation testing
 
 Generated by `scripts/mutate.py` (see its docstring for how it works and which mutations it makes); the raw
@@ -566,8 +602,8 @@ Run it: `nice -n 10 .work/venv/bin/python scripts/mutate.py train/timesteps` (on
 
 ## Per package
 
-| package | killed | survived | pending | score |
-|---|---|---|---|---|
+| package | killed | survived | equivalent | pending | modules not run | score |
+|---|---|---|---|---|---|---|
 {chr(10).join(pkg_rows)}
 
 ## Per module
@@ -622,7 +658,14 @@ def main() -> int:
     ap.add_argument("--lines", help="only mutants on these lines, e.g. 40-60,80-90 (one module)")
     ap.add_argument("--report", action="store_true", help="only rewrite MUTATION.md from the stored results")
     ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    ap.add_argument("--killed-by", help="list the stored mutants a test (name or part of it) killed")
     args = ap.parse_args()
+    if args.killed_by:
+        for rel, res in load_results().items():
+            for m in res["mutants"]:
+                if m["status"] in ("killed", "timeout", "crashed") and args.killed_by in m["killer"]:
+                    print(f"{rel}:{m['line']} {m['function']}: {m['change']}  ({m['killer']})")
+        return 0
     if args.report and not args.modules:
         write_report()
         print(f"wrote {REPORT}")
@@ -673,8 +716,14 @@ def main() -> int:
         pytest.main([*PYTEST_ARGS, *tests], plugins=[runner])
         if not runner.baseline_ok:
             return 1
-        if args.tests:
-            print("(other tests than the module's list: results not stored)")
+        if args.tests:  # not part of the module's score; kept as evidence of what these tests kill
+            runs = json.loads(TARGETED.read_text()) if TARGETED.exists() else []
+            runs.append({"module": rel, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         "tests": tests, "lines": args.lines or "all",
+                         "mutants": [{"line": m.line, "function": m.function, "change": m.change, "status": m.status,
+                                      "killer": m.killer} for m in mutants if m.status != "pending"]})
+            TARGETED.write_text(json.dumps(runs, indent=1) + "\n")
+            print(f"(other tests than the module's list: not scored; written to {TARGETED.name})")
             continue
         save_results(rel, mutants, tests, scope)
         killed = sum(m.status in ("killed", "timeout", "crashed") for m in mutants)

@@ -80,10 +80,11 @@ def test_weight_side_rank_dropout(A):
     a.train()
     W = torch.randn(5, 6)
     down, up = a.inner.lora_down.weight.detach(), a.inner.lora_up.weight.detach()
-    torch.manual_seed(9)
+    torch.manual_seed(0)
     keep = (torch.rand(4) >= p).float()
+    assert 0 < keep.sum() < 4  # this seed drops some ranks and keeps others (seed 9 kept all four)
     expected = W + 0.5 * (up * keep / (1 - p)) @ down
-    torch.manual_seed(9)
+    torch.manual_seed(0)
     with torch.no_grad():
         torch.testing.assert_close(a(W), expected)
 
@@ -274,10 +275,10 @@ def test_rank_dropout_mask_per_sample_for_tokens_and_convolutions(A):
     with torch.no_grad():
         c.inner.lora_up.weight.copy_(torch.randn(c.inner.lora_up.weight.shape, generator=torch.Generator().manual_seed(2)))
     c.train()
-    xc = torch.randn(2, 3, 6, 6)
+    xc = torch.randn(3, 3, 6, 6)  # batch 3 != rank 2, so a mask over the wrong axis has the wrong shape
     cd, cu = c.inner.lora_down.weight.detach().reshape(2, 3, 3, 3), c.inner.lora_up.weight.detach().reshape(4, 2, 1, 1)
     torch.manual_seed(8)
-    cmask = (torch.rand((2, 2, 1, 1)) >= p).float()
+    cmask = (torch.rand((3, 2, 1, 1)) >= p).float()
     ref = conv(xc) + F.conv2d(F.conv2d(xc, cd, padding=1) * cmask, cu / (1 - p))
     torch.manual_seed(8)
     with torch.no_grad():

@@ -143,3 +143,28 @@ def test_caption_config_bounds(D):
     for bad in (dict(tag_dropout=1.01), dict(caption_dropout=-0.01), dict(keep_tokens=-1), dict(variants=0)):
         with pytest.raises(ValueError):
             C.CaptionConfig(**bad).validate()
+
+
+def test_bucket_limits_refused_and_edge_buckets_kept(D):
+    """Side limits are checked before any table is built (each bad value named), and the buckets at the
+    limits are kept: the widest width (max_side itself) and a height equal to min_side."""
+    B = D.buckets
+    for bad, word in ((dict(step=0), "step"), (dict(step=-64), "step"), (dict(step=60), "step"),
+                      (dict(min_side=0), "min_side"), (dict(min_side=600), "min_side"),
+                      (dict(max_side=500), "max_side"), (dict(max_area=255 * 255), "max pixel area")):
+        with pytest.raises(ValueError, match=word):
+            B.BucketConfig(**bad).validate()
+    B.BucketConfig(resolution=64, min_side=1, max_side=64, step=8).validate()  # 1 is a valid smallest side
+    B.BucketConfig(max_area=256 * 256).validate()  # exactly min_side^2 fits
+    # area 128^2, sides 64..256: width 192 fits only height 64 (= min_side); width 256 (= max_side) too
+    assert B.make_buckets(B.BucketConfig(resolution=128, min_side=64, max_side=256, step=64)) == \
+        [(64, 192), (64, 256), (128, 128), (192, 64), (256, 64)]
+    # resolution 64 with room for 128^2: the 128 square comes only from the width at max_side
+    assert B.make_buckets(B.BucketConfig(resolution=64, min_side=64, max_side=128, step=64, max_area=128 * 128)) == \
+        [(64, 64), (64, 128), (128, 64), (128, 128)]
+
+
+def test_aspect_tie_goes_to_the_larger_area_not_the_taller_bucket(D):
+    # a 3:2 image is 0.5 from both 1:1 and 2:1; 144x72 has more pixels (10368) than 96x96 (9216) but is lower
+    assert D.buckets.assign_bucket((300, 200), [(96, 96), (144, 72)]) == (144, 72)
+    assert D.buckets.assign_bucket((300, 200), [(144, 72), (96, 96)]) == (144, 72)

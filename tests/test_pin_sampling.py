@@ -268,3 +268,80 @@ def test_apply_aligns_the_clip_to_the_recorded_recipe(M, comfy, sd15, tmp_path):
     d = M.recipe.apply(model, clip, _lora_file(tmp_path / "d.safetensors", {"aligned_trainer.prompt_syntax": "literal"}),
                        1.0, 1.0)
     assert d.warnings == ()  # trained with ComfyUI's default CLIP: nothing to align, nothing to warn about
+
+
+def test_differences_keep_every_path_across_nested_records(M):
+    a = {"a_top": 1, "config": {"lora": {"rank": 4}, "seed": 1}, "z": {"x": 1}}
+    b = {"a_top": 2, "config": {"lora": {"rank": 8}, "seed": 2}, "z": {"x": 2}}
+    assert M.ab.differences(a, b) == ["a_top", "config/lora/rank", "config/seed", "z/x"]
+
+
+# What the A/B validation chart shows, read back from its pixels: the title, one legend entry per run (a swatch
+# in the run's colour, then "label (validation|training)"), each point as a 5 px dot, each run's line 2 px
+# wide, the frame in the chart's muted grey, and "no steps yet" on an empty chart. Text is read back by
+# comparing the region with the same text set alone on a blank chart (same font size and place).
+def _text_alone(M, size, xy, text, fill, px):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, M.ab.BG)
+    ImageDraw.Draw(img).text(xy, text, fill=fill, font=M.ab.font(px))
+    return img
+
+
+def _box(mask):
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else None
+
+
+def test_val_curves_title_legend_dots_and_line_width(M):
+    import numpy as np
+
+    size = W, H = (640, 360)
+    L, R, T, B = M.ab.plot.MARGINS
+    a = [{"step": s, "loss": 9.0, "val_loss": 0.75} for s in (1, 3, 5)]   # validation: flat at 3/4
+    b = [{"step": 0, "loss": 0.0}, {"step": 6, "loss": 1.0}]             # training only: two points
+    img = M.ab.val_curves([a, b], ["A", "B"], size=size, title="A/B loss")
+    px = np.asarray(img)
+    col = [np.all(px == np.array(c, dtype=np.uint8), axis=-1) for c in M.ab.COLORS]
+    # the title, top left of the plot area, 13 px, in the foreground colour
+    ref = np.asarray(_text_alone(M, size, (L, 6), "A/B loss", M.ab.FG, 13))
+    assert np.array_equal(px[:24, 40:300], ref[:24, 40:300])
+    assert np.all(px[:24, 40:300] == np.array(M.ab.FG, dtype=np.uint8), axis=-1).sum() >= 10
+    # legend: a 9x9 swatch per run, from 320 px left of the right edge, each label after its swatch; the second
+    # entry starts 20 px after the first label's text
+    f = M.ab.font(11)
+    x1 = W - 320
+    x2 = x1 + 20 + int(f.getlength("A (validation)"))
+    assert _box(col[0][:24]) == (x1, 11, x1 + 8, 19)
+    assert _box(col[1][:24]) == (x2, 11, x2 + 8, 19)
+    for x, text in ((x1, "A (validation)"), (x2, "B (training)")):
+        ref = np.asarray(_text_alone(M, size, (x + 11, 8), text, M.ab.MUTED, 11))
+        span = slice(x + 9, x + 11 + int(f.getlength(text)) + 2)
+        assert np.array_equal(px[:24, span], ref[:24, span]), text
+    # points where the axes put them (x over steps 0..6, y over values 0..1), each a 5x5 dot
+    def at(step, v):
+        return int(L + step / 6 * (W - L - R)), int(T + (1 - v) * (H - T - B))
+
+    for s in (1, 3, 5):
+        x, y = at(s, 0.75)
+        assert col[0][y - 2:y + 3, x].all() and col[0][y, x - 2:x + 3].all() and col[0][y - 1:y + 2, x - 1:x + 2].all()
+        assert not col[0][y - 3, x] and not col[0][y + 3, x]
+    x, y = at(3, 0.75)  # a whole pixel: the dot is the 5x5 disc around it (rows of 3, 5, line, line, 3)
+    assert int(col[0][y - 6:y + 7, x].sum()) == 5          # the dot, 5 px tall
+    assert [int(col[0][r, x - 6:x + 7].sum()) for r in (y - 2, y - 1, y + 2)] == [3, 5, 3]
+    xm = (at(1, 0)[0] + at(3, 0)[0]) // 2
+    assert int(col[0][T + 1:H - B, xm].sum()) == 2         # between dots: the line, 2 px wide
+    # the two-point training curve is a line from corner to corner of the plot area
+    for s in (1, 2, 3, 4, 5):
+        x, y = at(s, s / 6)
+        assert col[1][y - 2:y + 3, x].any()
+    # frame in the chart's muted grey
+    assert tuple(px[(T + H - B) // 2, L]) == M.ab.MUTED and tuple(px[(T + H - B) // 2, W - R]) == M.ab.MUTED
+    # empty: the words "no steps yet" at mid-height, nothing else below the title
+    empty = np.asarray(M.ab.val_curves([[], []], ["A", "B"], size=size, title="A/B loss"))
+    ref = np.asarray(_text_alone(M, size, (L, H // 2), "no steps yet", M.ab.MUTED, 11))
+    assert np.array_equal(empty[24:], ref[24:])
+    assert np.any(empty[24:] != np.array(M.ab.BG, dtype=np.uint8), axis=-1).sum() > 10  # and it is not blank
+

@@ -1,6 +1,7 @@
 """A/B Compare: each column equals a direct stock KSampler call with that side's CLIP or MODEL."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -49,9 +50,13 @@ def test_ab_two_models_grid_and_difference_column(comfy, sd15, stock, comfy_dirs
     cmp, render = comfy.engine("sampling.compare"), comfy.engine("sampling.render")
     s = render.SampleSettings(steps=2, cfg=2.0, width=64, height=64, seed=7)
     g, a, b, diffs, geo = cmp.ab_compare(model, lora_model, clip, clip, vae, ["a cat"], "", s, ("base", "lora"))
+    loaded = [lm.model for lm in importlib.import_module("comfy.model_management").current_loaded_models]
+    assert not any(m is model or m is lora_model for m in loaded)  # both released after the comparison
     assert torch.allclose(a, stock(model, clip, "a cat"), atol=1e-5)
     assert torch.allclose(b, stock(lora_model, clip, "a cat"), atol=1e-5)
     assert geo["col_labels"][:2] == ["base", "lora"] and len(geo["cell_boxes"][0]) == 3
+    assert geo["col_labels"][2] == f"|base − lora| ×{cmp.DIFF_GAIN:g}" and geo["row_labels"] == ["a cat"]
+    assert geo["cell_labels"][0][:2] == ["seed 7", "seed 7"] and diffs[0]["prompt"] == "a cat"
     assert geo["cell_labels"][0][2] == f"mean |Δ| {diffs[0]['mean_abs_diff']:.4f}"
     assert diffs[0]["mean_abs_diff"] > 1e-3  # the LoRA changes the image
     assert (cell(g, geo, 0, 0) - a[0]).abs().max() <= 1 / 255 + 1e-6
