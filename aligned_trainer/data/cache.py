@@ -209,6 +209,7 @@ def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Pro
     root = Path(root or default_cache_root()) / "latents"
     cache = DiskCache(root)
     cache.sweep_temporaries()
+    dataset.check_vae(vae)
     vid = vae_identity(vae)
     out = []
     for n, item in enumerate(dataset.items):

@@ -83,6 +83,9 @@ class Dataset:
         """The pixels ``VAE.encode`` takes for the item: (frames, H, W, 3) in 0..1 (one frame for an image)."""
         return torch.from_numpy(np.asarray(self.pixels(item), dtype=np.float32) / 255.0)[None]
 
+    def check_vae(self, vae) -> None:
+        """Raise DataError when ``vae`` cannot encode this dataset (video datasets check the frame axis)."""
+
     def sampling_key(self, item: Item) -> str:
         """What else besides the file, bucket, crop and flip decides the item's pixels (video: which frames)."""
         return ""

@@ -211,6 +211,18 @@ class VideoDataset(Dataset):
     def vae_input(self, item: Item) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) / 255.0 for f in self.frames(item)]))
 
+    def check_vae(self, vae) -> None:
+        """Refuse a VAE that cannot encode these clips: an image VAE, or other temporal compression."""
+        longest = max((len(idx) for _, _, idx in self.plans), default=1)
+        formula = getattr(vae, "downscale_index_formula", None)
+        temporal = formula[0] if getattr(vae, "latent_dim", 2) == 3 and formula else None
+        if longest > 1 and temporal is None:
+            raise DataError(f"this VAE ({type(vae.first_stage_model).__name__}) encodes still images, but the video "
+                            f"dataset has {longest}-frame clips; connect the video model's VAE (e.g. the Wan 2.1 VAE).")
+        if temporal and temporal != self.video.frame_multiple:
+            raise DataError(f"this VAE compresses {temporal} frames into one, but the dataset was sampled for "
+                            f"{self.video.frame_multiple}; its clips need {temporal}k+1 frames.")
+
     def sampling_key(self, item: Item) -> str:
         clip, idx = self.plan(item)
         if clip is None:
@@ -246,9 +258,13 @@ def scan_video_folder(folder: Path, roots: paths.Roots | None, notes: list) -> l
 
 
 def from_video_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, video: VideoConfig,
-                      flip: bool = False, seed: int = 0, roots: paths.Roots | None = None) -> VideoDataset:
+                      flip: bool = False, seed: int = 0, roots: paths.Roots | None = None,
+                      reg_folder: str | None = None) -> VideoDataset:
     """A video dataset from ``folder``: every clip sampled to ``video.frame_count`` frames at ``video.fps``;
     still images as one-frame samples when ``video.images``."""
+    if reg_folder:
+        raise DataError(f"regularization folders are not supported for video datasets yet (got {reg_folder!r}); "
+                        "clear reg_folder or set kind to images.")
     caption_cfg.validate()
     video.validate()
     count = video.frame_count

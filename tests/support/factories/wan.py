@@ -80,6 +80,12 @@ def vae_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in common.seeded_init_(vae, seed).state_dict().items()}
 
 
+def vae_file(seed: int = 2):
+    """The tiny Wan 2.1 VAE as a file the stock ``VAELoader`` reads (ComfyUI detects it from its keys)."""
+    _cached(f"tiny-wan21-vae-s{seed}", lambda: vae_state_dict(seed))
+    return common.cached_file(f"tiny-wan21-vae-s{seed}", _key())
+
+
 def build_vae(seed: int = 2):
     """VAE: ComfyUI's Wan 2.1 VAE, detected by ``comfy.sd.VAE`` from the tiny state dict."""
     import comfy.ldm.wan.vae
