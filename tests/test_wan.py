@@ -103,3 +103,28 @@ def test_wan_trains_on_video_with_its_shift_and_maps_in_comfyui(comfy, bundle, v
     assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in sd
     assert "lora_unet_blocks_1_cross_attn_o.lora_up.weight" in sd
     assert export.unmapped_keys(model, sd) == []
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_wan22_expert_window_splits_the_shifted_schedule_where_diffusers_does(comfy, bundle, expert):
+    """Wan 2.2 A14B experts: diffusers' WanPipeline runs the high-noise transformer while the scheduler's timestep
+    t >= boundary_ratio * 1000 (t = 1000 * shifted sigma). The expert window keeps every training sigma on its
+    side of 0.875 and covers that side whole: its share of uniform draws equals the share of diffusers' 1000
+    training timesteps (FlowMatchEulerDiscreteScheduler with the model's shift) on that side."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    C, ts_mod = comfy.engine("train.config"), comfy.engine("train.timesteps")
+    ms = bundle[0].get_model_object("model_sampling")
+    cfg = C.TimestepConfig(shift="model", expert=expert, expert_boundary=0.875)
+    cfg.validate()
+    u = torch.linspace(1e-4, 1 - 1e-4, 401)
+    sig = ts_mod.sigmas_for(cfg, ms, u, None)
+    high = sig * 1000 >= 875 - 1e-3
+    assert bool(high.all()) if expert == "high_noise" else not bool(high[:-1].any())
+    assert abs(float(sig.min() if expert == "high_noise" else sig.max()) - 0.875) < 2e-3
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(ms.shift))
+    share = float((sched.timesteps >= 875).float().mean())
+    b = ts_mod.boundary_u(lambda x: ts_mod.sigmas_for(C.TimestepConfig(shift="model"), ms, x, None), 0.875)
+    assert abs((1 - b) - share) < 2e-3
+    with pytest.raises(C.ConfigError, match="expert_boundary"):
+        C.TimestepConfig(expert=expert, expert_boundary=1.5).validate()
