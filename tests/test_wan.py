@@ -128,3 +128,13 @@ def test_wan22_expert_window_splits_the_shifted_schedule_where_diffusers_does(co
     assert abs((1 - b) - share) < 2e-3
     with pytest.raises(C.ConfigError, match="expert_boundary"):
         C.TimestepConfig(expert=expert, expert_boundary=1.5).validate()
+
+
+def test_pyramid_noise_on_video_latents_is_refused_by_name(comfy):
+    """multires noise is built for 4-D image latents; on 5-D video latents it says so instead of a torch error."""
+    C, ts_mod = comfy.engine("train.config"), comfy.engine("train.timesteps")
+    cfg = C.TimestepConfig(multires_iterations=2)
+    with pytest.raises(C.ConfigError, match="multires_iterations"):
+        ts_mod.training_noise(cfg, torch.zeros(1, 16, 2, 4, 4), torch.Generator().manual_seed(0))
+    assert ts_mod.training_noise(C.TimestepConfig(), torch.zeros(1, 16, 2, 4, 4),
+                                 torch.Generator().manual_seed(0)).shape == (1, 16, 2, 4, 4)

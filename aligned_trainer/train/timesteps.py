@@ -138,6 +138,9 @@ def training_noise(cfg: TimestepConfig, like: torch.Tensor, generator: torch.Gen
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((*like.shape[:2], *([1] * (like.ndim - 2))), generator=generator)
     if cfg.multires_iterations > 0:
+        if like.ndim != 4:
+            raise ConfigError(f"multires (pyramid) noise is drawn for image latents (batch, channels, h, w); these "
+                              f"latents are {tuple(like.shape)} (video). Set multires_iterations to 0.")
         b, c, h, w = like.shape[0], like.shape[1], like.shape[-2], like.shape[-1]
         for i in range(cfg.multires_iterations):
             r = float(torch.rand((), generator=generator)) * 2 + 2
