@@ -10,6 +10,7 @@ from ..aligned_trainer.data import cache
 from ..aligned_trainer.data.buckets import BucketConfig
 from ..aligned_trainer.data.captions import CaptionConfig
 from ..aligned_trainer.data.dataset import from_folder, from_images, guarded_fingerprint
+from ..aligned_trainer.data.video import VideoConfig, from_video_folder
 from ._common import NodeProgress, category, node_id
 
 CAT = category("Data")
@@ -75,6 +76,18 @@ class Dataset(io.ComfyNode):
                                 tooltip="One caption per line, one line per graph image."),
                 io.Int.Input("max_pixels", default=0, min=0, max=64 * 1024 * 1024, step=4096, optional=True,
                              tooltip="Largest bucket area in pixels; 0 = resolution x resolution."),
+                io.Combo.Input("kind", options=["images", "video"], default="images", optional=True,
+                               tooltip="images: a folder of images. video: a folder of clips (mp4, webm, mov, mkv, "
+                                       "animated gif, or sub-folders of numbered frames) with .txt captions, for video "
+                                       "models (Wan); still images in it become one-frame samples. See docs/video.md."),
+                io.Int.Input("frames", default=17, min=1, max=257, optional=True,
+                             tooltip="video: frames per clip sample, rounded down to what the VAE takes (Wan: 4k+1, "
+                                     "e.g. 17, 33, 81). Clips shorter than frames/fps seconds are refused."),
+                io.Float.Input("fps", default=16.0, min=0.5, max=120.0, step=0.5, optional=True,
+                               tooltip="video: frames are taken at this rate from each clip's start (Wan 2.1/2.2: "
+                                       "16)."),
+                io.Float.Input("frame_folder_fps", default=16.0, min=0.5, max=120.0, step=0.5, optional=True,
+                               tooltip="video: the rate a sub-folder of frames was captured at."),
             ],
             outputs=[DATASET.Output("dataset", tooltip="The dataset (for Cache Latents)."),
                      io.String.Output("report", tooltip="Images per bucket, caption stats, tag frequency, notes."),
@@ -84,12 +97,17 @@ class Dataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, resolution, min_side, max_side, bucket_step, trigger_word, shuffle_tags, keep_tokens,
                 tag_dropout, caption_dropout, caption_variants, flip, seed, reg_folder="", reg_weight=1.0,
-                images=None, captions="", max_pixels=0) -> io.NodeOutput:
+                images=None, captions="", max_pixels=0, kind="images", frames=17, fps=16.0,
+                frame_folder_fps=16.0) -> io.NodeOutput:
         ccfg = CaptionConfig(trigger_word.strip(), shuffle_tags, keep_tokens, tag_dropout, caption_dropout, caption_variants)
         bcfg = BucketConfig(resolution, min_side, max(max_side, resolution), bucket_step, max_pixels or None)
         if images is not None:
             lines = captions.rstrip("\r\n").replace("\r\n", "\n").split("\n") if captions.strip() else []
             ds = from_images(images, lines, ccfg, bcfg, flip, seed)
+        elif kind == "video":
+            roots, root, _ = paths.dataset_folders(folder)
+            vcfg = VideoConfig(frames=frames, fps=fps, frame_folder_fps=frame_folder_fps)
+            ds = from_video_folder(root, ccfg, bcfg, vcfg, flip, seed, roots, reg_folder=reg_folder)
         else:
             roots, root, reg = paths.dataset_folders(folder, reg_folder)
             ds = from_folder(root, ccfg, bcfg, flip, seed, reg, reg_weight, roots)

@@ -96,6 +96,13 @@ class TimestepStrategy(io.ComfyNode):
                 io.Float.Input("noise_offset", default=0.0, min=0, max=1, step=0.005, tooltip="Noise offset strength (darker darks, brighter brights); 0 = off, 0.03-0.1 if used."),
                 io.Int.Input("multires_iterations", default=0, min=0, max=10, tooltip="Pyramid noise iterations (0 = off)."),
                 io.Float.Input("multires_discount", default=0.3, min=0, max=1, step=0.01, tooltip="Pyramid noise discount."),
+                io.Combo.Input("expert", options=["none", "high_noise", "low_noise"], default="none", optional=True,
+                               tooltip="Wan 2.2 A14B: train only the high-noise expert's part of the schedule (model "
+                                       "sigma >= expert_boundary) or the low-noise expert's (below it); none for "
+                                       "other models. Load the matching expert's model file."),
+                io.Float.Input("expert_boundary", default=0.875, min=0.01, max=0.99, step=0.005, optional=True,
+                               tooltip="Where the Wan 2.2 experts split the schedule, on the model's shifted sigma: "
+                                       "0.875 for T2V A14B, 0.9 for I2V A14B (the official configs)."),
             ],
             outputs=[TIMESTEPS.Output("timesteps", tooltip="For Train Init."),
                      io.Image.Output("histogram", tooltip="20k draws of the timestep distribution.")],

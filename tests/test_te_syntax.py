@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.factories import te_llm, te_more, te_t5
+from support.factories import te_llm, te_more, te_t5, te_wan
 from support.factories import text_encoders as te
 from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
 
@@ -25,7 +25,7 @@ def emb_dirs(comfy, tmp_path_factory):
     return embeddings_folder(tmp_path_factory.mktemp("emb"), {
         "clip_l": 768, "clip_g": te.CLIP_G_TINY["hidden_size"], "clip_h": te_more.CLIP_H_TINY["hidden_size"],
         "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"],
-        "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"]})
+        "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"], "umt5xxl": te_wan.UMT5_SHRINK["d_model"]})
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,9 @@ def families(comfy, emb_dirs):
                                                    **cpu)[0], None, None)),
         "z-image": (te_llm.z_image_clip(qwen3, emb_dirs),
                     lambda p: (z_image.encode_prompt(p, do_classifier_free_guidance=False, **cpu)[0][0][None], None, None)),
+        "wan": (te_wan.wan_clip(embedding_directory=emb_dirs),
+                lambda p: (te_wan.wan_pipeline().encode_prompt(p, do_classifier_free_guidance=False,
+                                                               max_sequence_length=512, **cpu)[0], None, None)),
     }
 
 
@@ -89,7 +92,8 @@ def test_every_spec_family_is_covered(comfy, families):
 
 
 @pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
-                                     "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image"])
+                                     "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image",
+                                     "wan"])
 def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
     """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with
     ComfyUI's syntax chosen differs wherever that syntax changes the text (figures in the junit properties)."""
@@ -115,7 +119,11 @@ def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property
             bad.append(f"{name}: aligned differs from diffusers by {d:.3g}")
         seen = [align.encoder_text(prompt, e) for e in ac.spec.encoders]  # after the spec's cleaning (PixArt: no URLs)
         weights = all(e["comfy_weights"] is not False for e in ac.spec.encoders)  # Z-Image: ComfyUI ignores them
-        changed = [c for t in seen for c in syntax.comfy_changes(t, weights) if not c.startswith("tokenized in")]
+        # textual-inversion names change the text only where ComfyUI's tokenizer keeps the embeddings folder
+        # (Wan's UMT5XXlTokenizer does not pass it on)
+        folders = any(getattr(ac._sub(e), "embedding_directory", None) for e in ac.spec.encoders)
+        changed = [c for t in seen for c in syntax.comfy_changes(t, weights) if not c.startswith("tokenized in")
+                   and (folders or not c.startswith("textual-inversion"))]
         if changed and dc <= TOL:  # (splitting into segments alone can leave the tokens as they were)
             bad.append(f"{name}: ComfyUI's syntax changes this prompt but its encoding equals the reference")
     record_property("max_abs_vs_diffusers", rows)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import comfy.model_management as mm
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -192,14 +191,16 @@ def _key(*parts) -> str:
 @dataclass(frozen=True)
 class LatentCache:
     dataset: Dataset
-    latents: tuple[torch.Tensor, ...]   # one (C, h, w) per dataset item
+    latents: tuple[torch.Tensor, ...]   # one (C, h, w) per dataset item; (C, frames, h, w) from a video VAE
     vae_id: str
     root: str
     stats: tuple[int, int, int]         # hits, misses, repaired
 
 
-def item_key(item: Item, vae_id: str) -> str:
-    return _key("latent", PIXEL_PIPELINE, item.sha, vae_id, item.bucket, item.crop, item.flip)
+def item_key(item: Item, vae_id: str, sampling: str = "") -> str:
+    """``sampling``: the dataset's ``sampling_key`` (video: frames and fps); empty for images (keys unchanged)."""
+    parts = (item.sha, vae_id, item.bucket, item.crop, item.flip) + ((sampling,) if sampling else ())
+    return _key("latent", PIXEL_PIPELINE, *parts)
 
 
 def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Progress | None = None,
@@ -208,20 +209,19 @@ def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Pro
     root = Path(root or default_cache_root()) / "latents"
     cache = DiskCache(root)
     cache.sweep_temporaries()
+    dataset.check_vae(vae)
     vid = vae_identity(vae)
     out = []
     for n, item in enumerate(dataset.items):
         mm.throw_exception_if_processing_interrupted()
 
         def compute(item=item):
-            img = dataset.pixels(item)
-            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-            return {"latent": vae.encode(pixels)[0].float()}
+            return {"latent": vae.encode(dataset.vae_input(item))[0].float()}
 
-        t = cache.get_or_compute(item_key(item, vid), compute, {"source": item.source, "bucket": item.bucket,
-                                                                "flip": item.flip, "vae": vid})
+        t = cache.get_or_compute(item_key(item, vid, dataset.sampling_key(item)), compute,
+                                 {"source": item.source, "bucket": item.bucket, "flip": item.flip, "vae": vid})
         lat = t["latent"]
-        if lat.ndim != 3 or not torch.isfinite(lat).all():
+        if lat.ndim not in (3, 4) or not torch.isfinite(lat).all():  # (C, h, w); video VAEs (C, frames, h, w)
             raise ValueError(f"VAE gave a {tuple(lat.shape)} latent with non-finite values for {item.source}; "
                              "check the VAE (dtype/weights)")
         out.append(lat)

@@ -79,6 +79,17 @@ class Dataset:
         img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(box)
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if item.flip else img
 
+    def vae_input(self, item: Item) -> torch.Tensor:
+        """The pixels ``VAE.encode`` takes for the item: (frames, H, W, 3) in 0..1 (one frame for an image)."""
+        return torch.from_numpy(np.asarray(self.pixels(item), dtype=np.float32) / 255.0)[None]
+
+    def check_vae(self, vae) -> None:
+        """Raise DataError when ``vae`` cannot encode this dataset (video datasets check the frame axis)."""
+
+    def sampling_key(self, item: Item) -> str:
+        """What else besides the file, bucket, crop and flip decides the item's pixels (video: which frames)."""
+        return ""
+
     def report(self) -> dict:
         per_bucket = Counter(f"{w}x{h}" for w, h in (i.bucket for i in self.items))
         lengths = [len(c.split()) for i in self.items for c in i.captions[:1]]

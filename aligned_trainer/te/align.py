@@ -29,9 +29,12 @@ NO_LIMIT = 10 ** 9
 
 def clean_text(text: str, mode: str) -> str:
     """Caption cleaning named by the spec: ``whitespace`` collapses runs of spaces; ``pixart`` also
-    unescapes HTML entities/URL quoting and drops URLs (the gist of diffusers' ``_clean_caption``)."""
+    unescapes HTML entities/URL quoting and drops URLs (the gist of diffusers' ``_clean_caption``);
+    ``html_whitespace`` unescapes HTML entities twice, then collapses whitespace (Wan's ``prompt_clean``)."""
     if mode == "none":
         return text
+    if mode == "html_whitespace":
+        text = html.unescape(html.unescape(text)).strip()
     if mode == "pixart":
         text = urllib.parse.unquote_plus(html.unescape(text))
         text = re.sub(r"\b(?:https?:|www\.)\S+", "", text)

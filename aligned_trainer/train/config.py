@@ -41,10 +41,12 @@ def check_finite(cfg, names: dict[str, str] | None = None) -> None:
 
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr")
-# module names per architecture: UNet/MMDiT/FLUX (attn*, ff, mlp), Lumina 2/Z-Image NextDiT (attention, feed_forward)
+# module names per architecture: UNet/MMDiT/FLUX (attn*, ff, mlp), Lumina 2/Z-Image NextDiT (attention, feed_forward),
+# Wan (blocks.N.self_attn / cross_attn .q/.k/.v/.o, ffn.0 / ffn.2)
 _ATTN = (r"(attn1|attn2|attn|self_attn|img_attn|txt_attn)\.(to_q|to_k|to_v|to_out\.0|qkv|proj)$|single_blocks\.\d+\.linear[12]$"
-         r"|attention\.(qkv|out)$")
-_MLP = r"(ff\.net\.(0\.proj|2)|mlp\.(fc1|fc2|0|2)|img_mlp\.(0|2)|txt_mlp\.(0|2)|feed_forward\.(w1|w2|w3))$"
+         r"|attention\.(qkv|out)$|blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)$")
+_MLP = (r"(ff\.net\.(0\.proj|2)|mlp\.(fc1|fc2|0|2)|img_mlp\.(0|2)|txt_mlp\.(0|2)|feed_forward\.(w1|w2|w3))$"
+        r"|blocks\.\d+\.ffn\.(0|2)$")
 PRESETS = {
     # regexes over ComfyUI module names of the diffusion model (linear layers unless "+conv")
     "attention": _ATTN,
@@ -136,9 +138,19 @@ class TimestepConfig:
     noise_offset: float = 0.0
     multires_iterations: int = 0
     multires_discount: float = 0.3
+    # Wan 2.2 A14B's two experts split the schedule at a boundary on the model's (shifted) sigma: the high-noise
+    # expert denoises sigma >= boundary, the low-noise one the rest (Wan2.2 wan/configs/wan_t2v_A14B.py
+    # boundary 0.875, wan_i2v_A14B.py 0.900; diffusers WanPipeline boundary_ratio: t >= boundary_ratio * 1000)
+    expert: str = "none"        # none | high_noise | low_noise
+    expert_boundary: float = 0.875
 
     def validate(self) -> None:
         check_finite(self)
+        if self.expert not in ("none", "high_noise", "low_noise"):
+            raise ConfigError(f"expert must be none, high_noise or low_noise (got {self.expert!r})")
+        if not 0.0 < self.expert_boundary < 1.0:
+            raise ConfigError(f"expert_boundary must be between 0 and 1 (got {self.expert_boundary}); Wan 2.2 "
+                              "T2V uses 0.875, I2V 0.9")
         if self.density not in DENSITIES:
             raise ConfigError(f"unknown density '{self.density}'; use one of {DENSITIES}")
         if self.weighting not in WEIGHTINGS:

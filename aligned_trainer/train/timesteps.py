@@ -12,7 +12,7 @@ import comfy.model_sampling
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from .config import TimestepConfig
+from .config import ConfigError, TimestepConfig
 
 
 def is_flow(model_sampling) -> bool:
@@ -64,8 +64,34 @@ def shift_u(cfg: TimestepConfig, u: torch.Tensor, latent_shape) -> torch.Tensor:
     return u
 
 
+def boundary_u(sigma_of, boundary: float, iterations: int = 60) -> float:
+    """The u where the (increasing) schedule ``sigma_of(u)`` reaches ``boundary`` (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(sigma_of(torch.tensor([mid]))[0]) < boundary else (lo, mid)
+    return (lo + hi) / 2
+
+
+def expert_u(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
+    """Draws u mapped into one Wan 2.2 expert's part of the schedule: ``high_noise`` where the model's shifted
+    sigma is >= ``expert_boundary``, ``low_noise`` below it (flow models: sigma is the noise fraction)."""
+    if cfg.expert == "none":
+        return u
+    if not is_flow(model_sampling):
+        raise ConfigError(f"expert '{cfg.expert}' splits a flow model's schedule (Wan 2.2); this model is not a "
+                         "flow model: set expert to none")
+    b = boundary_u(lambda x: _sigmas(cfg, model_sampling, x, latent_shape), cfg.expert_boundary)
+    return b + u * (1.0 - b) if cfg.expert == "high_noise" else u * b
+
+
 def sigmas_for(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
-    """Model sigmas for draws u. ``shift='model'`` uses the model's own schedule (ComfyUI percent_to_sigma)."""
+    """Model sigmas for draws u. ``shift='model'`` uses the model's own schedule (ComfyUI percent_to_sigma);
+    an ``expert`` keeps them on its side of the boundary."""
+    return _sigmas(cfg, model_sampling, expert_u(cfg, model_sampling, u, latent_shape), latent_shape)
+
+
+def _sigmas(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
     if cfg.shift == "model":
         return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - float(x))) for x in u])
     t = shift_u(cfg, u, latent_shape)
@@ -112,6 +138,9 @@ def training_noise(cfg: TimestepConfig, like: torch.Tensor, generator: torch.Gen
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((*like.shape[:2], *([1] * (like.ndim - 2))), generator=generator)
     if cfg.multires_iterations > 0:
+        if like.ndim != 4:
+            raise ConfigError(f"multires (pyramid) noise is drawn for image latents (batch, channels, h, w); these "
+                              f"latents are {tuple(like.shape)} (video). Set multires_iterations to 0.")
         b, c, h, w = like.shape[0], like.shape[1], like.shape[-2], like.shape[-1]
         for i in range(cfg.multires_iterations):
             r = float(torch.rand((), generator=generator)) * 2 + 2

@@ -1,0 +1,140 @@
+"""Tiny Wan 2.1 T2V from ComfyUI's own classes (support.factories.wan): the stock nodes encode, sample and decode
+a short clip with it, and the trainer trains it on video latents."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.factories import te_wan, wan
+
+FRAMES, SIZE = 5, 32  # 4k+1 frames -> k+1 latent frames; 32 px -> 4x4 latents
+
+
+@pytest.fixture(scope="module")
+def bundle(comfy):
+    return wan.build()
+
+
+def test_stock_nodes_run_on_tiny_wan(comfy, bundle):
+    """CLIPTextEncode -> common_ksampler -> VAEDecode, and VAEEncode of a clip: shapes follow Wan's 4x temporal
+    and 8x spatial compression; the model's sampling is ComfyUI's flow with the config's shift."""
+    import importlib
+
+    sm = importlib.import_module("comfy.supported_models")
+    sampling = importlib.import_module("comfy.model_sampling")
+    model, clip, vae = bundle
+    assert isinstance(model.model.model_config, sm.WAN21_T2V)
+    ms = model.get_model_object("model_sampling")
+    assert isinstance(ms, sampling.CONST) and ms.shift == sm.WAN21_T2V.sampling_settings["shift"]
+    n = comfy.nodes
+    (pos,) = n.CLIPTextEncode().encode(clip, "ohwx, a red circle moving right")
+    assert pos[0][0].shape[-1] == te_wan.UMT5_SHRINK["d_model"]
+    k = (FRAMES - 1) // wan.TEMPORAL + 1
+    lat = {"samples": torch.zeros(1, 16, k, SIZE // wan.SPATIAL, SIZE // wan.SPATIAL)}
+    (out,) = n.common_ksampler(model, 1, 2, 1.0, "euler", "simple", pos, pos, lat)
+    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
+    (video,) = n.VAEDecode().decode(vae, out)
+    assert tuple(video.shape) == (FRAMES, SIZE, SIZE, 3) and torch.isfinite(video).all()
+    (enc,) = n.VAEEncode().encode(vae, torch.rand(FRAMES, SIZE, SIZE, 3))
+    assert tuple(enc["samples"].shape) == (1, 16, k, SIZE // wan.SPATIAL, SIZE // wan.SPATIAL)
+
+
+@pytest.fixture(scope="module")
+def video_set(comfy, bundle, tmp_path_factory):
+    """Two 12-frame clips (16 fps) and a still image, sampled to 5 frames, latents through the tiny Wan VAE."""
+    from PIL import Image
+
+    from support.factories import clips
+
+    V, caps, bk, cache = (comfy.engine(m) for m in ("data.video", "data.captions", "data.buckets", "data.cache"))
+    base = tmp_path_factory.mktemp("wan_video")
+    clips.write_clip(base / "data" / "walk.mp4", 12, 16, caption="ohwx walking")
+    clips.write_clip(base / "data" / "turn", 12, 16, caption="ohwx turning")  # a folder of frames
+    Image.fromarray(clips.frame(5, (SIZE, SIZE))).save(base / "data" / "still.png")
+    cfg = V.VideoConfig(frames=FRAMES, fps=16.0)
+    ds = V.from_video_folder(base / "data", caps.CaptionConfig(), bk.BucketConfig(resolution=SIZE, min_side=SIZE,
+                             max_side=SIZE, step=SIZE), cfg)
+    return {"V": V, "cache": cache, "ds": ds, "root": base / "cache", "base": base,
+            "latents": cache.cache_latents(ds, bundle[2], base / "cache")}
+
+
+def test_video_latents_through_wan_vae_are_cached_by_their_sampling(comfy, bundle, video_set):
+    """Clips give (16, k+1, h, w) latents, the still image one latent frame; a second pass reads every entry from
+    the cache (verified digests), and another fps samples other frames, so it misses."""
+    lc, cache, ds = video_set["latents"], video_set["cache"], video_set["ds"]
+    shapes = {i.source.rsplit("/", 1)[-1]: tuple(l.shape) for i, l in zip(ds.items, lc.latents)}
+    k, s = (FRAMES - 1) // wan.TEMPORAL + 1, SIZE // wan.SPATIAL
+    assert shapes == {"walk.mp4": (16, k, s, s), "turn": (16, k, s, s), "still.png": (16, 1, s, s)}
+    assert lc.stats[1] == 3
+    again = cache.cache_latents(ds, bundle[2], video_set["root"])
+    assert again.stats[:2] == (3, 0) and all(torch.equal(a, b) for a, b in zip(again.latents, lc.latents))
+    V = video_set["V"]
+    slow = V.from_video_folder(video_set["base"] / "data", ds.caption_cfg, ds.bucket_cfg,
+                               V.VideoConfig(frames=FRAMES, fps=8.0))
+    other = cache.cache_latents(slow, bundle[2], video_set["root"])
+    assert other.stats[:2] == (1, 2)  # the image is the same; both clips sample other frames
+
+
+def test_wan_trains_on_video_with_its_shift_and_maps_in_comfyui(comfy, bundle, video_set, tmp_path):
+    """The flow target on the model's own schedule (WAN21_T2V: shift 8), finite loss on video and image latents
+    (batched by latent shape), and a LoRA ComfyUI's loader maps with 0 unmapped keys, named as musubi-tuner
+    names Wan LoRAs (kohya form of the original module names: lora_unet_blocks_0_self_attn_q)."""
+    import importlib
+
+    sm = importlib.import_module("comfy.supported_models")
+    model, clip, _ = bundle
+    C, st, loop, export, ts_mod = (comfy.engine(m) for m in ("train.config", "train.state", "train.loop",
+                                                               "train.export", "train.timesteps"))
+    shift = sm.WAN21_T2V.sampling_settings["shift"]
+    u = torch.tensor([0.1, 0.5, 0.9])
+    sig = ts_mod.sigmas_for(C.TimestepConfig(shift="model"), model.get_model_object("model_sampling"), u, None)
+    assert torch.allclose(sig, shift * u / (1 + (shift - 1) * u), atol=1e-4)
+    align = comfy.engine("te.align")
+    ts, _ = video_set["cache"].cache_text(video_set["latents"], align.align_clip(clip, "wan"), video_set["root"],
+                                          unload=False)
+    assert ts.te_spec_id == "wan" and ts.samples[0].captions[0].conditioning[0][0].shape[1] == 512
+    run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(shift="model"),
+                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="wan", val_count=0), runs_root=tmp_path)
+    out = loop.train_steps(run, 2)
+    losses = [h["loss"] for h in out.history]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
+    sd = export.kohya_state_dict(out)
+    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in sd
+    assert "lora_unet_blocks_1_cross_attn_o.lora_up.weight" in sd
+    assert export.unmapped_keys(model, sd) == []
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_wan22_expert_window_splits_the_shifted_schedule_where_diffusers_does(comfy, bundle, expert):
+    """Wan 2.2 A14B experts: diffusers' WanPipeline runs the high-noise transformer while the scheduler's timestep
+    t >= boundary_ratio * 1000 (t = 1000 * shifted sigma). The expert window keeps every training sigma on its
+    side of 0.875 and covers that side whole: its share of uniform draws equals the share of diffusers' 1000
+    training timesteps (FlowMatchEulerDiscreteScheduler with the model's shift) on that side."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    C, ts_mod = comfy.engine("train.config"), comfy.engine("train.timesteps")
+    ms = bundle[0].get_model_object("model_sampling")
+    cfg = C.TimestepConfig(shift="model", expert=expert, expert_boundary=0.875)
+    cfg.validate()
+    u = torch.linspace(1e-4, 1 - 1e-4, 401)
+    sig = ts_mod.sigmas_for(cfg, ms, u, None)
+    high = sig * 1000 >= 875 - 1e-3
+    assert bool(high.all()) if expert == "high_noise" else not bool(high[:-1].any())
+    assert abs(float(sig.min() if expert == "high_noise" else sig.max()) - 0.875) < 2e-3
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(ms.shift))
+    share = float((sched.timesteps >= 875).float().mean())
+    b = ts_mod.boundary_u(lambda x: ts_mod.sigmas_for(C.TimestepConfig(shift="model"), ms, x, None), 0.875)
+    assert abs((1 - b) - share) < 2e-3
+    with pytest.raises(C.ConfigError, match="expert_boundary"):
+        C.TimestepConfig(expert=expert, expert_boundary=1.5).validate()
+
+
+def test_pyramid_noise_on_video_latents_is_refused_by_name(comfy):
+    """multires noise is built for 4-D image latents; on 5-D video latents it says so instead of a torch error."""
+    C, ts_mod = comfy.engine("train.config"), comfy.engine("train.timesteps")
+    cfg = C.TimestepConfig(multires_iterations=2)
+    with pytest.raises(C.ConfigError, match="multires_iterations"):
+        ts_mod.training_noise(cfg, torch.zeros(1, 16, 2, 4, 4), torch.Generator().manual_seed(0))
+    assert ts_mod.training_noise(C.TimestepConfig(), torch.zeros(1, 16, 2, 4, 4),
+                                 torch.Generator().manual_seed(0)).shape == (1, 16, 2, 4, 4)
