@@ -58,14 +58,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_sets(sets: list[str]) -> None:
-    for item in sets:
-        key, eq, _ = item.partition("=")
-        ref, dot, name = key.rpartition(".")
-        if not eq or not dot or not ref.strip() or not name.strip():
-            raise wf.WorkflowError(f"--set '{item}' is not NODE.INPUT=VALUE (e.g. --set \"Train Steps.steps=20\")")
-
-
 def _server(args) -> ComfyServer:
     if args.server:
         return ComfyServer.remote(args.server, output_dir=args.output)
@@ -78,13 +70,29 @@ def _server(args) -> ComfyServer:
                        log_path=log)
 
 
+def _wind_down(server: ComfyServer, seconds: float = 120) -> None:
+    """Interrupt a prompt still running on the ComfyUI we started and wait for it to end, so that Train Steps
+    writes its checkpoint before the process is stopped."""
+    try:
+        if not server.alive() or not server.get("/queue", timeout=5).get("queue_running"):
+            return
+        print("[run] interrupting the running workflow (a checkpoint is written) ...", file=sys.stderr, flush=True)
+        server.interrupt()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and server.alive() and server.get("/queue", timeout=5).get("queue_running"):
+            time.sleep(0.5)
+    except (KeyboardInterrupt, OSError, RuntimeError):
+        pass
+
+
 def _terminate(signum, frame):  # SIGTERM: leave through finally, which stops the ComfyUI we started
     raise KeyboardInterrupt
 
 
 def run(args) -> int:
     data = wf.read(args.workflow)
-    _check_sets(args.sets)
+    for item in args.sets:  # the syntax now; nodes and inputs once the schemas are known
+        wf.parse_set(item)
     for y in args.extra_model_paths_config:
         if not y.is_file():
             raise wf.WorkflowError(f"--extra-model-paths-config '{y}' does not exist")
@@ -101,7 +109,7 @@ def run(args) -> int:
             res = run_prompt(server, prompt, labels, stream=sys.stdout, timeout=args.timeout or None,
                              targets=targets)
         except KeyboardInterrupt:
-            if server.alive():
+            if args.server and server.alive():
                 server.interrupt()
             print("[run] interrupted", file=sys.stderr)
             return 130
@@ -115,6 +123,7 @@ def run(args) -> int:
         return 0
     finally:
         if not args.server:
+            _wind_down(server)
             server.stop()
 
 

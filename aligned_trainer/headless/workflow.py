@@ -316,19 +316,24 @@ def coerce(value: str, spec, where: str):
     raise WorkflowError(f"{where} is a {kind} connection, not a value; connect it in the graph instead")
 
 
+def parse_set(item: str) -> tuple[str, str, str]:
+    """``"NODE.INPUT=VALUE"`` -> (NODE, INPUT, VALUE); the node part may contain dots, the input name cannot."""
+    key, eq, value = item.partition("=")
+    ref, dot, name = key.rpartition(".")
+    if not eq or not dot or not ref.strip() or not name.strip():
+        raise WorkflowError(f"--set '{item}' is not NODE.INPUT=VALUE (e.g. --set \"Train Steps.steps=20\")")
+    return ref.strip(), name.strip(), value
+
+
 def apply_sets(prompt: dict, info: dict, sets: list[str]) -> dict:
     """A copy of ``prompt`` with each ``NODE.INPUT=VALUE`` applied (NODE: id, title, display name or type)."""
     prompt = json.loads(json.dumps(prompt))
     for item in sets:
-        key, eq, value = item.partition("=")
-        ref, dot, name = key.rpartition(".")
-        if not eq or not dot or not ref or not name:
-            raise WorkflowError(f"--set '{item}' is not NODE.INPUT=VALUE (e.g. --set \"Train Steps.steps=20\")")
-        nid = find_node(prompt, info, ref.strip())
+        ref, name, value = parse_set(item)
+        nid = find_node(prompt, info, ref)
         node = prompt[nid]
         label = node_label(nid, node, info)
         names = _order(info, node["class_type"])
-        name = name.strip()
         if name not in names:
             listing = ", ".join(describe_input(n, _spec(info, node["class_type"], n)) for n in names)
             raise WorkflowError(f"node {label} has no input '{name}'. Its inputs: {listing}")
