@@ -36,7 +36,7 @@ def main() -> int:
 
     base = ROOT / ".work" / "demo" / time.strftime("%Y%m%d-%H%M%S")
     print(f"[demo] starting ComfyUI with the pack; working folder {base}", flush=True)
-    res = run_demo(base)
+    res = run_demo(base, stream=sys.stdout)
     print(f"[demo] workflow finished in {res['seconds']:.0f}s")
     print(f"[demo] output folder: {res['folder']}")
     for p in res["lora"]:

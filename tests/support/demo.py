@@ -2,15 +2,17 @@
 real ComfyUI server's HTTP API. Used by scripts/demo.py and by the tests."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from .boot import make_importable
 from .factories import sd15
 from .factories.dataset import make_dataset
 from .paths import REPO
+from .headless import module
 from .server import ComfyServer
-from .workflow import load, ui_to_api, validate
+from .workflow import load, validate
+
+_run = module("run")
 
 DEMO_WORKFLOW = REPO / "workflows" / "demo_train_tiny.json"
 
@@ -26,15 +28,16 @@ def prepare_inputs(input_dir: Path, checkpoints_dir: Path) -> None:
         make_dataset(input_dir / "demo_dataset", n=6, trigger="ohwx", repeats=2)
 
 
-def run_workflow(server: ComfyServer, path: Path, timeout: float = 900) -> tuple[dict, float]:
-    info = server.get("/object_info")
+def run_workflow(server: ComfyServer, path: Path, timeout: float = 900, stream=None) -> tuple[dict, float]:
+    """Run a shipped workflow the way the headless command does (aligned_trainer/headless/run.py), after
+    checking it against the live schemas; ``stream`` shows progress and loss."""
     wf = load(path)
+    prompt, info, labels = _run.prepare(server, wf, [])
     problems = validate(wf, info)
     if problems:
         raise RuntimeError(f"{path.name} is not valid for this ComfyUI: {problems}")
-    t0 = time.time()
-    entry = server.run(ui_to_api(wf, info), timeout=timeout)
-    return entry, time.time() - t0
+    res = _run.run_prompt(server, prompt, labels, stream=stream, timeout=timeout)
+    return res.entry, res.seconds
 
 
 def output_files(entry: dict, output_dir: Path) -> list[Path]:
@@ -46,14 +49,14 @@ def output_files(entry: dict, output_dir: Path) -> list[Path]:
     return files
 
 
-def run_demo(base: Path) -> dict:
+def run_demo(base: Path, stream=None) -> dict:
     base = Path(base)
     ckpt_dir = base / "models" / "checkpoints"
     lora_dir = base / "output" / "demo"
     lora_dir.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base, model_folders={"checkpoints": ckpt_dir, "loras": lora_dir}) as server:
         prepare_inputs(server.input_dir, ckpt_dir)
-        entry, seconds = run_workflow(server, DEMO_WORKFLOW)
+        entry, seconds = run_workflow(server, DEMO_WORKFLOW, stream=stream)
         images = output_files(entry, server.output_dir)
     loras = sorted(lora_dir.glob("*.safetensors"))
     return {"folder": lora_dir, "lora": loras, "images": images, "seconds": seconds, "log": server.log_path}
