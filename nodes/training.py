@@ -187,7 +187,8 @@ class TrainInit(io.ComfyNode):
                 io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Guidance fed to guidance-distilled models (FLUX dev) during training."),
                 io.Int.Input("val_count", default=0, min=0, max=10000,
-                             tooltip="Samples held out for validation loss (0: validate on the training samples)."),
+                             tooltip="Samples held out for validation loss, taken from the end of the dataset (0: validate "
+                                     "on the training samples). Must leave at least one sample to train on."),
                 io.Float.Input("reg_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Multiplies the loss weight of regularization images (on top of the dataset's)."),
                 io.Float.Input("dop_weight", default=0.0, min=0.0, max=10.0, step=0.05,

@@ -285,6 +285,12 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=s.ema_decay)
         self.py_rng = random.Random(s.seed)
         self.samples = list(run.training_set.samples)
+        if s.val_count and s.val_count >= len(self.samples):
+            from .config import ConfigError
+
+            raise ConfigError(f"val_count {s.val_count} would hold out every sample of the dataset "
+                              f"({len(self.samples)}), leaving nothing to train on; use at most {len(self.samples) - 1}, "
+                              "or 0 to validate on the training samples")
         n_val = s.val_count if 0 < s.val_count < len(self.samples) else 0
         self.val_samples = self.samples[-n_val:] if n_val else list(self.samples)
         self.train_samples = self.samples[:-n_val] if n_val else list(self.samples)
