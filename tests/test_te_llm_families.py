@@ -1,12 +1,15 @@
-"""LLM-encoder families (Z-Image: Qwen3 under a chat template): the aligned CLIP, built from ComfyUI's own
-text-encoder classes on a seeded tiny Qwen3, against the official diffusers pipeline's ``encode_prompt`` on the
-same weights (fp32), and where ComfyUI's default encoding differs from the spec."""
+"""LLM-encoder families (Z-Image: Qwen3 under a chat template; Qwen-Image: Qwen2.5-VL under a system-prompt
+template whose first 34 tokens are dropped): the aligned CLIP, built from ComfyUI's own text-encoder classes on
+seeded tiny encoders, against the official diffusers pipeline's ``encode_prompt`` on the same weights (fp32), and
+where ComfyUI's default encoding differs from the spec."""
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 
-from support.factories import te_llm
+from support.factories import te_llm, te_qwen_image
 from support.prompt_syntax import SYNTAX_PROMPTS
 
 TOL = 1e-4
@@ -80,3 +83,90 @@ def test_z_image_comfyui_syntax_equals_stock_comfyui(comfy, z_image):
     ac = align.align_clip(z_image["clip"], "z-image", prompt_syntax="comfyui")
     for prompt in (r"a (red:1.3) circle, \(cat\) on ((grass))", PROMPTS["plain"], ""):
         assert _max(_encode(ac, prompt)["cond"], _encode(z_image["clip"], prompt)["cond"]) <= 1e-6, prompt
+
+
+# -- Qwen-Image: Qwen2.5-VL under a system-prompt template, the template's first 34 tokens dropped ---------------
+# "long": 600 tokens, over the 512 kept after the 34-token prefix (the shared 1200-token prompt costs twice as much)
+QWEN_PROMPTS = {**PROMPTS, "long": "word, " * 300, "leading-newline": "\n a cat on a mat"}
+
+
+@pytest.fixture(scope="module")
+def qwen_image(comfy):
+    path = te_qwen_image.qwen25vl_tiny_file()
+    return {"clip": te_qwen_image.qwen_image_clip(path), "pipe": te_qwen_image.qwen_image_pipeline(path)}
+
+
+def _qwen_ref(pipe, prompt):
+    """QwenImagePipeline.encode_prompt as __call__ runs it (its default max_sequence_length)."""
+    n = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, device="cpu", max_sequence_length=n)
+
+
+def test_qwen_image_spec_values_are_the_pipelines(comfy, qwen_image):
+    """The spec's template, dropped prefix and length are the pipeline's own values, and the dropped prefix is
+    exactly the template's tokens before the prompt."""
+    pipe = qwen_image["pipe"]
+    (enc,) = comfy.engine("te.specs").get_spec("qwen-image").encoders
+    assert enc["template"] == pipe.prompt_template_encode.replace("{}", "{prompt}")
+    assert enc["drop_prefix"] == pipe.prompt_template_encode_start_idx
+    assert enc["max_length"] == inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    assert len(pipe.tokenizer(enc["template"].split("{prompt}")[0]).input_ids) == enc["drop_prefix"]
+
+
+@pytest.mark.parametrize("name", QWEN_PROMPTS)
+def test_qwen_image_matches_qwen_image_pipeline(comfy, qwen_image, name):
+    """Reference: QwenImagePipeline.encode_prompt(prompt, max_sequence_length=512): system-prompt template, mask in
+    the encoder, hidden_states[-1], the first 34 positions dropped, at most 512 kept; mask None (all prompt)."""
+    prompt = QWEN_PROMPTS[name]
+    ref, ref_mask = _qwen_ref(qwen_image["pipe"], prompt)
+    out = _encode(comfy.engine("te.align").align_clip(qwen_image["clip"], "qwen-image"), prompt)
+    assert out["cond"].shape == ref.shape == (1, ref.shape[1], te_qwen_image.QWEN25VL_TINY["hidden_size"])
+    assert _max(out["cond"], ref) <= TOL
+    mask = out.get("attention_mask")
+    assert ref_mask is None and (mask is None or bool(mask.bool().all()))
+    if name == "long":
+        assert ref.shape[1] == 512
+
+
+def test_qwen_image_spec_is_detected(comfy, qwen_image):
+    assert comfy.engine("te.specs").detect_spec(qwen_image["clip"]).id == "qwen-image"
+
+
+def test_qwen_image_comfy_default_vs_spec(comfy, qwen_image, record_property):
+    """ComfyUI's default equals the official encoding for ordinary prompts (same template, layer, and its
+    template search finds the same 34 tokens), but never truncates at 512, keeps 3 template positions when the
+    prompt begins with a newline, skips the template for a prompt that begins with '<|im_start|>', and resolves
+    escapes."""
+    aligned = comfy.engine("te.align").align_clip(qwen_image["clip"], "qwen-image")
+    default = qwen_image["clip"]
+    rows = {}
+    for name, prompt in {"plain": PROMPTS["plain"], "empty": "", "long": QWEN_PROMPTS["long"],
+                         "leading-newline": QWEN_PROMPTS["leading-newline"], "im_start": "<|im_start|>a red circle",
+                         "escaped": r"a \(literal\) bracket"}.items():
+        d, a = _encode(default, prompt)["cond"], _encode(aligned, prompt)["cond"]
+        rows[name] = {"default_len": d.shape[1], "aligned_len": a.shape[1],
+                      "max_abs": _max(d, a) if d.shape == a.shape else None}
+    record_property("comfy_default_vs_spec", rows)
+    print("qwen-image comfy default vs spec", rows)
+    assert rows["plain"]["max_abs"] <= TOL and rows["empty"]["max_abs"] <= TOL
+    assert rows["long"]["aligned_len"] == 512 < rows["long"]["default_len"]
+    assert rows["leading-newline"]["default_len"] == rows["leading-newline"]["aligned_len"] + 3
+    assert rows["im_start"]["default_len"] < rows["im_start"]["aligned_len"]
+    assert rows["escaped"]["max_abs"] is None or rows["escaped"]["max_abs"] > TOL
+
+
+def test_qwen_image_comfyui_syntax_equals_stock_comfyui(comfy, qwen_image):
+    """The 'comfyui' prompt syntax reproduces ComfyUI's own Qwen-Image encoding (escapes resolved, weights ignored)
+    for ordinary prompts under the cap, with the dropped prefix passed to ComfyUI's own template_end."""
+    ac = comfy.engine("te.align").align_clip(qwen_image["clip"], "qwen-image", prompt_syntax="comfyui")
+    for prompt in (r"a (red:1.3) circle, \(cat\) on ((grass))", PROMPTS["plain"], ""):
+        assert _max(_encode(ac, prompt)["cond"], _encode(qwen_image["clip"], prompt)["cond"]) <= 1e-6, prompt
+
+
+def test_dropped_prefix_needs_comfys_template_end(comfy, z_image):
+    """A spec that drops a template prefix on a text encoder without ComfyUI's template_end fails naming both."""
+    specs = comfy.engine("te.specs")
+    ac = comfy.engine("te.align").align_clip(z_image["clip"], "qwen-image")
+    with pytest.raises(specs.SpecError, match=r"'qwen-image'.*drop_prefix 34.*ZImageTEModel"):
+        _encode(ac, "a cat")
