@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-from support.factories import te_llm, te_qwen_image
+from support.factories import te_llm, te_lumina2, te_qwen_image
 from support.prompt_syntax import SYNTAX_PROMPTS
 
 TOL = 1e-4
@@ -170,3 +170,84 @@ def test_dropped_prefix_needs_comfys_template_end(comfy, z_image):
     ac = comfy.engine("te.align").align_clip(z_image["clip"], "qwen-image")
     with pytest.raises(specs.SpecError, match=r"'qwen-image'.*drop_prefix 34.*ZImageTEModel"):
         _encode(ac, "a cat")
+
+
+# -- Lumina 2: Gemma-2 on a system prompt, 256 tokens, mask in the encoder and to the transformer -----------------
+@pytest.fixture(scope="module")
+def lumina2(comfy):
+    path = te_lumina2.gemma2_tiny_file()
+    return {"clip": te_lumina2.lumina2_clip(path), "pipe": te_lumina2.lumina2_pipeline(path, softcap=False),
+            "official": te_lumina2.lumina2_pipeline(path)}
+
+
+def _lumina_ref(pipe, prompt):
+    with torch.no_grad():
+        pe, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device="cpu")
+    return pe, mask
+
+
+def test_lumina2_spec_values_are_the_pipelines(comfy, lumina2):
+    pipe = lumina2["official"]
+    (enc,) = comfy.engine("te.specs").get_spec("lumina2").encoders
+    assert enc["template"] == pipe.system_prompt + " <Prompt Start> {prompt}"
+    for fn in (type(pipe).__call__, type(pipe).encode_prompt):
+        assert enc["max_length"] == inspect.signature(fn).parameters["max_sequence_length"].default
+    assert pipe.tokenizer.pad_token_id == 0 and enc["pad_token"] == "zero"
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_lumina2_matches_lumina2_pipeline(comfy, lumina2, name):
+    """Reference: Lumina2Pipeline.encode_prompt(prompt): system prompt + ' <Prompt Start> ' + prompt, padded and
+    truncated to 256, mask in the encoder and returned for the transformer, hidden_states[-2]; the reference's
+    Gemma-2 without the attention-logit soft-cap, which ComfyUI's Gemma-2 lacks (measured below)."""
+    prompt = PROMPTS[name]
+    ref, ref_mask = _lumina_ref(lumina2["pipe"], prompt)
+    out = _encode(comfy.engine("te.align").align_clip(lumina2["clip"], "lumina2"), prompt)
+    assert out["cond"].shape == ref.shape == (1, 256, te_lumina2.GEMMA2_TINY["hidden_size"])
+    assert _max(out["cond"], ref) <= TOL
+    assert torch.equal(out["attention_mask"].long(), ref_mask.long())
+    assert (name == "long") == bool(ref_mask.all())
+
+
+def test_lumina2_spec_is_detected(comfy, lumina2):
+    assert comfy.engine("te.specs").detect_spec(lumina2["clip"]).id == "lumina2"
+
+
+def test_lumina2_gemma2_softcap_is_missing_in_comfyui(comfy, lumina2, record_property):
+    """ComfyUI's Gemma-2 does not soft-cap attention logits (Gemma-2's attn_logit_softcapping 50): on the tiny
+    weights the aligned CLIP equals the pipeline exactly with the cap off, and differs from the official config."""
+    ac = comfy.engine("te.align").align_clip(lumina2["clip"], "lumina2")
+    out = _encode(ac, PROMPTS["plain"])["cond"]
+    capped, uncapped = _lumina_ref(lumina2["official"], PROMPTS["plain"])[0], _lumina_ref(lumina2["pipe"], PROMPTS["plain"])[0]
+    figures = {"vs_softcap_off": _max(out, uncapped), "vs_official_softcap_50": _max(out, capped)}
+    record_property("gemma2_softcap", figures)
+    print("lumina2 gemma2 soft-cap", figures)
+    assert figures["vs_softcap_off"] <= TOL < figures["vs_official_softcap_50"]
+
+
+def test_lumina2_comfy_default_vs_spec(comfy, lumina2, record_property):
+    """ComfyUI's CLIPTextEncode adds no system prompt (only CLIPTextEncodeLumina2 does), pads nothing and never cuts
+    at 256; with the system prompt prepended its positions equal the aligned CLIP's unmasked ones."""
+    aligned = comfy.engine("te.align").align_clip(lumina2["clip"], "lumina2")
+    default = lumina2["clip"]
+    system = lumina2["official"].system_prompt
+    rows = {}
+    prompts = {"plain": PROMPTS["plain"], "empty": "", "long": "word, " * 150}  # long: ~330 tokens with the system prompt
+    for name, prompt in prompts.items():
+        a = _encode(aligned, prompt)
+        n = int(a["attention_mask"].sum())
+        plain_default = _encode(default, prompt)["cond"]
+        node_default = _encode(default, f"{system} <Prompt Start> {prompt}")["cond"]  # CLIPTextEncodeLumina2
+        rows[name] = {"aligned_tokens": n, "default_len": plain_default.shape[1], "node_len": node_default.shape[1],
+                      "node_max_abs": _max(node_default[:, :n], a["cond"][:, :n]) if node_default.shape[1] >= n else None}
+    record_property("comfy_default_vs_spec", rows)
+    print("lumina2 comfy default vs spec", rows)
+    for name in ("plain", "empty"):
+        assert rows[name]["default_len"] < rows[name]["aligned_tokens"] == rows[name]["node_len"]
+        assert rows[name]["node_max_abs"] <= TOL
+    assert rows["long"]["aligned_tokens"] == 256 < rows["long"]["node_len"]
+    weighted = "a (red:1.3) circle"
+    d = _encode(default, f"{system} <Prompt Start> {weighted}")["cond"]
+    a = _encode(aligned, weighted)
+    n = int(a["attention_mask"].sum())
+    assert d.shape[1] != n or _max(d, a["cond"][:, :n]) > TOL
