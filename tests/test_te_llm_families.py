@@ -86,8 +86,10 @@ def test_z_image_comfyui_syntax_equals_stock_comfyui(comfy, z_image):
 
 
 # -- Qwen-Image: Qwen2.5-VL under a system-prompt template, the template's first 34 tokens dropped ---------------
+# The prompt-syntax cases of these families are compared with the same reference pipelines in test_te_syntax.py.
+BASE_PROMPTS = {k: v for k, v in PROMPTS.items() if not k.startswith("syntax-")}
 # "long": 600 tokens, over the 512 kept after the 34-token prefix (the shared 1200-token prompt costs twice as much)
-QWEN_PROMPTS = {**PROMPTS, "long": "word, " * 300, "leading-newline": "\n a cat on a mat"}
+QWEN_PROMPTS = {**BASE_PROMPTS, "long": "word, " * 300, "leading-newline": "\n a cat on a mat"}
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,7 @@ def test_lumina2_spec_values_are_the_pipelines(comfy, lumina2):
     assert pipe.tokenizer.pad_token_id == 0 and enc["pad_token"] == "zero"
 
 
-@pytest.mark.parametrize("name", PROMPTS)
+@pytest.mark.parametrize("name", BASE_PROMPTS)
 def test_lumina2_matches_lumina2_pipeline(comfy, lumina2, name):
     """Reference: Lumina2Pipeline.encode_prompt(prompt): system prompt + ' <Prompt Start> ' + prompt, padded and
     truncated to 256, mask in the encoder and returned for the transformer, hidden_states[-2]; the reference's
@@ -251,3 +253,26 @@ def test_lumina2_comfy_default_vs_spec(comfy, lumina2, record_property):
     a = _encode(aligned, weighted)
     n = int(a["attention_mask"].sum())
     assert d.shape[1] != n or _max(d, a["cond"][:, :n]) > TOL
+
+
+def test_lumina2_token_inspector_counts_the_system_prompt(comfy, lumina2):
+    """The Token Inspector's truncation count takes the system prompt's room into account: it equals what the
+    official tokenizer cuts from the system-prompted text at 256 tokens."""
+    ac = comfy.engine("te.align").align_clip(lumina2["clip"], "lumina2")
+    tok, system = lumina2["official"].tokenizer, lumina2["official"].system_prompt
+    for prompt in ("word, " * 150, PROMPTS["plain"]):
+        cut = max(0, len(tok(f"{system} <Prompt Start> {prompt}").input_ids) - 256)
+        info = comfy.engine("te.inspect").inspect_text(ac, prompt)
+        assert info["encoders"]["gemma2_2b"]["truncated_tokens"] == cut, prompt
+        assert any("truncated" in w for w in info["warnings"]) == (cut > 0)
+
+
+def test_qwen_image_token_inspector_counts_the_kept_positions(comfy, qwen_image):
+    """With a dropped prefix and a template suffix, the Token Inspector's count is the prompt tokens missing from
+    the official embedding: the template's end is cut first, 512 positions are kept after the 34 dropped."""
+    ac = comfy.engine("te.align").align_clip(qwen_image["clip"], "qwen-image")
+    tok = qwen_image["pipe"].tokenizer
+    for prompt, over in ((QWEN_PROMPTS["long"], True), (PROMPTS["plain"], False)):
+        n = len(tok(prompt).input_ids)
+        cut = n - 512 if over else 0  # all 512 kept positions are prompt tokens once it is this long
+        assert comfy.engine("te.inspect").inspect_text(ac, prompt)["encoders"]["qwen25_7b"]["truncated_tokens"] == cut
