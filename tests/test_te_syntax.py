@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.factories import te_llm, te_more, te_t5, te_wan
+from support.factories import te_llm, te_lumina2, te_more, te_qwen_image, te_t5, te_wan
 from support.factories import text_encoders as te
 from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
 
@@ -25,7 +25,8 @@ def emb_dirs(comfy, tmp_path_factory):
     return embeddings_folder(tmp_path_factory.mktemp("emb"), {
         "clip_l": 768, "clip_g": te.CLIP_G_TINY["hidden_size"], "clip_h": te_more.CLIP_H_TINY["hidden_size"],
         "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"],
-        "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"], "umt5xxl": te_wan.UMT5_SHRINK["d_model"]})
+        "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"], "qwen25_7b": te_qwen_image.QWEN25VL_TINY["hidden_size"],
+        "gemma2_2b": te_lumina2.GEMMA2_TINY["hidden_size"], "umt5xxl": te_wan.UMT5_SHRINK["d_model"]})
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,10 @@ def families(comfy, emb_dirs):
     pixart, chroma = te_t5.pixart_sigma_pipeline(t5), te_t5.chroma_pipeline(t5)
     qwen3 = te_llm.qwen3_tiny_file()
     z_image = te_llm.z_image_pipeline(qwen3)
+    qwen25vl = te_qwen_image.qwen25vl_tiny_file()
+    qwen_image = te_qwen_image.qwen_image_pipeline(qwen25vl)
+    gemma2 = te_lumina2.gemma2_tiny_file()
+    lumina2 = te_lumina2.lumina2_pipeline(gemma2, softcap=False)  # ComfyUI's Gemma-2 has no soft-cap (test_te_llm_families)
     flux_clip, t5_clip = te.flux_clip(l, t5, emb_dirs), te_t5.pixart_clip(t5, emb_dirs)
     sd3_clip = te.sd3_clip(lp, g, t5_3, emb_dirs)
     cpu = dict(device="cpu")
@@ -83,6 +88,11 @@ def families(comfy, emb_dirs):
         "wan": (te_wan.wan_clip(embedding_directory=emb_dirs),
                 lambda p: (te_wan.wan_pipeline().encode_prompt(p, do_classifier_free_guidance=False,
                                                                max_sequence_length=512, **cpu)[0], None, None)),
+        "qwen-image": (te_qwen_image.qwen_image_clip(qwen25vl, emb_dirs),
+                       lambda p: (qwen_image.encode_prompt(p, max_sequence_length=512, **cpu)[0], None, None)),
+        "lumina2": (te_lumina2.lumina2_clip(gemma2, emb_dirs),
+                    lambda p: (lambda r: (r[0], None, r[1]))(lumina2.encode_prompt(p, do_classifier_free_guidance=False,
+                                                                                   **cpu))),
     }
 
 
@@ -93,7 +103,7 @@ def test_every_spec_family_is_covered(comfy, families):
 
 @pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
                                      "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image",
-                                     "wan"])
+                                     "wan", "qwen-image", "lumina2"])
 def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
     """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with
     ComfyUI's syntax chosen differs wherever that syntax changes the text (figures in the junit properties)."""

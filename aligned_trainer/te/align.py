@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import html
+import inspect
 import re
 import urllib.parse
 
@@ -22,7 +24,7 @@ import comfy.sd
 import torch
 
 from . import syntax as sx
-from .specs import EncoderSpec, TESpec, detect_spec, get_spec
+from .specs import EncoderSpec, SpecError, TESpec, detect_spec, get_spec
 
 NO_LIMIT = 10 ** 9
 
@@ -148,12 +150,13 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
         if end is not None:
             body = body[:-1]
     n_special = (start is not None) + (end is not None)
+    dropped = enc["drop_prefix"] or 0  # removed after encoding: max_length counts what is kept
     if enc["truncation"] == "truncate":
-        body = body[: enc["max_length"] - n_special]
+        body = body[: enc["max_length"] + dropped - n_special]
     seq = ([start] if start is not None else []) + body + ([end] if end is not None else [])
     target = len(seq)
     if enc["padding"] == "max_length":
-        target = max(target, enc["max_length"])
+        target = max(target, enc["max_length"] + dropped)
     if enc["min_length"]:
         target = max(target, enc["min_length"])
     pad = pad_id(sub, enc)
@@ -213,6 +216,32 @@ def encoder_options(cond_stage_model, spec: TESpec):
             m.enable_attention_masks, m.return_attention_masks, m.zero_out_masked = eam, ram, zom
             m.layer_norm_hidden_state = lnh
             m.reset_clip_options()
+
+
+@contextlib.contextmanager
+def dropped_prefix(cond_stage_model, spec: TESpec):
+    """For one encode call, have ComfyUI's text-encoder model cut exactly the spec's ``drop_prefix`` leading
+    positions (output and mask) through its own ``template_end`` argument, instead of finding the template's
+    end by its heuristic. Nothing changes for specs without ``drop_prefix``."""
+    drops = [(enc.key, enc["drop_prefix"]) for enc in spec.encoders if enc["drop_prefix"]]
+    if not drops:
+        yield
+        return
+    method = type(cond_stage_model).encode_token_weights
+    if len(spec.encoders) != 1 or "template_end" not in inspect.signature(method).parameters:
+        raise SpecError(f"text-encoder spec '{spec.key}' drops a template prefix ({drops[0][0]}: drop_prefix "
+                        f"{drops[0][1]}), but ComfyUI's {type(cond_stage_model).__name__} takes no template_end "
+                        "to cut it; use this spec with the family's own ComfyUI text encoder.")
+    missing = object()
+    saved = cond_stage_model.__dict__.get("encode_token_weights", missing)
+    cond_stage_model.encode_token_weights = functools.partial(method, cond_stage_model, template_end=drops[0][1])
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del cond_stage_model.encode_token_weights
+        else:
+            cond_stage_model.encode_token_weights = saved
 
 
 class AlignedCLIP(comfy.sd.CLIP):
@@ -275,7 +304,7 @@ class AlignedCLIP(comfy.sd.CLIP):
         return True
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        with encoder_options(self.cond_stage_model, self.spec):
+        with encoder_options(self.cond_stage_model, self.spec), dropped_prefix(self.cond_stage_model, self.spec):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
         visible = [e["visible_pad_tokens"] for e in self.spec.encoders if e["visible_pad_tokens"]]
         if return_dict and visible and out.get("attention_mask") is not None:

@@ -7,7 +7,7 @@ import torch
 COMMON_FRACTION = 0.4  # single-token triggers with an id in the first 40% of the vocabulary are common words
 
 from . import syntax as sx
-from .align import AlignedCLIP
+from .align import AlignedCLIP, clean_text, encoder_text, literal_ids
 
 
 def _subs(clip):
@@ -27,10 +27,21 @@ def _key_for(attr: str, tokens: dict) -> str | None:
     return None
 
 
+def _sentencepiece(tok):
+    """The SentencePieceProcessor inside ComfyUI's SPieceTokenizer (Gemma, Pile-T5 files), else None."""
+    return None if hasattr(tok, "convert_ids_to_tokens") else getattr(tok, "tokenizer", None)
+
+
 def token_pieces(sub, text: str) -> list[tuple[int, str]]:
     ids = sub.tokenizer(text)["input_ids"]
-    pieces = sub.tokenizer.convert_ids_to_tokens(ids)
+    sp = _sentencepiece(sub.tokenizer)
+    pieces = [sp.id_to_piece(i) for i in ids] if sp is not None else sub.tokenizer.convert_ids_to_tokens(ids)
     return list(zip(ids, pieces))
+
+
+def _pieces_text(sub, pieces: list[str]) -> str:
+    sp = _sentencepiece(sub.tokenizer)
+    return sp.decode_pieces(pieces) if sp is not None else sub.tokenizer.convert_tokens_to_string(pieces)
 
 
 def prompt_syntax(clip) -> str:
@@ -44,6 +55,21 @@ def comfy_weights(clip) -> bool:
     if not isinstance(clip, AlignedCLIP):
         return True
     return all(e["comfy_weights"] is not False for e in clip.spec.encoders)
+
+
+def _truncated_prompt_tokens(sub, enc, text: str, n_content: int) -> int:
+    """How many of the prompt's own tokens a 'truncate' spec cuts: the templated text (system prompt, template
+    suffix) is cut at max_length (+ the dropped prefix, which does not count), its end first; tokens of the
+    template after the prompt are cut before the prompt's."""
+    if not enc["template"]:
+        room = enc["max_length"] - sum(1 for t in (sub.start_token, sub.end_token) if t is not None)
+        return max(0, n_content - room)
+    specials = sum(1 for t in (sub.start_token, sub.end_token) if t is not None)
+    total = len(literal_ids(sub, encoder_text(text, enc)))
+    head = enc["template"].split("{prompt}")[0] + clean_text(text, enc["cleaning"])
+    suffix = max(0, total - len(literal_ids(sub, head)))
+    cut = max(0, total + specials - enc["max_length"] - (enc["drop_prefix"] or 0))
+    return min(n_content, max(0, cut - suffix))
 
 
 def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> dict:
@@ -65,11 +91,11 @@ def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> di
                  "positions": positions, "chunks": len(tokens[key]) if key else None}
         enc = limits.get(attr)
         if enc is not None and enc["truncation"] == "truncate":
-            room = enc["max_length"] - sum(1 for t in (sub.start_token, sub.end_token) if t is not None)
-            dropped = max(0, len(content) - room)
+            dropped = _truncated_prompt_tokens(sub, enc, text, len(content))
+            room = len(content) - dropped
             entry["truncated_tokens"] = dropped
             if dropped:
-                kept = sub.tokenizer.convert_tokens_to_string([p for _, p in content[room:room + 12]])
+                kept = _pieces_text(sub, [p for _, p in content[room:room + 12]])
                 report["warnings"].append(f"{attr}: caption truncated, {dropped} token(s) dropped from '{kept}...'")
         elif positions and len(content) + 2 > getattr(sub, "max_length", 10 ** 9) < 10 ** 6:
             report["warnings"].append(f"{attr}: {len(content)} tokens exceed one {sub.max_length}-token window; "
