@@ -61,3 +61,15 @@ def atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> Path
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def seeded_llm_(model, seed: int):
+    """``seeded_init_`` for a tiny LLM text encoder, with its norm weights perturbed away from 1 (generator
+    ``seed + 1``) so that a norm applied in the wrong place changes the output."""
+    seeded_init_(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model

@@ -53,12 +53,7 @@ def qwen3_tiny_file(seed: int = 31) -> Path:
         from transformers import Qwen3Model
 
         model = Qwen3Model(_qwen3_config()).eval()
-        common.seeded_init_(model, seed)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        common.seeded_llm_(model, seed)
         common.atomic_save({f"model.{k}": v.clone() for k, v in model.state_dict().items()}, path)
     return path
 

@@ -71,12 +71,7 @@ def gemma2_tiny_file(seed: int = 51) -> Path:
 
         spiece = _tokenizer_bytes()
         model = Gemma2Model(_config()).eval()
-        common.seeded_init_(model, seed)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        common.seeded_llm_(model, seed)
         sd = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
         sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
         common.atomic_save(sd, path)

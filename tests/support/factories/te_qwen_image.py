@@ -49,12 +49,7 @@ def qwen25vl_tiny_file(seed: int = 41) -> Path:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
         model = Qwen2_5_VLTextModel(_config().text_config).eval()
-        common.seeded_init_(model, seed)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        common.seeded_llm_(model, seed)
         common.atomic_save({f"model.{k}": v.clone() for k, v in model.state_dict().items()}, path)
     return path
 
