@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from support.factories import text_encoders as te
+from support.te_compare import max_diff as _max
 
 PROMPTS = {
     "plain": "ohwx, a red circle on a blue background, flat colors",
@@ -16,11 +17,6 @@ PROMPTS = {
     "long": "a photo of " + ", ".join(f"detail number {i}" for i in range(60)) + ", the end",
 }
 TOL = 1e-4
-
-
-def _max(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.fixture(scope="module")

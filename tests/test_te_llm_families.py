@@ -11,6 +11,7 @@ import torch
 
 from support.factories import te_llm, te_lumina2, te_qwen_image
 from support.prompt_syntax import SYNTAX_PROMPTS
+from support.te_compare import max_diff as _max, encode as _encode
 
 TOL = 1e-4
 PROMPTS = {
@@ -23,20 +24,10 @@ PROMPTS = {
 }
 
 
-def _max(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def z_image(comfy):
     path = te_llm.qwen3_tiny_file()
     return {"clip": te_llm.z_image_clip(path), "pipe": te_llm.z_image_pipeline(path)}
-
-
-def _encode(clip, prompt):
-    with torch.no_grad():
-        return clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
 
 
 @pytest.mark.parametrize("name", PROMPTS)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from support.factories import te_more
+from support.te_compare import max_diff as _max
 
 PROMPTS = {
     "plain": "ohwx, a red circle on a blue background, flat colors",
@@ -20,11 +21,6 @@ TOL = 1e-4
 
 def _prompt(name: str, length: int) -> str:
     return PROMPTS[name] if name != "long" else "a photo of " + ", ".join(f"detail {i}" for i in range(length)) + ", end"
-
-
-def _max(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 def _encode(clip, prompt):

@@ -7,6 +7,7 @@ import torch
 
 from support.factories import te_t5
 from support.factories import text_encoders as te
+from support.te_compare import max_diff as _max
 
 PROMPTS = {
     "plain": "ohwx, a red circle on a blue background, flat colors",
@@ -19,11 +20,6 @@ TOL = 1e-4
 
 def _prompt(name: str, length: int) -> str:
     return PROMPTS[name] if name != "long" else "word, " * (length + 40)
-
-
-def _max(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.fixture(scope="module")

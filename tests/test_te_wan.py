@@ -8,6 +8,7 @@ import torch
 
 from support.factories import te_wan
 from support.prompt_syntax import SYNTAX_PROMPTS
+from support.te_compare import max_diff as _max, encode as _encode
 
 TOL = 1e-4
 PROMPTS = {
@@ -21,20 +22,10 @@ PROMPTS = {
 }
 
 
-def _max(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def wan(comfy):
     path = te_wan.umt5_tiny_file()
     return {"clip": te_wan.wan_clip(path), "pipe": te_wan.wan_pipeline(path)}
-
-
-def _encode(clip, prompt):
-    with torch.no_grad():
-        return clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
 
 
 def test_tokenizers_agree_on_the_prompt_set(comfy):
