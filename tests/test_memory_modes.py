@@ -166,3 +166,47 @@ def test_offload_is_bit_equal_after_10_steps(comfy, family_bundle, setup, tmp_pa
     for k, v in plain.state["adapters"].items():
         assert torch.equal(v, off.state["adapters"][k]), k
     assert [h["loss"] for h in plain.history] == [h["loss"] for h in off.history]
+
+
+def test_quantized_around_comfyuis_load_and_previews_see_the_full_base(comfy, setup, tmp_path, monkeypatch):
+    """``quantize``: when ComfyUI's loader moves the model, the quantized layers' full weights are not in it (on a
+    GPU they then never sit on the device together: the load peak is the quantized size); the training steps
+    compute with quantized weights; a preview in between sees the base as the user loaded it, and training
+    resumes quantized; afterwards ComfyUI no longer counts the model as loaded and the weights are the
+    originals."""
+    import comfy.model_management as mm
+
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    model = families.build_model("flux1-dev")
+    dm = model.model.diffusion_model
+    linears = [m for m in dm.modules() if isinstance(m, torch.nn.Linear)]
+    originals = [m.weight for m in linears]
+
+    def full():
+        return sum(type(m.weight.data) is torch.Tensor and m.weight.numel() > 0 for m in linears)
+
+    def quantized():
+        return sum(type(m.weight.data).__name__ == "WeightQBytesTensor" for m in linears)
+
+    seen = []
+    orig = mm.load_models_gpu
+
+    def spy(models, *a, **k):
+        if any(getattr(m, "model", None) is model.model for m in models):
+            seen.append(("load", full()))
+        return orig(models, *a, **k)
+
+    monkeypatch.setattr(mm, "load_models_gpu", spy)
+    with torch.inference_mode():
+        run = loop.init_run(model, setup["flux1-dev"], C.LoraConfig(rank=4, alpha=4, preset="attention"),
+                            C.TimestepConfig(), C.OptimizerConfig(lr=1e-2), st.RunSettings(run_name="q", quantize="int8"),
+                            runs_root=tmp_path)
+        loop.train_steps(run, 2, on_step=lambda r, tr: seen.append(("step", quantized())),
+                         preview=lambda tr, step: seen.append(("preview", full())), preview_every=1)
+    n = len(linears)
+    assert seen == [("load", 0), ("step", n), ("preview", n), ("load", 0), ("step", n), ("preview", n),
+                    ("load", 0)], seen
+    assert all(m.weight is w for m, w in zip(linears, originals))
+    assert not any(getattr(lm.model, "model", None) is model.model for lm in mm.current_loaded_models)

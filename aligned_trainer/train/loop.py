@@ -605,7 +605,6 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
 
     with torch.inference_mode(False), torch.enable_grad():
         trainer = Trainer(run)  # adapters, optimizer state: normal tensors even when called under inference mode
-        trainer.load()
         dm = trainer.patcher.model.diffusion_model
         with placement.placed(trainer) as placed, \
                 checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
@@ -633,10 +632,9 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                     if preview is not None and preview_every and step % preview_every == 0:
                         for a in trainer.adapters.values():
                             a.eval()
-                        with placed.suspended():
+                        with placed.suspended():  # loads the training model again on the way out
                             with torch.inference_mode():
                                 preview(trainer, step)
-                            trainer.load()
                         for a in trainer.adapters.values():
                             a.train()
             except mm.InterruptProcessingException:

@@ -1,33 +1,54 @@
-"""Where the frozen base sits while the trainer runs: quantized (``quantize``) and/or partly on the offload
-device (``offload_blocks``), as Train Init asked. A scope around the training steps; suspended around previews
-(which load the shared model through ComfyUI's own machinery) and restored on exit."""
+"""Where the frozen base sits while the trainer runs: loaded on the training device through ComfyUI's memory
+manager, quantized (``quantize``) and/or partly on the offload device (``offload_blocks``), as Train Init asked.
+A scope around the training steps; suspended around previews (which load the shared model through ComfyUI's own
+machinery) and restored on exit.
+
+With ``quantize`` the full-precision weights of the quantized layers never reach the device together: ComfyUI's
+copy of the model is first unloaded (its weights go back to the offload device), those weights are taken out of
+the model (``quantize.Swapped``), ComfyUI loads the rest, and each full weight is then copied to the training
+device one at a time and quantized there. The load peak is the quantized model's size, not the full one's (a
+24 GB bf16 FLUX.1 on a 16 GB card). On exit (and around previews) ComfyUI unloads the model again before the
+original weights are put back where they were kept, so its own bookkeeping of what is loaded stays true."""
 from __future__ import annotations
 
 import contextlib
 
+import comfy.model_management as mm
+
 from . import offload, quantize
 
 
-@contextlib.contextmanager
-def _quantized(trainer):
-    dm = trainer.patcher.model.diffusion_model
-    off_dev = trainer.patcher.offload_device if trainer.device != trainer.patcher.offload_device else None
-    with quantize.quantized(dm, trainer.run.settings.quantize, off_dev) as n:
-        yield n
+def unload_shared(patcher) -> int:
+    """Unload from ComfyUI's memory manager every loaded model that shares ``patcher``'s diffusion model (the
+    patcher itself and its clones): their weights go back to the offload device. Returns how many."""
+    n = 0
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        lm = mm.current_loaded_models[i]
+        other = lm.model
+        if other is not None and getattr(other, "model", None) is patcher.model:
+            lm.model_unload()
+            mm.current_loaded_models.pop(i)
+            n += 1
+    return n
 
 
 class Placed:
     def __init__(self, trainer):
         self.trainer = trainer
         self.stack = contextlib.ExitStack()
-        self.quant: contextlib.ExitStack | None = None
+        self.quant: quantize.Swapped | None = None
         self.offloaded: offload.Offloaded | None = None
+        self.quantized_layers = 0
+
+    @property
+    def quantizing(self) -> bool:
+        return self.trainer.run.settings.quantize != "none"
 
     def __enter__(self):
         t = self.trainer
         n = t.run.settings.offload_blocks
         try:
-            self._quantize()
+            self._place()
             if n:
                 from .loop import checkpoint_units
 
@@ -39,29 +60,45 @@ class Placed:
             raise
         return self
 
-    def _quantize(self):
-        self.quant = contextlib.ExitStack()
-        self.quant.enter_context(_quantized(self.trainer))
+    def _place(self):
+        """Quantize (around the load) if asked, and load through ComfyUI's memory manager."""
+        t = self.trainer
+        if self.quantizing:
+            unload_shared(t.patcher)  # the full weights go back to the offload device first
+            # layers whose weight ComfyUI patches (LoRAs applied before training) or that carry a weight-side
+            # adapter stay as loaded: their weight is computed at load or per call
+            skip = {k[len("diffusion_model."):-len(".weight")] for k in (*t.patcher.patches, *t.patcher.weight_wrapper_patches)
+                    if k.startswith("diffusion_model.") and k.endswith(".weight")}
+            self.quant = quantize.Swapped(t.patcher.model.diffusion_model, t.run.settings.quantize, skip)
+        t.load()
+        if self.quant is not None:
+            self.quant.quantize(t.device)
+            self.quantized_layers = len(self.quant)
+
+    def _unplace(self):
+        if self.quant is not None:
+            self.quant.unquantize()  # ComfyUI's unload moves the model without the quantized weights ...
+            unload_shared(self.trainer.patcher)
+            self.quant.restore()  # ... then the originals go back in, where they were kept
+            self.quant = None
 
     def __exit__(self, *exc):
         self.stack.close()  # offload first (it holds the quantized weights), then the quantization
-        if self.quant is not None:
-            self.quant.close()
-            self.quant = None
+        self._unplace()
         return False
 
     @contextlib.contextmanager
     def suspended(self):
-        """The base as loaded (full weights, on its device) inside; placed again afterwards. The offload
-        wrappers stay installed (gradient checkpointing wraps them) and pass through meanwhile."""
+        """The base as the user loaded it inside (full weights; previews load it through ComfyUI's own
+        machinery); placed and loaded for training again afterwards. The offload wrappers stay installed
+        (gradient checkpointing wraps them) and pass through meanwhile."""
         if self.offloaded is not None:
             self.offloaded.pause()
-        if self.quant is not None:
-            self.quant.close()
+        self._unplace()
         try:
             yield
         finally:
-            self._quantize()
+            self._place()
             if self.offloaded is not None:
                 self.offloaded.resume()
 

@@ -109,6 +109,41 @@ def quantized(diffusion_model: torch.nn.Module, mode: str, offload_device=None):
                 torch.nn.Parameter(store.detach().to(device), requires_grad=False)
 
 
+class Swapped:
+    """The training scope's quantization (Train Init ``quantize``), made around ComfyUI's loader:
+
+    1. ``Swapped(dm, mode, skip)``: the full weights of the eligible Linears (except the module names in ``skip``)
+       are taken out of the model and kept where they are; an empty placeholder takes their place, so that
+       ComfyUI's loader moves everything else (quanto tensors cannot be moved by ``Module.to``);
+    2. ``quantize(device)``: each full weight is copied to ``device`` one at a time and quantized there; the
+       layer computes with the quantized weight (the full weights never sit on the device together);
+    3. ``unquantize()``: placeholders again (before ComfyUI unloads the model), ``restore()``: the originals back.
+    """
+
+    def __init__(self, diffusion_model: torch.nn.Module, mode: str, skip: set[str] = frozenset()):
+        self.mode = mode
+        self.layers = [(layer, layer.weight) for name, layer in diffusion_model.named_modules()
+                       if mode != "none" and name not in skip and eligible(layer)]
+        self.unquantize()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def quantize(self, device=None) -> None:
+        with torch.no_grad():
+            for layer, w in self.layers:
+                layer.weight = torch.nn.Parameter(quantize_weight(w if device is None else w.to(device), self.mode),
+                                                  requires_grad=False)
+
+    def unquantize(self) -> None:
+        for layer, w in self.layers:
+            layer.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+
+    def restore(self) -> None:
+        for layer, w in self.layers:
+            layer.weight = w
+
+
 class ScaledWeight:
     """A weight-side adapter (LoHa, LoKr, DoRA) on a scaled-fp8 layer (``comfy.ops.scaled_fp8_ops``): ComfyUI's
     cast path hands weight functions the stored fp8 weight ``W / s`` and multiplies by ``scale_weight`` ``s``
