@@ -88,7 +88,7 @@ def floor_step_flops(model, latents, cond, rank, batch, gc_on, precision, device
 
 PROFILE_DIR = None
 PYPROFILE = False
-SHOWN = {"floor": "merge floor", "floor_act": "activation floor", "ours": "ours"}
+SHOWN = {"floor": "merge floor", "floor_act": "activation floor", "ours": "ours", "peer": "diffusers+peft"}
 
 
 def profile(tag: str, fn, device: str, rows: int = 18) -> None:
@@ -168,8 +168,9 @@ def main() -> int:
                     help="with --profile: also cProfile 3 steps of each trainer (host-side Python cost)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the trainers this many times, interleaved; medians over all rounds")
-    ap.add_argument("--trainers", default="floor,floor_act,ours",
-                    help="comma list of: floor (merge floor), floor_act (activation floor), ours")
+    ap.add_argument("--trainers", default="floor,floor_act,ours,peer",
+                    help="comma list of: floor (merge floor), floor_act (activation floor), ours, peer (diffusers' "
+                         "own LoRA training step with peft on diffusers' model classes: bench/peer.py)")
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
     global PROFILE_DIR, PYPROFILE
@@ -246,6 +247,15 @@ def main() -> int:
                                    formulation="activation")),
                 "ours": (run_ours, (engine, model, latents, cond, args.rank, args.steps, max(args.warmup, 1),
                                     args.batch, gc_on), dict(precision=args.precision, on_trainer=on_ours))}
+        _, unet_cfg = bundles._config(fam, args.tiny)
+
+        def run_peer():  # the peer builds its own model (ComfyUI's copy waits on the CPU meanwhile: see below)
+            from peer import time_peer
+
+            return time_peer(fam, unet_cfg, dev_lat, cond, args.rank, args.steps, args.warmup, args.batch, gc_on,
+                             precision=args.precision, device=args.device)
+
+        runs["peer"] = (run_peer, (), {})
         chosen = [t for t in args.trainers.split(",") if t]
         if args.profile:
             floor_profile(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device, fam,
@@ -257,6 +267,10 @@ def main() -> int:
                 if out.get(name, ()) is None:
                     continue  # ran out of memory before
                 print(f"   {name} ..." + (f" (round {r_ + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+                away = name == "peer" and args.device == "cuda"
+                if away:  # the peak then counts the peer's own weights once, as the others count ComfyUI's
+                    model.model.diffusion_model.to("cpu")
+                    torch.cuda.empty_cache()
                 try:
                     times, mem = common.measured(args.device, fn, *a, **kw)
                     if name == "ours" and "peak" in pre:  # the peak before the FLOP count, and after it
@@ -271,9 +285,17 @@ def main() -> int:
                 except torch.OutOfMemoryError as e:
                     print(f"   {name}: out of memory: {str(e).splitlines()[0]}", flush=True)
                     out[name] = None
+                except Exception as e:  # noqa: BLE001 - one trainer failing must not lose the others' rows
+                    import traceback
+
+                    traceback.print_exc()
+                    print(f"   {name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                    out[name] = None
                 gc.collect()
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
+                if away:
+                    model.model.diffusion_model.to(args.device)
         for name, res_ in out.items():
             if res_ is None:
                 rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, oom=True))
@@ -281,7 +303,7 @@ def main() -> int:
             times, mem = res_
             ms = median_ms(times)
             tfs = model_flops / (ms / 1000) / 1e12
-            executed = {"ours": ours_flops.get("step"), "floor": step, "floor_act": act_step}[name]  # ours: None when
+            executed = {"ours": ours_flops.get("step"), "floor": step, "floor_act": act_step, "peer": None}[name]  # ours: None when
             # counted in a forked child (CPU)
             rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, ms=ms, mib=mem["delta"],
                              peak=mem["peak"], model_tflop=model_flops / 1e12, exec_tflop=executed / 1e12 if executed else None, tfs=tfs,
@@ -298,15 +320,17 @@ def main() -> int:
              f"Command: `python {cmd}`", "",
              "| model | params | grad ckpt | trainer | ms/step | ours/floor (merge / activation) | peak mem GiB (over start) | model TFLOP/step "
              "| TFLOP/s | MFU | executed TFLOP/step | HFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    floor_ms = {(r["fam"], r["trainer"]): r["ms"] for r in rows if r["trainer"].startswith("floor") and "ms" in r}
+    floor_ms = {(r["fam"], r["trainer"]): r["ms"] for r in rows if r["trainer"] != "ours" and "ms" in r}
     for r in rows:
         if r.get("oom"):
             lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN[r['trainer']]} | "
-                         "out of memory | | | | | | | |")
+                         "out of memory or failed | | | | | | | |")
             continue
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
         ratio = " / ".join(f"{r['ms'] / floor_ms[(r['fam'], f)]:.2f}" if (r["fam"], f) in floor_ms else "–"
                            for f in ("floor", "floor_act")) if r["trainer"] == "ours" else ""
+        if r["trainer"] == "ours" and (r["fam"], "peer") in floor_ms:
+            ratio += f"; peer/ours {floor_ms[(r['fam'], 'peer')] / r['ms']:.2f}x"
         lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN[r['trainer']]} | "
                      f"{r['ms']:.1f} | {ratio} | {r['peak'] / 1024:.2f} ({r['mib'] / 1024:.2f}) | {r['model_tflop']:.4g} | "
                      f"{r['tfs']:.4g} | {pct(r['mfu'])} | {'n/a' if r['exec_tflop'] is None else format(r['exec_tflop'], '.4g')} | "

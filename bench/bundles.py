@@ -34,6 +34,14 @@ FLUX_DEV_FULL = dict(
 )
 
 
+# Qwen-Image (20B): ComfyUI's model detection reads only these keys from the checkpoint (comfy/model_detection.py);
+# the rest are QwenImageTransformer2DModel's defaults, which are the released model's (60 blocks of 24 x 128 heads,
+# joint attention over the 3584-wide Qwen2.5-VL text states).
+QWEN_IMAGE_FULL = dict(image_model="qwen_image", in_channels=64, num_layers=60)
+QWEN_IMAGE_TINY = dict(image_model="qwen_image", in_channels=64, num_layers=1, attention_head_dim=32,
+                       num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
+
+
 @dataclass
 class Bundle:
     model: object          # ComfyUI ModelPatcher
@@ -74,10 +82,11 @@ def _config(family: str, tiny_size: bool):
     if tiny_size:
         from support.factories import families
 
-        unet = {"sdxl": families.SDXL_UNET, "flux1": dict(families.FLUX_DIT, guidance_embed=True)}[family]
+        unet = {"sdxl": families.SDXL_UNET, "flux1": dict(families.FLUX_DIT, guidance_embed=True),
+                "qwen_image": QWEN_IMAGE_TINY}[family]
     else:
-        unet = {"sdxl": SDXL_FULL, "flux1": FLUX_DEV_FULL}[family]
-    return {"sdxl": sm.SDXL, "flux1": sm.Flux}[family](dict(unet)), unet
+        unet = {"sdxl": SDXL_FULL, "flux1": FLUX_DEV_FULL, "qwen_image": QWEN_IMAGE_FULL}[family]
+    return {"sdxl": sm.SDXL, "flux1": sm.Flux, "qwen_image": sm.QwenImage}[family](dict(unet)), unet
 
 
 @torch.no_grad()
@@ -107,6 +116,8 @@ def random_cond(family: str, tiny_size: bool, tokens: int | None = None) -> list
     FLUX.1: T5 context ``tokens`` x 4096 and the 768 CLIP-L pooled vector), random values."""
     _, unet = _config(family, tiny_size)
     g = torch.Generator().manual_seed(1)
+    if family == "qwen_image":  # Qwen2.5-VL's last hidden states after the template prefix, no pooled vector
+        return [[torch.randn(1, tokens or 512, unet.get("joint_attention_dim", 3584), generator=g), {}]]
     if family == "sdxl":
         ctx = torch.randn(1, tokens or 77, unet["context_dim"], generator=g)
         pooled = torch.randn(1, unet["adm_in_channels"] - 6 * 256, generator=g)
@@ -117,4 +128,4 @@ def random_cond(family: str, tiny_size: bool, tokens: int | None = None) -> list
 
 
 def latent_channels(family: str) -> int:
-    return {"sd15": 4, "sdxl": 4, "flux1": 16}[family]
+    return {"sd15": 4, "sdxl": 4, "flux1": 16, "qwen_image": 16}[family]

@@ -32,10 +32,10 @@ def table_rows(out: str, header_start: str) -> list[list[str]]:
 def test_bench_gpu_tiny_smoke_counts_merge_step_above_activation_step():
     out = run_bench("bench/bench_gpu.py", "--tiny", "--device", "cpu", "--family", "sdxl", "--steps", "2",
                     "--warmup", "1", "--rounds", "2")
-    for name in ("floor", "floor_act", "ours"):
+    for name in ("floor", "floor_act", "ours", "peer"):
         assert f"{name} ... (round 2/2)" in out
     rows = {r[3]: r for r in table_rows(out, "| model |")}
-    assert set(rows) == {"merge floor", "activation floor", "ours"}
+    assert set(rows) == {"merge floor", "activation floor", "ours", "diffusers+peft"}
     for r in rows.values():
         assert math.isfinite(float(r[4])) and float(r[4]) > 0  # ms/step
     merge_exec, act_exec = float(rows["merge floor"][10]), float(rows["activation floor"][10])
@@ -43,8 +43,11 @@ def test_bench_gpu_tiny_smoke_counts_merge_step_above_activation_step():
     assert merge_exec > 1.2 * act_exec
     # without checkpointing the model FLOPs of a step are what the activation floor executes
     assert float(rows["ours"][7]) == float(rows["activation floor"][10])
-    merge_ratio, act_ratio = (float(x) for x in rows["ours"][5].split(" / "))
+    floors, peer = rows["ours"][5].split("; ")
+    merge_ratio, act_ratio = (float(x) for x in floors.split(" / "))
     assert merge_ratio > 0 and act_ratio > 0
+    # the diffusers+peft peer (bench/peer.py) trained the same architecture in the same run
+    assert peer.startswith("peer/ours ") and float(peer.split()[1].rstrip("x")) > 0
 
 
 def test_bench_train_tiny_flux_smoke_reports_every_trainer():

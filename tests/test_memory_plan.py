@@ -87,3 +87,14 @@ def test_refused_plan_lists_settings_that_fit(comfy, family_bundle, tmp_path):
     assert f"{budget:.3f} GiB is available" in msg and "Settings that would fit:" in msg
     assert "gradient_checkpointing on" in msg.split("Settings that would fit:")[1]
     assert not (runs / "tight").exists()
+
+
+def test_probe_shapes_keep_a_video_latents_frames(comfy):
+    """The probe cuts a latent's area, not its frame axis: video and Qwen-Image latents are (C, T, H, W), and a
+    probe that dropped T crashed their models at Train Init."""
+    memory = comfy.engine("train.memory")
+    for shape in ((16, 128, 128), (16, 5, 60, 104), (16, 1, 128, 128)):
+        probes = memory._probe_shapes(shape)
+        assert [p[:-2] for p in probes] == [shape[:-2]] * 2
+        assert all(p[-2] * p[-1] <= max(memory.PROBE_AREA, shape[-2] * shape[-1]) for p in probes)
+        assert probes[0][-1] > probes[1][-1]  # two areas, for the linear fit

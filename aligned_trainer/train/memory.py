@@ -181,10 +181,11 @@ def adapter_bytes(trainer) -> int:
 
 
 def _probe_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    c, h, w = shape[0], shape[-2], shape[-1]
+    """Two probe shapes cut from a latent's (C, [frames,] H, W): the frame count kept, the area reduced."""
+    lead, h, w = tuple(shape[:-2]), shape[-2], shape[-1]
     f = max(1.0, math.sqrt(h * w / PROBE_AREA))
     ph, pw = max(2, int(h / f) // 2 * 2), max(4, int(w / f) // 2 * 2)
-    return [(c, ph, pw), (c, ph, max(2, pw // 2 // 2 * 2))]
+    return [(*lead, ph, pw), (*lead, ph, max(2, pw // 2 // 2 * 2))]
 
 
 def comfy_estimate(trainer, shape: tuple[int, ...]) -> Activations:
