@@ -146,7 +146,8 @@ def run_mode(engine, family, mode, cap, args, device) -> dict:
         out["result"] = "fits" if cap else ""
     except torch.OutOfMemoryError as e:
         out["result"] = f"OOM in {phase}"
-        print(f"   {family} {mode}: out of memory in {phase}: {str(e).splitlines()[0][:160]}", flush=True)
+        print(f"   {family} {mode}: out of memory in {phase}: {str(e).splitlines()[0][:400]}", file=sys.stderr,
+              flush=True)
     except Exception as e:  # noqa: BLE001 - one mode failing must not lose the other rows
         traceback.print_exc()
         out["result"] = f"error in {phase}: {type(e).__name__}"
@@ -161,6 +162,25 @@ def run_mode(engine, family, mode, cap, args, device) -> dict:
             torch.cuda.set_per_process_memory_fraction(1.0)
             torch.cuda.empty_cache()
     return out
+
+
+def run_isolated(engine, family, mode, cap, args, device) -> dict:
+    """``run_mode`` in a child process of its own: nothing one run leaves on the device (a model an out-of-memory
+    error left referenced, the allocator's cache) counts against the next run's cap."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--one", f"{family}:{mode}" + (f"@{cap:g}" if cap else ""), "--device", device,
+           "--resolution", str(args.resolution), "--rank", str(args.rank), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--offload", str(args.offload)] + \
+        (["--tiny"] if args.tiny else []) + (["--tokens", str(args.tokens)] if args.tokens else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(p.stderr[-4000:])
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"ms": None, "peak": None, "load_peak": None, "predicted": None, "probed": None,
+            "result": f"error: child exited {p.returncode}"}
 
 
 def report(engine, args) -> str:
@@ -178,7 +198,7 @@ def report(engine, args) -> str:
         base = None
         for mode, cap in runs:
             print(f"{fam} {mode}" + (f" under {cap:g} GiB" if cap and cuda else "") + " ...", flush=True)
-            r = run_mode(engine, fam, mode, cap if cuda else None, args, args.device)
+            r = (run_isolated if args.isolate else run_mode)(engine, fam, mode, cap if cuda else None, args, args.device)
             if r["ms"] is not None and (mode == "bf16" or base is None):
                 base = (r["ms"], r["peak"])
             ok = r["ms"] is not None
@@ -210,7 +230,13 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--offload", type=int, default=8, help="offload_blocks for int4+offload (--tiny: 1)")
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--isolate", default=None, choices=("on", "off"),
+                    help="each run in a child process of its own (default: on for cuda)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's single run: family:mode[@cap]
     args = ap.parse_args(argv)
+    args.isolate = (args.isolate or ("on" if args.device == "cuda" else "off")) == "on" and not args.one
+    if args.one:
+        args.plan = args.one
     args.resolution = args.resolution or (64 if args.tiny else 1024)
     if args.tiny and args.offload == 8:
         args.offload = 1
@@ -231,6 +257,12 @@ def main() -> int:
         return 2
     common.set_threads(1 if args.device == "cpu" else max(1, min(8, torch.get_num_threads())))
     engine = common.light_comfy(cpu=args.device == "cpu")
+    if args.one:
+        import json
+
+        (fam, ((mode, cap),)), = args.runs
+        print("RESULT " + json.dumps(run_mode(engine, fam, mode, cap, args, args.device)), flush=True)
+        return 0
     table = report(engine, args)
     print(table)
     if args.write:

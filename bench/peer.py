@@ -131,9 +131,16 @@ def make_step(family: str, model, latents: torch.Tensor, cond, rank: int, batch:
                              return_dict=False)[0]
             return torch.nn.functional.mse_loss(pred.float(), _pack(noise - x0).float())
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # without cuDNN's SDPA: with it, diffusers' FLUX.1 backward hit "an illegal memory access" on an H200 (torch
+    # 2.11, 2026-11-30); the flash / memory-efficient kernels remain, as for ComfyUI's model
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
     def step():
-        loss = loss_fn()
-        loss.backward()
+        with sdpa_kernel(backends):
+            loss = loss_fn()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:

@@ -92,7 +92,7 @@ class Plan:
     device: str
     settings: dict
     probed: bool
-    load: int = 0  # the model as loaded: ComfyUI loads it in full before it is quantized or offloaded
+    load: int = 0  # the load's peak (load_bytes)
 
     @property
     def total(self) -> int:
@@ -110,8 +110,9 @@ class Plan:
                 f"{g(self.adapters)} + activations {g(self.activations)}"
                 f"{'' if self.probed else ' (not probed: ComfyUI inference estimate)'}; "
                 + describe(s)
-                + (f"; loading the model in full ({g(self.load)}) is the peak: quantize and offload_blocks act "
-                   "after the load" if self.load > self.weights + self.adapters + self.activations else ""))
+                + (f"; loading the model ({g(self.load)}) is the peak: offload_blocks acts after the load, "
+                   "quantize or fp8 loading lower it" if self.load > self.weights + self.adapters + self.activations
+                   else ""))
 
 
 def describe(s: dict) -> str:
@@ -172,6 +173,16 @@ def weight_bytes(dm: torch.nn.Module, mode: str, offload_n: int, same_device: bo
         in_flight = sum(sorted(sizes)[-2:])
         total += in_flight if same_device else in_flight - sum(sizes)
     return int(total)
+
+
+def load_bytes(dm: torch.nn.Module, mode: str, same_device: bool) -> int:
+    """The load's peak on the training device: ComfyUI loads the model in full (offloaded blocks leave after the
+    load), except the layers quantized around the load (placement.py), whose full weights reach the device one
+    at a time."""
+    if mode == "none":
+        return weight_bytes(dm, "none", 0, True)
+    largest = max((m.weight.numel() * m.weight.element_size() for m in dm.modules() if quantize.eligible(m)), default=0)
+    return weight_bytes(dm, mode, 0, same_device) + largest
 
 
 def adapter_bytes(trainer) -> int:
@@ -263,7 +274,7 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
              {"precision": s.precision, "quantize": s.quantize, "offload_blocks": s.offload_blocks,
               "gradient_checkpointing": s.gradient_checkpointing, "batch_size": s.batch_size,
               "resolution": _resolution(trainer, largest, getattr(s, "area_scale", 1.0))}, acts.probed,
-             weight_bytes(dm, "none", 0, True))
+             load_bytes(dm, s.quantize, same))
     return p, acts
 
 

@@ -109,6 +109,17 @@ def quantized(diffusion_model: torch.nn.Module, mode: str, offload_device=None):
                 torch.nn.Parameter(store.detach().to(device), requires_grad=False)
 
 
+def _input_in_weight_dtype(layer, args):
+    """A quantized layer's input in its weight's compute dtype. quanto's tensors take ``F.linear`` before autocast
+    casts its input, and autocast runs norms in fp32, so a bf16 model's Linear can be handed fp32 activations;
+    quanto's packed 4-bit CUDA kernel (tinygemm, bf16 weights) accepts only bf16 (an H200 run failed with
+    "Expected A.dtype() == at::kBFloat16"). The output is in the dtype autocast would give the layer anyway."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != layer.weight.dtype:
+        return (x.to(layer.weight.dtype), *args[1:])
+    return None
+
+
 class Swapped:
     """The training scope's quantization (Train Init ``quantize``), made around ComfyUI's loader:
 
@@ -122,6 +133,7 @@ class Swapped:
 
     def __init__(self, diffusion_model: torch.nn.Module, mode: str, skip: set[str] = frozenset()):
         self.mode = mode
+        self.hooks: list = []
         self.layers = [(layer, layer.weight) for name, layer in diffusion_model.named_modules()
                        if mode != "none" and name not in skip and eligible(layer)]
         self.unquantize()
@@ -134,8 +146,12 @@ class Swapped:
             for layer, w in self.layers:
                 layer.weight = torch.nn.Parameter(quantize_weight(w if device is None else w.to(device), self.mode),
                                                   requires_grad=False)
+                self.hooks.append(layer.register_forward_pre_hook(_input_in_weight_dtype))
 
     def unquantize(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
         for layer, w in self.layers:
             layer.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
 
