@@ -210,3 +210,11 @@ def test_quantized_around_comfyuis_load_and_previews_see_the_full_base(comfy, se
                     ("load", 0)], seen
     assert all(m.weight is w for m, w in zip(linears, originals))
     assert not any(getattr(lm.model, "model", None) is model.model for lm in mm.current_loaded_models)
+    # Train Init's plan counts that load: on an accelerator (offload device elsewhere), the quantized model plus
+    # one full layer in flight, not the full model
+    memory = comfy.engine("train.memory")
+    full = sum(p.numel() * p.element_size() for p in dm.parameters())
+    biggest = max(m.weight.numel() * m.weight.element_size() for m in linears)
+    q8 = memory.load_bytes(dm, "int8", same_device=False)
+    assert memory.load_bytes(dm, "none", same_device=False) == full
+    assert memory.weight_bytes(dm, "int8", 0, False) + biggest == q8 < 0.5 * full
