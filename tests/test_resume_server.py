@@ -246,3 +246,16 @@ def test_saving_under_an_existing_name_keeps_the_old_file(pair):
     # and the first run's checkpoints are kept
     assert [p.name for p in (pair.runs / "named" / "checkpoints").glob("step_*")] == ["step_0000001.safetensors"]
     assert [p.name for p in (pair.runs / "named_2" / "checkpoints").glob("step_*")] == ["step_0000002.safetensors"]
+
+
+def test_memory_plan_over_budget_refused_through_the_server(pair):
+    """Train Init, run by the server, refuses a plan over the memory budget before anything is written: the
+    history's error names the budget and lists settings that would fit."""
+    srv = pair.server()
+    p = prompt("too_big", 1)
+    p["8"]["inputs"]["memory_budget_gb"] = 0.01
+    entry = srv.wait(srv.queue(p))
+    assert entry["status"]["status_str"] == "error"
+    msg = _error(entry)
+    assert "0.010 GiB is available" in msg and "does NOT fit" in msg and "Settings that would fit:" in msg, msg
+    assert not (pair.runs / "too_big").exists()

@@ -180,6 +180,35 @@ def build_model(name: str, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+# Qwen-Image: ComfyUI's QwenImage config and QwenImageTransformer2DModel (60 blocks of 24 x 128 heads in the 20B
+# release), shrunk to one block of 2 x 32 heads over 64-wide text states. No tiny text encoder: ComfyUI's
+# Qwen2.5-VL class always builds its 1280-wide vision tower, so tests feed text states of the aligned shape.
+QWEN_IMAGE_DIT = dict(image_model="qwen_image", in_channels=64, num_layers=1, attention_head_dim=32,
+                      num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
+
+
+def qwen_image_model(seed: int = 0):
+    """MODEL: the tiny Qwen-Image diffusion model (seeded weights, loaded as loaders do), no text encoder or VAE."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    def config():
+        cfg = comfy.supported_models.QwenImage(dict(QWEN_IMAGE_DIT))
+        cfg.set_inference_dtype(torch.float32, None)
+        return cfg
+
+    def fresh():
+        m = config().get_model({}, "", device=mm.unet_offload_device())
+        return {k: v.clone() for k, v in _seed_all_(m.diffusion_model, seed).state_dict().items()}
+
+    sd = _cached(f"tiny-qwen-image-dit-s{seed}", fresh)
+    model = config().get_model({}, "", device=mm.unet_offload_device())
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def _clip_options(spec: Spec) -> dict:
     return {"dtype": torch.float32, **{f"{n}_model_config": dict(c) for n, c in spec.te.items()}}
 
