@@ -25,8 +25,11 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      by its 31st layer and T5-XXL by its 24th block and build them from full-size configs;
    - FLUX.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(flux1-dev)``: FLUX detection fixes 24 heads of 128
      (hidden 3072) whatever the file holds.
-2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``): dataset resolution and bucket
-   sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
+   - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
+     ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
+     ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
+2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``, and ``SHRINK_MORE`` per
+   workflow: the Wan clips sampled to 5 frames): dataset resolution and bucket sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
    optimizer 4); preview plan and final sample preview 2 sampling steps at 64x64, the plan rendering every 2
    steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
    (4 generated 64 px captioned images in the server's input folder).
@@ -42,12 +45,13 @@ import copy
 from pathlib import Path
 
 from . import demo
-from .factories import family_files, sd15
+from .factories import clips, family_files, sd15, wan
 from .factories.dataset import make_dataset
 from .server import ComfyServer
 
 TEST_NODES = Path(__file__).resolve().parent / "comfy_nodes"
 TINY = "AlignedTrainerTests_Tiny"
+WAN_VAE = "tiny-wan21-vae.safetensors"
 
 # workflow -> (family of support.factories.families whose LoRA keys the saved file must map to, or "sd15";
 #              loader substitutions: class_type -> (new class_type or None to keep, inputs))
@@ -59,6 +63,9 @@ FAMILIES = {
     "train_lora_flux1": ("flux1-dev", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "flux1-dev"}),
                                        "DualCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "flux1-dev"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+    "train_lora_wan": ("wan2.1", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.1"}),
+                                  "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.1"}),
+                                  "VAELoader": (None, {"vae_name": WAN_VAE})}),
 }
 STEPS = 4
 SHRINK = {
@@ -68,6 +75,16 @@ SHRINK = {
     "AlignedTrainer_PreviewPlan": {"steps": 2, "width": 64, "height": 64, "every_n": 2},
     "AlignedTrainer_SamplePreview": {"steps": 2, "width": 64, "height": 64, "step": STEPS},
 }
+# Per workflow, on top of SHRINK: the Wan clips sampled to 5 frames (2 latent frames).
+SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5}}}
+
+
+def shrink_for(name: str) -> dict:
+    """SHRINK with the workflow's own additions (SHRINK_MORE)."""
+    out = {t: dict(v) for t, v in SHRINK.items()}
+    for t, v in SHRINK_MORE.get(name, {}).items():
+        out.setdefault(t, {}).update(v)
+    return out
 
 
 def tiny_prompt(api: dict, name: str) -> dict:
@@ -81,7 +98,7 @@ def tiny_prompt(api: dict, name: str) -> dict:
             if new_type is not None:
                 node["class_type"], node["inputs"] = new_type, {}
             node["inputs"].update(inputs)
-        for k, v in SHRINK.get(t, {}).items():
+        for k, v in shrink_for(name).get(t, {}).items():
             assert k in node["inputs"], f"{name}: {t} has no input {k}"
             node["inputs"][k] = v
     return out
@@ -99,12 +116,15 @@ def family_server(base: Path):
         d.mkdir(parents=True)
     for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
                       (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
-                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev"))):
+                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev")),
+                      (folders["vae"] / WAN_VAE, wan.vae_file())):
         link.symlink_to(src)
     srv = ComfyServer(base, model_folders={**folders, "custom_nodes": TEST_NODES}, log_name="family-server.log")
     srv.start()
     try:
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
+        for i, n in enumerate((6, 9)):  # the Wan workflow's my_videos: two short 64 px clips at 16 fps
+            clips.write_clip(srv.input_dir / "my_videos" / f"clip{i}.mp4", n, 16, size=(64, 64), caption=f"ohwx clip {i}")
         demo.prepare_inputs(srv.input_dir, folders["checkpoints"])
         srv.info = srv.get("/object_info")
         yield srv
