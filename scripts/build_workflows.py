@@ -108,7 +108,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    image_prefix: str, targets: str = "attention+mlp", max_side: int | None = None,
                    checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto",
                    init_widgets: dict | None = None, dataset_widgets: dict | None = None,
-                   sample_widgets: dict | None = None) -> dict:
+                   sample_widgets: dict | None = None, sample_saver: dict | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
@@ -152,7 +152,8 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.link(te, "aligned_clip", sp, "clip")
     g.link(vae, "VAE", sp, "vae")
     g.col = 5
-    si = g.add("SaveImage", filename_prefix=f"{image_prefix}/sample_grid")
+    saver = dict(sample_saver or {"type": "SaveImage"})
+    si = g.add(saver.pop("type"), filename_prefix=f"{image_prefix}/sample_grid", **saver)
     g.link(sp, "grid", si, "images")
     lg = g.add(P + "LossGraph")
     g.link(ts, "trained_run", lg, "run")
@@ -229,10 +230,13 @@ def build(info: dict) -> dict[str, dict]:
                                   "its own shift 8", spec="wan",
                                init=dict(precision="bf16", gradient_checkpointing=True),
                                dataset=dict(kind="video", frames=33, fps=16.0, bucket_step=16),
-                               sample=dict(width=832, height=480, sampler_name="uni_pc", scheduler="simple"),
+                               sample=dict(width=832, height=480, sampler_name="uni_pc", scheduler="simple",
+                                           frames=17, fps=16.0),
+                               saver=dict(type="SaveAnimatedWEBP", fps=16.0),
                                note="\nVideo: the Dataset reads clips (mp4/webm/mov/mkv/gif or folders of frames, "
                                     ".txt captions) at 16 fps, 33 frames each (Wan takes 4k+1); still images train "
-                                    "as one frame. See docs/video.md."),
+                                    "as one frame. Previews are 17-frame clips saved as animated WebP in the output "
+                                    "folder. See docs/video.md."),
     }
     for wid, f in fam.items():
         g = Graph(info)
@@ -258,7 +262,7 @@ def build(info: dict) -> dict[str, dict]:
                        rank=f.get("rank", 16), every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"],
                        cfg=f["cfg"], guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
                        checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
-                       dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"))
+                       dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------
@@ -453,7 +457,7 @@ DESCRIPTIONS = {
                          ["diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l, t5xxl_fp16",
                           "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
     "train_lora_wan": ("Train a Wan 2.1 video LoRA", "UMT5 at 512 tokens as WanPipeline; video clips at 16 fps, "
-                       "33 frames; logit-normal timesteps, shift 3; bf16 with checkpointing; animated previews.",
+                       "33 frames; logit-normal timesteps, shift 3; bf16 with checkpointing; animated previews (17 frames).",
                        ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
                         "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
                         "input/my_videos (clips + .txt captions)"]),

@@ -2,6 +2,8 @@
 a short clip with it, and the trainer trains it on video latents."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -138,3 +140,48 @@ def test_pyramid_noise_on_video_latents_is_refused_by_name(comfy):
         ts_mod.training_noise(cfg, torch.zeros(1, 16, 2, 4, 4), torch.Generator().manual_seed(0))
     assert ts_mod.training_noise(C.TimestepConfig(), torch.zeros(1, 16, 2, 4, 4),
                                  torch.Generator().manual_seed(0)).shape == (1, 16, 2, 4, 4)
+
+
+def test_sample_preview_of_a_clip_is_an_animated_webp_of_the_stock_decode(comfy, bundle):
+    """Sample Preview with frames > 1 on the tiny Wan 2.1 (run as the executor runs it, in inference mode): its UI
+    shows one animated WebP from ComfyUI's output folder, shaped as SaveAnimatedWEBP's; PIL reads it as the clip's
+    frames at the grid's size, each frame equal to the node's grid rounded to 8 bits, and the clip inside equals
+    the stock path EmptyHunyuanLatentVideo -> KSampler -> VAEDecode on the same model, prompt and seed."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    model, clip, vae = bundle
+    n = comfy.nodes
+    size, frames = 32, 5  # 32 px: the engine's sampler, below the node widget's 64 px floor, to keep the test fast
+    kw = dict(prompts="ohwx walking", negative="", seed=3, seed_mode="fixed", steps=2, cfg=1.0, guidance=3.5,
+              sampler_name="euler", scheduler="simple", width=size, height=size, step=0)
+    with torch.inference_mode():
+        out = comfy.call_full("AlignedTrainer_SamplePreview", model=model, clip=clip, vae=vae, frames=frames,
+                              fps=16.0, **kw)
+        grid, cells = out.args
+        (pos,) = n.CLIPTextEncode().encode(clip, "ohwx walking")
+        latent = {"samples": torch.zeros(1, 16, (frames - 1) // wan.TEMPORAL + 1, size // 8, size // 8)}
+        (sampled,) = n.common_ksampler(model, 3, 2, 1.0, "euler", "simple", pos, pos, latent)
+        (stock,) = n.VAEDecode().decode(vae, sampled)
+    assert tuple(stock.shape) == (frames, size, size, 3) and torch.allclose(cells, stock, atol=1e-5)
+    ui = out.ui
+    assert ui["animated"] == (True,) and len(ui["images"]) == 1 and ui["images"][0]["type"] == "output"
+    ref = ui["images"][0]
+    path = Path(folder_paths.get_output_directory()) / ref["subfolder"] / ref["filename"]
+    assert path.suffix == ".webp" and not list(path.parent.glob("*.part"))
+    with Image.open(path) as im:
+        assert (im.format, im.n_frames, im.size, im.is_animated) == ("WEBP", frames, grid.shape[2:0:-1], True)
+        pixels = []
+        for f in range(im.n_frames):
+            im.seek(f)
+            pixels.append(np.asarray(im.convert("RGB"), dtype=np.int16))
+    assert tuple(grid.shape) == (frames, *pixels[0].shape)
+    expected = (grid.clamp(0, 1) * 255).round().to(torch.int16).numpy()
+    assert all(np.array_equal(p, e) for p, e in zip(pixels, expected))  # lossless: the grid to 8 bits
+    # the clip's cell in every frame is the stock decode rounded to 8 bits (cell box from the grid's layout)
+    render = comfy.engine("sampling.render")
+    _, geo = render.grid_frames([[stock]], ["step 0"], ["ohwx walking"], [["seed 3"]])
+    x0, y0, x1, y1 = geo["cell_boxes"][0][0]
+    cell = np.stack([p[y0:y1, x0:x1] for p in pixels]).astype(np.float32) / 255
+    assert cell.shape == (frames, size, size, 3) and np.abs(cell - stock.numpy()).max() <= 0.5 / 255 + 1e-6

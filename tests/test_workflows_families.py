@@ -60,6 +60,26 @@ def _check_lora_loads(path: Path, model) -> int:
     return len(patches)
 
 
+def _check_animated(srv, outputs: dict, by_type: dict, frames: int, name: str) -> None:
+    """Each animated UI entry (Sample Preview's, Train Steps' per preview) is a file in the output folder that PIL
+    reads as ``frames`` frames of the saved sample grid's size; Train Steps shows one per preview."""
+    from PIL import Image
+
+    (sp,), (ts,), (saved,) = by_type["AlignedTrainer_SamplePreview"], by_type["AlignedTrainer_TrainSteps"], \
+        by_type["SaveAnimatedWEBP"]
+    ref = outputs[saved]["images"][0]
+    with Image.open(srv.output_dir / ref["subfolder"] / ref["filename"]) as im:
+        size = im.size
+    shown = {nid: outputs[nid] for nid in (sp, ts)}
+    assert all(o.get("animated") == [True] for o in shown.values()), shown
+    every = shrink_for(name)["AlignedTrainer_PreviewPlan"]["every_n"]
+    assert len(shown[sp]["images"]) == 1 and len(shown[ts]["images"]) == STEPS // every, shown
+    for img in shown[sp]["images"] + shown[ts]["images"]:
+        assert img["type"] == "output" and img["filename"].endswith(".webp"), img
+        with Image.open(srv.output_dir / img["subfolder"] / img["filename"]) as im:
+            assert (im.format, im.n_frames, im.size) == ("WEBP", frames, size), (img, im.n_frames, im.size)
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name):
@@ -109,5 +129,8 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
             names.add(f"{img.get('subfolder', '')}/{img['filename']}")
     prefix = name.removeprefix("train_lora_")
     assert any(n.startswith(f"{prefix}_lora/sample_grid") for n in names), names
+    frames = shrink_for(name)["AlignedTrainer_SamplePreview"].get("frames", 1)
+    if frames > 1:  # video: Sample Preview and Train Steps' previews show animated WebPs from the output folder
+        _check_animated(srv, outputs, by_type, frames, name)
     assert any(n.startswith(f"{prefix}_lora/loss_plot") for n in names), names
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")

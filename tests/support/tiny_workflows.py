@@ -75,8 +75,11 @@ SHRINK = {
     "AlignedTrainer_PreviewPlan": {"steps": 2, "width": 64, "height": 64, "every_n": 2},
     "AlignedTrainer_SamplePreview": {"steps": 2, "width": 64, "height": 64, "step": STEPS},
 }
-# Per workflow, on top of SHRINK: the Wan clips sampled to 5 frames (2 latent frames).
-SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5}}}
+# Per workflow, on top of SHRINK: the Wan clips sampled and previewed at 5 frames (2 latent frames), one
+# preview during training (a clip decode is the slowest part of the tiny Wan run on a CPU).
+SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
+                                   "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
+                                   "AlignedTrainer_SamplePreview": {"frames": 5}}}
 
 
 def shrink_for(name: str) -> dict:
