@@ -235,7 +235,8 @@ def build(info: dict) -> dict[str, dict]:
                                saver=dict(type="SaveAnimatedWEBP", fps=16.0),
                                note="\nVideo: the Dataset reads clips (mp4/webm/mov/mkv/gif or folders of frames, "
                                     ".txt captions) at 16 fps, 33 frames each (Wan takes 4k+1); still images train "
-                                    "as one frame. Previews are 17-frame clips saved as animated WebP in the output "
+                                    "as one frame; set frame_buckets (e.g. 17, 33) to train each clip at the longest count it covers. "
+                                    "Previews are 17-frame clips saved as animated WebP in the output "
                                     "folder. See docs/video.md."),
     }
     for wid, f in fam.items():

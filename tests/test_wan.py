@@ -2,6 +2,7 @@
 a short clip with it, and the trainer trains it on video latents."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,47 @@ def test_sample_preview_of_a_clip_is_an_animated_webp_of_the_stock_decode(comfy,
     x0, y0, x1, y1 = geo["cell_boxes"][0][0]
     cell = np.stack([p[y0:y1, x0:x1] for p in pixels]).astype(np.float32) / 255
     assert cell.shape == (frames, size, size, 3) and np.abs(cell - stock.numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_frame_buckets_batch_clips_by_frame_count_and_size(comfy, bundle, tmp_path):
+    """frame_buckets '5, 9' (and 12, rounded down to 9): a 6-frame clip trains at 5 frames, a 10-frame one at 9 (the
+    longest bucket each covers, frames from the clip's start at 16 fps), a wide 10-frame clip at 9 frames in a wide
+    bucket; a clip shorter than the smallest bucket is refused by name, a bad entry names itself. Latents through
+    the tiny Wan VAE have three shapes; with batch size 2 every batch the trainer draws holds one shape (frame
+    count and size), every shape is drawn, and a step on such batches has a finite loss."""
+    from support.factories import clips
+
+    V, caps, bk, cache = (comfy.engine(m) for m in ("data.video", "data.captions", "data.buckets", "data.cache"))
+    C, st, loop, align = (comfy.engine(m) for m in ("train.config", "train.state", "train.loop", "te.align"))
+    data = tmp_path / "data"
+    clips.write_clip(data / "short.mp4", 6, 16, size=(32, 32), caption="ohwx short")
+    clips.write_clip(data / "long.mp4", 10, 16, size=(32, 32), caption="ohwx long")
+    clips.write_clip(data / "wide", 10, 16, size=(96, 32), caption="ohwx wide")  # a folder of frames, 3:1
+    bcfg = bk.BucketConfig(resolution=32, min_side=16, max_side=64, step=16)
+    vcfg = V.VideoConfig(frames=5, fps=16.0, frame_buckets=V.parse_frame_buckets("5, 9 12"))
+    assert vcfg.frame_counts == (9, 5)
+    ds = V.from_video_folder(data, caps.CaptionConfig(), bcfg, vcfg)
+    got = {i.source.rsplit("/", 1)[-1]: (i.bucket, ds.plan(i)[1]) for i in ds.items}
+    assert got == {"short.mp4": ((32, 32), (0, 1, 2, 3, 4)), "long.mp4": ((32, 32), tuple(range(9))),
+                   "wide": ((48, 16), tuple(range(9)))}, got
+    rep = ds.report()
+    assert rep["per_frame_count"] == {"5": 1, "9": 2} and rep["video"]["frame_buckets"] == [5, 9]
+    with pytest.raises(V.DataError, match="frame_buckets: 'x9'"):
+        V.parse_frame_buckets("5, x9")
+    clips.write_clip(tmp_path / "tiny" / "blink.mp4", 3, 16, size=(32, 32))
+    with pytest.raises(V.DataError, match=r"blink\.mp4 is too short.*5 frames"):
+        V.from_video_folder(tmp_path / "tiny", caps.CaptionConfig(), bcfg, vcfg)
+
+    lc = cache.cache_latents(ds, bundle[2], tmp_path / "cache")
+    shapes = {tuple(lat.shape) for lat in lc.latents}
+    assert shapes == {(16, 2, 4, 4), (16, 3, 4, 4), (16, 3, 2, 6)}, shapes
+    ts, _ = cache.cache_text(lc, align.align_clip(bundle[1], "wan"), tmp_path / "cache", unload=False)
+    run = loop.init_run(bundle[0], ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(shift="model"),
+                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="buckets", batch_size=2, val_count=0),
+                        runs_root=tmp_path / "runs")
+    trainer = loop.Trainer(run)
+    drawn = [trainer.draw_batch() for _ in range(30)]
+    assert all(len(b) == 2 and len({tuple(s.latent.shape) for s in b}) == 1 for b in drawn)
+    assert {tuple(b[0].latent.shape) for b in drawn} == shapes
+    out = loop.train_steps(run, 1)
+    assert math.isfinite(out.history[-1]["loss"])
