@@ -230,3 +230,39 @@ def test_frame_buckets_batch_clips_by_frame_count_and_size(comfy, bundle, tmp_pa
     assert {tuple(b[0].latent.shape) for b in drawn} == shapes
     out = loop.train_steps(run, 1)
     assert math.isfinite(out.history[-1]["loss"])
+
+
+def test_resumed_video_run_equals_an_uninterrupted_one(comfy, bundle, video_set, tmp_path, monkeypatch):
+    """Train Init + Train Steps as ComfyUI runs them (inference mode) on the tiny Wan's clips and image (fp32, no
+    checkpointing: bf16 + checkpointing, the Wan workflow's, took about twice as long here): 1 step,
+    then Train Init resuming 'latest' from the checkpoint it wrote and 1 more step, equals 2 uninterrupted steps
+    exactly (adapters, losses, and the cosine schedule's learning rates)."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    C, align = comfy.engine("train.config"), comfy.engine("te.align")
+    ts, _ = video_set["cache"].cache_text(video_set["latents"], align.align_clip(bundle[1], "wan"), video_set["root"],
+                                          unload=False)
+    lcfg, tcfg = C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(shift="model")
+    ocfg = C.OptimizerConfig(lr=1e-3, scheduler="cosine", total_steps=2)
+
+    def init(name, resume):
+        return comfy.call("AlignedTrainer_TrainInit", model=bundle[0], training_set=ts, lora_config=lcfg, timesteps=tcfg,
+                          optimizer=ocfg, seed=5, batch_size=1, grad_accum=1, precision="fp32",
+                          gradient_checkpointing=False, ema_decay=0.0, guidance=1.0, val_count=0, run_name=name,
+                          resume=resume)[0]
+
+    def steps(run, k):
+        return comfy.call("AlignedTrainer_TrainSteps", run=run, steps=k, checkpoint_every=0, keep_last=2,
+                          val_every=0)[0]
+
+    with torch.inference_mode():
+        full = steps(init("wan_full", "none"), 2)
+        steps(init("wan_half", "none"), 1)
+        resumed = init("wan_half", "latest")
+        assert resumed.step == 1
+        done = steps(resumed, 1)
+    assert done.step == 2 and [(h["loss"], h["lr"]) for h in full.history] == [(h["loss"], h["lr"]) for h in done.history]
+    assert full.state["adapters"].keys() == done.state["adapters"].keys()
+    assert all(torch.equal(v, done.state["adapters"][k]) for k, v in full.state["adapters"].items())
+    assert any(v.abs().sum() > 0 for k, v in done.state["adapters"].items() if "lora_up" in k)
