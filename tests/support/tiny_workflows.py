@@ -44,6 +44,8 @@ import contextlib
 import copy
 from pathlib import Path
 
+from PIL import Image
+
 from . import demo
 from .factories import clips, family_files, sd15, wan
 from .factories.dataset import make_dataset
@@ -76,10 +78,11 @@ SHRINK = {
     "AlignedTrainer_SamplePreview": {"steps": 2, "width": 64, "height": 64, "step": STEPS},
 }
 # Per workflow, on top of SHRINK: the Wan clips sampled and previewed at 5 frames (2 latent frames), one
-# preview during training (a clip decode is the slowest part of the tiny Wan run on a CPU).
+# preview and one validation pass during training (clip decodes and bf16 passes are the slow parts on a CPU).
 SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                                    "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
-                                   "AlignedTrainer_SamplePreview": {"frames": 5}}}
+                                   "AlignedTrainer_SamplePreview": {"frames": 5},
+                                   "AlignedTrainer_TrainSteps": {"val_every": STEPS}}}
 
 
 def shrink_for(name: str) -> dict:
@@ -126,8 +129,10 @@ def family_server(base: Path):
     srv.start()
     try:
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
-        for i, n in enumerate((6, 9)):  # the Wan workflow's my_videos: two short 64 px clips at 16 fps
-            clips.write_clip(srv.input_dir / "my_videos" / f"clip{i}.mp4", n, 16, size=(64, 64), caption=f"ohwx clip {i}")
+        # the Wan workflow's my_videos: a 6-frame 64 px clip at 16 fps and a still image (a one-frame sample)
+        clips.write_clip(srv.input_dir / "my_videos" / "clip.mp4", 6, 16, size=(64, 64), caption="ohwx walking")
+        Image.fromarray(clips.frame(3, (64, 64))).save(srv.input_dir / "my_videos" / "still.png")
+        (srv.input_dir / "my_videos" / "still.txt").write_text("ohwx standing", encoding="utf-8")
         demo.prepare_inputs(srv.input_dir, folders["checkpoints"])
         srv.info = srv.get("/object_info")
         yield srv
