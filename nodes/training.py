@@ -287,7 +287,7 @@ class TrainSteps(io.ComfyNode):
 
         def preview(trainer, step):
             lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
-            mon.on_preview(step, preview_plan.render(lora_model, step), preview_plan.fps)
+            mon.on_preview(step, preview_plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
 
         new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
                                preview if preview_plan is not None else None,
