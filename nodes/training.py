@@ -296,7 +296,8 @@ class TrainSteps(io.ComfyNode):
             new = new.advanced(checkpoints=state.save_checkpoint(new, keep_last))
         model = export.model_with_lora(new.model, export.kohya_state_dict(new, dtype=torch.float32))
         img, _ = plot.loss_plot(list(new.history))
-        return io.NodeOutput(new, model, imaging.to_tensor(img), ui=animation.ui(mon.animated) if mon.animated else None)
+        view = animation.ui(mon.animated) if mon.animated else None  # video previews: animated WebPs
+        return io.NodeOutput(new, model, imaging.to_tensor(img), ui=view)
 
 
 class SaveLora(io.ComfyNode):

@@ -221,9 +221,9 @@ def test_frame_buckets_batch_clips_by_frame_count_and_size(comfy, bundle, tmp_pa
     shapes = {tuple(lat.shape) for lat in lc.latents}
     assert shapes == {(16, 2, 2, 2), (16, 3, 2, 2), (16, 3, 2, 6)}, shapes
     ts, _ = cache.cache_text(lc, align.align_clip(bundle[1], "wan"), tmp_path / "cache", unload=False)
-    run = loop.init_run(bundle[0], ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(shift="model"),
-                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="buckets", batch_size=2, val_count=0),
-                        runs_root=tmp_path / "runs")
+    run = loop.init_run(bundle[0], ts, C.LoraConfig(rank=4, alpha=4, preset="attention"),
+                        C.TimestepConfig(shift="model"), C.OptimizerConfig(lr=1e-3),
+                        st.RunSettings(run_name="buckets", batch_size=2, val_count=0), runs_root=tmp_path / "runs")
     trainer = loop.Trainer(run)
     drawn = [trainer.draw_batch() for _ in range(30)]
     assert all(len(b) == 2 and len({tuple(s.latent.shape) for s in b}) == 1 for b in drawn)
@@ -247,8 +247,8 @@ def test_resumed_video_run_equals_an_uninterrupted_one(comfy, bundle, video_set,
     ocfg = C.OptimizerConfig(lr=1e-3, scheduler="cosine", total_steps=2)
 
     def init(name, resume):
-        return comfy.call("AlignedTrainer_TrainInit", model=bundle[0], training_set=ts, lora_config=lcfg, timesteps=tcfg,
-                          optimizer=ocfg, seed=5, batch_size=1, grad_accum=1, precision="fp32",
+        return comfy.call("AlignedTrainer_TrainInit", model=bundle[0], training_set=ts, lora_config=lcfg,
+                          timesteps=tcfg, optimizer=ocfg, seed=5, batch_size=1, grad_accum=1, precision="fp32",
                           gradient_checkpointing=False, ema_decay=0.0, guidance=1.0, val_count=0, run_name=name,
                           resume=resume)[0]
 

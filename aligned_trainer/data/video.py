@@ -41,7 +41,7 @@ class VideoConfig:
     frame_multiple: int = 4        # the VAE's temporal compression: it takes frame_multiple * k + 1 frames
     frame_folder_fps: float = 16.0  # the rate a folder of frames was captured at
     images: bool = True            # still images in the folder become one-frame samples
-    frame_buckets: tuple[int, ...] = ()  # frame counts to bucket clips by (each clip: the longest it covers); () = frames
+    frame_buckets: tuple[int, ...] = ()  # frame counts to bucket clips by (each: the longest it covers); () = frames
 
     def validate(self) -> None:
         for name in ("fps", "frame_folder_fps"):

@@ -43,7 +43,8 @@ def preview_grid(model, clip, vae, prompts: list[str], negative: str, s: SampleS
 class PreviewPlan:
     """What Train Steps renders every ``every_n`` steps (immutable). Conditionings are encoded once, when the
     plan is made, so the text encoder need not stay in memory during training. ``render(model, step)``
-    returns the grid (1, H, W, 3), or (F, H, W, 3) for clips of F frames (``settings.frames``), and has released the sampling model and cached memory when it returns."""
+    returns the grid (1, H, W, 3), or (F, H, W, 3) for clips of F frames (``settings.frames``), and has released
+    the sampling model and cached memory when it returns."""
 
     vae: object
     prompts: tuple[str, ...]

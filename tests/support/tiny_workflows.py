@@ -28,11 +28,13 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
      ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
-2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``, and ``SHRINK_MORE`` per
-   workflow: the Wan clips sampled to 5 frames): dataset resolution and bucket sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
+2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``): dataset resolution and bucket
+   sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
    optimizer 4); preview plan and final sample preview 2 sampling steps at 64x64, the plan rendering every 2
    steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
-   (4 generated 64 px captioned images in the server's input folder).
+   (4 generated 64 px captioned images in the server's input folder). Per workflow (``SHRINK_MORE``): Wan's
+   clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos`` folder holds
+   a 6-frame 64 px clip and a still image.
 
 Everything else is the shipped workflow: the aligned text-encoder node with its spec, dataset and caches,
 LoRA config (rank, targets), timestep strategy, optimizer, Train Init, Train Steps, Save LoRA, sample preview,
