@@ -13,6 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from ..aligned_trainer import imaging
+from ..aligned_trainer.sampling import animation
 from ._common import NodeProgress, send_event
 
 PREVIEW_SUBFOLDER = "aligned_trainer_previews"
@@ -89,7 +93,7 @@ class RunClock:
 
 class TrainMonitor:
     """The node-side sink of a Train Steps run: ``on_step(result)`` after each step, ``on_preview(step,
-    image)`` after each preview render (a PIL image)."""
+    image)`` after each preview render (a PIL image or a grid tensor; clips become animated WebPs)."""
 
     def __init__(self, unique_id: str | None, start: int, steps: int, val_every: int, checkpoint_every: int,
                  preview_every: int):
@@ -97,6 +101,7 @@ class TrainMonitor:
         self.every = {"validation": val_every, "checkpoint": checkpoint_every, "preview": preview_every}
         self.clock = RunClock(start, steps, self.every)
         self.bar = NodeProgress(steps, unique_id)
+        self.animated: list[dict] = []  # animated previews written so far (output folder references)
 
     def on_step(self, r) -> None:
         extras = tuple(k for k in ("validation", "checkpoint") if self.every[k] and r.step % self.every[k] == 0)
@@ -107,9 +112,15 @@ class TrainMonitor:
         send_event("loss", {"node": self.uid, "step": r.step, "done": c.done, "total": self.steps, "loss": r.loss,
                             "lr": r.lr, "val_loss": r.val_loss, "eta": c.eta(), "its": c.its(), "overall": overall})
 
-    def on_preview(self, step: int, image) -> None:
+    def on_preview(self, step: int, image, fps: float = 16.0) -> None:
+        """``image``: a PIL image, or a grid tensor (F, H, W, 3); one of several frames (a video model's clips)
+        is saved as an animated WebP in the output folder and kept in ``animated`` for the node's UI."""
         self.clock.extra("preview")
-        ref = save_temp_preview(image, self.uid, step)
+        if isinstance(image, torch.Tensor) and image.shape[0] > 1:
+            ref = animation.save_webp(image, f"node{self.uid or 'x'}_step{step:07d}", fps)
+            self.animated.append(ref)
+        else:
+            ref = save_temp_preview(imaging.to_pil(image) if isinstance(image, torch.Tensor) else image, self.uid, step)
         send_event("preview", {"node": self.uid, "step": step, "image": ref})
 
 

@@ -10,7 +10,7 @@ from ..aligned_trainer.data import cache
 from ..aligned_trainer.data.buckets import BucketConfig
 from ..aligned_trainer.data.captions import CaptionConfig
 from ..aligned_trainer.data.dataset import from_folder, from_images, guarded_fingerprint
-from ..aligned_trainer.data.video import VideoConfig, from_video_folder
+from ..aligned_trainer.data.video import VideoConfig, from_video_folder, parse_frame_buckets
 from ._common import NodeProgress, category, node_id
 
 CAT = category("Data")
@@ -88,6 +88,11 @@ class Dataset(io.ComfyNode):
                                        "16)."),
                 io.Float.Input("frame_folder_fps", default=16.0, min=0.5, max=120.0, step=0.5, optional=True,
                                tooltip="video: the rate a sub-folder of frames was captured at."),
+                io.String.Input("frame_buckets", default="", optional=True,
+                                tooltip="video: frame counts to bucket clips by, e.g. '17, 33, 49' (each rounded down "
+                                        "to 4k+1): each clip trains at the longest count it is long enough for, and "
+                                        "only clips of one count and one size are batched together. Empty: every "
+                                        "clip at 'frames'."),
             ],
             outputs=[DATASET.Output("dataset", tooltip="The dataset (for Cache Latents)."),
                      io.String.Output("report", tooltip="Images per bucket, caption stats, tag frequency, notes."),
@@ -98,7 +103,7 @@ class Dataset(io.ComfyNode):
     def execute(cls, folder, resolution, min_side, max_side, bucket_step, trigger_word, shuffle_tags, keep_tokens,
                 tag_dropout, caption_dropout, caption_variants, flip, seed, reg_folder="", reg_weight=1.0,
                 images=None, captions="", max_pixels=0, kind="images", frames=17, fps=16.0,
-                frame_folder_fps=16.0) -> io.NodeOutput:
+                frame_folder_fps=16.0, frame_buckets="") -> io.NodeOutput:
         ccfg = CaptionConfig(trigger_word.strip(), shuffle_tags, keep_tokens, tag_dropout, caption_dropout, caption_variants)
         bcfg = BucketConfig(resolution, min_side, max(max_side, resolution), bucket_step, max_pixels or None)
         if images is not None:
@@ -106,7 +111,8 @@ class Dataset(io.ComfyNode):
             ds = from_images(images, lines, ccfg, bcfg, flip, seed)
         elif kind == "video":
             roots, root, _ = paths.dataset_folders(folder)
-            vcfg = VideoConfig(frames=frames, fps=fps, frame_folder_fps=frame_folder_fps)
+            vcfg = VideoConfig(frames=frames, fps=fps, frame_folder_fps=frame_folder_fps,
+                               frame_buckets=parse_frame_buckets(frame_buckets))
             ds = from_video_folder(root, ccfg, bcfg, vcfg, flip, seed, roots, reg_folder=reg_folder)
         else:
             roots, root, reg = paths.dataset_folders(folder, reg_folder)

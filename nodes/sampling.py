@@ -7,7 +7,7 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..aligned_trainer import imaging, plot
-from ..aligned_trainer.sampling import checkpoints, compare, history, plans
+from ..aligned_trainer.sampling import animation, checkpoints, compare, history, plans
 from ..aligned_trainer.sampling.render import SampleSettings
 from ._common import NodeProgress, category, node_id
 
@@ -32,9 +32,18 @@ def sampler_inputs(default_steps: int = 20):
     ]
 
 
-def settings(kw: dict) -> SampleSettings:
+def settings(kw: dict, frames: int = 1) -> SampleSettings:
     return SampleSettings(kw["steps"], kw["cfg"], kw["guidance"], kw["sampler_name"], kw["scheduler"], kw["width"],
-                          kw["height"], kw["seed"], kw["seed_mode"])
+                          kw["height"], kw["seed"], kw["seed_mode"], frames)
+
+
+def video_inputs():
+    """Optional inputs of the nodes that can sample video models (Wan): frames per clip and playback rate."""
+    return [io.Int.Input("frames", default=1, min=1, max=257, optional=True,
+                         tooltip="1 for image models. Video models (Wan): frames per clip, rounded down to 4k+1 "
+                                 "(17, 33, 81); the preview is saved as an animated WebP in the output folder."),
+            io.Float.Input("fps", default=16.0, min=0.5, max=120.0, step=0.5, optional=True,
+                           tooltip="Playback rate of animated previews (Wan 2.1/2.2: 16).")]
 
 
 PROMPTS = io.String.Input("prompts", multiline=True, default="ohwx, a photo",
@@ -51,15 +60,19 @@ class SamplePreview(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="Model (with or without LoRA)."),
                     io.Clip.Input("clip", tooltip="CLIP to encode the prompts."),
                     io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
-                    io.Int.Input("step", default=0, min=0, max=10**9, tooltip="Training step label (and walk offset).")],
-            outputs=[io.Image.Output("grid", tooltip="Labelled grid (prompt, seed, step)."),
-                     io.Image.Output("images", tooltip="The cells as a batch.")],
+                    io.Int.Input("step", default=0, min=0, max=10**9, tooltip="Training step label (and walk offset)."),
+                    *video_inputs()],
+            outputs=[io.Image.Output("grid", tooltip="Labelled grid (prompt, seed, step); one grid per frame for "
+                                                     "video (connect Save Animated WEBP to keep it)."),
+                     io.Image.Output("images", tooltip="The cells as a batch (video: every clip's frames in turn).")],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, prompts, negative, step, **kw) -> io.NodeOutput:
-        g, cells, _ = plans.preview_grid(model, clip, vae, plans.prompt_list(prompts), negative, settings(kw), step)
-        return io.NodeOutput(g, cells, ui=ui.PreviewImage(g, cls=cls))
+    def execute(cls, model, clip, vae, prompts, negative, step, frames=1, fps=16.0, **kw) -> io.NodeOutput:
+        g, cells, _ = plans.preview_grid(model, clip, vae, plans.prompt_list(prompts), negative, settings(kw, frames),
+                                         step)
+        view = animation.ui([animation.save_webp(g, "sample", fps)]) if g.shape[0] > 1 else ui.PreviewImage(g, cls=cls)
+        return io.NodeOutput(g, cells, ui=view)
 
 
 class PreviewPlan(io.ComfyNode):
@@ -70,13 +83,15 @@ class PreviewPlan(io.ComfyNode):
             description="Previews for Train Steps: rendered every N steps with the LoRA being trained.",
             inputs=[io.Clip.Input("clip", tooltip="CLIP to encode the prompts (encoded once, now)."),
                     io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
-                    io.Int.Input("every_n", default=100, min=1, max=10**6, tooltip="Render every N training steps.")],
+                    io.Int.Input("every_n", default=100, min=1, max=10**6, tooltip="Render every N training steps."),
+                    *video_inputs()],
             outputs=[PREVIEW_PLAN.Output("preview_plan", tooltip="For Train Steps' preview_plan input.")],
         )
 
     @classmethod
-    def execute(cls, clip, vae, prompts, negative, every_n, **kw) -> io.NodeOutput:
-        return io.NodeOutput(plans.make_plan(clip, vae, plans.prompt_list(prompts), negative, settings(kw), every_n))
+    def execute(cls, clip, vae, prompts, negative, every_n, frames=1, fps=16.0, **kw) -> io.NodeOutput:
+        return io.NodeOutput(plans.make_plan(clip, vae, plans.prompt_list(prompts), negative, settings(kw, frames),
+                                             every_n, fps))
 
 
 class ABCompare(io.ComfyNode):

@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..aligned_trainer import imaging, plot
+from ..aligned_trainer.sampling import animation
 from ..aligned_trainer.train import config as C
 from ..aligned_trainer.train import configs_io, export, files, loop, quantize, state, timesteps
 from ._common import category, node_id
@@ -286,7 +287,7 @@ class TrainSteps(io.ComfyNode):
 
         def preview(trainer, step):
             lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
-            mon.on_preview(step, imaging.to_pil(preview_plan.render(lora_model, step)))
+            mon.on_preview(step, preview_plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
 
         new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
                                preview if preview_plan is not None else None,
@@ -295,7 +296,8 @@ class TrainSteps(io.ComfyNode):
             new = new.advanced(checkpoints=state.save_checkpoint(new, keep_last))
         model = export.model_with_lora(new.model, export.kohya_state_dict(new, dtype=torch.float32))
         img, _ = plot.loss_plot(list(new.history))
-        return io.NodeOutput(new, model, imaging.to_tensor(img))
+        view = animation.ui(mon.animated) if mon.animated else None  # video previews: animated WebPs
+        return io.NodeOutput(new, model, imaging.to_tensor(img), ui=view)
 
 
 class SaveLora(io.ComfyNode):

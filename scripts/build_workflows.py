@@ -2,7 +2,7 @@
 """Regenerate the UI-format workflows in workflows/ from the definitions below, using the node schemas
 of a real ComfyUI with this pack loaded (so widget order and types always match the nodes).
 
-    .work/venv/bin/python scripts/build_workflows.py
+    .work/venv/bin/python scripts/build_workflows.py [NAME ...]   # only these workflows (default: all)
 """
 from __future__ import annotations
 
@@ -107,12 +107,15 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    sample_steps: int, cfg: float, guidance: float, size: int, run_name: str, lora_name: str,
                    image_prefix: str, targets: str = "attention+mlp", max_side: int | None = None,
                    checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto",
-                   init_widgets: dict | None = None) -> dict:
+                   init_widgets: dict | None = None, dataset_widgets: dict | None = None,
+                   sample_widgets: dict | None = None, sample_saver: dict | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
-    ds = g.add(P + "Dataset", folder=folder, resolution=resolution, min_side=min(resolution, 256) if resolution > 128 else 64,
-               max_side=max_side or resolution * 2, bucket_step=64, trigger_word=trigger, caption_variants=1)
+    ds = g.add(P + "Dataset", **{"folder": folder, "resolution": resolution,
+                                 "min_side": min(resolution, 256) if resolution > 128 else 64,
+                                 "max_side": max_side or resolution * 2, "bucket_step": 64, "trigger_word": trigger,
+                                 "caption_variants": 1, **(dataset_widgets or {})})
     lat = g.add(P + "CacheLatents")
     g.link(ds, "dataset", lat, "dataset")
     g.link(vae, "VAE", lat, "vae")
@@ -132,8 +135,9 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.link(lc, "lora_config", init, "lora_config")
     g.link(tcfg, "timesteps", init, "timesteps")
     g.link(oc, "optimizer_config", init, "optimizer")
+    sampling = {"width": size, "height": size, **(sample_widgets or {})}
     plan = g.add(P + "PreviewPlan", prompts=prompts, every_n=every_n, steps=sample_steps, cfg=cfg, guidance=guidance,
-                 width=size, height=size)
+                 **sampling)
     g.link(te, "aligned_clip", plan, "clip")
     g.link(vae, "VAE", plan, "vae")
     ts = g.add(P + "TrainSteps", steps=steps, checkpoint_every=checkpoint_every, val_every=max(1, steps // 4))
@@ -142,13 +146,14 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.col = 4
     save = g.add(P + "SaveLora", name=lora_name)
     g.link(ts, "trained_run", save, "run")
-    sp = g.add(P + "SamplePreview", prompts=prompts, steps=sample_steps, cfg=cfg, guidance=guidance, width=size,
-               height=size, step=steps)
+    sp = g.add(P + "SamplePreview", prompts=prompts, steps=sample_steps, cfg=cfg, guidance=guidance, step=steps,
+               **sampling)
     g.link(ts, "model", sp, "model")
     g.link(te, "aligned_clip", sp, "clip")
     g.link(vae, "VAE", sp, "vae")
     g.col = 5
-    si = g.add("SaveImage", filename_prefix=f"{image_prefix}/sample_grid")
+    saver = dict(sample_saver or {"type": "SaveImage"})
+    si = g.add(saver.pop("type"), filename_prefix=f"{image_prefix}/sample_grid", **saver)
     g.link(sp, "grid", si, "images")
     lg = g.add(P + "LossGraph")
     g.link(ts, "trained_run", lg, "run")
@@ -213,27 +218,52 @@ def build(info: dict) -> dict[str, dict]:
                                  shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
                                  sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift",
                                  spec="flux1-dev", init=dict(precision="bf16", gradient_checkpointing=True)),
+        # Wan 2.1 T2V 1.3B: ComfyUI's own text_to_video_wan template's files; musubi-tuner's usual Wan LoRA settings
+        # (rank 32, logit-normal "shift" sampling with discrete_flow_shift 3, 16 fps, 4k+1 frames); previews at the
+        # template's 832x480, uni_pc/simple, cfg 6, 17 frames.
+        "train_lora_wan": dict(name="Wan 2.1 T2V", ref="WanPipeline (UMT5-XXL, 512 tokens, pads zeroed)",
+                               files="wan2.1_t2v_1.3B_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled.safetensors, "
+                                     "wan_2.1_vae.safetensors", loader="wan", ckpt="wan2.1_t2v_1.3B_fp16.safetensors",
+                               resolution=512, max_side=832, density="logit_normal", shift="fixed", weighting="none",
+                               lr=1e-4, rank=32, size=512, cfg=6.0, sample_steps=20, folder="my_videos",
+                               ts="logit-normal with shift 3 (musubi-tuner's Wan setting); the model samples with "
+                                  "its own shift 8", spec="wan",
+                               init=dict(precision="bf16", gradient_checkpointing=True),
+                               dataset=dict(kind="video", frames=33, fps=16.0, bucket_step=16),
+                               sample=dict(width=832, height=480, sampler_name="uni_pc", scheduler="simple",
+                                           frames=17, fps=16.0),
+                               saver=dict(type="SaveAnimatedWEBP", fps=16.0),
+                               note="\nVideo: the Dataset reads clips (mp4/webm/mov/mkv/gif or folders of frames, "
+                                    ".txt captions) at 16 fps, 33 frames each (Wan takes 4k+1); still images train "
+                                    "as one frame; set frame_buckets (e.g. 17, 33) to train each clip at the longest count it covers. "
+                                    "Previews are 17-frame clips saved as animated WebP in the output "
+                                    "folder. See docs/video.md."),
     }
     for wid, f in fam.items():
         g = Graph(info)
         run = wid.replace("train_lora_", "") + "_lora"
         g.note(FAMILY_NOTE.format(name=f["name"], ref=f["ref"], files=f["files"], lora=run, run=run, ts=f["ts"],
-                                 spec=f["spec"]))
+                                 spec=f["spec"]) + f.get("note", ""))
         if f["loader"] == "ckpt":
             m = c = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
         elif f["loader"] == "sd3":
             m = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
             c = g.add("TripleCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
                       clip_name3="t5xxl_fp16.safetensors")
+        elif f["loader"] == "wan":
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
+            v = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
         else:
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
             v = g.add("VAELoader", vae_name="ae.safetensors")
-        training_chain(g, m, c, v, folder="my_dataset", resolution=f["resolution"], trigger="ohwx", steps=1500,
-                       density=f["density"], shift=f["shift"], weighting=f["weighting"], lr=f["lr"], rank=16,
-                       every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"], cfg=f["cfg"],
-                       guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
-                       checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"))
+        training_chain(g, m, c, v, folder=f.get("folder", "my_dataset"), resolution=f["resolution"], trigger="ohwx",
+                       steps=1500, density=f["density"], shift=f["shift"], weighting=f["weighting"], lr=f["lr"],
+                       rank=f.get("rank", 16), every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"],
+                       cfg=f["cfg"], guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
+                       checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
+                       dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------
@@ -390,7 +420,10 @@ def build(info: dict) -> dict[str, dict]:
 #   the page first; ComfyUI's templates name no SD3.5 Medium file); loaded, like sd3.5_large in
 #   ComfyUI_examples, with the three text encoders from their own files (TripleCLIPLoader);
 # - v1-5-pruned-emaonly: Comfy-Org/stable-diffusion-v1-5-archive holds it (fp32, the RunwayML upload) beside the
-#   v1-5-pruned-emaonly-fp16 that ComfyUI's default template (templates/default.json) names.
+#   v1-5-pruned-emaonly-fp16 that ComfyUI's default template (templates/default.json) names;
+# - wan2.1_t2v_1.3B_fp16, umt5_xxl_fp8_e4m3fn_scaled, wan_2.1_vae: ComfyUI's Wan 2.1 text-to-video template
+#   (comfyui-workflow-templates-media-video, templates/text_to_video_wan.json; the same URLs without their
+#   "?download=true", and folders).
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
     "sd_xl_base_1.0.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
@@ -399,6 +432,9 @@ MODELS = {
     "clip_g.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/text_encoders/clip_g.safetensors"),
     "t5xxl_fp16.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
     "flux1-dev.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
+    "wan2.1_t2v_1.3B_fp16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "wan_2.1_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/wan_2.1_vae.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
 
@@ -422,6 +458,11 @@ DESCRIPTIONS = {
                          "with FLUX's resolution shift; 1024 px.",
                          ["diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l, t5xxl_fp16",
                           "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
+    "train_lora_wan": ("Train a Wan 2.1 video LoRA", "UMT5 at 512 tokens as WanPipeline; video clips at 16 fps, "
+                       "33 frames; logit-normal timesteps, shift 3; bf16 with checkpointing; animated previews (17 frames).",
+                       ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
+                        "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
+                        "input/my_videos (clips + .txt captions)"]),
     "ab_aligned_vs_unaligned": ("A/B: aligned vs default encoders", "Same prompts, seed and noise through the "
                                 "aligned and ComfyUI's default text encoders, side by side.",
                                 ["any SD1.5 checkpoint (tiny-sd15 named)"]),
@@ -514,7 +555,10 @@ def main() -> int:
 
     c = boot()
     info = object_info_inprocess(c.nodes)
+    only = set(sys.argv[1:])  # workflow names to write (default: all)
     for name, wf in build(info).items():
+        if only and name not in only:
+            continue
         problems = [p for p in validate(wf, info)]
         if problems:
             print(name, problems)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-from support.tiny_workflows import FAMILIES, SHRINK, STEPS
+from support.tiny_workflows import FAMILIES, STEPS, shrink_for
 from support.workflow import load
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -151,7 +151,7 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
     assert name in AS_SHIPPED or name in FAMILIES, f"{name}: a new shipped workflow needs a way to run here"
     if name in FAMILIES:
         loaders = {t: [new, inputs] for t, (new, inputs) in FAMILIES[name][1].items()}
-        done = page.evaluate(TINY_GRAPH_JS, {"loaders": loaders, "shrink": SHRINK})
+        done = page.evaluate(TINY_GRAPH_JS, {"loaders": loaders, "shrink": shrink_for(name)})
         assert done["nodes"] == len(wf["nodes"]), done
     if name in RUN_THROUGH_API:
         prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")

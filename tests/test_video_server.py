@@ -55,3 +55,17 @@ def test_image_vae_and_short_clip_are_refused(srv):
     err = execution_error(srv, _prompt(srv, "wan_short", VAE))
     assert err["node_type"] == "AlignedTrainer_Dataset"
     assert "blink.mp4 is too short" in err["exception_message"] and "Lower the frame count" in err["exception_message"]
+
+
+def test_frame_buckets_through_the_dataset_node(srv):
+    """Dataset's frame_buckets through the server: the 0.4 s clip trains at 5 frames, the 9-frame folder at 9 (the
+    longest bucket each covers); an entry that is not a number is refused naming it."""
+    def prompt(buckets):
+        return {"2": node(srv, "AlignedTrainer_Dataset", folder="wan_clips", kind="video", frames=5, fps=16.0,
+                          resolution=64, min_side=64, max_side=64, frame_buckets=buckets),
+                "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
+
+    report = json.loads(srv.run(prompt("5, 9"))["outputs"]["4"]["text"][0])
+    assert report["per_frame_count"] == {"5": 1, "9": 1} and report["video"]["frame_buckets"] == [5, 9]
+    err = execution_error(srv, prompt("5, nine"))
+    assert err["node_type"] == "AlignedTrainer_Dataset" and "frame_buckets: 'nine'" in err["exception_message"]

@@ -1,4 +1,4 @@
-"""The shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1) run to completion through the real
+"""The shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan) run to completion through the real
 ComfyUI server on tiny generated models: each trains, saves a LoRA that ComfyUI's stock LoRA loader maps
 completely, and leaves its sample grid, loss plot and timestep histogram. What is changed in each
 shipped workflow (loaders and sizes, nothing else) is documented in ``support.tiny_workflows``.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-from support.tiny_workflows import FAMILIES, SHRINK, STEPS, tiny_prompt
+from support.tiny_workflows import FAMILIES, STEPS, shrink_for, tiny_prompt
 from support.workflow import load, ui_to_api, validate
 
 
@@ -33,7 +33,7 @@ def test_substitutions_touch_only_loaders_and_sizes(comfy):
                 continue
             assert new["class_type"] == node["class_type"]
             changed = {k for k in node["inputs"] if new["inputs"][k] != node["inputs"][k]}
-            assert new["inputs"].keys() == node["inputs"].keys() and changed <= set(SHRINK.get(node["class_type"], {}))
+            assert new["inputs"].keys() == node["inputs"].keys() and changed <= set(shrink_for(name).get(node["class_type"], {}))
         # links out of the substituted loaders are untouched (same node ids, same output slots)
         assert [v for n in tiny.values() for v in n["inputs"].values() if isinstance(v, list)] == \
                [v for n in api.values() for v in n["inputs"].values() if isinstance(v, list)]
@@ -58,6 +58,26 @@ def _check_lora_loads(path: Path, model) -> int:
     # a patch key is the weight's name, or (name, row offset[, function]) for a slice (SD3's peft layout: qkv rows)
     assert set(patched.patches) >= {k if isinstance(k, str) else k[0] for k in patches}
     return len(patches)
+
+
+def _check_animated(srv, outputs: dict, by_type: dict, frames: int, name: str) -> None:
+    """Each animated UI entry (Sample Preview's, Train Steps' per preview) is a file in the output folder that PIL
+    reads as ``frames`` frames of the saved sample grid's size; Train Steps shows one per preview."""
+    from PIL import Image
+
+    (sp,), (ts,), (saved,) = by_type["AlignedTrainer_SamplePreview"], by_type["AlignedTrainer_TrainSteps"], \
+        by_type["SaveAnimatedWEBP"]
+    ref = outputs[saved]["images"][0]
+    with Image.open(srv.output_dir / ref["subfolder"] / ref["filename"]) as im:
+        size = im.size
+    shown = {nid: outputs[nid] for nid in (sp, ts)}
+    assert all(o.get("animated") == [True] for o in shown.values()), shown
+    every = shrink_for(name)["AlignedTrainer_PreviewPlan"]["every_n"]
+    assert len(shown[sp]["images"]) == 1 and len(shown[ts]["images"]) == STEPS // every, shown
+    for img in shown[sp]["images"] + shown[ts]["images"]:
+        assert img["type"] == "output" and img["filename"].endswith(".webp"), img
+        with Image.open(srv.output_dir / img["subfolder"] / img["filename"]) as im:
+            assert (im.format, im.n_frames, im.size) == ("WEBP", frames, size), (img, im.n_frames, im.size)
 
 
 @pytest.mark.server
@@ -92,13 +112,14 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
     if family == "sd15":
         model = request.getfixturevalue("sd15")[0]  # the tiny checkpoint through CheckpointLoaderSimple
     else:
-        from support.factories import families
+        from support.factories import families, wan
 
-        model = families.build_model(family)  # the MODEL the server's workflow trained (same weights)
+        # the MODEL the server's workflow trained (same weights)
+        model = wan.build_model() if family == "wan2.1" else families.build_model(family)
     n_patches = _check_lora_loads(lora, model)
     # every Save Image (sample grid, loss plot) and Preview Image (timestep histogram) left its files
     names = set()
-    for nid in by_type["SaveImage"] + by_type["PreviewImage"]:
+    for nid in by_type["SaveImage"] + by_type["PreviewImage"] + by_type.get("SaveAnimatedWEBP", []):
         images = outputs.get(nid, {}).get("images", [])
         assert images, f"{name}: node {nid} ({api[nid]['class_type']}) produced no image"
         for img in images:
@@ -108,5 +129,8 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
             names.add(f"{img.get('subfolder', '')}/{img['filename']}")
     prefix = name.removeprefix("train_lora_")
     assert any(n.startswith(f"{prefix}_lora/sample_grid") for n in names), names
+    frames = shrink_for(name)["AlignedTrainer_SamplePreview"].get("frames", 1)
+    if frames > 1:  # video: Sample Preview and Train Steps' previews show animated WebPs from the output folder
+        _check_animated(srv, outputs, by_type, frames, name)
     assert any(n.startswith(f"{prefix}_lora/loss_plot") for n in names), names
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")

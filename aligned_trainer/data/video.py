@@ -1,7 +1,8 @@
 """Video datasets: a folder of clips (mp4, webm, mov, mkv, animated gif, or a sub-folder of numbered frames)
 with captions, optionally mixed with still images (one-frame samples, as the reference video trainers allow).
 
-Each clip gives one sample of ``VideoConfig.frames`` frames taken at ``VideoConfig.fps`` from its start: the
+Each clip gives one sample of ``VideoConfig.frames`` frames (or, with ``frame_buckets``, of the longest bucket
+count the clip covers) taken at ``VideoConfig.fps`` from its start: the
 frame shown at time ``i / fps`` (the last frame whose timestamp is at or before it), so a 30 fps clip is
 resampled to 16 fps by timestamps and a variable-frame-rate clip is read by its real timestamps. The frame
 count is rounded down to what the VAE accepts (Wan: ``4k + 1``). A frame folder is read at
@@ -40,6 +41,7 @@ class VideoConfig:
     frame_multiple: int = 4        # the VAE's temporal compression: it takes frame_multiple * k + 1 frames
     frame_folder_fps: float = 16.0  # the rate a folder of frames was captured at
     images: bool = True            # still images in the folder become one-frame samples
+    frame_buckets: tuple[int, ...] = ()  # frame counts to bucket clips by (each: the longest it covers); () = frames
 
     def validate(self) -> None:
         for name in ("fps", "frame_folder_fps"):
@@ -50,11 +52,36 @@ class VideoConfig:
             raise DataError(f"frame_multiple must be >= 1 (got {self.frame_multiple}); Wan's VAE uses 4.")
         if self.frames < 1:
             raise DataError(f"video frames must be >= 1 (got {self.frames}); Wan takes 4k+1 frames (17, 33, 81).")
+        bad = [b for b in self.frame_buckets if not isinstance(b, int) or isinstance(b, bool) or b < 1]
+        if bad:
+            raise DataError(f"frame_buckets must be frame counts >= 1 (got {bad[0]!r}); e.g. 17, 33, 49 for Wan.")
+
+    def rounded(self, frames: int) -> int:
+        """``frames`` rounded down to what the VAE accepts (``frame_multiple * k + 1``)."""
+        return (frames - 1) // self.frame_multiple * self.frame_multiple + 1
 
     @property
     def frame_count(self) -> int:
         """``frames`` rounded down to what the VAE accepts (``frame_multiple * k + 1``)."""
-        return (self.frames - 1) // self.frame_multiple * self.frame_multiple + 1
+        return self.rounded(self.frames)
+
+    @property
+    def frame_counts(self) -> tuple[int, ...]:
+        """The frame counts a clip may be sampled at, longest first: the buckets (rounded, without repeats), or
+        ``frame_count`` alone."""
+        return tuple(sorted({self.rounded(b) for b in self.frame_buckets} or {self.frame_count}, reverse=True))
+
+
+def parse_frame_buckets(text: str) -> tuple[int, ...]:
+    """``"17, 33 49"`` -> (17, 33, 49); an entry that is not a whole number raises a DataError naming it."""
+    out = []
+    for part in text.replace(",", " ").split():
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise DataError(f"frame_buckets: {part!r} is not a whole number; give frame counts separated by commas, "
+                            "e.g. 17, 33, 49 (or leave it empty to use frames).") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -235,6 +262,8 @@ class VideoDataset(Dataset):
         rep["clips"] = sum(1 for _, c, _ in self.plans if c is not None)
         rep["per_frame_count"] = {str(k): v for k, v in sorted(frames.items())}
         rep["video"] = {"frames": self.video.frame_count, "fps": self.video.fps}
+        if self.video.frame_buckets:
+            rep["video"]["frame_buckets"] = list(self.video.frame_counts[::-1])
         return rep
 
 
@@ -267,7 +296,7 @@ def from_video_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: Buck
                         "clear reg_folder or set kind to images.")
     caption_cfg.validate()
     video.validate()
-    count = video.frame_count
+    counts = video.frame_counts
     buckets = make_buckets(bucket_cfg)
     b = _Builder(caption_cfg, bucket_cfg, flip, seed)
     plans = []
@@ -291,8 +320,10 @@ def from_video_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: Buck
             b.add(str(path), file_sha(path), size, read_caption(path), repeats, False, buckets)
             plans.append((str(path), None, (0,)))
             continue
-        idx = sample_indices(clip.times, video.fps, count)
+        # the longest frame bucket the clip covers (clips of one count and bucket batch together)
+        idx = next((i for i in (sample_indices(clip.times, video.fps, c) for c in counts) if i is not None), None)
         if idx is None:
+            count = counts[-1]
             need = (count - 1) / video.fps
             raise DataError(
                 f"clip {path} is too short: {len(clip.times)} frames over {clip.duration:.2f} s, but {count} frames "

@@ -19,14 +19,16 @@ def prompt_list(text: str) -> list[str]:
 def _row(model, vae, positives, negative, s: SampleSettings, step: int, prompts) -> tuple[torch.Tensor, list, dict]:
     seed = s.seed_for(step)
     cells = [render.sample(model, vae, pos, negative, s, seed) for pos in positives]
-    g, geo = render.grid([cells], [f"step {step}"], [short(p) for p in prompts], [[f"seed {seed}" for _ in prompts]])
+    g, geo = render.grid_frames([cells], [f"step {step}"], [short(p) for p in prompts],
+                                [[f"seed {seed}" for _ in prompts]])
     geo["seeds"] = [[seed for _ in prompts]]
     return g, cells, geo
 
 
 def preview_grid(model, clip, vae, prompts: list[str], negative: str, s: SampleSettings, step: int = 0,
                  release: bool = False):
-    """One row: each prompt at this step's seed. Returns (grid, cells batch, geometry)."""
+    """One row: each prompt at this step's seed. Returns (grid, cells batch, geometry); with ``s.frames`` > 1 on a
+    video model the grid has one frame per clip frame and the cells are the clips one after another."""
     neg = render.encode(clip, negative, s.guidance)
     pos = [render.encode(clip, p, s.guidance) for p in prompts]
     try:
@@ -41,7 +43,8 @@ def preview_grid(model, clip, vae, prompts: list[str], negative: str, s: SampleS
 class PreviewPlan:
     """What Train Steps renders every ``every_n`` steps (immutable). Conditionings are encoded once, when the
     plan is made, so the text encoder need not stay in memory during training. ``render(model, step)``
-    returns the grid (1, H, W, 3) and has released the sampling model and cached memory when it returns."""
+    returns the grid (1, H, W, 3), or (F, H, W, 3) for clips of F frames (``settings.frames``), and has released
+    the sampling model and cached memory when it returns."""
 
     vae: object
     prompts: tuple[str, ...]
@@ -49,6 +52,7 @@ class PreviewPlan:
     negative: list
     settings: SampleSettings
     every_n: int
+    fps: float = 16.0               # frame rate of animated previews (clips)
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.every_n == 0
@@ -62,8 +66,9 @@ class PreviewPlan:
         return g
 
 
-def make_plan(clip, vae, prompts: list[str], negative: str, s: SampleSettings, every_n: int) -> PreviewPlan:
+def make_plan(clip, vae, prompts: list[str], negative: str, s: SampleSettings, every_n: int,
+              fps: float = 16.0) -> PreviewPlan:
     if every_n < 1:
         raise ValueError("every_n must be >= 1")
     pos = tuple(render.encode(clip, p, s.guidance) for p in prompts)
-    return PreviewPlan(vae, tuple(prompts), pos, render.encode(clip, negative, s.guidance), s, int(every_n))
+    return PreviewPlan(vae, tuple(prompts), pos, render.encode(clip, negative, s.guidance), s, int(every_n), float(fps))

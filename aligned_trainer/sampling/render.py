@@ -28,6 +28,7 @@ class SampleSettings:
     height: int = 512
     seed: int = 0
     seed_mode: str = "fixed"        # fixed | walk (seed + step)
+    frames: int = 1                 # video models: frames per sample (rounded down to what the VAE decodes: Wan 4k+1)
 
     def __post_init__(self):
         check_finite(self)  # cfg, guidance: NaN passes every range check of a JSON prompt
@@ -39,6 +40,8 @@ class SampleSettings:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; pick one of comfy.samplers.KSampler.SCHEDULERS")
         if self.steps < 1 or self.width < 8 or self.height < 8:
             raise ValueError("steps must be >= 1 and width/height >= 8")
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1 (got {self.frames}); 1 for image models, 4k+1 (17, 33) for Wan")
 
     def seed_for(self, step: int = 0) -> int:
         """fixed: the base seed at every step; walk: base seed + training step (step 0 = the base seed)."""
@@ -52,20 +55,34 @@ def encode(clip, text: str, guidance: float) -> list:
     return node_helpers.conditioning_set_values(cond, {"guidance": guidance})
 
 
+def empty_latent(model, vae, s: SampleSettings) -> torch.Tensor:
+    """The empty latent the stock nodes start from: EmptyLatentImage (fixed to the model's channels and latent
+    dimensions), or for ``frames`` > 1 on a video model EmptyHunyuanLatentVideo's ``(1, C, (frames - 1) // t + 1,
+    H / 8, W / 8)`` with the VAE's temporal compression ``t`` (Wan: 4)."""
+    if s.frames == 1:
+        return comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, s.height // 8, s.width // 8]))
+    temporal = vae.temporal_compression_decode() if hasattr(vae, "temporal_compression_decode") else None
+    if model.get_model_object("latent_format").latent_dimensions != 3 or not temporal:
+        raise ValueError(f"frames = {s.frames} needs a video model and its VAE (Wan); this model or VAE makes still "
+                         "images: set frames to 1.")
+    latent = torch.zeros([1, 4, (s.frames - 1) // temporal + 1, s.height // 8, s.width // 8])
+    return comfy.sample.fix_empty_latent_channels(model, latent)
+
+
 @torch.no_grad()
 def sample(model, vae, positive: list, negative: list, s: SampleSettings, seed: int) -> torch.Tensor:
-    """One image (1, H, W, 3): empty latent -> comfy.sample.sample -> VAE decode, as KSampler + VAEDecode."""
-    latent = torch.zeros([1, 4, s.height // 8, s.width // 8])
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    """One image (1, H, W, 3), or one clip (F, H, W, 3) when ``s.frames`` > 1: empty latent -> comfy.sample.sample
+    -> VAE decode, as KSampler + VAEDecode (EmptyHunyuanLatentVideo for a clip)."""
+    latent = empty_latent(model, vae, s)
     noise = comfy.sample.prepare_noise(latent, seed, None)
     samples = comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler, positive, negative, latent,
                                   denoise=1.0, disable_pbar=True, seed=seed)
     del noise, latent
     images = vae.decode(samples)
     del samples
-    if images.ndim == 5:  # video VAEs
+    if images.ndim == 5:  # video VAEs: (1, F, H, W, 3), flattened as VAEDecode does
         images = images.reshape(-1, *images.shape[-3:])
-    return images[:1].float().cpu().clone()
+    return images[:1 if s.frames == 1 else None].float().cpu().clone()
 
 
 def release(*models) -> None:
@@ -89,6 +106,15 @@ def grid(images: list[list[torch.Tensor]], row_labels: list[str], col_labels: li
     geo.update(row_labels=list(row_labels), col_labels=list(col_labels),
                cell_labels=[list(r) for r in cell_labels] if cell_labels else None)
     return imaging.to_tensor(img), geo
+
+
+def grid_frames(images: list[list[torch.Tensor]], row_labels: list[str], col_labels: list[str],
+                cell_labels: list[list[str]] | None = None) -> tuple[torch.Tensor, dict]:
+    """``grid`` for cells of F frames each (F, H, W, 3): one labelled grid per frame, (F, GH, GW, 3); the
+    geometry of the first frame (every frame has the same). Cells of one frame give ``grid`` unchanged."""
+    n = min(int(im.shape[0]) for row in images for im in row)
+    out = [grid([[im[f:f + 1] for im in row] for row in images], row_labels, col_labels, cell_labels) for f in range(n)]
+    return torch.cat([g for g, _ in out]), out[0][1]
 
 
 def short(text: str, n: int = 40) -> str:

@@ -25,11 +25,16 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      by its 31st layer and T5-XXL by its 24th block and build them from full-size configs;
    - FLUX.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(flux1-dev)``: FLUX detection fixes 24 heads of 128
      (hidden 3072) whatever the file holds.
+   - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
+     ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
+     ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
 2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``): dataset resolution and bucket
    sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
    optimizer 4); preview plan and final sample preview 2 sampling steps at 64x64, the plan rendering every 2
    steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
-   (4 generated 64 px captioned images in the server's input folder).
+   (4 generated 64 px captioned images in the server's input folder). Per workflow (``SHRINK_MORE``): Wan's
+   clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos`` folder holds
+   a 6-frame 64 px clip and a still image.
 
 Everything else is the shipped workflow: the aligned text-encoder node with its spec, dataset and caches,
 LoRA config (rank, targets), timestep strategy, optimizer, Train Init, Train Steps, Save LoRA, sample preview,
@@ -41,13 +46,16 @@ import contextlib
 import copy
 from pathlib import Path
 
+from PIL import Image
+
 from . import demo
-from .factories import family_files, sd15
+from .factories import clips, family_files, sd15, wan
 from .factories.dataset import make_dataset
 from .server import ComfyServer
 
 TEST_NODES = Path(__file__).resolve().parent / "comfy_nodes"
 TINY = "AlignedTrainerTests_Tiny"
+WAN_VAE = "tiny-wan21-vae.safetensors"
 
 # workflow -> (family of support.factories.families whose LoRA keys the saved file must map to, or "sd15";
 #              loader substitutions: class_type -> (new class_type or None to keep, inputs))
@@ -59,6 +67,9 @@ FAMILIES = {
     "train_lora_flux1": ("flux1-dev", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "flux1-dev"}),
                                        "DualCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "flux1-dev"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+    "train_lora_wan": ("wan2.1", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.1"}),
+                                  "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.1"}),
+                                  "VAELoader": (None, {"vae_name": WAN_VAE})}),
 }
 STEPS = 4
 SHRINK = {
@@ -68,6 +79,20 @@ SHRINK = {
     "AlignedTrainer_PreviewPlan": {"steps": 2, "width": 64, "height": 64, "every_n": 2},
     "AlignedTrainer_SamplePreview": {"steps": 2, "width": 64, "height": 64, "step": STEPS},
 }
+# Per workflow, on top of SHRINK: the Wan clips sampled and previewed at 5 frames (2 latent frames), one
+# preview and one validation pass during training (clip decodes and bf16 passes are the slow parts on a CPU).
+SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
+                                   "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
+                                   "AlignedTrainer_SamplePreview": {"frames": 5},
+                                   "AlignedTrainer_TrainSteps": {"val_every": STEPS}}}
+
+
+def shrink_for(name: str) -> dict:
+    """SHRINK with the workflow's own additions (SHRINK_MORE)."""
+    out = {t: dict(v) for t, v in SHRINK.items()}
+    for t, v in SHRINK_MORE.get(name, {}).items():
+        out.setdefault(t, {}).update(v)
+    return out
 
 
 def tiny_prompt(api: dict, name: str) -> dict:
@@ -81,7 +106,7 @@ def tiny_prompt(api: dict, name: str) -> dict:
             if new_type is not None:
                 node["class_type"], node["inputs"] = new_type, {}
             node["inputs"].update(inputs)
-        for k, v in SHRINK.get(t, {}).items():
+        for k, v in shrink_for(name).get(t, {}).items():
             assert k in node["inputs"], f"{name}: {t} has no input {k}"
             node["inputs"][k] = v
     return out
@@ -99,12 +124,17 @@ def family_server(base: Path):
         d.mkdir(parents=True)
     for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
                       (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
-                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev"))):
+                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev")),
+                      (folders["vae"] / WAN_VAE, wan.vae_file())):
         link.symlink_to(src)
     srv = ComfyServer(base, model_folders={**folders, "custom_nodes": TEST_NODES}, log_name="family-server.log")
     srv.start()
     try:
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
+        # the Wan workflow's my_videos: a 6-frame 64 px clip at 16 fps and a still image (a one-frame sample)
+        clips.write_clip(srv.input_dir / "my_videos" / "clip.mp4", 6, 16, size=(64, 64), caption="ohwx walking")
+        Image.fromarray(clips.frame(3, (64, 64))).save(srv.input_dir / "my_videos" / "still.png")
+        (srv.input_dir / "my_videos" / "still.txt").write_text("ohwx standing", encoding="utf-8")
         demo.prepare_inputs(srv.input_dir, folders["checkpoints"])
         srv.info = srv.get("/object_info")
         yield srv

@@ -22,13 +22,26 @@ TESTS = Path(__file__).resolve().parents[3]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from support.factories import families  # noqa: E402
+from support.factories import families, wan  # noqa: E402
 
 CATEGORY = "Aligned Trainer (tests)"
+# Bundles outside support.factories.families: the tiny Wan 2.1 T2V (support.factories.wan; UNETLoader builds
+# WanModel with dim/128 heads, CLIPLoader(type wan) UMT5-XXL at full size, so neither loads the tiny files).
+OTHERS = {"wan2.1": wan}
 
 
 def _family():
-    return {"required": {"family": (list(families.NAMES), {"tooltip": "Tiny bundle of support.factories.families."})}}
+    return {"required": {"family": (list(families.NAMES) + list(OTHERS),
+                                    {"tooltip": "Tiny bundle of support.factories.families (or wan2.1)."})}}
+
+
+def bundle(family):
+    """(build, build_model, build_clip) of a tiny bundle by name."""
+    if family in OTHERS:
+        m = OTHERS[family]
+        return m.build, m.build_model, m.te_wan.wan_clip
+    return (lambda: families.build(family)), (lambda: families.build_model(family)), \
+        (lambda: families.build_clip(family))
 
 
 class TinyCheckpointLoader:
@@ -38,7 +51,7 @@ class TinyCheckpointLoader:
     INPUT_TYPES = classmethod(lambda cls: _family())
 
     def load(self, family):
-        return families.build(family)
+        return bundle(family)[0]()
 
 
 class TinyDiffusionModelLoader:
@@ -48,7 +61,7 @@ class TinyDiffusionModelLoader:
     INPUT_TYPES = classmethod(lambda cls: _family())
 
     def load(self, family):
-        return (families.build_model(family),)
+        return (bundle(family)[1](),)
 
 
 class TinyTextEncoderLoader:
@@ -58,7 +71,7 @@ class TinyTextEncoderLoader:
     INPUT_TYPES = classmethod(lambda cls: _family())
 
     def load(self, family):
-        return (families.build_clip(family),)
+        return (bundle(family)[2](),)
 
 
 NODE_CLASS_MAPPINGS = {
