@@ -75,15 +75,18 @@ def test_plan_renders_requested_steps_and_releases_memory(comfy, sd15, comfy_dir
     assert (cell(g4, geo, 0, 0) - ref[0]).abs().max() <= 1 / 255 + 1e-6
 
 
-def test_train_steps_renders_plan_at_requested_steps(comfy, sd15, sd15_training_set):
-    """Train Steps (the training helper's loop) calls plan.render every N steps; training is unchanged by it."""
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_train_steps_renders_plan_at_requested_steps(comfy, sd15, sd15_training_set, quantize):
+    """Train Steps (the training helper's loop) calls plan.render every N steps; training is unchanged by it,
+    also when the base is quantized around ComfyUI's load (the previews then sample the base as loaded and
+    training resumes quantized)."""
     import comfy.model_management as mm
 
     model, clip, vae = sd15
     (plan,) = comfy.call(P + "PreviewPlan", clip=clip, vae=vae, prompts="ohwx", negative="", every_n=2, **KW)
     C, st, loop = comfy.engine("train.config"), comfy.engine("train.state"), comfy.engine("train.loop")
     run = loop.init_run(model, sd15_training_set, C.LoraConfig(rank=4, alpha=4), C.TimestepConfig(),
-                        C.OptimizerConfig(lr=1e-2), st.RunSettings(run_name="preview"))
+                        C.OptimizerConfig(lr=1e-2), st.RunSettings(run_name="preview", quantize=quantize))
     rendered = []
 
     class Spy:  # records the calls, renders with the real plan
@@ -104,3 +107,4 @@ def test_train_steps_renders_plan_at_requested_steps(comfy, sd15, sd15_training_
     for k, v in without.state["adapters"].items():  # previews do not disturb training
         assert torch.equal(v, with_preview.state["adapters"][k]), k
     assert with_preview.history == without.history
+    assert all(type(p.data) is torch.Tensor for p in model.model.diffusion_model.parameters())  # the base as loaded
