@@ -97,15 +97,16 @@ def family_server(base: Path):
     folders = {k: models / k for k in ("checkpoints", "vae", "loras")}
     for d in folders.values():
         d.mkdir(parents=True)
-    for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
-                      (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
-                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev"))):
-        link.symlink_to(src)
     srv = ComfyServer(base, model_folders={**folders, "custom_nodes": TEST_NODES}, log_name="family-server.log")
-    srv.start()
+    srv.launch()  # boots while the model files are generated (a fresh clone has none) and linked
     try:
+        for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
+                          (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
+                          (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev"))):
+            link.symlink_to(src)
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
         demo.prepare_inputs(srv.input_dir, folders["checkpoints"])
+        srv.wait_ready()
         srv.info = srv.get("/object_info")
         yield srv
     finally:
