@@ -38,6 +38,7 @@ def test_demo_runs_on_an_empty_model_cache(tmp_path):
         assert any(k.endswith("lora_down.weight") for k in keys)
     images = re.findall(r"image: +(.+\.png)", out)
     assert any("sample_grid" in i for i in images) and any("loss_plot" in i for i in images), out[-2000:]
+    assert any("ab_compare" in i for i in images), out[-2000:]  # the whole demo ran (test_workflows runs it shortened)
     for i in images:
         assert os.path.getsize(i) > 1000
     base = os.path.dirname(os.path.dirname(folder.group(1).strip()))  # .work/demo/<stamp>

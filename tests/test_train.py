@@ -20,15 +20,16 @@ def _run(T, sd15, ts, tmp_path, name="r", lora=None, tcfg=None, opt=None, resume
 
 
 def test_overfit_validation_loss_falls(T, sd15, sd15_training_set, tmp_path):
-    """4 images, fixed validation noise and timesteps: the validation loss must fall clearly in 50 steps."""
+    """4 images, fixed validation noise and timesteps: the validation loss must fall clearly in 30 steps (it is at
+    0.43 of its start after 30 steps and 0.42 after 50, the length this test used before)."""
     run = _run(T, sd15, sd15_training_set, tmp_path, lora=T.C.LoraConfig(rank=16, alpha=16, preset="all-linear+conv"),
                opt=T.C.OptimizerConfig(lr=1e-2, grad_clip=1.0), batch_size=2)
     v0 = T.loop.validation_loss(run)
-    out = T.loop.train_steps(run, 50, val_every=50)
+    out = T.loop.train_steps(run, 30, val_every=30)
     losses = [h["loss"] for h in out.history]
     assert all(torch.isfinite(torch.tensor(losses)))
     v1 = out.history[-1]["val_loss"]
-    print(f"validation loss {v0:.4f} -> {v1:.4f} ({(1 - v1 / v0) * 100:.1f}% lower) after 50 steps")
+    print(f"validation loss {v0:.4f} -> {v1:.4f} ({(1 - v1 / v0) * 100:.1f}% lower) after 30 steps")
     assert v1 < 0.6 * v0
     assert run.step == 0 and run.state is None and len(run.history) == 0  # input run untouched
 

@@ -147,7 +147,7 @@ class ComfyServer:
                 self.get("/system_stats", timeout=2)
                 return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.5)
+                time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer on {self.url} within {timeout}s:\n{self.log_tail()}")
 
@@ -206,6 +206,7 @@ class ComfyServer:
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
         """Wait for a prompt to finish; return its /history entry (raises on error or timeout)."""
         deadline = time.time() + timeout
+        pause = 0.02  # quick prompts (a refused input, a cached graph) finish in milliseconds: poll fast, then back off
         while time.time() < deadline:
             hist = self.get(f"/history/{prompt_id}")
             if prompt_id in hist:
@@ -215,7 +216,8 @@ class ComfyServer:
                     return entry
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
-            time.sleep(0.5)
+            time.sleep(pause)
+            pause = min(0.5, pause * 2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
 
     def run(self, prompt: dict, timeout: float = 600) -> dict:

@@ -28,11 +28,13 @@ def prepare_inputs(input_dir: Path, checkpoints_dir: Path) -> None:
         make_dataset(input_dir / "demo_dataset", n=6, trigger="ohwx", repeats=2)
 
 
-def run_workflow(server: ComfyServer, path: Path, timeout: float = 900, stream=None) -> tuple[dict, float]:
+def run_workflow(server: ComfyServer, path: Path, timeout: float = 900, stream=None,
+                 sets: list[str] = ()) -> tuple[dict, float]:
     """Run a shipped workflow the way the headless command does (aligned_trainer/headless/run.py), after
-    checking it against the live schemas; ``stream`` shows progress and loss."""
+    checking it against the live schemas; ``stream`` shows progress and loss; ``sets`` are the command's
+    ``--set NODE.INPUT=VALUE`` overrides."""
     wf = load(path)
-    prompt, info, labels = _run.prepare(server, wf, [])
+    prompt, info, labels = _run.prepare(server, wf, list(sets))
     problems = validate(wf, info)
     if problems:
         raise RuntimeError(f"{path.name} is not valid for this ComfyUI: {problems}")
@@ -54,9 +56,14 @@ def run_demo(base: Path, stream=None) -> dict:
     ckpt_dir = base / "models" / "checkpoints"
     lora_dir = base / "output" / "demo"
     lora_dir.mkdir(parents=True, exist_ok=True)
-    with ComfyServer(base, model_folders={"checkpoints": ckpt_dir, "loras": lora_dir}) as server:
-        prepare_inputs(server.input_dir, ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    server = ComfyServer(base, model_folders={"checkpoints": ckpt_dir, "loras": lora_dir}).launch()
+    try:
+        prepare_inputs(server.input_dir, ckpt_dir)  # generates the tiny model (fresh clone) while ComfyUI boots
+        server.wait_ready()
         entry, seconds = run_workflow(server, DEMO_WORKFLOW, stream=stream)
         images = output_files(entry, server.output_dir)
+    finally:
+        server.stop()
     loras = sorted(lora_dir.glob("*.safetensors"))
     return {"folder": lora_dir, "lora": loras, "images": images, "seconds": seconds, "log": server.log_path}

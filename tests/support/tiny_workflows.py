@@ -122,20 +122,21 @@ def family_server(base: Path):
     folders = {k: models / k for k in ("checkpoints", "vae", "loras")}
     for d in folders.values():
         d.mkdir(parents=True)
-    for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
-                      (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
-                      (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev")),
-                      (folders["vae"] / WAN_VAE, wan.vae_file())):
-        link.symlink_to(src)
     srv = ComfyServer(base, model_folders={**folders, "custom_nodes": TEST_NODES}, log_name="family-server.log")
-    srv.start()
+    srv.launch()  # boots while the model files are generated (a fresh clone has none) and linked
     try:
+        for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
+                          (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
+                          (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev")),
+                          (folders["vae"] / WAN_VAE, wan.vae_file())):
+            link.symlink_to(src)
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
         # the Wan workflow's my_videos: a 6-frame 64 px clip at 16 fps and a still image (a one-frame sample)
         clips.write_clip(srv.input_dir / "my_videos" / "clip.mp4", 6, 16, size=(64, 64), caption="ohwx walking")
         Image.fromarray(clips.frame(3, (64, 64))).save(srv.input_dir / "my_videos" / "still.png")
         (srv.input_dir / "my_videos" / "still.txt").write_text("ohwx standing", encoding="utf-8")
         demo.prepare_inputs(srv.input_dir, folders["checkpoints"])
+        srv.wait_ready()
         srv.info = srv.get("/object_info")
         yield srv
     finally:

@@ -7,6 +7,7 @@ import torch
 
 from . import families
 from . import sd15 as sd15_factory
+from .loaded import no_random_init
 
 
 def sd15_original_config() -> dict:
@@ -31,7 +32,8 @@ def sd15_unet(checkpoint_path) -> torch.nn.Module:
 
     ckpt = {k: v.float() for k, v in load_file(str(checkpoint_path)).items()}
     config = create_unet_diffusers_config_from_ldm(sd15_original_config(), ckpt)
-    unet = UNet2DConditionModel(**config)
+    with no_random_init():
+        unet = UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
     return unet.eval()
 
@@ -62,7 +64,8 @@ def sdxl_unet(diffusion_state_dict: dict) -> torch.nn.Module:
     ckpt = {"model.diffusion_model." + k: v.float() for k, v in diffusion_state_dict.items()}
     config = create_unet_diffusers_config_from_ldm(sdxl_original_config(), ckpt)
     config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
-    unet = UNet2DConditionModel(**config)
+    with no_random_init():
+        unet = UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
     return unet.eval()
 
@@ -84,11 +87,12 @@ def sd3_pipeline(diffusion_state_dict: dict):
 
     u = families.SD3_MMDIT
     ctx = u["context_embedder_config"]["params"]
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=u["patch_size"], in_channels=u["in_channels"], out_channels=u["out_channels"],
-        num_layers=u["depth"], attention_head_dim=64, num_attention_heads=u["depth"],
-        joint_attention_dim=ctx["in_features"], caption_projection_dim=ctx["out_features"],
-        pooled_projection_dim=u["adm_in_channels"], pos_embed_max_size=u["pos_embed_max_size"])
+    with no_random_init():
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=u["patch_size"], in_channels=u["in_channels"], out_channels=u["out_channels"],
+            num_layers=u["depth"], attention_head_dim=64, num_attention_heads=u["depth"],
+            joint_attention_dim=ctx["in_features"], caption_projection_dim=ctx["out_features"],
+            pooled_projection_dim=u["adm_in_channels"], pos_embed_max_size=u["pos_embed_max_size"])
     converted = convert_sd3_transformer_checkpoint_to_diffusers({k: v.float().clone()
                                                                  for k, v in diffusion_state_dict.items()})
     transformer.load_state_dict(converted, strict=True)

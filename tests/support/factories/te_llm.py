@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import common
+from .loaded import no_random_init
 
 # Qwen3-4B's architecture (ComfyUI llama.Qwen3_4BConfig / Qwen/Qwen3-4B config.json), shrunk: fewer, narrower
 # layers; vocabulary, head_dim, rope theta, eps and norms kept.
@@ -69,7 +70,8 @@ def qwen3_transformers(path: Path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, Qwen3Model
 
-    model = Qwen3Model(_qwen3_config()).eval()
+    with no_random_init():
+        model = Qwen3Model(_qwen3_config()).eval()
     sd = {k.removeprefix("model."): v for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not missing and not unexpected, (missing, unexpected)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import common
+from .loaded import no_random_init
 
 SPIECE_VOCAB = 1200
 # Gemma-2-2B's architecture (ComfyUI llama.Gemma2_2B_Config / google/gemma-2-2b config.json), shrunk: fewer,
@@ -130,7 +131,8 @@ def gemma2_transformers(path: Path, softcap: bool = True):
     config = _config()
     if not softcap:
         config.attn_logit_softcapping = None
-    model = Gemma2Model(config).eval()
+    with no_random_init():
+        model = Gemma2Model(config).eval()
     sd = {k.removeprefix("model."): v for k, v in _load(path).items() if k != "spiece_model"}
     missing, unexpected = model.load_state_dict(sd, strict=True)
     assert not missing and not unexpected, (missing, unexpected)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import common
+from .loaded import no_random_init
 from .text_encoders import comfy_tokenizer_dir
 
 # OpenCLIP ViT-H-14 text tower as ComfyUI's sd2_clip_config.json describes it (gelu, 77 positions), shrunk.
@@ -78,7 +79,8 @@ def sd2_pipeline(clip_h: Path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfg = dict(CLIP_H_TINY, num_hidden_layers=CLIP_H_TINY["num_hidden_layers"] - 1)
-    model = CLIPTextModel(CLIPTextConfig(**cfg)).eval()
+    with no_random_init():
+        model = CLIPTextModel(CLIPTextConfig(**cfg)).eval()
     own = model.state_dict()
     sd = {k if k in own else k.removeprefix("text_model."): v for k, v in load_file(str(clip_h)).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -160,7 +162,8 @@ def auraflow_pipeline(pile_t5: Path):
     from safetensors.torch import load_file
     from transformers import UMT5Config, UMT5EncoderModel
 
-    model = UMT5EncoderModel(UMT5Config(**PILE_T5_TINY)).eval()
+    with no_random_init():
+        model = UMT5EncoderModel(UMT5Config(**PILE_T5_TINY)).eval()
     sd = load_file(str(pile_t5))
     sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)

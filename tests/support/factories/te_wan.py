@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import common
+from .loaded import no_random_init
 
 # umt5_config_xxl.json (ComfyUI) / google/umt5-xxl config.json, shrunk: fewer, narrower layers; per-layer
 # relative attention bias (model_type umt5), gated gelu, eps kept. vocab_size = the tiny tokenizer's size.
@@ -139,7 +140,8 @@ def wan_pipeline(path: Path | None = None):
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = {k: v for k, v in umt5_config().items() if k != "num_decoder_layers"}
-    model = UMT5EncoderModel(UMT5Config(**cfg)).eval()
+    with no_random_init():
+        model = UMT5EncoderModel(UMT5Config(**cfg)).eval()
     sd = {k: v for k, v in load_file(str(path or umt5_tiny_file())).items() if k != "spiece_model"}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"encoder.embed_tokens.weight"}, (missing, unexpected)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import common
+from .loaded import no_random_init
 from .sd15 import CLIP_L, clip_l_state_dict
 
 
@@ -34,7 +35,8 @@ def clip_l_transformers(path: Path):
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    model = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
+    with no_random_init():
+        model = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
     sd = load_file(str(path))
     missing, unexpected = model.load_state_dict(
         {k if k in model.state_dict() else k.removeprefix("text_model."): v for k, v in sd.items()}, strict=False)
@@ -77,10 +79,21 @@ def t5_transformers(path: Path):
     from safetensors.torch import load_file
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    model = T5EncoderModel(T5Config(**T5_TINY)).eval()
-    model.load_state_dict(load_file(str(path)), strict=False)
+    with no_random_init():
+        model = T5EncoderModel(T5Config(**T5_TINY)).eval()
+    _load_t5(model, path)
     tok = T5TokenizerFast.from_pretrained(str(comfy_tokenizer_dir("t5")))
     return model, tok
+
+
+def _load_t5(model, path: Path) -> None:
+    """A T5 encoder file into a transformers ``T5EncoderModel``: the file has ``shared.weight`` and not its tied
+    copy ``encoder.embed_tokens.weight``; every other parameter must come from the file."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    assert not unexpected and set(missing) <= {"encoder.embed_tokens.weight"}, (missing, unexpected)
+    assert model.encoder.embed_tokens.weight is model.shared.weight
 
 
 def flux_clip(clip_l: Path, t5: Path, embedding_directory=None):
@@ -198,7 +211,8 @@ def clip_transformers(path: Path, config: dict, pad_token: str | None = None):
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    model = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    with no_random_init():
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
     sd = load_file(str(path))
     own = model.state_dict()
     missing, _ = model.load_state_dict({k if k in own else k.removeprefix("text_model."): v for k, v in sd.items()},
@@ -319,8 +333,9 @@ def sd3_pipeline(clip_l: Path, clip_g: Path, t5: Path, identity_l_projection: bo
         with torch.no_grad():
             l_m.text_projection.weight.copy_(torch.eye(CLIP_L["hidden_size"]))
     g_m, g_tok = clip_transformers(clip_g, CLIP_G_TINY, pad_token="!")
-    t5_m = T5EncoderModel(T5Config(**T5_SD3)).eval()
-    t5_m.load_state_dict(load_file(str(t5)), strict=False)
+    with no_random_init():
+        t5_m = T5EncoderModel(T5Config(**T5_SD3)).eval()
+    _load_t5(t5_m, t5)
     t5_tok = T5TokenizerFast.from_pretrained(str(comfy_tokenizer_dir("t5")))
     return StableDiffusion3Pipeline(transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
                                     text_encoder=l_m, tokenizer=l_tok, text_encoder_2=g_m, tokenizer_2=g_tok,
