@@ -1,0 +1,163 @@
+"""Caches pinned (issue #26): the disk cache's layout, verification and counters; temporaries swept by age; the
+cheap weight sample takes the evenly spaced elements (first and last included); fingerprints see every value they
+promise to; CONDITIONING survives the round trip through cache tensors; progress and errors of the cache builders."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from fractions import Fraction
+from math import floor
+
+import pytest
+import torch
+
+from support.factories.dataset import make_dataset
+
+
+@pytest.fixture(scope="module")
+def K(comfy):
+    return comfy.engine("data.cache")
+
+
+def _fp(K, obj) -> str:
+    h = hashlib.sha256()
+    K._fingerprint(obj, h)
+    return h.hexdigest()
+
+
+def test_tensor_sample_takes_evenly_spaced_elements(K):
+    for n in (1, 2, 5, K.SAMPLES_PER_TENSOR, K.SAMPLES_PER_TENSOR + 1, 1000):
+        t = torch.arange(n, dtype=torch.float64).reshape(-1, 1) * 1.5
+        k = min(n, K.SAMPLES_PER_TENSOR)
+        idx = [floor(Fraction(i * (n - 1), k - 1)) if k > 1 else 0 for i in range(k)]  # first .. last, even steps
+        assert idx[0] == 0 and idx[-1] == n - 1
+        expect = torch.tensor([float(t.reshape(-1)[i]) for i in idx], dtype=torch.float32).numpy().tobytes()
+        assert K._tensor_sample(t) == expect, n
+    assert K._tensor_sample(torch.zeros(0)) == b""
+
+
+def test_fingerprints_see_what_they_promise(K):
+    base = {"b": [1, 2.0, "x", None, True], "a": torch.ones(3, 2)}
+    assert _fp(K, base) == _fp(K, {"a": torch.ones(3, 2), "b": [1, 2.0, "x", None, True]})  # key order
+    changed = [{**base, "c": 0}, {**base, "b": [1, 2.0, "x", None, False]}, {**base, "b": [1, 2.0, "x", None]},
+               {**base, "b": [1, 2, "x", None, True]}, {**base, "a": torch.ones(2, 3)},
+               {**base, "a": torch.ones(3, 2, dtype=torch.float16)}, {**base, "a": torch.ones(3, 2) * 2},
+               {"b": base["b"], "A": base["a"]}, {**base, "b": ([1, 2.0], "x", None, True)}]
+    prints = {_fp(K, c) for c in changed}
+    assert len(prints) == len(changed) and _fp(K, base) not in prints
+    # values nested six containers deep still count; deeper only their type does (bounded work)
+    deep = lambda v, d: v if d == 0 else [deep(v, d - 1)]  # noqa: E731
+    assert _fp(K, deep(1, 6)) != _fp(K, deep(2, 6))
+    assert _fp(K, deep(1, 7)) == _fp(K, deep(2, 7))
+
+    class Adapter:  # ComfyUI's weight adapters carry their tensors in .weights
+        def __init__(self, w):
+            self.weights = w
+
+    assert _fp(K, Adapter((torch.ones(2),))) != _fp(K, Adapter((torch.ones(2) * 3,)))
+    assert _fp(K, Adapter((torch.ones(2),))) == _fp(K, Adapter((torch.ones(2),)))
+    assert _fp(K, object()) == _fp(K, object())  # anything else: its type name only
+    # module identity: class, names, extras
+    lin = torch.nn.Linear(2, 2)
+    ident = K.module_identity(lin, "x")
+    assert len(ident) == 24 and ident == K.module_identity(lin, "x") and ident != K.module_identity(lin, "y")
+    other = torch.nn.Linear(2, 2)
+    other.load_state_dict(lin.state_dict())
+    assert K.module_identity(other, "x") == ident
+    renamed = torch.nn.Sequential(lin)
+    assert K.module_identity(renamed, "x") != ident
+
+
+def test_conditioning_round_trip(K):
+    g = torch.Generator().manual_seed(0)
+    c0, c1 = torch.randn(1, 4, 8, generator=g, dtype=torch.float64), torch.randn(1, 3, 8, generator=g)
+    pooled = torch.randn(1, 8, generator=g).half()
+    cond = [[c0, {"pooled_output": pooled, "guidance": 3.5, "name": "x", "flag": True, "none": None,
+                  "n": 2, "dropped": object()}], [c1, {}]]
+    t = K._cond_to_tensors(cond)
+    assert set(t) == {"0.cond", "0.x.pooled_output", "0.json", "1.cond"}
+    assert t["0.cond"].dtype == torch.float32 and t["0.x.pooled_output"].dtype == torch.float16
+    back = K._tensors_to_cond(t)
+    assert len(back) == 2
+    assert torch.equal(back[0][0], c0.float()) and torch.equal(back[1][0], c1) and back[1][1] == {}
+    assert back[0][1].keys() == {"pooled_output", "guidance", "name", "flag", "none", "n"}
+    assert torch.equal(back[0][1]["pooled_output"], pooled)
+    assert [back[0][1][k] for k in ("guidance", "name", "flag", "none", "n")] == [3.5, "x", True, None, 2]
+    assert json.loads(bytes(t["0.json"].numpy()).decode())["n"] == 2
+
+
+def test_disk_cache_layout_verification_and_counters(K, tmp_path):
+    dc = K.DiskCache(tmp_path)
+    key, other = "ab" + "0" * 30, "cd" + "1" * 30
+    assert dc.path(key) == tmp_path / "ab" / f"{key}.safetensors"
+    assert dc.get(key) is None and (dc.hits, dc.misses, dc.repaired) == (0, 0, 0)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(4.0, requires_grad=True) * 2}
+
+    got = dc.get_or_compute(key, compute, {"source": "img.png", "n": 3})
+    assert torch.equal(got["x"], torch.arange(4.0) * 2) and not got["x"].requires_grad
+    again = dc.get_or_compute(key, compute, {})
+    assert torch.equal(again["x"], got["x"]) and calls == [1] and (dc.hits, dc.misses) == (1, 1)
+    from safetensors import safe_open
+
+    with safe_open(str(dc.path(key)), framework="pt") as f:
+        md = f.metadata()
+    assert md["key"] == key and md["source"] == "img.png" and md["n"] == "3"
+    assert md["digest"] == K.tensors_digest({"x": torch.arange(4.0) * 2})
+    # a valid entry copied under another key is not that key's entry: refused, deleted, counted
+    dc.path(other).parent.mkdir(parents=True)
+    shutil.copy(dc.path(key), dc.path(other))
+    assert dc.get(other) is None and dc.repaired == 1 and not dc.path(other).exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_sweep_removes_only_old_temporaries(K, tmp_path):
+    dc = K.DiskCache(tmp_path / "c")
+    assert dc.sweep_temporaries() == 0  # no folder yet
+    (tmp_path / "c" / "ab").mkdir(parents=True)
+    now = time.time()
+    files = {"old.tmp": now - 120, "new.tmp": now - 30, "old.safetensors": now - 7200}
+    for name, t in files.items():
+        p = tmp_path / "c" / "ab" / name
+        p.write_bytes(b"x")
+        os.utime(p, (t, t))
+    top = tmp_path / "c" / "top.tmp"  # only <root>/<xx>/*.tmp are the cache's temporaries
+    top.write_bytes(b"x")
+    os.utime(top, (now - 7200, now - 7200))
+    assert dc.sweep_temporaries(max_age_s=60) == 1
+    assert sorted(p.name for p in (tmp_path / "c" / "ab").iterdir()) == ["new.tmp", "old.safetensors"]
+    assert top.exists()
+    assert dc.sweep_temporaries() == 0  # the default age is an hour
+    os.utime(tmp_path / "c" / "ab" / "new.tmp", (now - K.TMP_MAX_AGE_S - 60,) * 2)
+    assert dc.sweep_temporaries() == 1
+
+
+def test_latent_progress_and_non_finite_vae(comfy, K, sd15, tmp_path):
+    D = comfy.engine("data.dataset")
+    caps, bk = comfy.engine("data.captions"), comfy.engine("data.buckets")
+    folder = make_dataset(tmp_path / "d", n=2, sizes=((64, 64),)).parent
+    ds = D.from_folder(folder, caps.CaptionConfig(), bk.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
+    vae = sd15[2]
+    seen = []
+    lc = K.cache_latents(ds, vae, tmp_path / "cache", progress=lambda n, msg: seen.append((n, msg)))
+    assert seen == [(1, "latents 1/2 (hits 0, encoded 1)"), (2, "latents 2/2 (hits 0, encoded 2)")]
+    assert lc.stats == (0, 2, 0) and lc.root == str(tmp_path / "cache" / "latents") and lc.vae_id == K.vae_identity(vae)
+    seen.clear()
+    K.cache_latents(ds, vae, tmp_path / "cache", progress=lambda n, msg: seen.append((n, msg)))
+    assert seen[-1] == (2, "latents 2/2 (hits 2, encoded 0)")
+    w = dict(vae.first_stage_model.named_parameters())["encoder.conv_in.weight"]
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.fill_(float("nan"))  # a broken VAE: a new identity, so the items are encoded again
+        with pytest.raises(ValueError, match=r"VAE gave a \(4, 8, 8\) latent with non-finite values for .*check the VAE"):
+            K.cache_latents(ds, vae, tmp_path / "cache")
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
