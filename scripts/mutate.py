@@ -85,7 +85,9 @@ TESTS = {
     "data/captions.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/dataset.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/images.py": ["tests/test_data.py", "tests/test_data_inputs.py"],
-    "data/cache.py": ["tests/test_data.py", "tests/test_data_cache.py"],
+    "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
+                      "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",
+                      "tests/test_data.py::test_text_cache_and_text_encoder_unloaded"],
     # sampling/: the pin tests only (no sampling) except render.py and compare.py, whose sampler paths only the
     # stock-KSampler comparisons exercise (one each); the other stock comparisons (test_sampling_grid/plan,
     # test_te_recipe, the A/B training server test) are too slow to trace on the shared machine and are left out,

@@ -42,6 +42,20 @@ def sd15_pairs(T, sd15):
     return ad, lin, conv, rank
 
 
+def test_conv_shapes_are_the_convolutions_of_any_rank(T):
+    """The conv table lists Conv1d/2d/3d weights by module name and no Linear (a hand-built module tree)."""
+    import types
+
+    dm = torch.nn.Module()
+    dm.lin = torch.nn.Linear(4, 3)
+    dm.c1 = torch.nn.Conv1d(4, 5, 3)
+    dm.blk = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.GroupNorm(1, 3))
+    dm.c3 = torch.nn.Conv3d(2, 2, (1, 2, 2))
+    model = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=dm))
+    expect = {n: m.weight.shape for n, m in dm.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
+    assert T.export.conv_shapes(model) == expect and set(expect) == {"c1", "blk.0", "c3"}
+
+
 def test_kohya_layout_of_hand_built_adapters(T):
     g = torch.Generator().manual_seed(0)
     down2, up2 = torch.randn(2, 3 * 3 * 3, generator=g), torch.randn(4, 2, generator=g)
@@ -83,7 +97,9 @@ def test_saved_file_merges_to_the_analytic_delta(T, sd15, sd15_training_set, sd1
     model = sd15[0]
     lora = T.C.LoraConfig(algorithm="locon", rank=rank, alpha=1.0, preset="all-linear+conv")
     run = _run(T, model, sd15_training_set, tmp_path, ad, lora, step=7)
-    path, report = T.export.save_lora(run, "pin_merge", folder=tmp_path / "loras", dtype=torch.float32)
+    path, report = T.export.save_lora(run, "pin_merge", folder=str(tmp_path / "new" / "loras"), dtype=torch.float32,
+                                      base_model_name="tiny_sd15.safetensors")
+    assert path.parent == tmp_path / "new" / "loras"  # a folder given as text, created with its parents
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     assert T.export.unmapped_keys(model, sd) == []
     patched = T.export.model_with_lora(model, sd, strength=0.5)
@@ -97,7 +113,7 @@ def test_saved_file_merges_to_the_analytic_delta(T, sd15, sd15_training_set, sd1
         assert torch.allclose(w1 - w0, delta, atol=1e-6, rtol=1e-4), name
     # the report describes the file on disk
     raw = path.read_bytes()
-    assert report["path"] == str(path) and path.parent == tmp_path / "loras" and path.name == "pin_merge.safetensors"
+    assert report["path"] == str(path) and path.name == "pin_merge.safetensors"
     assert report["tensors"] == len(sd) == 6 and report["unmapped"] == 0 and report["steps"] == 7
     assert report["sha256_16"] == hashlib.sha256(raw).hexdigest()[:16]
     assert report["weights"] == "trained" and report["requested"] == "pin_merge.safetensors"
@@ -105,10 +121,11 @@ def test_saved_file_merges_to_the_analytic_delta(T, sd15, sd15_training_set, sd1
         md = f.metadata()
     assert report["sshs_model_hash"] == md["sshs_model_hash"]
     assert md["aligned_trainer.weights"] == "trained" and md["aligned_trainer.steps"] == "7"
+    assert md["ss_sd_model_name"] == "tiny_sd15.safetensors"
     # a second save keeps the first file, and 'overwrite' replaces it; an unknown if_exists is refused
-    again, _ = T.export.save_lora(run, "pin_merge", folder=tmp_path / "loras", dtype=torch.float32)
+    again, _ = T.export.save_lora(run, "pin_merge", folder=path.parent, dtype=torch.float32)
     assert again.name == "pin_merge_2.safetensors" and path.read_bytes() == raw
-    over, _ = T.export.save_lora(run, "pin_merge", folder=tmp_path / "loras", dtype=torch.float16,
+    over, _ = T.export.save_lora(run, "pin_merge", folder=path.parent, dtype=torch.float16,
                                  if_exists="overwrite")
     assert over == path and path.read_bytes() != raw
     with pytest.raises(T.export.ExportError, match="if_exists 'replace' is not one of"):
@@ -174,6 +191,13 @@ def test_lora_names_at_their_limits(T):
     for bad in ("", "a/b", "a\\b", "a..b", "..", "-lead", " lead", "a\x00b", "a:b", "ü"):
         with pytest.raises(T.export.ExportError, match="is not allowed: use letters"):
             T.export.check_name(bad)
+    # the refused name is shown whole up to 60 characters, longer ones cut to 57 + "..."
+    name = "a/" + "b" * 58
+    with pytest.raises(T.export.ExportError, match=f"LoRA name '{name}' is not allowed"):
+        T.export.check_name(name)
+    name = "a/" + "b" * 59
+    with pytest.raises(T.export.ExportError, match=f"LoRA name '{name[:57]}\\.\\.\\.' is not allowed"):
+        T.export.check_name(name)
 
 
 @pytest.mark.parametrize("algorithm,module", [("lora", "networks.lora"), ("locon", "networks.lora"),
@@ -211,3 +235,25 @@ def test_no_trained_weights_is_a_clear_error(T, sd15, sd15_training_set, tmp_pat
     for fn in (T.export.kohya_state_dict, T.export.file_state_dict):
         with pytest.raises(T.export.ExportError, match="no trained weights yet; run Train Steps first"):
             fn(run)
+
+
+def test_default_folder_and_unmapped_keys_refused(T, sd15, sd15_training_set, sd15_pairs, tmp_path):
+    import ast
+
+    import folder_paths
+
+    ad, lin, conv, rank = sd15_pairs
+    lora = T.C.LoraConfig(algorithm="locon", rank=rank, alpha=1.0, preset="all-linear+conv")
+    path, _ = T.export.save_lora(_run(T, sd15[0], sd15_training_set, tmp_path, ad, lora), "pin_default")
+    try:
+        assert path.parent == Path(folder_paths.get_folder_paths("loras")[0])  # ComfyUI's first loras folder
+    finally:
+        path.unlink()
+    # tensors ComfyUI's loader has no use for (not a LoRA part): it would skip their keys, so nothing is written
+    ghost = {f"{lin}.junk{i}": torch.ones(2) for i in range(4)}
+    with pytest.raises(T.export.ExportError, match="would not map 4 keys") as e:
+        T.export.save_lora(_run(T, sd15[0], sd15_training_set, tmp_path, {**ad, **ghost}, lora), "pin_ghost",
+                           folder=tmp_path / "g")
+    shown = ast.literal_eval(str(e.value).split("(e.g. ")[1].split(")")[0])
+    assert len(shown) == 3 and all(".junk" in k for k in shown)
+    assert not (tmp_path / "g" / "pin_ghost.safetensors").exists()
