@@ -92,7 +92,7 @@ TESTS = {
     # stock-KSampler comparisons exercise (one each); the other stock comparisons (test_sampling_grid/plan,
     # test_te_recipe, the A/B training server test) are too slow to trace on the shared machine and are left out,
     # so checkpoint_grid, pairs_grid, apply count as not covered here.
-    "sampling/checkpoints.py": ["tests/test_pin_sampling.py"],
+    "sampling/checkpoints.py": ["tests/test_pin_checkpoints.py", "tests/test_pin_sampling.py"],
     "sampling/compare.py": ["tests/test_pin_sampling.py",
                             "tests/test_sampling_compare.py::test_ab_two_models_grid_and_difference_column"],
     "sampling/plans.py": ["tests/test_pin_sampling.py", "tests/test_sampling_preview.py::test_walk_seed_is_base_plus_step"],
