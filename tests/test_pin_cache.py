@@ -89,7 +89,7 @@ def test_conditioning_round_trip(K):
     assert json.loads(bytes(t["0.json"].numpy()).decode())["n"] == 2
 
 
-def test_disk_cache_layout_verification_and_counters(K, tmp_path):
+def test_disk_cache_layout_verification_and_counters(K, tmp_path, monkeypatch):
     dc = K.DiskCache(tmp_path)
     key, other = "ab" + "0" * 30, "cd" + "1" * 30
     assert dc.path(key) == tmp_path / "ab" / f"{key}.safetensors"
@@ -110,6 +110,27 @@ def test_disk_cache_layout_verification_and_counters(K, tmp_path):
         md = f.metadata()
     assert md["key"] == key and md["source"] == "img.png" and md["n"] == "3"
     assert md["digest"] == K.tensors_digest({"x": torch.arange(4.0) * 2})
+    # the digest covers names, dtypes and shapes, not only the bytes
+    z = torch.zeros(4)
+    same_bytes = [{"y": z}, {"x": z.reshape(2, 2)}, {"x": torch.zeros(4, dtype=torch.int32)}, {"x": z}]
+    assert len({K.tensors_digest(t) for t in same_bytes}) == 4
+    # an entry is written next to its final name as a '*.tmp' (what the sweep removes after a crash), then renamed;
+    # non-contiguous tensors are stored as their values
+    renames = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renames.append((str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    nc = torch.arange(6.0).reshape(2, 3).t()
+    third = "ef" + "2" * 30
+    dc.put(third, {"t": nc})
+    monkeypatch.undo()
+    ((src, dst),) = renames
+    assert dst == str(dc.path(third)) and src.endswith(".tmp") and os.path.dirname(src) == str(dc.path(third).parent)
+    assert torch.equal(dc.get(third)["t"], nc)
     # a valid entry copied under another key is not that key's entry: refused, deleted, counted
     dc.path(other).parent.mkdir(parents=True)
     shutil.copy(dc.path(key), dc.path(other))
@@ -122,7 +143,7 @@ def test_sweep_removes_only_old_temporaries(K, tmp_path):
     assert dc.sweep_temporaries() == 0  # no folder yet
     (tmp_path / "c" / "ab").mkdir(parents=True)
     now = time.time()
-    files = {"old.tmp": now - 120, "new.tmp": now - 30, "old.safetensors": now - 7200}
+    files = {"old.tmp": now - 120, "older.tmp": now - 600, "new.tmp": now - 30, "old.safetensors": now - 7200}
     for name, t in files.items():
         p = tmp_path / "c" / "ab" / name
         p.write_bytes(b"x")
@@ -130,7 +151,7 @@ def test_sweep_removes_only_old_temporaries(K, tmp_path):
     top = tmp_path / "c" / "top.tmp"  # only <root>/<xx>/*.tmp are the cache's temporaries
     top.write_bytes(b"x")
     os.utime(top, (now - 7200, now - 7200))
-    assert dc.sweep_temporaries(max_age_s=60) == 1
+    assert dc.sweep_temporaries(max_age_s=60) == 2
     assert sorted(p.name for p in (tmp_path / "c" / "ab").iterdir()) == ["new.tmp", "old.safetensors"]
     assert top.exists()
     assert dc.sweep_temporaries() == 0  # the default age is an hour
