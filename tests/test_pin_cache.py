@@ -60,6 +60,21 @@ def test_fingerprints_see_what_they_promise(K):
     assert _fp(K, Adapter((torch.ones(2),))) != _fp(K, Adapter((torch.ones(2) * 3,)))
     assert _fp(K, Adapter((torch.ones(2),))) == _fp(K, Adapter((torch.ones(2),)))
     assert _fp(K, object()) == _fp(K, object())  # anything else: its type name only
+
+    class Other:
+        def __init__(self, w):
+            self.weights = w
+
+    assert _fp(K, Other((torch.ones(2),))) != _fp(K, Adapter((torch.ones(2),)))  # the adapter's type counts
+    assert _fp(K, object()) != _fp(K, Fraction(1))
+    assert _fp(K, deep(1, 7)) != _fp(K, deep("1", 7))  # past the depth limit the type still counts
+    # the depth counts dict levels and adapter levels the same way as list levels
+    ddeep = lambda v, d: v if d == 0 else {"k": ddeep(v, d - 1)}  # noqa: E731
+    assert _fp(K, ddeep(1, 6)) != _fp(K, ddeep(2, 6)) and _fp(K, ddeep(1, 7)) == _fp(K, ddeep(2, 7))
+    assert _fp(K, Adapter(deep(1, 5))) != _fp(K, Adapter(deep(2, 5)))
+    assert _fp(K, Adapter(deep(1, 6))) == _fp(K, Adapter(deep(2, 6)))
+    # keys of mixed types (ComfyUI option dicts can mix them) are ordered by their text
+    assert _fp(K, {1: "a", "b": 2}) == _fp(K, {"b": 2, 1: "a"}) != _fp(K, {2: "a", "b": 2})
     # module identity: class, names, extras
     lin = torch.nn.Linear(2, 2)
     ident = K.module_identity(lin, "x")
@@ -69,6 +84,10 @@ def test_fingerprints_see_what_they_promise(K):
     assert K.module_identity(other, "x") == ident
     renamed = torch.nn.Sequential(lin)
     assert K.module_identity(renamed, "x") != ident
+    from collections import OrderedDict
+
+    a, b = torch.nn.Sequential(OrderedDict(a=lin)), torch.nn.Sequential(OrderedDict(b=lin))
+    assert K.module_identity(a) != K.module_identity(b)  # the same tensors under other names
 
 
 def test_conditioning_round_trip(K):
@@ -126,7 +145,9 @@ def test_disk_cache_layout_verification_and_counters(K, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", spy)
     nc = torch.arange(6.0).reshape(2, 3).t()
     third = "ef" + "2" * 30
+    fds = len(os.listdir("/proc/self/fd"))
     dc.put(third, {"t": nc})
+    assert len(os.listdir("/proc/self/fd")) == fds  # no file descriptor left open
     monkeypatch.undo()
     ((src, dst),) = renames
     assert dst == str(dc.path(third)) and src.endswith(".tmp") and os.path.dirname(src) == str(dc.path(third).parent)
