@@ -203,3 +203,29 @@ def test_latent_progress_and_non_finite_vae(comfy, K, sd15, tmp_path):
     finally:
         with torch.no_grad():
             w.copy_(saved)
+
+
+def test_cancel_and_a_video_dataset_with_an_image_vae(comfy, K, sd15, tmp_path):
+    """Cancel (ComfyUI's interrupt flag) stops the cache builders before the next item; a video dataset is
+    refused by an image VAE before anything is encoded (the dataset's own check)."""
+    import comfy.model_management as mm
+
+    from support.factories import clips
+
+    D, V = comfy.engine("data.dataset"), comfy.engine("data.video")
+    caps, bk = comfy.engine("data.captions"), comfy.engine("data.buckets")
+    folder = make_dataset(tmp_path / "d", n=1, sizes=((64, 64),)).parent
+    ds = D.from_folder(folder, caps.CaptionConfig(), bk.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            K.cache_latents(ds, sd15[2], tmp_path / "cache")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    clips.write_clip(tmp_path / "v" / "clip.mp4", 12, 16)
+    vds = V.from_video_folder(tmp_path / "v", caps.CaptionConfig(), bk.BucketConfig(
+        resolution=32, min_side=32, max_side=32, step=32), V.VideoConfig(frames=5, fps=16.0))
+    with pytest.raises(D.DataError, match="encodes still images, but the video dataset has 5-frame clips"):
+        K.cache_latents(vds, sd15[2], tmp_path / "vcache")
+    assert not list((tmp_path / "vcache").rglob("*.safetensors"))
