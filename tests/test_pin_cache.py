@@ -229,3 +229,32 @@ def test_cancel_and_a_video_dataset_with_an_image_vae(comfy, K, sd15, tmp_path):
     with pytest.raises(D.DataError, match="encodes still images, but the video dataset has 5-frame clips"):
         K.cache_latents(vds, sd15[2], tmp_path / "vcache")
     assert not list((tmp_path / "vcache").rglob("*.safetensors"))
+
+
+def test_unload_patcher_unloads_exactly_the_models_sharing_the_weights(comfy, K, sd15):
+    """A loaded clone of the VAE with a weight patch (what a LoRA'd model is) is unloaded through the base patcher,
+    its weights restored to the original values; the text encoder, another model, stays loaded."""
+    import comfy.model_management as mm
+
+    _, clip, vae = sd15
+    K.unload_patcher(vae.patcher), K.unload_patcher(clip.patcher)  # start from neither loaded
+    key = "encoder.conv_in.weight"
+    w = vae.patcher.model.state_dict()[key]
+    saved = w.detach().clone()
+    clone = vae.patcher.clone()
+    clone.add_patches({key: (torch.full_like(w, 0.5),)}, 1.0)
+    try:
+        mm.load_models_gpu([clip.patcher])
+        mm.load_models_gpu([clone])
+        assert torch.allclose(vae.patcher.model.state_dict()[key], saved + 0.5)  # patched in place while loaded
+        assert K.is_loaded(vae) and K.is_loaded(clip)
+        assert K.unload_patcher(vae.patcher) == 1
+        assert torch.equal(vae.patcher.model.state_dict()[key], saved)  # unpatched on the way out
+        assert not K.is_loaded(vae) and K.is_loaded(clip)
+        assert K.unload_patcher(vae.patcher) == 0
+    finally:
+        K.unload_patcher(vae.patcher)
+        K.unload_text_encoder(clip)
+        with torch.no_grad():
+            vae.patcher.model.state_dict()[key].copy_(saved)
+    assert not K.is_loaded(clip)
