@@ -258,3 +258,44 @@ def test_unload_patcher_unloads_exactly_the_models_sharing_the_weights(comfy, K,
         with torch.no_grad():
             vae.patcher.model.state_dict()[key].copy_(saved)
     assert not K.is_loaded(clip)
+
+
+def test_text_cache_literal_captions_progress_repeats_and_sweep(comfy, K, sd15, tmp_path):
+    """An aligned CLIP set to ComfyUI's prompt syntax still encodes training captions literally (its training
+    CLIP); progress counts the distinct texts; each sample keeps its folder's repeats; stale temporaries of both
+    caches are swept when they are built."""
+    D, caps, bk = comfy.engine("data.dataset"), comfy.engine("data.captions"), comfy.engine("data.buckets")
+    align, sx = comfy.engine("te.align"), comfy.engine("te.syntax")
+    folder = make_dataset(tmp_path / "d", n=1, repeats=3, sizes=((64, 64),))
+    (folder / "img_000.txt").write_text("(ohwx:1.5) photo", encoding="utf-8")
+    ds = D.from_folder(folder.parent, caps.CaptionConfig(), bk.BucketConfig(resolution=64, min_side=64, max_side=64,
+                                                                             step=64))
+    root = tmp_path / "cache"
+    stale = [root / "latents" / "ab" / "x.tmp", root / "text" / "ab" / "x.tmp"]
+    for p in stale:
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"half")
+        os.utime(p, (time.time() - 2 * K.TMP_MAX_AGE_S,) * 2)
+    lc = K.cache_latents(ds, sd15[2], root)
+    assert not stale[0].exists() and stale[1].exists()
+    clip = align.align_clip(sd15[1], "sd15").with_syntax(sx.COMFYUI)
+    seen = []
+    ts, _ = K.cache_text(lc, clip, root, progress=lambda n, msg: seen.append((n, msg)))
+    assert not stale[1].exists()
+    assert seen == [(1, "captions 1/2 (hits 0, encoded 1)"), (2, "captions 2/2 (hits 0, encoded 2)")]
+    assert ts.meta["prompt_syntax"] == sx.LITERAL and ts.samples[0].repeats == 3
+    literal = clip.with_syntax(sx.LITERAL)
+    direct = literal.encode_from_tokens_scheduled(literal.tokenize("(ohwx:1.5) photo"))
+    assert torch.allclose(ts.samples[0].captions[0].conditioning[0][0], direct[0][0].float(), atol=1e-6)
+    parsed = clip.encode_from_tokens_scheduled(clip.tokenize("(ohwx:1.5) photo"))
+    assert not torch.allclose(parsed[0][0].float(), direct[0][0].float(), atol=1e-4)  # the syntax does matter
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)  # Cancel: stops before the next caption
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            K.cache_text(lc, clip, tmp_path / "other")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not list((tmp_path / "other").rglob("*.safetensors"))
+    K.unload_text_encoder(clip)
