@@ -71,6 +71,11 @@ def test_keep_last_keeps_exactly_the_newest(T, tmp_path):
         kept = T.st.save_checkpoint(run.advanced(step=step, checkpoints=kept), keep_last=0)
     assert [Path(p).name for p in kept] == [f"step_000000{i}.safetensors" for i in (3, 4, 5, 6)]
     assert T.st.latest_checkpoint(tmp_path / "none_here") is None and T.st.latest_in(tmp_path / "x") is None
+    # keep_last 1: only the newest; a listed checkpoint the user already deleted is no error
+    (tmp_path / "k" / "checkpoints" / "step_0000005.safetensors").unlink()
+    kept = T.st.save_checkpoint(run.advanced(step=7, checkpoints=kept), keep_last=1)
+    assert [Path(p).name for p in kept] == ["step_0000007.safetensors"]
+    assert [p.name for p in T.st.existing_checkpoints(tmp_path / "k")] == ["step_0000007.safetensors"]
 
 
 def test_digest_notices_each_single_change(T):
