@@ -142,6 +142,10 @@ def test_run_names_at_their_limits(T):
         with pytest.raises(T.C.ConfigError, match=why) as e:
             T.st.check_run_name(name)
         assert "Use a plain name" in str(e.value), name
+    for name, shown in (("/" + "x" * 59, "/" + "x" * 59), ("/" + "x" * 60, "/" + "x" * 56 + "...")):
+        with pytest.raises(T.C.ConfigError) as e:  # shown whole up to 60 characters
+            T.st.check_run_name(name)
+        assert str(e.value).startswith(f"run name '{shown}' is not allowed"), str(e.value)[:100]
     with pytest.raises(T.C.ConfigError) as e:  # a long name is shown cut to 60 characters
         T.st.check_run_name("x" * 200)
     assert "'" + "x" * 57 + "...'" in str(e.value) and "x" * 58 not in str(e.value)
@@ -166,23 +170,23 @@ def test_claim_run_dir_branches(T, tmp_path):
     claim = T.st.claim_run_dir
     # a new name: its folder, nothing to resume or delete
     assert claim(root, "new", None, "new_name") == (root / "new", None, [])
-    old1, old2 = _ck(root, "r", 1), _ck(root, "r", 2)
+    old1, old2, old3 = _ck(root, "r", 1), _ck(root, "r", 2), _ck(root, "r", 3)
     # continuing the run's newest checkpoint reuses the folder whatever if_exists says
     for how in T.st.RUN_IF_EXISTS:
-        assert claim(root, "r", old2, how) == (root / "r", old2, [])
+        assert claim(root, "r", old3, how) == (root / "r", old3, [])
     # new_name: the first free numbered folder (a numbered folder with checkpoints is taken)
     assert claim(root, "r", None, "new_name") == (root / "r_2", None, [])
     _ck(root, "r_2", 1)
     (root / "r_3" / "checkpoints").mkdir(parents=True)  # a folder without checkpoints is free
-    assert claim(root, "r", old1, "new_name") == (root / "r_3", old1, [])
+    assert claim(root, "r", old2, "new_name") == (root / "r_3", old2, [])
     # resume: continue the newest; refused when resume names another checkpoint
-    assert claim(root, "r", None, "resume") == (root / "r", old2, [])
-    with pytest.raises(T.C.ConfigError, match="already has checkpoints \\(newest step_0000002.safetensors\\) and "
-                                              "resume names another checkpoint \\(step_0000001.safetensors\\)"):
-        claim(root, "r", old1, "resume")
+    assert claim(root, "r", None, "resume") == (root / "r", old3, [])
+    with pytest.raises(T.C.ConfigError, match="already has checkpoints \\(newest step_0000003.safetensors\\) and "
+                                              "resume names another checkpoint \\(step_0000002.safetensors\\)"):
+        claim(root, "r", old2, "resume")
     # overwrite: every old checkpoint deleted, except the one being resumed
-    assert claim(root, "r", None, "overwrite") == (root / "r", None, [old1, old2])
-    assert claim(root, "r", old1, "overwrite") == (root / "r", old1, [old2])
+    assert claim(root, "r", None, "overwrite") == (root / "r", None, [old1, old2, old3])
+    assert claim(root, "r", old2, "overwrite") == (root / "r", old2, [old1, old3])
     with pytest.raises(T.C.ConfigError, match="if_exists 'keep' is not one of"):
         claim(root, "r", None, "keep")
 
@@ -204,3 +208,13 @@ def test_resolve_resume_names(T, tmp_path):
         res("a/notes.txt", root, "a")
     with pytest.raises(T.st.CheckpointError, match="is refused"):
         res(str(root), root, "a")  # the runs folder itself
+    # a runs folder reached through a link: absolute paths by either spelling are inside
+    link = tmp_path / "runs_link"
+    link.symlink_to(root, target_is_directory=True)
+    assert res(str(a2), link, "a").resolve() == a2.resolve()
+    assert res(str(link / "a" / "checkpoints" / a1.name), link, "a").resolve() == a1.resolve()
+    # a refused value is shown whole up to 80 characters, longer ones cut to 77 + "..."
+    for value, shown in (("/" + "x" * 79, "/" + "x" * 79), ("/" + "x" * 80, "/" + "x" * 76 + "...")):
+        with pytest.raises(T.st.CheckpointError) as e:
+            res(value, root, "a")
+        assert str(e.value).startswith(f"resume '{shown}' is refused"), str(e.value)[:120]
