@@ -68,3 +68,17 @@ def test_resolve_finds_names_in_the_loras_and_runs_folders(comfy, ck, comfy_dirs
     for bad in ("~/pin_ck", "pin_ck/../../x.safetensors"):
         with pytest.raises(ValueError, match="LoRA path"):
             ck.resolve(bad)
+
+
+def test_resolve_relative_names_in_any_root_first_wins_and_no_subfolders(ck, comfy_dirs):
+    loras = comfy_dirs["models"] / "loras" / "pin_dup"
+    runs = comfy_dirs["output"] / "aligned_trainer" / "runs" / "pin_dup"
+    for folder in (loras, runs):
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.zeros(1)}, str(folder / "x.safetensors"))
+        save_file({"w": torch.zeros(1)}, str(folder / "sub" / "deeper.safetensors"))
+    save_file({"w": torch.zeros(1)}, str(runs / "only_in_runs.safetensors"))
+    assert ck.resolve("pin_dup/x.safetensors") == [loras / "x.safetensors"]  # the loras folder comes first
+    assert ck.resolve("pin_dup/only_in_runs.safetensors") == [runs / "only_in_runs.safetensors"]  # relative, runs
+    assert ck.resolve("pin_dup") == [loras / "x.safetensors"]  # a folder: its own files, not its sub-folders'
+
