@@ -82,3 +82,26 @@ def test_resolve_relative_names_in_any_root_first_wins_and_no_subfolders(ck, com
     assert ck.resolve("pin_dup/only_in_runs.safetensors") == [runs / "only_in_runs.safetensors"]  # relative, runs
     assert ck.resolve("pin_dup") == [loras / "x.safetensors"]  # a folder: its own files, not its sub-folders'
 
+
+
+def test_grid_rows_ordered_by_step_with_labels_and_progress(comfy, ck, sd15, comfy_dirs):
+    """Rows by step (files without one last, by name), labels and progress per row; each row renders its own
+    LoRA (one 1-step 64 px sample per row)."""
+    from support.factories.lora import kohya_lora, write_lora
+
+    model, clip, vae = sd15
+    render = comfy.engine("sampling.render")
+    folder = comfy_dirs["models"] / "loras" / "pin_order"
+    files = [write_lora(folder / "b-final.safetensors", kohya_lora(model, seed=1)),
+             write_lora(folder / "a-000004.safetensors", kohya_lora(model, seed=2)),
+             write_lora(folder / "c.safetensors", kohya_lora(model, seed=3), {"ss_steps": "2"})]
+    s = render.SampleSettings(steps=1, cfg=1.0, width=64, height=64, seed=3)
+    seen = []
+    g, labels, geo = ck.checkpoint_grid(model, clip, vae, files, ["ohwx"], "", s, strength=1.0,
+                                        progress=lambda k, msg: seen.append((k, msg)))
+    assert labels == ["step 2 (c.safetensors)", "step 4 (a-000004.safetensors)", "b-final.safetensors"]
+    assert seen == [(1, "checkpoint 1/3: c.safetensors"), (2, "checkpoint 2/3: a-000004.safetensors"),
+                    (3, "checkpoint 3/3: b-final.safetensors")]
+    assert geo["cell_labels"] == [["seed 3"]] * 3 and len(geo["cell_boxes"]) == 3
+    cells = [g[0, y0:y1, x0:x1] for ((x0, y0, x1, y1),) in geo["cell_boxes"]]
+    assert all(not torch.equal(cells[i], cells[j]) for i in range(3) for j in range(i + 1, 3))
