@@ -13,8 +13,6 @@ from .. import paths
 from . import render
 from .render import SampleSettings, short
 
-CHECKPOINT_FORMAT = "aligned_trainer.checkpoint.v1"
-
 
 def resolve(text: str) -> list[Path]:
     """``text`` is a folder or one file per line, each a name inside ComfyUI's loras folders (or a run's
@@ -67,13 +65,14 @@ def read_lora(path: Path) -> tuple[dict, int | None]:
     """A LoRA file (stock loader), or one of our training checkpoints converted to kohya keys; plus its step."""
     sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     meta = meta or {}
-    if meta.get("format") == CHECKPOINT_FORMAT:
+    from ..train import state
+
+    if meta.get("format") in (state.FORMAT, state.FORMAT_V1):  # Train Steps' checkpoints (v2 has a digest)
         import torch
 
         from ..train.export import kohya_from_adapters
-        from ..train.state import load_checkpoint
 
-        ck = load_checkpoint(path)
+        ck = state.load_checkpoint(path)  # verified against its digest
         return kohya_from_adapters(ck["state"]["adapters"], torch.float32), int(ck["step"])
     return sd, step_of(path, meta)
 
