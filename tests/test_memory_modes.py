@@ -163,6 +163,7 @@ def test_offload_is_bit_equal_after_10_steps(comfy, family_bundle, setup, tmp_pa
     finally:
         offload._Streamer._copy = orig
     assert len(calls) >= 10 * 2 * 2  # two blocks, streamed in for forward and again for the recomputation
+    assert not [n for n, m in model.model.diffusion_model.named_modules() if "forward" in m.__dict__]  # unwrapped
     for k, v in plain.state["adapters"].items():
         assert torch.equal(v, off.state["adapters"][k]), k
     assert [h["loss"] for h in plain.history] == [h["loss"] for h in off.history]
@@ -218,3 +219,31 @@ def test_quantized_around_comfyuis_load_and_previews_see_the_full_base(comfy, se
     q8 = memory.load_bytes(dm, "int8", same_device=False)
     assert memory.load_bytes(dm, "none", same_device=False) == full
     assert memory.weight_bytes(dm, "int8", 0, False) + biggest == q8 < 0.5 * full
+
+
+def test_quantize_leaves_weight_side_adapter_layers_as_loaded_and_errors_propagate(comfy, setup, tmp_path):
+    """With ``quantize``, the layers a weight-side adapter (LoHa) wraps keep their full weight (ComfyUI computes
+    their weight per call from it), every other eligible layer is quantized; an error raised during the steps
+    comes out of train_steps (the placement scope does not swallow it) and the base is as loaded afterwards."""
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    model = families.build_model("flux1-dev")
+    dm = model.model.diffusion_model
+    run = loop.init_run(model, setup["flux1-dev"], C.LoraConfig(algorithm="loha", rank=4, alpha=4, preset="attention"),
+                        C.TimestepConfig(), C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="qloha", quantize="int8"),
+                        runs_root=tmp_path)
+    seen = {}
+
+    def on_step(r, tr):
+        for n, m in dm.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                seen[n] = (n in tr.adapters, type(m.weight.data) is torch.Tensor and m.weight.numel() > 0)
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        loop.train_steps(run, 2, on_step=on_step)
+    wrapped = {n for n, (adapted, _) in seen.items() if adapted}
+    assert wrapped and all(seen[n][1] for n in wrapped)  # LoHa layers: full weights
+    assert not any(full for n, (adapted, full) in seen.items() if not adapted)  # the rest: quantized
+    assert all(type(p.data) is torch.Tensor for p in dm.parameters())

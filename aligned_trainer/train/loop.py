@@ -212,9 +212,9 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, protect
             if isinstance(block, openaimodel.TimestepEmbedSequential):
                 unet_blocks.add(id(block))
                 continue
-            fwd = block.forward
+            had, fwd = "forward" in block.__dict__, block.forward
             block.forward = functools.partial(_checkpointed, fwd, protect)
-            patched.append((block, fwd))
+            patched.append((block, had, fwd))
     orig = openaimodel.forward_timestep_embed
     if unet_blocks:
         openaimodel.forward_timestep_embed = _checkpointed_timestep_embed(orig, unet_blocks, protect)
@@ -222,8 +222,11 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, protect
         yield
     finally:
         openaimodel.forward_timestep_embed = orig
-        for block, fwd in patched:
-            block.forward = fwd
+        for block, had, fwd in patched:  # as it was: no instance attribute left behind (it would hold a bound
+            if had:                      # method of the block, a reference cycle on the shared model)
+                block.forward = fwd
+            else:
+                del block.forward
 
 
 @dataclass
