@@ -138,8 +138,11 @@ def test_quantize_changes_the_forward_but_not_much(comfy, family_bundle):
         ref = dm(*args, guidance=torch.tensor([1.0]))
         err = {}
         for mode in ("int8", "int4"):
-            with quantize.quantized(dm, mode):
-                out = dm(*args, guidance=torch.tensor([1.0]))
+            swapped = quantize.Swapped(dm, mode)
+            swapped.quantize()
+            out = dm(*args, guidance=torch.tensor([1.0]))
+            swapped.unquantize()
+            swapped.restore()
             err[mode] = float((out - ref).norm() / ref.norm())
         assert torch.equal(dm(*args, guidance=torch.tensor([1.0])), ref)  # restored
     assert 0 < err["int8"] < 0.05 and err["int8"] < err["int4"] < 0.5, err

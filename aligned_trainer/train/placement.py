@@ -13,23 +13,8 @@ from __future__ import annotations
 
 import contextlib
 
-import comfy.model_management as mm
-
+from ..data.cache import unload_patcher
 from . import offload, quantize
-
-
-def unload_shared(patcher) -> int:
-    """Unload from ComfyUI's memory manager every loaded model that shares ``patcher``'s diffusion model (the
-    patcher itself and its clones): their weights go back to the offload device. Returns how many."""
-    n = 0
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        lm = mm.current_loaded_models[i]
-        other = lm.model
-        if other is not None and getattr(other, "model", None) is patcher.model:
-            lm.model_unload()
-            mm.current_loaded_models.pop(i)
-            n += 1
-    return n
 
 
 class Placed:
@@ -38,7 +23,6 @@ class Placed:
         self.stack = contextlib.ExitStack()
         self.quant: quantize.Swapped | None = None
         self.offloaded: offload.Offloaded | None = None
-        self.quantized_layers = 0
 
     @property
     def quantizing(self) -> bool:
@@ -64,7 +48,7 @@ class Placed:
         """Quantize (around the load) if asked, and load through ComfyUI's memory manager."""
         t = self.trainer
         if self.quantizing:
-            unload_shared(t.patcher)  # the full weights go back to the offload device first
+            unload_patcher(t.patcher)  # the full weights go back to the offload device first
             # layers whose weight ComfyUI patches (LoRAs applied before training) or that carry a weight-side
             # adapter stay as loaded: their weight is computed at load or per call
             skip = {k[len("diffusion_model."):-len(".weight")] for k in (*t.patcher.patches, *t.patcher.weight_wrapper_patches)
@@ -73,12 +57,11 @@ class Placed:
         t.load()
         if self.quant is not None:
             self.quant.quantize(t.device)
-            self.quantized_layers = len(self.quant)
 
     def _unplace(self):
         if self.quant is not None:
             self.quant.unquantize()  # ComfyUI's unload moves the model without the quantized weights ...
-            unload_shared(self.trainer.patcher)
+            unload_patcher(self.trainer.patcher)
             self.quant.restore()  # ... then the originals go back in, where they were kept
             self.quant = None
 

@@ -8,13 +8,10 @@ Why quanto and not torchao: docs/memory.md (measured on the tiny FLUX.1: same in
 4-/6-bit weights that run on the CPU are stored unpacked, one byte per weight, and its packed int4 needs an
 extra CUDA kernel package).
 
-The model is shared with every other user (samplers, previews, other runs), so :func:`quantized` is a scope:
-the original weights are kept (moved to ``offload_device`` when that differs from the training device) and put
-back on exit. Layers that ComfyUI casts on the fly (an fp8 model's ``manual_cast`` layers, partially loaded
+The model is shared with every other user (samplers, previews, other runs), so :class:`Swapped` keeps the
+original weights and puts them back afterwards (train/placement.py makes it a scope around the training steps). Layers that ComfyUI casts on the fly (an fp8 model's ``manual_cast`` layers, partially loaded
 layers) or that a weight-side adapter patches (LoHa, LoKr, DoRA) are left as loaded."""
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -80,33 +77,6 @@ def check(mode: str) -> None:
         except ImportError:
             raise ConfigError(f"quantize '{mode}' needs optimum-quanto: pip install -r requirements.txt "
                               "(with ComfyUI's Python), or set quantize to 'none'") from None
-
-
-@contextlib.contextmanager
-def quantized(diffusion_model: torch.nn.Module, mode: str, offload_device=None):
-    """Inside: every eligible Linear of ``diffusion_model`` computes with a ``mode`` quantized weight. The
-    original weights are put back on exit (and meanwhile kept on ``offload_device`` if given)."""
-    if mode == "none":
-        yield 0
-        return
-    kept = []
-    try:
-        with torch.no_grad():
-            for layer in diffusion_model.modules():
-                if not eligible(layer):
-                    continue
-                w = layer.weight
-                qw = quantize_weight(w, mode)
-                store = w
-                if offload_device is not None and torch.device(offload_device) != w.device:
-                    store = torch.nn.Parameter(w.detach().to(offload_device), requires_grad=False)
-                kept.append((layer, store, w.device))
-                layer.weight = torch.nn.Parameter(qw, requires_grad=False)
-        yield len(kept)
-    finally:
-        for layer, store, device in kept:
-            layer.weight = store if store.device == device else \
-                torch.nn.Parameter(store.detach().to(device), requires_grad=False)
 
 
 def _input_in_weight_dtype(layer, args):
