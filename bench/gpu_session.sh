@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues #19 (memory modes) and #25 (speed, with the diffusers+peft peer) in one command,
-# for a lent GPU machine with no network: the wheels in .whl/ (diffusers, optimum-quanto, torchsde, trampoline,
+# Every GPU measurement of issue #19 (memory modes, text encoders quantized while caching) in one command, for a
+# lent GPU machine with no network: the wheels in .whl/ (diffusers, optimum-quanto, torchsde, trampoline,
 # importlib_metadata, prodigyopt, lion-pytorch; see BENCHMARKS.md) and .work/ComfyUI travel with the working tree.
 # Each part has its own time limit, so one that hangs or fails leaves the others' tables; logs go to $OUT.
 #   bash bench/gpu_session.sh            (on the GPU machine, from the repository root)
+# Speed against the diffusers+peft peer (issue #25): python3 bench/bench_gpu.py --family flux1,sdxl
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -13,14 +14,15 @@ export PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.work/ComfyUI PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, peft, optimum.quanto; print(torch.__version__, diffusers.__version__, peft.__version__)" \
   | tee -a "$OUT/gpu.txt"
+filt() { grep -v "Warning\|_pytree\|torchao\|register_constant"; }
+t0=$SECONDS  # every mode on the tiny models on this GPU first: a mode that breaks on CUDA shows in seconds
+timeout "${SMOKE_S:-70}" python3 bench/bench_memory.py --tiny --device cuda --isolate off --steps 2 --warmup 1 \
+  --plan "flux1:bf16,int8,int4,int4+offload;sdxl:int4+offload" 2>&1 | filt > "$OUT/smoke.log"
+echo "smoke: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/smoke.log" | head -20
 t0=$SECONDS
-timeout "${MEM_S:-240}" python3 bench/bench_memory.py --steps 4 --warmup 1 \
-  --plan "flux1:bf16,fp8@24,int8@24,int4+offload@16;sdxl:bf16@12;qwen_image:bf16,fp8@24,int4@24" \
-  > "$OUT/memory.log" 2>&1
-echo "memory: rc $? in $((SECONDS - t0)) s"; grep "^|" "$OUT/memory.log"
+timeout "${MEM_S:-280}" python3 bench/bench_memory.py --steps 3 --warmup 1 \
+  --plan "${PLAN:-flux1:int4+offload@16,int8@24;qwen_image:int4@24;flux1:bf16}" 2>&1 | filt > "$OUT/memory.log"
+echo "memory: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|out of memory" "$OUT/memory.log" | head -30
 t0=$SECONDS
-timeout "${B1_S:-200}" python3 bench/bench_gpu.py --family flux1,sdxl --steps 8 --warmup 2 > "$OUT/speed_b1.log" 2>&1
-echo "speed batch 1: rc $? in $((SECONDS - t0)) s"; grep "^|\|ms, peak\|failed\|out of memory" "$OUT/speed_b1.log"
-t0=$SECONDS
-timeout "${B4_S:-100}" python3 bench/bench_gpu.py --family sdxl --batch 4 --steps 8 --warmup 2 > "$OUT/speed_b4.log" 2>&1
-echo "speed batch 4: rc $? in $((SECONDS - t0)) s"; grep "^|\|ms, peak\|failed\|out of memory" "$OUT/speed_b4.log"
+timeout "${TE_S:-140}" python3 bench/bench_te_quant.py --captions 6 2>&1 | filt > "$OUT/te_quant.log"
+echo "te quant: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/te_quant.log" | head -20

@@ -161,18 +161,24 @@ class CacheTextEmbeddings(io.ComfyNode):
             inputs=[LATENT_CACHE.Input("latents", tooltip="From Cache Latents."),
                     io.Clip.Input("clip", tooltip="The (aligned) CLIP to encode captions with."),
                     io.Boolean.Input("unload_text_encoder", default=True,
-                                     tooltip="Unload the text encoder after caching to free memory for training.")],
+                                     tooltip="Unload the text encoder after caching to free memory for training."),
+                    io.Combo.Input("quantize", options=["none", "int8", "int4"], default="none", optional=True,
+                                   tooltip="Encode captions with the text encoders' Linear weights quantized "
+                                           "(optimum-quanto, made around ComfyUI's load, undone afterwards) so "
+                                           "large encoders such as T5-XXL fit small cards. int8 stays within "
+                                           "~1 % of the full-precision embeddings, int4 further away; cached "
+                                           "apart from full-precision embeddings. 'none' is the aligned reference.")],
             outputs=[TRAINING_SET.Output("training_set", tooltip="Latents + conditionings, ready for Train Init."),
                      io.String.Output("info", tooltip="Cache folder, hits and misses.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, latents, clip, unload_text_encoder) -> io.NodeOutput:
+    def execute(cls, latents, clip, unload_text_encoder, quantize="none") -> io.NodeOutput:
         n = len({c for i in latents.dataset.items for c in i.captions} | {""})
         prog = NodeProgress(n, cls.hidden.unique_id)
         ts, (hits, misses, repaired) = cache.cache_text(latents, clip, progress=lambda k, t: prog(k, t),
-                                                         unload=unload_text_encoder)
+                                                         unload=unload_text_encoder, quantize=quantize)
         return io.NodeOutput(ts, f"{ts.meta['text_cache']}: {hits} cached, {misses} encoded, {repaired} repaired")
 
 

@@ -6,6 +6,8 @@ never trained on. Keys cover everything that changes the result.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -287,24 +289,38 @@ def is_loaded(model) -> bool:
 
 
 def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: Progress | None = None,
-               unload: bool = True) -> tuple[TrainingSet, tuple[int, int, int]]:
+               unload: bool = True, quantize: str = "none") -> tuple[TrainingSet, tuple[int, int, int]]:
+    """Encode every caption variant (and the empty caption) once into the on-disk cache. ``quantize`` (int8 or
+    int4) runs the text encoders with quantized weights while they encode (train/quantize.py), entered only when
+    something must be encoded; its embeddings are cached under their own key, and the encoder is unloaded
+    afterwards whatever ``unload`` says."""
     root = Path(root or default_cache_root()) / "text"
     cache = DiskCache(root)
     cache.sweep_temporaries()
     if hasattr(clip, "training_clip"):  # an aligned CLIP: captions are read literally whatever its prompt syntax
         clip = clip.training_clip()
-    cid = clip_identity(clip)
+    from ..train import quantize as q
+
+    q.check(quantize)
+    cid = clip_identity(clip) + ("" if quantize == "none" else f"+{quantize}")
     ds = latents.dataset
     texts = sorted({c for item in ds.items for c in item.captions} | {""})
     conds = {}
-    for n, text in enumerate(texts):
-        mm.throw_exception_if_processing_interrupted()
-        t = cache.get_or_compute(_key("text", cid, text),
-                                 lambda text=text: _cond_to_tensors(clip.encode_from_tokens_scheduled(clip.tokenize(text))),
-                                 {"text": text, "clip": cid})
-        conds[text] = _tensors_to_cond(t)
-        if progress:
-            progress(n + 1, f"captions {n + 1}/{len(texts)} (hits {cache.hits}, encoded {cache.misses})")
+    with contextlib.ExitStack() as scope:
+        entered = []
+
+        def encode(text):
+            if not entered:  # the first miss quantizes (hits never load the encoder)
+                entered.append(scope.enter_context(q.quantized_text_encoder(clip, quantize, unload_patcher)))
+            return _cond_to_tensors(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+
+        for n, text in enumerate(texts):
+            mm.throw_exception_if_processing_interrupted()
+            t = cache.get_or_compute(_key("text", cid, text), lambda text=text: encode(text),
+                                     {"text": text, "clip": cid})
+            conds[text] = _tensors_to_cond(t)
+            if progress:
+                progress(n + 1, f"captions {n + 1}/{len(texts)} (hits {cache.hits}, encoded {cache.misses})")
     if unload:
         unload_text_encoder(clip)
     samples = []

@@ -57,7 +57,7 @@ class _Streamer:
             copies, event = self.ready.pop(i)
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in copies.values():
-                t.record_stream(torch.cuda.current_stream(self.device))
+                _record_stream(t, torch.cuda.current_stream(self.device))
         else:
             copies = self._copy(i)
         _assign(block, copies)
@@ -65,6 +65,16 @@ class _Streamer:
 
     def after(self, block):
         _assign(block, self.host[self.index[id(block)]])
+
+
+def _record_stream(t: torch.Tensor, stream) -> None:
+    """Mark ``t``'s memory as used by ``stream``; a quantized weight (a quanto tensor subclass, which would answer
+    ``record_stream`` by dequantizing into a temporary) marks its inner tensors instead."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        t.record_stream(stream)
+        return
+    for name in t.__tensor_flatten__()[0]:
+        _record_stream(getattr(t, name), stream)
 
 
 def _tensors(block: torch.nn.Module):

@@ -13,6 +13,8 @@ original weights and puts them back afterwards (train/placement.py makes it a sc
 layers) or that a weight-side adapter patches (LoHa, LoKr, DoRA) are left as loaded."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import ConfigError
@@ -25,7 +27,34 @@ GROUP = 128  # quanto's group size for 4-bit weights (reduced to a divisor of th
 def _qtype(mode: str):
     from optimum.quanto import qint4, qint8
 
+    _torch_unpack_on_cuda()
     return {"int8": qint8, "int4": qint4}[mode]
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's packed sub-byte layout read back: byte ``j`` of the packed rows holds, in its bit field ``i``,
+    the value of row ``i * len(packed) + j``; plain tensor ops, so it runs on any device."""
+    fields = [(packed >> (bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)]
+    return torch.cat(fields).to(torch.uint8)
+
+
+_UNPACK_LIB = []
+
+
+def _torch_unpack_on_cuda() -> None:
+    """quanto registers its CUDA ``unpack`` as a kernel of its own C++/CUDA extension, which it compiles at
+    first use with nvcc (minutes, and impossible on the many ComfyUI installs without a CUDA toolkit: an H200 run
+    of ``quantize=int4`` hung there). Every 4-bit weight is unpacked once when it is created, so 4-bit training
+    on a GPU would need that compiler. The op gets the same computation in plain tensor ops for CUDA instead
+    (the packed 4-bit matmuls themselves are PyTorch's own tinygemm kernels, which need no compilation)."""
+    if _UNPACK_LIB:
+        return
+    lib = torch.library.Library("quanto", "IMPL")
+    try:
+        lib.impl("unpack", unpack_bits, "CUDA", allow_override=True)
+    except TypeError:  # a torch without allow_override
+        lib.impl("unpack", unpack_bits, "CUDA")
+    _UNPACK_LIB.append(lib)  # the registration lives as long as this object
 
 
 def group_size(in_features: int) -> int | None:
@@ -90,6 +119,26 @@ def _input_in_weight_dtype(layer, args):
     return None
 
 
+class _CastBack:
+    """Hooks of one layer ComfyUI casts per call (``manual_cast``: the weight is cast to the input's dtype, so the
+    output comes in the input's dtype): the input goes to the quantized weight's compute dtype, and the output
+    comes back in the caller's dtype. The dtype is recorded before the cast (forward hooks see the arguments as
+    the pre-hooks left them)."""
+
+    def __init__(self):
+        self.dtype = None
+
+    def pre(self, layer, args):
+        x = args[0] if args else None
+        self.dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+        return _input_in_weight_dtype(layer, args)
+
+    def post(self, layer, args, out):
+        if self.dtype is not None and isinstance(out, torch.Tensor) and out.dtype != self.dtype:
+            return out.to(self.dtype)
+        return None
+
+
 class Swapped:
     """The training scope's quantization (Train Init ``quantize``), made around ComfyUI's loader:
 
@@ -101,11 +150,15 @@ class Swapped:
     3. ``unquantize()``: placeholders again (before ComfyUI unloads the model), ``restore()``: the originals back.
     """
 
-    def __init__(self, diffusion_model: torch.nn.Module, mode: str, skip: set[str] = frozenset()):
+    def __init__(self, diffusion_model: torch.nn.Module, mode: str, skip: set[str] = frozenset(),
+                 is_eligible=eligible, compute_dtype: torch.dtype | None = None):
+        """``compute_dtype``: quantize (and compute) in this dtype instead of the weight's, with outputs given back
+        in the caller's dtype (text encoders, which ComfyUI runs in fp32 whatever their weights' dtype)."""
         self.mode = mode
         self.hooks: list = []
+        self.compute_dtype = compute_dtype
         self.layers = [(layer, layer.weight) for name, layer in diffusion_model.named_modules()
-                       if mode != "none" and name not in skip and eligible(layer)]
+                       if mode != "none" and name not in skip and is_eligible(layer)]
         self.unquantize()
 
     def __len__(self) -> int:
@@ -114,9 +167,14 @@ class Swapped:
     def quantize(self, device=None) -> None:
         with torch.no_grad():
             for layer, w in self.layers:
-                layer.weight = torch.nn.Parameter(quantize_weight(w if device is None else w.to(device), self.mode),
-                                                  requires_grad=False)
-                self.hooks.append(layer.register_forward_pre_hook(_input_in_weight_dtype))
+                full = w.to(device=device or w.device, dtype=self.compute_dtype or w.dtype)
+                layer.weight = torch.nn.Parameter(quantize_weight(full, self.mode), requires_grad=False)
+                del full
+                if self.compute_dtype is None:
+                    self.hooks.append(layer.register_forward_pre_hook(_input_in_weight_dtype))
+                else:
+                    cb = _CastBack()
+                    self.hooks += [layer.register_forward_pre_hook(cb.pre), layer.register_forward_hook(cb.post)]
 
     def unquantize(self) -> None:
         for h in self.hooks:
@@ -153,3 +211,44 @@ def weight_wrapper(layer: torch.nn.Module, adapter):
     if isinstance(getattr(layer, "scale_weight", None), torch.Tensor):
         return ScaledWeight(layer, adapter)
     return adapter
+
+
+def text_encoder_eligible(layer: torch.nn.Module) -> bool:
+    """A text encoder's Linear: ComfyUI builds its text encoders with ``manual_cast`` operations (a class-level
+    ``comfy_cast_weights``: the weight is cast to the input's dtype and device per call); those are quantized too,
+    with the cast turned off while they are. Layers cast per call for another reason (a partial load sets it on
+    the layer itself), weight functions and non-float (fp8) weights stay as loaded."""
+    w = getattr(layer, "weight", None)
+    return (isinstance(layer, torch.nn.Linear) and isinstance(w, torch.Tensor) and w.ndim == 2
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and "comfy_cast_weights" not in layer.__dict__ and not getattr(layer, "weight_function", None))
+
+
+@contextlib.contextmanager
+def quantized_text_encoder(clip, mode: str, unload_patcher):
+    """Inside: ``clip``'s text encoders run with ``mode`` (int8/int4) weights, quantized around ComfyUI's load as
+    for the diffusion model (the full weights never sit on the load device together); on exit ComfyUI unloads the
+    encoder and the original weights are back, so the shared CLIP is exactly as loaded. ``unload_patcher`` is
+    ``data.cache.unload_patcher`` (ComfyUI's unload through model management)."""
+    if mode == "none":
+        yield clip
+        return
+    check(mode)
+    patcher = clip.patcher
+    unload_patcher(patcher)  # full weights back to the offload device before anything loads
+    sw = Swapped(patcher.model, mode, is_eligible=text_encoder_eligible, compute_dtype=torch.float32)
+    cast = [layer for layer, _ in sw.layers]
+    try:
+        clip.load_model()  # ComfyUI's loader moves the rest (embeddings, norms, biases)
+        for layer in cast:
+            if "comfy_cast_weights" in layer.__dict__:  # a partial load: this layer stays cast per call
+                raise RuntimeError("partially loaded")
+            layer.comfy_cast_weights = False
+        sw.quantize(patcher.load_device)
+        yield clip
+    finally:
+        sw.unquantize()
+        unload_patcher(patcher)
+        for layer in cast:
+            layer.__dict__.pop("comfy_cast_weights", None)
+        sw.restore()
