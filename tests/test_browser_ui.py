@@ -425,3 +425,43 @@ def test_console_adds_nothing_over_a_run_without_the_pack(ui):
     print(f"console: {len(ours)} warnings/errors with the pack, {len(console)} messages without it, "
           f"{len(refusals)} refused queues, {len(ui.actions)} actions")
     assert not added, f"warnings/errors only with the pack: {added[:10]}"
+
+
+def test_video_preview_plays_in_the_training_panel(ui, family_server):
+    """A video run's preview (an animated WebP in the output folder, announced by the ``aligned_trainer.preview``
+    event as Train Steps announces it) plays in the Wan workflow's training panel: the frame the page paints
+    changes over time, through every frame's colour. The server-side half (the file, its frames, the event's
+    entry) is checked in test_workflows_families.py::_check_animated."""
+    from PIL import Image
+
+    _load(ui, "train_lora_wan")
+    _close_dialogs(ui)
+    node = ui.evaluate("() => window.app.graph._nodes.find(n => n.type === 'AlignedTrainer_TrainSteps').id")
+    colours = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
+    folder = family_server.output_dir / "aligned_trainer" / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = [Image.new("RGB", (48, 32), c) for c in colours]
+    frames[0].save(folder / "browser_check_00001_.webp", format="WEBP", save_all=True, append_images=frames[1:],
+                   duration=120, loop=0, lossless=True)
+    ui.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+    sent = ui.evaluate("""([node]) => { const api = window.comfyAPI?.api?.api;
+        if (!api) return false;
+        api.dispatchCustomEvent('aligned_trainer.preview', {node: String(node), step: 3,
+            image: {filename: 'browser_check_00001_.webp', subfolder: 'aligned_trainer/previews', type: 'output'}});
+        return true; }""", [node])
+    assert sent, "the frontend's api object (window.comfyAPI.api.api) was not found"
+    img = ui.locator("img[data-aligned-trainer-preview]")
+    ui.wait_for_function("""() => { const i = document.querySelector('img[data-aligned-trainer-preview]');
+        return i && i.complete && i.naturalWidth === 48 && i.src.includes('browser_check'); }""", timeout=30_000)
+    # what the page paints, over time (a canvas drawImage would always give the first frame, by the HTML spec)
+    import io
+
+    painted = []
+    for _ in range(8):
+        with Image.open(io.BytesIO(img.screenshot())) as shot:
+            rgb = shot.convert("RGB")
+            painted.append(min(colours, key=lambda c: sum((a - b) ** 2 for a, b in
+                                                          zip(rgb.getpixel((rgb.width // 2, rgb.height // 2)), c))))
+        ui.wait_for_timeout(90)
+    assert len(set(painted)) >= 3, f"the animated preview does not play: painted {painted}"
+    _shot(ui, "video_preview")
