@@ -24,14 +24,23 @@ def test_family_trains_with_finite_loss(comfy, family_bundle, name, tmp_path):
     flow = comfy.engine("train.timesteps").is_flow(model.model.model_sampling)
     tcfg = C.TimestepConfig(density="logit_normal", shift="flux_resolution" if name.startswith("flux") else "model",
                             weighting="sd3_sigma_sqrt" if flow else "min_snr")
-    run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), tcfg,
-                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=name, batch_size=1),
-                        runs_root=tmp_path)
-    out = loop.train_steps(run, 2, val_every=2)
+
+    def init(run_name, resume="none"):
+        return loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), tcfg,
+                             C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=run_name, batch_size=1),
+                             runs_root=tmp_path, resume=resume)
+
+    out = loop.train_steps(init(name), 2, val_every=2)
     losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
     assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+    # resume is exact in every family: 1 step, a checkpoint, a new Train Init from it, 1 more == 2 straight
+    loop.train_steps(init("half"), 1, val_every=2, checkpoint_every=1)
+    resumed = loop.train_steps(init("half", "latest"), 1, val_every=2)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    for k, v in out.state["adapters"].items():
+        assert torch.equal(v, resumed.state["adapters"][k]), (name, k)
 
 
 def test_flux_gradient_checkpointing_same_result(comfy, family_bundle, tmp_path):
