@@ -1,0 +1,271 @@
+"""Data-parallel training on ``torch.distributed``: the worker side (docs/headless.md, "Data-parallel training").
+
+Every rank holds the same model and adapters and draws the whole step from the run's one seeded stream
+(samples, captions, noise, timesteps, dropout seeds: cheap), but runs forward and backward only for its own
+micro-batches: rank ``r`` of ``N`` takes micro-batches ``r, r + N, ...`` of the step's ``grad_accum x N``, each
+loss divided by ``grad_accum x N``. One ``all_reduce(SUM)`` of the adapters' gradients (one flat buffer per
+dtype) then gives every rank the gradient a 1-process run with ``grad_accum x N`` accumulates, and clipping, the
+optimizer, the scheduler, max-norm and EMA run identically on every rank: the replicas stay equal without any
+broadcast of weights. Rank 0 alone writes checkpoints and reports each step as one JSON line on its stdout.
+
+Run by ``train/launch.py`` as ``torchrun ... -m aligned_trainer.train.distributed JOB.json`` from the pack's
+folder. Each worker imports ComfyUI in-process (no server, no port), loads the custom nodes with ComfyUI's own
+loader, runs the part of the workflow upstream of Train Init in ComfyUI's own executor (models are loaded per
+worker; the latent and text caches are read from the output folder) and trains.
+
+This module imports only the standard library and torch at the top: as ``__main__`` it runs before ComfyUI is
+importable, puts ComfyUI on ``sys.path`` and hands over to the copy of itself that ComfyUI's loader imported
+with the pack (so the nodes' objects and the engine's classes are the same)."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+PREFIX = "@aligned_trainer "  # rank 0's report lines on stdout (anything else there is ComfyUI's own output)
+PACK = Path(__file__).resolve().parents[2]
+
+
+class WorkerError(RuntimeError):
+    """A worker cannot build or train the run (the workflow upstream of Train Init failed, wrong world size)."""
+
+
+def shard(n_micro: int, rank: int, world: int) -> list[int]:
+    """The micro-batches of a step that ``rank`` of ``world`` computes: ``rank, rank + world, ...``."""
+    return list(range(rank, n_micro, world))
+
+
+def reduce_gradients(params: list[torch.Tensor]) -> None:
+    """Sum the parameters' gradients over all ranks in place: one ``all_reduce`` per dtype of one flat buffer,
+    plus one of which parameters have a gradient at all (a parameter no rank touched keeps ``grad = None``, as in
+    one process: the optimizer then skips it)."""
+    import torch.distributed as dist
+
+    if not params:
+        return
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(has)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    index = {id(p): i for i, p in enumerate(params)}
+    for group in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        at = 0
+        for p in group:
+            n = p.numel()
+            p.grad = flat[at:at + n].view_as(p).clone() if has[index[id(p)]] > 0 else None
+            at += n
+
+
+@functools.cache
+def trainer_class():
+    """``loop.Trainer`` sharded over the process group (built on first use: see the module docstring)."""
+    import torch.distributed as dist
+
+    from . import loop
+
+    class ShardedTrainer(loop.Trainer):
+        """A trainer whose step draws ``grad_accum x world`` micro-batches, computes its rank's share and
+        all-reduces the gradients; the loss is the 1-process sum of every micro-batch's loss, in order."""
+
+        def __init__(self, run, activation_side: bool = True):
+            super().__init__(run, activation_side)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+        def _backward(self) -> list[float]:
+            n = self.run.settings.grad_accum * self.world
+            mine = set(shard(n, self.rank, self.world))
+            losses = [0.0] * n
+            for i in range(n):
+                mb = self.draw_micro_batch()  # every rank draws every micro-batch: one stream, the same state
+                if i in mine:
+                    losses[i] = self.run_micro_batch(mb, n)
+            return losses
+
+        def backward(self) -> float:
+            losses = torch.tensor(super().backward(), dtype=torch.float64, device=self._reduce_device())
+            reduce_gradients(self.params)
+            dist.all_reduce(losses)  # each entry comes from one rank (the others add 0.0): exact
+            total = 0.0
+            for v in losses.tolist():  # summed in micro-batch order, as one process sums them
+                total += v
+            return total
+
+        def _reduce_device(self):
+            return self.params[0].device if self.params else torch.device("cpu")
+
+    return ShardedTrainer
+
+
+# -- the worker process ---------------------------------------------------------------------------------------
+
+def emit(event: str, **data) -> None:
+    print(PREFIX + json.dumps({"event": event, **data}), flush=True)
+
+
+def upstream(prompt: dict, ids: list[str]) -> dict:
+    """The part of an API prompt the nodes ``ids`` need (them and their ancestors)."""
+    keep, todo = set(), list(ids)
+    while todo:
+        nid = todo.pop()
+        if nid in keep or nid not in prompt:
+            continue
+        keep.add(nid)
+        todo += [v[0] for v in prompt[nid].get("inputs", {}).values() if isinstance(v, list) and len(v) == 2]
+    return {k: v for k, v in prompt.items() if k in keep}
+
+
+class _NoClient:
+    """The executor's event sink in a worker: no browser is connected to a worker (rank 0's step lines reach
+    the UI through Train Steps in the ComfyUI process)."""
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+
+def train_init_inputs(job: dict) -> dict:
+    """Run what Train Init's inputs need in ComfyUI's executor; {input name: value} of its linked inputs."""
+    import execution
+
+    prompt, init_id = job["prompt"], job["train_init"]
+    links = {k: v for k, v in prompt[init_id]["inputs"].items() if isinstance(v, list) and len(v) == 2}
+    sources = sorted({str(v[0]) for v in links.values()})
+    ex = execution.PromptExecutor(_NoClient(), cache_args={"lru": 0, "ram": 0})
+    ex.execute(upstream(prompt, sources), f"aligned_trainer-worker-{os.getpid()}", {}, sources)
+    if not ex.success:
+        errs = [d for e, d in ex.status_messages if e == "execution_error"]
+        d = errs[0] if errs else {}
+        raise WorkerError(f"the workflow upstream of Train Init failed in the worker: node {d.get('node_id')} "
+                          f"({d.get('node_type')}): {d.get('exception_type')}: {d.get('exception_message')}")
+    out = {}
+    for name, (nid, slot) in links.items():
+        entry = ex.caches.outputs.get(str(nid))
+        out[name] = entry.outputs[slot][0]
+    return out
+
+
+def build_run(job: dict):
+    """The run Train Steps received, rebuilt in this worker: model, training set and configs from the
+    executor, settings, run folder and state (the handoff checkpoint) from the job."""
+    from . import state as st
+
+    inputs = train_init_inputs(job)
+    settings = st.RunSettings(**job["settings"])
+    ck = st.load_checkpoint(job["checkpoint"])
+    return st.TrainRun(model=inputs["model"], training_set=inputs["training_set"], lora=inputs["lora_config"],
+                       timesteps=inputs["timesteps"], optimizer=inputs["optimizer"], settings=settings,
+                       run_dir=job["run_dir"], step=ck["step"], state=ck["state"], history=ck["history"],
+                       checkpoints=tuple(job["checkpoints"]), te_spec=job.get("te_spec"), meta=job.get("meta") or {},
+                       preservation=inputs.get("preservation_prompt") if settings.dop_weight > 0 else None)
+
+
+def _stop_requested(stop_file: Path, device) -> bool:
+    """Rank 0 looks for the stop file (Train Steps' interrupt) and tells every rank, so all stop after the same step."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if dist.get_rank() == 0 and stop_file.exists() else 0.0], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item() > 0)
+
+
+def worker(job: dict) -> int:
+    """One rank of a data-parallel run (ComfyUI and the pack are loaded)."""
+    import comfy.model_management as mm
+    import torch.distributed as dist
+
+    from . import loop
+    from . import state as st
+
+    device = mm.get_torch_device()
+    distinct_gpus = device.type == "cuda" and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    dist.init_process_group("nccl" if distinct_gpus else "gloo")  # nccl needs one GPU per rank; gloo takes CUDA too
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        run = build_run(job)
+        if world != run.settings.processes:
+            raise WorkerError(f"the launcher started {world} processes, Train Init's processes is "
+                              f"{run.settings.processes}")
+        stop_file = Path(job["stop_file"])
+        sync_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+        def on_step(r, trainer):
+            if rank == 0:
+                emit("step", step=r.step, loss=r.loss, lr=r.lr, val_loss=r.val_loss, seconds=r.seconds)
+            if _stop_requested(stop_file, sync_device):
+                mm.interrupt_current_processing(True)  # the loop stops before the next step, on every rank
+
+        def save(snapshot, keep_last):
+            return st.save_checkpoint(snapshot, keep_last) if rank == 0 else snapshot.checkpoints
+
+        try:
+            new = loop.train_steps(run, job["steps"], job["checkpoint_every"], job["keep_last"], job["val_every"],
+                                   on_step, trainer_cls=trainer_class(), save=save)
+        except mm.InterruptProcessingException:
+            if rank == 0:
+                emit("interrupted", checkpoint=str(st.latest_checkpoint(run.run_dir) or ""))
+            return 0
+        if rank == 0:
+            kept = new.checkpoints
+            result = st.save_checkpoint(new.advanced(run_dir=job["result_dir"], checkpoints=()), 0)
+            emit("done", result=result[-1], checkpoints=list(kept))
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _bootstrap(job: dict):
+    """Import ComfyUI the way ``main.py`` does, with the ComfyUI process's folders, load its custom nodes
+    (this pack among them) with ComfyUI's loader and return the pack's own copy of this module."""
+    here = {str(PACK), os.getcwd(), ""}
+    sys.path[:] = [p for p in sys.path if p not in here and os.path.realpath(p or ".") != str(PACK)]
+    root = job["comfyui"]
+    sys.path.insert(0, root)
+    import utils.extra_config  # noqa: F401  (ComfyUI's utils package first, as main.py has it)
+    from comfy.cli_args import args
+
+    args.cpu = bool(job.get("cpu"))
+    if not args.cpu and torch.cuda.is_available():  # before comfy.model_management picks its device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    import folder_paths
+
+    folders = job["folders"]
+    folder_paths.set_output_directory(folders["output"])
+    folder_paths.set_input_directory(folders["input"])
+    folder_paths.set_temp_directory(folders["temp"])
+    for name, (paths, exts) in folders["paths"].items():
+        folder_paths.folder_names_and_paths[name] = (list(paths), set(exts))
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    import importlib
+
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if f and Path(f).resolve() == PACK / "__init__.py":  # the name ComfyUI's loader gave the pack
+            return importlib.import_module(f"{name}.aligned_trainer.train.distributed")
+    raise WorkerError(f"ComfyUI's custom-node loader did not load this pack ({PACK}) from "
+                      f"{folder_paths.get_folder_paths('custom_nodes')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: torchrun --nproc-per-node N -m aligned_trainer.train.distributed JOB.json (written by Train "
+              "Steps; see docs/headless.md)", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    return _bootstrap(job).worker(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
