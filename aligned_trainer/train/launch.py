@@ -162,7 +162,7 @@ class _Job:
                 lines: queue.Queue = queue.Queue()
                 threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout] + [lines.put(None)],
                                  daemon=True).start()
-                done, stopping, last_step = None, None, self.run.step
+                done, stopping, last_step, interrupted = None, None, self.run.step, False
                 try:
                     while True:
                         try:
@@ -176,13 +176,16 @@ class _Job:
                             kind = ev.pop("event")
                             if kind == "step":
                                 last_step = ev["step"]
-                                on_step(StepResult(**ev), None)
+                                try:
+                                    on_step(StepResult(**ev), None)
+                                except mm.InterruptProcessingException:  # ComfyUI's progress hook saw Cancel
+                                    interrupted = True
                             elif kind == "done":
                                 done = ev
                         elif line:
                             log.write(line)
                             log.flush()
-                        if stopping is None and mm.processing_interrupted():
+                        if stopping is None and (interrupted or mm.processing_interrupted()):
                             (self.dir / "stop").touch()  # every rank stops after this step; rank 0 checkpoints it
                             stopping = time.monotonic()
                         if stopping is not None and time.monotonic() - stopping > STOP_GRACE_S:
@@ -192,7 +195,7 @@ class _Job:
                     _kill(proc)
                     raise
             if stopping is not None:
-                mm.throw_exception_if_processing_interrupted()
+                raise mm.InterruptProcessingException()
             if code != 0 or done is None:
                 raise DistributedError(self._failure(code, last_step))
             return self._result(done)
