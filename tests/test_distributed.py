@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from support.factories.dataset import make_dataset
-from support.train_prompt import prompt
+from support.train_prompt import P, prompt
 
 pytestmark = pytest.mark.server
 WORKER = "aligned_trainer.train.distributed"
@@ -176,3 +176,22 @@ def test_interrupt_stops_every_worker_after_a_checkpoint(server, runs, T):
     ck = T.st.load_checkpoint(kept[0])
     assert 1 <= ck["step"] < 1000 and len(ck["history"]) == ck["step"]
     assert not _workers(server.temp_dir)
+
+
+def test_data_order_rule_and_refusals(comfy, T):
+    """In-process details: Train Init's note when a resume changes the samples per step; Train Steps refuses
+    previews and a run that does not come from Train Init when processes > 1, before starting any worker."""
+    resume, launch, dist = comfy.engine("train.resume"), comfy.engine("train.launch"), comfy.engine("train.distributed")
+    ck = {"config": {"settings": {"batch_size": 2, "grad_accum": 1, "processes": 2}}}
+    assert resume.data_order_note(ck, T.st.RunSettings(batch_size=2, grad_accum=2, processes=1)) == ""
+    note = resume.data_order_note(ck, T.st.RunSettings(batch_size=2, grad_accum=1, processes=1))
+    assert "took 4 samples per step" in note and "this run takes 2" in note and "= 4" in note, note
+    assert [dist.shard(6, r, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3, 5]]
+    run = T.st.TrainRun(model=None, training_set=None, lora=T.C.LoraConfig(), timesteps=T.C.TimestepConfig(),
+                        optimizer=T.C.OptimizerConfig(), settings=T.st.RunSettings(processes=2), run_dir="unused")
+    graph = launch.Graph({"9": {"class_type": P + "TrainSteps", "inputs": {"run": ["8", 0]}},
+                          "8": {"class_type": "SomethingElse", "inputs": {}}}, "9", P + "TrainInit", P + "TrainSteps")
+    with pytest.raises(T.C.ConfigError, match="disconnect preview_plan"):
+        launch.train_steps(run, 2, 0, 3, 0, None, preview=lambda t, s: None, preview_every=1, graph=graph)
+    with pytest.raises(T.C.ConfigError, match="needs Train Steps' run to come from Train Init"):
+        launch.train_steps(run, 2, 0, 3, 0, None, graph=graph)

@@ -9,16 +9,15 @@ optimizer, the scheduler, max-norm and EMA run identically on every rank: the re
 broadcast of weights. Rank 0 alone writes checkpoints and reports each step as one JSON line on its stdout.
 
 Run by ``train/launch.py`` as ``torchrun ... -m aligned_trainer.train.distributed JOB.json`` from the pack's
-folder. Each worker imports ComfyUI in-process (no server, no port), loads the custom nodes with ComfyUI's own
-loader, runs the part of the workflow upstream of Train Init in ComfyUI's own executor (models are loaded per
-worker; the latent and text caches are read from the output folder) and trains.
-
-This module imports only the standard library and torch at the top: as ``__main__`` it runs before ComfyUI is
-importable, puts ComfyUI on ``sys.path`` and hands over to the copy of itself that ComfyUI's loader imported
-with the pack (so the nodes' objects and the engine's classes are the same)."""
+folder. As ``__main__`` this module only hands over to the worker's ComfyUI host, ``nodes/worker_host.py``
+(loaded by file path: the engine never imports ComfyUI's node API, executor or server), which imports ComfyUI
+in-process (no server, no port), loads the custom nodes with ComfyUI's own loader and calls :func:`worker` of
+the copy of this module that ComfyUI's loader imported with the pack (so the nodes' objects and the engine's
+classes are the same), with a function that runs the workflow upstream of Train Init in ComfyUI's executor
+(models are loaded per worker; the latent and text caches are read from the output folder). At the top this
+module imports only the standard library and torch: as ``__main__`` it runs before ComfyUI is importable."""
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -111,55 +110,12 @@ def emit(event: str, **data) -> None:
     print(PREFIX + json.dumps({"event": event, **data}), flush=True)
 
 
-def upstream(prompt: dict, ids: list[str]) -> dict:
-    """The part of an API prompt the nodes ``ids`` need (them and their ancestors)."""
-    keep, todo = set(), list(ids)
-    while todo:
-        nid = todo.pop()
-        if nid in keep or nid not in prompt:
-            continue
-        keep.add(nid)
-        todo += [v[0] for v in prompt[nid].get("inputs", {}).values() if isinstance(v, list) and len(v) == 2]
-    return {k: v for k, v in prompt.items() if k in keep}
-
-
-class _NoClient:
-    """The executor's event sink in a worker: no browser is connected to a worker (rank 0's step lines reach
-    the UI through Train Steps in the ComfyUI process)."""
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-
-def train_init_inputs(job: dict) -> dict:
-    """Run what Train Init's inputs need in ComfyUI's executor; {input name: value} of its linked inputs."""
-    import execution
-
-    prompt, init_id = job["prompt"], job["train_init"]
-    links = {k: v for k, v in prompt[init_id]["inputs"].items() if isinstance(v, list) and len(v) == 2}
-    sources = sorted({str(v[0]) for v in links.values()})
-    ex = execution.PromptExecutor(_NoClient(), cache_args={"lru": 0, "ram": 0})
-    ex.execute(upstream(prompt, sources), f"aligned_trainer-worker-{os.getpid()}", {}, sources)
-    if not ex.success:
-        errs = [d for e, d in ex.status_messages if e == "execution_error"]
-        d = errs[0] if errs else {}
-        raise WorkerError(f"the workflow upstream of Train Init failed in the worker: node {d.get('node_id')} "
-                          f"({d.get('node_type')}): {d.get('exception_type')}: {d.get('exception_message')}")
-    out = {}
-    for name, (nid, slot) in links.items():
-        entry = ex.caches.outputs.get(str(nid))
-        out[name] = entry.outputs[slot][0]
-    return out
-
-
-def build_run(job: dict):
-    """The run Train Steps received, rebuilt in this worker: model, training set and configs from the
-    executor, settings, run folder and state (the handoff checkpoint) from the job."""
+def build_run(job: dict, inputs: dict):
+    """The run Train Steps received, rebuilt in this worker: model, training set and configs from Train Init's
+    inputs (computed by ComfyUI's executor in this worker), settings, run folder and state (the handoff
+    checkpoint) from the job."""
     from . import state as st
 
-    inputs = train_init_inputs(job)
     settings = st.RunSettings(**job["settings"])
     ck = st.load_checkpoint(job["checkpoint"])
     return st.TrainRun(model=inputs["model"], training_set=inputs["training_set"], lora=inputs["lora_config"],
@@ -178,8 +134,9 @@ def _stop_requested(stop_file: Path, device) -> bool:
     return bool(flag.item() > 0)
 
 
-def worker(job: dict) -> int:
-    """One rank of a data-parallel run (ComfyUI and the pack are loaded)."""
+def worker(job: dict, train_init_inputs) -> int:
+    """One rank of a data-parallel run (ComfyUI and the pack are loaded); ``train_init_inputs()`` runs the
+    workflow upstream of Train Init in ComfyUI's executor and returns {input name: value} of its linked inputs."""
     import comfy.model_management as mm
     import torch.distributed as dist
 
@@ -191,7 +148,7 @@ def worker(job: dict) -> int:
     dist.init_process_group("nccl" if distinct_gpus else "gloo")  # nccl needs one GPU per rank; gloo takes CUDA too
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        run = build_run(job)
+        run = build_run(job, train_init_inputs())
         if world != run.settings.processes:
             raise WorkerError(f"the launcher started {world} processes, Train Init's processes is "
                               f"{run.settings.processes}")
@@ -223,40 +180,6 @@ def worker(job: dict) -> int:
         dist.destroy_process_group()
 
 
-def _bootstrap(job: dict):
-    """Import ComfyUI the way ``main.py`` does, with the ComfyUI process's folders, load its custom nodes
-    (this pack among them) with ComfyUI's loader and return the pack's own copy of this module."""
-    here = {str(PACK), os.getcwd(), ""}
-    sys.path[:] = [p for p in sys.path if p not in here and os.path.realpath(p or ".") != str(PACK)]
-    root = job["comfyui"]
-    sys.path.insert(0, root)
-    import utils.extra_config  # noqa: F401  (ComfyUI's utils package first, as main.py has it)
-    from comfy.cli_args import args
-
-    args.cpu = bool(job.get("cpu"))
-    if not args.cpu and torch.cuda.is_available():  # before comfy.model_management picks its device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    import folder_paths
-
-    folders = job["folders"]
-    folder_paths.set_output_directory(folders["output"])
-    folder_paths.set_input_directory(folders["input"])
-    folder_paths.set_temp_directory(folders["temp"])
-    for name, (paths, exts) in folders["paths"].items():
-        folder_paths.folder_names_and_paths[name] = (list(paths), set(exts))
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    import importlib
-
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, "__file__", None)
-        if f and Path(f).resolve() == PACK / "__init__.py":  # the name ComfyUI's loader gave the pack
-            return importlib.import_module(f"{name}.aligned_trainer.train.distributed")
-    raise WorkerError(f"ComfyUI's custom-node loader did not load this pack ({PACK}) from "
-                      f"{folder_paths.get_folder_paths('custom_nodes')}")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -264,7 +187,14 @@ def main(argv: list[str] | None = None) -> int:
               "Steps; see docs/headless.md)", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    return _bootstrap(job).worker(job)
+    here = {str(PACK), os.getcwd(), ""}  # the pack's folder on sys.path would shadow ComfyUI's ``nodes`` module
+    sys.path[:] = [p for p in sys.path if p not in here and os.path.realpath(p or ".") != str(PACK)]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aligned_trainer_worker_host", PACK / "nodes" / "worker_host.py")
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    return host.run(job)
 
 
 if __name__ == "__main__":
