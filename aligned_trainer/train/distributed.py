@@ -22,10 +22,12 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+STARTED = time.perf_counter()  # when this copy of the module was imported (as __main__: the worker's start)
 PREFIX = "@aligned_trainer "  # rank 0's report lines on stdout (anything else there is ComfyUI's own output)
 PACK = Path(__file__).resolve().parents[2]
 
@@ -149,6 +151,8 @@ def worker(job: dict, train_init_inputs) -> int:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         run = build_run(job, train_init_inputs())
+        if rank == 0:  # how long a worker took to import ComfyUI, load the nodes and build the model (the log)
+            emit("ready", seconds=round(time.perf_counter() - job.get("started", STARTED), 2))
         if world != run.settings.processes:
             raise WorkerError(f"the launcher started {world} processes, Train Init's processes is "
                               f"{run.settings.processes}")
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: torchrun --nproc-per-node N -m aligned_trainer.train.distributed JOB.json (written by Train "
               "Steps; see docs/headless.md)", file=sys.stderr)
         return 2
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    job = {**json.loads(Path(argv[0]).read_text(encoding="utf-8")), "started": STARTED}
     here = {str(PACK), os.getcwd(), ""}  # the pack's folder on sys.path would shadow ComfyUI's ``nodes`` module
     sys.path[:] = [p for p in sys.path if p not in here and os.path.realpath(p or ".") != str(PACK)]
     import importlib.util

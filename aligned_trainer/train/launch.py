@@ -182,6 +182,9 @@ class _Job:
                                     interrupted = True
                             elif kind == "done":
                                 done = ev
+                            elif kind == "ready":
+                                log.write(f"[launch] rank 0 ready to train after {ev['seconds']} s (ComfyUI "
+                                          "import, custom nodes, the workflow upstream of Train Init)\n")
                         elif line:
                             log.write(line)
                             log.flush()
