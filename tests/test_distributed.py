@@ -195,3 +195,8 @@ def test_data_order_rule_and_refusals(comfy, T):
         launch.train_steps(run, 2, 0, 3, 0, None, preview=lambda t, s: None, preview_every=1, graph=graph)
     with pytest.raises(T.C.ConfigError, match="needs Train Steps' run to come from Train Init"):
         launch.train_steps(run, 2, 0, 3, 0, None, graph=graph)
+    cmd = launch.torchrun_command(4, Path("job.json"), {launch.ARGS_ENV: "--nnodes=2 --rdzv-endpoint h:1"})
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and "--standalone" not in cmd
+    assert "--standalone" in launch.torchrun_command(2, Path("job.json"), {})
+    with pytest.raises(T.C.ConfigError, match="multiple of 2"):
+        launch.torchrun_command(3, Path("job.json"), {launch.ARGS_ENV: "--nnodes 1:2"})

@@ -92,12 +92,31 @@ def _folders() -> dict:
             "paths": {k: [list(v[0]), sorted(v[1])] for k, v in folder_paths.folder_names_and_paths.items()}}
 
 
-def torchrun_command(n: int, job_file: Path) -> list[str]:
-    """torch's launcher: one node (``--standalone``: a rendezvous on a free local port) unless
-    $ALIGNED_TRAINER_TORCHRUN_ARGS gives rendezvous arguments (multi-node, docs/headless.md)."""
-    rdzv = shlex.split(os.environ.get(ARGS_ENV, "")) or ["--standalone"]
-    return [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node", str(n), "--max-restarts", "0",
-            "--monitor-interval", "0.5", "-m", "aligned_trainer.train.distributed", str(job_file)]
+def _nnodes(args: list[str]) -> int:
+    """The node count in torchrun arguments (``--nnodes 2``, ``--nnodes=2``; elastic ``1:2`` -> 2), 1 if absent."""
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--nnodes=") else (args[i + 1] if a == "--nnodes" and
+                                                                       i + 1 < len(args) else None)
+        if value is not None:
+            try:
+                return int(value.split(":")[-1])
+            except ValueError:
+                raise ConfigError(f"{ARGS_ENV}: --nnodes {value!r} is not a number of nodes") from None
+    return 1
+
+
+def torchrun_command(n: int, job_file: Path, env: dict | None = None) -> list[str]:
+    """torch's launcher for ``n`` processes in all: one node (``--standalone``: a rendezvous on a free local
+    port) unless $ALIGNED_TRAINER_TORCHRUN_ARGS gives rendezvous arguments (multi-node, docs/headless.md); then
+    this node starts ``n / nnodes`` of them."""
+    rdzv = shlex.split((os.environ if env is None else env).get(ARGS_ENV, "")) or ["--standalone"]
+    nodes = _nnodes(rdzv)
+    if n % nodes:
+        raise ConfigError(f"processes {n} cannot be split evenly over the {nodes} nodes of {ARGS_ENV}: set Train "
+                          f"Init processes to a multiple of {nodes} (the total over all nodes)")
+    return [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node", str(n // nodes),
+            "--max-restarts", "0", "--monitor-interval", "0.5", "-m", "aligned_trainer.train.distributed",
+            str(job_file)]
 
 
 _FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
