@@ -7,7 +7,7 @@ the steady step time as the UI's ETA sees it (``its`` of the last ``aligned_trai
 ratio. On CPU the workers use gloo (a smoke run); on a GPU both workers share it (gloo too: nccl needs one GPU
 per rank), so the ratio says what sharing one GPU between two processes costs or gains.
 
-    .work/venv/bin/python bench/bench_ddp.py [--device cpu|cuda] [--steps 6] [--batch 1]
+    .work/venv/bin/python bench/bench_ddp.py [--device cpu|cuda] [--steps 6] [--batch 1] [--threads 1]
 """
 from __future__ import annotations
 
@@ -59,13 +59,17 @@ def main() -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per process (OMP_NUM_THREADS for the server and, inherited, the workers; "
+                         "torchrun's own default is 1): the same for both runs, or the comparison measures threads")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
         base = Path(tmp)
         ckpts = base / "models" / "checkpoints"
         ckpts.mkdir(parents=True)
         (ckpts / "tiny-sd15.safetensors").symlink_to(sd15.checkpoint())
-        srv = ComfyServer(base, model_folders={"checkpoints": ckpts}, cpu=a.device == "cpu").start()
+        srv = ComfyServer(base, model_folders={"checkpoints": ckpts}, cpu=a.device == "cpu",
+                          env={"OMP_NUM_THREADS": str(a.threads)}).start()
         try:
             make_dataset(srv.input_dir / "ddp_ds", n=4, sizes=((64, 64),))
             srv.run(prompt("warm", 1, 1, 1, batch_size=a.batch))  # model load and caches, outside the timings
@@ -79,7 +83,8 @@ def main() -> int:
         finally:
             srv.stop()
     samples = a.batch * 2
-    print(f"\nbench_ddp: tiny SD1.5, {a.steps} steps, {samples} samples per step, device {a.device}\n")
+    print(f"\nbench_ddp: tiny SD1.5, {a.steps} steps, {samples} samples per step, device {a.device}, "
+          f"{a.threads} CPU thread(s) per process\n")
     print("| run | Train Steps wall s | steady s/step | step time vs 1 process |")
     print("|---|---|---|---|")
     for name, seconds, step_s in rows:

@@ -229,8 +229,9 @@ class _Job:
         found = failed_rank(text)
         who = (f"worker rank {found[0]} of {self.run.settings.processes} exited with code {_exit_text(found[1])}"
                if found else f"the workers' launcher (torchrun) exited with code {_exit_text(code)}")
-        errs = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*(\[rank\d+\]:\s*)?\w*(Error|Exception):", ln)]
-        why = f" ({errs[-1][:300]})" if errs else ""
+        rank = rf"\[rank{found[0]}\]:\s*" if found else r"(\[rank\d+\]:\s*)?"
+        errs = [ln.strip() for ln in text.splitlines() if re.match(rf"^\s*{rank}\w*(Error|Exception):", ln)]
+        why = f" ({errs[-1][:300]})" if errs else ""  # the failed rank's own exception, if it raised one
         last = st.latest_checkpoint(self.run.run_dir)
         where = (f"the last checkpoint, {last}, is intact: resume it with Train Init resume 'latest'" if last
                  else "no checkpoint was written (set checkpoint_every to keep partial progress)")
