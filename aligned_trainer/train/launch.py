@@ -174,8 +174,11 @@ class _Job:
         try:
             job_file = self._write()
             env = dict(os.environ, PYTHONUNBUFFERED="1")
+            cmd = torchrun_command(self.run.settings.processes, job_file)
             with open(self.log_path, "w", encoding="utf-8") as log:
-                proc = subprocess.Popen(torchrun_command(self.run.settings.processes, job_file), cwd=str(PACK),
+                log.write(f"[launch] in {PACK}: {shlex.join(cmd)}\n")  # the job file other nodes need
+                log.flush()
+                proc = subprocess.Popen(cmd, cwd=str(PACK),
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                         start_new_session=True)
                 lines: queue.Queue = queue.Queue()
