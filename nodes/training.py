@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.sampling import animation
 from ..aligned_trainer.train import config as C
-from ..aligned_trainer.train import configs_io, export, files, loop, quantize, state, timesteps
+from ..aligned_trainer.train import configs_io, export, files, launch, loop, quantize, state, timesteps
 from ._common import category, node_id
 from ._progress import TrainMonitor
 
@@ -228,6 +228,12 @@ class TrainInit(io.ComfyNode):
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
                                tooltip="Memory the plan may use, in GiB; 0 = the device's free memory. Train Init "
                                        "refuses a plan above it and lists settings that fit."),
+                io.Int.Input("processes", default=1, min=1, max=loop.MAX_PROCESSES, optional=True,
+                             tooltip="Data-parallel training: Train Steps starts this many worker processes "
+                                     "(torchrun; one per GPU, or several sharing one), each with its own copy of "
+                                     "the model; a step then takes batch_size x grad_accum x processes images, "
+                                     "split over them. 1 (default) trains in ComfyUI's own process. No previews "
+                                     "while training with more than 1."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps); its memory plan (estimated "
                                                      "peak against the budget) is shown under the node.")],
@@ -237,14 +243,15 @@ class TrainInit(io.ComfyNode):
     def execute(cls, model, training_set, lora_config, timesteps, optimizer, seed, batch_size, grad_accum, precision,
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
                 dop_weight=0.0, preservation_prompt=None, if_exists="new_name", init_lora="none",
-                run_settings=None, quantize="none", offload_blocks=0, memory_budget_gb=0.0) -> io.NodeOutput:
+                run_settings=None, quantize="none", offload_blocks=0, memory_budget_gb=0.0,
+                processes=1) -> io.NodeOutput:
         settings = configs_io.apply_settings(
             state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay, guidance,
                               val_count, 4, run_name, reg_weight, dop_weight, quantize, offload_blocks,
-                              memory_budget_gb), run_settings)
+                              memory_budget_gb, processes), run_settings)
         run = loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
                             preservation=preservation_prompt, if_exists=if_exists, init_lora=init_lora)
-        text = run.meta.get("memory_plan", "")
+        text = "\n".join(filter(None, (run.meta.get("resume_note"), run.meta.get("memory_plan", ""))))
         return io.NodeOutput(run, ui={"text": [text]})
 
 
@@ -272,7 +279,7 @@ class TrainSteps(io.ComfyNode):
                      io.Model.Output("model", tooltip="The model with the current LoRA applied (EMA weights when "
                                                       "the run keeps an EMA); works with any sampler."),
                      io.Image.Output("loss_plot", tooltip="Loss so far.")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             not_idempotent=True,
         )
 
@@ -289,9 +296,10 @@ class TrainSteps(io.ComfyNode):
             lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
             mon.on_preview(step, preview_plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
 
-        new = loop.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
-                               preview if preview_plan is not None else None,
-                               preview_plan.every_n if preview_plan is not None else 0)
+        graph = launch.Graph(cls.hidden.prompt or {}, str(uid), node_id("TrainInit"), node_id("TrainSteps"))
+        new = launch.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,
+                                 preview if preview_plan is not None else None,
+                                 preview_plan.every_n if preview_plan is not None else 0, graph)
         if checkpoint_every == 0 or new.step % checkpoint_every:
             new = new.advanced(checkpoints=state.save_checkpoint(new, keep_last))
         model = export.model_with_lora(new.model, export.kohya_state_dict(new, dtype=torch.float32))

@@ -31,6 +31,7 @@ from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig
 from .optim import build_optimizer, build_scheduler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_PROCESSES = 64  # data-parallel workers on one machine (Train Init's ``processes``)
 
 
 def default_runs_root() -> Path:
@@ -53,6 +54,9 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         cfg.validate()
     if settings.batch_size < 1 or settings.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must be >= 1")
+    if not 1 <= settings.processes <= MAX_PROCESSES:
+        raise ConfigError(f"processes must be between 1 and {MAX_PROCESSES} (got {settings.processes}); 1 trains in "
+                          "ComfyUI's own process")
     if settings.precision not in DTYPES:
         raise ConfigError(f"precision must be one of {tuple(DTYPES)}")
     if not 0.0 <= settings.ema_decay < 1.0:
@@ -91,7 +95,8 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     if opened.checkpoint is not None:
         ck = opened.checkpoint
         run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept,
-                           meta={**run.meta, "started_at": ck.get("started_at") or run.meta["started_at"]})
+                           meta={**run.meta, "started_at": ck.get("started_at") or run.meta["started_at"],
+                                 "resume_note": resume_mod.data_order_note(ck, settings)})
     elif init_lora and init_lora != "none":
         from . import interop
 
@@ -227,6 +232,19 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, protect
                 block.forward = fwd
             else:
                 del block.forward
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as drawn from the run's seeded stream. ``dropout_seed``: per micro-batch, the global RNG
+    is seeded from the trainer's generator (so dropout masks follow the run's seed and survive resume), only when
+    some dropout is on (no draw otherwise: runs without dropout keep their random stream)."""
+    dropout_seed: int | None
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor
+    weights: torch.Tensor
+    conds: list
 
 
 @dataclass
@@ -423,14 +441,6 @@ class Trainer:
             for h in handles:
                 h.remove()
 
-    def _dropout_rng(self):
-        """Per micro-batch: the global RNG seeded from the trainer's generator (so dropout masks follow the run's
-        seed and survive resume), only when some dropout is on (no draw otherwise: runs without dropout keep
-        their random stream)."""
-        if not self.dropout:
-            return contextlib.nullcontext()
-        return seeded_global_rng(int(torch.randint(0, 2**62, (1,), generator=self.gen)), self.device)
-
     def step(self) -> tuple[float, float]:
         """One optimizer step: ``backward`` then the update."""
         return self._update(self.backward())
@@ -465,12 +475,15 @@ class Trainer:
         s = self.run.settings
         total = 0.0
         for _ in range(s.grad_accum):
-            with self._dropout_rng():
-                total += self._micro_batch()
+            total += self.run_micro_batch(self.draw_micro_batch(), s.grad_accum)
         return total
 
-    def _micro_batch(self) -> float:
+    def draw_micro_batch(self) -> "MicroBatch":
+        """Everything random about one micro-batch, drawn from the run's stream in a fixed order (dropout seed,
+        samples, noise, timesteps, captions); drawing it computes nothing (``train.distributed`` draws every
+        micro-batch of a step on every rank and runs only its own)."""
         s = self.run.settings
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen)) if self.dropout else None
         batch = self.draw_batch()
         x0 = self.patcher.model.process_latent_in(torch.stack([b.latent.detach() for b in batch]).float())
         noise = ts.training_noise(self.run.timesteps, x0, self.gen)
@@ -478,14 +491,23 @@ class Trainer:
         sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape)
         weights = ts.loss_weights(self.run.timesteps, self.ms, sigma, u) * torch.tensor(
             [b.weight * (s.reg_weight if b.is_reg else 1.0) for b in batch])
-        x0, noise, sigma, weights = (t.to(self.device) for t in (x0, noise, sigma, weights))
         conds = [self.conditioning(b) for b in batch]
-        per = self.predict_loss(x0, noise, sigma, conds)
-        loss = (per * weights).mean()
-        if self.run.preservation is not None and s.dop_weight > 0:
-            loss = loss + s.dop_weight * self.preservation_loss(x0, noise, sigma)
-        loss = loss / s.grad_accum
-        self.scaler.scale(loss).backward()
+        return MicroBatch(seed, x0, noise, sigma, weights, conds)
+
+    def run_micro_batch(self, mb: "MicroBatch", divisor: int) -> float:
+        """Forward and backward of one drawn micro-batch, its loss divided by ``divisor`` (the micro-batches of
+        the step); returns that loss. Dropout draws from the global RNG seeded with the micro-batch's seed."""
+        s = self.run.settings
+        rng = seeded_global_rng(mb.dropout_seed, self.device) if mb.dropout_seed is not None \
+            else contextlib.nullcontext()
+        with rng:
+            x0, noise, sigma, weights = (t.to(self.device) for t in (mb.x0, mb.noise, mb.sigma, mb.weights))
+            per = self.predict_loss(x0, noise, sigma, mb.conds)
+            loss = (per * weights).mean()
+            if self.run.preservation is not None and s.dop_weight > 0:
+                loss = loss + s.dop_weight * self.preservation_loss(x0, noise, sigma)
+            loss = loss / divisor
+            self.scaler.scale(loss).backward()
         return float(loss.detach())
 
     def _update(self, total: float) -> tuple[float, float]:
@@ -592,11 +614,13 @@ Preview = Callable[["Trainer", int], None]
 
 
 def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_last: int = 3, val_every: int = 0,
-                on_step: Callback | None = None, preview: Preview | None = None, preview_every: int = 0) -> st.TrainRun:
+                on_step: Callback | None = None, preview: Preview | None = None, preview_every: int = 0,
+                trainer_cls: type[Trainer] = Trainer, save=st.save_checkpoint) -> st.TrainRun:
     """Run ``steps`` optimizer steps from ``run``; return the new run. On interrupt (ComfyUI Cancel) the
     last completed step is checkpointed, then the interrupt propagates. ``preview(trainer, step)`` runs every
     ``preview_every`` steps without gradients; sampling may swap models in ComfyUI's memory manager, so the
-    training model is loaded again afterwards."""
+    training model is loaded again afterwards. ``trainer_cls`` and ``save(run, keep_last) -> kept paths`` are
+    where ``train.distributed`` plugs in (a trainer that shards micro-batches over ranks; rank 0 alone saves)."""
     if steps < 1:
         raise ConfigError("steps must be >= 1")
     history = list(run.history)
@@ -607,7 +631,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         return run.advanced(step=step, state=trainer.state(), history=tuple(history), checkpoints=checkpoints)
 
     with torch.inference_mode(False), torch.enable_grad():
-        trainer = Trainer(run)  # adapters, optimizer state: normal tensors even when called under inference mode
+        trainer = trainer_cls(run)  # adapters, optimizer state: normal tensors even when called under inference mode
         dm = trainer.patcher.model.diffusion_model
         with placement.placed(trainer) as placed, \
                 checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
@@ -629,7 +653,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                         val = trainer.validation_loss()
                         rec["val_loss"] = val
                     if checkpoint_every and step % checkpoint_every == 0:
-                        checkpoints = st.save_checkpoint(snapshot(), keep_last)
+                        checkpoints = save(snapshot(), keep_last)
                     if on_step:
                         on_step(StepResult(step, loss, lr, val, time.perf_counter() - t0), trainer)
                     if preview is not None and preview_every and step % preview_every == 0:
@@ -648,7 +672,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                     trainer.gen.set_state(in_step[0])
                     trainer.py_rng.setstate(in_step[1])
                 if step > run.step:
-                    st.save_checkpoint(snapshot(), keep_last)
+                    save(snapshot(), keep_last)
                 raise
             finally:
                 for a in trainer.adapters.values():

@@ -98,3 +98,28 @@ def check_compatible(ck: dict, model, names: list[str], lora: LoraConfig, optimi
             raise st.CheckpointError(f"checkpoint {name} was trained on a model whose layer '{n}' has "
                                      f"{up.shape[0]} outputs, this model's has {w.shape[0]}: resume it with the "
                                      "model it was trained on, or set resume to 'none'")
+
+
+def samples_per_step(settings: dict) -> int:
+    """Micro-batch samples one optimizer step consumes from the run's seeded stream."""
+    return int(settings.get("batch_size", 1)) * int(settings.get("grad_accum", 1)) * int(settings.get("processes", 1))
+
+
+def data_order_note(ck: dict, settings) -> str:
+    """'' when resuming ``ck`` with ``settings`` continues exactly as the checkpoint's run would have; else one
+    line saying what changes. Every rank draws the whole step from the one seeded stream, so a step is the same
+    whatever the process count as long as batch_size x grad_accum x processes is unchanged (2 processes x
+    grad_accum 2 == 1 process x grad_accum 4)."""
+    was = (ck.get("config") or {}).get("settings") or {}
+    if not was:
+        return ""
+    now = as_dict(settings)
+    before, after = samples_per_step(was), samples_per_step(now)
+    if before == after:
+        return ""
+    msg = (f"resume: the checkpoint's run took {before} samples per step (batch_size {was.get('batch_size', 1)} x "
+           f"grad_accum {was.get('grad_accum', 1)} x processes {was.get('processes', 1)}), this run takes {after}: it "
+           "continues the same sample stream with another step size (not the steps the old run would have taken); "
+           f"keep batch_size x grad_accum x processes = {before} to continue it exactly")
+    log.warning("aligned_trainer: %s", msg)
+    return msg

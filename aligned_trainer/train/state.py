@@ -59,6 +59,7 @@ class RunSettings:
     quantize: str = "none"           # none | int8 | int4: the frozen base's Linear weights (train/quantize.py)
     offload_blocks: int = 0          # blocks kept on the offload device and streamed in (train/offload.py)
     memory_budget_gb: float = 0.0    # the memory plan's budget; 0 = the device's free memory (train/memory.py)
+    processes: int = 1               # data-parallel worker processes (train/distributed.py); 1 = in ComfyUI's process
 
     def __post_init__(self):
         check_finite(self)  # NaN passes every range check of a JSON prompt
