@@ -148,3 +148,29 @@ def test_sweep_grid_columns_are_the_lora_at_each_strength(comfy, T, sd15, traine
     with pytest.raises(ValueError, match="not a number"):
         comfy.call(P + "SliderSweep", run=trained[1], clip=clip, vae=vae, prompts="p", strengths="-2, big", negative="",
                    **kw)
+
+
+@pytest.mark.server
+def test_slider_workflow_runs_through_the_server(server, comfy_dirs, sd15_checkpoint):
+    """workflows/train_slider.json as shipped, through the real server: the slider trains from its prompts (one loss
+    per step, finite), Save LoRA writes a file that records the prompts and the aligned spec, and the sweep grid
+    (-2 ... +2: five 64 px columns beside the label column) is saved."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from support import demo
+    from support.paths import REPO
+
+    demo.prepare_inputs(server.input_dir, sd15_checkpoint.parent)
+    entry, seconds = demo.run_workflow(server, REPO / "workflows" / "train_slider.json")
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    lora = comfy_dirs["models"] / "loras" / "slider_smile.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata()
+    rec = json.loads(meta["aligned_trainer.slider"])
+    assert rec["positive"] == "a photo of a smiling person, happy" and rec["negative"] == "a photo of a frowning person, sad"
+    assert json.loads(meta["aligned_trainer.te_spec"])["id"] == "sd15" and meta["aligned_trainer.steps"] == "6"
+    (grid,) = [f for f in demo.output_files(entry, server.output_dir) if f.parent.name == "slider"]
+    with Image.open(grid) as im:
+        assert im.width == 110 + 5 * 64, im.size
+    print(f"slider workflow ran in {seconds:.1f}s")
