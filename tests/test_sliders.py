@@ -112,12 +112,16 @@ def test_resumed_slider_equals_uninterrupted(T, sd15, slider_set, trained):
 
 
 def test_slider_refusals(comfy, T, sd15, slider_set, trained):
-    """Before training: a slider with equal ends, a weight-patching adapter, and resuming a slider checkpoint with
-    other prompts are refused, each naming the fix."""
+    """Before training: a slider with equal ends, a weight-patching adapter, differential output preservation, and
+    resuming a slider checkpoint with other prompts are refused, each naming the fix."""
     with pytest.raises(T.C.ConfigError, match="positive and negative are the same"):
         _slider_set(comfy, sd15, negative=PROMPTS["positive"])
     with pytest.raises(T.C.ConfigError, match="sliders train lora/locon without DoRA"):
         _init(T, sd15, slider_set, trained[0], "slider_loha", algorithm="loha")
+    with pytest.raises(T.C.ConfigError, match="write the prompt in Slider Prompts' anchor"):
+        T.loop.init_run(sd15[0], slider_set, T.C.LoraConfig(rank=4, alpha=4, preset="attention"), T.C.TimestepConfig(),
+                        T.C.OptimizerConfig(), T.st.RunSettings(run_name="slider_dop", dop_weight=1.0),
+                        runs_root=trained[0], preservation=slider_set.meta["slider"].target)
     other = _slider_set(comfy, sd15, positive="a photo of a person with a hat")
     with pytest.raises(T.st.CheckpointError, match="positive"):
         _init(T, sd15, other, trained[0], "slider", resume="latest")

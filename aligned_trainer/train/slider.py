@@ -140,6 +140,10 @@ def objective(trainer) -> "SliderObjective | None":
                           f"adapter's output is scaled by +/- strength); {len(weight_side)} target layer(s) (e.g. "
                           f"'{weight_side[0]}') would be weight patches: set LoRA Config algorithm to lora, dora off, "
                           "or exclude those layers")
+    if trainer.run.preservation is not None:
+        raise ConfigError("differential output preservation (dop_weight, preservation_prompt) is a dataset-training "
+                          "loss; a slider keeps a prompt unchanged with its anchor: set dop_weight to 0 and write the "
+                          "prompt in Slider Prompts' anchor")
     return SliderObjective(slider)
 
 
