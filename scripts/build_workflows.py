@@ -424,18 +424,18 @@ def build(info: dict) -> dict[str, dict]:
     g.col = 2
     lc = g.add(P + "LoraConfig", rank=4, alpha=4.0, targets="attention")
     tcfg = g.add(P + "TimestepStrategy")
-    oc = g.add(P + "Optimizer", learning_rate=2e-3, weight_decay=0.0, total_steps=6)
+    oc = g.add(P + "Optimizer", learning_rate=2e-3, weight_decay=0.0, total_steps=4)
     g.col = 3
     init = g.add(P + "TrainInit", run_name="slider_smile")
     for src, o, i in ((ck, "MODEL", "model"), (sp, "training_set", "training_set"), (lc, "lora_config", "lora_config"),
                       (tcfg, "timesteps", "timesteps"), (oc, "optimizer_config", "optimizer")):
         g.link(src, o, init, i)
-    ts = g.add(P + "TrainSteps", steps=6, checkpoint_every=0, val_every=0)
+    ts = g.add(P + "TrainSteps", steps=4, checkpoint_every=0, val_every=0)
     g.link(init, "run", ts, "run")
     g.col = 4
     save = g.add(P + "SaveLora", name="slider_smile")
     g.link(ts, "trained_run", save, "run")
-    sw = g.add(P + "SliderSweep", prompts="a photo of a person", strengths="-2, -1, 0, 1, 2", steps=3, cfg=1.0,
+    sw = g.add(P + "SliderSweep", prompts="a photo of a person", strengths="-2, -1, 0, 1, 2", steps=2, cfg=1.0,
                width=64, height=64)
     g.link(ts, "trained_run", sw, "run")
     g.link(te, "aligned_clip", sw, "clip")

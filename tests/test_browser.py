@@ -28,7 +28,8 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
 # loss events and A/B images; here it is loaded and turned into a prompt like the others.
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", "train_slider", *FAMILIES}
+# train_slider runs through the server in tests/test_sliders.py (LoRA metadata and the sweep grid checked)
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]

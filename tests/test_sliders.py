@@ -137,18 +137,18 @@ def test_sweep_grid_columns_are_the_lora_at_each_strength(comfy, T, sd15, traine
     kw = dict(seed=3, seed_mode="fixed", steps=2, cfg=1.0, guidance=1.0, sampler_name="euler", scheduler="normal",
               width=64, height=64)
     grid, cols = comfy.call(P + "SliderSweep", run=trained[1], clip=clip, vae=vae, prompts=PROMPTS["target"],
-                            strengths="-2, 0, 2", negative="", **kw)
-    assert json.loads(cols) == [-2.0, 0.0, 2.0]
+                            strengths="0, 2", negative="", **kw)
+    assert json.loads(cols) == [0.0, 2.0]
     s = R.SampleSettings(2, 1.0, 1.0, "euler", "normal", 64, 64, 3)
     pos, neg = R.encode(clip, PROMPTS["target"], 1.0), R.encode(clip, "", 1.0)
     base = R.sample(model, vae, pos, neg, s, 3)
     lora = T.export.kohya_state_dict(trained[1], dtype=torch.float32)
     plus2 = R.sample(load_lora_for_models(model, None, lora, 2.0, 0.0)[0], vae, pos, neg, s, 3)
-    _, geo = R.grid([[base, base, base]], ["p"], ["-2", "+0", "+2"], [["seed 3"] * 3])
+    _, geo = R.grid([[base, base]], ["p"], ["+0", "+2"], [["seed 3"] * 2])
     assert tuple(grid.shape) == (1, geo["size"][1], geo["size"][0], 3)
     cells = [grid[0, y0:y1, x0:x1] for x0, y0, x1, y1 in geo["cell_boxes"][0]]
-    assert torch.allclose(cells[1], base[0], atol=1 / 255) and torch.allclose(cells[2], plus2[0], atol=1 / 255)
-    assert not torch.equal(cells[2], cells[1]) and not torch.equal(cells[0], cells[1])
+    assert torch.allclose(cells[0], base[0], atol=1 / 255) and torch.allclose(cells[1], plus2[0], atol=1 / 255)
+    assert not torch.equal(cells[1], cells[0])
     with pytest.raises(ValueError, match="not a number"):
         comfy.call(P + "SliderSweep", run=trained[1], clip=clip, vae=vae, prompts="p", strengths="-2, big", negative="",
                    **kw)
@@ -173,8 +173,8 @@ def test_slider_workflow_runs_through_the_server(server, comfy_dirs, sd15_checkp
         meta = f.metadata()
     rec = json.loads(meta["aligned_trainer.slider"])
     assert rec["positive"] == "a photo of a smiling person, happy" and rec["negative"] == "a photo of a frowning person, sad"
-    assert json.loads(meta["aligned_trainer.te_spec"])["id"] == "sd15" and meta["aligned_trainer.steps"] == "6"
-    (grid,) = [f for f in demo.output_files(entry, server.output_dir) if f.parent.name == "slider"]
+    assert json.loads(meta["aligned_trainer.te_spec"])["id"] == "sd15" and meta["aligned_trainer.steps"] == "4"
+    (grid,) = [f for f in demo.output_files(entry, server.output_dir) if f.parent.name == "slider"]  # -2 ... +2
     with Image.open(grid) as im:
         assert im.width == 110 + 5 * 64, im.size
     print(f"slider workflow ran in {seconds:.1f}s")
