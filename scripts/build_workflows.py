@@ -404,6 +404,46 @@ def build(info: dict) -> dict[str, dict]:
     si = g.add("SaveImage", filename_prefix="heatmaps/tokens")
     g.link(hm, "grid", si, "images")
     out["token_heatmaps"] = g.to_json()
+
+    # --- concept slider (LECO): a LoRA from prompts alone ----------------------------------------------------
+    g = Graph(info)
+    g.note("Concept slider (LECO): a LoRA trained from prompts alone, no images. At +strength it moves the target "
+           "prompt toward the positive prompt, at -strength toward the negative one; the anchor prompt (optional) "
+           "stays as the base model draws it. Slider Sweep shows the target at strengths -2 ... +2.\n\n"
+           "For a real model: pick your checkpoint, resolution 512 (SD1.5) or 1024 (SDXL/FLUX; denoise_cfg 1 for "
+           "FLUX dev), rank 4-8, lr 1e-4 to 2e-4, 500-1000 steps, guidance_scale 1-4. Runs on the tiny SD1.5 demo.")
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+    g.col = 1
+    te = g.add(P + "LoadAlignedTextEncoders", spec="auto")
+    g.link(ck, "CLIP", te, "clip")
+    sp = g.add(P + "SliderPrompts", target="a photo of a person", positive="a photo of a smiling person, happy",
+               negative="a photo of a frowning person, sad", anchor="", width=64, height=64, denoise_steps=1,
+               denoise_cfg=1.0)
+    g.link(ck, "MODEL", sp, "model")
+    g.link(te, "aligned_clip", sp, "clip")
+    g.col = 2
+    lc = g.add(P + "LoraConfig", rank=4, alpha=4.0, targets="attention")
+    tcfg = g.add(P + "TimestepStrategy")
+    oc = g.add(P + "Optimizer", learning_rate=2e-3, weight_decay=0.0, total_steps=4)
+    g.col = 3
+    init = g.add(P + "TrainInit", run_name="slider_smile")
+    for src, o, i in ((ck, "MODEL", "model"), (sp, "training_set", "training_set"), (lc, "lora_config", "lora_config"),
+                      (tcfg, "timesteps", "timesteps"), (oc, "optimizer_config", "optimizer")):
+        g.link(src, o, init, i)
+    ts = g.add(P + "TrainSteps", steps=4, checkpoint_every=0, val_every=0)
+    g.link(init, "run", ts, "run")
+    g.col = 4
+    save = g.add(P + "SaveLora", name="slider_smile")
+    g.link(ts, "trained_run", save, "run")
+    sw = g.add(P + "SliderSweep", prompts="a photo of a person", strengths="-2, -1, 0, 1, 2", steps=2, cfg=1.0,
+               width=64, height=64)
+    g.link(ts, "trained_run", sw, "run")
+    g.link(te, "aligned_clip", sw, "clip")
+    g.link(ck, "VAE", sw, "vae")
+    g.col = 5
+    si = g.add("SaveImage", filename_prefix="slider/sweep")
+    g.link(sw, "grid", si, "images")
+    out["train_slider"] = g.to_json()
     return out
 
 
@@ -477,6 +517,9 @@ DESCRIPTIONS = {
     "token_heatmaps": ("Token heatmaps (DAAM)", "Where each word of a prompt acts in the image: does the trigger "
                        "word bleed into outfit or background? Compare base vs LoRA, aligned vs default encoders.",
                        ["any SD1.x/SD2.x/SDXL checkpoint (tiny-sd15 named)"]),
+    "train_slider": ("Concept slider (LECO) from prompts", "A LoRA from prompts alone, no images: +strength "
+                     "toward the positive prompt, -strength toward the negative; a -2 ... +2 strength sweep.",
+                     ["any SD1.x/SD2.x/SDXL/SD3/FLUX model (tiny-sd15 named)"]),
     "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
                             "of aligned vs default encoders; a trigger-word check.",
                             ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -23,12 +23,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report", "ab_training_aligned_vs_unaligned",
-              "dataset_tools", "token_heatmaps"}
+              "dataset_tools", "token_heatmaps", "train_slider"}
 # Run to completion through the server's API with stronger checks (test_workflows.py, test_workflows_families.py);
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
 # loss events and A/B images; here it is loaded and turned into a prompt like the others.
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", "train_slider", *FAMILIES}
+# train_slider runs through the server in tests/test_sliders.py (LoRA metadata and the sweep grid checked)
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -183,7 +184,8 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
     if name == "ab_aligned_vs_unaligned":
         page.wait_for_function("""() => { const im = [...document.querySelectorAll('img[data-ab-side]')];
             return im.length >= 2 && im.every(i => i.complete && i.naturalWidth > 0); }""", timeout=30_000)
-    for node in (n for n in wf["nodes"] if n["type"] == "AlignedTrainer_TokenHeatmaps"):  # its grid shows on the node
+    for node in (n for n in wf["nodes"] if n["type"] in ("AlignedTrainer_TokenHeatmaps",  # its grid shows on the node
+                                                          "AlignedTrainer_SliderSweep")):
         page.wait_for_function("""id => { const n = window.app.graph.getNodeById(id);
             return n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 64); }""",
                                arg=node["id"], timeout=30_000)

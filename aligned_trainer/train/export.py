@@ -16,7 +16,7 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
-from . import diffusers_check, files, naming, peft_layout
+from . import diffusers_check, files, naming, peft_layout, slider
 from . import metadata as lora_metadata
 from .state import TrainRun
 
@@ -137,6 +137,7 @@ def metadata(run: TrainRun) -> dict[str, str]:
         "ss_dataset_hash": ds_hash,
         "ss_num_train_images": str(len(run.training_set)),
         "ss_training_comment": f"ComfyUI Aligned Trainer; te_spec {te.get('id', 'none')}",
+        **slider.metadata(run),  # a concept slider's prompts and settings (empty for dataset runs)
     }
     return md
 

@@ -23,7 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
-from . import memory, placement, quantize, text_mask
+from . import memory, placement, quantize, slider, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -94,6 +94,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
                       preservation=preservation if settings.dop_weight > 0 else None)
     if opened.checkpoint is not None:
         ck = opened.checkpoint
+        slider.check_resume(ck.get("config"), training_set)
         run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept,
                            meta={**run.meta, "started_at": ck.get("started_at") or run.meta["started_at"],
                                  "resume_note": resume_mod.data_order_note(ck, settings)})
@@ -315,6 +316,7 @@ class Trainer:
         n_val = s.val_count if 0 < s.val_count < len(self.samples) else 0
         self.val_samples = self.samples[-n_val:] if n_val else list(self.samples)
         self.train_samples = self.samples[:-n_val] if n_val else list(self.samples)
+        self.objective = slider.objective(self)  # a prompts-only objective (concept sliders), else None
         if run.state is not None:
             self.load_state(run.state)
 
@@ -402,13 +404,21 @@ class Trainer:
     def predict(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, conds: list):
         """(prediction, target), both in the model's own parametrisation (eps / v / flow velocity)."""
         xt = self.ms.noise_scaling(sigma, noise, x0)
+        sig = sigma.view(sigma.shape[:1] + (1,) * (x0.ndim - 1))
+        return self.predict_at(xt, sigma, conds), native(self.ms, sig, xt, x0)
+
+    def denoised_at(self, xt: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
+        """The model's denoised estimate at the noisy latent ``xt`` (fp32)."""
         kwargs = self.model_kwargs(conds, xt)
         dtype = DTYPES[self.run.settings.precision]
         with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32):
             denoised = self.patcher.model.apply_model(xt, sigma, **kwargs)
-        denoised = denoised.float()
-        sig = sigma.view(sigma.shape[:1] + (1,) * (x0.ndim - 1))
-        return native(self.ms, sig, xt, denoised), native(self.ms, sig, xt, x0)
+        return denoised.float()
+
+    def predict_at(self, xt: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
+        """The model's output at ``xt`` in its own parametrisation (eps / v / flow velocity)."""
+        sig = sigma.view(sigma.shape[:1] + (1,) * (xt.ndim - 1))
+        return native(self.ms, sig, xt, self.denoised_at(xt, sigma, conds))
 
     def preservation_loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Differential output preservation (ai-toolkit): with the preservation prompt, the trained model's
@@ -475,8 +485,18 @@ class Trainer:
         s = self.run.settings
         total = 0.0
         for _ in range(s.grad_accum):
-            total += self.run_micro_batch(self.draw_micro_batch(), s.grad_accum)
+            if self.objective is not None:  # another objective (train/slider.py) draws and computes its own
+                total += self._objective_micro_batch()
+            else:
+                total += self.run_micro_batch(self.draw_micro_batch(), s.grad_accum)
         return total
+
+    def _objective_micro_batch(self) -> float:
+        """The objective's micro-batch, with dropout drawing from the global RNG seeded from the run's stream
+        (as ``draw_micro_batch`` does for the denoising objective)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen)) if self.dropout else None
+        with seeded_global_rng(seed, self.device) if seed is not None else contextlib.nullcontext():
+            return self.objective.micro_batch(self)
 
     def draw_micro_batch(self) -> "MicroBatch":
         """Everything random about one micro-batch, drawn from the run's stream in a fixed order (dropout seed,
@@ -529,6 +549,13 @@ class Trainer:
         """Mean loss over the validation samples at fixed timesteps and fixed noise (comparable across runs)."""
         for a in self.adapters.values():
             a.eval()
+        if self.objective is not None:
+            try:
+                with self.hooked():
+                    return self.objective.validation_loss(self)
+            finally:
+                for a in self.adapters.values():
+                    a.train()
         g = torch.Generator().manual_seed(12345)
         k = self.run.settings.val_timesteps
         us = torch.linspace(0.1, 0.9, k)

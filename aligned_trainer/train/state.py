@@ -86,8 +86,12 @@ class TrainRun:
         return replace(self, **kw)
 
     def config_json(self) -> dict:
-        return {"lora": as_dict(self.lora), "timesteps": as_dict(self.timesteps),
-                "optimizer": as_dict(self.optimizer), "settings": as_dict(self.settings)}
+        out = {"lora": as_dict(self.lora), "timesteps": as_dict(self.timesteps),
+               "optimizer": as_dict(self.optimizer), "settings": as_dict(self.settings)}
+        slider = (getattr(self.training_set, "meta", None) or {}).get("slider")  # concept sliders (train/slider.py)
+        if slider is not None:
+            out["slider"] = slider.config.record()
+        return out
 
 
 def _flatten(prefix: str, obj, tensors: dict, meta):
