@@ -90,7 +90,7 @@ TESTS = {
     "data/buckets.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/captions.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/dataset.py": ["tests/test_pin_dataset.py", "tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
-    "data/images.py": ["tests/test_data.py", "tests/test_data_inputs.py"],
+    "data/images.py": ["tests/test_pin_images.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
                       "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",
                       "tests/test_data.py::test_text_cache_and_text_encoder_unloaded"],
