@@ -101,7 +101,7 @@ TESTS = {
     "sampling/checkpoints.py": ["tests/test_pin_checkpoints.py", "tests/test_pin_sampling.py"],
     "sampling/compare.py": ["tests/test_pin_sampling.py",
                             "tests/test_sampling_compare.py::test_ab_two_models_grid_and_difference_column"],
-    "sampling/plans.py": ["tests/test_pin_sampling.py", "tests/test_sampling_preview.py::test_walk_seed_is_base_plus_step"],
+    "sampling/plans.py": ["tests/test_pin_plans.py", "tests/test_pin_sampling.py", "tests/test_sampling_preview.py::test_walk_seed_is_base_plus_step"],
     "sampling/render.py": ["tests/test_pin_sampling.py",
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
@@ -111,7 +111,7 @@ TESTS = {
     # 2026-11-30 run; survivors re-ran it for minutes each on the shared machine, so the rest used these two
     "te/align.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
     "te/specs.py": ["tests/test_pin_te_specs.py", "tests/test_te_specs.py"],
-    "te/inspect.py": ["tests/test_pin_te.py", "tests/test_te_nodes.py"],
+    "te/inspect.py": ["tests/test_pin_inspect.py", "tests/test_pin_te.py", "tests/test_te_nodes.py"],
     "te/syntax.py": ["tests/test_pin_te_specs.py", "tests/test_te_recipe.py::test_inspector_and_report_show_the_syntax_and_what_it_changes"],
 }
 PACKAGES = ("train", "data", "sampling", "te")

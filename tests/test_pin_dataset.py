@@ -211,7 +211,7 @@ def test_report_without_flip_empty_batch_and_variants(D, tmp_path):
     assert ds.items[1].captions == ("z",)
     rep = ds.report()
     n = len(first[0].split(", "))
-    assert rep["caption_tags"] == {"min": 1, "max": n, "mean": round((n + 1) / 2, 2)}
+    assert rep["caption_tags"] == rep["caption_words"] == {"min": 1, "max": n, "mean": round((n + 1) / 2, 2)}
     assert rep["caption_variants"] == {"distinct": len(first) + 1, "per_image_max": len(first)}
 
 

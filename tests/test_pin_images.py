@@ -18,6 +18,9 @@ def test_high_bit_depth_grey_scaled_to_8_bits(D, tmp_path):
     out = _load(D, Image.fromarray(v16), tmp_path / "deep.png")
     expect = np.floor(v16.astype(np.float64) / 65535.0 * 255.0).astype(np.uint8)  # [0, 1, 127, 255]
     assert out.shape == (1, 4, 3) and np.array_equal(out[..., 0], expect) and np.array_equal(out[..., 2], expect)
+    # 256 is beyond 8 bits: the file is scaled from 16 bits (256 / 65535 * 255 < 1)
+    assert np.array_equal(_load(D, Image.fromarray(np.array([[0, 256]], dtype=np.uint16)), tmp_path / "d2.png")[..., 0],
+                          np.array([[0, 0]], dtype=np.uint8))
     # a 16-bit file whose values stay within 0..255 is read as 8-bit values (no division by 65535)
     low = np.array([[0, 100, 255]], dtype=np.uint16)
     assert np.array_equal(_load(D, Image.fromarray(low), tmp_path / "low.png")[..., 1], low.astype(np.uint8))
