@@ -29,6 +29,8 @@ def test_chunk_warning_exactly_when_comfyui_splits(E, sd15):
         chunks = len(clip.tokenize(text)["l"])  # ComfyUI's own windows of 75 + start/end
         warned = any("exceed one 77-token window" in w for w in E.inspect.inspect_text(clip, text)["warnings"])
         assert chunks == (1 if n == 75 else 2) and warned == (chunks > 1), (n, chunks, warned)
+    (row,) = E.inspect.compare_clips(clip, clip, [text])  # a stock CLIP chunks: nothing counted as truncated
+    assert row["truncated_a"] == {"clip_l": 0} and row["tokens"] == {"clip_l": 76}
 
 
 def test_truncation_warning_quotes_the_first_dropped_tokens(E, sd15):
@@ -84,9 +86,11 @@ def test_templated_truncation_counts_the_prompt_tokens_the_tokenizer_cuts(E, sd1
     (the template's tail is cut first)."""
     clip = sd15[1]
     tok = clip.tokenizer.clip_l.tokenizer
-    head, tail = "sys words ", " and a tail of five"
+    head = "sys words "
     ids = lambda t: tok(t)["input_ids"][1:-1]  # noqa: E731
-    for n_words, max_length in ((6, 14), (9, 14), (12, 14), (3, 8)):
+    cases = [(" and a tail of five", n, m) for n, m in ((6, 14), (9, 14), (12, 14), (3, 8))] + \
+            [("", n, m) for n, m in ((3, 14), (12, 14))]  # the prompt last: nothing after it to cut first
+    for tail, n_words, max_length in cases:
         prompt = " ".join(f"w{i}" for i in range(n_words))
         p_ids = ids(prompt)
         assert ids(head + prompt + tail) == ids(head) + p_ids + ids(tail)  # the pieces tokenize apart
