@@ -39,9 +39,11 @@ def token_pieces(sub, text: str) -> list[tuple[int, str]]:
     return list(zip(ids, pieces))
 
 
-def _pieces_text(sub, pieces: list[str]) -> str:
+def _ids_text(sub, ids: list[int]) -> str:
+    """The text of token ids, as the tokenizer decodes it (transformers' ``convert_tokens_to_string`` on
+    ComfyUI's CLIP tokenizer only joins the pieces, BPE word-end markers included)."""
     sp = _sentencepiece(sub.tokenizer)
-    return sp.decode_pieces(pieces) if sp is not None else sub.tokenizer.convert_tokens_to_string(pieces)
+    return sp.decode(ids) if sp is not None else sub.tokenizer.decode(ids)
 
 
 def prompt_syntax(clip) -> str:
@@ -95,7 +97,7 @@ def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> di
             room = len(content) - dropped
             entry["truncated_tokens"] = dropped
             if dropped:
-                kept = _pieces_text(sub, [p for _, p in content[room:room + 12]])
+                kept = _ids_text(sub, [i for i, _ in content[room:room + 12]]).strip()
                 report["warnings"].append(f"{attr}: caption truncated, {dropped} token(s) dropped from '{kept}...'")
         elif positions and len(content) + 2 > getattr(sub, "max_length", 10 ** 9) < 10 ** 6:
             report["warnings"].append(f"{attr}: {len(content)} tokens exceed one {sub.max_length}-token window; "

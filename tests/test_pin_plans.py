@@ -1,0 +1,22 @@
+"""sampling/plans.py: Train Steps' preview plan pinned (issue #26): every_n = 1 (every step) is a valid plan,
+and the plan holds the conditionings ComfyUI's CLIPTextEncode gives (with the guidance value set) for its prompts, encoded once
+when it is made."""
+from __future__ import annotations
+
+import torch
+
+
+def test_plan_every_step_holds_the_stock_conditionings(comfy, sd15):
+    plans = comfy.engine("sampling.plans")
+    render = comfy.engine("sampling.render")
+    clip = sd15[1]
+    s = render.SampleSettings(steps=1, width=64, height=64, guidance=2.5)
+    plan = plans.make_plan(clip, None, ["a red circle", "a blue square"], "blurry", s, 1, fps=8)
+    assert plan.every_n == 1 and [k for k in range(3) if plan.due(k)] == [1, 2]
+    assert plan.prompts == ("a red circle", "a blue square") and plan.fps == 8.0 and plan.settings is s
+    (cond,) = comfy.nodes.CLIPTextEncode().encode(clip, "a blue square")
+    got = plan.positives[1]
+    assert torch.equal(got[0][0], cond[0][0]) and got[0][1]["guidance"] == 2.5  # FluxGuidance's value
+    assert torch.equal(got[0][1]["pooled_output"], cond[0][1]["pooled_output"])
+    (neg,) = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")
+    assert torch.equal(plan.negative[0][0], neg[0][0])
