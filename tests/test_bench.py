@@ -5,8 +5,11 @@ plain-PyTorch floors the way their arithmetic says it must."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+
+import pytest
 
 from support.paths import REPO
 
@@ -29,6 +32,12 @@ def table_rows(out: str, header_start: str) -> list[list[str]]:
     return rows
 
 
+BENCH_SMOKE = pytest.mark.skipif(os.environ.get("AT_BENCH_SMOKE") != "1",
+                                 reason="smoke run of a benchmark script (~25-65 s each); set AT_BENCH_SMOKE=1 to run "
+                                        "(not in CI: the suite's 20-minute budget goes to the features' tests)")
+
+
+@BENCH_SMOKE
 def test_bench_gpu_tiny_smoke_counts_merge_step_above_activation_step():
     out = run_bench("bench/bench_gpu.py", "--tiny", "--device", "cpu", "--family", "sdxl", "--steps", "2",
                     "--warmup", "1", "--rounds", "2")
@@ -50,6 +59,7 @@ def test_bench_gpu_tiny_smoke_counts_merge_step_above_activation_step():
     assert peer.startswith("peer/ours ") and float(peer.split()[1].rstrip("x")) > 0
 
 
+@BENCH_SMOKE
 def test_bench_train_tiny_flux_smoke_reports_every_trainer():
     out = run_bench("bench/bench_train.py", "--family", "flux1", "--steps", "2", "--warmup", "1", "--batches", "1",
                     "--dataset-sizes", "8", "--rounds", "1")

@@ -362,6 +362,62 @@ def test_templates_dialog_shows_our_cards(ui, family_server):
 
 
 # -- the console, compared with the same actions on a server without the pack -----------------------------------
+def test_video_preview_plays_in_the_training_panel(ui, family_server):
+    """A video run's preview (an animated WebP in the output folder, announced by the ``aligned_trainer.preview``
+    event as Train Steps announces it) plays in the Wan workflow's training panel: the frame the page paints
+    changes over time, through every frame's colour. The server-side half (the file, its frames, the event's
+    entry) is checked in test_workflows_families.py::_check_animated."""
+    # a page of its own: earlier tests leave the session's page in states where Chromium stops animating images
+    pg = open_page(ui.context, family_server, 1000)
+    try:
+        _check_video_preview(pg, family_server)
+    finally:
+        pg.close()
+
+
+def _check_video_preview(ui, family_server) -> None:
+    from PIL import Image
+
+    ui.evaluate("wf => window.app.loadGraphData(wf)", load(REPO / "workflows" / "train_lora_wan.json"))
+    _close_dialogs(ui)
+    node = ui.evaluate("() => window.app.graph._nodes.find(n => n.type === 'AlignedTrainer_TrainSteps').id")
+    colours = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
+    folder = family_server.output_dir / "aligned_trainer" / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = [Image.new("RGB", (48, 32), c) for c in colours]
+    frames[0].save(folder / "browser_check_00001_.webp", format="WEBP", save_all=True, append_images=frames[1:],
+                   duration=120, loop=0, lossless=True)
+    ui.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+    sent = ui.evaluate("""([node]) => { const api = window.comfyAPI?.api?.api;
+        if (!api) return false;
+        api.dispatchCustomEvent('aligned_trainer.preview', {node: String(node), step: 3,
+            image: {filename: 'browser_check_00001_.webp', subfolder: 'aligned_trainer/previews', type: 'output'}});
+        return true; }""", [node])
+    assert sent, "the frontend's api object (window.comfyAPI.api.api) was not found"
+    # this node's panel (earlier graphs of the session may have left their own training panels in the page)
+    ui.wait_for_function("""id => { const n = window.app.graph.getNodeById(id);
+        const w = (n.widgets || []).find(w => w.name === 'loss_chart');
+        const i = w && w.element.querySelector('img[data-aligned-trainer-preview]');
+        if (!(i && i.complete && i.naturalWidth === 48 && i.src.includes('browser_check'))) return false;
+        document.querySelectorAll('[data-video-check]').forEach(e => e.removeAttribute('data-video-check'));
+        i.setAttribute('data-video-check', '1'); return true; }""", arg=node, timeout=30_000)
+    img = ui.locator("img[data-video-check]")
+    # what the page paints, over time (a canvas drawImage would always give the first frame, by the HTML spec)
+    import io
+
+    painted = []
+    for _ in range(24):  # up to ~5 s; a loaded machine paints late frames, not none
+        with Image.open(io.BytesIO(img.screenshot())) as shot:
+            rgb = shot.convert("RGB")
+            painted.append(min(colours, key=lambda c: sum((a - b) ** 2 for a, b in
+                                                          zip(rgb.getpixel((rgb.width // 2, rgb.height // 2)), c))))
+        if len(set(painted)) >= 3:
+            break
+        ui.wait_for_timeout(130)
+    assert len(set(painted)) >= 3, f"the animated preview does not play: painted {painted}"
+    _shot(ui, "video_preview")
+
+
 def _normalise(msg: tuple[str, str, str]) -> tuple[str, str, str]:
     """A console message without what changes between runs: ports, ids, uuids, numbers, stack frames. A refused
     queue is reported by the frontend's queuePrompt (one console.error per refusal, pack or not) and kept apart."""
@@ -426,42 +482,3 @@ def test_console_adds_nothing_over_a_run_without_the_pack(ui):
           f"{len(refusals)} refused queues, {len(ui.actions)} actions")
     assert not added, f"warnings/errors only with the pack: {added[:10]}"
 
-
-def test_video_preview_plays_in_the_training_panel(ui, family_server):
-    """A video run's preview (an animated WebP in the output folder, announced by the ``aligned_trainer.preview``
-    event as Train Steps announces it) plays in the Wan workflow's training panel: the frame the page paints
-    changes over time, through every frame's colour. The server-side half (the file, its frames, the event's
-    entry) is checked in test_workflows_families.py::_check_animated."""
-    from PIL import Image
-
-    _load(ui, "train_lora_wan")
-    _close_dialogs(ui)
-    node = ui.evaluate("() => window.app.graph._nodes.find(n => n.type === 'AlignedTrainer_TrainSteps').id")
-    colours = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
-    folder = family_server.output_dir / "aligned_trainer" / "previews"
-    folder.mkdir(parents=True, exist_ok=True)
-    frames = [Image.new("RGB", (48, 32), c) for c in colours]
-    frames[0].save(folder / "browser_check_00001_.webp", format="WEBP", save_all=True, append_images=frames[1:],
-                   duration=120, loop=0, lossless=True)
-    ui.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
-    sent = ui.evaluate("""([node]) => { const api = window.comfyAPI?.api?.api;
-        if (!api) return false;
-        api.dispatchCustomEvent('aligned_trainer.preview', {node: String(node), step: 3,
-            image: {filename: 'browser_check_00001_.webp', subfolder: 'aligned_trainer/previews', type: 'output'}});
-        return true; }""", [node])
-    assert sent, "the frontend's api object (window.comfyAPI.api.api) was not found"
-    img = ui.locator("img[data-aligned-trainer-preview]")
-    ui.wait_for_function("""() => { const i = document.querySelector('img[data-aligned-trainer-preview]');
-        return i && i.complete && i.naturalWidth === 48 && i.src.includes('browser_check'); }""", timeout=30_000)
-    # what the page paints, over time (a canvas drawImage would always give the first frame, by the HTML spec)
-    import io
-
-    painted = []
-    for _ in range(8):
-        with Image.open(io.BytesIO(img.screenshot())) as shot:
-            rgb = shot.convert("RGB")
-            painted.append(min(colours, key=lambda c: sum((a - b) ** 2 for a, b in
-                                                          zip(rgb.getpixel((rgb.width // 2, rgb.height // 2)), c))))
-        ui.wait_for_timeout(90)
-    assert len(set(painted)) >= 3, f"the animated preview does not play: painted {painted}"
-    _shot(ui, "video_preview")

@@ -163,6 +163,9 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error(server, runs, T):
     assert not _workers(server.temp_dir)
 
 
+@pytest.mark.skipif(os.environ.get("AT_DDP_INTERRUPT") != "1",
+                    reason="a third worker launch (~20-60 s on 2 cores); set AT_DDP_INTERRUPT=1 to run (not in CI: "
+                           "suite time; the in-process interrupt and the single-process /interrupt are tested)")
 def test_interrupt_stops_every_worker_after_a_checkpoint(server, runs, T):
     def reached(events):
         return any(e["type"] == "aligned_trainer.loss" and e["data"]["step"] >= 1 for e in events)

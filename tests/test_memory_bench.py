@@ -7,9 +7,10 @@ import math
 import sys
 
 from support.paths import REPO
-from test_bench import table_rows
+from test_bench import BENCH_SMOKE, table_rows
 
 
+@BENCH_SMOKE
 def test_bench_memory_tiny_smoke(comfy):
     sys.path.insert(0, str(REPO / "bench"))
     import bench_memory
