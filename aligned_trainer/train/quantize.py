@@ -42,7 +42,7 @@ _UNPACK_LIB = []
 
 
 def _torch_unpack_on_cuda() -> None:
-    """quanto registers its CUDA ``unpack`` as a kernel of its own C++/CUDA extension, which it compiles at
+    """quanto registers its CUDA (and CPU) ``unpack`` as a kernel of its own C++/CUDA extension, which it compiles at
     first use with nvcc (minutes, and impossible on the many ComfyUI installs without a CUDA toolkit: an H200 run
     of ``quantize=int4`` hung there). Every 4-bit weight is unpacked once when it is created, so 4-bit training
     on a GPU would need that compiler. The op gets the same computation in plain tensor ops for CUDA instead
@@ -50,10 +50,11 @@ def _torch_unpack_on_cuda() -> None:
     if _UNPACK_LIB:
         return
     lib = torch.library.Library("quanto", "IMPL")
-    try:
-        lib.impl("unpack", unpack_bits, "CUDA", allow_override=True)
-    except TypeError:  # a torch without allow_override
-        lib.impl("unpack", unpack_bits, "CUDA")
+    for key in ("CUDA", "CPU"):  # the CPU kernel is a C++ extension compiled at first use too (g++/MSVC)
+        try:
+            lib.impl("unpack", unpack_bits, key, allow_override=True)
+        except TypeError:  # a torch without allow_override
+            lib.impl("unpack", unpack_bits, key)
     _UNPACK_LIB.append(lib)  # the registration lives as long as this object
 
 
