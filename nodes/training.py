@@ -55,15 +55,21 @@ class LoraConfig(io.ComfyNode):
                 io.Boolean.Input("dora", default=False, optional=True,
                                  tooltip="DoRA: also train a per-column magnitude (saved as dora_scale, applied by "
                                          "ComfyUI's LoRA loader). lora/locon only."),
+                io.Combo.Input("dora_axis", options=list(C.DORA_AXES), default="input", optional=True,
+                               tooltip="DoRA's magnitude axis. input: one per input column (LyCORIS wd_on_out=False), "
+                                       "read alike by ComfyUI, Forge and A1111. output: one per output row, as "
+                                       "peft/diffusers (and LyCORIS's default) train DoRA; the saved file is written "
+                                       "for ComfyUI's reading, and a diffusers copy with peft's magnitudes goes to "
+                                       "output/aligned_trainer/diffusers."),
             ],
             outputs=[LORA_CONFIG.Output("lora_config", tooltip="For Train Init.")],
         )
 
     @classmethod
     def execute(cls, algorithm, rank, alpha, targets, include, exclude, rank_dropout, module_dropout,
-                network_dropout, init, max_norm, dora=False) -> io.NodeOutput:
+                network_dropout, init, max_norm, dora=False, dora_axis="input") -> io.NodeOutput:
         cfg = C.LoraConfig(algorithm, rank, alpha or None, targets, include, exclude, rank_dropout, module_dropout,
-                           network_dropout, init, max_norm, dora)
+                           network_dropout, init, max_norm, dora, dora_axis)
         cfg.validate()
         return io.NodeOutput(cfg)
 
@@ -293,7 +299,7 @@ class TrainSteps(io.ComfyNode):
             mon.on_step(r)
 
         def preview(trainer, step):
-            lora_model = export.model_with_lora(run.model, export.kohya_from_adapters(trainer.adapter_state(), torch.float32))
+            lora_model = export.model_with_lora(run.model, export.comfy_lora(run.model, trainer.adapter_state()))
             mon.on_preview(step, preview_plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
 
         graph = launch.Graph(cls.hidden.prompt or {}, str(uid), node_id("TrainInit"), node_id("TrainSteps"))

@@ -199,7 +199,7 @@ def test_bad_config_files_are_refused(IO, tmp_path):
 KOHYA_SEMANTICS = '''
 network_module = "{module}"
 network_dim = 8
-network_args = ["dora_wd=True"]
+network_args = ["dora_wd=True"{extra}]
 lr_scheduler = "{scheduler}"
 lr_warmup_steps = {warmup}
 max_train_steps = 500
@@ -213,6 +213,7 @@ weighting_scheme = "{scheme}"
     ("networks.lora", "cosine", '"5%"', "cosmap", (False, "cosine", 25, "uniform", "sd3_cosmap")),
     ("networks.lora", "adafactor", "30", "sigma_sqrt", (False, "constant", 30, "uniform", "sd3_sigma_sqrt")),
     ("lycoris.kohya", "polynomial", "0", "logit_normal", (True, "polynomial", 0, "logit_normal", "none")),
+    ("lycoris.kohya+wd_on_out", "cosine", "0", "uniform", (True, "cosine", 0, "uniform", "none")),
 ])
 def test_kohya_values_read_and_written_as_sd_scripts_reads_them(IO, tmp_path, module, scheduler, warmup, scheme,
                                                                  expect):
@@ -222,10 +223,13 @@ def test_kohya_values_read_and_written_as_sd_scripts_reads_them(IO, tmp_path, mo
     uniform/none neither; ``dora_wd`` is LyCORIS's (``networks.lora`` ignores it), so DoRA is written with
     ``lycoris.kohya``; schedulers we lack are noted, not passed on. The exported file re-imports to the same
     settings."""
+    module, _, wd_on_out = module.partition("+")  # LyCORIS's wd_on_out=True: DoRA magnitudes per output row
     path = tmp_path / "k.toml"
-    path.write_text(KOHYA_SEMANTICS.format(module=module, scheduler=scheduler, warmup=warmup, scheme=scheme))
+    path.write_text(KOHYA_SEMANTICS.format(module=module, scheduler=scheduler, warmup=warmup, scheme=scheme,
+                                           extra=', "wd_on_out=True"' if wd_on_out else ""))
     (lora, opt, ts, s), notes = IO.read(path)
     assert (lora.dora, opt.scheduler, opt.warmup_steps, ts.density, ts.weighting) == expect
+    assert lora.dora_axis == ("output" if wd_on_out else "input")
     assert (module == "networks.lora") == any("dora_wd" in n for n in notes)
     assert (scheduler == "adafactor") == any("adafactor" in n for n in notes)
     assert not any("approximated" in n for n in notes)
@@ -236,7 +240,29 @@ def test_kohya_values_read_and_written_as_sd_scripts_reads_them(IO, tmp_path, mo
     if opt.scheduler == "constant" and opt.warmup_steps:
         assert written["lr_scheduler"] == "constant_with_warmup"
     assert (written["network_module"] == "lycoris.kohya") == lora.dora
+    assert ("wd_on_out=True" in written["network_args"]) == bool(wd_on_out)
     assert written["weighting_scheme"] == {"sd3_cosmap": "cosmap", "sd3_sigma_sqrt": "sigma_sqrt"}.get(
         ts.weighting, ts.density)
     again, _ = IO.read(out)
     assert again == (lora, opt, ts, s)
+
+
+@pytest.mark.parametrize("extra,optimizer", [("", "adamw"), ("use_8bit_adam = true", "adamw8bit")])
+def test_kohya_keys_left_out_take_sd_scripts_defaults(IO, tmp_path, extra, optimizer):
+    """A kohya config describes the run sd-scripts makes of it, so keys it leaves out take sd-scripts' own defaults
+    (48d368f: library/train_util.py argparse, train_network.py network_alpha 1, networks/lora.py network_dim
+    None -> 4, get_optimizer "" -> AdamW, or AdamW8bit with the older use_8bit_adam flag), not this pack's."""
+    path = tmp_path / "min.toml"
+    path.write_text(f'network_module = "networks.lora"\n{extra}\n')
+    (lora, opt, ts, s), _ = IO.read(path)
+    assert (lora.rank, lora.alpha, lora.network_dropout, lora.max_norm) == (4, 1.0, 0.0, 0.0)
+    assert (opt.name, opt.lr, opt.scheduler, opt.warmup_steps, opt.total_steps, opt.grad_clip) == \
+        (optimizer, 2e-6, "constant", 0, 1600, 1.0)
+    assert (s.batch_size, s.grad_accum, s.precision, s.gradient_checkpointing) == (1, 1, "fp32", False)
+    assert (ts.weighting, ts.density, ts.noise_offset, ts.multires_iterations, ts.multires_discount) == \
+        ("none", "uniform", 0.0, 0, 0.3)
+    assert (ts.min_timestep, ts.max_timestep, ts.logit_mean, ts.logit_std, ts.mode_scale) == (0, 1000, 0.0, 1.0, 1.29)
+    # keys the file sets still win
+    path.write_text('network_dim = 16\nnetwork_alpha = 8\nlearning_rate = 1e-4\nmin_snr_gamma = 5\n')
+    (lora, opt, ts, _), _ = IO.read(path)
+    assert (lora.rank, lora.alpha, opt.lr, ts.weighting, ts.min_snr_gamma) == (16, 8.0, 1e-4, "min_snr", 5.0)

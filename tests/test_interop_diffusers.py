@@ -182,9 +182,93 @@ def test_save_check_agrees_with_diffusers_and_refuses_dropped_modules(T, sd15, s
     assert not (tmp_path / "loras" / "dl_dropped.safetensors").exists()
 
 
-def test_dora_cannot_give_comfyui_output_in_diffusers(T, sd15, sd15_training_set, diffusers_unet, tmp_path):
-    """Why no DoRA file loads in diffusers with ComfyUI's output (diffusers 0.42.1, peft 0.21, ComfyUI 0.3.75); each
-    fact is measured here, so the test fails when one changes (then DoRA interop may become possible):
+def _dora_family(request, name):
+    if name == "sd15":
+        return _sd15_family(request.getfixturevalue("sd15"), request.getfixturevalue("sd15_training_set"),
+                            request.getfixturevalue("diffusers_unet"))
+    return request.getfixturevalue(name)
+
+
+@pytest.mark.parametrize("name,algorithm,preset", [("sd15", "lora", "attention"),
+                                                   ("sdxl", "locon", "all-linear+conv"),
+                                                   ("sd3", "lora", "all-linear")])
+def test_output_axis_dora_loads_in_diffusers_and_matches_comfyui(T, request, tmp_path, name, algorithm, preset):
+    """DoRA with dora_axis 'output' (peft's DoRA): Save LoRA writes the ComfyUI file (kohya names, an output-axis
+    ``dora_scale`` as ComfyUI reads it) and a diffusers copy (peft layout with ``lora_magnitude_vector``, SD3's fused
+    qkv split with its magnitudes). ComfyUI maps every key of the first and merges exactly the weights training
+    used; the pipeline's standard ``load_lora_weights(copy)`` puts a DoRA adapter on every module of the copy, and
+    the model's output equals ComfyUI's with the ComfyUI file within 1e-4."""
+    import comfy.lora
+    import comfy.utils
+
+    fam = _dora_family(request, name)
+    lora = T.C.LoraConfig(algorithm=algorithm, rank=4, alpha=2, preset=preset, dora=True, dora_axis="output")
+    run = _run(T, fam.model, fam.training_set, tmp_path, lora, f"dl_odora_{name}")
+    g = torch.Generator().manual_seed(5)  # magnitudes visibly away from the base row norms
+    run = run.advanced(state={**run.state, "adapters": {
+        k: v * (1 + 0.3 * torch.rand(v.shape, generator=g)) if k.endswith("dora_magnitude") else v
+        for k, v in run.state["adapters"].items()}})
+    path, report = T.export.save_lora(run, f"dl_odora_{name}", folder=tmp_path / "loras", dtype=torch.float32,
+                                      diffusers_folder=tmp_path / "diffusers")
+    d = report["diffusers"]
+    assert d["checked"] and not d["dropped"] and not d["refused"], d
+    copy_path = tmp_path / "diffusers" / path.name
+    assert d["file"] == str(copy_path) and copy_path.is_file()
+    sd, copy = comfy.utils.load_torch_file(str(path)), comfy.utils.load_torch_file(str(copy_path))
+    assert T.export.unmapped_keys(fam.model, sd) == [] and any(k.endswith(".dora_scale") for k in sd)
+    assert not any(k.endswith("dora_magnitude") for k in sd)
+    # ComfyUI's merge of the file = the trained weights (the adapters' own forward on the base weight)
+    patched = T.export.model_with_lora(fam.model, sd)
+    tr = T.loop.Trainer(run)
+    base = fam.model.model.state_dict()
+    for module, adapter in tr.adapters.items():
+        adapter.eval()
+        key = f"diffusion_model.{module}.weight"
+        w0 = base[key].float()
+        with torch.no_grad():
+            ours = adapter(w0.clone())
+        theirs = comfy.lora.calculate_weight(patched.patches[key], w0.clone(), key)
+        assert float((ours - theirs).abs().max()) <= 1e-5 * max(1.0, float(w0.abs().max())), module
+    # diffusers: every module of the copy carries a DoRA adapter; the output equals ComfyUI's
+    n_modules = len({k.rsplit(".", 2)[0] for k in copy if k.endswith(".lora_A.weight")})
+    assert n_modules == len({k[:-len(".lora_magnitude_vector")] for k in copy if k.endswith("lora_magnitude_vector")})
+    pipe = fam.pipeline
+    component = pipe.transformer if name == "sd3" else pipe.unet
+    pipe.load_lora_weights(str(copy_path), adapter_name="default_0")
+    try:
+        in_copy = {k.split(".", 1)[1].rsplit(".", 2)[0] for k in copy if k.endswith(".lora_A.weight")}
+        assert set(R.lora_modules(component)) == in_copy, sorted(in_copy ^ set(R.lora_modules(component)))
+        assert sum("lora_magnitude_vector" in n for n, _ in component.named_parameters()) == n_modules
+        with torch.no_grad():
+            theirs = component(**fam.diffusers_inputs).sample
+            component.disable_adapters()
+            base_out = component(**fam.diffusers_inputs).sample
+            component.enable_adapters()
+    finally:
+        pipe.unload_lora_weights()
+    comfy_out = comfy_unet_out(T, fam.model, sd, **fam.comfy_inputs)
+    assert float((theirs - base_out).abs().max()) > 1e-2, "the LoRA must visibly change the output"
+    err = float((theirs - comfy_out).abs().max())
+    assert err < 1e-4, err
+    # and the copy starts a run again: its magnitudes come back as trained (init_lora reads peft's DoRA keys)
+    names = sorted(tr.adapters)
+    back = T.interop.adapters_from_lora(fam.model, copy, names, lora)
+    for k, v in run.state["adapters"].items():
+        if k.endswith(("lora_up.weight", "lora_down.weight", "dora_magnitude")):
+            assert torch.allclose(back[k].reshape(v.shape) * (1 if not k.endswith("lora_up.weight") else 1),
+                                  v.float(), atol=1e-5), k
+    # ... and so does the ComfyUI file (its dora_scale converted back against the base weights)
+    back = T.interop.adapters_from_lora(fam.model, sd, names, lora)
+    for k, v in run.state["adapters"].items():
+        if k.endswith("dora_magnitude"):
+            assert torch.allclose(back[k], v.float(), atol=1e-5), k
+
+
+def test_input_axis_dora_cannot_give_comfyui_output_in_diffusers(T, sd15, sd15_training_set, diffusers_unet,
+                                                                  tmp_path):
+    """Why an input-axis DoRA file (dora_axis 'input', the default) cannot load in diffusers with ComfyUI's output
+    (diffusers 0.42.1, peft 0.21, ComfyUI 0.3.75); each fact is measured here, so the test fails when one changes.
+    (dora_axis 'output' is how a DoRA reaches diffusers: test_output_axis_dora_loads_in_diffusers_and_matches_comfyui.)
 
     1. kohya layout (``dora_scale``, what ComfyUI/A1111/Forge/LyCORIS read): every diffusers pipeline's
        ``lora_state_dict`` removes every key containing ``dora_scale`` before converting ("DoRA checkpoint that is not
@@ -192,10 +276,11 @@ def test_dora_cannot_give_comfyui_output_in_diffusers(T, sd15, sd15_training_set
        ComfyUI's for the same file WITHOUT its magnitudes, not ComfyUI's DoRA output.
     2. peft layout (``lora_magnitude_vector``, what diffusers reads as DoRA): ComfyUI's stock loader does not read that
        key (it stays unmapped) and applies the pair as plain LoRA.
-    3. Even with both keys, one magnitude cannot serve both: peft's magnitude is per output row and normalises by the
-       UPDATED weight's row norms; ComfyUI normalises an output-axis ``dora_scale`` by the BASE weight's row norms
-       (``weight_decompose``), and an input-axis one (ours, kohya/LyCORIS's default) has no peft counterpart.
-    Save LoRA reports DoRA files as loading without magnitudes in diffusers."""
+    3. peft's magnitude is per output row and normalises by the UPDATED weight's row norms, so an input-axis
+       magnitude (a column scaling) has no peft counterpart; ComfyUI normalises an output-axis ``dora_scale`` by the
+       BASE weight's row norms (``weight_decompose``), so the same magnitude gives different weights in the two,
+       which is why the output-axis ComfyUI file stores ``m * ||W|| / ||W + dW||`` (``dora_axes``).
+    Save LoRA reports input-axis DoRA files as loading without magnitudes in diffusers."""
     import comfy.lora
     import comfy.utils
     from comfy.weight_adapter import LoRAAdapter

@@ -139,3 +139,67 @@ def time_now():
     import time
 
     return time.perf_counter()
+
+
+def test_flux_full_width_output_axis_dora_copy_loads_in_diffusers(T, comfy, tmp_path):
+    """Output-axis DoRA (peft's) on the width-3072 FLUX.1, all linear layers including those outside the blocks:
+    the diffusers copy (peft layout: fused qkv/linear1 split with their magnitudes, outer modules under
+    ``transformer.``) loads a DoRA adapter on every module in ``FluxPipeline.load_lora_weights`` and matches ComfyUI
+    with the ComfyUI file within 1e-4."""
+    import comfy.lora
+    import comfy.utils
+
+    from support.factories import families
+
+    model = R.flux_full_width_model()
+    g = torch.Generator().manual_seed(0)
+    ctx_dim, vec_dim = families.T5_FLUX["d_model"], families.CLIP_L_WIDTH
+    cond = [[torch.randn(1, 8, ctx_dim, generator=g), {"pooled_output": torch.randn(1, vec_dim, generator=g)}]]
+    tset = T.types.TrainingSet((T.types.Sample("a", torch.randn(16, 4, 4, generator=g),
+                                               (T.types.CaptionVariant("ohwx", cond),), bucket=(32, 32)),))
+    lora = T.C.LoraConfig(rank=4, alpha=2, preset="all-linear", dora=True, dora_axis="output")
+    run = T.loop.init_run(model, tset, lora, T.C.TimestepConfig(), T.C.OptimizerConfig(lr=1e-3),
+                          T.st.RunSettings(run_name="flux_full_dora"), runs_root=tmp_path / "runs")
+    run = T.loop.train_steps(run, 1)
+    g = torch.Generator().manual_seed(3)
+    adapters = {k: (torch.randn(v.shape, generator=g) * 0.05 if k.endswith("lora_up.weight") else
+                    v * (1 + 0.3 * torch.rand(v.shape, generator=g)) if k.endswith("dora_magnitude") else v)
+                for k, v in run.state["adapters"].items()}
+    run = run.advanced(state={**run.state, "adapters": adapters, "ema_adapters": None})
+    path, report = T.export.save_lora(run, "flux_full_dora", folder=tmp_path / "loras", dtype=torch.float32,
+                                      diffusers_folder=tmp_path / "diffusers")
+    d = report["diffusers"]
+    assert d["checked"] and not d["dropped"] and not d["refused"], d
+    sd, copy = (comfy.utils.load_torch_file(str(p)) for p in (path, tmp_path / "diffusers" / path.name))
+    in_copy = {k.split(".", 1)[1].rsplit(".", 2)[0] for k in copy if k.endswith(".lora_A.weight")}
+    assert {"x_embedder", "proj_out", "single_transformer_blocks.0.attn.to_q"} <= in_copy
+    dm = model.model.diffusion_model
+    pipe = R.flux_pipeline(dm.state_dict())
+    x = torch.randn(1, 16, 4, 4, generator=g)
+    ctx, pooled = torch.randn(1, 8, ctx_dim, generator=g), torch.randn(1, vec_dim, generator=g)
+    t, guidance = torch.tensor([0.6]), torch.tensor([3.5])
+    d_in = dict(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                guidance=guidance, img_ids=_ids(4, 4), txt_ids=torch.zeros(8, 3), return_dict=False)
+    pipe.load_lora_weights(str(tmp_path / "diffusers" / path.name), adapter_name="default_0")
+    try:
+        assert set(R.lora_modules(pipe.transformer)) == in_copy
+        assert sum("lora_magnitude_vector" in n for n, _ in pipe.transformer.named_parameters()) == len(in_copy)
+        with torch.no_grad():
+            ours = _unpack(pipe.transformer(**d_in)[0], 4, 4)
+            pipe.transformer.disable_adapters()
+            base = _unpack(pipe.transformer(**d_in)[0], 4, 4)
+            pipe.transformer.enable_adapters()
+    finally:
+        pipe.unload_lora_weights()
+    del pipe
+    with torch.no_grad():
+        patched = T.export.model_with_lora(model, sd)
+        params = dict(dm.named_parameters())
+        for key, patches in patched.patches.items():
+            name = key[len("diffusion_model."):]
+            params[name].copy_(comfy.lora.calculate_weight(patches, params[name].detach().float().clone(), key))
+        comfy_out = dm(x, t, ctx, y=pooled, guidance=guidance).float()
+    assert (ours - base).abs().max() > 1e-2, "the LoRA must visibly change the output"
+    err = float((ours - comfy_out).abs().max())
+    print(f"\nFLUX width 3072 output-axis DoRA: max |diffusers - ComfyUI| {err:.2e}, modules {len(in_copy)}")
+    assert err < 1e-4, err

@@ -56,6 +56,43 @@ def test_dora_normalises_input_columns_times_magnitude(A, conv):
         torch.testing.assert_close(a(W), expected)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_output_axis_dora_is_peft_dora(A, conv):
+    """dora_axis 'output' merges the weight exactly as peft's DoRA layer does (the reference implementation that
+    diffusers loads): peft's layer is built around the same W, given our down/up and a magnitude away from the
+    row norms, and merged; no change at step 0 (magnitude = the base weight's row norms, up = 0)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    g = torch.Generator().manual_seed(4)
+    layer = torch.nn.Conv2d(3, 4, 3, bias=False) if conv else torch.nn.Linear(6, 5, bias=False)
+    torch.nn.init.normal_(layer.weight, generator=g)
+    W = layer.weight.detach().clone()
+    cfg = A.C.LoraConfig(rank=2, alpha=1.0, dora=True, dora_axis="output", algorithm="locon" if conv else "lora",
+                         preset="all-linear+conv" if conv else "attention")
+    a = A.ad.create(W, cfg, torch.Generator().manual_seed(0))
+    assert a.kind is None and not hasattr(a.inner, "dora_scale")
+    torch.testing.assert_close(a.inner.dora_magnitude.detach(), W.flatten(1).norm(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(a(W), W)
+    _trained(a)
+    with torch.no_grad():
+        a.inner.dora_magnitude.mul_(torch.linspace(0.5, 2.0, W.shape[0]))
+    model = inject_adapter_in_model(PeftLoraConfig(r=2, lora_alpha=1, use_dora=True, target_modules=["0"]),
+                                    torch.nn.Sequential(layer))
+    peft_layer = model[0]
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(a.inner.lora_down.weight.reshape(
+            peft_layer.lora_A["default"].weight.shape))
+        peft_layer.lora_B["default"].weight.copy_(a.inner.lora_up.weight.reshape(
+            peft_layer.lora_B["default"].weight.shape))
+        peft_layer.lora_magnitude_vector["default"].weight.copy_(a.inner.dora_magnitude.reshape(
+            peft_layer.lora_magnitude_vector["default"].weight.shape))
+        peft_layer.merge()
+        torch.testing.assert_close(a(W), peft_layer.base_layer.weight.detach(), atol=1e-5, rtol=1e-5)
+        assert float((a(W) - W).abs().max()) > 1e-2
+
+
 def test_dora_eps_guards_a_vanishing_column(A):
     """A column whose norm is far below float eps: w * m / (norm + eps), finite and of the column's sign."""
     W = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))

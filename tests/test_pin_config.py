@@ -67,6 +67,8 @@ def test_lora_algorithm_combinations(C):
     # DoRA: lora/locon only
     ok(L(algorithm="lora", dora=True))
     ok(L(algorithm="locon", dora=True))
+    ok(L(algorithm="lora", dora=True, dora_axis="output"))
+    refused(C, L(algorithm="lora", dora=True, dora_axis="rows"), r"dora_axis must be one of \('input', 'output'\) \(got 'rows'\)")
     refused(C, L(algorithm="loha", dora=True), "DoRA decomposes LoRA weights; it does not apply to 'loha'")
     refused(C, L(algorithm="lokr", dora=True), "does not apply to 'lokr'")
 
@@ -162,5 +164,5 @@ def test_as_dict_names_the_type_and_every_field(C):
     d = C.as_dict(C.LoraConfig(rank=4, alpha=2.0))
     assert d["type"] == "LoraConfig" and d["rank"] == 4 and d["alpha"] == 2.0 and d["dora"] is False
     assert set(d) == {"type", "algorithm", "rank", "alpha", "preset", "include", "exclude", "rank_dropout",
-                      "module_dropout", "network_dropout", "init", "max_norm", "dora"}
+                      "module_dropout", "network_dropout", "init", "max_norm", "dora", "dora_axis"}
     assert C.as_dict(C.OptimizerConfig())["betas"] == (0.9, 0.999)

@@ -61,8 +61,9 @@ def step_of(path: Path, meta: dict) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_lora(path: Path) -> tuple[dict, int | None]:
-    """A LoRA file (stock loader), or one of our training checkpoints converted to kohya keys; plus its step."""
+def read_lora(path: Path, model=None) -> tuple[dict, int | None]:
+    """A LoRA file (stock loader), or one of our training checkpoints converted to ComfyUI's LoRA keys (output-axis
+    DoRA magnitudes against ``model``'s base weights); plus its step."""
     sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     meta = meta or {}
     from ..train import state
@@ -70,10 +71,16 @@ def read_lora(path: Path) -> tuple[dict, int | None]:
     if meta.get("format") in (state.FORMAT, state.FORMAT_V1):  # Train Steps' checkpoints (v2 has a digest)
         import torch
 
+        from ..train import dora_axes
         from ..train.export import kohya_from_adapters
 
         ck = state.load_checkpoint(path)  # verified against its digest
-        return kohya_from_adapters(ck["state"]["adapters"], torch.float32), int(ck["step"])
+        adapters = ck["state"]["adapters"]
+        if dora_axes.has_output_axis(adapters):
+            if model is None:
+                raise ValueError(f"{Path(path).name}: an output-axis DoRA checkpoint needs the base model to be read")
+            adapters = dora_axes.for_comfyui(model, adapters)
+        return kohya_from_adapters(adapters, torch.float32), int(ck["step"])
     return sd, step_of(path, meta)
 
 
@@ -87,7 +94,7 @@ def checkpoint_grid(model, clip, vae, files: list[Path], prompts: list[str], neg
     pos = [render.encode(clip, p, s.guidance) for p in prompts]
     loaded = []
     for f in files:
-        lora, step = read_lora(f)
+        lora, step = read_lora(f, model)
         loaded.append((step if step is not None else float("inf"), Path(f).name, lora))
     loaded.sort(key=lambda t: (t[0], t[1]))
     rows, labels = [], []

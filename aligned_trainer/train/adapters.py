@@ -168,18 +168,29 @@ class TrainAdapter(torch.nn.Module):
         return self._dora(self.inner(w), w.dtype)
 
     def _dora(self, w_new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """DoRA as ComfyUI's loader applies a ``dora_scale`` of shape (1, in, ...) (weight_decompose): the
-        updated weight's columns normalised, times the trained magnitude."""
+        """DoRA on the input axis as ComfyUI's loader applies a ``dora_scale`` of shape (1, in, ...)
+        (weight_decompose): the updated weight's columns normalised, times the trained magnitude. On the output
+        axis (``dora_magnitude``, one per output row) as peft's DoRA: the updated weight's rows normalised, times
+        the magnitude (``dora_axes`` writes it for ComfyUI and for diffusers)."""
         m = getattr(self.inner, "dora_scale", None)
-        if m is None:
-            return w_new
-        return (w_new * (m.to(w_new.dtype) / (input_axis_norm(w_new) + torch.finfo(dtype).eps))).to(dtype)
+        if m is not None:
+            return (w_new * (m.to(w_new.dtype) / (input_axis_norm(w_new) + torch.finfo(dtype).eps))).to(dtype)
+        m = getattr(self.inner, "dora_magnitude", None)
+        if m is not None:
+            m = m.to(w_new.dtype).reshape(-1, *[1] * (w_new.dim() - 1))
+            return (w_new * (m / (output_axis_norm(w_new) + torch.finfo(dtype).eps))).to(dtype)
+        return w_new
 
 
 def input_axis_norm(w: torch.Tensor) -> torch.Tensor:
     """Norm of each input column of ``w`` (out, in, ...), shaped (1, in, 1...) like a ``dora_scale``."""
     return (w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
             .reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1))
+
+
+def output_axis_norm(w: torch.Tensor) -> torch.Tensor:
+    """Norm of each output row of ``w`` (out, in, ...), shaped (out, 1, 1...) (peft's DoRA weight norm)."""
+    return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1))
 
 
 def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, device=None,
@@ -198,7 +209,9 @@ def create(weight: torch.Tensor, cfg: LoraConfig, generator: torch.Generator, de
             std = 1.0 / math.sqrt(down.shape[1]) if cfg.init == "default" else 1.0 / cfg.rank
             down.copy_(torch.randn(down.shape, generator=generator) * std)
             inner.lora_up.weight.zero_()
-        if cfg.dora:  # magnitude starts at the base weight's column norms: no change at step 0
+        if cfg.dora and cfg.dora_axis == "output":  # magnitude starts at the base weight's row norms
+            inner.dora_magnitude = torch.nn.Parameter(output_axis_norm(weight.detach().float()).flatten().clone())
+        elif cfg.dora:  # magnitude starts at the base weight's column norms: no change at step 0
             inner.dora_scale = torch.nn.Parameter(input_axis_norm(weight.detach().float()).clone())
     else:
         with torch.no_grad():

@@ -59,6 +59,9 @@ PRESETS = {
 }
 
 
+DORA_AXES = ("input", "output")
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     algorithm: str = "lora"
@@ -73,6 +76,10 @@ class LoraConfig:
     init: str = "default"       # default (ComfyUI adapter init) | gaussian
     max_norm: float = 0.0       # scale_weight_norms; 0 = off
     dora: bool = False          # weight-decomposed LoRA (magnitude vector ``dora_scale``), lora/locon only
+    # DoRA's magnitude axis: "input" = one per input column, normalised by the updated weight's column norms (a
+    # (1, in) ``dora_scale``, LyCORIS wd_on_out=False, read alike by ComfyUI, Forge and A1111); "output" = one per
+    # output row, normalised by the updated weight's row norms (peft's DoRA, what diffusers loads: ``dora_axes``)
+    dora_axis: str = "input"
 
     @property
     def conv(self) -> bool:
@@ -108,6 +115,8 @@ class LoraConfig:
             user_pattern(name, getattr(self, name))
         if self.init not in ("default", "gaussian"):
             raise ConfigError("init must be 'default' or 'gaussian'")
+        if self.dora_axis not in DORA_AXES:
+            raise ConfigError(f"dora_axis must be one of {DORA_AXES} (got {self.dora_axis!r})")
         if self.dora and self.algorithm not in ("lora", "locon"):
             raise ConfigError(f"DoRA decomposes LoRA weights; it does not apply to '{self.algorithm}' (use lora or "
                               "locon, or turn dora off)")

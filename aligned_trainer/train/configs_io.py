@@ -75,6 +75,20 @@ UNMAPPED = [
     ("timesteps.shift / bias", "kohya discrete_flow_shift and ai-toolkit's per-model shift differ in meaning"),
     ("settings.val_count / reg_weight", "dataset-level settings in both tools"),
 ]
+# sd-scripts' own defaults for the keys we map (48d368f: library/train_util.py's argparse defaults, train_network.py's
+# network_alpha 1, networks/lora.py create_network's network_dim None -> 4, get_optimizer's "" -> AdamW), applied to
+# keys a kohya config leaves out, so the imported settings are the run sd-scripts makes of the file. Its None
+# defaults (noise_offset, multires_noise_iterations, min/max_timestep, scale_weight_norms, network_dropout) mean
+# off. Not defaulted: seed (sd-scripts draws a random one), output_name, guidance_scale (FLUX only), optimizer
+# weight_decay (the optimizer's own default).
+KOHYA_DEFAULTS = {"network_dim": 4, "network_alpha": 1, "network_dropout": 0.0, "scale_weight_norms": 0.0,
+                  "learning_rate": 2e-6, "optimizer_type": "AdamW", "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                  "max_train_steps": 1600, "lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1.0,
+                  "max_grad_norm": 1.0, "train_batch_size": 1, "gradient_accumulation_steps": 1,
+                  "mixed_precision": "no", "gradient_checkpointing": False, "noise_offset": 0.0,
+                  "multires_noise_iterations": 0, "multires_noise_discount": 0.3, "min_timestep": 0,
+                  "max_timestep": 1000, "weighting_scheme": "uniform", "logit_mean": 0.0, "logit_std": 1.0,
+                  "mode_scale": 1.29}
 # kohya library/train_util.py get_scheduler_fix: constant refuses num_warmup_steps; ours applies warmup to constant
 KOHYA_SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
                     "cosine_with_restarts": "cosine_with_restarts", "linear": "linear", "polynomial": "polynomial"}
@@ -156,6 +170,10 @@ def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
         if kohya is None:
             continue
         value = opt_args.get(kohya.split(".", 1)[1]) if kohya.startswith("optimizer_args.") else cfg.get(kohya)
+        if value is None or value == "":
+            value = KOHYA_DEFAULTS.get(kohya)
+            if kohya == "optimizer_type":  # get_optimizer: the older flags choose when optimizer_type is empty
+                value = "AdamW8bit" if cfg.get("use_8bit_adam") else "Lion" if cfg.get("use_lion_optimizer") else value
         if value is None:
             continue
         if name == "name":
@@ -185,6 +203,7 @@ def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
             notes.append(f"{kohya}: {note}")
     if cfg.get("unet_lr") is not None:
         values["optimizer"]["lr"] = float(cfg["unet_lr"])
+    values["timesteps"].setdefault("weighting", "none")  # sd-scripts weights no loss unless the file says so
     if "min_snr_gamma" in values["timesteps"]:
         values["timesteps"]["weighting"] = "min_snr"
     if cfg.get("debiased_estimation_loss"):
@@ -206,6 +225,8 @@ def kohya_values(cfg: dict) -> tuple[dict, list[str]]:
     if str(net_args.get("dora_wd", "")).lower() == "true":
         if "lycoris" in module:
             values["lora"]["dora"] = True
+            if str(net_args.get("wd_on_out", "")).lower() == "true":  # LyCORIS: magnitudes per output row
+                values["lora"]["dora_axis"] = "output"
         else:  # DoRA is LyCORIS's (dora_wd); sd-scripts' networks.lora has none and ignores the argument
             notes.append(f"network_args dora_wd=True ignored: {module} has no DoRA (it is LyCORIS's, "
                          "network_module lycoris.kohya)")
@@ -259,6 +280,8 @@ def to_kohya(lora: LoraConfig, opt: OptimizerConfig, ts: TimestepConfig, setting
     net_args += [f"{k}={getattr(lora, k)}" for k in ("rank_dropout", "module_dropout") if getattr(lora, k)]
     if lora.dora:
         net_args.append("dora_wd=True")
+        if lora.dora_axis == "output":
+            net_args.append("wd_on_out=True")
     out["network_args"] = net_args
     return out
 

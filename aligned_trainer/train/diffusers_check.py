@@ -45,7 +45,8 @@ def _module_name(converted_key: str) -> str:
 def _diffusers_module_names(model, table: str) -> set[str]:
     base = getattr(model, "model", model)
     mapping = getattr(comfy.utils, table)(base.model_config.unet_config)
-    return {k[:-len(".weight")] for k in mapping if k.endswith(".weight")}
+    absent = tuple(naming.family_facts(model).get("diffusers_absent", ()))
+    return {k[:-len(".weight")] for k in mapping if k.endswith(".weight") and not (absent and k.startswith(absent))}
 
 
 def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
@@ -62,7 +63,8 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     if not pipe_name or not table or (kohya_file and facts.get("diffusers_kohya") is False):
         return {"checked": False, "reason": f"diffusers has no loader for this family's kohya-format LoRA files "
                                             f"({facts.get('config_class', 'unknown family')})", "dropped": []}
-    if any(not k.endswith(_PAIR + _PEFT_PAIR) and not k.endswith((".alpha", ".dora_scale")) for k in lora_sd):
+    if any(not k.endswith(_PAIR + _PEFT_PAIR) and not k.endswith((".alpha", ".dora_scale", ".lora_magnitude_vector"))
+           for k in lora_sd):
         return {"checked": False, "reason": "diffusers has no loader for LoHa/LoKr files", "dropped": []}
     import diffusers
 

@@ -16,7 +16,7 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
-from . import diffusers_check, files, naming, peft_layout, slider
+from . import diffusers_check, dora_axes, files, naming, peft_layout, slider
 from . import metadata as lora_metadata
 from .state import TrainRun
 
@@ -31,9 +31,19 @@ def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: boo
     """The run's LoRA in kohya keys; with ``ema`` the EMA-averaged weights when the run keeps an EMA."""
     if run.state is None:
         raise ExportError("the run has no trained weights yet; run Train Steps first")
-    weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+    weights = dora_axes.for_comfyui(run.model, _weights(run, ema))
     modules = {_split(k)[0] for k in weights}
     return kohya_from_adapters(weights, dtype, conv_shapes(run.model), naming.module_prefixes(run.model, modules))
+
+
+def _weights(run: TrainRun, ema: bool) -> dict[str, torch.Tensor]:
+    return (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+
+
+def comfy_lora(model, adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Adapter state -> a LoRA dict for ComfyUI's loader (module names as ComfyUI's own; output-axis DoRA
+    magnitudes as ComfyUI reads them, ``dora_axes.for_comfyui``): previews and checkpoint grids."""
+    return kohya_from_adapters(dora_axes.for_comfyui(model, adapters), dtype)
 
 
 def file_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict[str, torch.Tensor]:
@@ -41,12 +51,28 @@ def file_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: bool
     the LoRA is plain pairs), kohya keys otherwise."""
     if run.state is None:
         raise ExportError("the run has no trained weights yet; run Train Steps first")
-    weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+    weights = _weights(run, ema)
     if peft_layout.applies(run.model, weights):
         modules = {_split(k)[0] for k in weights}
         return peft_layout.from_kohya(run.model, kohya_from_adapters(weights, dtype, conv_shapes(run.model),
                                                                      {m: m for m in modules}))
     return kohya_state_dict(run, dtype, ema)
+
+
+def diffusers_copy(run: TrainRun, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict[str, torch.Tensor] | None:
+    """The tensors of the diffusers copy of an output-axis DoRA run (peft layout with ``lora_magnitude_vector``,
+    ``dora_axes``), for families diffusers has a pipeline for; None for other runs (their Save LoRA file is the
+    one diffusers loads, or diffusers cannot load them)."""
+    weights = _weights(run, ema)
+    facts = naming.family_facts(run.model)
+    if not dora_axes.has_output_axis(weights) or not facts.get("diffusers_pipeline") or not facts.get("peft_prefix"):
+        return None
+    magnitudes = {k[:-len(dora_axes.MAGNITUDE) - 1]: v for k, v in weights.items()
+                  if k.endswith("." + dora_axes.MAGNITUDE)}
+    pairs = {k: v for k, v in weights.items() if not k.endswith("." + dora_axes.MAGNITUDE)}
+    modules = {_split(k)[0] for k in pairs}
+    return peft_layout.from_kohya(run.model, kohya_from_adapters(pairs, dtype, conv_shapes(run.model),
+                                                                 {m: m for m in modules}), magnitudes)
 
 
 def conv_shapes(model) -> dict[str, torch.Size]:
@@ -66,6 +92,8 @@ def kohya_from_adapters(adapters: dict[str, torch.Tensor], dtype: torch.dtype = 
     out = {}
     for key, t in adapters.items():
         module, param = _split(key)
+        if param == dora_axes.MAGNITUDE:  # its file form needs the base weight: callers pass for_comfyui's output
+            raise ExportError(f"{key}: an output-axis DoRA magnitude must go through dora_axes.for_comfyui first")
         t = t.detach()
         shape = (conv or {}).get(module)
         if shape is not None and param == "lora_down.weight" and t.ndim == 2:
@@ -157,10 +185,14 @@ def check_name(name: str) -> str:
 
 
 def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.float16,
-              ema: bool = True, if_exists: str = "new_name", base_model_name: str = "") -> tuple[Path, dict]:
+              ema: bool = True, if_exists: str = "new_name", base_model_name: str = "",
+              diffusers_folder: Path | None = None) -> tuple[Path, dict]:
     """Write the LoRA; verify it loads completely in ComfyUI's stock loader; return (path, report).
     ``if_exists``: 'new_name' (the default: an existing file keeps its name and this one gets the first free
-    ``<name>_<n>``) or 'overwrite'. ``base_model_name``: the checkpoint file name for ``ss_sd_model_name``."""
+    ``<name>_<n>``) or 'overwrite'. ``base_model_name``: the checkpoint file name for ``ss_sd_model_name``.
+    An output-axis DoRA run also writes its diffusers copy (``diffusers_copy``) under the same name into
+    ``diffusers_folder`` (default: ComfyUI's output folder, ``aligned_trainer/diffusers``; not the loras folder,
+    where ComfyUI would list a file it reads without its magnitudes)."""
     if if_exists not in files.IF_EXISTS:
         raise ExportError(f"if_exists {if_exists!r} is not one of {files.IF_EXISTS}")
     fname = check_name(name)
@@ -175,7 +207,8 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     missing = unmapped_keys(run.model, sd)
     if missing:
         raise ExportError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
-    in_diffusers = diffusers_check.check(run.model, sd)
+    copy = diffusers_copy(run, dtype, ema)  # output-axis DoRA: diffusers loads this copy, not the ComfyUI file
+    in_diffusers = diffusers_check.check(run.model, sd if copy is None else copy)
     if in_diffusers["dropped"]:
         raise ExportError(f"diffusers' load_lora_weights would drop {len(in_diffusers['dropped'])} module(s) of this "
                           f"LoRA (e.g. {in_diffusers['dropped'][:3]}); not saved. Exclude them from training "
@@ -188,6 +221,21 @@ def save_lora(run: TrainRun, name: str, folder: Path | None = None, dtype=torch.
     md.update(lora_metadata.kohya_hashes(sd, md))
     path = files.write_atomic(folder / fname, lambda tmp: save_file(sd, tmp, metadata=md),
                               overwrite=if_exists == "overwrite")
+    if copy is not None:
+        if diffusers_folder is None:
+            import folder_paths
+
+            diffusers_folder = Path(folder_paths.get_output_directory()) / "aligned_trainer" / "diffusers"
+        diffusers_folder = Path(diffusers_folder)
+        diffusers_folder.mkdir(parents=True, exist_ok=True)
+        copy_md = {k: v for k, v in md.items() if not k.startswith(("sshs_", "ss_", "modelspec."))}
+        copy_md["aligned_trainer.comfyui_file"] = path.name
+        copy_path = files.write_atomic(diffusers_folder / path.name,
+                                       lambda tmp: save_file(copy, tmp, metadata=copy_md), overwrite=True)
+        in_diffusers = {**in_diffusers, "file": str(copy_path),
+                        "reason": "the ComfyUI file's dora_scale is what ComfyUI reads; diffusers drops it, so "
+                                  "diffusers loads the copy in peft's layout with lora_magnitude_vector (this file)"}
+        logging.info("aligned_trainer: saved the diffusers copy %s (%d tensors)", copy_path, len(copy))
     if path.name != fname:
         logging.info("aligned_trainer: %s exists; saved as %s (if_exists 'new_name')", fname, path.name)
     logging.info("aligned_trainer: saved %s (%d tensors)", path, len(sd))

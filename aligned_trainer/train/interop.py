@@ -15,7 +15,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter import LoRAAdapter
 
-from . import naming
+from . import dora_axes, naming
 from .. import paths
 from .config import ConfigError, LoraConfig
 
@@ -101,6 +101,8 @@ def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[st
     loaded = set()
     patches = {}
     slices: dict[str, list] = {}
+    magnitudes = _peft_magnitudes(model, lora_sd, source)  # peft/diffusers DoRA files: output-axis magnitudes
+    loaded |= {k for k in lora_sd if k.endswith(PEFT_MAGNITUDE)}
     for target, a in comfy.lora.load_lora(lora_sd, key_map(model), log_missing=False).items():
         if not isinstance(a, LoRAAdapter):
             raise ConfigError(f"{source}: module {target} is not a LoRA pair (LoHa/LoKr/other); only LoRA/LoCon/DoRA "
@@ -129,17 +131,59 @@ def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[st
         if down.shape[0] != cfg.rank:
             raise ConfigError(f"{source}: the file's rank is {down.shape[0]} (module {module}) but LoRA Config's rank "
                               f"is {cfg.rank}; set rank to {down.shape[0]}")
-        if (dora is not None) != bool(cfg.dora):
-            raise ConfigError(f"{source}: the file {'has' if dora is not None else 'has no'} DoRA magnitudes "
-                              f"(dora_scale) but LoRA Config has dora {'off' if dora is not None else 'on'}; match them")
+        has_dora = dora is not None or module in magnitudes
+        if has_dora != bool(cfg.dora):
+            raise ConfigError(f"{source}: the file {'has' if has_dora else 'has no'} DoRA magnitudes "
+                              f"(dora_scale / lora_magnitude_vector) but LoRA Config has dora "
+                              f"{'off' if has_dora else 'on'}; match them")
         file_scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
         run_scale = cfg.scale_alpha / cfg.rank
         up2 = up.float().reshape(up.shape[0], -1)
         out[f"{module}.lora_up.weight"] = up2 * (file_scale / run_scale)
         out[f"{module}.lora_down.weight"] = down.float().reshape(down.shape[0], -1)
         out[f"{module}.alpha"] = torch.tensor(cfg.scale_alpha)
-        if dora is not None:
-            out[f"{module}.dora_scale"] = dora.float()
+        if has_dora:
+            shape = model.model.diffusion_model.get_submodule(module).weight.shape
+            axis = "output" if module in magnitudes or dora_axes.is_output_axis_scale(dora, shape) else "input"
+            if axis != cfg.dora_axis:
+                raise ConfigError(f"{source}: module {module}'s DoRA magnitudes are on the {axis} axis but LoRA "
+                                  f"Config has dora_axis '{cfg.dora_axis}'; set dora_axis to '{axis}'")
+            if module in magnitudes:  # peft's magnitude is the trained one
+                out[f"{module}.{dora_axes.MAGNITUDE}"] = magnitudes[module]
+            elif axis == "output":  # ComfyUI's output-axis dora_scale: back to the magnitude it was saved from
+                out[f"{module}.{dora_axes.MAGNITUDE}"] = dora_axes.from_comfyui(model, out, module, dora)
+            else:
+                out[f"{module}.dora_scale"] = dora.float()
+    return out
+
+
+PEFT_MAGNITUDE = ".lora_magnitude_vector"
+
+
+def _peft_magnitudes(model, lora_sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """ComfyUI module -> output-axis DoRA magnitude (out,) from a peft/diffusers file's
+    ``<module>.lora_magnitude_vector`` keys (which ComfyUI's loader does not read), with split modules' slices
+    (SD3/FLUX ``to_q``/``to_k``/``to_v``) joined into the fused weight's rows as ``_joined`` joins their LoRAs."""
+    km = key_map(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, v in lora_sd.items():
+        if not key.endswith(PEFT_MAGNITUDE):
+            continue
+        target = km.get(key[:-len(PEFT_MAGNITUDE)])
+        if target is None:
+            raise ConfigError(f"{source}: DoRA magnitude {key} matches no module of this model; is it a LoRA for "
+                              "another model family?")
+        weight_key = target if isinstance(target, str) else target[0]
+        module = weight_key[len("diffusion_model."):-len(".weight")]
+        v = v.float().flatten()
+        if isinstance(target, str):
+            out[module] = v
+            continue
+        rows = model.model.diffusion_model.get_submodule(module).weight.shape[0]
+        dim, start, length = target[1] if target[1] is not None else (0, 0, rows)
+        fn = target[2] if len(target) > 2 else None
+        full = out.setdefault(module, torch.zeros(rows))
+        full[start:start + length] = fn(v) if fn is not None else v
     return out
 
 

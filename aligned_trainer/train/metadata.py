@@ -111,6 +111,8 @@ def build(run, name: str, algorithm_module: str | None = None, started_at: float
         args = {"conv_dim": str(lora.rank), "conv_alpha": str(lora.scale_alpha)} if lora.conv else {}
         if lora.dora:
             args["dora_wd"] = "True"
+            if lora.dora_axis == "output":  # LyCORIS's name for the output axis
+                args["wd_on_out"] = "True"
     te = run.te_spec or {}
     clip_skip = te.get("clip_skip")
     dirs, tags = _dataset_dirs(run)

@@ -8,8 +8,9 @@ the table's offsets) the LoRA splits exactly: the same down (A) matrix for each,
 table reorders rows (``swap_scale_shift`` of the final adaLN) the up rows are reordered the same way. peft files
 carry no alpha, so alpha/rank is folded into B (diffusers and ComfyUI then both apply scale 1).
 
-Only plain LoRA/LoCon pairs are written this way: DoRA magnitudes, LoHa and LoKr do not split over fused
-modules, and ComfyUI reads no ``lora_magnitude_vector``; such files keep kohya's names (``applies``)."""
+Only plain LoRA/LoCon pairs are written this way for ComfyUI: LoHa and LoKr do not split over fused modules, and
+ComfyUI reads no ``lora_magnitude_vector``; such files keep kohya's names (``applies``). Output-axis DoRA runs
+also get a diffusers copy in this layout, with peft's magnitudes (``dora_axes``, ``export.diffusers_copy``)."""
 from __future__ import annotations
 
 import comfy.utils
@@ -30,10 +31,11 @@ def targets(model) -> dict[str, list[tuple[str, tuple | None, object]]]:
     """ComfyUI module name -> [(diffusers module name, row offset (dim, start, length) or None, row function or
     None)], inverted from the family's ComfyUI table."""
     base = getattr(model, "model", model)
-    table = naming.family_facts(model)["diffusers_names"]
+    facts = naming.family_facts(model)
+    absent = tuple(facts.get("diffusers_absent", ()))
     out: dict[str, list] = {}
-    for diff, to in getattr(comfy.utils, table)(base.model_config.unet_config).items():
-        if not diff.endswith(".weight"):
+    for diff, to in getattr(comfy.utils, facts["diffusers_names"])(base.model_config.unet_config).items():
+        if not diff.endswith(".weight") or (absent and diff.startswith(absent)):
             continue
         key, offset, fn = (to, None, None) if isinstance(to, str) else (to[0], to[1], to[2] if len(to) > 2 else None)
         if not key.endswith(".weight"):
@@ -43,9 +45,12 @@ def targets(model) -> dict[str, list[tuple[str, tuple | None, object]]]:
     return out
 
 
-def from_kohya(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_kohya(model, sd: dict[str, torch.Tensor],
+               magnitudes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``sd``: ``<ComfyUI module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (conv pairs already in
-    kohya's conv shapes) -> peft keys ``<prefix>.<diffusers module>.lora_A.weight`` / ``.lora_B.weight``."""
+    kohya's conv shapes) -> peft keys ``<prefix>.<diffusers module>.lora_A.weight`` / ``.lora_B.weight``.
+    ``magnitudes``: ComfyUI module -> peft DoRA magnitude (out,) (``dora_axes``), written as
+    ``<prefix>.<diffusers module>.lora_magnitude_vector`` with the same row slices and row function as B."""
     prefix = naming.family_facts(model).get("peft_prefix", "transformer")
     table = targets(model)
     modules = sorted({k[:-len(".lora_down.weight")] for k in sd if k.endswith(".lora_down.weight")})
@@ -69,4 +74,16 @@ def from_kohya(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 part = fn(part)
             out[f"{prefix}.{diff}.lora_A.weight"] = down.clone().contiguous()  # safetensors: no shared storage
             out[f"{prefix}.{diff}.lora_B.weight"] = part.clone().contiguous()
+            if magnitudes and m in magnitudes:
+                mag = magnitudes[m].flatten().to(up.dtype)
+                if offset is not None:
+                    if offset[0] != 0:
+                        raise naming.NamingError(f"module {m} is split across columns in the diffusers model; its "
+                                                 "DoRA magnitudes (one per row) cannot be split with it")
+                    mag = mag.narrow(0, offset[1], offset[2])
+                if fn is not None:
+                    mag = fn(mag)
+                if down.ndim > 2:  # peft's conv DoRA keeps its magnitude as (1, out, 1, ...)
+                    mag = mag.reshape(1, -1, *[1] * (down.ndim - 2))
+                out[f"{prefix}.{diff}.lora_magnitude_vector"] = mag.clone().contiguous()
     return out

@@ -16,7 +16,7 @@ log = logging.getLogger("aligned_trainer")
 
 # LoRA Config fields a checkpoint must share with the run to be continued (the rest may change on resume:
 # dropout, max norm, init)
-LORA_FIELDS = ("algorithm", "rank", "alpha", "dora")
+LORA_FIELDS = ("algorithm", "rank", "alpha", "dora", "dora_axis")
 
 
 @dataclass(frozen=True)
