@@ -23,7 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
-from . import memory, placement, quantize, slider, text_mask
+from . import experts, memory, placement, quantize, slider, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -52,6 +52,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     folders that the run starts from (``interop.start_from``); ignored when resuming from a checkpoint."""
     for cfg in (lora, timesteps, optimizer):
         cfg.validate()
+    timesteps = experts.resolve(timesteps, model)  # an expert's official boundary (Wan 2.2 A14B)
     if settings.batch_size < 1 or settings.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must be >= 1")
     if not 1 <= settings.processes <= MAX_PROCESSES:
