@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .config import ConfigError, TimestepConfig
-from .timesteps import is_flow
+from .timesteps import boundary_u, is_flow, sigmas_for
 
 FACTS = Path(__file__).with_name("experts.json")
 
@@ -55,3 +55,22 @@ def resolve(cfg: TimestepConfig, model) -> TimestepConfig:
                           f"boundary in {FACTS.name}; set expert to none, or set expert_boundary by hand "
                           "(Wan 2.2 A14B: 0.875 T2V, 0.9 I2V)")
     return dataclasses.replace(cfg, expert_boundary=float(f["boundary"]))
+
+
+def note(cfg: TimestepConfig, model) -> str:
+    """One line for Train Init's text: the expert's window on this model's schedule, and where its boundary
+    came from (``""`` without an expert). ``cfg`` is resolved (:func:`resolve`)."""
+    if cfg.expert == "none":
+        return ""
+    ms = model.get_model_object("model_sampling")
+    whole = dataclasses.replace(cfg, expert="none")
+    b = boundary_u(lambda x: sigmas_for(whole, ms, x, None), cfg.expert_boundary)
+    f = facts(model)
+    official = f["boundary"] is not None and abs(f["boundary"] - cfg.expert_boundary) < 1e-9
+    where = (f"the official boundary of {f['config_class']} ({f.get('models', '')})" if official
+             else "set by hand")
+    side, share = ("sigma >= ", 1.0 - b) if cfg.expert == "high_noise" else ("sigma < ", b)
+    shift = (f"the model's shift {float(ms.shift):g}" if cfg.shift == "model" and hasattr(ms, "shift")
+             else f"shift {cfg.shift}")
+    return (f"expert {cfg.expert}: trains {side}{cfg.expert_boundary:g} ({where}), {share:.1%} of the timesteps "
+            f"before the shift, at {shift}")

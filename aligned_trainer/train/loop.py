@@ -91,7 +91,8 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     run_dir = opened.run_dir
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
-                      meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time()},
+                      meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time(),
+                            "expert_note": experts.note(timesteps, model)},
                       preservation=preservation if settings.dop_weight > 0 else None)
     if opened.checkpoint is not None:
         ck = opened.checkpoint

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from . import common, wan
+from . import common, te_wan, wan
 
 HIGH_SEED, LOW_SEED = 20, 21
 WAN22_5B_DIT = dict(wan.WAN21_DIT, in_dim=48, out_dim=48)
@@ -30,6 +30,24 @@ SPATIAL = 16  # the Wan 2.2 VAE: 2x2 patchify + 8x
 def expert_pair():
     """(high-noise, low-noise) MODELs: two tiny ``WAN21_T2V`` WanModels with their own seeded weights."""
     return wan.build_model(HIGH_SEED), wan.build_model(LOW_SEED)
+
+
+class ExpertBundle:
+    """One tiny A14B expert as the test-only loaders take a bundle (``build``, ``build_model``, ``te_wan``): the
+    expert's MODEL with the tiny UMT5 and Wan 2.1 VAE (the A14B experts use Wan 2.1's VAE)."""
+    te_wan = te_wan
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def build_model(self):
+        return wan.build_model(self.seed)
+
+    def build(self):
+        return self.build_model(), te_wan.wan_clip(), wan.build_vae()
+
+
+HIGH, LOW = ExpertBundle(HIGH_SEED), ExpertBundle(LOW_SEED)
 
 
 def _key() -> str:
