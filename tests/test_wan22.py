@@ -153,8 +153,8 @@ def test_wan22_ti2v_5b_trains_on_48_channel_latents_and_maps(comfy, clip, tmp_pa
 def test_memory_plan_counts_the_frames_of_video_latents(comfy, clip, tmp_path):
     """Train Init's memory plan on the tiny Wan 2.1 T2V with a 13-frame clip (4 latent frames) at a latent area
     larger than the probe's: the probes keep the frame count, so the estimate is within 15 % of the peak measured
-    on the CPU during a real first step (weights + live bytes), while an estimate probed as if the clip had one
-    frame falls well short of it."""
+    on the CPU during a real first step on that clip (weights + live bytes). A probe that dropped the frames would
+    count a quarter of the activations (a one-frame probe: 0.37 of the measured peak, 2026-12-01)."""
     C, st, loop, memory = (comfy.engine(m) for m in ("train.config", "train.state", "train.loop", "train.memory"))
     g = torch.Generator().manual_seed(3)
     tset = _training_set(comfy, clip, [torch.randn(16, 4, 20, 20, generator=g)])
@@ -169,7 +169,6 @@ def test_memory_plan_counts_the_frames_of_video_latents(comfy, clip, tmp_path):
         dm = tr.patcher.model.diffusion_model
         plan, acts = memory.plan(tr)
         assert acts.probed and all(s[1] == 4 for s in memory._probe_shapes((16, 4, 20, 20)))
-        one_frame = memory.probe(tr, (16, 1, 20, 20))
         try:
             with loop.checkpointed_blocks(dm, True, lambda: tr.clone_saved):
                 meter = memory.LiveBytes()
@@ -180,6 +179,4 @@ def test_memory_plan_counts_the_frames_of_video_latents(comfy, clip, tmp_path):
     weights = sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
     measured = weights + meter.peak
     assert plan.weights == weights
-    print(f"plan/measured {plan.total / measured:.3f}, one-frame/measured {(weights + plan.adapters + one_frame.at(1, 400)) / measured:.3f}")
     assert abs(plan.total - measured) / measured < 0.15, (plan.text(), measured)
-    assert weights + plan.adapters + one_frame.at(1, 400) < 0.8 * measured
