@@ -8,7 +8,7 @@
   detects for the 5B) with the tiny WanModel widened to 48 input/output channels, wrapped by
   ``model_base.WAN22``; sampling settings (flow, shift 8) are the config's own.
 - The Wan 2.2 VAE (:func:`ti2v_vae`): ``comfy.ldm.wan.vae2_2.WanVAE`` (48 latent channels, 16x spatial and 4x
-  temporal compression) at width 16. ``comfy.sd.VAE`` cannot build a tiny one: it reads no size from a Wan 2.2
+  temporal compression) at width 8 (of 160). ``comfy.sd.VAE`` cannot build a tiny one: it reads no size from a Wan 2.2
   state dict and always builds ``dim=160``, ``dec_dim=256`` (705M parameters, of which 150M in the encoder), so
   the tiny VAE is ComfyUI's module built directly; its ``encode`` is the step ``comfy.sd.VAE.encode`` runs for
   this class (pixels in [-1, 1], ``(B, 3, T, H, W)``).
@@ -23,7 +23,7 @@ from . import common, te_wan, wan
 
 HIGH_SEED, LOW_SEED = 20, 21
 WAN22_5B_DIT = dict(wan.WAN21_DIT, in_dim=48, out_dim=48)
-VAE_DIM = 16
+VAE_DIM = 8
 SPATIAL = 16  # the Wan 2.2 VAE: 2x2 patchify + 8x
 
 
@@ -84,7 +84,7 @@ def ti2v_model(seed: int = 30):
 
 
 def ti2v_vae(seed: int = 32):
-    """ComfyUI's Wan 2.2 VAE module (``vae2_2.WanVAE``) at width 16, seeded, in eval mode."""
+    """ComfyUI's Wan 2.2 VAE module (``vae2_2.WanVAE``) at width 8 (encoder and decoder), seeded, in eval mode."""
     from comfy.ldm.wan.vae2_2 import WanVAE
 
     vae = WanVAE(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
