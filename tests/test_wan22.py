@@ -63,8 +63,7 @@ def test_wan22_expert_trains_in_its_window_and_resumes_exactly(comfy, clip, clip
     sm = importlib.import_module("comfy.supported_models")
     C, st, loop, export, ts_mod = (comfy.engine(m) for m in ("train.config", "train.state", "train.loop",
                                                                "train.export", "train.timesteps"))
-    high, low = wan22.expert_pair()
-    model = high if expert == "high_noise" else low
+    model = (wan22.HIGH if expert == "high_noise" else wan22.LOW).build_model()  # one expert of the pair
     if shift is not None:
         (model,) = importlib.import_module("comfy_extras.nodes_model_advanced").ModelSamplingSD3().patch(model, shift)
     assert isinstance(model.model.model_config, sm.WAN21_T2V)
@@ -110,7 +109,7 @@ def test_expert_boundary_comes_from_the_model_and_is_refused_where_there_is_none
     high = C.TimestepConfig(shift="model", expert="high_noise")
     i2v = sm.WAN21_I2V(dict(wan.WAN21_DIT, in_dim=36, model_type="i2v"))
     assert experts.facts(type("M", (), {"model_config": i2v})())["boundary"] == 0.9
-    model = wan22.expert_pair()[0]
+    model = wan22.HIGH.build_model()
     assert experts.resolve(C.TimestepConfig(expert="low_noise", expert_boundary=0.8), model).expert_boundary == 0.8
     assert experts.resolve(C.TimestepConfig(), model).expert_boundary == 0  # no expert: untouched
     with pytest.raises(C.ConfigError, match=r"WAN22_T2V \(Wan 2\.2 TI2V 5B.*set expert to none"):
