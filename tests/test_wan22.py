@@ -107,7 +107,7 @@ def test_expert_boundary_comes_from_the_model_and_is_refused_where_there_is_none
     sm = importlib.import_module("comfy.supported_models")
     C, experts = comfy.engine("train.config"), comfy.engine("train.experts")
     high = C.TimestepConfig(shift="model", expert="high_noise")
-    i2v = sm.WAN21_I2V(dict(wan.WAN21_DIT, in_dim=36, model_type="i2v")).get_model({}, "", device="cpu")  # unweighted
+    i2v = sm.WAN21_I2V(dict(wan.WAN21_DIT, in_dim=36, model_type="i2v")).get_model({}, "", device="cpu")  # no weights
     assert experts.resolve(high, i2v).expert_boundary == 0.9 and experts.facts(i2v)["config_class"] == "WAN21_I2V"
     model = wan22.HIGH.build_model()
     assert experts.resolve(C.TimestepConfig(expert="low_noise", expert_boundary=0.8), model).expert_boundary == 0.8
