@@ -128,7 +128,8 @@ def test_wan22_ti2v_5b_trains_on_48_channel_latents_and_maps(comfy, clip, tmp_pa
     assert isinstance(model.model.model_config, sm.WAN22_T2V)
     assert type(model.model).__name__ == "WAN22" and model.model.latent_format.latent_channels == 48
     with torch.no_grad():  # one 5-frame 32 px clip, pixels in [-1, 1] as comfy.sd.VAE.encode hands them over
-        lat = wan22.ti2v_vae().encode(torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1)[0]
+        pixels = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        lat = wan22.ti2v_vae().encode(pixels)[0]
     assert tuple(lat.shape) == (48, 2, 32 // wan22.SPATIAL, 32 // wan22.SPATIAL)
     tset = _training_set(comfy, clip, [lat])
     run = loop.init_run(model, tset, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"),
