@@ -73,7 +73,7 @@ def test_frame_buckets_through_the_dataset_node(srv):
 
 def test_wan22_expert_run_through_the_server(srv):
     """A user's Wan 2.2 A14B high-noise run: the expert (the test-only loader's tiny WAN21_T2V) -> video Dataset ->
-    both caches -> Timestep Strategy expert high_noise with its default boundary -> Train Init -> 2 Train Steps ->
+    both caches -> Timestep Strategy expert high_noise with its default boundary -> Train Init -> 1 Train Step ->
     Save LoRA. Train Init says which boundary it took (the official one of the model's config) and the file carries
     musubi-tuner's Wan metadata."""
     from safetensors import safe_open
@@ -90,7 +90,7 @@ def test_wan22_expert_run_through_the_server(srv):
         "7": node(srv, "AlignedTrainer_Optimizer", learning_rate=1e-3),
         "8": node(srv, "AlignedTrainer_TrainInit", model=["1", 0], training_set=["4", 0], lora_config=["5", 0],
                   timesteps=["6", 0], optimizer=["7", 0], run_name="wan22_high", if_exists="overwrite"),
-        "9": node(srv, "AlignedTrainer_TrainSteps", run=["8", 0], steps=2, checkpoint_every=0, val_every=0),
+        "9": node(srv, "AlignedTrainer_TrainSteps", run=["8", 0], steps=1, checkpoint_every=0, val_every=0),
         "10": node(srv, "AlignedTrainer_SaveLora", run=["9", 0], name="wan22_high", dtype="fp32",
                    if_exists="overwrite"),
     }
