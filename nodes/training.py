@@ -107,9 +107,10 @@ class TimestepStrategy(io.ComfyNode):
                                tooltip="Wan 2.2 A14B: train only the high-noise expert's part of the schedule (model "
                                        "sigma >= expert_boundary) or the low-noise expert's (below it); none for "
                                        "other models. Load the matching expert's model file."),
-                io.Float.Input("expert_boundary", default=0.875, min=0.01, max=0.99, step=0.005, optional=True,
-                               tooltip="Where the Wan 2.2 experts split the schedule, on the model's shifted sigma: "
-                                       "0.875 for T2V A14B, 0.9 for I2V A14B (the official configs)."),
+                io.Float.Input("expert_boundary", default=0.0, min=0.0, max=0.99, step=0.005, optional=True,
+                               tooltip="Where the Wan 2.2 experts split the schedule, on the model's shifted sigma. "
+                                       "0 (default): the loaded model's official boundary, set by Train Init "
+                                       "(0.875 T2V A14B, 0.9 I2V A14B); another value overrides it."),
             ],
             outputs=[TIMESTEPS.Output("timesteps", tooltip="For Train Init."),
                      io.Image.Output("histogram", tooltip="20k draws of the timestep distribution.")],
@@ -257,7 +258,8 @@ class TrainInit(io.ComfyNode):
                               memory_budget_gb, processes), run_settings)
         run = loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
                             preservation=preservation_prompt, if_exists=if_exists, init_lora=init_lora)
-        text = "\n".join(filter(None, (run.meta.get("resume_note"), run.meta.get("memory_plan", ""))))
+        text = "\n".join(filter(None, (run.meta.get("resume_note"), run.meta.get("expert_note"),
+                                       run.meta.get("memory_plan", ""))))
         return io.NodeOutput(run, ui={"text": [text]})
 
 

@@ -122,7 +122,8 @@ def test_timestep_ranges(C):
     refused(C, T(min_timestep=0, max_timestep=1001), "min_timestep")
     ok(T(expert="high_noise", expert_boundary=0.001))
     ok(T(expert="low_noise", expert_boundary=0.999))
-    refused(C, T(expert_boundary=0.0), r"expert_boundary must be between 0 and 1 \(got 0.0\)")
+    ok(T(expert="high_noise", expert_boundary=0.0))  # 0: the model's official boundary, set by Train Init
+    refused(C, T(expert_boundary=-0.001), r"expert_boundary must be between 0 and 1 \(got -0.001\); 0 takes")
     refused(C, T(expert_boundary=1.0), "expert_boundary must be between 0 and 1")
     refused(C, T(expert="middle"), "expert must be none, high_noise or low_noise")
     ok(T(logit_std=1e-6))

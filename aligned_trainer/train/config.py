@@ -153,15 +153,15 @@ class TimestepConfig:
     # expert denoises sigma >= boundary, the low-noise one the rest (Wan2.2 wan/configs/wan_t2v_A14B.py
     # boundary 0.875, wan_i2v_A14B.py 0.900; diffusers WanPipeline boundary_ratio: t >= boundary_ratio * 1000)
     expert: str = "none"        # none | high_noise | low_noise
-    expert_boundary: float = 0.875
+    expert_boundary: float = 0.0  # 0 = the loaded model's official boundary (train/experts.json, set by Train Init)
 
     def validate(self) -> None:
         check_finite(self)
         if self.expert not in ("none", "high_noise", "low_noise"):
             raise ConfigError(f"expert must be none, high_noise or low_noise (got {self.expert!r})")
-        if not 0.0 < self.expert_boundary < 1.0:
-            raise ConfigError(f"expert_boundary must be between 0 and 1 (got {self.expert_boundary}); Wan 2.2 "
-                              "T2V uses 0.875, I2V 0.9")
+        if not 0.0 <= self.expert_boundary < 1.0:
+            raise ConfigError(f"expert_boundary must be between 0 and 1 (got {self.expert_boundary}); 0 takes the "
+                              "model's official boundary (Wan 2.2 T2V A14B 0.875, I2V A14B 0.9)")
         if self.density not in DENSITIES:
             raise ConfigError(f"unknown density '{self.density}'; use one of {DENSITIES}")
         if self.weighting not in WEIGHTINGS:

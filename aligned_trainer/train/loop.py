@@ -23,7 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
-from . import memory, placement, quantize, slider, text_mask
+from . import experts, memory, placement, quantize, slider, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -52,6 +52,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     folders that the run starts from (``interop.start_from``); ignored when resuming from a checkpoint."""
     for cfg in (lora, timesteps, optimizer):
         cfg.validate()
+    timesteps = experts.resolve(timesteps, model)  # an expert's official boundary (Wan 2.2 A14B)
     if settings.batch_size < 1 or settings.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must be >= 1")
     if not 1 <= settings.processes <= MAX_PROCESSES:
@@ -90,7 +91,8 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     run_dir = opened.run_dir
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
-                      meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time()},
+                      meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time(),
+                            "expert_note": experts.note(timesteps, model)},
                       preservation=preservation if settings.dop_weight > 0 else None)
     if opened.checkpoint is not None:
         ck = opened.checkpoint

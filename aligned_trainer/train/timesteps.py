@@ -81,6 +81,9 @@ def expert_u(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape)
     if not is_flow(model_sampling):
         raise ConfigError(f"expert '{cfg.expert}' splits a flow model's schedule (Wan 2.2); this model is not a "
                          "flow model: set expert to none")
+    if not cfg.expert_boundary > 0:
+        raise ConfigError(f"expert '{cfg.expert}' has no boundary yet: Train Init sets the model's official one "
+                          "(train/experts.json); outside it, pass expert_boundary")
     b = boundary_u(lambda x: _sigmas(cfg, model_sampling, x, latent_shape), cfg.expert_boundary)
     return b + u * (1.0 - b) if cfg.expert == "high_noise" else u * b
 

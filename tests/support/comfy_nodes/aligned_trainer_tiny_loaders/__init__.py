@@ -22,12 +22,12 @@ TESTS = Path(__file__).resolve().parents[3]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from support.factories import families, wan  # noqa: E402
+from support.factories import families, wan, wan22  # noqa: E402
 
 CATEGORY = "Aligned Trainer (tests)"
 # Bundles outside support.factories.families: the tiny Wan 2.1 T2V (support.factories.wan; UNETLoader builds
 # WanModel with dim/128 heads, CLIPLoader(type wan) UMT5-XXL at full size, so neither loads the tiny files).
-OTHERS = {"wan2.1": wan}
+OTHERS = {"wan2.1": wan, "wan2.2-t2v-high": wan22.HIGH, "wan2.2-t2v-low": wan22.LOW}  # + the A14B expert pair
 
 
 def _family():
