@@ -238,6 +238,34 @@ def build(info: dict) -> dict[str, dict]:
                                     "as one frame; set frame_buckets (e.g. 17, 33) to train each clip at the longest count it covers. "
                                     "Previews are 17-frame clips saved as animated WebP in the output "
                                     "folder. See docs/video.md."),
+        # Z-Image Turbo: ComfyUI's own image_z_image_turbo template's files (CLIPLoader type lumina2 for its
+        # Qwen3-4B); previews as that template samples (9 steps, cfg 1, res_multistep/simple). Training settings as
+        # ai-toolkit trains the DiT families (rank 16, lr 1e-4, sigmoid = logit-normal timesteps, bf16 with
+        # checkpointing); the shift is the model's own (3.0, ComfyUI's ZImage sampling settings).
+        "train_lora_zimage": dict(name="Z-Image Turbo", ref="ZImagePipeline (Qwen3 chat template, hidden_states[-2], "
+                                  "512 tokens, padding dropped)",
+                                  files="z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors, ae.safetensors",
+                                  loader="zimage", ckpt="z_image_turbo_bf16.safetensors", resolution=1024,
+                                  density="sigmoid", shift="model", weighting="none", lr=1e-4, size=1024, cfg=1.0,
+                                  sample_steps=9, ts="sigmoid (logit-normal) with the model's shift 3",
+                                  spec="z-image", init=dict(precision="bf16", gradient_checkpointing=True),
+                                  sample=dict(sampler_name="res_multistep", scheduler="simple"),
+                                  note="\nZ-Image Turbo is step-distilled: a LoRA trained on it directly slowly "
+                                       "undoes the distillation (ai-toolkit trains it through a de-distillation "
+                                       "adapter, which this pack does not have); keep runs short, or train on a "
+                                       "non-distilled Z-Image when one is available."),
+        # Chroma1-HD: ComfyUI's own image_chroma_text_to_image template's files (CLIPLoader type chroma, T5 fp8);
+        # training as ai-toolkit's config/examples/train_lora_chroma_24gb.yaml (rank 16, alpha 16, lr 1e-4, EMA
+        # 0.99, bf16, checkpointing; its default sigmoid timesteps); previews with guidance 4, 25 steps as there.
+        "train_lora_chroma": dict(name="Chroma1-HD", ref="ChromaPipeline (T5 512 tokens with its mask, one pad "
+                                  "token kept visible)",
+                                  files="Chroma1-HD-fp8_scaled_rev2.safetensors, t5xxl_fp8_e4m3fn_scaled.safetensors, "
+                                        "ae.safetensors",
+                                  loader="chroma", ckpt="Chroma1-HD-fp8_scaled_rev2.safetensors", resolution=1024,
+                                  density="sigmoid", shift="model", weighting="none", lr=1e-4, size=1024, cfg=4.0,
+                                  sample_steps=25, ts="sigmoid (logit-normal), as ai-toolkit trains Chroma",
+                                  spec="chroma", init=dict(precision="bf16", gradient_checkpointing=True,
+                                                           ema_decay=0.99)),
     }
     for wid, f in fam.items():
         g = Graph(info)
@@ -254,6 +282,14 @@ def build(info: dict) -> dict[str, dict]:
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
             v = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
+        elif f["loader"] == "zimage":
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2")
+            v = g.add("VAELoader", vae_name="ae.safetensors")
+        elif f["loader"] == "chroma":
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name="t5xxl_fp8_e4m3fn_scaled.safetensors", type="chroma")
+            v = g.add("VAELoader", vae_name="ae.safetensors")
         else:
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
@@ -475,6 +511,10 @@ MODELS = {
     "wan2.1_t2v_1.3B_fp16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"),
     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
     "wan_2.1_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/wan_2.1_vae.safetensors"),
+    "z_image_turbo_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors"),
+    "qwen_3_4b.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors"),
+    "Chroma1-HD-fp8_scaled_rev2.safetensors": ("diffusion_models", "https://huggingface.co/silveroxides/Chroma1-HD-fp8-scaled/resolve/main/Chroma1-HD-fp8_scaled_rev2.safetensors"),
+    "t5xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
 
@@ -503,6 +543,16 @@ DESCRIPTIONS = {
                        ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
                         "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
                         "input/my_videos (clips + .txt captions)"]),
+    "train_lora_zimage": ("Train a Z-Image Turbo LoRA", "Qwen3 under its chat template, penultimate layer, 512 "
+                          "tokens as ZImagePipeline; logit-normal timesteps, the model's shift 3; bf16 with "
+                          "checkpointing; previews at 9 steps, cfg 1.",
+                          ["diffusion_models/z_image_turbo_bf16.safetensors", "text_encoders/qwen_3_4b.safetensors",
+                           "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
+    "train_lora_chroma": ("Train a Chroma1-HD LoRA", "T5 at 512 tokens with its mask as ChromaPipeline; "
+                          "ai-toolkit's Chroma settings: rank 16, lr 1e-4, EMA 0.99, logit-normal timesteps.",
+                          ["diffusion_models/Chroma1-HD-fp8_scaled_rev2.safetensors",
+                           "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors", "vae/ae.safetensors",
+                           "input/my_dataset (images + .txt captions)"]),
     "ab_aligned_vs_unaligned": ("A/B: aligned vs default encoders", "Same prompts, seed and noise through the "
                                 "aligned and ComfyUI's default text encoders, side by side.",
                                 ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -1,4 +1,4 @@
-"""Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1) so they run on tiny
+"""Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan / _zimage / _chroma) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_workflows_families.py (API prompts) and tests/test_browser.py (the same changes made in the
 frontend's graph before queueing it).
@@ -25,6 +25,9 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      by its 31st layer and T5-XXL by its 24th block and build them from full-size configs;
    - FLUX.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(flux1-dev)``: FLUX detection fixes 24 heads of 128
      (hidden 3072) whatever the file holds.
+   - Z-Image and Chroma: ``UNETLoader`` -> ``TinyDiffusionModelLoader(z-image / chroma)``, ``CLIPLoader`` ->
+     ``TinyTextEncoderLoader(z-image / chroma)`` (Qwen3-4B and T5-XXL are built at full size), ``VAELoader`` <-
+     ``tiny-flux1-ae.safetensors`` (both use FLUX's 16-channel VAE).
    - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
      ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
@@ -70,6 +73,12 @@ FAMILIES = {
     "train_lora_wan": ("wan2.1", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.1"}),
                                   "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.1"}),
                                   "VAELoader": (None, {"vae_name": WAN_VAE})}),
+    "train_lora_zimage": ("z-image", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "z-image"}),
+                                      "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "z-image"}),
+                                      "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+    "train_lora_chroma": ("chroma", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "chroma"}),
+                                     "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "chroma"}),
+                                     "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
 }
 STEPS = 4
 SHRINK = {
