@@ -28,40 +28,49 @@ PROMPTS = {
 @pytest.fixture(scope="module")
 def hidream(comfy):
     paths = te_hidream.files()
-    return {"clip": te_hidream.hidream_clip(paths), "pipe": te_hidream.hidream_pipeline(*paths.values()),
-            "official": te_hidream.hidream_pipeline(*paths.values(), official_rope=True)}
+    return {"clip": te_hidream.hidream_clip(paths), "pipe": te_hidream.hidream_pipeline(*paths.values())}
 
 
-def _ref(pipe, prompt):
-    """HiDreamImagePipeline.encode_prompt as __call__ runs it (its default max_sequence_length), without CFG:
-    (T5 sequence, Llama stack as (batch, layers, tokens, width), pooled CLIP-L + CLIP-G)."""
+def _ref(pipe, prompts: list[str]) -> list[dict]:
+    """HiDreamImagePipeline.encode_prompt as __call__ runs it (its default max_sequence_length), without CFG, for a
+    batch of prompts (every encoder pads to max_length, so each row is that prompt's own encoding): per prompt
+    (T5 sequence, Llama stack as (1, layers, tokens, width), pooled CLIP-L + CLIP-G)."""
     n = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
     with torch.no_grad():
-        t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False,
+        t5, _, llama, _, pooled, _ = pipe.encode_prompt(list(prompts), device="cpu", do_classifier_free_guidance=False,
                                                         max_sequence_length=n)
-    return {"cond": t5, "conditioning_llama3": llama.permute(1, 0, 2, 3), "pooled_output": pooled}
+    return [{"cond": t5[i:i + 1], "conditioning_llama3": llama[:, i:i + 1].permute(1, 0, 2, 3),
+             "pooled_output": pooled[i:i + 1]} for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def refs(hidream):
+    """The reference encoding of every prompt of the set, by name (one batched encode_prompt call)."""
+    return dict(zip(PROMPTS, _ref(hidream["pipe"], list(PROMPTS.values()))))
 
 
 def _diffs(out, ref) -> dict:
     return {k: _max(out[k], ref[k]) for k in ref}
 
 
-@pytest.mark.parametrize("name", PROMPTS)
-def test_hidream_matches_hidream_pipeline(comfy, hidream, name):
+def test_hidream_matches_hidream_pipeline(comfy, hidream, refs):
     """Reference: HiDreamImagePipeline.encode_prompt(prompt, max_sequence_length=128): T5 (1, 128, d) with its mask
     in the encoder, Llama's hidden_states[1:] stacked (every layer, mask in the encoder, 128 positions), and the
-    CLIP-L and CLIP-G projected pooled vectors at 128 tokens, concatenated."""
-    prompt = PROMPTS[name]
-    ref = _ref(hidream["pipe"], prompt)
-    out = _encode(comfy.engine("te.align").align_clip(hidream["clip"], "hidream"), prompt)
+    CLIP-L and CLIP-G projected pooled vectors at 128 tokens, concatenated; for every prompt of the set."""
+    aligned = comfy.engine("te.align").align_clip(hidream["clip"], "hidream")
     layers = te_hidream.LLAMA_TINY["num_hidden_layers"]
-    assert ref["cond"].shape == (1, 128, te_hidream.T5_TINY["d_model"])
-    assert ref["conditioning_llama3"].shape == (1, layers, 128, te_hidream.LLAMA_TINY["hidden_size"])
-    assert ref["pooled_output"].shape == (1, te_hidream.CLIP_L_TINY["projection_dim"] +
-                                          te_hidream.CLIP_G_TINY["projection_dim"])
-    diffs = _diffs(out, ref)
-    assert max(diffs.values()) <= TOL, diffs
-    assert out.get("attention_mask") is None, "HiDream's transformer takes no text mask"
+    pooled = te_hidream.CLIP_L_TINY["projection_dim"] + te_hidream.CLIP_G_TINY["projection_dim"]
+    worst = {}
+    for name, prompt in PROMPTS.items():
+        ref = refs[name]
+        assert ref["cond"].shape == (1, 128, te_hidream.T5_TINY["d_model"])
+        assert ref["conditioning_llama3"].shape == (1, layers, 128, te_hidream.LLAMA_TINY["hidden_size"])
+        assert ref["pooled_output"].shape == (1, pooled)
+        out = _encode(aligned, prompt)
+        assert out.get("attention_mask") is None, "HiDream's transformer takes no text mask"
+        worst[name] = max(_diffs(out, ref).values())
+    print("hidream aligned vs HiDreamImagePipeline, max abs", worst)
+    assert max(worst.values()) <= TOL, worst
 
 
 def test_hidream_spec_values_are_the_pipelines(comfy, hidream):
@@ -105,19 +114,16 @@ SPEC_ERRORS = {
     "llama pad with id 0": ({"llama": {"pad_token": "zero"}}, "plain"),
     "llama no mask in the encoder": ({"llama": {"encoder_attention_mask": False}}, "plain"),
     "llama 256 tokens": ({"llama": {"max_length": 256}}, "long"),
-    "llama zeroed pads": ({"llama": {"zero_padded": True}}, "plain"),
     "t5 no mask in the encoder": ({"t5xxl": {"encoder_attention_mask": False}}, "plain"),
     "t5 77 tokens": ({"t5xxl": {"max_length": 77}}, "plain"),
-    "t5 chunked (ComfyUI)": ({"t5xxl": {"truncation": "first_chunk"}}, "long"),
     "clip-l unprojected pooled": ({"l": {"pooled": "pooler_output"}}, "plain"),
     "clip-g 77 tokens": ({"g": {"max_length": 77}}, "mid"),
 }
 
 
-def test_hidream_parity_catches_spec_errors(comfy, hidream, record_property):
+def test_hidream_parity_catches_spec_errors(comfy, hidream, refs, record_property):
     """Each deliberate error in the spec makes the aligned encoding differ from the pipeline's (shape or > 1e-4)."""
     align = comfy.engine("te.align")
-    refs = {name: _ref(hidream["pipe"], PROMPTS[name]) for name in {p for _, p in SPEC_ERRORS.values()}}
     caught = {}
     for label, (changes, name) in SPEC_ERRORS.items():
         out = _encode(align.align_clip(hidream["clip"], _mutated(comfy, changes)), PROMPTS[name])
@@ -127,3 +133,57 @@ def test_hidream_parity_catches_spec_errors(comfy, hidream, record_property):
     record_property("hidream_spec_errors", caught)
     print("hidream deliberate spec errors", caught)
     assert all(v == "shape" or v > TOL for v in caught.values()), caught
+
+
+def test_hidream_comfy_default_vs_spec(comfy, hidream, refs, record_property):
+    """Where ComfyUI's default HiDream encoding differs from the official one: its Llama tokenizer (under
+    transformers 5, spaces dropped), no 128-token cap for Llama, the CLIPs pooled from a 248-token window, parsed
+    prompt syntax; and ComfyUI's Llama lacks Llama-3.1's RoPE scaling. T5 (first 128-token window) is the same.
+    Compared with the reference encodings, which the aligned CLIP equals (test above)."""
+    default = hidream["clip"]
+    tok = hidream["pipe"].tokenizer_4
+    rows = {}
+    for name in ("plain", "empty", "long", "mid", "syntax-escaped"):
+        prompt, a = PROMPTS[name], refs[name]
+        d = _encode(default, prompt)
+        comfy_ids = [t for t, *_ in default.tokenize(prompt)["llama"][0] if t != 128009]
+        rows[name] = {"llama_positions": (d["conditioning_llama3"].shape[2], a["conditioning_llama3"].shape[2]),
+                      "llama_tokens_as_official": comfy_ids == tok(prompt).input_ids,
+                      **{k: _max(d[k], a[k]) if d[k].shape == a[k].shape else "shape" for k in ("cond", "pooled_output",
+                                                                                                 "conditioning_llama3")}}
+    with te_hidream.llama31_rope(hidream["pipe"]):
+        (official,) = _ref(hidream["pipe"], [PROMPTS["plain"]])
+    rows["llama31_rope_scaling"] = _max(official["conditioning_llama3"], refs["plain"]["conditioning_llama3"])
+    record_property("comfy_default_vs_spec", rows)
+    print("hidream comfy default vs spec", rows)
+    for name in ("plain", "empty"):
+        assert rows[name]["cond"] <= TOL and rows[name]["pooled_output"] <= TOL
+        same_tokens = rows[name]["llama_tokens_as_official"]
+        assert (rows[name]["conditioning_llama3"] <= TOL) == same_tokens, rows[name]
+    assert not rows["plain"]["llama_tokens_as_official"], "ComfyUI's Llama tokenizer agrees now: update the docs"
+    assert rows["long"]["llama_positions"][1] == 128 < rows["long"]["llama_positions"][0]
+    # ComfyUI 0.3.75 tokenizes an unweighted prompt as one group, split at the window: its first 128-token T5 window
+    # is the official cut
+    assert rows["long"]["cond"] <= TOL and rows["long"]["pooled_output"] > TOL
+    assert rows["mid"]["pooled_output"] > TOL and rows["syntax-escaped"]["cond"] > TOL
+    assert rows["llama31_rope_scaling"] > TOL
+
+
+def test_hidream_clip_window_is_met_or_refused(comfy, hidream):
+    """ComfyUI's CLIP takes exactly its position count: the spec's 128 tokens are padded to HiDream's 248 at encode
+    time; on a 77-position CLIP (a stock CLIP-L) a prompt over 77 tokens is refused naming the encoder and the fix,
+    and a shorter one is padded to 77 (the pooled vector at the end token is the same)."""
+    import copy
+
+    align = comfy.engine("te.align")
+    ac = align.align_clip(hidream["clip"], "hidream")
+    enc = {e.key: e for e in ac.spec.encoders}["l"]
+    sub = copy.copy(hidream["clip"].tokenizer.clip_l)
+    tokens = ac.tokenize(PROMPTS["mid"])["l"]
+    assert [len(b) for b in tokens] == [128] and [len(b) for b in align.fit_window(sub, enc, tokens)] == [248]
+    sub.max_length = 77
+    with pytest.raises(comfy.engine("te.specs").SpecError, match=r"128 tokens for encoder 'l' \(clip_l\).*only 77 "
+                                                                  r"positions.*248"):
+        align.fit_window(sub, enc, tokens)
+    short = align.fit_window(sub, enc, ac.tokenize("a red circle")["l"])
+    assert [len(b) for b in short] == [77] and {t for t, *_ in short[0][5:]} == {49407}

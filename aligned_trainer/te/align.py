@@ -179,20 +179,28 @@ def fit_window(sub, enc: EncoderSpec, batches: list) -> list:
     """``batches`` padded (with the spec's pad id) to the one length ComfyUI's encoder for ``sub`` accepts, when it
     has one. Padding after the end token changes neither the pooled vector nor the positions before it (causal
     attention), so a spec that pads to fewer or more positions (HiDream: 128 in a 248-position CLIP) is met by
-    padding to the window; content that does not fit the window cannot be encoded by this CLIP at all."""
+    padding to (or cutting the padding at) the window; content that does not fit cannot be encoded by this CLIP."""
     window = comfy_window(sub)
     if window is None or all(len(b) == window for b in batches):
         return batches
     out = []
     for b in batches:
-        if len(b) > window:
+        if _used(sub, b) > window:
             raise SpecError(f"the text-encoder spec keeps up to {enc['max_length']} tokens for encoder '{enc.key}' "
                             f"({enc.attr}), but this CLIP's {enc.attr} has only {window} positions and the prompt has "
                             f"{len(b)}. Load the family's own text-encoder files (HiDream's CLIP-L/CLIP-G have 248 "
                             "positions) or shorten the prompt.")
         pad = (pad_id(sub, enc), 1.0, 0)[:len(b[0])] if b else (pad_id(sub, enc), 1.0)
-        out.append(list(b) + [pad] * (window - len(b)))
+        out.append((list(b) + [pad] * (window - len(b)))[:window])  # only padding after the end token is cut
     return out
+
+
+def _used(sub, batch: list) -> int:
+    """Positions up to and including the first end token (all of them when there is none)."""
+    for i, t in enumerate(batch):
+        if isinstance(t[0], int) and t[0] == sub.end_token:
+            return i + 1
+    return len(batch)
 
 
 def _content_count(tokens: list, sub) -> int:

@@ -11,11 +11,12 @@ layer 30), so the factory passes the same two options itself.
 
 ComfyUI's Llama keeps ``head_dim`` 128 as a class constant, so the tiny Llama has 128-wide heads (2 heads, 1 KV
 head). Meta-Llama-3.1-8B-Instruct's config scales RoPE (``rope_type`` llama3, factor 8); ComfyUI's Llama does not
-implement that scaling, so the reference is built twice: with plain RoPE (what ComfyUI computes) and with the
-official scaling (the difference is measured in the test).
+implement that scaling, so the reference runs with plain RoPE (what ComfyUI computes); ``llama31_rope`` switches the
+reference to the official scaling for measuring the difference.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -149,8 +150,23 @@ def llama_transformers(path: Path, official_rope: bool = False):
     return model, tok
 
 
-@functools.lru_cache(maxsize=None)  # one per session and rope choice: encode_prompt only reads it
-def hidream_pipeline(clip_l: Path, clip_g: Path, t5: Path, llama: Path, official_rope: bool = False):
+@contextlib.contextmanager
+def llama31_rope(pipe):
+    """Inside, the pipeline's Llama rotates with Meta-Llama-3.1's RoPE scaling (``rope_type`` llama3, factor 8), as
+    the official config has it; the same weights otherwise."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model = pipe.text_encoder_4.model
+    saved = model.rotary_emb
+    model.rotary_emb = LlamaRotaryEmbedding(config=llama_config(official_rope=True))
+    try:
+        yield
+    finally:
+        model.rotary_emb = saved
+
+
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
+def hidream_pipeline(clip_l: Path, clip_g: Path, t5: Path, llama: Path):
     """diffusers' HiDreamImagePipeline around the same weights (no transformer/VAE: only encode_prompt is used)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
@@ -159,7 +175,7 @@ def hidream_pipeline(clip_l: Path, clip_g: Path, t5: Path, llama: Path, official
         t5_m = T5EncoderModel(T5Config(**T5_TINY)).eval()
     _load_t5(t5_m, t5)
     clip_tok = CLIPTokenizer.from_pretrained(str(comfy_tokenizer_dir("sd1")))
-    llama_m, llama_tok = llama_transformers(llama, official_rope)
+    llama_m, llama_tok = llama_transformers(llama)
     return HiDreamImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
         text_encoder=_clip_transformers(clip_l, CLIP_L_TINY), tokenizer=clip_tok,
