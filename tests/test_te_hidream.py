@@ -187,3 +187,17 @@ def test_hidream_clip_window_is_met_or_refused(comfy, hidream):
         align.fit_window(sub, enc, tokens)
     short = align.fit_window(sub, enc, ac.tokenize("a red circle")["l"])
     assert [len(b) for b in short] == [77] and {t for t, *_ in short[0][5:]} == {49407}
+
+
+def test_hidream_token_inspector_reads_the_official_llama_tokens(comfy, hidream):
+    """The Token Inspector shows Llama's pieces from the spec's tokenizer (tokenizer.json as written, spaces kept) and
+    counts what the official 128-token cut drops, per encoder."""
+    ac = comfy.engine("te.align").align_clip(hidream["clip"], "hidream")
+    tok = hidream["pipe"].tokenizer_4
+    info = comfy.engine("te.inspect").inspect_text(ac, PROMPTS["long"])["encoders"]
+    assert info["llama"]["ids"] == tok(PROMPTS["long"], add_special_tokens=False).input_ids
+    assert info["llama"]["truncated_tokens"] == len(tok(PROMPTS["long"]).input_ids) - 128
+    t5 = hidream["pipe"].tokenizer_3
+    assert info["t5xxl"]["truncated_tokens"] == len(t5(PROMPTS["long"]).input_ids) - 128
+    clip_tok = hidream["pipe"].tokenizer
+    assert info["clip_l"]["truncated_tokens"] == len(clip_tok(PROMPTS["long"]).input_ids) - 128
