@@ -182,3 +182,19 @@ def hidream_pipeline(clip_l: Path, clip_g: Path, t5: Path, llama: Path):
         text_encoder_2=_clip_transformers(clip_g, CLIP_G_TINY), tokenizer_2=clip_tok,
         text_encoder_3=t5_m, tokenizer_3=T5TokenizerFast.from_pretrained(str(comfy_tokenizer_dir("t5"))),
         text_encoder_4=llama_m, tokenizer_4=llama_tok, transformer=None)
+
+
+def reference(pipe, prompts) -> dict[str, dict]:
+    """``HiDreamImagePipeline.encode_prompt`` as ``__call__`` runs it (its default ``max_sequence_length``, no CFG), in
+    one batched call (every encoder pads to max_length, so each row is that prompt's own encoding): prompt ->
+    {cond: T5 sequence, conditioning_llama3: Llama stack as (1, layers, tokens, width), pooled_output: CLIP-L +
+    CLIP-G}, the keys of ComfyUI's HiDream conditioning."""
+    import inspect
+
+    prompts = list(dict.fromkeys(prompts))
+    n = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    with torch.no_grad():
+        t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False,
+                                                        max_sequence_length=n)
+    return {p: {"cond": t5[i:i + 1], "conditioning_llama3": llama[:, i:i + 1].permute(1, 0, 2, 3),
+                "pooled_output": pooled[i:i + 1]} for i, p in enumerate(prompts)}
