@@ -189,3 +189,12 @@ def test_hidream_token_inspector_reads_the_official_llama_tokens(comfy, hidream)
     assert info["t5xxl"]["truncated_tokens"] == len(t5(PROMPTS["long"]).input_ids) - 128
     clip_tok = hidream["pipe"].tokenizer
     assert info["clip_l"]["truncated_tokens"] == len(clip_tok(PROMPTS["long"]).input_ids) - 128
+
+
+def test_tokenizer_file_without_tokenizer_json_is_refused(comfy, hidream):
+    """A spec that reads an encoder's tokens from tokenizer.json, on a tokenizer folder without one (ComfyUI's CLIP
+    BPE ships vocab.json + merges.txt), fails naming the file and the fix."""
+    ac = comfy.engine("te.align").align_clip(hidream["clip"], _mutated(comfy, {"l": {"tokenizer_file": "tokenizer_json"}}))
+    with pytest.raises(comfy.engine("te.specs").SpecError, match=r"sd1_tokenizer.tokenizer\.json, which does not exist.*"
+                                                                  r"tokenizer_file to 'comfy'"):
+        ac.tokenize("a red circle")
