@@ -185,10 +185,11 @@ def fit_window(sub, enc: EncoderSpec, batches: list) -> list:
         return batches
     out = []
     for b in batches:
-        if _used(sub, b) > window:
+        used = _used(sub, b)
+        if used > window:
             raise SpecError(f"the text-encoder spec keeps up to {enc['max_length']} tokens for encoder '{enc.key}' "
                             f"({enc.attr}), but this CLIP's {enc.attr} has only {window} positions and the prompt has "
-                            f"{len(b)}. Load the family's own text-encoder files (HiDream's CLIP-L/CLIP-G have 248 "
+                            f"{used}. Load the family's own text-encoder files (HiDream's CLIP-L/CLIP-G have 248 "
                             "positions) or shorten the prompt.")
         pad = (pad_id(sub, enc), 1.0, 0)[:len(b[0])] if b else (pad_id(sub, enc), 1.0)
         out.append((list(b) + [pad] * (window - len(b)))[:window])  # only padding after the end token is cut
