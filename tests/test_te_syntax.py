@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.factories import te_llm, te_lumina2, te_more, te_qwen_image, te_t5, te_wan
+from support.factories import te_hidream, te_llm, te_lumina2, te_more, te_qwen_image, te_t5, te_wan
 from support.factories import text_encoders as te
 from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
 
@@ -26,12 +26,14 @@ def emb_dirs(comfy, tmp_path_factory):
         "clip_l": 768, "clip_g": te.CLIP_G_TINY["hidden_size"], "clip_h": te_more.CLIP_H_TINY["hidden_size"],
         "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"],
         "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"], "qwen25_7b": te_qwen_image.QWEN25VL_TINY["hidden_size"],
-        "gemma2_2b": te_lumina2.GEMMA2_TINY["hidden_size"], "umt5xxl": te_wan.UMT5_SHRINK["d_model"]})
+        "gemma2_2b": te_lumina2.GEMMA2_TINY["hidden_size"], "umt5xxl": te_wan.UMT5_SHRINK["d_model"],
+        "llama": te_hidream.LLAMA_TINY["hidden_size"]})
 
 
 @pytest.fixture(scope="module")
 def families(comfy, emb_dirs):
-    """spec id -> (ComfyUI CLIP with the embeddings folder, reference(prompt) -> (cond, pooled, mask))."""
+    """spec id -> (ComfyUI CLIP with the embeddings folder, reference(prompt) -> (cond, pooled, mask[, other
+    conditioning keys]))."""
     align = comfy.engine("te.align")
     l, lp, g, t5, t5_3 = te.clip_l_file(), te.clip_lp_file(), te.clip_g_file(), te.t5_tiny_file(), te.t5_sd3_file()
     h, pile = te_more.clip_h_file(), te_more.pile_t5_file()
@@ -48,6 +50,15 @@ def families(comfy, emb_dirs):
     flux_clip, t5_clip = te.flux_clip(l, t5, emb_dirs), te_t5.pixart_clip(t5, emb_dirs)
     sd3_clip = te.sd3_clip(lp, g, t5_3, emb_dirs)
     cpu = dict(device="cpu")
+    hidream_files = te_hidream.files()
+    hidream = te_hidream.hidream_pipeline(*hidream_files.values())
+    hidream_refs = {}
+
+    def hidream_ref(prompt):  # the whole syntax set in one batched encode_prompt call, on first use
+        if not hidream_refs:
+            hidream_refs.update(te_hidream.reference(hidream, SYNTAX_PROMPTS.values()))
+        r = hidream_refs.get(prompt) or te_hidream.reference(hidream, [prompt])[prompt]
+        return r["cond"], r["pooled_output"], None, {"conditioning_llama3": r["conditioning_llama3"]}
 
     def sd3_ref(pipe, prompt, variant):
         if variant == "diffusers":
@@ -90,6 +101,7 @@ def families(comfy, emb_dirs):
                                                                max_sequence_length=512, **cpu)[0], None, None)),
         "qwen-image": (te_qwen_image.qwen_image_clip(qwen25vl, emb_dirs),
                        lambda p: (qwen_image.encode_prompt(p, max_sequence_length=512, **cpu)[0], None, None)),
+        "hidream": (te_hidream.hidream_clip(hidream_files, emb_dirs), hidream_ref),
         "lumina2": (te_lumina2.lumina2_clip(gemma2, emb_dirs),
                     lambda p: (lambda r: (r[0], None, r[1]))(lumina2.encode_prompt(p, do_classifier_free_guidance=False,
                                                                                    **cpu))),
@@ -103,7 +115,7 @@ def test_every_spec_family_is_covered(comfy, families):
 
 @pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
                                      "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image",
-                                     "wan", "qwen-image", "lumina2"])
+                                     "wan", "qwen-image", "lumina2", "hidream"])
 def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
     """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with
     ComfyUI's syntax chosen differs wherever that syntax changes the text (figures in the junit properties)."""
@@ -115,7 +127,7 @@ def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property
     rows, bad = {}, []
     for name, prompt in SYNTAX_PROMPTS.items():
         with torch.no_grad():
-            ref, ref_pooled, ref_mask = reference(prompt)
+            ref, ref_pooled, ref_mask, *other = reference(prompt)
         out = ac.encode_from_tokens(ac.tokenize(prompt), return_dict=True)
         com = ac_comfy.encode_from_tokens(ac_comfy.tokenize(prompt), return_dict=True)
         d = _diff(out["cond"], ref)
@@ -123,6 +135,8 @@ def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property
             d = max(d, _diff(out["pooled_output"], ref_pooled))
         if ref_mask is not None:
             d = max(d, 0.0 if torch.equal(out["attention_mask"].long(), ref_mask.long()) else float("inf"))
+        for key, value in (other[0] if other else {}).items():  # HiDream: the Llama stack
+            d = max(d, _diff(out[key], value))
         dc = _diff(com["cond"], ref)
         rows[name] = {"aligned": d, "comfyui_syntax": dc}
         if d > TOL:

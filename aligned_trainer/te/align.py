@@ -25,6 +25,7 @@ import torch
 
 from . import syntax as sx
 from .specs import EncoderSpec, SpecError, TESpec, detect_spec, get_spec
+from .tokenizers import spec_tokenizer
 
 NO_LIMIT = 10 ** 9
 
@@ -112,6 +113,7 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
     """Tokens for one encoder, as ComfyUI's tokenizer returns them (list of batches of tuples). ``literal``
     tokenizes the text as written; ``comfyui`` lets ComfyUI's tokenizer parse its prompt syntax first."""
     text = encoder_text(text, enc)
+    sub = spec_tokenizer(sub, enc)
     kwargs = dict(kwargs)
     opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
             if not k.startswith(f"{sub.embedding_key}_min_")}
@@ -166,6 +168,42 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
     return [seq]
 
 
+def comfy_window(sub) -> int | None:
+    """The one sequence length ComfyUI's encoder for ``sub`` accepts, or None: ComfyUI's CLIP adds its whole
+    position table to the tokens, so a tokenizer that pads to its window (``pad_to_max_length``) must give
+    exactly ``max_length`` tokens (77, or 248 for HiDream's long CLIPs, read from the file by ComfyUI's loader)."""
+    return sub.max_length if getattr(sub, "pad_to_max_length", False) and sub.max_length < NO_LIMIT else None
+
+
+def fit_window(sub, enc: EncoderSpec, batches: list) -> list:
+    """``batches`` padded (with the spec's pad id) to the one length ComfyUI's encoder for ``sub`` accepts, when it
+    has one. Padding after the end token changes neither the pooled vector nor the positions before it (causal
+    attention), so a spec that pads to fewer or more positions (HiDream: 128 in a 248-position CLIP) is met by
+    padding to (or cutting the padding at) the window; content that does not fit cannot be encoded by this CLIP."""
+    window = comfy_window(sub)
+    if window is None or all(len(b) == window for b in batches):
+        return batches
+    out = []
+    for b in batches:
+        used = _used(sub, b)
+        if used > window:
+            raise SpecError(f"the text-encoder spec keeps up to {enc['max_length']} tokens for encoder '{enc.key}' "
+                            f"({enc.attr}), but this CLIP's {enc.attr} has only {window} positions and the prompt has "
+                            f"{used}. Load the family's own text-encoder files (HiDream's CLIP-L/CLIP-G have 248 "
+                            "positions) or shorten the prompt.")
+        pad = (pad_id(sub, enc), 1.0, 0)[:len(b[0])] if b else (pad_id(sub, enc), 1.0)
+        out.append((list(b) + [pad] * (window - len(b)))[:window])  # only padding after the end token is cut
+    return out
+
+
+def _used(sub, batch: list) -> int:
+    """Positions up to and including the first end token (all of them when there is none)."""
+    for i, t in enumerate(batch):
+        if isinstance(t[0], int) and t[0] == sub.end_token:
+            return i + 1
+    return len(batch)
+
+
 def _content_count(tokens: list, sub) -> int:
     special = {sub.start_token, sub.end_token, sub.pad_token, 0 if sub.pad_token is not None else None}
     return sum(1 for batch in tokens for t in batch if not isinstance(t[0], int) or t[0] not in special)
@@ -189,6 +227,11 @@ def show_pad_tokens(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where((idx >= used) & (idx < used + n), torch.ones_like(mask), mask)
 
 
+# the spec's hidden_layer as ComfyUI's SDClipModel (layer, layer_idx); "all" stacks every layer's output (ComfyUI's
+# Llama returns the embedding output first, which the family's own text-encoder class drops, as HiDream's does)
+COMFY_LAYERS = {"last": ("last", None), "penultimate": ("hidden", -2), "all": ("all", None)}
+
+
 @contextlib.contextmanager
 def encoder_options(cond_stage_model, spec: TESpec):
     """Set each encoder's options from the spec for one encode call; restore them afterwards."""
@@ -200,13 +243,13 @@ def encoder_options(cond_stage_model, spec: TESpec):
                 continue
             saved.append((m, m.options_default, m.enable_attention_masks, m.return_attention_masks,
                           m.zero_out_masked, m.layer_norm_hidden_state))
-            layer = ("last", None) if enc["hidden_layer"] == "last" else ("hidden", -2)
+            layer = COMFY_LAYERS[enc["hidden_layer"]]
             projected = enc["pooled"] == "eos_projected"
             m.options_default = (layer[0], layer[1], projected)
             m.enable_attention_masks = bool(enc["encoder_attention_mask"])
             m.return_attention_masks = bool(enc["denoiser_attention_mask"])
             m.zero_out_masked = bool(enc["zero_padded"])
-            if enc["final_layer_norm"] is not None and layer[0] == "hidden":
+            if enc["final_layer_norm"] is not None and layer[0] != "last":
                 m.layer_norm_hidden_state = bool(enc["final_layer_norm"])
             m.reset_clip_options()
         yield
@@ -303,7 +346,19 @@ class AlignedCLIP(comfy.sd.CLIP):
                 return False
         return True
 
+    def _fit_windows(self, tokens):
+        """The tokens with each CLIP encoder's sequences padded to the window ComfyUI's CLIP takes (``fit_window``)."""
+        if not isinstance(tokens, dict):
+            return tokens
+        out = dict(tokens)
+        for enc in self.spec.encoders:
+            sub = self._sub(enc)
+            if sub is not None and enc.key in out:
+                out[enc.key] = fit_window(sub, enc, out[enc.key])
+        return out
+
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        tokens = self._fit_windows(tokens)
         with encoder_options(self.cond_stage_model, self.spec), dropped_prefix(self.cond_stage_model, self.spec):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
         visible = [e["visible_pad_tokens"] for e in self.spec.encoders if e["visible_pad_tokens"]]

@@ -8,6 +8,7 @@ COMMON_FRACTION = 0.4  # single-token triggers with an id in the first 40% of th
 
 from . import syntax as sx
 from .align import AlignedCLIP, clean_text, encoder_text, literal_ids
+from .tokenizers import spec_tokenizer
 
 
 def _subs(clip):
@@ -84,6 +85,8 @@ def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> di
     if isinstance(clip, AlignedCLIP):
         limits = {e.attr: e for e in clip.spec.encoders}
     for attr, sub in _subs(clip).items():
+        if attr in limits:
+            sub = spec_tokenizer(sub, limits[attr])
         key = _key_for(attr, tokens)
         pieces = token_pieces(sub, text)
         special = {sub.start_token, sub.end_token}
