@@ -37,7 +37,7 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
    (4 generated 64 px captioned images in the server's input folder). Per workflow (``SHRINK_MORE``): Wan's
    clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos`` folder holds
-   a 6-frame 64 px clip and a still image.
+   a 6-frame 64 px clip and a still image; Z-Image and Chroma render one preview and one validation pass.
 
 Everything else is the shipped workflow: the aligned text-encoder node with its spec, dataset and caches,
 LoRA config (rank, targets), timestep strategy, optimizer, Train Init, Train Steps, Save LoRA, sample preview,
@@ -93,7 +93,12 @@ SHRINK = {
 SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                                    "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
                                    "AlignedTrainer_SamplePreview": {"frames": 5},
-                                   "AlignedTrainer_TrainSteps": {"val_every": STEPS}}}
+                                   "AlignedTrainer_TrainSteps": {"val_every": STEPS}},
+               # Z-Image (a 256-wide DiT: ComfyUI's z_image_modulation needs 256) and Chroma in bf16 on a CPU: one
+               # preview and one validation pass, as for Wan
+               **{name: {"AlignedTrainer_PreviewPlan": {"every_n": STEPS},
+                         "AlignedTrainer_TrainSteps": {"val_every": STEPS}}
+                  for name in ("train_lora_zimage", "train_lora_chroma")}}
 
 
 def shrink_for(name: str) -> dict:
