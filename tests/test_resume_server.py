@@ -18,55 +18,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import train_prompt
 from support.factories.dataset import make_dataset
 from support.server import ComfyServer
 
 pytestmark = pytest.mark.server
-P = "AlignedTrainer_"
 LONG = 1000  # steps queued for runs that are stopped from outside
 
 
 def prompt(run_name: str, steps: int, resume: str = "none", checkpoint_every: int = 0, lora_name: str = "",
            if_exists: str = "new_name", seed: int = 5) -> dict:
-    """API prompt: tiny SD1.5 -> dataset -> caches -> LoRA/timesteps/optimizer -> Train Init -> Train Steps
-    (-> Save LoRA in fp32, raw weights, when ``lora_name``)."""
-    p = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
-        "2": {"class_type": P + "Dataset", "inputs": {
-            "folder": "resume_ds", "resolution": 64, "min_side": 64, "max_side": 64, "bucket_step": 64,
-            "trigger_word": "", "shuffle_tags": False, "keep_tokens": 1, "tag_dropout": 0.0, "caption_dropout": 0.0,
-            "caption_variants": 1, "flip": False, "seed": 0}},
-        "3": {"class_type": P + "CacheLatents", "inputs": {"dataset": ["2", 0], "vae": ["1", 2]}},
-        "4": {"class_type": P + "CacheTextEmbeddings", "inputs": {"latents": ["3", 0], "clip": ["1", 1],
-                                                                   "unload_text_encoder": False}},
-        "5": {"class_type": P + "LoraConfig", "inputs": {
-            "algorithm": "lora", "rank": 4, "alpha": 4.0, "targets": "attention", "include": "", "exclude": "",
-            "rank_dropout": 0.0, "module_dropout": 0.0, "network_dropout": 0.0, "init": "default", "max_norm": 0.0}},
-        "6": {"class_type": P + "TimestepStrategy", "inputs": {
-            "density": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "shift": "model",
-            "shift_value": 3.0, "bias": "balanced", "bias_strength": 0.0, "min_timestep": 0, "max_timestep": 1000,
-            "weighting": "none", "min_snr_gamma": 5.0, "noise_offset": 0.0, "multires_iterations": 0,
-            "multires_discount": 0.3}},
-        "7": {"class_type": P + "Optimizer", "inputs": {
-            "optimizer": "adamw", "learning_rate": 1e-3, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999,
-            "scheduler": "cosine", "warmup_steps": 2, "total_steps": LONG, "num_cycles": 1, "power": 1.0,
-            "grad_clip": 1.0, "d_coef": 1.0, "decouple": True, "use_bias_correction": False,
-            "safeguard_warmup": False}},
-        "8": {"class_type": P + "TrainInit", "inputs": {
-            "model": ["1", 0], "training_set": ["4", 0], "lora_config": ["5", 0], "timesteps": ["6", 0],
-            "optimizer": ["7", 0], "seed": seed, "batch_size": 1, "grad_accum": 1, "precision": "fp32",
-            "gradient_checkpointing": False, "ema_decay": 0.0, "guidance": 1.0, "val_count": 0, "reg_weight": 1.0,
-            "dop_weight": 0.0, "run_name": run_name, "resume": resume, "if_exists": if_exists}},
-        "9": {"class_type": P + "TrainSteps", "inputs": {"run": ["8", 0], "steps": steps,
-                                                         "checkpoint_every": checkpoint_every, "keep_last": 3,
-                                                         "val_every": 0}},
-    }
-    if lora_name:
-        p["10"] = {"class_type": P + "SaveLora", "inputs": {"run": ["9", 0], "name": lora_name, "dtype": "fp32",
-                                                             "use_ema": False}}
-    else:  # something must consume Train Steps' output for it to run: Save LoRA is the only output node
-        p["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 2]}}
-    return p
+    """The shared tiny SD1.5 run (support.train_prompt) with this module's settings: lr 1e-3 with a cosine schedule
+    over LONG steps after 2 warmup steps (so a resumed run must restore the scheduler), 3 checkpoints kept, the
+    LoRA saved under the next free name."""
+    return train_prompt.prompt(run_name, steps, resume=resume, checkpoint_every=checkpoint_every, lora_name=lora_name,
+                               dataset="resume_ds", lr=1e-3, scheduler="cosine", warmup_steps=2, total_steps=LONG,
+                               seed=seed, keep_last=3, if_exists=if_exists, lora_if_exists="new_name")
 
 
 class Pair:
