@@ -43,19 +43,78 @@ def _ids(h, w):
     return ids.reshape(-1, 3)
 
 
-def test_flux_full_width_lora_loads_every_module_in_diffusers_and_matches_comfyui(T, comfy, tmp_path):
-    import comfy.lora
-    import comfy.utils
-
+def _training_set(T, g):
+    """One seeded sample with FLUX's conditioning (T5 sequence, pooled CLIP-L) at the tiny family's widths."""
     from support.factories import families
+
+    cond = [[torch.randn(1, 8, families.T5_FLUX["d_model"], generator=g),
+             {"pooled_output": torch.randn(1, families.CLIP_L_WIDTH, generator=g)}]]
+    return T.types.TrainingSet((T.types.Sample("a", torch.randn(16, 4, 4, generator=g),
+                                               (T.types.CaptionVariant("ohwx", cond),), bucket=(32, 32)),))
+
+
+class Inputs:
+    """Seeded inputs of one forward: ComfyUI's (x, t, context, y=pooled, guidance) and diffusers' spelling."""
+
+    def __init__(self, g):
+        from support.factories import families
+
+        self.x = torch.randn(1, 16, 4, 4, generator=g)
+        self.ctx = torch.randn(1, 8, families.T5_FLUX["d_model"], generator=g)
+        self.pooled = torch.randn(1, families.CLIP_L_WIDTH, generator=g)
+        self.t, self.guidance = torch.tensor([0.6]), torch.tensor([3.5])
+        self.diffusers = dict(hidden_states=_pack(self.x), encoder_hidden_states=self.ctx,
+                              pooled_projections=self.pooled, timestep=self.t, guidance=self.guidance,
+                              img_ids=_ids(4, 4), txt_ids=torch.zeros(8, 3), return_dict=False)
+
+    def comfy(self, dm):
+        return dm(self.x, self.t, self.ctx, y=self.pooled, guidance=self.guidance).float()
+
+
+class Loaded(list):
+    """Names of the modules carrying the loaded adapter; ``magnitudes``: how many DoRA magnitudes came with it."""
+    magnitudes = 0
+
+
+def _diffusers_run(pipe, path, inputs: Inputs):
+    """(modules carrying the loaded adapter, output with it, output without it) of ``pipe.load_lora_weights(path)``."""
+    pipe.load_lora_weights(str(path), adapter_name="default_0")
+    try:
+        loaded = Loaded(R.lora_modules(pipe.transformer))
+        loaded.magnitudes = sum("lora_magnitude_vector" in n for n, _ in pipe.transformer.named_parameters())
+        with torch.no_grad():
+            ours = _unpack(pipe.transformer(**inputs.diffusers)[0], 4, 4)
+            pipe.transformer.disable_adapters()
+            base = _unpack(pipe.transformer(**inputs.diffusers)[0], 4, 4)
+            pipe.transformer.enable_adapters()
+    finally:
+        pipe.unload_lora_weights()
+    return loaded, ours, base
+
+
+def _comfy_run(T, model, sd, inputs: Inputs):
+    """(ComfyUI's base output, its output with the file merged in place by its stock loader's patches); the
+    (test-owned) model keeps the merged weights."""
+    import comfy.lora
+
+    dm = model.model.diffusion_model
+    with torch.no_grad():
+        comfy_base = inputs.comfy(dm)
+        patched = T.export.model_with_lora(model, sd)
+        params = dict(dm.named_parameters())
+        for key, patches in patched.patches.items():
+            name = key[len("diffusion_model."):]
+            params[name].copy_(comfy.lora.calculate_weight(patches, params[name].detach().float().clone(), key))
+        return comfy_base, inputs.comfy(dm)
+
+
+def test_flux_full_width_lora_loads_every_module_in_diffusers_and_matches_comfyui(T, comfy, tmp_path):
+    import comfy.utils
 
     t0 = time_now()
     model = R.flux_full_width_model()
     g = torch.Generator().manual_seed(0)
-    ctx_dim, vec_dim = families.T5_FLUX["d_model"], families.CLIP_L_WIDTH
-    cond = [[torch.randn(1, 8, ctx_dim, generator=g), {"pooled_output": torch.randn(1, vec_dim, generator=g)}]]
-    tset = T.types.TrainingSet((T.types.Sample("a", torch.randn(16, 4, 4, generator=g),
-                                               (T.types.CaptionVariant("ohwx", cond),), bucket=(32, 32)),))
+    tset = _training_set(T, g)
     lora = T.C.LoraConfig(rank=4, alpha=2, preset="all-linear")
     run = T.loop.init_run(model, tset, lora, T.C.TimestepConfig(), T.C.OptimizerConfig(lr=1e-3),
                           T.st.RunSettings(run_name="flux_full"), runs_root=tmp_path / "runs")
@@ -81,41 +140,19 @@ def test_flux_full_width_lora_loads_every_module_in_diffusers_and_matches_comfyu
     assert n_comfy_modules == 13  # 10 per double block, 3 per single block
     t_save = time_now()
 
-    dm = model.model.diffusion_model
-    pipe = R.flux_pipeline(dm.state_dict())
-    x = torch.randn(1, 16, 4, 4, generator=g)
-    ctx, pooled = torch.randn(1, 8, ctx_dim, generator=g), torch.randn(1, vec_dim, generator=g)
-    t, guidance = torch.tensor([0.6]), torch.tensor([3.5])
-    d_in = dict(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
-                guidance=guidance, img_ids=_ids(4, 4), txt_ids=torch.zeros(8, 3), return_dict=False)
+    pipe = R.flux_pipeline(model.model.diffusion_model.state_dict())
+    inputs = Inputs(g)
     pipe.load_lora_weights(dict(every), adapter_name="skipped")
     try:
         assert len(R.lora_modules(pipe.transformer, "skipped")) == len(FluxPipelineStateDict(sd))  # blocks only
     finally:
         pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(path), adapter_name="default_0")
-    try:
-        loaded = R.lora_modules(pipe.transformer)
-        # linear1 is q, k, v and proj_mlp in diffusers; qkv of the double blocks are to_q/k/v (add_q/k/v_proj)
-        converted = FluxPipelineStateDict(sd)
-        assert len(loaded) == len(converted) >= n_comfy_modules, (len(loaded), len(converted), n_comfy_modules)
-        with torch.no_grad():
-            ours = _unpack(pipe.transformer(**d_in)[0], 4, 4)
-            pipe.transformer.disable_adapters()
-            base = _unpack(pipe.transformer(**d_in)[0], 4, 4)
-            pipe.transformer.enable_adapters()
-    finally:
-        pipe.unload_lora_weights()
+    loaded, ours, base = _diffusers_run(pipe, path, inputs)
+    # linear1 is q, k, v and proj_mlp in diffusers; qkv of the double blocks are to_q/k/v (add_q/k/v_proj)
+    converted = FluxPipelineStateDict(sd)
+    assert len(loaded) == len(converted) >= n_comfy_modules, (len(loaded), len(converted), n_comfy_modules)
     del pipe
-    with torch.no_grad():
-        comfy_base = dm(x, t, ctx, y=pooled, guidance=guidance).float()
-        # ComfyUI with the same file: its stock loader's patches merged into the (test-owned) model in place
-        patched = T.export.model_with_lora(model, sd)
-        params = dict(dm.named_parameters())
-        for key, patches in patched.patches.items():
-            name = key[len("diffusion_model."):]
-            params[name].copy_(comfy.lora.calculate_weight(patches, params[name].detach().float().clone(), key))
-        comfy_out = dm(x, t, ctx, y=pooled, guidance=guidance).float()
+    comfy_base, comfy_out = _comfy_run(T, model, sd, inputs)  # ComfyUI with the same file
     scale = float(comfy_base.abs().max())
     assert float((base - comfy_base).abs().max()) < 1e-5 * max(1.0, scale), "converted base must equal ComfyUI's"
     assert (ours - base).abs().max() > 1e-2, "the LoRA must visibly change the output"
@@ -146,17 +183,11 @@ def test_flux_full_width_output_axis_dora_copy_loads_in_diffusers(T, comfy, tmp_
     the diffusers copy (peft layout: fused qkv/linear1 split with their magnitudes, outer modules under
     ``transformer.``) loads a DoRA adapter on every module in ``FluxPipeline.load_lora_weights`` and matches ComfyUI
     with the ComfyUI file within 1e-4."""
-    import comfy.lora
     import comfy.utils
-
-    from support.factories import families
 
     model = R.flux_full_width_model()
     g = torch.Generator().manual_seed(0)
-    ctx_dim, vec_dim = families.T5_FLUX["d_model"], families.CLIP_L_WIDTH
-    cond = [[torch.randn(1, 8, ctx_dim, generator=g), {"pooled_output": torch.randn(1, vec_dim, generator=g)}]]
-    tset = T.types.TrainingSet((T.types.Sample("a", torch.randn(16, 4, 4, generator=g),
-                                               (T.types.CaptionVariant("ohwx", cond),), bucket=(32, 32)),))
+    tset = _training_set(T, g)
     lora = T.C.LoraConfig(rank=4, alpha=2, preset="all-linear", dora=True, dora_axis="output")
     run = T.loop.init_run(model, tset, lora, T.C.TimestepConfig(), T.C.OptimizerConfig(lr=1e-3),
                           T.st.RunSettings(run_name="flux_full_dora"), runs_root=tmp_path / "runs")
@@ -173,32 +204,12 @@ def test_flux_full_width_output_axis_dora_copy_loads_in_diffusers(T, comfy, tmp_
     sd, copy = (comfy.utils.load_torch_file(str(p)) for p in (path, tmp_path / "diffusers" / path.name))
     in_copy = {k.split(".", 1)[1].rsplit(".", 2)[0] for k in copy if k.endswith(".lora_A.weight")}
     assert {"x_embedder", "proj_out", "single_transformer_blocks.0.attn.to_q"} <= in_copy
-    dm = model.model.diffusion_model
-    pipe = R.flux_pipeline(dm.state_dict())
-    x = torch.randn(1, 16, 4, 4, generator=g)
-    ctx, pooled = torch.randn(1, 8, ctx_dim, generator=g), torch.randn(1, vec_dim, generator=g)
-    t, guidance = torch.tensor([0.6]), torch.tensor([3.5])
-    d_in = dict(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
-                guidance=guidance, img_ids=_ids(4, 4), txt_ids=torch.zeros(8, 3), return_dict=False)
-    pipe.load_lora_weights(str(tmp_path / "diffusers" / path.name), adapter_name="default_0")
-    try:
-        assert set(R.lora_modules(pipe.transformer)) == in_copy
-        assert sum("lora_magnitude_vector" in n for n, _ in pipe.transformer.named_parameters()) == len(in_copy)
-        with torch.no_grad():
-            ours = _unpack(pipe.transformer(**d_in)[0], 4, 4)
-            pipe.transformer.disable_adapters()
-            base = _unpack(pipe.transformer(**d_in)[0], 4, 4)
-            pipe.transformer.enable_adapters()
-    finally:
-        pipe.unload_lora_weights()
+    pipe = R.flux_pipeline(model.model.diffusion_model.state_dict())
+    inputs = Inputs(g)
+    loaded, ours, base = _diffusers_run(pipe, tmp_path / "diffusers" / path.name, inputs)
+    assert set(loaded) == in_copy and loaded.magnitudes == len(in_copy), (loaded.magnitudes, len(in_copy))
     del pipe
-    with torch.no_grad():
-        patched = T.export.model_with_lora(model, sd)
-        params = dict(dm.named_parameters())
-        for key, patches in patched.patches.items():
-            name = key[len("diffusion_model."):]
-            params[name].copy_(comfy.lora.calculate_weight(patches, params[name].detach().float().clone(), key))
-        comfy_out = dm(x, t, ctx, y=pooled, guidance=guidance).float()
+    _, comfy_out = _comfy_run(T, model, sd, inputs)
     assert (ours - base).abs().max() > 1e-2, "the LoRA must visibly change the output"
     err = float((ours - comfy_out).abs().max())
     print(f"\nFLUX width 3072 output-axis DoRA: max |diffusers - ComfyUI| {err:.2e}, modules {len(in_copy)}")
