@@ -78,7 +78,7 @@ TESTS = {
                            "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps",
                            "tests/test_memory_modes.py::test_quantize_leaves_weight_side_adapter_layers_as_loaded_and_errors_propagate",
                            "tests/test_sampling_plan.py::test_train_steps_renders_plan_at_requested_steps"],
-    "train/loop.py": ["tests/test_pin_backward_retry.py", "tests/test_pin_loop.py", "tests/test_pin_options.py", "tests/test_train.py::test_resume_equals_uninterrupted",
+    "train/loop.py": ["tests/test_pin_loop_paths.py", "tests/test_pin_backward_retry.py", "tests/test_pin_loop.py", "tests/test_pin_options.py", "tests/test_train.py::test_resume_equals_uninterrupted",
                       "tests/test_train_features.py::test_dop_and_reg_weight_change_the_loss"],
     "train/config.py": ["tests/test_pin_config.py", "tests/test_train.py::test_invalid_settings_fail_before_training"],
     "train/state.py": ["tests/test_pin_state.py", "tests/test_resume.py",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 P = "AlignedTrainer_"
-PROMPTS = dict(target="a photo of a person", positive="a smiling person", negative="a frowning person",
+PROMPTS = dict(target="a photo of a person", positive="a (smiling:1.5) person", negative="a frowning person",
                anchor="a photo")
 # every factor differs from 1 and from the others, so a dropped or swapped factor changes the loss
 CFG = dict(guidance_scale=2.0, anchor_weight=0.5, strength=0.75, bidirectional=True, width=64, height=64,
@@ -116,7 +116,7 @@ def test_noisy_latent_is_euler_with_cfg_on_the_base_model(S, sd15, slider_run, t
     sigma = torch.tensor([2.0, 0.7])
     got = {}
     with torch.inference_mode(False), trainer.hooked():
-        for k, cfg in ((2, 3.0), (1, 1.0), (0, 3.0)):
+        for k, cfg in ((2, 3.0), (1, 1.0), (1, 2.0), (0, 3.0)):
             obj = S.SliderObjective(dataclasses.replace(sl, config=dataclasses.replace(sl.config, denoise_steps=k,
                                                                                       denoise_cfg=cfg)))
             got[(k, cfg)] = obj.noisy_latent(trainer, noise, sigma)
@@ -155,30 +155,80 @@ def test_micro_batch_loss_and_gradient_divided_by_grad_accum(trainer):
     assert out[1][0] > 0 and math.isclose(out[3][0], out[1][0] / 3, rel_tol=1e-5)
     assert all(torch.allclose(a / 3, b, rtol=1e-4, atol=1e-9) for a, b in zip(out[1][1], out[3][1]))
     assert any(a.abs().sum() > 0 for a in out[1][1])
+    # the gradient is the loss's own (not a multiple): a step of -eps * g along it lowers the returned loss by
+    # eps * |g|^2 to first order (x and sigma do not depend on the adapters: the base model makes them)
+    loss, grads = out[1]
+    sq = sum(float((g ** 2).sum()) for g in grads)
+    eps = 1e-3 * loss / sq
+    saved = [p.detach().clone() for p in trainer.params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(trainer.params, grads):
+                p.sub_(eps * g)
+        with torch.inference_mode(False), torch.enable_grad(), trainer.hooked():
+            trainer.gen.set_state(state)
+            lower = trainer.objective.micro_batch(trainer)
+    finally:
+        with torch.no_grad():
+            for p, v in zip(trainer.params, saved):
+                p.copy_(v)
+        trainer.opt.zero_grad(set_to_none=True)
+    assert (loss - lower) == pytest.approx(eps * sq, rel=0.05), (loss - lower, eps * sq)
 
 
-def test_prompt_set_holds_the_prompts_encoded_by_the_stock_node(comfy, S, sd15, aligned):
-    """Each prompt's conditioning is what the stock CLIPTextEncode gives with the slider's (literal) CLIP; a blank
+def test_validation_loss_at_fixed_noise_and_levels(S, trainer):
+    """The slider's validation loss: the mean of the (pinned) loss at noisy latents made from noise drawn from a
+    generator seeded 12345, one per level, at the levels 0.1 .. 0.9 (val_timesteps of them, evenly spaced) taken as
+    ComfyUI's percent_to_sigma(1 - u)."""
+    import dataclasses as dc
+
+    run = trainer.run
+    trainer.run = run.advanced(settings=dc.replace(run.settings, val_timesteps=2))
+    try:
+        with torch.inference_mode(False), torch.no_grad(), trainer.hooked():
+            got = trainer.objective.validation_loss(trainer)
+            g = torch.Generator().manual_seed(12345)
+            want = []
+            for u in (0.1, 0.9):
+                noise = torch.randn((1, 4, 8, 8), generator=g)
+                sigma = torch.tensor([float(trainer.ms.percent_to_sigma(1.0 - u))])
+                want.append(trainer.objective.loss(trainer, trainer.objective.noisy_latent(trainer, noise, sigma), sigma))
+    finally:
+        trainer.run = run
+    assert got == pytest.approx(sum(want) / 2, rel=1e-6) and want[0] != want[1]
+
+
+def test_prompt_set_holds_the_prompts_encoded_by_the_stock_node(comfy, T, S, sd15, aligned):
+    """Each prompt's conditioning is what the stock CLIPTextEncode gives with the literal aligned CLIP, also when the
+    slider is given a CLIP reading ComfyUI's syntax (the emphasis in the positive prompt is read as text, as captions
+    are); a blank
     anchor is no anchor; the placeholder latent has the model's channels at resolution / 8; the encoder is
     unloaded afterwards; the set's key follows the settings."""
     D_cache = comfy.engine("data.cache")
-    clip = aligned.training_clip()
+    clip = aligned  # literal, as Load Aligned Text Encoders gives it
+    inference = aligned.with_syntax("comfyui")  # a CLIP reading ComfyUI's emphasis: the slider still reads literally
     cfg = S.SliderConfig(**PROMPTS, width=64, height=48)
-    ts = S.prompt_set(cfg, sd15[0], aligned)
+    ts = S.prompt_set(cfg, sd15[0], inference)
     assert not D_cache.is_loaded(aligned)
     sl = ts.meta["slider"]
     for name in ("target", "positive", "negative", "anchor"):
         (ref,) = comfy.nodes.CLIPTextEncode().encode(clip, PROMPTS[name])
         assert torch.equal(getattr(sl, name)[0][0], ref[0][0]), name
+    (weighted,) = comfy.nodes.CLIPTextEncode().encode(inference, PROMPTS["positive"])  # emphasis applied
+    assert not torch.equal(weighted[0][0], sl.positive[0][0])
     (empty,) = comfy.nodes.CLIPTextEncode().encode(clip, "")
     assert torch.equal(sl.empty[0][0], empty[0][0]) and ts.empty_conditioning is sl.empty
     assert ts.samples[0].latent.shape == (4, 6, 8) and ts.samples[0].bucket == (64, 48)
     assert ts.samples[0].captions[0].text == PROMPTS["target"]
+    assert ts.te_spec_id == aligned.spec.key == "sd15" and ts.meta["prompt_syntax"] == "literal"
+    assert ts.meta["report"] == {"images": 0, "slider": sl.record()} and ts.meta["clip_id"] == sl.clip_id
     D_cache.unload_text_encoder(aligned)
     blank = S.prompt_set(dataclasses.replace(cfg, anchor="  "), sd15[0], aligned, unload=False)
     assert blank.meta["slider"].anchor is None and blank.samples[0].key != ts.samples[0].key
     assert D_cache.is_loaded(aligned)
     D_cache.unload_text_encoder(aligned)
+    with pytest.raises(T.C.ConfigError, match="same prompt"):  # validated before anything is encoded
+        S.prompt_set(dataclasses.replace(cfg, negative=cfg.positive), sd15[0], aligned)
 
 
 def test_validation_bounds_at_their_edges(T, S):
@@ -239,9 +289,20 @@ def test_objective_refusals_name_the_fix(T, sd15, slider_run, tmp_path):
                                T.st.RunSettings(run_name="pin_slider_refused", **settings), runs_root=tmp_path,
                                preservation=slider_run.training_set.meta["slider"].target
                                if settings.get("dop_weight") else None)
-    with pytest.raises(T.C.ConfigError, match=r"\d+ target layer\(s\) \(e.g. '.+'\) would be weight patches"):
-        init(T.C.LoraConfig(algorithm="loha", rank=4, alpha=4, preset="attention"))
+    loha = T.C.LoraConfig(algorithm="loha", rank=4, alpha=4, preset="attention")
+    names = T.ad.target_layers(sd15[0].model.diffusion_model, loha)
+    with pytest.raises(T.C.ConfigError, match=rf"{len(names)} target layer\(s\) \(e.g. '{names[0]}'\) would be weight "):
+        init(loha)
+    assert init(T.C.LoraConfig(rank=4, alpha=4, preset="attention")).step == 0  # lora, no DOP, one process: accepted
     with pytest.raises(T.C.ConfigError, match="set dop_weight to 0"):
         init(T.C.LoraConfig(rank=4, alpha=4, preset="attention"), dop_weight=0.5)
     with pytest.raises(T.C.ConfigError, match="processes 2 asked"):
         init(T.C.LoraConfig(rank=4, alpha=4, preset="attention"), processes=2)
+
+
+def test_video_model_refused(T, S, aligned):
+    """A slider on Wan (video latents, 3 latent dimensions) is refused before any prompt is encoded."""
+    from support.factories import wan
+
+    with pytest.raises(T.C.ConfigError, match="sliders train image models"):
+        S.prompt_set(S.SliderConfig(**PROMPTS, width=32, height=32), wan.build_model(), aligned)
