@@ -71,8 +71,18 @@ def test_two_ranks_sum_to_one_process_with_double_accumulation(T, DP, sd15, sd15
         sharded = DP.trainer_class()
         assert issubclass(sharded, T.loop.Trainer)
         ranks = [backward(sharded, _run(T, sd15, sd15_training_set, tmp_path, grad_accum=2), r) for r in (0, 1)]
-    one = backward(T.loop.Trainer, _run(T, sd15, sd15_training_set, tmp_path, grad_accum=4))
+    with torch.inference_mode(False), torch.enable_grad():  # one process, its four micro-batches one by one
+        tr = T.loop.Trainer(_run(T, sd15, sd15_training_set, tmp_path, grad_accum=4))
+        tr.load()
+        try:
+            with tr.hooked():
+                per = [tr.run_micro_batch(tr.draw_micro_batch(), 4) for _ in range(4)]
+            one = sum(per), [p.grad.clone() for p in tr.params], tr.gen.get_state()
+        finally:
+            tr.release()
     assert ranks[0][0] > 0 and ranks[1][0] > 0 and ranks[0][0] != ranks[1][0]
+    assert ranks[0][0] == pytest.approx(per[0] + per[2], rel=1e-12)  # rank r computes micro-batches r, r + 2
+    assert ranks[1][0] == pytest.approx(per[1] + per[3], rel=1e-12)
     assert ranks[0][0] + ranks[1][0] == pytest.approx(one[0], rel=1e-12)
     for a, b, c in zip(ranks[0][1], ranks[1][1], one[1]):
         torch.testing.assert_close(a + b, c, rtol=1e-5, atol=1e-9)
@@ -103,7 +113,7 @@ def test_reduce_gradients_keeps_values_dtypes_and_missing_gradients(DP):
     assert torch.equal(params[2].grad, want[2])
 
 
-def test_stop_flag_and_report_lines(DP, tmp_path, capsys):
+def test_stop_flag_and_report_lines(DP, tmp_path, capsys, monkeypatch):
     stop = tmp_path / "stop"
     with one_process_group():
         assert DP._stop_requested(stop, torch.device("cpu")) is False
@@ -112,7 +122,10 @@ def test_stop_flag_and_report_lines(DP, tmp_path, capsys):
     DP.emit("step", step=3, loss=0.5)
     out = capsys.readouterr().out
     assert out == DP.PREFIX + json.dumps({"event": "step", "step": 3, "loss": 0.5}) + "\n"
-    assert DP.main(["a", "b"]) == 2 and "usage: torchrun" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["distributed.py", "missing-job.json"])
+    assert DP.main(["a", "b"]) == 2 and "usage: torchrun" in capsys.readouterr().err  # the arguments given win
+    monkeypatch.setattr(sys, "argv", ["distributed.py", "a", "b"])
+    assert DP.main() == 2 and "usage: torchrun" in capsys.readouterr().err  # else the command line's, after argv[0]
     with pytest.raises(DP.WorkerError):
         raise DP.WorkerError("x")
 
@@ -220,8 +233,14 @@ def test_job_failure_message_result_and_job_file(L, T, sd15, sd15_training_set, 
     run = run.advanced(settings=dataclasses.replace(run.settings, processes=2))
     prompt = {"9": {"class_type": P + "TrainSteps", "inputs": {"run": ["7", 0]}},
               "7": {"class_type": P + "TrainInit", "inputs": {}}}
+    import shutil
+
+    import folder_paths
+
+    shutil.rmtree(Path(folder_paths.get_output_directory()) / "aligned_trainer" / "logs", ignore_errors=True)
     job = L._Job(run, 3, 1, 2, 0, L.Graph(prompt, "9", P + "TrainInit", P + "TrainSteps"))
-    job.log_path.write_text(SUMMARY)
+    assert job.log_path.parent.is_dir()  # the logs folder is made when missing
+    job.log_path.write_bytes(b"\xff\xfe not UTF-8\n" + SUMMARY.encode())  # a worker's stray bytes do not hide it
     msg = job._failure(1, 4)
     assert msg.startswith("data-parallel training stopped: worker rank 1 of 2 exited with code -9 (killed by SIGKILL) "
                           "after step 4 ([rank1]: RuntimeError: the worker broke); no checkpoint was written"), msg
@@ -237,9 +256,71 @@ def test_job_failure_message_result_and_job_file(L, T, sd15, sd15_training_set, 
     assert data["train_init"] == "7" and data["prompt"] == prompt and data["settings"]["processes"] == 2
     assert (data["steps"], data["checkpoint_every"], data["keep_last"], data["val_every"]) == (3, 1, 2, 0)
     assert data["run_dir"] == run.run_dir and data["stop_file"] == str(job.dir / "stop")
-    assert set(data["meta"]) <= {"started_at", "dataset_hash"} and data["result_dir"] == str(job.dir / "out")
+    assert data["meta"] == {k: run.meta[k] for k in ("started_at", "dataset_hash")} and data["result_dir"] == str(job.dir / "out")
+    assert data["checkpoint"].startswith(str(job.dir / "in")) and Path(saved).is_file()  # the run's own folder untouched
+    assert data["checkpoints"] == list(run.checkpoints)
+    assert data["folders"]["paths"]["loras"][0] == list(folder_paths.folder_names_and_paths["loras"][0])
     ck = T.st.load_checkpoint(data["checkpoint"])
     assert ck["step"] == 1 and all(torch.equal(ck["state"]["adapters"][k], v) for k, v in run.state["adapters"].items())
-    res = job._result({"result": data["checkpoint"], "checkpoints": ["c1"]})
-    assert res.step == 1 and res.checkpoints == ("c1",) and res.run_dir == run.run_dir
-    assert len(res.history) == len(run.history) == 1
+    done = run.advanced(run_dir=str(job.dir / "out"), step=5, history=run.history * 2, checkpoints=(),
+                        state={**run.state, "adapters": {k: v + 1 for k, v in run.state["adapters"].items()}})
+    res = job._result({"result": T.st.save_checkpoint(done, 0)[-1], "checkpoints": ["c1"]})
+    assert res.step == 5 and res.checkpoints == ("c1",) and res.run_dir == run.run_dir
+    assert len(res.history) == 2 and all(torch.equal(res.state["adapters"][k], v + 1)
+                                         for k, v in run.state["adapters"].items())
+
+
+_RANK = r'''
+import json, marshal, sys, types
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+code, rank, store, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+fn = types.FunctionType(marshal.loads(open(code, "rb").read()), {"torch": torch, "__builtins__": __builtins__})
+dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+g = torch.Generator().manual_seed(rank)
+shapes = [((2, 3), torch.float32), ((4,), torch.float64), ((3,), torch.float32), ((5,), torch.float32), ((2,), torch.float64)]
+params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in shapes]
+for i, p in enumerate(params):  # param 2: a gradient on rank 1 only; param 3: on no rank
+    if not (i == 3 or (i == 2 and rank == 0)):
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+before = {str(i): p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
+fn(params)
+dist.destroy_process_group()
+save_file({**{"before" + k: v for k, v in before.items()},
+           **{"after" + str(i): p.grad for i, p in enumerate(params) if p.grad is not None}}, out)
+'''
+
+
+def test_reduce_gradients_sums_over_two_real_ranks(DP, tmp_path):
+    """The function as loaded (its code object) runs in two gloo processes: every gradient becomes the sum of the
+    ranks' gradients, a parameter with a gradient on one rank only gets that one, one without on every rank keeps
+    None, dtypes kept."""
+    import marshal
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    with one_process_group():  # (the same function in this process too: the mutation runner's coverage sees it)
+        q = torch.nn.Parameter(torch.zeros(2))
+        q.grad = torch.ones(2)
+        DP.reduce_gradients([q])
+    assert torch.equal(q.grad, torch.ones(2))
+    code = tmp_path / "reduce.code"
+    code.write_bytes(marshal.dumps(DP.reduce_gradients.__code__))
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK)
+    outs = [tmp_path / f"r{r}.safetensors" for r in (0, 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(code), str(r), str(tmp_path / "store"), str(outs[r])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    r0, r1 = (load_file(str(o)) for o in outs)
+    for i in range(5):
+        a, b = r0.get(f"before{i}"), r1.get(f"before{i}")
+        if a is None and b is None:
+            assert f"after{i}" not in r0 and f"after{i}" not in r1, i
+            continue
+        want = (a if a is not None else 0) + (b if b is not None else 0)
+        for r in (r0, r1):
+            assert r[f"after{i}"].dtype == want.dtype and torch.equal(r[f"after{i}"], want), i

@@ -73,3 +73,4 @@ def test_ordinary_runtime_error_is_raised_without_a_cloning_retry(T, sd15, sd15_
             tr.release()
     assert "modified by an inplace operation" not in str(e.value)
     assert calls == [1] and tr.clone_saved is False
+

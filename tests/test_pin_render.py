@@ -28,9 +28,14 @@ def test_video_clip_is_the_stock_video_graph_every_frame(comfy, R, wan_bundle):
     neg = R.encode(clip, "", s.guidance)
     lat = R.empty_latent(model, vae, s)
     assert tuple(lat.shape) == (1, 16, 2, 4, 4)
-    got = R.sample(model, vae, pos, neg, s, 5)
+    import dataclasses
+
     import comfy_extras.nodes_hunyuan as nh
 
+    for n in (4, 8, 9):  # lengths that are not 4k + 1 round down as the stock node's latent does
+        stock = nh.EmptyHunyuanLatentVideo.execute(32, 32, n, 1).result[0]["samples"]
+        assert R.empty_latent(model, vae, dataclasses.replace(s, frames=n)).shape == stock.shape, n
+    got = R.sample(model, vae, pos, neg, s, 5)
     empty = nh.EmptyHunyuanLatentVideo.execute(32, 32, 5, 1).result[0]  # the stock node's latent
     (out,) = comfy.nodes.common_ksampler(model, 5, 1, 1.0, "euler", "simple", pos, neg, empty)
     (video,) = comfy.nodes.VAEDecode().decode(vae, out)
@@ -55,10 +60,17 @@ def test_image_latent_ancestral_seed_and_release(comfy, R, sd15):
     torch.testing.assert_close(got, img.float(), rtol=1e-5, atol=1e-5)
     other = R.sample(model, vae, pos, neg, s, 12)
     assert not torch.equal(other, got)  # the seed reaches the ancestral noise
-    mm.load_models_gpu([model])
-    assert any(lm.model is model for lm in mm.current_loaded_models)
-    R.release(model)
-    assert not any(lm.model is model for lm in mm.current_loaded_models)
+    # release of a LoRA-patched clone: out of the loaded set and its patches taken out of the weights it shares
+    from comfy.sd import load_lora_for_models
+    from support.factories.lora import kohya_lora
+
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    patched = load_lora_for_models(model, None, kohya_lora(model, seed=1), 1.0, 0.0)[0]
+    mm.load_models_gpu([patched])
+    assert any(not torch.equal(v, before[k]) for k, v in model.model.diffusion_model.state_dict().items())
+    R.release(patched)
+    assert not any(lm.model is patched for lm in mm.current_loaded_models)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.diffusion_model.state_dict().items())
 
 
 def test_grid_frames_one_grid_per_frame_of_the_shortest_cell(R):

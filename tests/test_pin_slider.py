@@ -306,3 +306,43 @@ def test_video_model_refused(T, S, aligned):
 
     with pytest.raises(T.C.ConfigError, match="sliders train image models"):
         S.prompt_set(S.SliderConfig(**PROMPTS, width=32, height=32), wan.build_model(), aligned)
+
+
+def test_trainer_step_sums_the_objectives_micro_batches_with_seeded_dropout(T, sd15, slider_run, tmp_path):
+    """Train Steps' backward on a slider run: grad_accum 2 is the sum of two slider micro-batches drawn one after the
+    other from the run's stream; with rank dropout each micro-batch's masks come from a seed drawn from that stream,
+    so the same stream state gives the same loss again (and another state another loss)."""
+    run = T.loop.init_run(slider_run.model, slider_run.training_set,
+                          T.C.LoraConfig(rank=4, alpha=2, preset="attention", rank_dropout=0.5), T.C.TimestepConfig(),
+                          T.C.OptimizerConfig(lr=1e-3), T.st.RunSettings(run_name="pin_slider_acc", seed=3, grad_accum=2),
+                          runs_root=tmp_path)
+    with torch.inference_mode(False), torch.enable_grad():
+        tr = T.loop.Trainer(run)
+        tr.load()
+        try:
+            for a in tr.adapters.values():
+                a.train()
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in tr.params:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            state = tr.gen.get_state()
+            first = tr.backward()
+            after = tr.gen.get_state()
+            tr.opt.zero_grad(set_to_none=True)
+            tr.gen.set_state(state)
+            assert tr.backward() == first  # the masks replayed from the stream's seeds
+            tr.opt.zero_grad(set_to_none=True)
+            tr.gen.set_state(state)
+            parts = []
+            with tr.hooked():
+                for _ in range(2):
+                    seed = int(torch.randint(0, 2 ** 62, (1,), generator=tr.gen))
+                    with T.loop.seeded_global_rng(seed, tr.device):
+                        parts.append(tr.objective.micro_batch(tr))
+            assert torch.equal(tr.gen.get_state(), after)
+            tr.opt.zero_grad(set_to_none=True)
+            assert tr.backward() != first  # the stream moved on: other noise, levels and masks
+        finally:
+            tr.release()
+    assert first == pytest.approx(parts[0] + parts[1], rel=1e-6)
