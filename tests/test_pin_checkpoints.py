@@ -116,5 +116,9 @@ def test_grid_leaves_no_lora_patched_model_loaded(comfy, ck, sd15, comfy_dirs):
     model, clip, vae = sd15
     render = comfy.engine("sampling.render")
     f = write_lora(comfy_dirs["models"] / "loras" / "pin_release" / "r-000002.safetensors", kohya_lora(model, seed=4))
+    mm.load_models_gpu([model])
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     ck.checkpoint_grid(model, clip, vae, [f], ["ohwx"], "", render.SampleSettings(steps=1, cfg=1.0, width=64, height=64))
-    assert not any(lm.model.patches for lm in mm.current_loaded_models if lm.model.model is model.model)
+    live = [lm.model for lm in mm.current_loaded_models if lm.model is not None]
+    assert not any(p.patches for p in live if p.model is model.model)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.diffusion_model.state_dict().items())
