@@ -78,12 +78,22 @@ TESTS = {
                            "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps",
                            "tests/test_memory_modes.py::test_quantize_leaves_weight_side_adapter_layers_as_loaded_and_errors_propagate",
                            "tests/test_sampling_plan.py::test_train_steps_renders_plan_at_requested_steps"],
-    "train/loop.py": ["tests/test_pin_backward_retry.py", "tests/test_pin_loop.py", "tests/test_pin_options.py", "tests/test_train.py::test_resume_equals_uninterrupted",
+    "train/loop.py": ["tests/test_pin_loop_paths.py",
+                      "tests/test_pin_slider.py::test_trainer_step_sums_the_objectives_micro_batches_with_seeded_dropout", "tests/test_pin_backward_retry.py", "tests/test_pin_loop.py", "tests/test_pin_options.py", "tests/test_train.py::test_resume_equals_uninterrupted",
                       "tests/test_train_features.py::test_dop_and_reg_weight_change_the_loss"],
     "train/config.py": ["tests/test_pin_config.py", "tests/test_train.py::test_invalid_settings_fail_before_training"],
     "train/state.py": ["tests/test_pin_state.py", "tests/test_resume.py",
                        "tests/test_train.py::test_resume_equals_uninterrupted",
                        "tests/test_train.py::test_invalid_settings_fail_before_training"],
+    # train/slider.py: the objective pinned against ComfyUI's own predictions and LoRA loader (test_pin_slider.py)
+    "train/slider.py": ["tests/test_pin_slider.py"],
+    # data-parallel: the pure parts in process (test_pin_distributed.py; the multi-process runs of
+    # test_distributed.py start torchrun workers, minutes per mutant); run them with --lines on the pure functions
+    "train/distributed.py": ["tests/test_pin_distributed.py"],
+    "train/launch.py": ["tests/test_pin_distributed.py"],
+    # train/quantize.py: run with --lines on the text-encoder scope (unpack_bits, text_encoder_eligible,
+    # quantized_text_encoder); the base-model quantization is exercised through placement.py's list
+    "train/quantize.py": ["tests/test_te_quantize.py"],
     "train/export.py": ["tests/test_pin_export.py",
                         "tests/test_train_features.py::test_algorithms_save_with_zero_unmapped_keys",
                         "tests/test_train_features.py::test_ema_weights_are_saved_and_resumed"],
@@ -102,7 +112,7 @@ TESTS = {
     "sampling/compare.py": ["tests/test_pin_sampling.py",
                             "tests/test_sampling_compare.py::test_ab_two_models_grid_and_difference_column"],
     "sampling/plans.py": ["tests/test_pin_plans.py", "tests/test_pin_sampling.py", "tests/test_sampling_preview.py::test_walk_seed_is_base_plus_step"],
-    "sampling/render.py": ["tests/test_pin_sampling.py",
+    "sampling/render.py": ["tests/test_pin_render.py", "tests/test_pin_sampling.py",
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],

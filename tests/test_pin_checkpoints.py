@@ -105,3 +105,20 @@ def test_grid_rows_ordered_by_step_with_labels_and_progress(comfy, ck, sd15, com
     assert geo["cell_labels"] == [["seed 3"]] * 3 and len(geo["cell_boxes"]) == 3
     cells = [g[0, y0:y1, x0:x1] for ((x0, y0, x1, y1),) in geo["cell_boxes"]]
     assert all(not torch.equal(cells[i], cells[j]) for i in range(3) for j in range(i + 1, 3))
+
+
+def test_grid_leaves_no_lora_patched_model_loaded(comfy, ck, sd15, comfy_dirs):
+    """After the grid, no LoRA-patched clone of the base stays in ComfyUI's loaded set (its patches would stay merged
+    into the weights the base shares until something else loads)."""
+    import comfy.model_management as mm
+    from support.factories.lora import kohya_lora, write_lora
+
+    model, clip, vae = sd15
+    render = comfy.engine("sampling.render")
+    f = write_lora(comfy_dirs["models"] / "loras" / "pin_release" / "r-000002.safetensors", kohya_lora(model, seed=4))
+    mm.load_models_gpu([model])
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    ck.checkpoint_grid(model, clip, vae, [f], ["ohwx"], "", render.SampleSettings(steps=1, cfg=1.0, width=64, height=64))
+    live = [lm.model for lm in mm.current_loaded_models if lm.model is not None]
+    assert not any(p.patches for p in live if p.model is model.model)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.diffusion_model.state_dict().items())

@@ -102,3 +102,24 @@ def test_templated_truncation_counts_the_prompt_tokens_the_tokenizer_cuts(E, sd1
         expected = len(p_ids) - len(kept_prompt)
         got = E.inspect.inspect_text(ac, prompt)["encoders"]["clip_l"]["truncated_tokens"]
         assert got == expected, (n_words, max_length, drop_prefix, got, expected)
+
+
+def test_pooled_cosine_of_two_encoders_with_pooled_outputs(E, sd15):
+    """compare_clips reports the cosine of the two pooled vectors when both encoders give one: a CLIP against itself
+    is 1; against a clone with one weight patched (ComfyUI's add_patches) it is the cosine of their pooled outputs."""
+    import torch
+
+    clip = sd15[1]
+    (row,) = E.inspect.compare_clips(clip, clip, ["a red circle"])
+    assert row["pooled_cosine"] == pytest.approx(1.0, abs=1e-6)
+    patches = clip.get_key_patches()
+    key = next(k for k in patches if k.endswith("mlp.fc1.weight"))
+    w = patches[key][0]
+    w = w[0] if isinstance(w, tuple) else w
+    patched = clip.clone()
+    patched.add_patches({key: (torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5,)}, 1.0)
+    (row,) = E.inspect.compare_clips(clip, patched, ["a red circle"])
+    pa = clip.encode_from_tokens(clip.tokenize("a red circle"), return_dict=True)["pooled_output"]
+    pb = patched.encode_from_tokens(patched.tokenize("a red circle"), return_dict=True)["pooled_output"]
+    want = float(torch.nn.functional.cosine_similarity(pa.flatten().float(), pb.flatten().float(), dim=0))
+    assert want < 0.9999 and row["pooled_cosine"] == pytest.approx(want, abs=1e-6)

@@ -20,3 +20,25 @@ def test_plan_every_step_holds_the_stock_conditionings(comfy, sd15):
     assert torch.equal(got[0][1]["pooled_output"], cond[0][1]["pooled_output"])
     (neg,) = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")
     assert torch.equal(plan.negative[0][0], neg[0][0])
+
+
+def test_preview_releases_the_sampling_model_when_asked(comfy, sd15):
+    """PreviewPlan.render and preview_grid(release=True) leave the sampled model out of ComfyUI's loaded set (training
+    resumes without sampling memory held)."""
+    import comfy.model_management as mm
+
+    plans = comfy.engine("sampling.plans")
+    render = comfy.engine("sampling.render")
+    model, clip, vae = sd15
+    s = render.SampleSettings(steps=1, cfg=1.0, width=64, height=64)
+
+    def loaded():
+        return any(lm.model is model for lm in mm.current_loaded_models)
+
+    mm.load_models_gpu([model])
+    plans.preview_grid(model, clip, vae, ["a red circle"], "", s, release=True)
+    assert not loaded()
+    plan = plans.make_plan(clip, vae, ["a red circle"], "", s, 1)
+    mm.load_models_gpu([model])
+    plan.render(model, 1)
+    assert not loaded()
