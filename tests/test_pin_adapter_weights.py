@@ -70,6 +70,9 @@ def test_output_axis_dora_is_peft_dora(A, conv):
     W = layer.weight.detach().clone()
     cfg = A.C.LoraConfig(rank=2, alpha=1.0, dora=True, dora_axis="output", algorithm="locon" if conv else "lora",
                          preset="all-linear+conv" if conv else "attention")
+    plain = A.ad.create(W, A.C.LoraConfig(rank=2, alpha=1.0, dora=False, dora_axis="output", algorithm=cfg.algorithm,
+                                          preset=cfg.preset), torch.Generator().manual_seed(0))
+    assert not hasattr(plain.inner, "dora_magnitude"), "dora_axis alone must not train a magnitude"
     a = A.ad.create(W, cfg, torch.Generator().manual_seed(0))
     assert a.kind is None and not hasattr(a.inner, "dora_scale")
     torch.testing.assert_close(a.inner.dora_magnitude.detach(), W.flatten(1).norm(dim=1))
