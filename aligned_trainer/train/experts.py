@@ -12,6 +12,7 @@ import functools
 import json
 from pathlib import Path
 
+from . import model_facts
 from .config import ConfigError, TimestepConfig
 from .timesteps import boundary_u, is_flow, sigmas_for
 
@@ -27,11 +28,10 @@ def facts(model) -> dict:
     """The experts.json entry of ``model`` (a ModelPatcher or BaseModel), from the nearest class in its model
     config's class hierarchy that the file lists, with ``config_class`` (the listed class) and ``model_class``
     (the model's own); without an entry ``boundary`` is None."""
-    base = getattr(model, "model", model)
-    own = type(base.model_config).__name__
-    for cls in type(base.model_config).__mro__:
-        if cls.__name__ in _families():
-            return {"config_class": cls.__name__, "model_class": own, **_families()[cls.__name__]}
+    own = type(getattr(model, "model", model).model_config).__name__
+    found = model_facts.lookup(model, _families())
+    if found:
+        return {"config_class": found[0], "model_class": own, **found[1]}
     return {"config_class": None, "model_class": own, "boundary": None}
 
 

@@ -64,16 +64,25 @@ def key_map(model) -> dict[str, str | tuple]:
     return km
 
 
+def _rows(model, module: str) -> int:
+    return model.model.diffusion_model.get_submodule(module).weight.shape[0]
+
+
+def _slot(offset, rows: int) -> tuple[int, int, int]:
+    """ComfyUI's (dim, start, length) of a slice of a fused weight; None: the whole weight (a row function only)."""
+    return offset if offset is not None else (0, 0, rows)
+
+
 def _joined(model, module: str, parts: list, source: str) -> tuple:
     """One LoRA (up, down, alpha=None, ...) for a fused ComfyUI weight from files' per-slice LoRAs (SD3's
     ``to_q``/``to_k``/``to_v`` of ``qkv``, as our peft layout and diffusers write them): exact when every slice has
     the same down matrix, the way a fused LoRA splits. Each slice's scale is folded into its rows of up, and its
     row function (ComfyUI's, e.g. swap_scale_shift) applied as ComfyUI's loader applies it."""
-    rows = model.model.diffusion_model.get_submodule(module).weight.shape[0]
+    rows = _rows(model, module)
     down0 = None
     up = None
     for offset, fn, (p_up, p_down, p_alpha, p_mid, p_dora, _) in parts:
-        dim, start, length = offset if offset is not None else (0, 0, rows)  # whole weight with a row function
+        dim, start, length = _slot(offset, rows)
         if dim != 0 or p_mid is not None or p_dora is not None:
             raise ConfigError(f"{source}: module {module} is split in the file in a way a fused LoRA cannot hold "
                               "(not row slices, or with mid/DoRA weights)")
@@ -179,8 +188,11 @@ def _peft_magnitudes(model, lora_sd: dict[str, torch.Tensor], source: str) -> di
         if isinstance(target, str):
             out[module] = v
             continue
-        rows = model.model.diffusion_model.get_submodule(module).weight.shape[0]
-        dim, start, length = target[1] if target[1] is not None else (0, 0, rows)
+        rows = _rows(model, module)
+        dim, start, length = _slot(target[1], rows)
+        if dim != 0:
+            raise ConfigError(f"{source}: module {module} is split across columns; its DoRA magnitudes (one per "
+                              "row) cannot be joined")
         fn = target[2] if len(target) > 2 else None
         full = out.setdefault(module, torch.zeros(rows))
         full[start:start + length] = fn(v) if fn is not None else v

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import comfy.utils
 
+from . import model_facts
+
 FORMATS = Path(__file__).with_name("lora_formats.json")
 
 
@@ -28,12 +30,9 @@ def family_facts(model) -> dict:
     """The lora_formats.json entry of ``model`` (a ModelPatcher or BaseModel): the nearest class in its model
     config's class hierarchy that the file lists, with ``extends`` resolved; ``{}`` for an unlisted family
     (files then keep ComfyUI's module names, which ComfyUI's loader maps)."""
-    base = getattr(model, "model", model)
     families = _formats()["families"]
-    for cls in type(base.model_config).__mro__:
-        if cls.__name__ in families:
-            return {"config_class": cls.__name__, **_resolve(families, cls.__name__)}
-    return {}
+    found = model_facts.lookup(model, families)
+    return {"config_class": found[0], **_resolve(families, found[0])} if found else {}
 
 
 def _resolve(families: dict, name: str) -> dict:
