@@ -1,10 +1,11 @@
-"""The trainer trains the tiny SDXL / SD3 / FLUX.1 bundles (each family's own target: eps, flow velocity;
+"""The trainer trains the tiny SDXL / SD3 / FLUX.1 / Z-Image / Chroma / Qwen-Image bundles (each family's own target: eps, flow velocity;
 pooled and size conditioning; guidance embedding) with finite loss, and the saved LoRA maps completely in
 ComfyUI's stock loader."""
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from support.factories import families
 
@@ -66,19 +67,19 @@ def test_flux_gradient_checkpointing_same_result(comfy, family_bundle, tmp_path)
         assert torch.allclose(v, out[True].state["adapters"][k], atol=1e-6), k
 
 
-def test_qwen_image_trains_and_its_lora_maps(comfy, tmp_path):
-    """Qwen-Image (ComfyUI's QwenImage config and model, shrunk): one-frame latents of the Wan 2.1 VAE's 16
-    channels, text states of the aligned encoder's shape (random: no tiny Qwen2.5-VL can be built), flow target.
-    It trains with finite loss through the model's own forward, and the LoRA maps completely in ComfyUI."""
-    model = families.qwen_image_model()
+def test_qwen_image_trains_both_streams_and_plans_its_memory(comfy, family_bundle, tmp_path):
+    """Qwen-Image (ComfyUI's QwenImage config and model, shrunk; its Qwen2.5-VL text encoder through ComfyUI's own
+    Qwen-Image classes; one-frame latents of the Wan 2.1 VAE's 16 channels): ``attention+mlp`` trains both streams of
+    the joint blocks, and the memory plan probes the model on its 5-D latent."""
+    model, clip, vae = family_bundle("qwen-image")
     types = comfy.engine("data.types")
     C = comfy.engine("train.config")
     st = comfy.engine("train.state")
     loop = comfy.engine("train.loop")
     export = comfy.engine("train.export")
-    g = torch.Generator().manual_seed(0)
-    cond = [[torch.randn(1, 12, families.QWEN_IMAGE_DIT["joint_attention_dim"], generator=g), {}]]
-    lat = torch.randn(16, 1, 8, 8, generator=g)
+    (cond,) = comfy.nodes.CLIPTextEncode().encode(clip, "ohwx, a red circle")
+    assert cond[0][0].shape[-1] == families.QWEN_IMAGE_DIT["joint_attention_dim"]
+    lat = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ts = types.TrainingSet((types.Sample("a", lat, (types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
     assert comfy.engine("train.timesteps").is_flow(model.model.model_sampling)
     run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"), C.TimestepConfig(),
@@ -86,12 +87,20 @@ def test_qwen_image_trains_and_its_lora_maps(comfy, tmp_path):
                                                                     memory_budget_gb=64),
                         runs_root=tmp_path)
     assert "(not probed" not in run.meta["memory_plan"]  # the probe ran on the 5-D latent
-    out = loop.train_steps(run, 2, val_every=2)
-    losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
-    assert all(torch.isfinite(torch.tensor(losses))), losses
+    out = loop.train_steps(run, 1)
+    assert torch.isfinite(torch.tensor(out.history[-1]["loss"]))
     ups = {k: v for k, v in out.state["adapters"].items() if "lora_up" in k}
     # attention+mlp covers both streams of the joint blocks: image (to_q, img_mlp) and text (add_q_proj, txt_mlp)
     for part in ("attn.to_q.", "attn.add_q_proj.", "attn.to_add_out.", "img_mlp.net.0.proj.", "txt_mlp.net.2."):
         assert any(part in k for k in ups), (part, list(ups))
     assert any(v.abs().sum() > 0 for v in ups.values())
-    assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+    # musubi-tuner's names (kohya form of the block's module names) and metadata (lora_formats.json QwenImage)
+    sd = export.kohya_state_dict(out)
+    assert "lora_unet_transformer_blocks_0_attn_add_q_proj.lora_up.weight" in sd and export.unmapped_keys(model, sd) == []
+    path, _ = export.save_lora(out, "qwen", folder=tmp_path / "loras")
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    assert (md["ss_base_model_version"], md["ss_network_module"]) == ("qwen_image", "networks.lora_qwen_image")
+    assert (md["modelspec.architecture"], md["modelspec.implementation"]) == (
+        "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image")
+    assert "modelspec.prediction_type" not in md

@@ -1,8 +1,8 @@
-"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image and Chroma bundles built from ComfyUI's own classes.
+"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma and Qwen-Image bundles built from ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
 model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
-``ZImage``, ``Chroma``) with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that
+``ZImage``, ``Chroma``, ``QwenImage``) with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that
 config's own ``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
 ``FluxClipModel``, ``ZImageTEModel``, Chroma's ``PixArtT5XXL``), shrunk through ComfyUI's own per-encoder config
 override
@@ -36,7 +36,7 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -87,6 +87,13 @@ CHROMA_DIT = dict(
     mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
     qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=128, n_layers=1,
 )
+# Qwen-Image: ComfyUI's QwenImage config and QwenImageTransformer2DModel (60 blocks of 24 x 128 heads in the 20B
+# release), shrunk to two blocks (the last block's text-stream output is unused, as in the real model) of 2 x 32 heads
+# over text states as wide as the tiny Qwen2.5-VL of
+# support.factories.te_qwen_image (its language model through ComfyUI's own Qwen-Image text-encoder classes: the
+# bundle's CLIP). Its VAE is the Wan 2.1 VAE (as Qwen-Image's own): support.factories.wan's tiny one.
+QWEN_IMAGE_DIT = dict(image_model="qwen_image", in_channels=64, num_layers=2, attention_head_dim=32,
+                      num_attention_heads=2, joint_attention_dim=128, axes_dims_rope=(8, 12, 12))
 VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
@@ -100,6 +107,10 @@ class Spec:
     te_keys: tuple = ()          # one key per encoder: what the config's clip_target looks for
     vae_channels: int = 4
     vae_quant_conv: bool = True
+    # families whose text encoder or VAE is not made from the config's clip_target / an SD-style KL VAE:
+    # seed -> CLIP / VAE (Qwen-Image: the language model of Qwen2.5-VL only; the Wan 2.1 VAE)
+    make_clip: object = None
+    make_vae: object = None
 
 
 _TE_MARK = "{}.transformer.text_model.final_layer_norm.weight"
@@ -116,7 +127,23 @@ SPECS = {
                           {"clip_l": CLIP_L, "t5xxl": T5_FLUX}, (_TE_MARK.format("clip_l"), _T5_MARK), 16, False),
     "z-image": Spec("ZImage", ZIMAGE_DIT, "z-image", {"qwen3_4b": QWEN3}, (_QWEN3_MARK,), 16, False),
     "chroma": Spec("Chroma", CHROMA_DIT, "chroma", {"t5xxl": T5_FLUX}, (_T5_MARK,), 16, False),
+    "qwen-image": Spec("QwenImage", QWEN_IMAGE_DIT, "qwen-image", vae_channels=16, vae_quant_conv=False,
+                       make_clip=lambda seed: _qwen_image_clip(seed), make_vae=lambda seed: _wan_vae(seed)),
 }
+
+
+def _qwen_image_clip(seed: int):
+    """ComfyUI's Qwen-Image text encoder (QwenImageTokenizer + qwen_image.te()) around a seeded tiny Qwen2.5-VL
+    language model (support.factories.te_qwen_image, seed 40 + ``seed``: the default 1 gives the parity tests' file)."""
+    from . import te_qwen_image
+
+    return te_qwen_image.qwen_image_clip(te_qwen_image.qwen25vl_tiny_file(40 + seed))
+
+
+def _wan_vae(seed: int):
+    from . import wan
+
+    return wan.build_vae(seed)
 
 
 def _key() -> str:
@@ -180,33 +207,9 @@ def build_model(name: str, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
-# Qwen-Image: ComfyUI's QwenImage config and QwenImageTransformer2DModel (60 blocks of 24 x 128 heads in the 20B
-# release), shrunk to one block of 2 x 32 heads over 64-wide text states. No tiny text encoder: ComfyUI's
-# Qwen2.5-VL class always builds its 1280-wide vision tower, so tests feed text states of the aligned shape.
-QWEN_IMAGE_DIT = dict(image_model="qwen_image", in_channels=64, num_layers=1, attention_head_dim=32,
-                      num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
-
-
 def qwen_image_model(seed: int = 0):
-    """MODEL: the tiny Qwen-Image diffusion model (seeded weights, loaded as loaders do), no text encoder or VAE."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    def config():
-        cfg = comfy.supported_models.QwenImage(dict(QWEN_IMAGE_DIT))
-        cfg.set_inference_dtype(torch.float32, None)
-        return cfg
-
-    def fresh():
-        m = config().get_model({}, "", device=mm.unet_offload_device())
-        return {k: v.clone() for k, v in _seed_all_(m.diffusion_model, seed).state_dict().items()}
-
-    sd = _cached(f"tiny-qwen-image-dit-s{seed}", fresh)
-    model = config().get_model({}, "", device=mm.unet_offload_device())
-    model.load_model_weights(sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    """MODEL: the tiny Qwen-Image diffusion model alone (seeded weights, loaded as loaders do)."""
+    return build_model("qwen-image", seed)
 
 
 def _clip_options(spec: Spec) -> dict:
@@ -240,6 +243,8 @@ def text_encoder_state_dict(name: str, seed: int = 1) -> dict[str, torch.Tensor]
 def build_clip(name: str, seed: int = 1):
     """CLIP: the family's real text-encoder classes (shrunk through ComfyUI's config override), seeded."""
     spec = SPECS[name]
+    if spec.make_clip is not None:
+        return spec.make_clip(seed)
     sd = _cached(f"tiny-{spec.te_name}-te-s{seed}", lambda: text_encoder_state_dict(name, seed))
     return _clip_from(name, sd)
 
@@ -263,6 +268,8 @@ def build_vae(name: str, seed: int = 2):
     import comfy.sd
 
     spec = SPECS[name]
+    if spec.make_vae is not None:
+        return spec.make_vae(seed)
     q = "q" if spec.vae_quant_conv else ""
     sd = _cached(f"tiny-vae{spec.vae_channels}{q}-s{seed}", lambda: vae_state_dict(spec.vae_channels, spec.vae_quant_conv, seed))
     vae = comfy.sd.VAE(sd=dict(sd))
