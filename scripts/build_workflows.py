@@ -108,7 +108,8 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    image_prefix: str, targets: str = "attention+mlp", max_side: int | None = None,
                    checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto",
                    init_widgets: dict | None = None, dataset_widgets: dict | None = None,
-                   sample_widgets: dict | None = None, sample_saver: dict | None = None) -> dict:
+                   sample_widgets: dict | None = None, sample_saver: dict | None = None,
+                   timestep_widgets: dict | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
@@ -124,7 +125,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.link(te, "aligned_clip", txt, "clip")
     g.col = 2
     lc = g.add(P + "LoraConfig", rank=rank, alpha=float(rank), targets=targets)
-    tcfg = g.add(P + "TimestepStrategy", density=density, shift=shift, weighting=weighting)
+    tcfg = g.add(P + "TimestepStrategy", density=density, shift=shift, weighting=weighting, **(timestep_widgets or {}))
     oc = g.add(P + "Optimizer", learning_rate=lr, total_steps=steps)
     hist = g.add("PreviewImage", title="timestep density")
     g.link(tcfg, "histogram", hist, "images")
@@ -254,6 +255,28 @@ def build(info: dict) -> dict[str, dict]:
                                        "undoes the distillation (ai-toolkit trains it through a de-distillation "
                                        "adapter, which this pack does not have); keep runs short, or train on a "
                                        "non-distilled Z-Image when one is available."),
+        # Qwen-Image: ComfyUI's own image_qwen_image template's files (the fp8 e4m3fn DiT, which trains as loaded;
+        # CLIPLoader type qwen_image); previews as that template samples (20 steps, cfg 2.5, euler/simple). Training
+        # as ai-toolkit's config/examples/train_lora_qwen_image_24gb.yaml (rank 16, alpha 16, lr 1e-4, bf16,
+        # checkpointing, caption dropout 0.05) and seed 003's advice (sigmoid timesteps); the shift is musubi-tuner's
+        # Qwen-Image default (docs/qwen_image.md: --timestep_sampling shift --discrete_flow_shift 2.2, about the
+        # official resolution-dependent shift at 1328 px).
+        "train_lora_qwen_image": dict(name="Qwen-Image", ref="QwenImagePipeline (Qwen2.5-VL under its system prompt, "
+                                      "the first 34 template tokens dropped, 512 tokens, last layer)",
+                                      files="qwen_image_fp8_e4m3fn.safetensors, qwen_2.5_vl_7b_fp8_scaled.safetensors, "
+                                            "qwen_image_vae.safetensors",
+                                      loader="qwen_image", ckpt="qwen_image_fp8_e4m3fn.safetensors", resolution=1024,
+                                      density="sigmoid", shift="fixed", weighting="none", lr=1e-4, size=1024, cfg=2.5,
+                                      sample_steps=20, ts="sigmoid (logit-normal) with shift 2.2 (musubi-tuner's "
+                                                          "Qwen-Image default)",
+                                      spec="qwen-image", timesteps=dict(shift_value=2.2),
+                                      init=dict(precision="bf16", gradient_checkpointing=True),
+                                      dataset=dict(caption_dropout=0.05),
+                                      sample=dict(sampler_name="euler", scheduler="simple"),
+                                      note="\nThe DiT file is ComfyUI's fp8 e4m3fn one: it trains as loaded (the LoRA "
+                                           "trains in bf16 and applies to the bf16 model too), and a 20B model fits a "
+                                           "24 GB card this way (docs/memory.md). The LoRA is written with "
+                                           "musubi-tuner's key names and metadata."),
         # Chroma1-HD: ComfyUI's own image_chroma_text_to_image template's files (CLIPLoader type chroma, T5 fp8);
         # training as ai-toolkit's config/examples/train_lora_chroma_24gb.yaml (rank 16, alpha 16, lr 1e-4, EMA
         # 0.99, bf16, checkpointing; its default sigmoid timesteps); previews with guidance 4, 25 steps as there.
@@ -286,6 +309,10 @@ def build(info: dict) -> dict[str, dict]:
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2")
             v = g.add("VAELoader", vae_name="ae.safetensors")
+        elif f["loader"] == "qwen_image":
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image")
+            v = g.add("VAELoader", vae_name="qwen_image_vae.safetensors")
         elif f["loader"] == "chroma":
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("CLIPLoader", clip_name="t5xxl_fp8_e4m3fn_scaled.safetensors", type="chroma")
@@ -299,7 +326,8 @@ def build(info: dict) -> dict[str, dict]:
                        rank=f.get("rank", 16), every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"],
                        cfg=f["cfg"], guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
                        checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
-                       dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"))
+                       dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"),
+                       timestep_widgets=f.get("timesteps"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------
@@ -515,6 +543,9 @@ MODELS = {
     "qwen_3_4b.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors"),
     "Chroma1-HD-fp8_scaled_rev2.safetensors": ("diffusion_models", "https://huggingface.co/silveroxides/Chroma1-HD-fp8-scaled/resolve/main/Chroma1-HD-fp8_scaled_rev2.safetensors"),
     "t5xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors"),
+    "qwen_image_fp8_e4m3fn.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_fp8_e4m3fn.safetensors"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "qwen_image_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
 
@@ -548,6 +579,12 @@ DESCRIPTIONS = {
                           "checkpointing; previews at 9 steps, cfg 1.",
                           ["diffusion_models/z_image_turbo_bf16.safetensors", "text_encoders/qwen_3_4b.safetensors",
                            "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
+    "train_lora_qwen_image": ("Train a Qwen-Image LoRA", "Qwen2.5-VL under its system prompt, template tokens "
+                              "dropped, as QwenImagePipeline; rank 16, lr 1e-4, sigmoid timesteps with shift 2.2; "
+                              "trains the fp8 DiT as loaded (24 GB cards).",
+                              ["diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
+                               "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae/qwen_image_vae.safetensors",
+                               "input/my_dataset (images + .txt captions)"]),
     "train_lora_chroma": ("Train a Chroma1-HD LoRA", "T5 at 512 tokens with its mask as ChromaPipeline; "
                           "ai-toolkit's Chroma settings: rank 16, lr 1e-4, EMA 0.99, logit-normal timesteps.",
                           ["diffusion_models/Chroma1-HD-fp8_scaled_rev2.safetensors",
