@@ -277,6 +277,22 @@ def build(info: dict) -> dict[str, dict]:
                                            "trains in bf16 and applies to the bf16 model too), and a 20B model fits a "
                                            "24 GB card this way (docs/memory.md). The LoRA is written with "
                                            "musubi-tuner's key names and metadata."),
+        # Lumina-Image 2.0: Comfy-Org's repackaged split files (CLIPLoader type lumina2 for Gemma-2 2B; FLUX's ae).
+        # Training as kohya sd-scripts' docs/lumina_train_network.md example: rank 8, alpha 8, lr 1e-4, bf16,
+        # checkpointing, --timestep_sampling nextdit_shift (uniform timesteps with FLUX's resolution-dependent shift,
+        # library/lumina_train_util.py: our uniform + flux_resolution). Previews as ComfyUI's Lumina 2 template
+        # (image_netayume_lumina_t2i) samples: 30 steps, cfg 4, res_multistep/simple.
+        "train_lora_lumina2": dict(name="Lumina-Image 2.0", ref="Lumina2Pipeline (Gemma-2 on its system prompt, 256 "
+                                   "tokens with masks, penultimate layer)",
+                                   files="lumina_2_model_bf16.safetensors, gemma_2_2b_fp16.safetensors, ae.safetensors",
+                                   loader="lumina2", ckpt="lumina_2_model_bf16.safetensors", resolution=1024,
+                                   density="uniform", shift="flux_resolution", weighting="none", lr=1e-4, rank=8,
+                                   size=1024, cfg=4.0, sample_steps=30,
+                                   ts="uniform with FLUX's resolution shift (kohya's nextdit_shift)", spec="lumina2",
+                                   init=dict(precision="bf16", gradient_checkpointing=True),
+                                   sample=dict(sampler_name="res_multistep", scheduler="simple"),
+                                   note="\nThe LoRA is written with kohya sd-scripts' Lumina key names "
+                                        "(lora_unet_layers_N_attention_qkv...) and metadata."),
         # Chroma1-HD: ComfyUI's own image_chroma_text_to_image template's files (CLIPLoader type chroma, T5 fp8);
         # training as ai-toolkit's config/examples/train_lora_chroma_24gb.yaml (rank 16, alpha 16, lr 1e-4, EMA
         # 0.99, bf16, checkpointing; its default sigmoid timesteps); previews with guidance 4, 25 steps as there.
@@ -308,6 +324,10 @@ def build(info: dict) -> dict[str, dict]:
         elif f["loader"] == "zimage":
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2")
+            v = g.add("VAELoader", vae_name="ae.safetensors")
+        elif f["loader"] == "lumina2":
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name="gemma_2_2b_fp16.safetensors", type="lumina2")
             v = g.add("VAELoader", vae_name="ae.safetensors")
         elif f["loader"] == "qwen_image":
             m = g.add("UNETLoader", unet_name=f["ckpt"])
@@ -546,6 +566,8 @@ MODELS = {
     "qwen_image_fp8_e4m3fn.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_fp8_e4m3fn.safetensors"),
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
     "qwen_image_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
+    "lumina_2_model_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/diffusion_models/lumina_2_model_bf16.safetensors"),
+    "gemma_2_2b_fp16.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/text_encoders/gemma_2_2b_fp16.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
 
@@ -585,6 +607,11 @@ DESCRIPTIONS = {
                               ["diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
                                "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae/qwen_image_vae.safetensors",
                                "input/my_dataset (images + .txt captions)"]),
+    "train_lora_lumina2": ("Train a Lumina-Image 2.0 LoRA", "Gemma-2 on its system prompt, 256 tokens with masks, "
+                           "penultimate layer, as Lumina2Pipeline; kohya's Lumina settings: rank 8, lr 1e-4, uniform "
+                           "timesteps with the resolution shift.",
+                           ["diffusion_models/lumina_2_model_bf16.safetensors", "text_encoders/gemma_2_2b_fp16.safetensors",
+                            "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
     "train_lora_chroma": ("Train a Chroma1-HD LoRA", "T5 at 512 tokens with its mask as ChromaPipeline; "
                           "ai-toolkit's Chroma settings: rank 16, lr 1e-4, EMA 0.99, logit-normal timesteps.",
                           ["diffusion_models/Chroma1-HD-fp8_scaled_rev2.safetensors",

@@ -1,4 +1,4 @@
-"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma/Qwen-Image bundles behave like the real families in ComfyUI's stock nodes: the family's
+"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma/Qwen-Image/Lumina 2 bundles behave like the real families in ComfyUI's stock nodes: the family's
 supported_models config and text-encoder classes, stock encode -> KSampler -> VAE decode, trainable
 (finite gradients), and deterministic (same seed, same weights)."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import torch
 from support.factories import families
 
 CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "z-image": "ZImage",
-          "chroma": "Chroma", "qwen-image": "QwenImage"}
+          "chroma": "Chroma", "qwen-image": "QwenImage", "lumina2": "Lumina2"}
 TEXT_ENCODER = {"sdxl": "SDXLClipModel", "sd3": "SD3ClipModel", "flux1-dev": "FluxClipModel",
                 "flux1-schnell": "FluxClipModel", "z-image": "ZImageTEModel", "chroma": "PixArtT5XXL",
-                "qwen-image": "QwenImageTEModel"}
+                "qwen-image": "QwenImageTEModel", "lumina2": "LuminaModel"}
 
 
 def expected_cond_dims(model) -> tuple[int, int | None]:

@@ -10,6 +10,27 @@ from safetensors import safe_open
 from support.factories import families
 
 
+# family -> (a key of its LoRA as the reference trainer names it, metadata as that trainer writes it; None = absent).
+# Lumina 2: kohya sd-scripts (networks/lora_lumina.py, library/lumina_util.py, library/sai_model_spec.py: epsilon
+# for every non-FLUX model); Z-Image: musubi-tuner in ComfyUI's names (networks/convert_z_image_lora_to_comfy.py),
+# no prediction type; Qwen-Image: musubi-tuner (networks/lora_qwen_image.py).
+REFERENCE_METADATA = {
+    "lumina2": ("lora_unet_layers_0_attention_qkv.lora_up.weight",
+                {"ss_base_model_version": "lumina2", "ss_network_module": "networks.lora_lumina",
+                 "modelspec.architecture": "lumina-2/lora",
+                 "modelspec.implementation": "https://github.com/Alpha-VLLM/Lumina-Image-2.0",
+                 "modelspec.prediction_type": "epsilon"}),
+    "z-image": ("lora_unet_layers_0_attention_out.lora_up.weight",
+                {"ss_base_model_version": "z_image", "ss_network_module": "networks.lora_zimage",
+                 "modelspec.architecture": "Z-Image/lora", "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
+                 "modelspec.prediction_type": None}),
+    "qwen-image": ("lora_unet_transformer_blocks_0_attn_add_q_proj.lora_up.weight",
+                   {"ss_base_model_version": "qwen_image", "ss_network_module": "networks.lora_qwen_image",
+                    "modelspec.architecture": "Qwen-Image/lora",
+                    "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image", "modelspec.prediction_type": None}),
+}
+
+
 @pytest.mark.parametrize("name", families.NAMES)
 def test_family_trains_with_finite_loss(comfy, family_bundle, name, tmp_path):
     model, clip, vae = family_bundle(name)
@@ -35,7 +56,15 @@ def test_family_trains_with_finite_loss(comfy, family_bundle, name, tmp_path):
     losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
-    assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+    sd = export.kohya_state_dict(out)
+    assert export.unmapped_keys(model, sd) == []
+    if name in REFERENCE_METADATA:  # the reference trainer's key names and metadata
+        key, md_expected = REFERENCE_METADATA[name]
+        assert key in sd, (key, sorted(sd)[:8])
+        path, _ = export.save_lora(out, name, folder=tmp_path / "loras")
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata()
+        assert {k: md.get(k) for k in md_expected} == md_expected
     # resume is exact in every family: 1 step, a checkpoint, a new Train Init from it, 1 more == 2 straight
     loop.train_steps(init("half"), 1, val_every=2, checkpoint_every=1)
     resumed = loop.train_steps(init("half", "latest"), 1, val_every=2)
@@ -94,13 +123,4 @@ def test_qwen_image_trains_both_streams_and_plans_its_memory(comfy, family_bundl
     for part in ("attn.to_q.", "attn.add_q_proj.", "attn.to_add_out.", "img_mlp.net.0.proj.", "txt_mlp.net.2."):
         assert any(part in k for k in ups), (part, list(ups))
     assert any(v.abs().sum() > 0 for v in ups.values())
-    # musubi-tuner's names (kohya form of the block's module names) and metadata (lora_formats.json QwenImage)
-    sd = export.kohya_state_dict(out)
-    assert "lora_unet_transformer_blocks_0_attn_add_q_proj.lora_up.weight" in sd and export.unmapped_keys(model, sd) == []
-    path, _ = export.save_lora(out, "qwen", folder=tmp_path / "loras")
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata()
-    assert (md["ss_base_model_version"], md["ss_network_module"]) == ("qwen_image", "networks.lora_qwen_image")
-    assert (md["modelspec.architecture"], md["modelspec.implementation"]) == (
-        "Qwen-Image/lora", "https://github.com/QwenLM/Qwen-Image")
-    assert "modelspec.prediction_type" not in md
+    assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []

@@ -1,5 +1,5 @@
 """Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan / _zimage / _chroma /
-_qwen_image) so they run on tiny
+_qwen_image / _lumina2) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_workflows_families.py (API prompts) and tests/test_browser.py (the same changes made in the
 frontend's graph before queueing it).
@@ -33,6 +33,9 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      input width and block count and builds 24 heads of 128), ``CLIPLoader`` -> ``TinyTextEncoderLoader(qwen-image)``
      (Qwen2.5-VL-7B is built at full size), ``VAELoader`` <- ``tiny-wan21-vae.safetensors`` (Qwen-Image's VAE is
      the Wan 2.1 VAE).
+   - Lumina 2: ``UNETLoader`` -> ``TinyDiffusionModelLoader(lumina2)`` (Lumina 2 detection sets 24 heads unless the
+     width is 2304), ``CLIPLoader`` -> ``TinyTextEncoderLoader(lumina2)`` (Gemma-2 2B is built at full size),
+     ``VAELoader`` <- ``tiny-flux1-ae.safetensors`` (FLUX's 16-channel VAE, as Lumina 2's).
    - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
      ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
@@ -42,7 +45,8 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
    (4 generated 64 px captioned images in the server's input folder). Per workflow (``SHRINK_MORE``): Wan's
    clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos`` folder holds
-   a 6-frame 64 px clip and a still image; Z-Image, Chroma and Qwen-Image render one preview and one validation pass.
+   a 6-frame 64 px clip and a still image; Z-Image, Chroma, Qwen-Image and Lumina 2 render one preview and one validation
+   pass.
 
 Everything else is the shipped workflow: the aligned text-encoder node with its spec, dataset and caches,
 LoRA config (rank, targets), timestep strategy, optimizer, Train Init, Train Steps, Save LoRA, sample preview,
@@ -84,6 +88,9 @@ FAMILIES = {
     "train_lora_qwen_image": ("qwen-image", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "qwen-image"}),
                                              "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "qwen-image"}),
                                              "VAELoader": (None, {"vae_name": WAN_VAE})}),
+    "train_lora_lumina2": ("lumina2", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "lumina2"}),
+                                       "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "lumina2"}),
+                                       "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
     "train_lora_chroma": ("chroma", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "chroma"}),
                                      "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "chroma"}),
                                      "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
@@ -106,7 +113,8 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                # preview and one validation pass, as for Wan
                **{name: {"AlignedTrainer_PreviewPlan": {"every_n": STEPS},
                          "AlignedTrainer_TrainSteps": {"val_every": STEPS}}
-                  for name in ("train_lora_zimage", "train_lora_chroma", "train_lora_qwen_image")}}
+                  for name in ("train_lora_zimage", "train_lora_chroma", "train_lora_qwen_image",
+                                   "train_lora_lumina2")}}
 
 
 def shrink_for(name: str) -> dict:

@@ -1,8 +1,8 @@
-"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma and Qwen-Image bundles built from ComfyUI's own classes.
+"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image and Lumina 2 bundles built from ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
 model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
-``ZImage``, ``Chroma``, ``QwenImage``) with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that
+``ZImage``, ``Chroma``, ``QwenImage``, ``Lumina2``) with a shrunk UNet/transformer config; a ``comfy.sd.CLIP`` whose target comes from that
 config's own ``clip_target`` (so the family's real text-encoder classes: ``SDXLClipModel``, ``SD3ClipModel``,
 ``FluxClipModel``, ``ZImageTEModel``, Chroma's ``PixArtT5XXL``), shrunk through ComfyUI's own per-encoder config
 override
@@ -36,7 +36,7 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -94,6 +94,15 @@ CHROMA_DIT = dict(
 # bundle's CLIP). Its VAE is the Wan 2.1 VAE (as Qwen-Image's own): support.factories.wan's tiny one.
 QWEN_IMAGE_DIT = dict(image_model="qwen_image", in_channels=64, num_layers=2, attention_head_dim=32,
                       num_attention_heads=2, joint_attention_dim=128, axes_dims_rope=(8, 12, 12))
+# Lumina 2 (Lumina-Image 2.0): ComfyUI's NextDiT with the keys model_detection gives the original Lumina 2 (dim 2304
+# -> 24 heads of 96 with 8 key/value heads, axes 32/32/32, axes_lens 300/512/512, rope theta 10000, ffn x4), shrunk:
+# dim 192 = 2 heads of 96 (the real axes) with 1 key/value head, one main and one refiner layer of each kind; caption
+# width = the tiny Gemma-2 of support.factories.te_lumina2 (through ComfyUI's own Lumina 2 text-encoder classes).
+LUMINA2_DIT = dict(
+    image_model="lumina2", patch_size=2, in_channels=16, dim=192, cap_feat_dim=64, n_layers=1, n_refiner_layers=1,
+    qk_norm=True, n_heads=2, n_kv_heads=1, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512], rope_theta=10000.0,
+    ffn_dim_multiplier=4.0,
+)
 VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
@@ -129,7 +138,19 @@ SPECS = {
     "chroma": Spec("Chroma", CHROMA_DIT, "chroma", {"t5xxl": T5_FLUX}, (_T5_MARK,), 16, False),
     "qwen-image": Spec("QwenImage", QWEN_IMAGE_DIT, "qwen-image", vae_channels=16, vae_quant_conv=False,
                        make_clip=lambda seed: _qwen_image_clip(seed), make_vae=lambda seed: _wan_vae(seed)),
+    "lumina2": Spec("Lumina2", LUMINA2_DIT, "lumina2", vae_channels=16, vae_quant_conv=False,
+                    make_clip=lambda seed: _lumina2_clip(seed)),
 }
+
+
+def _lumina2_clip(seed: int):
+    """ComfyUI's Lumina 2 text encoder (LuminaTokenizer + lumina2.te(), the tokenizer from the file's sentencepiece
+    model) around a seeded tiny Gemma-2 (support.factories.te_lumina2, seed 50 + ``seed``: the default 1 gives the
+    parity tests' file)."""
+    from . import te_lumina2
+
+    assert te_lumina2.GEMMA2_TINY["hidden_size"] == LUMINA2_DIT["cap_feat_dim"]
+    return te_lumina2.lumina2_clip(te_lumina2.gemma2_tiny_file(50 + seed))
 
 
 def _qwen_image_clip(seed: int):
