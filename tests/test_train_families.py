@@ -3,6 +3,8 @@ pooled and size conditioning; guidance embedding) with finite loss, and the save
 ComfyUI's stock loader."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -124,3 +126,37 @@ def test_qwen_image_trains_both_streams_and_plans_its_memory(comfy, family_bundl
         assert any(part in k for k in ups), (part, list(ups))
     assert any(v.abs().sum() > 0 for v in ups.values())
     assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+
+
+def test_captions_of_different_lengths_batch_as_comfyui_runs_them(comfy, family_bundle, tmp_path):
+    """Lumina 2's aligned captions keep their own lengths (masks, no padding to a common length), which ComfyUI's
+    conds cannot batch: such samples run in separate forwards as ComfyUI's sampler runs them, so each sample's
+    prediction in a batch of 2 equals its prediction alone, and a batch-2 run trains."""
+    model, clip, vae = family_bundle("lumina2")
+    types = comfy.engine("data.types")
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    caps = ["ohwx", "ohwx, a red circle on a blue square, simple flat colours, centred"]
+    conds = [comfy.nodes.CLIPTextEncode().encode(clip, c)[0] for c in caps]
+    assert conds[0][0][0].shape[1] != conds[1][0][0].shape[1]
+    g = torch.Generator().manual_seed(0)
+    lats = [torch.randn(16, 8, 8, generator=g) for _ in caps]
+    ts = types.TrainingSet(tuple(types.Sample(f"s{i}", lat, (types.CaptionVariant(c, cond),), bucket=(64, 64))
+                                 for i, (lat, c, cond) in enumerate(zip(lats, caps, conds))))
+    run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(),
+                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="mixed", batch_size=2, val_count=0),
+                        runs_root=tmp_path)
+    with torch.inference_mode(False), torch.no_grad():
+        tr = loop.Trainer(run)
+        tr.load()
+        try:
+            x = torch.stack(lats) + torch.randn(2, 16, 8, 8, generator=g)
+            sigma = torch.tensor([0.7, 0.3])
+            both = tr.predict_at(x, sigma, conds)
+            alone = torch.cat([tr.predict_at(x[i:i + 1], sigma[i:i + 1], conds[i:i + 1]) for i in range(2)])
+        finally:
+            tr.release()
+    assert torch.allclose(both, alone, atol=1e-6), float((both - alone).abs().max())
+    out = loop.train_steps(run, 1)
+    assert math.isfinite(out.history[-1]["loss"])

@@ -143,6 +143,25 @@ def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [u for u in units if any(p.numel() for p in u.parameters())]
 
 
+
+def concat_groups(per: list[dict]) -> list[list[int]]:
+    """Indices of consecutive samples whose ComfyUI model conds batch together (same keys, every cond's
+    ``can_concat`` with the group's first), in order."""
+    groups: list[list[int]] = []
+    for i, p in enumerate(per):
+        head = per[groups[-1][0]] if groups else None
+        if head is not None and head.keys() == p.keys() and all(head[k].can_concat(p[k]) for k in head):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _concat(per: list[dict]) -> dict:
+    """One batch of model kwargs from per-sample model conds (ComfyUI's ``concat``)."""
+    return {k: per[0][k].concat([p[k] for p in per[1:]]) if len(per) > 1 else per[0][k].cond for k in per[0]}
+
+
 class _CloneRecomputedSaves:
     """Recompute context for ``torch.utils.checkpoint``: each tensor the recomputation saves for backward is
     copied first, then handed to checkpoint's own hook. torch keeps recomputed tensors by reference, so a block
@@ -381,7 +400,12 @@ class Trainer:
 
     def model_kwargs(self, conds: list, x: torch.Tensor) -> dict:
         """Batch the samples' conditionings through ComfyUI's own cond machinery (extra_conds); an aligned text
-        mask goes in the form the model takes (``text_mask``)."""
+        mask goes in the form the model takes (``text_mask``). The conditionings must batch together
+        (``concat_groups``)."""
+        return _concat(self.model_conds(conds, x))
+
+    def model_conds(self, conds: list, x: torch.Tensor) -> list[dict]:
+        """Each sample's conditioning as ComfyUI's model conds (``comfy.conds``), ready to batch."""
         per = []
         for i, cond in enumerate(conds):
             extras = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()}
@@ -392,11 +416,7 @@ class Trainer:
                                                      "positive", latent_image=x[i:i + 1])
             per.append({k: v.process_cond(batch_size=1, device=x.device, area=None)
                         for k, v in conv[0]["model_conds"].items()})
-        out = {}
-        for k in per[0]:
-            first = per[0][k]
-            out[k] = first.concat([p[k] for p in per[1:]]) if len(per) > 1 else first.cond
-        return out
+        return per
 
     def predict_loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
         """Per-sample loss in the model's own parametrisation (eps / v / flow velocity)."""
@@ -411,11 +431,15 @@ class Trainer:
 
     def denoised_at(self, xt: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
         """The model's denoised estimate at the noisy latent ``xt`` (fp32)."""
-        kwargs = self.model_kwargs(conds, xt)
+        per = self.model_conds(conds, xt)
         dtype = DTYPES[self.run.settings.precision]
-        with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            denoised = self.patcher.model.apply_model(xt, sigma, **kwargs)
-        return denoised.float()
+        outs = []
+        # samples whose conditionings cannot batch (LLM captions of different lengths: Lumina 2's masks, Qwen-Image's
+        # states) run in separate forwards, as ComfyUI's sampler runs them; one group when they all batch
+        for idx in concat_groups(per):
+            with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                outs.append(self.patcher.model.apply_model(xt[idx], sigma[idx], **_concat([per[i] for i in idx])))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
 
     def predict_at(self, xt: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
         """The model's output at ``xt`` in its own parametrisation (eps / v / flow velocity)."""
