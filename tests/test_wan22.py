@@ -183,7 +183,8 @@ def test_ti2v_5b_preview_decodes_at_the_size_asked(comfy, clip):
     """Sample Preview (frames 5, 64x32) on the tiny TI2V 5B with a Wan 2.2 ``comfy.sd.VAE`` (ComfyUI's detection:
     48 channels, 16x spatial, 4x temporal; support.factories.wan22.ti2v_comfy_vae): the empty latent is the stock
     Wan22ImageToVideoLatent's (no start image) for every length, and the clip decodes at exactly 5 x 32 x 64 (an 8x
-    latent decoded at 128x64). The Wan 2.2 VAE on a 16-channel Wan 2.1 model is refused naming both counts."""
+    latent decoded at 128x64). The Wan 2.2 VAE on a 16-channel Wan 2.1 model is refused naming both counts, a size
+    below one latent pixel and a missing VAE by name."""
     import comfy_extras.nodes_wan as nw
 
     render = comfy.engine("sampling.render")
@@ -202,3 +203,7 @@ def test_ti2v_5b_preview_decodes_at_the_size_asked(comfy, clip):
     assert tuple(cells.shape) == (frames, h, w, 3) and torch.isfinite(cells).all()
     with pytest.raises(ValueError, match="VAE makes 48-channel latents but the model .* takes 16"):
         render.empty_latent(wan.build_model(), vae, render.SampleSettings(width=w, height=h, frames=frames))
+    with pytest.raises(ValueError, match=r"width x height 8x32 is below one latent pixel of this VAE \(16 px\)"):
+        render.empty_latent(model, vae, render.SampleSettings(width=8, height=32))
+    with pytest.raises(ValueError, match=r"the VAE \(NoneType\) gives no latent size"):
+        render.empty_latent(model, None, render.SampleSettings(width=w, height=h))
