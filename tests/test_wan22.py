@@ -203,6 +203,8 @@ def test_ti2v_5b_preview_decodes_at_the_size_asked(comfy, clip):
     assert tuple(cells.shape) == (frames, h, w, 3) and torch.isfinite(cells).all()
     with pytest.raises(ValueError, match="VAE makes 48-channel latents but the model .* takes 16"):
         render.empty_latent(wan.build_model(), vae, render.SampleSettings(width=w, height=h, frames=frames))
+    assert tuple(render.empty_latent(model, vae, render.SampleSettings(width=16, height=16, frames=5)).shape) == (
+        1, 48, 2, 1, 1)  # one latent pixel is enough
     with pytest.raises(ValueError, match=r"width x height 8x32 is below one latent pixel of this VAE \(16 px\)"):
         render.empty_latent(model, vae, render.SampleSettings(width=8, height=32))
     with pytest.raises(ValueError, match=r"the VAE \(NoneType\) gives no latent size"):
