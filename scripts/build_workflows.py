@@ -109,7 +109,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto",
                    init_widgets: dict | None = None, dataset_widgets: dict | None = None,
                    sample_widgets: dict | None = None, sample_saver: dict | None = None,
-                   timestep_widgets: dict | None = None) -> dict:
+                   timestep_widgets: dict | None = None, optimizer_widgets: dict | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
@@ -126,7 +126,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.col = 2
     lc = g.add(P + "LoraConfig", rank=rank, alpha=float(rank), targets=targets)
     tcfg = g.add(P + "TimestepStrategy", density=density, shift=shift, weighting=weighting, **(timestep_widgets or {}))
-    oc = g.add(P + "Optimizer", learning_rate=lr, total_steps=steps)
+    oc = g.add(P + "Optimizer", learning_rate=lr, total_steps=steps, **(optimizer_widgets or {}))
     hist = g.add("PreviewImage", title="timestep density")
     g.link(tcfg, "histogram", hist, "images")
     g.col = 3
@@ -239,6 +239,50 @@ def build(info: dict) -> dict[str, dict]:
                                     "as one frame; set frame_buckets (e.g. 17, 33) to train each clip at the longest count it covers. "
                                     "Previews are 17-frame clips saved as animated WebP in the output "
                                     "folder. See docs/video.md."),
+        # Wan 2.2 T2V A14B, one expert per run: ComfyUI's own video_wan2_2_14B_t2v template's files (high-noise
+        # expert, UMT5 fp8, Wan 2.1 VAE; it samples both experts at ModelSamplingSD3 shift 8, 20 steps, cfg 3.5,
+        # euler/simple, the high-noise expert for the first half). Training: rank 32 / alpha 32 (ai-toolkit
+        # config/examples/train_lora_wan22_14b_24gb.yaml linear 32/32; musubi-tuner docs/wan.md network_dim 32), lr
+        # 1e-4 and weight decay 1e-4 (ai-toolkit), uniform timesteps on the model's shift 8 kept in the expert's
+        # window (musubi-tuner docs/wan.md: --min_timestep 875 --max_timestep 1000 --preserve_distribution_shape for
+        # the T2V high-noise expert, 0-875 for the low-noise one), 16 fps clips (musubi-tuner docs/dataset_config.md)
+        # of 33 frames (4k+1), 512 px area in 16 px buckets.
+        "train_lora_wan22": dict(name="Wan 2.2 T2V A14B expert", ref="WanPipeline (UMT5-XXL, 512 tokens, pads zeroed)",
+                                 files="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors (or the low_noise one), "
+                                       "umt5_xxl_fp8_e4m3fn_scaled.safetensors, wan_2.1_vae.safetensors",
+                                 loader="wan22", ckpt="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                 resolution=512, max_side=832, density="uniform", shift="model", weighting="none",
+                                 lr=1e-4, rank=32, size=640, cfg=3.5, sample_steps=20, folder="my_videos",
+                                 ts="uniform on the model's shift 8, inside the expert's window (Timestep Strategy "
+                                    "expert)", spec="wan",
+                                 init=dict(precision="bf16", gradient_checkpointing=True),
+                                 timesteps=dict(expert="high_noise", expert_boundary=0.0,
+                                                title="Timestep Strategy (expert: high_noise)"),
+                                 optimizer=dict(weight_decay=1e-4),
+                                 dataset=dict(kind="video", frames=33, fps=16.0, bucket_step=16),
+                                 sample=dict(width=640, height=640, sampler_name="euler", scheduler="simple",
+                                             frames=17, fps=16.0),
+                                 saver=dict(type="SaveAnimatedWEBP", fps=16.0),
+                                 note="\n\nWan 2.2 A14B is two models, split at the official T2V boundary 0.875 "
+                                      "(Wan2.2 wan_t2v_A14B.py; train/experts.json): the high-noise expert denoises "
+                                      "sigma >= 0.875, the low-noise expert the rest. Each expert is trained as its "
+                                      "own LoRA, on its own part of the schedule. This workflow trains the "
+                                      "high-noise expert (loader: the high_noise file; Timestep Strategy: expert "
+                                      "high_noise, expert_boundary 0 = the official boundary; Train Init says what "
+                                      "it took). To train the other: load "
+                                      "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors, set expert to low_noise and "
+                                      "rename the run and the LoRA (e.g. wan22_low_lora); then load each LoRA on its "
+                                      "expert in ComfyUI's Wan 2.2 template.\n"
+                                      "Settings of the reference trainers: rank 32 / alpha 32 and lr 1e-4 "
+                                      "(ai-toolkit train_lora_wan22_14b_24gb.yaml; musubi-tuner docs/wan.md "
+                                      "network_dim 32); uniform timesteps kept in the expert's window = musubi-tuner's "
+                                      "--min_timestep 875 --max_timestep 1000 --preserve_distribution_shape (0-875 "
+                                      "for the low-noise expert), on the model's shift 8 as the template samples; "
+                                      "clips at 16 fps (musubi-tuner's Wan rate), 33 frames; previews as the template "
+                                      "(euler, simple, cfg 3.5, 640 px, 17 frames). A preview runs the whole "
+                                      "schedule on the one expert, so the high-noise expert's previews stay rough "
+                                      "(it never learns the clean end). 14B on 24 GB: Train Init's quantize int8 "
+                                      "or offload_blocks (ai-toolkit quantizes it to 4 bits). See docs/video.md."),
         # Z-Image Turbo: ComfyUI's own image_z_image_turbo template's files (CLIPLoader type lumina2 for its
         # Qwen3-4B); previews as that template samples (9 steps, cfg 1, res_multistep/simple). Training settings as
         # ai-toolkit trains the DiT families (rank 16, lr 1e-4, sigmoid = logit-normal timesteps, bf16 with
@@ -321,6 +365,11 @@ def build(info: dict) -> dict[str, dict]:
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
             v = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
+        elif f["loader"] == "wan22":
+            m = g.add("UNETLoader", title="Wan 2.2 expert (high_noise; low_noise for the other LoRA)",
+                      unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
+            v = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
         elif f["loader"] == "zimage":
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2")
@@ -347,7 +396,7 @@ def build(info: dict) -> dict[str, dict]:
                        cfg=f["cfg"], guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
                        checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
                        dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"),
-                       timestep_widgets=f.get("timesteps"))
+                       timestep_widgets=f.get("timesteps"), optimizer_widgets=f.get("optimizer"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------
@@ -548,6 +597,9 @@ def build(info: dict) -> dict[str, dict]:
 # - wan2.1_t2v_1.3B_fp16, umt5_xxl_fp8_e4m3fn_scaled, wan_2.1_vae: ComfyUI's Wan 2.1 text-to-video template
 #   (comfyui-workflow-templates-media-video, templates/text_to_video_wan.json; the same URLs without their
 #   "?download=true", and folders).
+# - wan2.2_t2v_high_noise_14B_fp8_scaled, wan2.2_t2v_low_noise_14B_fp8_scaled: ComfyUI's Wan 2.2 14B text-to-video
+#   template (comfyui-workflow-templates-media-video, templates/video_wan2_2_14B_t2v.json), which loads them with
+#   the same umt5_xxl_fp8_e4m3fn_scaled and wan_2.1_vae as Wan 2.1.
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
     "sd_xl_base_1.0.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
@@ -559,6 +611,8 @@ MODELS = {
     "wan2.1_t2v_1.3B_fp16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"),
     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
     "wan_2.1_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/wan_2.1_vae.safetensors"),
+    "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+    "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
     "z_image_turbo_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors"),
     "qwen_3_4b.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors"),
     "Chroma1-HD-fp8_scaled_rev2.safetensors": ("diffusion_models", "https://huggingface.co/silveroxides/Chroma1-HD-fp8-scaled/resolve/main/Chroma1-HD-fp8_scaled_rev2.safetensors"),
@@ -596,6 +650,12 @@ DESCRIPTIONS = {
                        ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
                         "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
                         "input/my_videos (clips + .txt captions)"]),
+    "train_lora_wan22": ("Train a Wan 2.2 A14B expert LoRA", "One expert per run (high-noise here, low-noise "
+                         "for the other LoRA) at the official boundary 0.875; UMT5 as WanPipeline; rank 32, lr "
+                         "1e-4; 33-frame clips at 16 fps; bf16 with checkpointing; animated previews.",
+                         ["diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled",
+                          "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
+                          "input/my_videos (clips + .txt captions)"]),
     "train_lora_zimage": ("Train a Z-Image Turbo LoRA", "Qwen3 under its chat template, penultimate layer, 512 "
                           "tokens as ZImagePipeline; logit-normal timesteps, the model's shift 3; bf16 with "
                           "checkpointing; previews at 9 steps, cfg 1.",

@@ -69,39 +69,3 @@ def test_frame_buckets_through_the_dataset_node(srv):
     assert report["per_frame_count"] == {"5": 1, "9": 1} and report["video"]["frame_buckets"] == [5, 9]
     err = execution_error(srv, prompt("5, nine"))
     assert err["node_type"] == "AlignedTrainer_Dataset" and "frame_buckets: 'nine'" in err["exception_message"]
-
-
-def test_wan22_expert_run_through_the_server(srv):
-    """A user's Wan 2.2 A14B high-noise run: the expert (the test-only loader's tiny WAN21_T2V) -> video Dataset ->
-    both caches -> Timestep Strategy expert high_noise with its default boundary -> Train Init -> 1 Train Step ->
-    Save LoRA. Train Init says which boundary it took (the official one of the model's config) and the file carries
-    musubi-tuner's Wan metadata."""
-    from safetensors import safe_open
-
-    p = {
-        "1": node(srv, "AlignedTrainerTests_TinyCheckpointLoader", family="wan2.2-t2v-high"),
-        "2": node(srv, "AlignedTrainer_Dataset", folder="my_videos", kind="video", frames=5, fps=16.0, resolution=64,
-                  min_side=64, max_side=64),
-        "3": node(srv, "AlignedTrainer_CacheLatents", dataset=["2", 0], vae=["1", 2]),
-        "4": node(srv, "AlignedTrainer_CacheTextEmbeddings", latents=["3", 0], clip=["1", 1],
-                  unload_text_encoder=False),
-        "5": node(srv, "AlignedTrainer_LoraConfig", rank=4, alpha=4.0, targets="attention"),
-        "6": node(srv, "AlignedTrainer_TimestepStrategy", expert="high_noise"),
-        "7": node(srv, "AlignedTrainer_Optimizer", learning_rate=1e-3),
-        "8": node(srv, "AlignedTrainer_TrainInit", model=["1", 0], training_set=["4", 0], lora_config=["5", 0],
-                  timesteps=["6", 0], optimizer=["7", 0], run_name="wan22_high", if_exists="overwrite"),
-        "9": node(srv, "AlignedTrainer_TrainSteps", run=["8", 0], steps=1, checkpoint_every=0, val_every=0),
-        "10": node(srv, "AlignedTrainer_SaveLora", run=["9", 0], name="wan22_high", dtype="fp32",
-                   if_exists="overwrite"),
-    }
-    assert p["6"]["inputs"]["expert_boundary"] == 0  # the widget's default: the model's official boundary
-    entry = srv.run(p)
-    text = entry["outputs"]["8"]["text"][0]
-    assert "expert high_noise: trains sigma >= 0.875 (the official boundary of WAN21_T2V (Wan 2.2 T2V A14B" in text
-    assert "at the model's shift 8" in text
-    path = srv.base / "models" / "loras" / "wan22_high.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        md, keys = f.metadata(), list(f.keys())
-    assert md["ss_base_model_version"] == "wan" and md["ss_network_module"] == "networks.lora_wan"
-    assert md["modelspec.architecture"] == "wan2.1/lora" and json.loads(md["aligned_trainer.config"])
-    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys

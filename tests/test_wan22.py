@@ -177,3 +177,35 @@ def test_memory_plan_counts_the_frames_of_video_latents(comfy, clip, tmp_path):
     measured = weights + meter.peak
     assert plan.weights == weights
     assert abs(plan.total - measured) / measured < 0.15, (plan.text(), measured)
+
+
+def test_ti2v_5b_preview_decodes_at_the_size_asked(comfy, clip):
+    """A Wan 2.2 ``comfy.sd.VAE`` (ComfyUI's detection: 48 channels, 16x spatial, 4x temporal;
+    support.factories.wan22.ti2v_comfy_vae) with the tiny TI2V 5B: the empty latent at 64x32 is the stock
+    Wan22ImageToVideoLatent's (no start image) for lengths 1, 4, 5, 9, and Sample Preview (frames 5, 32x32) decodes
+    exactly 5 x 32 x 32 (an 8x latent decodes at 64x64). The Wan 2.2 VAE on a 16-channel Wan 2.1 model is refused naming both counts, a size
+    below one latent pixel and a missing VAE by name."""
+    import comfy_extras.nodes_wan as nw
+
+    render = comfy.engine("sampling.render")
+    model, vae = wan22.ti2v_model(), wan22.ti2v_comfy_vae()
+    assert render.latent_geometry(vae) == (48, 16, 4)
+    w, h, frames = 64, 32, 5
+    for n in (1, 4, 5, 9):
+        stock = nw.Wan22ImageToVideoLatent.execute(vae, w, h, n, 1).result[0]["samples"]
+        got = render.empty_latent(model, vae, render.SampleSettings(width=w, height=h, frames=n))
+        assert got.shape == stock.shape and not got.any(), n
+    kw = dict(prompts="ohwx walking", negative="", seed=3, seed_mode="fixed", steps=1, cfg=1.0, guidance=3.5,
+              sampler_name="euler", scheduler="simple", width=32, height=32, step=0)  # 32 px: a decode costs seconds
+    with torch.inference_mode():
+        _, cells = comfy.call_full("AlignedTrainer_SamplePreview", model=model, clip=clip, vae=vae, frames=frames,
+                                   fps=16.0, **kw).args
+    assert tuple(cells.shape) == (frames, 32, 32, 3) and torch.isfinite(cells).all()
+    with pytest.raises(ValueError, match="VAE makes 48-channel latents but the model .* takes 16"):
+        render.empty_latent(wan.build_model(), vae, render.SampleSettings(width=w, height=h, frames=frames))
+    assert tuple(render.empty_latent(model, vae, render.SampleSettings(width=16, height=16, frames=5)).shape) == (
+        1, 48, 2, 1, 1)  # one latent pixel is enough
+    with pytest.raises(ValueError, match=r"width x height 8x32 is below one latent pixel of this VAE \(16 px\)"):
+        render.empty_latent(model, vae, render.SampleSettings(width=8, height=32))
+    with pytest.raises(ValueError, match=r"the VAE \(NoneType\) gives no latent size"):
+        render.empty_latent(model, None, render.SampleSettings(width=w, height=h))

@@ -1,4 +1,4 @@
-"""The shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan) run to completion through the real
+"""The shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan / _wan22 ...) run to completion through the real
 ComfyUI server on tiny generated models: each trains, saves a LoRA that ComfyUI's stock LoRA loader maps
 completely, and leaves its sample grid, loss plot and timestep histogram. What is changed in each
 shipped workflow (loaders and sizes, nothing else) is documented in ``support.tiny_workflows``.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-from support.tiny_workflows import FAMILIES, STEPS, shrink_for, tiny_prompt
+from support.tiny_workflows import FAMILIES, shrink_for, steps_for, tiny_prompt
 from support.workflow import load, ui_to_api, validate
 
 
@@ -62,7 +62,8 @@ def _check_lora_loads(path: Path, model) -> int:
 
 def _check_animated(srv, outputs: dict, by_type: dict, frames: int, name: str) -> None:
     """Each animated UI entry (Sample Preview's, Train Steps' per preview) is a file in the output folder that PIL
-    reads as ``frames`` frames of the saved sample grid's size; Train Steps shows one per preview."""
+    reads as ``frames`` frames of the saved sample grid's size; Train Steps shows one per preview (none where the
+    shrunk run previews only at the end)."""
     from PIL import Image
 
     (sp,), (ts,), (saved,) = by_type["AlignedTrainer_SamplePreview"], by_type["AlignedTrainer_TrainSteps"], \
@@ -70,14 +71,38 @@ def _check_animated(srv, outputs: dict, by_type: dict, frames: int, name: str) -
     ref = outputs[saved]["images"][0]
     with Image.open(srv.output_dir / ref["subfolder"] / ref["filename"]) as im:
         size = im.size
-    shown = {nid: outputs[nid] for nid in (sp, ts)}
-    assert all(o.get("animated") == [True] for o in shown.values()), shown
+    shown = {nid: outputs.get(nid, {}) for nid in (sp, ts)}
     every = shrink_for(name)["AlignedTrainer_PreviewPlan"]["every_n"]
-    assert len(shown[sp]["images"]) == 1 and len(shown[ts]["images"]) == STEPS // every, shown
-    for img in shown[sp]["images"] + shown[ts]["images"]:
+    if steps_for(name) < every:  # no preview during training: Train Steps shows none
+        assert not outputs.get(ts, {}).get("images"), outputs.get(ts)
+        shown.pop(ts)
+    assert all(o.get("animated") == [True] for o in shown.values()), shown
+    assert len(shown[sp]["images"]) == 1 and len(shown.get(ts, {"images": []})["images"]) == steps_for(name) // every
+    for img in [i for o in shown.values() for i in o["images"]]:
         assert img["type"] == "output" and img["filename"].endswith(".webp"), img
         with Image.open(srv.output_dir / img["subfolder"] / img["filename"]) as im:
             assert (im.format, im.n_frames, im.size) == ("WEBP", frames, size), (img, im.n_frames, im.size)
+
+
+def _check_wan22_expert(srv, api: dict, outputs: dict, by_type: dict, lora: Path) -> None:
+    """The Wan 2.2 workflow trains the high-noise expert at the widget's default boundary (0: the model's official
+    one): Train Init names the boundary it took (experts.json's, for the WAN21_T2V the expert file loads as) on
+    the model's shift 8; the LoRA carries musubi-tuner's Wan metadata and its key names."""
+    from safetensors import safe_open
+
+    (ts_id,) = by_type["AlignedTrainer_TimestepStrategy"]
+    inputs = api[ts_id]["inputs"]
+    default = srv.info["AlignedTrainer_TimestepStrategy"]["input"]["optional"]["expert_boundary"][1]["default"]
+    assert inputs["expert"] == "high_noise" and inputs["expert_boundary"] == default == 0
+    (init_id,) = by_type["AlignedTrainer_TrainInit"]
+    text = outputs[init_id]["text"][0]
+    assert "expert high_noise: trains sigma >= 0.875 (the official boundary of WAN21_T2V (Wan 2.2 T2V A14B" in text
+    assert "at the model's shift 8" in text
+    with safe_open(str(lora), framework="pt") as f:
+        md, keys = f.metadata(), list(f.keys())
+    assert md["ss_base_model_version"] == "wan" and md["ss_network_module"] == "networks.lora_wan"
+    assert md["modelspec.architecture"] == "wan2.1/lora" and json.loads(md["aligned_trainer.config"])
+    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys
 
 
 @pytest.mark.server
@@ -107,15 +132,16 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
     requested = api[save_id]["inputs"]["name"]
     assert lora.parent == srv.base / "models" / "loras" and report["requested"] == f"{requested}.safetensors"
     assert re.fullmatch(rf"{re.escape(requested)}(_\d+)?\.safetensors", lora.name), lora.name
-    assert lora.exists() and report["steps"] == STEPS and report["unmapped"] == 0
+    assert lora.exists() and report["steps"] == steps_for(name) and report["unmapped"] == 0
     family = FAMILIES[name][0]
     if family == "sd15":
         model = request.getfixturevalue("sd15")[0]  # the tiny checkpoint through CheckpointLoaderSimple
     else:
-        from support.factories import families, wan
+        from support.factories import families, wan, wan22
 
         # the MODEL the server's workflow trained (same weights)
-        model = wan.build_model() if family == "wan2.1" else families.build_model(family)
+        others = {"wan2.1": wan.build_model, "wan2.2-t2v-high": wan22.HIGH.build_model}
+        model = others[family]() if family in others else families.build_model(family)
     n_patches = _check_lora_loads(lora, model)
     # every Save Image (sample grid, loss plot) and Preview Image (timestep histogram) left its files
     names = set()
@@ -133,4 +159,6 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
     if frames > 1:  # video: Sample Preview and Train Steps' previews show animated WebPs from the output folder
         _check_animated(srv, outputs, by_type, frames, name)
     assert any(n.startswith(f"{prefix}_lora/loss_plot") for n in names), names
+    if name == "train_lora_wan22":
+        _check_wan22_expert(srv, api, outputs, by_type, lora)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")

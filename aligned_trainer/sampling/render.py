@@ -55,18 +55,39 @@ def encode(clip, text: str, guidance: float) -> list:
     return node_helpers.conditioning_set_values(cond, {"guidance": guidance})
 
 
+def latent_geometry(vae) -> tuple[int, int, int | None]:
+    """``(channels, spatial, temporal)`` of the latents ``vae`` decodes, read from the ``comfy.sd.VAE`` ComfyUI built
+    for the file (``latent_channels``, ``spacial_compression_decode()``, ``temporal_compression_decode()``; the
+    last is None for image VAEs): SD 4/8, SD3/FLUX 16/8, Wan 2.1 16/8/4, Wan 2.2 48/16/4, FLUX.2 128/16."""
+    try:
+        return int(vae.latent_channels), int(vae.spacial_compression_decode()), vae.temporal_compression_decode()
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"the VAE ({type(vae).__name__}) gives no latent size (latent_channels, compression); "
+                         "connect the model's VAE from a VAE or checkpoint loader") from e
+
+
 def empty_latent(model, vae, s: SampleSettings) -> torch.Tensor:
-    """The empty latent the stock nodes start from: EmptyLatentImage (fixed to the model's channels and latent
-    dimensions), or for ``frames`` > 1 on a video model EmptyHunyuanLatentVideo's ``(1, C, (frames - 1) // t + 1,
-    H / 8, W / 8)`` with the VAE's temporal compression ``t`` (Wan: 4)."""
-    if s.frames == 1:
-        return comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, s.height // 8, s.width // 8]))
-    temporal = vae.temporal_compression_decode() if hasattr(vae, "temporal_compression_decode") else None
-    if model.get_model_object("latent_format").latent_dimensions != 3 or not temporal:
+    """The empty latent the stock nodes start from, sized by the VAE: ``(1, C, H / k, W / k)`` for a still image
+    (EmptyLatentImage / EmptySD3LatentImage / EmptyFlux2LatentImage), or for ``frames`` > 1 on a video model
+    ``(1, C, (frames - 1) // t + 1, H / k, W / k)`` (EmptyHunyuanLatentVideo for Wan 2.1, Wan22ImageToVideoLatent's
+    H / 16 and 48 channels for the Wan 2.2 VAE), with C, k, t the VAE's channels, spatial and temporal
+    compression, so the decode comes out at the width, height and frames asked (frames rounded down to what the
+    VAE decodes: Wan 4k+1)."""
+    fmt = model.get_model_object("latent_format")
+    video_vae = hasattr(vae, "temporal_compression_decode") and bool(vae.temporal_compression_decode())
+    if s.frames > 1 and not (video_vae and fmt.latent_dimensions == 3):
         raise ValueError(f"frames = {s.frames} needs a video model and its VAE (Wan); this model or VAE makes still "
                          "images: set frames to 1.")
-    latent = torch.zeros([1, 4, (s.frames - 1) // temporal + 1, s.height // 8, s.width // 8])
-    return comfy.sample.fix_empty_latent_channels(model, latent)
+    channels, spatial, temporal = latent_geometry(vae)
+    if channels != fmt.latent_channels:
+        raise ValueError(f"the VAE makes {channels}-channel latents but the model ({type(fmt).__name__} latents) "
+                         f"takes {fmt.latent_channels}: connect the VAE of the model's family")
+    size = [s.height // spatial, s.width // spatial]
+    if min(size) < 1:
+        raise ValueError(f"width x height {s.width}x{s.height} is below one latent pixel of this VAE ({spatial} px): "
+                         f"use at least {spatial} px")
+    shape = [1, channels, (s.frames - 1) // temporal + 1, *size] if s.frames > 1 else [1, channels, *size]
+    return comfy.sample.fix_empty_latent_channels(model, torch.zeros(shape))
 
 
 @torch.no_grad()

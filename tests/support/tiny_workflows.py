@@ -1,5 +1,5 @@
-"""Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan / _zimage / _chroma /
-_qwen_image / _lumina2) so they run on tiny
+"""Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan / _wan22 / _zimage /
+_chroma / _qwen_image / _lumina2) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_workflows_families.py (API prompts) and tests/test_browser.py (the same changes made in the
 frontend's graph before queueing it).
@@ -39,14 +39,18 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
      ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
+   - Wan 2.2 A14B (one expert): the same with ``wan2.2-t2v-high`` (the tiny high-noise expert of
+     ``support.factories.wan22``, a ``WAN21_T2V`` as ComfyUI loads the real expert files) and the Wan 2.1 VAE.
 2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``): dataset resolution and bucket
    sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
    optimizer 4); preview plan and final sample preview 2 sampling steps at 64x64, the plan rendering every 2
    steps, the final preview labelled step 4. The dataset folder keeps the shipped name ``my_dataset``
    (4 generated 64 px captioned images in the server's input folder). Per workflow (``SHRINK_MORE``): Wan's
-   clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos`` folder holds
-   a 6-frame 64 px clip and a still image; Z-Image, Chroma, Qwen-Image and Lumina 2 render one preview and one validation
-   pass.
+   (2.1 and 2.2) clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos``
+   folder holds a 6-frame 64 px clip and a still image; Wan 2.2 trains 2 steps with no validation and previews
+   only at the end;
+   Z-Image and Chroma render one preview and one validation pass; Qwen-Image and Lumina 2 train 2 steps with one
+   checkpoint, one validation pass and one preview.
 
 Everything else is the shipped workflow: the aligned text-encoder node with its spec, dataset and caches,
 LoRA config (rank, targets), timestep strategy, optimizer, Train Init, Train Steps, Save LoRA, sample preview,
@@ -82,6 +86,9 @@ FAMILIES = {
     "train_lora_wan": ("wan2.1", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.1"}),
                                   "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.1"}),
                                   "VAELoader": (None, {"vae_name": WAN_VAE})}),
+    "train_lora_wan22": ("wan2.2-t2v-high", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.2-t2v-high"}),
+                                             "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.2-t2v-high"}),
+                                             "VAELoader": (None, {"vae_name": WAN_VAE})}),
     "train_lora_zimage": ("z-image", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "z-image"}),
                                       "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "z-image"}),
                                       "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
@@ -109,12 +116,25 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                                    "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
                                    "AlignedTrainer_SamplePreview": {"frames": 5},
                                    "AlignedTrainer_TrainSteps": {"val_every": STEPS}},
+               # Wan 2.2 (one expert): 2 bf16 steps, no validation, no preview during training (the final Sample
+               # Preview is its animated preview; Train Steps' previews and validation of a Wan run are checked on
+               # train_lora_wan), since a clip decode and a bf16 step each take seconds on a CPU
+               "train_lora_wan22": {"AlignedTrainer_Dataset": {"frames": 5},
+                                    "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
+                                    "AlignedTrainer_SamplePreview": {"frames": 5, "step": 2},
+                                    "AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},
+                                    "AlignedTrainer_Optimizer": {"total_steps": 2}},
                # Z-Image (a 256-wide DiT: ComfyUI's z_image_modulation needs 256) and Chroma in bf16 on a CPU: one
                # preview and one validation pass, as for Wan
                **{name: {"AlignedTrainer_PreviewPlan": {"every_n": STEPS},
                          "AlignedTrainer_TrainSteps": {"val_every": STEPS}}
-                  for name in ("train_lora_zimage", "train_lora_chroma", "train_lora_qwen_image",
-                                   "train_lora_lumina2")}}
+                  for name in ("train_lora_zimage", "train_lora_chroma")},
+               # Qwen-Image and Lumina 2 (LLM text encoders, bf16): 2 steps with one checkpoint, one validation pass
+               # and one preview during training
+               **{name: {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 2},
+                         "AlignedTrainer_Optimizer": {"total_steps": 2},
+                         "AlignedTrainer_SamplePreview": {"step": 2}}
+                  for name in ("train_lora_qwen_image", "train_lora_lumina2")}}
 
 
 def shrink_for(name: str) -> dict:
@@ -123,6 +143,11 @@ def shrink_for(name: str) -> dict:
     for t, v in SHRINK_MORE.get(name, {}).items():
         out.setdefault(t, {}).update(v)
     return out
+
+
+def steps_for(name: str) -> int:
+    """Training steps of the shrunk workflow ``name`` (STEPS unless SHRINK_MORE sets its own)."""
+    return shrink_for(name)["AlignedTrainer_TrainSteps"]["steps"]
 
 
 def tiny_prompt(api: dict, name: str) -> dict:

@@ -12,6 +12,9 @@
   state dict and always builds ``dim=160``, ``dec_dim=256`` (705M parameters, of which 150M in the encoder), so
   the tiny VAE is ComfyUI's module built directly; its ``encode`` is the step ``comfy.sd.VAE.encode`` runs for
   this class (pixels in [-1, 1], ``(B, 3, T, H, W)``).
+- The Wan 2.2 VAE as a ``comfy.sd.VAE`` (:func:`ti2v_comfy_vae`): ComfyUI detects it from the keys of a Wan 2.2 VAE
+  file (its own 48 channels, 16x/4x ratios, decode and tiling code), then holds the width-8 module above in place
+  of the 705M one it built (the only change: ``first_stage_model`` and its patcher).
 """
 from __future__ import annotations
 
@@ -90,3 +93,27 @@ def ti2v_vae(seed: int = 32):
     vae = WanVAE(dim=VAE_DIM, dec_dim=VAE_DIM, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                  temperal_downsample=[False, True, True], dropout=0.0)
     return common.seeded_init_(vae, seed).eval()
+
+
+# The two keys comfy.sd.VAE reads to detect the Wan 2.2 VAE, at the full model's shapes (dim 160, dec_dim 256).
+WAN22_VAE_DETECT = {"decoder.middle.0.residual.0.gamma": (1024, 1, 1, 1),
+                    "decoder.upsamples.0.upsamples.0.residual.2.weight": (1024, 1024, 3, 3, 3)}
+
+
+def ti2v_comfy_vae(seed: int = 32):
+    """VAE: ``comfy.sd.VAE`` detecting the Wan 2.2 VAE from a state dict holding only its detection keys (the rest
+    of the 705M module it builds stays unwritten memory), with :func:`ti2v_vae`'s width-8 module in its place."""
+    import comfy.ldm.wan.vae2_2
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd={k: torch.zeros(1).expand(shape) for k, shape in WAN22_VAE_DETECT.items()})
+    assert isinstance(vae.first_stage_model, comfy.ldm.wan.vae2_2.WanVAE) and vae.latent_channels == 48
+    tiny = ti2v_vae(seed).to(vae.vae_dtype)
+    vae.first_stage_model = tiny
+    vae.patcher = comfy.model_patcher.ModelPatcher(tiny, load_device=vae.device,
+                                                   offload_device=mm.vae_offload_device())
+    vae.size = None
+    vae.model_size()
+    return vae
