@@ -1,5 +1,6 @@
 """The real ComfyUI frontend in Debian's Chromium (Playwright): load every shipped workflow, queue it from the
-frontend, wait for it to finish, see the live loss chart draw and the A/B viewer show both images.
+frontend, wait for it to finish, see the live loss chart draw, the A/B viewer show both images and the token-heatmap
+and slider-sweep grids show on their nodes (train_slider's LoRA metadata and grid size checked too).
 
 The A/B and alignment-report workflows run as shipped (they name the generated tiny SD1.5 and demo dataset);
 the demo runs from the browser in test_browser_ui.py (training view). The family workflows (train_lora_sd15/_sdxl/_sd35/_flux1) name real model files; after loading
@@ -28,8 +29,7 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
 # loss events and A/B images; here it is loaded and turned into a prompt like the others.
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", "train_slider", *FAMILIES}
-# train_slider runs through the server in tests/test_sliders.py (LoRA metadata and the sweep grid checked)
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -141,6 +141,49 @@ def _wait_done(server, before: int, timeout: float = 600) -> dict:
     raise TimeoutError("the workflow queued from the browser did not finish")
 
 
+def _shows_its_grid(page, server, entry, node_id) -> None:
+    """The images shown on node ``node_id`` are the grid images it returned in this run (same natural sizes as
+    the files its preview wrote), not an earlier run's or a placeholder."""
+    from PIL import Image
+
+    sizes = []
+    for i in entry["outputs"][str(node_id)]["images"]:
+        root = server.output_dir if i.get("type") == "output" else server.temp_dir  # (ComfyUI adds temp/ under it)
+        (f,) = [f for f in root.rglob(i["filename"]) if f.parent.name == (i.get("subfolder") or f.parent.name)]
+        with Image.open(f) as im:
+            sizes.append(list(im.size))
+    shown = page.evaluate("id => window.app.graph.getNodeById(id).imgs.map(i => [i.naturalWidth, i.naturalHeight])",
+                          node_id)
+    assert shown == sizes and sizes, (node_id, shown, sizes)
+
+
+def _check_slider_run(page, server, entry, wf) -> None:
+    """workflows/train_slider.json queued from the frontend: Save LoRA's file records the slider's prompts, the
+    aligned spec and the 4 steps; the sweep grid (-2 ... +2: five 64 px columns beside the label column) is saved,
+    and the Slider Sweep node shows an image of that size."""
+    import json
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    from support import demo
+
+    with safe_open(str(server.model_folders["loras"] / "slider_smile.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    rec = json.loads(meta["aligned_trainer.slider"])
+    assert (rec["positive"], rec["negative"]) == ("a photo of a smiling person, happy",
+                                                  "a photo of a frowning person, sad")
+    assert json.loads(meta["aligned_trainer.te_spec"])["id"] == "sd15" and meta["aligned_trainer.steps"] == "4"
+    (grid,) = [f for f in demo.output_files(entry, server.output_dir) if f.parent.name == "slider"]
+    with Image.open(grid) as im:
+        size = im.size
+    assert size[0] == 110 + 5 * 64, size
+    (sweep,) = [n["id"] for n in wf["nodes"] if n["type"] == "AlignedTrainer_SliderSweep"]
+    shown = page.evaluate("id => window.app.graph.getNodeById(id).imgs.map(i => [i.naturalWidth, i.naturalHeight])",
+                          sweep)
+    assert shown == [list(size)], (shown, size)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.stem)
 def test_frontend_loads_and_runs_workflow(page, family_server, path):
     server = family_server
@@ -189,6 +232,9 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
         page.wait_for_function("""id => { const n = window.app.graph.getNodeById(id);
             return n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 64); }""",
                                arg=node["id"], timeout=30_000)
+        _shows_its_grid(page, server, entry, node["id"])
+    if name == "train_slider":
+        _check_slider_run(page, server, entry, wf)
     _close_dialogs(page)
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
     page.wait_for_timeout(500)

@@ -74,9 +74,10 @@ def test_flux_joint_attention_maps_and_unchanged_image(H, R, family_bundle):
     model, clip, vae = family_bundle("flux1-dev")
     s = R.SampleSettings(steps=2, cfg=1.0, width=64, height=32, seed=1)
     prompt = "ohwx, a zebra on a red carpet"
-    image, maps = H.heatmaps(model, clip, vae, prompt, "", ["zebra", "carpet"], s)
-    assert maps.shape == (2, 32, 64) and torch.isfinite(maps).all()
+    image, maps = H.heatmaps(model, clip, vae, prompt, "", ["ohwx", "zebra", "carpet"], s)
+    assert maps.shape == (3, 32, 64) and torch.isfinite(maps).all()  # the trigger word placed too
     assert all(m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
+    assert not torch.allclose(maps[0], maps[1], atol=1e-3)  # different tokens, different maps
     plain = R.sample(model, vae, R.encode(clip, prompt, s.guidance), R.encode(clip, "", s.guidance), s, s.seed)
     assert torch.equal(image, plain)
     cap = H.Capture()

@@ -1,8 +1,9 @@
 """Concept sliders (LECO) from prompts alone, on the tiny SD1.5: after training, the LoRA loaded by ComfyUI's stock
 loader moves the target prompt's prediction toward the positive prompt's base prediction at +1 and toward the
 negative one's at -1 (measured against strength 0); resumed steps equal uninterrupted ones exactly; the saved file
-records the slider; bad settings are refused before training; the strength sweep renders. The shipped workflow
-runs through the real server in test_workflows.py (``train_slider``)."""
+records the slider; bad settings are refused before training; the strength sweep renders; an anchor keeps its prompt's
+prediction. The shipped workflow (``train_slider``) is queued from the frontend in test_browser.py, which checks the
+saved LoRA's record and the sweep grid shown on its node."""
 from __future__ import annotations
 
 import json
@@ -99,6 +100,91 @@ def test_strength_moves_prediction_toward_positive_and_negative(T, sd15, slider_
         assert r["cos_plus"] > 0.3 and r["cos_minus"] < -0.3, r
 
 
+ANCHOR = "a photo of a man"  # shares most of the target's tokens: a slider without an anchor moves it too
+
+
+@pytest.fixture(scope="module")
+def anchored(T, comfy, sd15, tmp_path_factory):
+    """The slider of ``trained`` with ANCHOR as its anchor (weight 1), everything else the same (same seed: the same
+    noise and noise levels are drawn), after the same STEPS steps (half as many leave the anchored/plain drift ratio
+    at 0.67 instead of 0.27: the anchor's pull builds up over the steps)."""
+    tset = _slider_set(comfy, sd15, anchor=ANCHOR)
+    t0 = time.perf_counter()
+    run = T.loop.train_steps(_init(T, sd15, tset, tmp_path_factory.mktemp("slider_anchor_runs"), "anchored"), STEPS)
+    print(f"anchored slider: {STEPS} steps in {time.perf_counter() - t0:.1f}s")
+    return tset, run
+
+
+def test_anchor_keeps_the_anchor_prompt_as_the_base_draws_it(T, sd15, trained, anchored):
+    """The anchor's effect after training, through the stock LoRA loader: conditioned on the anchor prompt, the
+    slider trained with the anchor changes the base model's prediction at +1 much less than the same slider trained
+    without it for the same steps (``drift`` = |e_lora(anchor) - e_base(anchor)|; anchored/plain 0.27 measured,
+    < 0.5 asserted: an ignored anchor gives 1; at -1 the same within 1 %, not rerun), and the slider still moves the
+    target prompt along e(positive) - e(negative). Not told apart here (measured, printed): on this tiny model
+    the anchor shrinks the target's change alike (|e_lora(target) - e_base(target)| 0.0049 vs 0.0171; drift per unit
+    of target change 0.92 vs 0.98), so an anchor term conditioned on the target, or pulled to another prediction
+    (equal to first order when both directions train), passes too; tests/test_pin_slider.py pins those terms."""
+    from comfy.sd import load_lora_for_models
+
+    tset, run = anchored
+    sl = tset.meta["slider"]
+    model = sd15[0]
+    loras = {"plain": T.export.kohya_state_dict(trained[1], dtype=torch.float32),
+             "anchored": T.export.kohya_state_dict(run, dtype=torch.float32)}
+    g = torch.Generator().manual_seed(17)
+    sigma = 2.0
+    x = torch.randn(2, 4, 8, 8, generator=g) * sigma
+    s = torch.tensor([sigma, sigma])
+    e_t, e_p, e_n, e_a = (_eps(model, x, s, c) for c in (sl.target, sl.positive, sl.negative, sl.anchor))
+    drift, cos, move = {}, {}, {}
+    for name, lora in loras.items():
+        for w in (1.0,):  # -1 measured alike (drift ratio 0.267 vs 0.268): the change is linear in the strength here
+            patched = load_lora_for_models(model, None, lora, w, 0.0)[0]
+            a, t = _eps(patched, x, s, sl.anchor), _eps(patched, x, s, sl.target)
+            drift[name, w] = float((a - e_a).norm())
+            move[name, w] = float((t - e_t).norm())
+            cos[name, w] = _cos(t - e_t, e_p - e_n)
+    _eps(model, x, s, sl.target)  # the base model loaded again (unpatched)
+    ratio = {w: drift["anchored", w] / drift["plain", w] for w in (1.0,)}
+    # selectivity: the anchor prompt's drift per unit of the target's change
+    sel = {k: drift[k] / move[k] for k in drift}
+    print(json.dumps({"drift": {f"{k[0]} {k[1]:+}": v for k, v in drift.items()}, "ratio": ratio,
+                      "move": {f"{k[0]} {k[1]:+}": v for k, v in move.items()},
+                      "sel": {f"{k[0]} {k[1]:+}": v for k, v in sel.items()},
+                      "cos": {f"{k[0]} {k[1]:+}": v for k, v in cos.items()}, "|e_a - e_t|": float((e_a - e_t).norm())},
+                     indent=1))
+    assert drift["plain", 1.0] > 0 and ratio[1.0] < 0.5, (ratio, drift)
+    assert cos["anchored", 1.0] > 0.3, cos
+
+
+def test_memory_plan_of_an_anchored_slider_step(comfy, T, sd15, tmp_path):
+    """Train Init's memory plan for a slider with an anchor (its activations probed as for a tight budget) against the
+    live bytes of one slider step (adapters, optimizer state, the base predictions, both directions' forwards and
+    backwards): within 15 %. The target and the anchor prompt back-propagate through one forward of twice the batch,
+    which the plan counts (planned as one dataset step it was 34 % under the peak here and 37 % at 192 px; doubling
+    the whole probed step instead was 31 % over here). Without an anchor: 109.5 planned, 109.2 MiB measured (not
+    rerun here, suite time)."""
+    memory = comfy.engine("train.memory")
+    tset = _slider_set(comfy, sd15, anchor=ANCHOR, width=128, height=128)
+    run = T.loop.init_run(sd15[0], tset, T.C.LoraConfig(rank=4, alpha=4, preset="attention"), T.C.TimestepConfig(),
+                          T.C.OptimizerConfig(lr=1e-3), T.st.RunSettings(run_name="slider_mem"), runs_root=tmp_path)
+    with torch.inference_mode(False):
+        tr = T.loop.Trainer(run)
+        tr.load()
+        try:
+            acts = memory.probe(tr, tuple(tset.samples[0].latent.shape))
+            plan, _ = memory.plan(tr, acts=acts)
+            assert acts.probed and memory.grad_batch(tr) == 2
+            meter = memory.LiveBytes()
+            with meter:  # the first step: the optimizer's state appears in it
+                tr.step()
+        finally:
+            tr.release()
+    step = plan.adapters + plan.activations  # what the step adds to the weights
+    print(f"anchored slider memory plan: planned {step / 2**20:.1f} MiB, measured {meter.peak / 2**20:.1f} MiB")
+    assert abs(step - meter.peak) / meter.peak < 0.15, (plan.text(), meter.peak)
+
+
 def test_resumed_slider_equals_uninterrupted(T, sd15, slider_set, trained):
     """STEPS // 2 steps resumed from the half-way checkpoint equal the straight run's last STEPS // 2 exactly."""
     root, full = trained
@@ -156,32 +242,6 @@ def test_sweep_grid_columns_are_the_lora_at_each_strength(comfy, T, sd15, traine
     with pytest.raises(ValueError, match="not a number"):
         comfy.call(P + "SliderSweep", run=trained[1], clip=clip, vae=vae, prompts="p", strengths="-2, big", negative="",
                    **kw)
-
-
-@pytest.mark.server
-def test_slider_workflow_runs_through_the_server(server, comfy_dirs, sd15_checkpoint):
-    """workflows/train_slider.json as shipped, through the real server: the slider trains from its prompts (one loss
-    per step, finite), Save LoRA writes a file that records the prompts and the aligned spec, and the sweep grid
-    (-2 ... +2: five 64 px columns beside the label column) is saved."""
-    from PIL import Image
-    from safetensors import safe_open
-
-    from support import demo
-    from support.paths import REPO
-
-    demo.prepare_inputs(server.input_dir, sd15_checkpoint.parent)
-    entry, seconds = demo.run_workflow(server, REPO / "workflows" / "train_slider.json")
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    lora = comfy_dirs["models"] / "loras" / "slider_smile.safetensors"
-    with safe_open(str(lora), framework="pt") as f:
-        meta = f.metadata()
-    rec = json.loads(meta["aligned_trainer.slider"])
-    assert rec["positive"] == "a photo of a smiling person, happy" and rec["negative"] == "a photo of a frowning person, sad"
-    assert json.loads(meta["aligned_trainer.te_spec"])["id"] == "sd15" and meta["aligned_trainer.steps"] == "4"
-    (grid,) = [f for f in demo.output_files(entry, server.output_dir) if f.parent.name == "slider"]  # -2 ... +2
-    with Image.open(grid) as im:
-        assert im.width == 110 + 5 * 64, im.size
-    print(f"slider workflow ran in {seconds:.1f}s")
 
 
 def test_flux_slider_trains_toward_its_ends(comfy, family_bundle, tmp_path):

@@ -9,8 +9,10 @@ The last term is measured, not guessed, when it matters (a budget set by hand, o
 half the budget): a probe runs the trainer's own forward and backward (same hooks,
 precision and checkpointing) at batch 1 on two small latents cut to the largest bucket's aspect, counts the live
 bytes of every tensor the step allocates (:class:`LiveBytes`), and extrapolates linearly in latent area and
-batch. Models above ``PROBE_MAX_PARAMS`` on a CPU are not probed (a forward there takes minutes); they use
-ComfyUI's inference estimate times 3 (1 with checkpointing), as the loader did before, and the plan says so.
+batch (a slider with an anchor back-propagates the target and the anchor prompt in one forward of twice the
+batch: :func:`grad_batch`; the extra latent adds the per-pixel part only). Models above ``PROBE_MAX_PARAMS`` on a
+CPU are not probed (a forward there takes minutes); they use ComfyUI's inference estimate times 3 (1 with
+checkpointing), as the loader did before, and the plan says so.
 
 A plan that does not fit is refused with a message listing settings that would fit. The budget is the device's
 free memory (``comfy.model_management.get_free_memory``) plus what loaded models hold there (ComfyUI evicts them
@@ -267,6 +269,9 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
             acts = probe(trainer, tuple(largest))
     area = largest[-1] * largest[-2] * s.area_scale if hasattr(s, "area_scale") else largest[-1] * largest[-2]
     a = acts.at(s.batch_size, int(area))
+    # latents an objective back-propagates beside each batch element's (a slider's anchor) add their per-pixel part;
+    # the probe's intercept (weight casts and buffers of the step, whatever the batch) is not repeated
+    a += int((grad_batch(trainer) - 1) * s.batch_size * max(acts.per_pixel * area, 0.0))
     a = int(a * _factor(s) / _factor(s0))
     same = trainer.device == torch.device(trainer.patcher.offload_device)
     p = Plan(weight_bytes(dm, s.quantize, s.offload_blocks, same), adapter_bytes(trainer), a,
@@ -276,6 +281,13 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
               "resolution": _resolution(trainer, largest, getattr(s, "area_scale", 1.0))}, acts.probed,
              load_bytes(dm, s.quantize, same))
     return p, acts
+
+
+def grad_batch(trainer) -> int:
+    """Latents in each forward that back-propagates, per batch element: 1 for dataset training; an objective that
+    batches more (a slider's anchor prompt beside its target, train/slider.py) says how many."""
+    objective = getattr(trainer, "objective", None)
+    return int(getattr(objective, "grad_batch", 1)) if objective is not None else 1
 
 
 def _factor(s) -> float:

@@ -180,6 +180,9 @@ class SliderObjective:
     def __init__(self, slider: Slider):
         self.slider = slider
         self.cfg = slider.config
+        # the anchor prompt's prediction is trained beside the target's, in one forward of twice the batch
+        self.anchored = slider.anchor is not None and self.cfg.anchor_weight > 0
+        self.grad_batch = 2 if self.anchored else 1  # latents per back-propagated forward (the memory plan reads it)
 
     # -- latents ------------------------------------------------------------------------------------------
     @staticmethod
@@ -219,7 +222,7 @@ class SliderObjective:
         """The slider loss at ``x``/``sigma``; with ``backward`` > 0 each direction's loss times it is
         back-propagated as soon as it is computed (one direction's activations alive at a time)."""
         sl = self.slider
-        anchored = sl.anchor is not None and self.cfg.anchor_weight > 0
+        anchored = self.anchored
         with torch.no_grad(), base_model(trainer.adapters):
             base = self.predict(trainer, x, sigma, [sl.target, sl.positive, sl.negative] + ([sl.anchor] if anchored
                                                                                               else []))
