@@ -1,0 +1,84 @@
+"""HunyuanVideo 1.5's text encoders (``hunyuan-video-1.5`` spec): the aligned CLIP, built from ComfyUI's own
+HunyuanVideo 1.5 text-encoder classes on a seeded tiny Qwen2.5-VL and a tiny byT5, against diffusers'
+``HunyuanVideo15Pipeline.encode_prompt`` on the same weights (fp32): both streams, embeddings and masks; and where
+ComfyUI's default encoding differs from the spec."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from support.factories import te_hunyuan_video15 as hv
+from support.factories import te_qwen_image
+from support.te_compare import encode as _encode, max_diff as _max
+
+TOL = 1e-4
+PROMPTS = {
+    # the shared prompt set of the LLM families (test_te_llm_families.PROMPTS without the syntax cases)
+    "plain": "ohwx, a red circle on a blue background, flat colors",
+    "empty": "",
+    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
+    "newlines": "line one\nline two\n\n  spaced   out  ",
+    "long": "word, " * 600,  # 1200 tokens: over the 1000 kept after the 108-token crop
+    "leading-newline": "\n a cat on a mat",  # the newline merges into the template's: the crop is a fixed count
+    # quoted text for byT5: one span, two spans (one repeated: deduplicated), curly quotes, an empty span
+    "quote-one": 'a shop sign that says "OPEN" above the door',
+    "quote-two": 'a poster reading "SALE", then "50% OFF" and "SALE" again',
+    "quote-curly": "a neon sign “hello world” and a ‘single’ quote",
+    "quote-empty-and-long": 'an empty "" sign and "' + "x" * 300 + '"',  # byT5 cut at 256 bytes
+}
+
+
+@pytest.fixture(scope="module")
+def hv15(comfy):
+    qwen, byt5 = hv.qwen25vl_tiny_file(), hv.byt5_tiny_file()
+    clip = hv.hv15_clip(qwen, byt5)
+    return {"clip": clip, "aligned": comfy.engine("te.align").align_clip(clip, "hunyuan-video-1.5"),
+            "pipe": hv.hv15_pipeline(qwen, byt5)}
+
+
+def _ref(pipe, prompt):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, device="cpu", dtype=torch.float32)
+
+
+def test_hv15_spec_values_are_the_pipelines(comfy, hv15):
+    """Template, crop, lengths and layer are the pipeline's own values; the template equals the chat template
+    rendered by the reference tokenizer, and the crop is exactly the template's tokens before the prompt."""
+    pipe = hv15["pipe"]
+    qwen, byt5 = comfy.engine("te.specs").get_spec("hunyuan-video-1.5").encoders
+    params = inspect.signature(pipe._get_mllm_prompt_embeds).parameters
+    rendered = pipe.tokenizer.apply_chat_template(
+        [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": "PROMPT"}],
+        add_generation_prompt=True, tokenize=False)
+    assert qwen["template"].replace("{prompt}", "PROMPT") == rendered
+    assert qwen["drop_prefix"] == pipe.prompt_template_encode_start_idx == params["crop_start"].default
+    assert len(pipe.tokenizer(qwen["template"].split("{prompt}")[0]).input_ids) == qwen["drop_prefix"]
+    assert qwen["max_length"] == pipe.tokenizer_max_length
+    assert qwen["hidden_layer"] == "third_last" and params["num_hidden_layers_to_skip"].default == 2
+    assert byt5["max_length"] == pipe.tokenizer_2_max_length
+    assert comfy.engine("te.specs").detect_spec(hv15["clip"]).id == "hunyuan-video-1.5"
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_hv15_matches_hunyuan_video15_pipeline(comfy, hv15, name):
+    """Reference: HunyuanVideo15Pipeline.encode_prompt: Qwen2.5-VL stream (1000 positions after the 108-token crop,
+    hidden_states[-3], mask) and byT5 stream (256 positions of the quoted text, mask; zeros without quotes)."""
+    prompt = PROMPTS[name]
+    ref, ref_mask, ref2, ref_mask2 = _ref(hv15["pipe"], prompt)
+    out = _encode(hv15["aligned"], prompt)
+    assert out["cond"].shape == ref.shape == (1, 1000, te_qwen_image.QWEN25VL_TINY["hidden_size"])
+    assert _max(out["cond"], ref) <= TOL
+    mask = out.get("attention_mask")  # ComfyUI drops a mask with every position set
+    assert torch.equal(mask.float(), ref_mask) if mask is not None else bool(ref_mask.bool().all())
+    byt5 = out["conditioning_byt5small"]
+    assert byt5.shape == ref2.shape == (1, 256, hv.BYT5_TINY["d_model"])
+    assert _max(byt5, ref2) <= TOL
+    assert torch.equal(out["conditioning_byt5small_attention_mask"].float(), ref_mask2)
+    if not name.startswith("quote"):
+        assert not ref2.any() and not ref_mask2.any()
+    else:
+        assert ref_mask2.any()
+    if name == "long":
+        assert bool(ref_mask.all())
