@@ -22,11 +22,11 @@ PROMPTS = {
     "newlines": "line one\nline two\n\n  spaced   out  ",
     "long": "word, " * 600,  # 1200 tokens: over the 1000 kept after the 108-token crop
     "leading-newline": "\n a cat on a mat",  # the newline merges into the template's: the crop is a fixed count
-    # quoted text for byT5: one span, two spans (one repeated: deduplicated), curly quotes, an empty span
+    # quoted text for byT5: one span; two spans, one repeated (deduplicated); curly quotes before straight ones (in
+    # order of appearance), a single-quoted span (not read), an empty span and one over the 256-byte cut
     "quote-one": 'a shop sign that says "OPEN" above the door',
     "quote-two": 'a poster reading "SALE", then "50% OFF" and "SALE" again',
-    "quote-curly": "a neon sign “hello world” and a ‘single’ quote",
-    "quote-empty-and-long": 'an empty "" sign and "' + "x" * 300 + '"',  # byT5 cut at 256 bytes
+    "quote-curly": 'a neon sign “hello world”, a ‘single’ quote, an empty "" sign and "' + "x" * 300 + '"',
 }
 
 
@@ -35,7 +35,14 @@ def hv15(comfy):
     qwen, byt5 = hv.qwen25vl_tiny_file(), hv.byt5_tiny_file()
     clip = hv.hv15_clip(qwen, byt5)
     return {"clip": clip, "aligned": comfy.engine("te.align").align_clip(clip, "hunyuan-video-1.5"),
-            "pipe": hv.hv15_pipeline(qwen, byt5)}
+            "pipe": hv.hv15_pipeline(qwen, byt5), "encoded": {}}
+
+
+def _aligned(hv15, prompt):
+    """The aligned CLIP's conditioning, encoded once per prompt for the module (1108 positions each)."""
+    if prompt not in hv15["encoded"]:
+        hv15["encoded"][prompt] = _encode(hv15["aligned"], prompt)
+    return hv15["encoded"][prompt]
 
 
 def _ref(pipe, prompt):
@@ -67,8 +74,10 @@ def test_hv15_matches_hunyuan_video15_pipeline(comfy, hv15, name):
     hidden_states[-3], mask) and byT5 stream (256 positions of the quoted text, mask; zeros without quotes)."""
     prompt = PROMPTS[name]
     ref, ref_mask, ref2, ref_mask2 = _ref(hv15["pipe"], prompt)
-    out = _encode(hv15["aligned"], prompt)
+    out = _aligned(hv15, prompt)
     assert out["cond"].shape == ref.shape == (1, 1000, te_qwen_image.QWEN25VL_TINY["hidden_size"])
+    print(f"hv15 {name}: qwen max abs {_max(out['cond'], ref):.2e}, "
+          f"byt5 max abs {_max(out['conditioning_byt5small'], ref2):.2e}")
     assert _max(out["cond"], ref) <= TOL
     mask = out.get("attention_mask")  # ComfyUI drops a mask with every position set
     assert torch.equal(mask.float(), ref_mask) if mask is not None else bool(ref_mask.bool().all())
@@ -82,3 +91,32 @@ def test_hv15_matches_hunyuan_video15_pipeline(comfy, hv15, name):
         assert ref_mask2.any()
     if name == "long":
         assert bool(ref_mask.all())
+
+
+def test_hv15_comfy_default_vs_spec(comfy, hv15, record_property):
+    """ComfyUI's default HunyuanVideo 1.5 encoding: another system message (newlines where diffusers' string has
+    runs of spaces), no padding, mask or 1000-token cap, a heuristic template end (3 extra positions after a leading
+    newline), and a byT5 stream only with quoted text, read its own way (single quotes too, no deduplication)."""
+    default = hv15["clip"]
+    rows = {}
+    for name in ("plain", "long", "leading-newline", "quote-two", "quote-curly"):
+        d, a = _encode(default, PROMPTS[name]), _aligned(hv15, PROMPTS[name])
+        mask = a.get("attention_mask")
+        kept = int(mask.sum()) if mask is not None else a["cond"].shape[1]
+        row = {"default_len": d["cond"].shape[1], "spec_len": kept,
+               "max_abs": _max(d["cond"], a["cond"][:, :kept]) if d["cond"].shape[1] == kept else None}
+        db = d.get("conditioning_byt5small")
+        sb, sm = a["conditioning_byt5small"], a["conditioning_byt5small_attention_mask"]
+        row["byt5_default_len"] = None if db is None else db.shape[1]
+        row["byt5_spec_len"] = int(sm.sum())
+        rows[name] = row
+    record_property("comfy_default_vs_spec", rows)
+    print("hunyuan-video-1.5 comfy default vs spec", rows)
+    assert rows["plain"]["max_abs"] > 0.01, "ComfyUI's system message (newlines) is another text than diffusers'"
+    assert rows["long"]["spec_len"] == 1000 < rows["long"]["default_len"]
+    assert rows["leading-newline"]["default_len"] == rows["leading-newline"]["spec_len"] + 3
+    assert rows["plain"]["byt5_default_len"] is None and rows["plain"]["byt5_spec_len"] == 0
+    # 'Text "SALE". Text "50% OFF". ' (29 bytes + </s>) vs ComfyUI's 'SALE' twice (+13 bytes)
+    assert rows["quote-two"]["byt5_spec_len"] == 30 and rows["quote-two"]["byt5_default_len"] == 43
+    # ComfyUI adds the 'single' span; the spec cuts the 300-byte span at 256 tokens
+    assert rows["quote-curly"]["byt5_spec_len"] == 256 < rows["quote-curly"]["byt5_default_len"]
