@@ -34,12 +34,15 @@ PROMPTS = {
 def hv15(comfy):
     qwen, byt5 = hv.qwen25vl_tiny_file(), hv.byt5_tiny_file()
     clip = hv.hv15_clip(qwen, byt5)
-    return {"clip": clip, "aligned": comfy.engine("te.align").align_clip(clip, "hunyuan-video-1.5"),
-            "pipe": hv.hv15_pipeline(qwen, byt5), "encoded": {}}
+    align = comfy.engine("te.align")
+    return {"clip": clip, "aligned": align.align_clip(clip, "hunyuan-video-1.5:padded"),
+            "unpadded": align.align_clip(clip, "hunyuan-video-1.5"), "pipe": hv.hv15_pipeline(qwen, byt5),
+            "encoded": {}}
 
 
 def _aligned(hv15, prompt):
-    """The aligned CLIP's conditioning, encoded once per prompt for the module (1108 positions each)."""
+    """The 'padded' variant's conditioning (encode_prompt's form), encoded once per prompt for the module (1108
+    Qwen positions each)."""
     if prompt not in hv15["encoded"]:
         hv15["encoded"][prompt] = _encode(hv15["aligned"], prompt)
     return hv15["encoded"][prompt]
@@ -54,7 +57,7 @@ def test_hv15_spec_values_are_the_pipelines(comfy, hv15):
     """Template, crop, lengths and layer are the pipeline's own values; the template equals the chat template
     rendered by the reference tokenizer, and the crop is exactly the template's tokens before the prompt."""
     pipe = hv15["pipe"]
-    qwen, byt5 = comfy.engine("te.specs").get_spec("hunyuan-video-1.5").encoders
+    qwen, byt5 = comfy.engine("te.specs").get_spec("hunyuan-video-1.5:padded").encoders
     params = inspect.signature(pipe._get_mllm_prompt_embeds).parameters
     rendered = pipe.tokenizer.apply_chat_template(
         [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": "PROMPT"}],
@@ -65,7 +68,8 @@ def test_hv15_spec_values_are_the_pipelines(comfy, hv15):
     assert qwen["max_length"] == pipe.tokenizer_max_length
     assert qwen["hidden_layer"] == "third_last" and params["num_hidden_layers_to_skip"].default == 2
     assert byt5["max_length"] == pipe.tokenizer_2_max_length
-    assert comfy.engine("te.specs").detect_spec(hv15["clip"]).id == "hunyuan-video-1.5"
+    detected = comfy.engine("te.specs").detect_spec(hv15["clip"])
+    assert (detected.id, detected.variant) == ("hunyuan-video-1.5", "unpadded")
 
 
 @pytest.mark.parametrize("name", PROMPTS)
@@ -91,6 +95,31 @@ def test_hv15_matches_hunyuan_video15_pipeline(comfy, hv15, name):
         assert ref_mask2.any()
     if name == "long":
         assert bool(ref_mask.all())
+
+
+def test_hv15_unpadded_is_encode_prompts_kept_positions_and_runs_in_comfys_model(comfy, hv15):
+    """The default variant ('unpadded') gives encode_prompt's conditioning without the positions its masks leave out
+    (diffusers' transformer never attends them): no mask, byT5 only with quoted text. ComfyUI's tiny HunyuanVideo
+    1.5 transformer (text width 128) runs on it, and fails on the padded form (a Qwen mask with byT5 states)."""
+    from support.factories import hunyuan_video15 as dit
+
+    model = dit.build_model(context_in_dim=te_qwen_image.QWEN25VL_TINY["hidden_size"]).model.diffusion_model
+    x, t = torch.randn(1, 65, 2, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
+    for name in ("plain", "quote-two"):
+        ref, ref_mask, ref2, ref_mask2 = _ref(hv15["pipe"], PROMPTS[name])
+        out = _encode(hv15["unpadded"], PROMPTS[name])
+        assert "attention_mask" not in out and "conditioning_byt5small_attention_mask" not in out
+        assert _max(out["cond"], ref[:, ref_mask[0].bool()]) <= TOL
+        if name == "plain":
+            assert "conditioning_byt5small" not in out
+        else:
+            assert _max(out["conditioning_byt5small"], ref2[:, ref_mask2[0].bool()]) <= TOL
+        with torch.no_grad():
+            y = model(x, t, out["cond"], txt_byt5=out.get("conditioning_byt5small"))
+        assert y.shape == (1, 32, 2, 4, 4) and bool(torch.isfinite(y).all())
+    padded = _aligned(hv15, PROMPTS["quote-two"])
+    with pytest.raises(RuntimeError, match="must match"), torch.no_grad():
+        model(x, t, padded["cond"], attention_mask=padded["attention_mask"], txt_byt5=padded["conditioning_byt5small"])
 
 
 def test_hv15_comfy_default_vs_spec(comfy, hv15, record_property):

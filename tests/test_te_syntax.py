@@ -56,7 +56,7 @@ def families(comfy, emb_dirs):
     hv15_files = te_hunyuan_video15.qwen25vl_tiny_file(), te_hunyuan_video15.byt5_tiny_file()
     hv15 = te_hunyuan_video15.hv15_pipeline(*hv15_files)
 
-    def hv15_ref(prompt):  # both streams: Qwen2.5-VL (cond, mask) and byT5 (conditioning_byt5small)
+    def hv15_ref(prompt):  # both streams, padded: Qwen2.5-VL (cond, mask) and byT5 (conditioning_byt5small)
         pe, mask, pe2, _ = hv15.encode_prompt(prompt, dtype=torch.float32, **cpu)
         return pe, None, mask, {"conditioning_byt5small": pe2}
 
@@ -108,7 +108,7 @@ def families(comfy, emb_dirs):
         "qwen-image": (te_qwen_image.qwen_image_clip(qwen25vl, emb_dirs),
                        lambda p: (qwen_image.encode_prompt(p, max_sequence_length=512, **cpu)[0], None, None)),
         "hidream": (te_hidream.hidream_clip(hidream_files, emb_dirs), hidream_ref),
-        "hunyuan-video-1.5": (te_hunyuan_video15.hv15_clip(*hv15_files, emb_dirs), hv15_ref),
+        "hunyuan-video-1.5:padded": (te_hunyuan_video15.hv15_clip(*hv15_files, emb_dirs), hv15_ref),
         "lumina2": (te_lumina2.lumina2_clip(gemma2, emb_dirs),
                     lambda p: (lambda r: (r[0], None, r[1]))(lumina2.encode_prompt(p, do_classifier_free_guidance=False,
                                                                                    **cpu))),
@@ -123,7 +123,7 @@ def test_every_spec_family_is_covered(comfy, families):
 @pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
                                      "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image",
                                      "wan", "qwen-image", "lumina2", "hidream",
-                                     "hunyuan-video-1.5"])
+                                     "hunyuan-video-1.5:padded"])
 def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
     """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with
     ComfyUI's syntax chosen differs wherever that syntax changes the text (figures in the junit properties)."""

@@ -350,6 +350,28 @@ def spec_encoding(cond_stage_model, spec: TESpec, absent: frozenset = frozenset(
             cond_stage_model.encode_token_weights = saved
 
 
+def strip_padding(out: dict, spec: TESpec) -> dict:
+    """``out`` (a conditioning dict) with, for each encoder whose spec says ``strip_padding``, the positions its mask
+    leaves out removed and the mask dropped (an extra-output encoder with no position left loses its key)."""
+    out = dict(out)
+    for enc in spec.encoders:
+        if not enc["strip_padding"]:
+            continue
+        key = enc["output_key"] or "cond"
+        mask = out.pop(f"{key}_attention_mask" if enc["output_key"] else "attention_mask", None)
+        if mask is None or key not in out:
+            continue  # ComfyUI gives no mask when every position is kept
+        if mask.shape[0] != 1:
+            raise SpecError(f"text-encoder spec '{spec.key}' removes the padding of '{enc.key}', which needs one prompt "
+                            f"per encode (got a batch of {mask.shape[0]}); encode the prompts one at a time.")
+        keep = mask[0].bool()
+        if keep.any():
+            out[key] = out[key][:, keep.to(out[key].device)]
+        elif enc["output_key"]:
+            del out[key]
+    return out
+
+
 class AlignedCLIP(comfy.sd.CLIP):
     """A ComfyUI CLIP that tokenizes and encodes the way ``spec`` says, reading prompts with ``prompt_syntax``
     (the spec's own, literal, unless ComfyUI's syntax was chosen). Survives ``clone()``."""
@@ -430,6 +452,8 @@ class AlignedCLIP(comfy.sd.CLIP):
         with encoder_options(self.cond_stage_model, self.spec), \
                 spec_encoding(self.cond_stage_model, self.spec, absent):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
+        if return_dict:
+            out = strip_padding(out, self.spec)
         visible = [e["visible_pad_tokens"] for e in self.spec.encoders if e["visible_pad_tokens"]]
         if return_dict and visible and out.get("attention_mask") is not None:
             out = dict(out)

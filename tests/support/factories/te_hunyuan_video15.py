@@ -1,7 +1,7 @@
 """HunyuanVideo 1.5's text encoders, shrunk and seeded: the Qwen-Image factory's tiny Qwen2.5-VL language model (with 4
 layers) and a
-tiny byT5 (ComfyUI's ``byt5_config_small_glyph.json`` shrunk: width 64, 2 layers; its 1510-id vocabulary, gated
-GELU and pad/eos ids kept), loaded into ComfyUI's own HunyuanVideo 1.5 text-encoder classes
+tiny byT5 (ComfyUI's ``byt5_config_small_glyph.json`` shrunk: 2 layers of 4 heads of 16, feed-forward 128; its width
+1472, which ComfyUI's HunyuanVideo 1.5 ``ByT5Mapper`` takes, its 1510-id vocabulary, gated GELU and pad/eos ids kept), loaded into ComfyUI's own HunyuanVideo 1.5 text-encoder classes
 (``hunyuan_video.HunyuanVideo15Tokenizer`` + ``hunyuan_image.HunyuanImageTEModel``, as
 ``supported_models.HunyuanVideo15.clip_target`` builds them), and diffusers' ``HunyuanVideo15Pipeline`` around the
 same weights in transformers' ``Qwen2_5_VLTextModel`` and ``T5EncoderModel`` (only ``encode_prompt`` is used).
@@ -26,7 +26,7 @@ from .te_qwen_image import _COMFY_QWEN25VL, QWEN25VL_TINY, ROPE, _VISION_TINY, q
 QWEN_LAYERS = 4
 _COMFY_QWEN = {**_COMFY_QWEN25VL, "num_hidden_layers": QWEN_LAYERS}
 
-BYT5_TINY = {"d_ff": 128, "d_kv": 16, "d_model": 64, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
+BYT5_TINY = {"d_ff": 128, "d_kv": 16, "d_model": 1472, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
              "is_gated_act": True, "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-06, "model_type": "t5",
              "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "vocab_size": 1510,
              "eos_token_id": 1, "pad_token_id": 0, "decoder_start_token_id": 0, "is_encoder_decoder": True,
