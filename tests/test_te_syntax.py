@@ -12,6 +12,10 @@ from support.factories import text_encoders as te
 from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
 
 TOL = 1e-4
+# families whose every encode is long run a subset (HunyuanVideo 1.5: 1108 Qwen positions per prompt, three encodes per
+# prompt, ~0.2 s each; its Qwen stream reads text through the same path as Qwen-Image's, which runs every prompt):
+# the prompts ComfyUI's syntax changes for it (escapes, embedding names) and two bracket forms
+SUBSETS = {"hunyuan-video-1.5:padded": ("escaped", "embedding", "nested", "url")}
 
 
 def _diff(a, b) -> float:
@@ -134,6 +138,8 @@ def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property
     ac_comfy = align.align_clip(clip, spec_id, prompt_syntax="comfyui")
     rows, bad = {}, []
     for name, prompt in SYNTAX_PROMPTS.items():
+        if name not in SUBSETS.get(spec_id, SYNTAX_PROMPTS):
+            continue
         with torch.no_grad():
             ref, ref_pooled, ref_mask, *other = reference(prompt)
         out = ac.encode_from_tokens(ac.tokenize(prompt), return_dict=True)
