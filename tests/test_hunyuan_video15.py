@@ -28,7 +28,7 @@ def test_hunyuan_video15_trains_and_its_lora_maps(comfy, tmp_path):
     assert float(model.get_model_object("model_sampling").shift) == sm.HunyuanVideo15.sampling_settings["shift"]
     g = torch.Generator().manual_seed(0)
     clip = comfy.engine("te.align").align_clip(
-        hv15_te.hv15_clip(hv15_te.qwen25vl_tiny_file(), hv15_te.byt5_tiny_file()), "hunyuan-video-1.5")
+        hv15_te.shared_hv15_clip(hv15_te.qwen25vl_tiny_file(), hv15_te.byt5_tiny_file()), "hunyuan-video-1.5")
     with torch.no_grad():
         cond = clip.encode_from_tokens_scheduled(clip.tokenize('ohwx, a shop sign that says "OPEN"'))
     assert cond[0][0].shape[-1] == te_qwen_image.QWEN25VL_TINY["hidden_size"] and "attention_mask" not in cond[0][1]

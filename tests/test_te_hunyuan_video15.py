@@ -33,7 +33,7 @@ PROMPTS = {
 @pytest.fixture(scope="module")
 def hv15(comfy):
     qwen, byt5 = hv.qwen25vl_tiny_file(), hv.byt5_tiny_file()
-    clip = hv.hv15_clip(qwen, byt5)
+    clip = hv.shared_hv15_clip(qwen, byt5)
     align = comfy.engine("te.align")
     return {"clip": clip, "aligned": align.align_clip(clip, "hunyuan-video-1.5:padded"),
             "unpadded": align.align_clip(clip, "hunyuan-video-1.5"), "pipe": hv.hv15_pipeline(qwen, byt5),

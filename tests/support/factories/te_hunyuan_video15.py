@@ -70,6 +70,12 @@ def byt5_tokenizer_dir() -> Path:
     return Path(h.__file__).parent / "byt5_tokenizer"
 
 
+def shared_hv15_clip(qwen: Path, byt5: Path):
+    """``hv15_clip`` without an embeddings folder, built once per session (ComfyUI's Qwen2.5-VL class allocates its
+    full-size vision tower, ~1 s): callers align clones of it and never change it."""
+    return _shared_clip(qwen, byt5)
+
+
 def hv15_clip(qwen: Path, byt5: Path, embedding_directory=None):
     """A ComfyUI ``CLIP`` of HunyuanVideo 1.5 from ComfyUI's classes (tokenizer unchanged), the tiny Qwen2.5-VL given
     as the ``qwen25_7b_model_config`` model option and the tiny byT5 config in place of the glyph config file."""
@@ -102,6 +108,11 @@ def hv15_clip(qwen: Path, byt5: Path, embedding_directory=None):
     missing, unexpected = clip.load_sd(comfy.utils.load_torch_file(str(byt5)))
     assert not unexpected and not missing, (missing[:5], unexpected[:5])
     return clip
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_clip(qwen: Path, byt5: Path):
+    return hv15_clip(qwen, byt5)
 
 
 @functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
