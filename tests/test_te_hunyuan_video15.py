@@ -149,3 +149,21 @@ def test_hv15_comfy_default_vs_spec(comfy, hv15, record_property):
     assert rows["quote-two"]["byt5_spec_len"] == 30 and rows["quote-two"]["byt5_default_len"] == 43
     # ComfyUI adds the 'single' span; the spec cuts the 300-byte span at 256 tokens
     assert rows["quote-curly"]["byt5_spec_len"] == 256 < rows["quote-curly"]["byt5_default_len"]
+
+
+def test_hv15_token_inspector_reads_the_quoted_text_for_byt5(comfy, hv15):
+    """The Token Inspector shows byT5 the text it reads (the quoted spans, as diffusers' tokenizer_2 splits them)
+    and warns of a cut only when that text passes 256 tokens, whatever the caption's length."""
+    inspect_text = comfy.engine("te.inspect").inspect_text
+    tok2 = hv15["pipe"].tokenizer_2
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
+
+    for prompt, cut in (("a long caption about a sign " * 20 + 'that says "OPEN"', 0), (PROMPTS["plain"], 0),
+                        (PROMPTS["quote-curly"], None)):
+        glyph = extract_glyph_texts(prompt)
+        n = len(tok2(glyph).input_ids) - 1 if glyph else 0  # without </s>
+        report = inspect_text(hv15["unpadded"], prompt)
+        entry = report["encoders"]["byt5"]
+        assert entry["content_tokens"] == n
+        assert entry["truncated_tokens"] == (max(0, n + 1 - 256) if cut is None else cut)
+        assert any(w.startswith("byt5:") for w in report["warnings"]) == (entry["truncated_tokens"] > 0)
