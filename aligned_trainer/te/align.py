@@ -23,6 +23,7 @@ import urllib.parse
 import comfy.sd
 import torch
 
+from . import inputs
 from . import syntax as sx
 from .specs import EncoderSpec, SpecError, TESpec, detect_spec, get_spec
 from .tokenizers import spec_tokenizer
@@ -47,6 +48,8 @@ def clean_text(text: str, mode: str) -> str:
 
 def encoder_text(text: str, enc: EncoderSpec) -> str:
     text = clean_text(text, enc["cleaning"])
+    if text == "" and enc["empty_prompt"] == "space":  # HunyuanVideo 1.5: format_text_input's `p if p else " "`
+        text = " "
     if enc["template"]:
         text = enc["template"].replace("{prompt}", text)
     if enc["char_cap"]:
@@ -111,9 +114,14 @@ def _words(text: str) -> list[str]:
 def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kwargs: dict,
                      syntax: str = sx.LITERAL) -> list:
     """Tokens for one encoder, as ComfyUI's tokenizer returns them (list of batches of tuples). ``literal``
-    tokenizes the text as written; ``comfyui`` lets ComfyUI's tokenizer parse its prompt syntax first."""
-    text = encoder_text(text, enc)
+    tokenizes the text as written; ``comfyui`` lets ComfyUI's tokenizer parse its prompt syntax first. An encoder
+    whose ``input`` the prompt does not hold (no quoted text) gets pad tokens only (its output is zeroed)."""
+    derived = inputs.derive(text, enc["input"])
     sub = spec_tokenizer(sub, enc)
+    if derived is None:
+        seq = [(pad_id(sub, enc), 1.0, 0)] * (enc["max_length"] if enc["padding"] == "max_length" else 1)
+        return [seq if return_word_ids else [(t, w) for t, w, _ in seq]]
+    text = encoder_text(derived, enc)
     kwargs = dict(kwargs)
     opts = {k: v for k, v in kwargs.get("tokenizer_options", {}).items()
             if not k.startswith(f"{sub.embedding_key}_min_")}
@@ -212,7 +220,7 @@ def _content_count(tokens: list, sub) -> int:
 def encoder_model(cond_stage_model, enc: EncoderSpec):
     """The encoder module for ``enc``: ComfyUI names it like the tokenizer (``clip_l``) or, for single-encoder
     models built with ``SD1ClipModel(name=...)``, without the ``clip_`` prefix (PixArt/Chroma ``t5xxl``)."""
-    for name in (enc.attr, enc.attr.removeprefix("clip_")):
+    for name in (enc["comfy_model_attr"] or enc.attr, enc.attr.removeprefix("clip_")):
         m = getattr(cond_stage_model, name, None)
         if m is not None and hasattr(m, "enable_attention_masks"):
             return m
@@ -229,7 +237,7 @@ def show_pad_tokens(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 # the spec's hidden_layer as ComfyUI's SDClipModel (layer, layer_idx); "all" stacks every layer's output (ComfyUI's
 # Llama returns the embedding output first, which the family's own text-encoder class drops, as HiDream's does)
-COMFY_LAYERS = {"last": ("last", None), "penultimate": ("hidden", -2), "all": ("all", None)}
+COMFY_LAYERS = {"last": ("last", None), "penultimate": ("hidden", -2), "third_last": ("hidden", -3), "all": ("all", None)}
 
 
 @contextlib.contextmanager
@@ -261,23 +269,78 @@ def encoder_options(cond_stage_model, spec: TESpec):
             m.reset_clip_options()
 
 
+def _template_end_method(cls):
+    """The ``encode_token_weights`` nearest to ``cls`` in its class hierarchy that takes ComfyUI's ``template_end``
+    (Qwen-Image's own; for HunyuanVideo 1.5's ``HunyuanImageTEModel``, whose override finds the end heuristically
+    and adds byT5, the Qwen-Image one it calls), or None."""
+    for c in cls.__mro__:
+        method = c.__dict__.get("encode_token_weights")
+        if method is not None and "template_end" in inspect.signature(method).parameters:
+            return method
+    return None
+
+
+def extra_output_encoders(spec: TESpec) -> list[EncoderSpec]:
+    """Encoders whose output goes under its own conditioning key (``output_key``, HunyuanVideo 1.5's byT5)."""
+    return [e for e in spec.encoders if e["output_key"]]
+
+
+def _extra_output(cond_stage_model, enc: EncoderSpec, batches: list, absent: bool) -> dict:
+    """One extra-output encoder run on its own tokens by its own ComfyUI encoder module: ``{output_key: states}``
+    and, with ``denoiser_attention_mask``, ``{output_key}_attention_mask``. Without its input in the prompt
+    (``absent``) and ``empty_prompt`` zeros, both are zeros (the reference's zeros and zero mask)."""
+    m = encoder_model(cond_stage_model, enc)
+    if m is None:
+        raise SpecError(f"the text-encoder spec has an encoder '{enc.key}' ({enc['comfy_model_attr'] or enc.attr}) "
+                        f"that ComfyUI's {type(cond_stage_model).__name__} does not hold; load the family's own text "
+                        "encoder files (both of them) with the family's CLIP type.")
+    o = m.encode_token_weights(batches)
+    states = o[0]
+    mask = o[2].get("attention_mask") if len(o) > 2 else None
+    if absent and enc["empty_prompt"] == "zeros":
+        states = torch.zeros_like(states)
+        mask = torch.zeros_like(mask) if mask is not None else None
+    out = {enc["output_key"]: states}
+    if enc["denoiser_attention_mask"] and mask is not None:
+        out[f"{enc['output_key']}_attention_mask"] = mask
+    return out
+
+
 @contextlib.contextmanager
-def dropped_prefix(cond_stage_model, spec: TESpec):
-    """For one encode call, have ComfyUI's text-encoder model cut exactly the spec's ``drop_prefix`` leading
-    positions (output and mask) through its own ``template_end`` argument, instead of finding the template's
-    end by its heuristic. Nothing changes for specs without ``drop_prefix``."""
-    drops = [(enc.key, enc["drop_prefix"]) for enc in spec.encoders if enc["drop_prefix"]]
-    if not drops:
+def spec_encoding(cond_stage_model, spec: TESpec, absent: frozenset = frozenset()):
+    """For one encode call, have ComfyUI's text-encoder model (1) cut exactly the spec's ``drop_prefix`` leading
+    positions (output and mask) through its own ``template_end`` argument, instead of finding the template's end by
+    its heuristic, and (2) add each extra-output encoder's states under its ``output_key``, encoded from that
+    encoder's own tokens (``absent``: keys whose input the prompt does not hold). Nothing changes for specs
+    without either."""
+    extra = extra_output_encoders(spec)
+    main = [e for e in spec.encoders if not e["output_key"]]
+    drops = [(enc.key, enc["drop_prefix"]) for enc in main if enc["drop_prefix"]]
+    if not drops and not extra:
         yield
         return
-    method = type(cond_stage_model).encode_token_weights
-    if len(spec.encoders) != 1 or "template_end" not in inspect.signature(method).parameters:
-        raise SpecError(f"text-encoder spec '{spec.key}' drops a template prefix ({drops[0][0]}: drop_prefix "
-                        f"{drops[0][1]}), but ComfyUI's {type(cond_stage_model).__name__} takes no template_end "
-                        "to cut it; use this spec with the family's own ComfyUI text encoder.")
+    method, kwargs = type(cond_stage_model).encode_token_weights, {}
+    if drops:
+        method = _template_end_method(type(cond_stage_model))
+        if len(main) != 1 or method is None:
+            raise SpecError(f"text-encoder spec '{spec.key}' drops a template prefix ({drops[0][0]}: drop_prefix "
+                            f"{drops[0][1]}), but ComfyUI's {type(cond_stage_model).__name__} takes no template_end "
+                            "to cut it; use this spec with the family's own ComfyUI text encoder.")
+        kwargs = {"template_end": drops[0][1]}
+    extra_keys = {e.key for e in extra}
+
+    def encode_token_weights(token_weight_pairs):
+        pairs = {k: v for k, v in token_weight_pairs.items() if k not in extra_keys}
+        o = method(cond_stage_model, pairs, **kwargs)
+        more = dict(o[2]) if len(o) > 2 else {}
+        for enc in extra:
+            if enc.key in token_weight_pairs:
+                more.update(_extra_output(cond_stage_model, enc, token_weight_pairs[enc.key], enc.key in absent))
+        return o[0], o[1], more
+
     missing = object()
     saved = cond_stage_model.__dict__.get("encode_token_weights", missing)
-    cond_stage_model.encode_token_weights = functools.partial(method, cond_stage_model, template_end=drops[0][1])
+    cond_stage_model.encode_token_weights = encode_token_weights
     try:
         yield
     finally:
@@ -285,6 +348,28 @@ def dropped_prefix(cond_stage_model, spec: TESpec):
             del cond_stage_model.encode_token_weights
         else:
             cond_stage_model.encode_token_weights = saved
+
+
+def strip_padding(out: dict, spec: TESpec) -> dict:
+    """``out`` (a conditioning dict) with, for each encoder whose spec says ``strip_padding``, the positions its mask
+    leaves out removed and the mask dropped (an extra-output encoder with no position left loses its key)."""
+    out = dict(out)
+    for enc in spec.encoders:
+        if not enc["strip_padding"]:
+            continue
+        key = enc["output_key"] or "cond"
+        mask = out.pop(f"{key}_attention_mask" if enc["output_key"] else "attention_mask", None)
+        if mask is None or key not in out:
+            continue  # ComfyUI gives no mask when every position is kept
+        if mask.shape[0] != 1:
+            raise SpecError(f"text-encoder spec '{spec.key}' removes the padding of '{enc.key}', which needs one prompt "
+                            f"per encode (got a batch of {mask.shape[0]}); encode the prompts one at a time.")
+        keep = mask[0].bool()
+        if keep.any():
+            out[key] = out[key][:, keep.to(out[key].device)]
+        elif enc["output_key"]:
+            del out[key]
+    return out
 
 
 class AlignedCLIP(comfy.sd.CLIP):
@@ -331,7 +416,9 @@ class AlignedCLIP(comfy.sd.CLIP):
         kw = {k: v for k, v in kwargs.items() if k != "tokenizer_options"}
         kw["tokenizer_options"] = opts
         for enc, sub in keyed:
-            if sub is not None and enc.key in out:
+            # an encoder reading a derived input (quoted text) always has its key: ComfyUI's tokenizer adds it only
+            # when the prompt holds that input
+            if sub is not None and (enc.key in out or enc["input"] not in (None, inputs.PROMPT)):
                 out[enc.key] = tokenize_encoder(sub, enc, text, return_word_ids, kw, self.prompt_syntax)
         return out
 
@@ -359,8 +446,14 @@ class AlignedCLIP(comfy.sd.CLIP):
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         tokens = self._fit_windows(tokens)
-        with encoder_options(self.cond_stage_model, self.spec), dropped_prefix(self.cond_stage_model, self.spec):
+        absent = frozenset(e.key for e in extra_output_encoders(self.spec)
+                           if isinstance(tokens, dict) and e.key in tokens and self._sub(e) is not None
+                           and all(t[0] == pad_id(self._sub(e), e) for b in tokens[e.key] for t in b))
+        with encoder_options(self.cond_stage_model, self.spec), \
+                spec_encoding(self.cond_stage_model, self.spec, absent):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
+        if return_dict:
+            out = strip_padding(out, self.spec)
         visible = [e["visible_pad_tokens"] for e in self.spec.encoders if e["visible_pad_tokens"]]
         if return_dict and visible and out.get("attention_mask") is not None:
             out = dict(out)

@@ -6,6 +6,7 @@ import torch
 
 COMMON_FRACTION = 0.4  # single-token triggers with an id in the first 40% of the vocabulary are common words
 
+from . import inputs
 from . import syntax as sx
 from .align import AlignedCLIP, clean_text, encoder_text, literal_ids
 from .tokenizers import spec_tokenizer
@@ -88,15 +89,17 @@ def inspect_text(clip, text: str, trigger: str = "", vocab_words: int = 1) -> di
         if attr in limits:
             sub = spec_tokenizer(sub, limits[attr])
         key = _key_for(attr, tokens)
-        pieces = token_pieces(sub, text)
+        enc = limits.get(attr)
+        seen = text if enc is None else inputs.derive(text, enc["input"])  # byT5: the quoted text only
+        seen = "" if seen is None else seen
+        pieces = token_pieces(sub, seen)
         special = {sub.start_token, sub.end_token}
         content = [p for p in pieces if p[0] not in special]
         positions = sum(len(b) for b in tokens[key]) if key else None
         entry = {"pieces": [p for _, p in content], "ids": [i for i, _ in content], "content_tokens": len(content),
                  "positions": positions, "chunks": len(tokens[key]) if key else None}
-        enc = limits.get(attr)
         if enc is not None and enc["truncation"] == "truncate":
-            dropped = _truncated_prompt_tokens(sub, enc, text, len(content))
+            dropped = _truncated_prompt_tokens(sub, enc, seen, len(content))
             room = len(content) - dropped
             entry["truncated_tokens"] = dropped
             if dropped:

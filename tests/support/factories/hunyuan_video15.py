@@ -23,27 +23,29 @@ HV15_DIT = dict(image_model="hunyuan_video", in_channels=65, out_channels=32, pa
                 use_cond_type_embedding=True, vision_in_dim=1152)
 
 
-def model_config():
+def model_config(context_in_dim: int = HV15_DIT["context_in_dim"]):
     import comfy.supported_models
 
-    cfg = comfy.supported_models.HunyuanVideo15(dict(HV15_DIT))
+    cfg = comfy.supported_models.HunyuanVideo15(dict(HV15_DIT, context_in_dim=context_in_dim))
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
 
 
-def build_model(seed: int = 0):
-    """MODEL: ``HunyuanVideo15``'s model_base model with the tiny transformer, seeded weights (cached)."""
+def build_model(seed: int = 0, context_in_dim: int = HV15_DIT["context_in_dim"]):
+    """MODEL: ``HunyuanVideo15``'s model_base model with the tiny transformer, seeded weights (cached).
+    ``context_in_dim``: the text width (128 takes the tiny Qwen2.5-VL of ``te_hunyuan_video15``)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.utils
 
-    path = common.cached_file(f"tiny-hv15-dit-s{seed}", common.source_key(sys.modules[__name__]))
+    ctx = "" if context_in_dim == HV15_DIT["context_in_dim"] else f"-ctx{context_in_dim}"
+    path = common.cached_file(f"tiny-hv15-dit-s{seed}{ctx}", common.source_key(sys.modules[__name__]))
     if not path.exists():
-        m = model_config().get_model({}, "", device=mm.unet_offload_device())
+        m = model_config(context_in_dim).get_model({}, "", device=mm.unet_offload_device())
         sd = {k: v.clone() for k, v in common.seeded_init_(m.diffusion_model, seed).state_dict().items()}
         common.atomic_save(sd, path, metadata={"generator": "aligned-trainer tiny hunyuan video 1.5"})
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
-    model = model_config().get_model({}, "", device=mm.unet_offload_device())
+    model = model_config(context_in_dim).get_model({}, "", device=mm.unet_offload_device())
     assert set(sd) == set(model.diffusion_model.state_dict()), "tiny HunyuanVideo 1.5: cached weights do not cover it"
     model.load_model_weights(sd, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
