@@ -53,3 +53,37 @@ def test_hunyuan_video15_trains_and_its_lora_maps(comfy, tmp_path):
         md = f.metadata()
     assert (md["ss_base_model_version"], md["ss_network_module"]) == ("hunyuan_video_1_5", "networks.lora_hv_1_5")
     assert md["modelspec.architecture"] == "hunyuan-video-1.5/lora" and "modelspec.prediction_type" not in md
+
+
+def test_quoted_and_plain_captions_in_one_batch_predict_as_alone(comfy, tmp_path):
+    """A caption with quoted text (byT5 states) and one without (no byT5 key) in one batch, and two quoted captions of
+    different byT5 lengths: each sample's prediction in the batch equals its prediction alone (the trainer runs
+    conditionings that ComfyUI's conds cannot batch in separate forwards, as ComfyUI's sampler does); joining them
+    would drop the byT5 states of one or fail on the lengths."""
+    types, C, st, loop = (comfy.engine(m) for m in ("data.types", "train.config", "train.state", "train.loop"))
+    model = hv15.build_model(context_in_dim=te_qwen_image.QWEN25VL_TINY["hidden_size"])
+    clip = comfy.engine("te.align").align_clip(
+        hv15_te.shared_hv15_clip(hv15_te.qwen25vl_tiny_file(), hv15_te.byt5_tiny_file()), "hunyuan-video-1.5")
+    caps = ['ohwx, a sign that says "OPEN"', "ohwx, a quiet street", 'ohwx, a sign that says "CLOSED FOR LUNCH"']
+    with torch.no_grad():
+        conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
+    assert [("conditioning_byt5small" in c[0][1]) for c in conds] == [True, False, True]
+    g = torch.Generator().manual_seed(0)
+    lats = [torch.randn(32, 2, 4, 4, generator=g) for _ in caps]
+    ts = types.TrainingSet(tuple(types.Sample(f"s{i}", lat, (types.CaptionVariant(c, cond),), bucket=(64, 64))
+                                 for i, (lat, c, cond) in enumerate(zip(lats, caps, conds))))
+    run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(),
+                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="hv15b", val_count=0), runs_root=tmp_path)
+    with torch.inference_mode(False), torch.no_grad():
+        tr = loop.Trainer(run)
+        tr.load()
+        try:
+            for pair in ((0, 1), (1, 0), (0, 2)):
+                x = torch.stack([lats[i] for i in pair]) + torch.randn(2, 32, 2, 4, 4, generator=g)
+                sigma = torch.tensor([0.8, 0.4])
+                pc = [conds[i] for i in pair]
+                both = tr.predict_at(x, sigma, pc)
+                alone = torch.cat([tr.predict_at(x[j:j + 1], sigma[j:j + 1], pc[j:j + 1]) for j in range(2)])
+                assert torch.allclose(both, alone, atol=1e-5), (pair, float((both - alone).abs().max()))
+        finally:
+            tr.release()
