@@ -1,5 +1,5 @@
 """Output-axis DoRA's file form (train/dora_axes.py) pinned on the tiny SD1.5 (issue #26): a hand-built LoRA pair
-with magnitudes m on a linear and a 3x3 convolution of the UNet, turned into ComfyUI's ``dora_scale`` by
+with magnitudes m on two linears (one without alpha) and a 3x3 convolution of the UNet, turned into ComfyUI's ``dora_scale`` by
 ``for_comfyui`` and loaded by ComfyUI's stock LoRA loader, merges to peft's DoRA weight written out here,
 W' = (W + s up@down) * m / ||W + s up@down||_row (s = alpha / rank); ``from_comfyui`` gives m back; the axis test
 is ComfyUI's (first dimension = the weight's output size); the model's parameters stay leaves (found broken: the
@@ -28,16 +28,19 @@ def test_for_comfyui_merges_to_peft_dora_in_comfyuis_loader(comfy, T, sd15):
     model = sd15[0]
     dm = model.model.diffusion_model
     linear = next(n for n, m in dm.named_modules() if n.endswith("attn1.to_q"))
+    no_alpha = next(n for n, m in dm.named_modules() if n.endswith("attn1.to_k"))  # no alpha: scale 1 (alpha = rank)
     conv = next(n for n, m in dm.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
                 and n.startswith("output_blocks"))
     g = torch.Generator().manual_seed(0)
     rank = 2
     adapters, expected = {}, {}
-    for module in (linear, conv):
+    for module in (linear, conv, no_alpha):
         w = dm.get_submodule(module).weight.detach().float()
         pair = _pair(w, rank, g)
+        if module == no_alpha:
+            del pair["alpha"]
         adapters.update({f"{module}.{k}": v for k, v in pair.items()})
-        s = float(pair["alpha"]) / rank
+        s = float(pair["alpha"]) / rank if "alpha" in pair else 1.0
         merged = w + s * (pair["lora_up.weight"].reshape(w.shape[0], -1)
                           @ pair["lora_down.weight"].reshape(rank, -1)).reshape(w.shape)
         norm = merged.reshape(w.shape[0], -1).norm(dim=1)
@@ -49,7 +52,7 @@ def test_for_comfyui_merges_to_peft_dora_in_comfyuis_loader(comfy, T, sd15):
     assert adapters.keys() == before.keys() and all(adapters[k] is before[k] for k in before)  # input unchanged
     assert not any(k.endswith("dora_magnitude") for k in file)
     patched, _ = comfy_sd.load_lora_for_models(model, None, T.export.kohya_from_adapters(file, torch.float32), 1.0, 0)
-    for module in (linear, conv):
+    for module in (linear, conv, no_alpha):
         w = dm.get_submodule(module).weight.detach().float()
         scale = file[f"{module}.dora_scale"]
         assert tuple(scale.shape) == (w.shape[0],) + (1,) * (w.dim() - 1)

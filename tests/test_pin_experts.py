@@ -65,6 +65,9 @@ def test_resolve_and_note_against_the_shift_inverted_by_hand(X, sd15):
         assert text == (f"expert {expert}: trains sigma {side}{b:g} (the official boundary of WAN21_T2V "
                         f"({X.listed['WAN21_T2V']['models']})), {share:.1%} of the timesteps before the shift, at "
                         f"the model's shift {shift:g}"), text
+    fixed = experts.resolve(C.TimestepConfig(shift="fixed", shift_value=3.0, expert="high_noise"), t2v)
+    assert experts.note(fixed, t2v).endswith(f"), {1 - _share_before_shift(b, 3.0):.1%} of the timesteps before the "
+                                             "shift, at shift fixed")
     hand = experts.resolve(C.TimestepConfig(shift="model", expert="low_noise", expert_boundary=0.8), t2v)
     assert hand.expert_boundary == 0.8
     assert "trains sigma < 0.8 (set by hand), " + f"{_share_before_shift(0.8, shift):.1%}" in experts.note(hand, t2v)

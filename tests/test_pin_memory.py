@@ -21,6 +21,68 @@ def _run(T, sd15, tset, tmp_path, name, **settings):
                            runs_root=tmp_path / "runs")
 
 
+def test_plan_arithmetic_with_given_activations(T, comfy, sd15, sd15_training_set, tmp_path, monkeypatch):
+    """The plan's sums with activations given (no probe, fast): batch, area, precision and checkpointing scale the
+    activations; int8 adds the packed weights (1 byte per value + an fp32 scale per row) next to the originals
+    on a single device; offloading adds the two largest of the streamed layers in flight (on one device); an EMA adds one fp32
+    copy; the budget is memory_budget_gb, else the environment variable; a plan fits up to its budget; the
+    alternatives offered all fit, cheapest first."""
+    memory = comfy.engine("train.memory")
+    quantize = comfy.engine("train.quantize")
+    run = _run(T, sd15, sd15_training_set, tmp_path, "sums")  # no budget set: the rough plan fits, no probe
+    ema = _run(T, sd15, sd15_training_set, tmp_path, "sums_ema", ema_decay=0.9)
+    acts = memory.Activations(fixed=3.0e6, per_pixel=5.0e4, probed=True)
+    lat = max(s.latent.shape for s in sd15_training_set.samples)
+    area = lat[-1] * lat[-2]
+    dm = sd15[0].model.diffusion_model
+    monkeypatch.setenv(memory.ENV_BUDGET, "2.0")
+    s = run.settings
+    R = dataclasses.replace
+    with torch.inference_mode(False):
+        tr, tr_ema = T.loop.Trainer(run), T.loop.Trainer(ema)
+        try:
+            p, _ = memory.plan(tr, None, acts)
+            batch3, _ = memory.plan(tr, R(s, batch_size=3), acts)
+            bf16, _ = memory.plan(tr, R(s, precision="bf16"), acts)
+            gc, _ = memory.plan(tr, R(s, gradient_checkpointing=True), acts)
+            int8, _ = memory.plan(tr, R(s, quantize="int8"), acts)
+            off, _ = memory.plan(tr, R(s, offload_blocks=3), acts)
+            p_ema, _ = memory.plan(tr_ema, None, acts)
+            n = sum(q.numel() for q in tr.params)
+            by_hand = memory.budget_bytes(R(s, memory_budget_gb=1.25), tr.patcher, tr.device)
+            monkeypatch.setenv(memory.ENV_BUDGET, str((p.total - 2 ** 20) / GiB))  # 1 MiB short
+            tight, _ = memory.plan(tr, None, acts)
+            alts = memory.alternatives(tr, acts)
+        finally:
+            tr.release()
+            tr_ema.release()
+    weights = sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
+    one = acts.fixed + acts.per_pixel * area
+    assert (p.weights, p.adapters, p.activations, p.budget) == (weights, n * 4 * 3, int(one), 2 * GiB)
+    assert p.total == weights + n * 12 + int(one) and p.fits and not tight.fits
+    assert p_ema.adapters == n * 4 * 4
+    assert batch3.activations == int(3 * one)
+    assert bf16.activations == int(int(one) * 0.55) and gc.activations == int(int(one) * 0.35)  # _factor's sizes
+    packed = sum(m.weight.numel() + m.weight.shape[0] * 4 for m in dm.modules() if quantize.eligible(m))
+    assert packed > 0 and int8.weights == weights + packed
+    # the streamed layers: the last offload_blocks layers, in checkpoint_units' order (the block lists in order,
+    # the middle block last)
+    layers = [c for b in [*dm.input_blocks, *dm.output_blocks, dm.middle_block] for c in b
+              if any(True for _ in c.parameters())]
+    streamed = sorted(sum(q.numel() * q.element_size() for q in c.parameters()) for c in layers[-3:])
+    assert off.weights == weights + sum(streamed[-2:])
+    assert by_hand == int(1.25 * GiB)  # memory_budget_gb wins over the environment variable
+    assert alts and len(alts) <= 4 and all(a.fits and a.total <= tight.budget for a in alts)
+    assert [a.total for a in alts] == sorted(a.total for a in alts)
+    assert any(a.settings["gradient_checkpointing"] for a in alts)
+    edge = memory.Plan(weights=10, adapters=5, activations=5, budget=20, device="cpu", settings=p.settings,
+                       probed=True)
+    assert edge.fits and not R(edge, budget=19).fits and R(edge, load=30).total == 30
+    text = p.text()
+    assert text.startswith(f"memory plan on cpu: peak {p.total / GiB:.3f} GiB of 2.000 GiB (fits)")
+    assert f"activations {p.activations / GiB:.3f} GiB" in text and memory.describe(p.settings) in text
+
+
 def test_plan_parts_against_independent_counts_and_refusal(T, comfy, sd15, sd15_training_set, tmp_path, monkeypatch):
     memory = comfy.engine("train.memory")
     run = _run(T, sd15, sd15_training_set, tmp_path, "plan", memory_budget_gb=3.0)
