@@ -21,6 +21,24 @@ def _run(T, sd15, tset, tmp_path, name, **settings):
                            runs_root=tmp_path / "runs")
 
 
+def test_live_bytes_counts_each_storage_once_until_it_is_freed(comfy):
+    """The meter the probe measures with, against allocations of known size: a view is the same storage, a freed
+    tensor gives its bytes back, the peak is the largest sum at any time."""
+    memory = comfy.engine("train.memory")
+    meter = memory.LiveBytes()
+    with meter:
+        a = torch.ones(1000)                     # 4000 bytes
+        view = a[:10]                            # the same storage: not counted again
+        b = torch.ones(500, dtype=torch.float64)  # 4000 bytes
+        empty = torch.ones(0)                    # no storage
+        at_two = (meter.current, meter.peak)
+        del a, view                              # 4000 bytes back
+        c = torch.ones(100)                      # 400 bytes
+    assert at_two == (8000, 8000)
+    assert (meter.current, meter.peak) == (4400, 8000)
+    del b, c, empty
+
+
 def test_plan_arithmetic_with_given_activations(T, comfy, sd15, sd15_training_set, tmp_path, monkeypatch):
     """The plan's sums with activations given (no probe, fast): batch, area, precision and checkpointing scale the
     activations; int8 adds the packed weights (1 byte per value + an fp32 scale per row) next to the originals

@@ -42,7 +42,7 @@ def test_frame_buckets_pick_the_longest_count_each_clip_covers_at_the_target_fps
     made = [("a.mp4", 7, 24), ("edge.mp4", 12, 24), ("b.mp4", 13, 24), ("c.mp4", 25, 24), ("d", 30, 32)]
     for name, n, src in made:
         clips.write_clip(data / name, n, src, size=(32, 32))
-    (data / "d" / "notes.txt").write_text("not a frame", encoding="utf-8")  # only images are frames
+    (data / "d" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # only images are frames (this one sorts first)
     clips.write_clip(data / "2_more" / "e.mp4", 9, 16, size=(32, 32))  # kohya's N_name folder: 2 repeats
     made.append(("e.mp4", 9, 16))
     buckets = V.video.parse_frame_buckets("5, 9, 12 17")
@@ -107,9 +107,8 @@ def test_sample_indices_and_clip_timing_by_hand(V):
     assert si(eight, 16.0, 17) is None  # the 17th frame is shown at 1 s: the clip has ended
     assert si(eight, 16.0, 16) == tuple(i // 2 for i in range(16))
     clip = V.video.Clip("c.mp4", "video", (0.0, 0.25, 0.5), (8, 8))
-    assert clip.duration == 0.75 and clip.fps == 4.0
-    one = V.video.Clip("c.mp4", "video", (0.0,), (8, 8))
-    assert one.duration == 0.0 and one.fps == 0.0
+    assert clip.duration == 0.75
+    assert V.video.Clip("c.mp4", "video", (0.0,), (8, 8)).duration == 0.0
     assert V.video.Clip("c.mp4", "video", (0.0, 0.5), (8, 8)).duration == 1.0
 
 
@@ -140,6 +139,7 @@ def test_still_gif_is_an_image_and_the_vae_must_match_the_clips(V, sd15, tmp_pat
     clips.write_clip(tmp_path / "still" / "one.gif", 1, 10, size=(32, 32))
     still = V.video.from_video_folder(tmp_path / "still", V.caps.CaptionConfig(), bcfg, V.video.VideoConfig(frames=5))
     assert [still.plan(i) for i in still.items] == [(None, (0,))] and still.report()["clips"] == 0
+    assert not still.items[0].is_reg
     clips.write_clip(tmp_path / "clip" / "c.mp4", 9, 16, size=(32, 32))
     ds = V.video.from_video_folder(tmp_path / "clip", V.caps.CaptionConfig(), bcfg, V.video.VideoConfig(frames=5))
     image_vae = sd15[2]
@@ -147,6 +147,14 @@ def test_still_gif_is_an_image_and_the_vae_must_match_the_clips(V, sd15, tmp_pat
     with pytest.raises(V.video.DataError, match=r"this VAE \(AutoencoderKL\) encodes still images, but the video "
                                                 r"dataset has 5-frame clips"):
         ds.check_vae(image_vae)
+    Image.fromarray(clips.frame(2, (32, 32))).save(tmp_path / "clip" / "still.png")  # a clip and an image
+    mixed = V.video.from_video_folder(tmp_path / "clip", V.caps.CaptionConfig(), bcfg, V.video.VideoConfig(frames=5))
+    with pytest.raises(V.video.DataError, match="dataset has 5-frame clips"):
+        mixed.check_vae(image_vae)
+    pairs = V.video.from_video_folder(tmp_path / "clip", V.caps.CaptionConfig(), bcfg,
+                                      V.video.VideoConfig(frames=2, frame_multiple=1))
+    with pytest.raises(V.video.DataError, match="dataset has 2-frame clips"):
+        pairs.check_vae(image_vae)
     wan_vae = wan.build_vae()
     ds.check_vae(wan_vae)
     with pytest.raises(V.video.DataError, match="compresses 4 frames into one, but the dataset was sampled for 8"):
