@@ -29,13 +29,13 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed(comfy):
     with meter:
         a = torch.ones(1000)                     # 4000 bytes
         view = a[:10]                            # the same storage: not counted again
-        b = torch.ones(500, dtype=torch.float64)  # 4000 bytes
+        b = torch.ones(250, dtype=torch.float64)  # 2000 bytes
         empty = torch.ones(0)                    # no storage
         at_two = (meter.current, meter.peak)
         del a, view                              # 4000 bytes back
         c = torch.ones(100)                      # 400 bytes
-    assert at_two == (8000, 8000)
-    assert (meter.current, meter.peak) == (4400, 8000)
+    assert at_two == (6000, 6000)
+    assert (meter.current, meter.peak) == (2400, 6000)
     del b, c, empty
 
 
@@ -83,6 +83,15 @@ def test_plan_arithmetic_with_given_activations(T, comfy, sd15, sd15_training_se
     assert bf16.activations == int(int(one) * 0.55) and gc.activations == int(int(one) * 0.35)  # _factor's sizes
     packed = sum(m.weight.numel() + m.weight.shape[0] * 4 for m in dm.modules() if quantize.eligible(m))
     assert packed > 0 and int8.weights == weights + packed
+    # loading is the peak's other candidate: ComfyUI loads in full; quantized around the load, the largest
+    # eligible full weight is on the device next to the packed ones
+    largest = max(m.weight.numel() * m.weight.element_size() for m in dm.modules() if quantize.eligible(m))
+    assert p.load == weights and int8.load == weights + packed + largest
+    # the probe's two shapes: the latent's area cut to about PROBE_AREA (256) latent pixels, aspect kept, even
+    # sides, the second half as wide (by hand)
+    assert memory._probe_shapes((4, 8, 8)) == [(4, 8, 8), (4, 8, 4)]
+    assert memory._probe_shapes((16, 128, 128)) == [(16, 16, 16), (16, 16, 8)]
+    assert memory._probe_shapes((16, 5, 60, 104)) == [(16, 5, 12, 20), (16, 5, 12, 10)]
     # the streamed layers: the last offload_blocks layers, in checkpoint_units' order (the block lists in order,
     # the middle block last)
     layers = [c for b in [*dm.input_blocks, *dm.output_blocks, dm.middle_block] for c in b
@@ -99,6 +108,14 @@ def test_plan_arithmetic_with_given_activations(T, comfy, sd15, sd15_training_se
     text = p.text()
     assert text.startswith(f"memory plan on cpu: peak {p.total / GiB:.3f} GiB of 2.000 GiB (fits)")
     assert f"activations {p.activations / GiB:.3f} GiB" in text and memory.describe(p.settings) in text
+    assert "is the peak" not in text
+    big = R(edge, weights=12 * GiB, adapters=GiB // 2, activations=GiB // 4, budget=16 * GiB, load=13 * GiB)
+    assert big.text().startswith("memory plan on cpu: peak 13.0 GiB of 16.0 GiB (fits) = weights 12.0 GiB + "
+                                 "adapters/optimizer 0.500 GiB + activations 0.250 GiB; ")
+    assert big.text().endswith("; loading the model (13.0 GiB) is the peak: offload_blocks acts after the load, "
+                               "quantize or fp8 loading lower it")
+    monkeypatch.delenv(memory.ENV_BUDGET)
+    assert memory.forced_budget(s) == 0.0 and memory.forced_budget(R(s, memory_budget_gb=0.5)) == 0.5
 
 
 def test_plan_parts_against_independent_counts_and_refusal(T, comfy, sd15, sd15_training_set, tmp_path, monkeypatch):
