@@ -101,10 +101,6 @@ class Clip:
         step = float(np.median(np.diff(self.times)))
         return self.times[-1] + step
 
-    @property
-    def fps(self) -> float:
-        return (len(self.times) - 1) / self.times[-1] if len(self.times) > 1 and self.times[-1] > 0 else 0.0
-
 
 def sample_indices(times: tuple[float, ...], fps: float, count: int) -> tuple[int, ...] | None:
     """Source frame index shown at ``i / fps`` for ``i < count`` (the last frame at or before that time), or None

@@ -26,9 +26,13 @@ def base_weight(model, module: str) -> torch.Tensor:
     (``get_key_weight`` + the layer's ``convert_weight``: scaled fp8 checkpoints' scale applied)."""
     base = getattr(model, "model", model)
     weight, _, convert = comfy.model_patcher.get_key_weight(base, f"diffusion_model.{module}.weight")
-    if hasattr(weight, "dequantize"):  # a quantized base (train/quantize.py): its dequantized values
+    weight = weight.detach()
+    # a quantized base (train/quantize.py): its dequantized values. Only a tensor subclass: every torch.Tensor has
+    # ``dequantize``, which on an ordinary float Parameter returns the Parameter itself and (with requires_grad on)
+    # turns the shared model's weight into a non-leaf tensor that Train Init can no longer freeze
+    if type(weight) is not torch.Tensor and hasattr(weight, "dequantize"):
         weight = weight.dequantize()
-    w = weight.detach().to("cpu", torch.float32, copy=True)
+    w = weight.to("cpu", torch.float32, copy=True)
     return convert(w, inplace=True) if convert is not None else w
 
 
