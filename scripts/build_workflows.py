@@ -163,6 +163,18 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     return {"te": te, "train": ts}
 
 
+# The split-file families: loader kind -> (text-encoder file, CLIPLoader type, VAE file), the files of ComfyUI's own
+# templates for them (see the family table in build()).
+SPLIT_LOADERS = {
+    "wan": ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "wan_2.1_vae.safetensors"),
+    "wan22": ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "wan_2.1_vae.safetensors"),
+    "zimage": ("qwen_3_4b.safetensors", "lumina2", "ae.safetensors"),
+    "lumina2": ("gemma_2_2b_fp16.safetensors", "lumina2", "ae.safetensors"),
+    "qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "qwen_image_vae.safetensors"),
+    "chroma": ("t5xxl_fp8_e4m3fn_scaled.safetensors", "chroma", "ae.safetensors"),
+}
+
+
 FAMILY_NOTE = ("Train a {name} LoRA with the text encoders aligned to {ref}.\n\n"
                "Change for your model: the loader file names ({files}), the Dataset folder (pick or upload it on the "
                "Dataset node; it lives in ComfyUI's input folder), trigger word, resolution, steps and learning rate. The LoRA is written to "
@@ -251,6 +263,7 @@ def build(info: dict) -> dict[str, dict]:
                                  files="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors (or the low_noise one), "
                                        "umt5_xxl_fp8_e4m3fn_scaled.safetensors, wan_2.1_vae.safetensors",
                                  loader="wan22", ckpt="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                 unet_title="Wan 2.2 expert (high_noise; low_noise for the other LoRA)",
                                  resolution=512, max_side=832, density="uniform", shift="model", weighting="none",
                                  lr=1e-4, rank=32, size=640, cfg=3.5, sample_steps=20, folder="my_videos",
                                  ts="uniform on the model's shift 8, inside the expert's window (Timestep Strategy "
@@ -361,31 +374,11 @@ def build(info: dict) -> dict[str, dict]:
             m = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
             c = g.add("TripleCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
                       clip_name3="t5xxl_fp16.safetensors")
-        elif f["loader"] == "wan":
-            m = g.add("UNETLoader", unet_name=f["ckpt"])
-            c = g.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
-            v = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
-        elif f["loader"] == "wan22":
-            m = g.add("UNETLoader", title="Wan 2.2 expert (high_noise; low_noise for the other LoRA)",
-                      unet_name=f["ckpt"])
-            c = g.add("CLIPLoader", clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
-            v = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
-        elif f["loader"] == "zimage":
-            m = g.add("UNETLoader", unet_name=f["ckpt"])
-            c = g.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2")
-            v = g.add("VAELoader", vae_name="ae.safetensors")
-        elif f["loader"] == "lumina2":
-            m = g.add("UNETLoader", unet_name=f["ckpt"])
-            c = g.add("CLIPLoader", clip_name="gemma_2_2b_fp16.safetensors", type="lumina2")
-            v = g.add("VAELoader", vae_name="ae.safetensors")
-        elif f["loader"] == "qwen_image":
-            m = g.add("UNETLoader", unet_name=f["ckpt"])
-            c = g.add("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image")
-            v = g.add("VAELoader", vae_name="qwen_image_vae.safetensors")
-        elif f["loader"] == "chroma":
-            m = g.add("UNETLoader", unet_name=f["ckpt"])
-            c = g.add("CLIPLoader", clip_name="t5xxl_fp8_e4m3fn_scaled.safetensors", type="chroma")
-            v = g.add("VAELoader", vae_name="ae.safetensors")
+        elif f["loader"] in SPLIT_LOADERS:  # UNETLoader + CLIPLoader(type) + VAELoader, as ComfyUI's templates
+            clip_name, clip_type, vae_name = SPLIT_LOADERS[f["loader"]]
+            m = g.add("UNETLoader", title=f.get("unet_title"), unet_name=f["ckpt"])
+            c = g.add("CLIPLoader", clip_name=clip_name, type=clip_type)
+            v = g.add("VAELoader", vae_name=vae_name)
         else:
             m = g.add("UNETLoader", unet_name=f["ckpt"])
             c = g.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
