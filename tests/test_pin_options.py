@@ -31,8 +31,7 @@ def test_training_guidance_reaches_a_guidance_distilled_model(T, comfy, family_b
 
     def kwargs(g, patcher=model, c=cond):
         fake = SimpleNamespace(patcher=patcher, run=SimpleNamespace(settings=SimpleNamespace(guidance=g)))
-        fake.model_conds = lambda conds, x_: T.loop.Trainer.model_conds(fake, conds, x_)
-        return T.loop.Trainer.model_kwargs(fake, [c, c], x)
+        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [c, c], x))
 
     k = kwargs(2.5)
     torch.testing.assert_close(k["guidance"].float(), torch.tensor([2.5, 2.5]))

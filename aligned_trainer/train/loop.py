@@ -157,7 +157,7 @@ def concat_groups(per: list[dict]) -> list[list[int]]:
     return groups
 
 
-def _concat(per: list[dict]) -> dict:
+def concat_conds(per: list[dict]) -> dict:
     """One batch of model kwargs from per-sample model conds (ComfyUI's ``concat``)."""
     return {k: per[0][k].concat([p[k] for p in per[1:]]) if len(per) > 1 else per[0][k].cond for k in per[0]}
 
@@ -398,14 +398,10 @@ class Trainer:
             return tset.empty_conditioning
         return self.py_rng.choice(sample.captions).conditioning
 
-    def model_kwargs(self, conds: list, x: torch.Tensor) -> dict:
-        """Batch the samples' conditionings through ComfyUI's own cond machinery (extra_conds); an aligned text
-        mask goes in the form the model takes (``text_mask``). The conditionings must batch together
-        (``concat_groups``)."""
-        return _concat(self.model_conds(conds, x))
-
     def model_conds(self, conds: list, x: torch.Tensor) -> list[dict]:
-        """Each sample's conditioning as ComfyUI's model conds (``comfy.conds``), ready to batch."""
+        """Each sample's conditioning through ComfyUI's own cond machinery (extra_conds) as its model conds
+        (``comfy.conds``), ready to batch (``concat_groups``, ``concat_conds``); an aligned text mask goes in the
+        form the model takes (``text_mask``)."""
         per = []
         for i, cond in enumerate(conds):
             extras = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()}
@@ -438,7 +434,7 @@ class Trainer:
         # states) run in separate forwards, as ComfyUI's sampler runs them; one group when they all batch
         for idx in concat_groups(per):
             with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                outs.append(self.patcher.model.apply_model(xt[idx], sigma[idx], **_concat([per[i] for i in idx])))
+                outs.append(self.patcher.model.apply_model(xt[idx], sigma[idx], **concat_conds([per[i] for i in idx])))
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
 
     def predict_at(self, xt: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
