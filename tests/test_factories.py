@@ -1,4 +1,4 @@
-"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma/Qwen-Image/Lumina 2 bundles behave like the real families in ComfyUI's stock nodes: the family's
+"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma/Qwen-Image/Lumina 2/HiDream bundles behave like the real families in ComfyUI's stock nodes: the family's
 supported_models config and text-encoder classes, stock encode -> KSampler -> VAE decode, trainable
 (finite gradients), and deterministic (same seed, same weights)."""
 from __future__ import annotations
@@ -9,15 +9,17 @@ import torch
 from support.factories import families
 
 CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "z-image": "ZImage",
-          "chroma": "Chroma", "qwen-image": "QwenImage", "lumina2": "Lumina2"}
+          "chroma": "Chroma", "qwen-image": "QwenImage", "lumina2": "Lumina2", "hidream": "HiDream"}
 TEXT_ENCODER = {"sdxl": "SDXLClipModel", "sd3": "SD3ClipModel", "flux1-dev": "FluxClipModel",
                 "flux1-schnell": "FluxClipModel", "z-image": "ZImageTEModel", "chroma": "PixArtT5XXL",
-                "qwen-image": "QwenImageTEModel", "lumina2": "LuminaModel"}
+                "qwen-image": "QwenImageTEModel", "lumina2": "LuminaModel", "hidream": "HiDreamTEModel"}
 
 
 def expected_cond_dims(model) -> tuple[int, int | None]:
     """(context width, pooled width) the diffusion model itself is built to take (None: no pooled input)."""
     dm, cfg = model.model.diffusion_model, model.model.model_config.unet_config
+    if hasattr(dm, "caption_projection"):  # HiDream: T5 through the last caption projection; pooled CLIP-L + CLIP-G
+        return dm.caption_projection[-1].linear.in_features, cfg["text_emb_dim"]
     if hasattr(dm, "cap_embedder"):  # Lumina 2 / Z-Image NextDiT: caption features only
         return dm.cap_embedder[1].in_features, None
     if hasattr(dm, "context_embedder"):  # SD3 MMDiT
@@ -85,8 +87,9 @@ def test_forward_backward_gives_finite_grads(comfy, bundle):
                 p.requires_grad_(True)
                 p.grad = None
             pooled = cond.get("pooled_output")
+            extra = {k: v.clone() for k, v in cond.items() if k.startswith("conditioning_")}  # HiDream's Llama stack
             c = base.extra_conds(cross_attn=cond["cond"].clone(),
-                                 pooled_output=pooled.clone() if pooled is not None else None,
+                                 pooled_output=pooled.clone() if pooled is not None else None, **extra,
                                  width=64, height=64, guidance=3.5, device="cpu",
                                  noise=torch.zeros(1, vae.latent_channels, *frames, 8, 8))
             kwargs = {k: v.cond for k, v in c.items()}

@@ -1,4 +1,4 @@
-"""The trainer trains the tiny SDXL / SD3 / FLUX.1 / Z-Image / Chroma / Qwen-Image bundles (each family's own target: eps, flow velocity;
+"""The trainer trains the tiny SDXL / SD3 / FLUX.1 / Z-Image / Chroma / Qwen-Image / Lumina 2 / HiDream bundles (each family's own target: eps, flow velocity;
 pooled and size conditioning; guidance embedding) with finite loss, and the saved LoRA maps completely in
 ComfyUI's stock loader."""
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import types
 
-import comfy.utils
 import torch
 
 from . import naming
@@ -43,8 +42,7 @@ def _module_name(converted_key: str) -> str:
 
 
 def _diffusers_module_names(model, table: str) -> set[str]:
-    base = getattr(model, "model", model)
-    mapping = getattr(comfy.utils, table)(base.model_config.unet_config)
+    mapping = naming.diffusers_table(model)
     absent = tuple(naming.family_facts(model).get("diffusers_absent", ()))
     return {k[:-len(".weight")] for k in mapping if k.endswith(".weight") and not (absent and k.startswith(absent))}
 
@@ -91,7 +89,8 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
         out = ({},)
     converted = out[0] if isinstance(out, tuple) else out
     names = sorted({_module_name(k) for k in converted if _SUFFIX.search(k)})
-    dropped = [n for n in names if n not in known]
+    # ``to_out`` read as ``to_out.0`` (the processor form) where the model's to_out is one Linear (HiDream): its own name
+    dropped = [n for n in names if n not in known and not (n.endswith(".to_out.0") and n[:-len(".0")] in known)]
     if not refused and len(names) < len(file_modules):  # several file modules converted onto one name
         dropped.append(f"{len(file_modules) - len(names)} module(s) lost in conversion")
     has_dora = any(k.endswith(".dora_scale") for k in lora_sd)

@@ -41,6 +41,20 @@ def _resolve(families: dict, name: str) -> dict:
     return {**_resolve(families, parent), **entry} if parent else entry
 
 
+SAME_NAMES = "same"  # diffusers_names value: the diffusers model's module names are ComfyUI's (HiDream)
+
+
+def diffusers_table(model) -> dict:
+    """The family's diffusers -> ComfyUI table (``diffusers_names`` in lora_formats.json): the named
+    ``comfy.utils`` function's map (``<diffusers>.weight`` -> ``diffusion_model.<ComfyUI>.weight`` or a
+    (key, offset[, fn]) tuple), or with ``"same"`` each weight of the diffusion model under its own name."""
+    base = getattr(model, "model", model)
+    table = family_facts(model)["diffusers_names"]
+    if table == SAME_NAMES:
+        return {k: f"diffusion_model.{k}" for k in base.diffusion_model.state_dict() if k.endswith(".weight")}
+    return getattr(comfy.utils, table)(base.model_config.unet_config)
+
+
 def lycoris_network_module() -> str:
     return _formats()["lycoris_network_module"]
 

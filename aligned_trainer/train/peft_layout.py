@@ -13,7 +13,6 @@ ComfyUI reads no ``lora_magnitude_vector``; such files keep kohya's names (``app
 also get a diffusers copy in this layout, with peft's magnitudes (``dora_axes``, ``export.diffusers_copy``)."""
 from __future__ import annotations
 
-import comfy.utils
 import torch
 
 from . import naming
@@ -30,11 +29,10 @@ def applies(model, adapter_keys) -> bool:
 def targets(model) -> dict[str, list[tuple[str, tuple | None, object]]]:
     """ComfyUI module name -> [(diffusers module name, row offset (dim, start, length) or None, row function or
     None)], inverted from the family's ComfyUI table."""
-    base = getattr(model, "model", model)
     facts = naming.family_facts(model)
     absent = tuple(facts.get("diffusers_absent", ()))
     out: dict[str, list] = {}
-    for diff, to in getattr(comfy.utils, facts["diffusers_names"])(base.model_config.unet_config).items():
+    for diff, to in naming.diffusers_table(model).items():
         if not diff.endswith(".weight") or (absent and diff.startswith(absent)):
             continue
         key, offset, fn = (to, None, None) if isinstance(to, str) else (to[0], to[1], to[2] if len(to) > 2 else None)

@@ -1,4 +1,4 @@
-"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image and Lumina 2 bundles built from ComfyUI's own classes.
+"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image, Lumina 2 and HiDream-I1 bundles built from ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
 model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
@@ -36,7 +36,7 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2", "hidream")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -103,6 +103,20 @@ LUMINA2_DIT = dict(
     qk_norm=True, n_heads=2, n_kv_heads=1, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512], rope_theta=10000.0,
     ffn_dim_multiplier=4.0,
 )
+# HiDream-I1: ComfyUI's HiDreamImageTransformer2DModel with the keys model_detection gives HiDream (20 heads of 128,
+# axes 64/32/32, 16 double-stream + 32 single-stream blocks, each with a mixture of 4 routed experts (2 active) and a
+# shared expert; caption projections: one per block for the Llama layer it reads (llama_layers) + one for T5; pooled
+# CLIP-L + CLIP-G into the adaLN input), shrunk: 2 heads of 32 (axes 16/8/8, the real proportions), one double- and
+# one single-stream block, the MoE kept (4 routed experts, 2 active); caption and pooled widths = the tiny encoders of
+# support.factories.te_hidream (T5 128, Llama 64, CLIP-L 64 + CLIP-G 96 pooled), through ComfyUI's HiDream
+# text-encoder classes. The double block reads the Llama stack's first layer, the single block its last (as the real
+# model's first and last entries). Its VAE is FLUX's 16-channel VAE (ComfyUI's HiDream template loads ae.safetensors).
+HIDREAM_DIT = dict(
+    image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+    attention_head_dim=32, num_attention_heads=2, caption_channels=[128, 64], text_emb_dim=64 + 96,
+    num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8], max_resolution=[128, 128],
+    llama_layers=[0, 2],
+)
 VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
@@ -140,7 +154,20 @@ SPECS = {
                        make_clip=lambda seed: _qwen_image_clip(seed), make_vae=lambda seed: _wan_vae(seed)),
     "lumina2": Spec("Lumina2", LUMINA2_DIT, "lumina2", vae_channels=16, vae_quant_conv=False,
                     make_clip=lambda seed: _lumina2_clip(seed)),
+    "hidream": Spec("HiDream", HIDREAM_DIT, "hidream", vae_channels=16, vae_quant_conv=False,
+                    make_clip=lambda seed: _hidream_clip()),
 }
+
+
+def _hidream_clip():
+    """ComfyUI's HiDream text encoders (HiDreamTokenizer + hidream_clip(): CLIP-L, CLIP-G, T5, Llama-3.1) around the
+    tiny seeded encoders of support.factories.te_hidream (the parity tests' files)."""
+    from . import te_hidream
+
+    assert HIDREAM_DIT["caption_channels"] == [te_hidream.T5_TINY["d_model"], te_hidream.LLAMA_TINY["hidden_size"]]
+    assert HIDREAM_DIT["text_emb_dim"] == te_hidream.CLIP_L_TINY["projection_dim"] + te_hidream.CLIP_G_TINY["projection_dim"]
+    assert max(HIDREAM_DIT["llama_layers"]) < te_hidream.LLAMA_TINY["num_hidden_layers"]
+    return te_hidream.hidream_clip(te_hidream.files())
 
 
 def _lumina2_clip(seed: int):
