@@ -135,6 +135,8 @@ def test_wan22_ti2v_5b_trains_on_48_channel_latents_and_maps(comfy, clip, tmp_pa
     run = loop.init_run(model, tset, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"),
                         C.TimestepConfig(shift="model"), C.OptimizerConfig(lr=1e-3),
                         st.RunSettings(run_name="ti2v", val_count=0), runs_root=tmp_path)
+    # the memory plan names the clip's pixel size (its bucket, 32 px), not the latents' 2 px times an assumed 8
+    assert "resolution 32x32" in run.meta["memory_plan"], run.meta["memory_plan"]
     out = loop.train_steps(run, 2)
     assert all(math.isfinite(h["loss"]) for h in out.history) and len(out.history) == 2
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)

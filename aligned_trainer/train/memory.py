@@ -261,7 +261,8 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
     s0 = trainer.run.settings
     s = settings or s0
     dm = trainer.patcher.model.diffusion_model
-    largest = max(trainer.samples, key=lambda smp: smp.latent.numel()).latent.shape
+    biggest = max(trainer.samples, key=lambda smp: smp.latent.numel())
+    largest = biggest.latent.shape
     if acts is None:  # probe only when the budget is tight or set by hand (a probe costs a few steps' time)
         acts = comfy_estimate(trainer, tuple(largest))
         rough, _ = plan(trainer, settings, acts)
@@ -278,7 +279,7 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
              budget_bytes(s0, trainer.patcher, trainer.device), str(trainer.device),
              {"precision": s.precision, "quantize": s.quantize, "offload_blocks": s.offload_blocks,
               "gradient_checkpointing": s.gradient_checkpointing, "batch_size": s.batch_size,
-              "resolution": _resolution(trainer, largest, getattr(s, "area_scale", 1.0))}, acts.probed,
+              "resolution": _resolution(biggest, getattr(s, "area_scale", 1.0))}, acts.probed,
              load_bytes(dm, s.quantize, same))
     return p, acts
 
@@ -297,11 +298,17 @@ def _factor(s) -> float:
     return f * (0.35 if s.gradient_checkpointing else 1.0)
 
 
-def _resolution(trainer, latent_shape, area_scale: float) -> str:
-    down = 8  # every supported VAE halves three times
-    h, w = latent_shape[-2] * down, latent_shape[-1] * down
+def _resolution(sample, area_scale: float) -> str:
+    """The pixel size of ``sample`` (the largest one): its bucket, the size the dataset encoded through the model's
+    VAE, so the VAE's own spatial compression is in it (SD/FLUX 8x, the Wan 2.2 TI2V 5B's 16x: the latents' size
+    times a fixed 8 showed half the 5B's pixels); a sample made without a bucket gives its latent size, named so.
+    ``area_scale`` scales the area (the alternatives' quarter resolution)."""
     k = math.sqrt(area_scale)
-    return f"{int(w * k)}x{int(h * k)}"
+    w, h = sample.bucket
+    if w > 0 and h > 0:
+        return f"{int(w * k)}x{int(h * k)}"
+    lh, lw = sample.latent.shape[-2:]
+    return f"{int(lw * k)}x{int(lh * k)} latent"
 
 
 @dataclass(frozen=True)
