@@ -19,7 +19,7 @@ def test_hunyuan_video15_trains_and_its_lora_maps(comfy, tmp_path):
     and byT5 in ComfyUI's classes; the caption has quoted text, so both streams), one 2-frame latent clip: 2 steps
     with finite loss through the model's own forward (concat of the empty image latent and mask, byT5 states read
     by the model's byT5 mapper, no vision input, as in text-to-video); LoRA on attention and MLP of both streams,
-    0 unmapped keys."""
+    0 unmapped keys; 1 step + checkpoint + resumed Train Init + 1 step equals the 2 straight steps bit for bit."""
     sm = importlib.import_module("comfy.supported_models")
     types, C, st, loop, export = (comfy.engine(m) for m in ("data.types", "train.config", "train.state",
                                                              "train.loop", "train.export"))
@@ -37,10 +37,19 @@ def test_hunyuan_video15_trains_and_its_lora_maps(comfy, tmp_path):
     hook = model.model.diffusion_model.byt5_in.register_forward_hook(lambda m, a, o: byt5_calls.append(a[0].shape))
     lat = torch.randn(32, 2, 4, 4, generator=g)
     ts = types.TrainingSet((types.Sample("a", lat, (types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
-    run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"), C.TimestepConfig(),
-                        C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="hv15", val_count=0), runs_root=tmp_path)
-    out = loop.train_steps(run, 2)
+
+    def init(name, resume="none"):
+        return loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"), C.TimestepConfig(),
+                             C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=name, val_count=0),
+                             runs_root=tmp_path, resume=resume)
+
+    out = loop.train_steps(init("hv15"), 2)
     hook.remove()
+    # resume is exact: 1 step, a checkpoint, a new Train Init from it, 1 more == the 2 straight steps bit for bit
+    loop.train_steps(init("half"), 1, checkpoint_every=1)
+    resumed = loop.train_steps(init("half", "latest"), 1)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    assert all(torch.equal(v, resumed.state["adapters"][k]) for k, v in out.state["adapters"].items())
     assert byt5_calls and all(c[1:] == cond[0][1]["conditioning_byt5small"].shape[1:] for c in byt5_calls)
     assert len(out.history) == 2 and all(math.isfinite(h["loss"]) for h in out.history)
     ups = {k: v for k, v in out.state["adapters"].items() if "lora_up" in k}

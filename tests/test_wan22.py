@@ -121,7 +121,8 @@ def test_expert_boundary_comes_from_the_model_and_is_refused_where_there_is_none
 def test_wan22_ti2v_5b_trains_on_48_channel_latents_and_maps(comfy, clip, tmp_path):
     """The tiny TI2V 5B (WAN22_T2V, model_base.WAN22) on latents of ComfyUI's Wan 2.2 VAE (48 channels, 16x):
     text-to-video training (flow target on the model's shift 8) with finite loss; its LoRA maps with 0 unmapped
-    keys and carries musubi-tuner's Wan metadata."""
+    keys and carries musubi-tuner's Wan metadata; 1 step + checkpoint + resumed Train Init + 1 step equals the 2
+    straight steps bit for bit; the memory plan names the clips' pixel size."""
     sm = importlib.import_module("comfy.supported_models")
     C, st, loop, export = (comfy.engine(m) for m in ("train.config", "train.state", "train.loop", "train.export"))
     model = wan22.ti2v_model()
@@ -132,12 +133,21 @@ def test_wan22_ti2v_5b_trains_on_48_channel_latents_and_maps(comfy, clip, tmp_pa
         lat = wan22.ti2v_vae().encode(pixels)[0]
     assert tuple(lat.shape) == (48, 2, 32 // wan22.SPATIAL, 32 // wan22.SPATIAL)
     tset = _training_set(comfy, clip, [lat])
-    run = loop.init_run(model, tset, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"),
-                        C.TimestepConfig(shift="model"), C.OptimizerConfig(lr=1e-3),
-                        st.RunSettings(run_name="ti2v", val_count=0), runs_root=tmp_path)
+
+    def init(name, resume="none"):
+        return loop.init_run(model, tset, C.LoraConfig(rank=4, alpha=4, preset="attention+mlp"),
+                             C.TimestepConfig(shift="model"), C.OptimizerConfig(lr=1e-3),
+                             st.RunSettings(run_name=name, val_count=0), runs_root=tmp_path, resume=resume)
+
+    run = init("ti2v")
     # the memory plan names the clip's pixel size (its bucket, 32 px), not the latents' 2 px times an assumed 8
     assert "resolution 32x32" in run.meta["memory_plan"], run.meta["memory_plan"]
     out = loop.train_steps(run, 2)
+    # resume is exact: 1 step, a checkpoint, a new Train Init from it, 1 more == the 2 straight steps bit for bit
+    loop.train_steps(init("half"), 1, checkpoint_every=1)
+    resumed = loop.train_steps(init("half", "latest"), 1)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    assert all(torch.equal(v, resumed.state["adapters"][k]) for k, v in out.state["adapters"].items())
     assert all(math.isfinite(h["loss"]) for h in out.history) and len(out.history) == 2
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
     sd = export.kohya_state_dict(out)
