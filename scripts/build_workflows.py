@@ -214,6 +214,22 @@ def build(info: dict) -> dict[str, dict]:
                                 resolution=512, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
                                 size=512, cfg=7.0, sample_steps=25, ts="uniform with min-SNR gamma 5 (kohya default)",
                                 spec="sd15"),
+        # SD2.1 768-v: the checkpoint of ComfyUI's own SD2 template (embedding_example: v2-1_768-ema-pruned, sampled
+        # at 768 px, 20 steps, cfg 8, uni_pc_bh2/normal); training as the SD1.5 workflow's kohya defaults (rank 16,
+        # lr 1e-4, uniform timesteps, min-SNR 5) with kohya's SD2 v flags' meaning (--v2 --v_parameterization: the
+        # velocity target, which the trainer takes from the model ComfyUI detected as v) at 768 px.
+        "train_lora_sd2": dict(name="SD2.1 768-v", ref="diffusers' StableDiffusionPipeline (OpenCLIP-H penultimate, "
+                                                       "77 tokens, truncated)",
+                               files="v2-1_768-ema-pruned.safetensors", loader="ckpt",
+                               ckpt="v2-1_768-ema-pruned.safetensors", resolution=768, density="uniform",
+                               shift="model", weighting="min_snr", lr=1e-4, size=768, cfg=8.0, sample_steps=20,
+                               ts="uniform with min-SNR gamma 5 on the velocity target (kohya --v2 "
+                                  "--v_parameterization --min_snr_gamma 5)", spec="sd2x",
+                               sample=dict(sampler_name="uni_pc_bh2", scheduler="normal"),
+                               note="\nSD2.x 768-v predicts velocity: ComfyUI detects it from the checkpoint and the "
+                                    "trainer takes its target from the model (a ModelSamplingDiscrete v_prediction "
+                                    "node before Train Init does the same for a file ComfyUI reads as eps). Previews "
+                                    "as ComfyUI's SD2 template: 768 px, 20 steps, cfg 8, uni_pc_bh2, normal."),
         "train_lora_sdxl": dict(name="SDXL", ref="StableDiffusionXLPipeline (both CLIPs penultimate, empty caption = zeros)",
                                 files="sd_xl_base_1.0.safetensors", loader="ckpt", ckpt="sd_xl_base_1.0.safetensors",
                                 resolution=1024, density="uniform", shift="model", weighting="min_snr", lr=1e-4,
@@ -578,6 +594,8 @@ def build(info: dict) -> dict[str, dict]:
 # workflow loads and lists what is not installed.
 # Sources (checked 2026-11-30; the same name, folder and download file as ComfyUI's own templates, package
 # comfyui-workflow-templates 0.7.25, and ComfyUI_examples):
+# - v2-1_768-ema-pruned: templates/embedding_example.json (comfyui-workflow-templates-media-other, properties.models,
+#   with "?download=true"), ComfyUI's SD2 template;
 # - sd_xl_base_1.0: templates/sdxl_simple_example.json (properties.models, with "?download=true");
 # - flux1-dev, clip_l, t5xxl_fp16, ae: templates/flux_dev_full_text_to_image.json (identical URLs and folders);
 # - clip_g: ComfyUI_examples sd3/README.md links Comfy-Org/stable-diffusion-3.5-fp8 text_encoders/clip_g.safetensors
@@ -595,6 +613,7 @@ def build(info: dict) -> dict[str, dict]:
 #   the same umt5_xxl_fp8_e4m3fn_scaled and wan_2.1_vae as Wan 2.1.
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
+    "v2-1_768-ema-pruned.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-2-1/resolve/main/v2-1_768-ema-pruned.safetensors"),
     "sd_xl_base_1.0.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
     "sd3.5_medium.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/resolve/main/sd3.5_medium.safetensors"),
     "clip_l.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
@@ -627,6 +646,9 @@ DESCRIPTIONS = {
     "train_lora_sd15": ("Train an SD1.5 LoRA", "CLIP-L as SD1.5 was trained (77 tokens, truncated); uniform "
                         "timesteps, min-SNR 5; 512 px.", ["checkpoints/v1-5-pruned-emaonly.safetensors",
                                                            "input/my_dataset (images + .txt captions)"]),
+    "train_lora_sd2": ("Train an SD2.1 768-v LoRA", "OpenCLIP-H penultimate, 77 tokens, truncated, as SD2 was "
+                       "trained; the velocity target ComfyUI detects; uniform timesteps, min-SNR 5; 768 px.",
+                       ["checkpoints/v2-1_768-ema-pruned.safetensors", "input/my_dataset (images + .txt captions)"]),
     "train_lora_sdxl": ("Train an SDXL LoRA", "Both CLIPs penultimate, empty caption as zeros, as SDXL was "
                         "trained; min-SNR 5; 1024 px.", ["checkpoints/sd_xl_base_1.0.safetensors",
                                                          "input/my_dataset (images + .txt captions)"]),

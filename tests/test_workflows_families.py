@@ -137,10 +137,10 @@ def test_family_workflow_runs_on_tiny_models(comfy, family_server, request, name
     if family == "sd15":
         model = request.getfixturevalue("sd15")[0]  # the tiny checkpoint through CheckpointLoaderSimple
     else:
-        from support.factories import families, wan, wan22
+        from support.factories import families, sd2, wan, wan22
 
         # the MODEL the server's workflow trained (same weights)
-        others = {"wan2.1": wan.build_model, "wan2.2-t2v-high": wan22.HIGH.build_model}
+        others = {"wan2.1": wan.build_model, "wan2.2-t2v-high": wan22.HIGH.build_model, "sd2-v": sd2.build_model}
         model = others[family]() if family in others else families.build_model(family)
     n_patches = _check_lora_loads(lora, model)
     # every Save Image (sample grid, loss plot) and Preview Image (timestep histogram) left its files

@@ -1,4 +1,4 @@
-"""Shrinking the shipped family workflows (train_lora_sd15 / _sdxl / _sd35 / _flux1 / _wan / _wan22 / _zimage /
+"""Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 / _zimage /
 _chroma / _qwen_image / _lumina2) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_workflows_families.py (API prompts) and tests/test_browser.py (the same changes made in the
@@ -19,6 +19,8 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    loader with the same output types and slots (tests/support/comfy_nodes/aligned_trainer_tiny_loaders,
    on the server's ``custom_nodes`` path) that loads the tiny bundle of ``support.factories.families`` by
    family name through ComfyUI's own model, text-encoder and VAE classes:
+   - SD2.x 768-v: ``CheckpointLoaderSimple`` -> ``TinyCheckpointLoader(sd2-v)`` (``support.factories.sd2``, v from
+     ComfyUI's own SD20 detection): SD2 is matched only at model_channels 320 and context_dim 1024;
    - SDXL: ``CheckpointLoaderSimple`` -> ``TinyCheckpointLoader(sdxl)``: SDXL is matched only at its real
      UNet size (model_channels 320, transformer_depth [0, 0, 2, 2, 10, 10], context_dim 2048);
    - SD3.5: ``TripleCLIPLoader`` -> ``TinyTextEncoderLoader(sd3)``;
@@ -78,6 +80,7 @@ WAN_VAE = "tiny-wan21-vae.safetensors"
 #              loader substitutions: class_type -> (new class_type or None to keep, inputs))
 FAMILIES = {
     "train_lora_sd15": ("sd15", {"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd15.safetensors"})}),
+    "train_lora_sd2": ("sd2-v", {"CheckpointLoaderSimple": (f"{TINY}CheckpointLoader", {"family": "sd2-v"})}),
     "train_lora_sdxl": ("sdxl", {"CheckpointLoaderSimple": (f"{TINY}CheckpointLoader", {"family": "sdxl"})}),
     "train_lora_sd35": ("sd3", {"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd3.safetensors"}),
                                 "TripleCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "sd3"})}),
@@ -135,6 +138,12 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                "train_lora_qwen_image": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 2},
                                          "AlignedTrainer_Optimizer": {"total_steps": 2},
                                          "AlignedTrainer_SamplePreview": {"step": 2}},
+               # SD2.x 768-v: 2 steps with one checkpoint, no validation, only the final Sample Preview (the v target
+               # and its loss are checked in test_train_sd2.py)
+               "train_lora_sd2": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},
+                                  "AlignedTrainer_Optimizer": {"total_steps": 2},
+                                  "AlignedTrainer_PreviewPlan": {"every_n": STEPS},
+                                  "AlignedTrainer_SamplePreview": {"step": 2}},
                # Lumina 2: its aligned captions are 256 masked tokens, so each pass of the DiT is several times the
                # others' on a CPU: 2 steps with one checkpoint, no validation, only the final Sample Preview (as Wan 2.2)
                "train_lora_lumina2": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},

@@ -22,21 +22,24 @@ TESTS = Path(__file__).resolve().parents[3]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from support.factories import families, wan, wan22  # noqa: E402
+from support.factories import families, sd2, wan, wan22  # noqa: E402
 
 CATEGORY = "Aligned Trainer (tests)"
 # Bundles outside support.factories.families: the tiny Wan 2.1 T2V (support.factories.wan; UNETLoader builds
 # WanModel with dim/128 heads, CLIPLoader(type wan) UMT5-XXL at full size, so neither loads the tiny files).
 OTHERS = {"wan2.1": wan, "wan2.2-t2v-high": wan22.HIGH, "wan2.2-t2v-low": wan22.LOW}  # + the A14B expert pair
+SD2 = "sd2-v"  # the tiny SD2.x 768-v (support.factories.sd2)
 
 
 def _family():
-    return {"required": {"family": (list(families.NAMES) + list(OTHERS),
+    return {"required": {"family": (list(families.NAMES) + list(OTHERS) + [SD2],
                                     {"tooltip": "Tiny bundle of support.factories.families (or wan2.1)."})}}
 
 
 def bundle(family):
     """(build, build_model, build_clip) of a tiny bundle by name."""
+    if family == SD2:  # SD20 is matched only at model_channels 320 and context_dim 1024
+        return sd2.build, sd2.build_model, sd2.build_clip
     if family in OTHERS:
         m = OTHERS[family]
         return m.build, m.build_model, m.te_wan.wan_clip
