@@ -18,7 +18,7 @@ def bundle(comfy):
     return sd2.build(v_prediction=True)
 
 
-def _run(comfy, model, cond, tmp_path):
+def _run(comfy, model, cond, tmp_path, name="sd2v", resume="none"):
     types = comfy.engine("data.types")
     C = comfy.engine("train.config")
     st = comfy.engine("train.state")
@@ -27,7 +27,7 @@ def _run(comfy, model, cond, tmp_path):
     ts = types.TrainingSet((types.Sample("a", lat, (types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
     return loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"),
                          C.TimestepConfig(weighting="min_snr"), C.OptimizerConfig(lr=1e-3),
-                         st.RunSettings(run_name="sd2v", precision="fp32"), runs_root=tmp_path)
+                         st.RunSettings(run_name=name, precision="fp32"), runs_root=tmp_path, resume=resume)
 
 
 def _scheduler():
@@ -81,6 +81,11 @@ def test_sd2_v_trains_and_maps(comfy, bundle, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert any(v.abs().sum() > 0 for k, v in out.state["adapters"].items() if "lora_up" in k)
     assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+    # resume is exact: 1 step, a checkpoint, a new Train Init from it, 1 more == the 2 straight steps bit for bit
+    loop.train_steps(_run(comfy, model, cond, tmp_path, "half"), 1, val_every=2, checkpoint_every=1)
+    resumed = loop.train_steps(_run(comfy, model, cond, tmp_path, "half", "latest"), 1, val_every=2)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    assert all(torch.equal(v, resumed.state["adapters"][k]) for k, v in out.state["adapters"].items())
 
 
 def test_sd2_v_set_by_model_sampling_node(comfy, tmp_path):
