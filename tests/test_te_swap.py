@@ -182,3 +182,44 @@ def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
     a, b = run.state["adapters"], done.state["adapters"]
     assert set(a) == set(b) and any(k.startswith(S.ADAPTER) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd15, clips, trained, tmp_path):
+    """Save Text Encoder Swap (the node) writes the UNet's changed weights and the projection; the stock
+    LoraLoaderModelOnly applies the UNet file to the ORIGINAL checkpoint's MODEL, Load + Apply Text Encoder Swap
+    project a prompt of the new encoder, and the prediction equals the trained run's own (its trainer's forward,
+    projection inside) for the same latent, sigma and prompt. The base model stays unchanged."""
+    import comfy.model_management as mm
+    import folder_paths
+
+    _, _, run = trained
+    unet_file, proj_file, _ = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_test", dtype="fp32",
+                                         use_ema=True, if_exists="overwrite")
+    assert unet_file.endswith("swap_test.safetensors") and proj_file.endswith("swap_test.safetensors")
+    assert "te_projections" in proj_file and unet_file.startswith(folder_paths.get_folder_paths("loras")[0])
+    (loaded,) = comfy.call(P + "LoadTextEncoderSwap", projection_name="swap_test.safetensors")
+    (lora_model,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(sd15[0], "swap_test.safetensors", 1.0)
+    prompt = clips[1].encode_from_tokens_scheduled(clips[1].tokenize("ohwx a red circle"))
+    (projected,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=prompt, swap=loaded)
+    assert projected[0][0].shape[-1] == 768
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    sigma = torch.tensor([2.0])
+    with torch.inference_mode(False):
+        tr = T.loop.Trainer(run)
+        tr.load()
+        try:
+            for a in tr.adapters.values():
+                a.eval()
+            with torch.no_grad():
+                want = tr.denoised_at(x.to(tr.device), sigma.to(tr.device), [prompt]).cpu()
+        finally:
+            tr.release()
+    mm.load_models_gpu([lora_model])
+    with torch.no_grad():
+        got = lora_model.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float()
+        base = sd15[0].clone()
+        mm.load_models_gpu([base])
+        plain = base.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    assert not torch.allclose(plain, want, atol=1e-3)  # the saved UNet file matters
