@@ -12,8 +12,8 @@ import pytest
 import torch
 
 P = "AlignedTrainer_"
-CAPTIONS = ["ohwx a red circle", "ohwx a blue square on grey", "a photo of a woman, solo", "a tree in a field",
-            "ohwx, green triangle"]
+CAPTIONS = ["a photo of a woman, solo", "ohwx, green triangle"]
+LN = "clip_l.transformer.text_model.final_layer_norm.weight"
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def clips(comfy, sd15):
 
 @pytest.fixture(scope="module")
 def t5_set(comfy, sd15, clips, tmp_path_factory):
-    """4 captioned 64 px images: SD1.5 latents, captions encoded by the new (T5) encoder."""
+    """2 captioned 64 px images: SD1.5 latents, captions encoded by the new (T5) encoder."""
     from support.factories.dataset import make_dataset
 
     base = tmp_path_factory.mktemp("swapset")
-    folder = make_dataset(base / "data", n=4, sizes=((64, 64),))
+    folder = make_dataset(base / "data", n=2, sizes=((64, 64),))
     D, caps, bk, cache = (comfy.engine(m) for m in ("data.dataset", "data.captions", "data.buckets", "data.cache"))
     ds = D.from_folder(folder.parent, caps.CaptionConfig(trigger_word="ohwx"),
                        bk.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
@@ -52,24 +52,58 @@ def swapped(S, sd15, clips, t5_set):
     return S.setup(sd15[0], clips[1], clips[0], caps, reset="cross_attention", kind="linear", seed=3)
 
 
-def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, comfy, clips, swapped):
-    """CLIP-L's spread as SD1.5 saw it: diffusers' StableDiffusionPipeline.encode_prompt (77 padded positions, no
-    mask) on the same CLIP-L weights gives the same per-token std as the aligned ComfyUI CLIP measured by
-    ``token_std``. The fitted projection's output on the captions (also through ``Projection.project``, the Apply
-    node's path, on captions it was not fitted on) is within 5 % of the old encoder's spread."""
+def _diffusers_sd15(checkpoint):
+    """diffusers' StableDiffusionPipeline around the tiny SD1.5 checkpoint's own CLIP-L weights (read from the file,
+    fp32; a tiny UNet/VAE: only encode_prompt is used)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors import safe_open
     from support.factories import text_encoders as te
+    from support.factories.loaded import no_random_init
+    from support.factories.sd15 import CLIP_L
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    align = comfy.engine("te.align")
-    path = te.clip_l_file()
-    ours = align.align_clip(te.load_comfy_clip([path], "stable_diffusion"), "sd15")
-    got, n = S.token_std(S.encode(ours, CAPTIONS))
+    with no_random_init():
+        model = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
+    own = model.state_dict()
+    prefix = "cond_stage_model.transformer."
+    with safe_open(str(checkpoint), framework="pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+    missing, _ = model.load_state_dict({k if k in own else k.removeprefix("text_model."): v for k, v in sd.items()},
+                                       strict=False)
+    assert not [m for m in missing if "position_ids" not in m], missing
+    tok = CLIPTokenizer.from_pretrained(str(te.comfy_tokenizer_dir("sd1")), model_max_length=77)
+    unet = UNet2DConditionModel(block_out_channels=(32,), layers_per_block=1, cross_attention_dim=768,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                norm_num_groups=8, attention_head_dim=8, sample_size=8)
+    return StableDiffusionPipeline(vae=te._tiny_vae(), text_encoder=model, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, clips, swapped, sd15_checkpoint):
+    """CLIP-L's spread as SD1.5 saw it: diffusers' StableDiffusionPipeline.encode_prompt (77 padded positions, no
+    mask) on the checkpoint's CLIP-L weights gives the per-token std that ``token_std`` measures on the aligned
+    ComfyUI CLIP of the same checkpoint (all 77 positions counted). The fitted projection's output on the captions
+    (also through ``Projection.project``, the Apply node's path, on captions it was not fitted on) is within 5 % of
+    the old encoder's spread."""
+    # the tiny CLIP's final layer norm has unit weights, which makes every token's std 1: a seeded patch on that
+    # weight (ComfyUI's own patching; the same change on the diffusers side) gives tokens different spreads
+    delta = torch.randn(768, generator=torch.Generator().manual_seed(4)) * 0.3 - 0.75
+    old = clips[0].clone()
+    old.add_patches({LN: ("diff", (delta,))}, 1.0, 1.0)
+    got, n = S.token_std(S.encode(old, CAPTIONS))
     assert n == 77 * len(CAPTIONS)
-    pipe = te.sd_pipeline(path)
+    pipe = _diffusers_sd15(sd15_checkpoint.resolve())
+    with torch.no_grad():
+        pipe.text_encoder.get_submodule("final_layer_norm").weight.add_(delta)  # transformers 5: no text_model
     with torch.no_grad():
         ref = pipe.encode_prompt(CAPTIONS, "cpu", 1, False)[0].float()
     assert ref.shape[1] == 77
     want = float(ref.std(dim=-1, unbiased=False).mean())
-    assert got == pytest.approx(want, rel=1e-3)
+    print(f"te_swap: CLIP-L token std ours {got:.6f}, diffusers {want:.6f}")
+    assert got == pytest.approx(want, rel=1e-4)
+    first8 = float(ref[:, :8].std(dim=-1, unbiased=False).mean())  # counting other tokens would show
+    assert abs(first8 - want) > 20 * abs(got - want)
 
     _, swap = swapped
     assert swap.std_old > 0 and swap.std_new > 0 and swap.tokens_old == 77 * swap.captions
@@ -82,16 +116,14 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, co
     assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
 
 
-def _effective(model, keys):
-    """The weights ComfyUI computes for ``keys`` of ``model`` (base + its patches), without loading it."""
+def _effective(model):
+    """The weights ComfyUI computes for the patched keys of ``model`` (base + its patches), without loading it;
+    every other key is the base weight (ComfyUI only rewrites keys that have patches)."""
     import comfy.lora
 
     kp = model.get_key_patches("diffusion_model.")
-    out = {}
-    for k in keys:
-        w = kp[k][0][0].detach().float().clone()
-        out[k] = comfy.lora.calculate_weight(kp[k][1:], w, k) if len(kp[k]) > 1 else w
-    return out
+    return {k: comfy.lora.calculate_weight(v[1:], v[0][0].detach().float().clone(), k)
+            for k, v in kp.items() if len(v) > 1}
 
 
 @pytest.mark.parametrize("mode, where, parts", [
@@ -114,11 +146,11 @@ def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
     assert mode == "none" or len(names) >= 4
     diffs = S.reset_diffs(model, names, seed=7)
     swap = S.Swap("linear", 128, 768, {}, mode, tuple(names), diffs)
-    before = {k: v.detach().float().clone() for k, v in model.model.state_dict().items()
-              if k.startswith("diffusion_model.")}
-    m = S.with_swap(model, swap)
-    after = _effective(m, list(before))
-    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    base = model.model.state_dict()
+    before = {k: base[k].detach().float().clone() for k in diffs}
+    after = _effective(S.with_swap(model, swap))
+    assert set(after) == set(before)  # ComfyUI patches exactly these keys; every other weight stays the base's
+    changed = sorted(k for k in after if not torch.equal(before[k], after[k]))
     expect = sorted([f"diffusion_model.{n}.weight" for n in names] +
                     [f"diffusion_model.{n}.bias" for n in names if n.endswith("to_out.0")])
     assert changed == expect
@@ -127,8 +159,7 @@ def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
         bound = 1 / math.sqrt(w.shape[1])
         assert float(w.abs().max()) <= bound * 1.001
         assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert all(torch.equal(before[k], v.detach().float()) for k, v in model.model.state_dict().items()
-               if k in before)  # the shared base was not written
+    assert all(torch.equal(before[k], base[k].detach().float()) for k in before)  # the shared base was not written
     if names:  # seeded: the same seed draws the same layers, another seed others
         again = S.reset_diffs(model, names, seed=7)
         other = S.reset_diffs(model, names, seed=8)
@@ -136,23 +167,23 @@ def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
         assert torch.equal(again[k], diffs[k]) and not torch.equal(other[k], diffs[k])
 
 
-STEPS = 8  # the direction test's run; scripts/bench_te_swap.py gives the 50-step figure
+STEPS = 3  # the direction test's run; scripts/bench_te_swap.py gives the 50-step figure
 
 
 def _init(T, model, tset, root, name, resume="none", ema=0.0):
     return T.loop.init_run(model, tset, T.C.LoraConfig(algorithm="full", rank=1, alpha=1, preset="cross-attention"),
                            T.C.TimestepConfig(weighting="min_snr"),
                            T.C.OptimizerConfig(lr=1e-3, weight_decay=0.0),
-                           T.st.RunSettings(run_name=name, seed=5, batch_size=2, ema_decay=ema),
+                           T.st.RunSettings(run_name=name, seed=5, val_timesteps=2, ema_decay=ema),
                            resume=resume, runs_root=root)
 
 
 @pytest.fixture(scope="module")
 def trained(T, swapped, t5_set, tmp_path_factory):
-    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint half way)."""
+    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint one step before the end)."""
     root = tmp_path_factory.mktemp("swap_runs")
     run0 = _init(T, swapped[0], t5_set[1], root, "swap")
-    return root, run0, T.loop.train_steps(run0, STEPS, checkpoint_every=STEPS // 2)
+    return root, run0, T.loop.train_steps(run0, STEPS, checkpoint_every=STEPS - 1)
 
 
 def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, trained):
@@ -172,13 +203,13 @@ def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, tr
 
 
 def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
-    """Resuming the half-way checkpoint and training the rest gives bit-identical layer differences, projection
+    """Resuming the checkpoint one step before the end and training that step gives bit-identical layer differences, projection
     and optimizer state."""
     root, _, run = trained
     half = sorted((root / "swap" / "checkpoints").glob("step_*.safetensors"))[0]
-    resumed = _init(T, swapped[0], t5_set[1], root, "swap", resume=str(half.relative_to(root)), )
-    assert resumed.step == STEPS // 2
-    done = T.loop.train_steps(resumed, STEPS - STEPS // 2)
+    resumed = _init(T, swapped[0], t5_set[1], root, "swap", resume=str(half.relative_to(root)))
+    assert resumed.step == STEPS - 1
+    done = T.loop.train_steps(resumed, 1)
     a, b = run.state["adapters"], done.state["adapters"]
     assert set(a) == set(b) and any(k.startswith(S.ADAPTER) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
