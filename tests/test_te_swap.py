@@ -254,3 +254,9 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
         plain = base.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float()
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
     assert not torch.allclose(plain, want, atol=1e-3)  # the saved UNet file matters
+    # Train Steps' MODEL output applies the run's differences through the stock loader too (kohya keys '.diff')
+    import comfy.lora
+
+    kd = T.export.kohya_state_dict(run, dtype=torch.float32)
+    assert kd and all(k.endswith(".diff") for k in kd)
+    assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)

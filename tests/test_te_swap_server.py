@@ -16,31 +16,26 @@ import pytest
 from safetensors import safe_open
 
 from support.paths import REPO
+from support.tiny_workflows import TE_SWAP
 from support.workflow import load, ui_to_api, validate
 
 NAME = "train_te_swap_sd15"
-STEPS = 2
-CHANGES = {  # class_type -> (new class_type or None, inputs)
-    "CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd15.safetensors"}),
-    "CLIPLoader": ("AlignedTrainerTests_TinyTextEncoderLoader", {"family": "chroma"}),
-    "AlignedTrainer_Dataset": (None, {"resolution": 64, "min_side": 64, "max_side": 64}),
-    "AlignedTrainer_TrainInit": (None, {"batch_size": 1, "grad_accum": 1, "gradient_checkpointing": False}),
-    "AlignedTrainer_TrainSteps": (None, {"steps": STEPS, "checkpoint_every": STEPS, "val_every": STEPS}),
-    "AlignedTrainer_Optimizer": (None, {"total_steps": STEPS, "learning_rate": 1e-3}),
-    "EmptyLatentImage": (None, {"width": 64, "height": 64}),
-    "KSampler": (None, {"steps": 2}),
-}
 
 
 def _tiny(api: dict) -> dict:
+    """The shipped API prompt with TE_SWAP's loader and size changes (nothing else)."""
+    loaders, shrink = TE_SWAP[NAME]
     out = copy.deepcopy(api)
     for node in out.values():
-        new_type, inputs = CHANGES.get(node["class_type"], (None, {}))
-        if new_type is not None:
-            node["class_type"], node["inputs"] = new_type, {}
-        for k in inputs:
-            assert new_type or k in node["inputs"], f"{node['class_type']} has no input {k}"
-        node["inputs"].update(inputs)
+        t = node["class_type"]
+        if t in loaders:
+            new_type, inputs = loaders[t]
+            if new_type is not None:
+                node["class_type"], node["inputs"] = new_type, {}
+            node["inputs"].update(inputs)
+        for k, v in shrink.get(t, {}).items():
+            assert k in node["inputs"], f"{t} has no input {k}"
+            node["inputs"][k] = v
     return out
 
 
