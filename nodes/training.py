@@ -32,7 +32,9 @@ class LoraConfig(io.ComfyNode):
             description="What to train: algorithm, rank/alpha, target layers, dropout, max norm.",
             inputs=[
                 io.Combo.Input("algorithm", options=list(C.ALGORITHMS), default="lora",
-                               tooltip="lora; locon (LoRA on conv layers too); loha; lokr (ComfyUI weight adapters)."),
+                               tooltip="lora; locon (LoRA on conv layers too); loha; lokr (ComfyUI weight adapters); full "
+                                       "(the targets' whole weights, as a trained difference: text-encoder swap; "
+                                       "rank/alpha unused)."),
                 io.Int.Input("rank", default=16, min=0, max=1024, tooltip="LoRA rank (dim): how many directions each adapted layer may change. Usual 4-32; 16-32 for a "
                                                                                 "character or style, 16 on very large models (FLUX, SD3.5 large). Higher = bigger file, more "
                                                                                 "overfitting (it also learns backgrounds and lighting)."),

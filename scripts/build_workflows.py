@@ -586,7 +586,92 @@ def build(info: dict) -> dict[str, dict]:
     si = g.add("SaveImage", filename_prefix="slider/sweep")
     g.link(sw, "grid", si, "images")
     out["train_slider"] = g.to_json()
+    out["train_te_swap_sd15"] = te_swap_workflow(info)
     return out
+
+
+TE_SWAP_NOTE = (
+    "Text-encoder swap: retrain an SD1.5 UNet to read T5 instead of CLIP-L. Text Encoder Swap Setup measures both "
+    "encoders' per-token spread on the dataset's captions, adds a projection (T5 width -> 768) scaled to CLIP-L's "
+    "spread, and re-initialises the reset layers; Train Init / Train Steps train the UNet's cross-attention as full "
+    "weights (LoRA Config algorithm 'full') together with the projection; Save Text Encoder Swap writes the UNet's "
+    "changed weights (models/loras, load with Load LoRA model-only on the original checkpoint) and the projection "
+    "(models/te_projections). Sample with Apply Text Encoder Swap between the T5 prompt and a stock KSampler.\n\n"
+    "Reset modes: cross_attention (attn2 q/k/v/out) relearns only the text-to-image mapping and keeps the visual "
+    "knowledge: the seed author's only useful mode at lr 1e-5 (constant). qk (attn2 q/k only) broke attention and "
+    "stayed noisy at 1e-5; it needs a higher lr or longer training. all_attention (attn1 + attn2) gave noise at "
+    "1e-5; it needed about 4e-5 to 5e-5, ~20k images and batch 64. The seed's best single run (T5 + SDXL VAE): "
+    "4e-5, batch 64, cosine, 10000 steps, min-SNR. Defaults here: cross_attention, lr 1e-5 constant, min-SNR 5, "
+    "batch 4 x grad_accum 16 = 64. Only tested on tiny models: real-weight quality is not established.")
+
+
+def te_swap_workflow(info: dict) -> dict:
+    """SD1.5 + T5 text-encoder swap with the cross-attention reset and the seed's settings."""
+    g = Graph(info)
+    g.note(TE_SWAP_NOTE)
+    ck = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    t5 = g.add("CLIPLoader", clip_name="t5xxl_fp16.safetensors", type="chroma")
+    g.col = 1
+    te_new = g.add(P + "LoadAlignedTextEncoders", title="T5 (new encoder), aligned", spec="chroma")
+    g.link(t5, "CLIP", te_new, "clip")
+    te_old = g.add(P + "LoadAlignedTextEncoders", title="CLIP-L (old encoder), aligned", spec="sd15")
+    g.link(ck, "CLIP", te_old, "clip")
+    ds = g.add(P + "Dataset", folder="my_dataset", resolution=512, min_side=256, max_side=1024, bucket_step=64,
+               trigger_word="", caption_variants=1)
+    lat = g.add(P + "CacheLatents")
+    g.link(ds, "dataset", lat, "dataset")
+    g.link(ck, "VAE", lat, "vae")
+    txt = g.add(P + "CacheTextEmbeddings")
+    g.link(lat, "latents", txt, "latents")
+    g.link(te_new, "aligned_clip", txt, "clip")
+    g.col = 2
+    setup = g.add(P + "TextEncoderSwapSetup", reset="cross_attention", projection="linear", seed=0)
+    g.link(ck, "MODEL", setup, "model")
+    g.link(te_new, "aligned_clip", setup, "new_clip")
+    g.link(te_old, "aligned_clip", setup, "old_clip")
+    g.link(ds, "dataset", setup, "dataset")
+    lc = g.add(P + "LoraConfig", algorithm="full", rank=1, alpha=1.0, targets="cross-attention")
+    tcfg = g.add(P + "TimestepStrategy", weighting="min_snr", min_snr_gamma=5.0)
+    oc = g.add(P + "Optimizer", learning_rate=1e-5, weight_decay=0.01, scheduler="constant", total_steps=2000)
+    g.col = 3
+    init = g.add(P + "TrainInit", run_name="te_swap_sd15", batch_size=4, grad_accum=16, gradient_checkpointing=True)
+    for src, o, i in ((setup, "swap_model", "model"), (txt, "training_set", "training_set"),
+                      (lc, "lora_config", "lora_config"), (tcfg, "timesteps", "timesteps"),
+                      (oc, "optimizer_config", "optimizer")):
+        g.link(src, o, init, i)
+    ts = g.add(P + "TrainSteps", steps=2000, checkpoint_every=500, val_every=250)
+    g.link(init, "run", ts, "run")
+    save = g.add(P + "SaveTextEncoderSwap", name="te_swap_sd15")
+    g.link(ts, "trained_run", save, "run")
+    g.col = 4
+    pos = g.add("CLIPTextEncode", title="prompt (T5)", text="a photo of a woman, solo")
+    g.link(te_new, "aligned_clip", pos, "clip")
+    neg = g.add("CLIPTextEncode", title="negative (T5)", text="")
+    g.link(te_new, "aligned_clip", neg, "clip")
+    ap = g.add(P + "ApplyTextEncoderSwap", title="Apply Text Encoder Swap (prompt)")
+    g.link(pos, "CONDITIONING", ap, "conditioning")
+    g.link(save, "swap", ap, "swap")
+    an = g.add(P + "ApplyTextEncoderSwap", title="Apply Text Encoder Swap (negative)")
+    g.link(neg, "CONDITIONING", an, "conditioning")
+    g.link(save, "swap", an, "swap")
+    g.col = 5
+    el = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    ks = g.add("KSampler", seed=0, steps=25, cfg=6.0)
+    g.link(ts, "model", ks, "model")
+    g.link(ap, "projected", ks, "positive")
+    g.link(an, "projected", ks, "negative")
+    g.link(el, "LATENT", ks, "latent_image")
+    dec = g.add("VAEDecode")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(ck, "VAE", dec, "vae")
+    g.col = 6
+    si = g.add("SaveImage", filename_prefix="te_swap/sample")
+    g.link(dec, "IMAGE", si, "images")
+    lg = g.add(P + "LossGraph")
+    g.link(ts, "trained_run", lg, "run")
+    sl = g.add("SaveImage", filename_prefix="te_swap/loss_plot")
+    g.link(lg, "plot", sl, "images")
+    return g.to_json()
 
 
 # Model files the family workflows name: where ComfyUI expects them and where to get them. Written into each
@@ -709,6 +794,11 @@ DESCRIPTIONS = {
     "train_slider": ("Concept slider (LECO) from prompts", "A LoRA from prompts alone, no images: +strength "
                      "toward the positive prompt, -strength toward the negative; a -2 ... +2 strength sweep.",
                      ["any SD1.x/SD2.x/SDXL/SD3/FLUX model (tiny-sd15 named)"]),
+    "train_te_swap_sd15": ("Text-encoder swap: SD1.5 reads T5", "Retrains SD1.5's cross-attention (full "
+                           "weights, reset first) with a projection from T5 to 768, scaled to CLIP-L's measured "
+                           "spread; lr 1e-5, min-SNR, batch 64 via accumulation.",
+                           ["checkpoints/v1-5-pruned-emaonly.safetensors", "text_encoders/t5xxl_fp16.safetensors",
+                            "input/my_dataset (images + .txt captions)"]),
     "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
                             "of aligned vs default encoders; a trigger-word check.",
                             ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-from support.tiny_workflows import FAMILIES, STEPS, shrink_for
+from support.tiny_workflows import FAMILIES, STEPS, TE_SWAP, shrink_for
 from support.workflow import load
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -29,7 +29,7 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
 # loss events and A/B images; here it is loaded and turned into a prompt like the others.
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES}
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES, *TE_SWAP}  # TE_SWAP: test_te_swap_server.py
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -192,10 +192,11 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
     n_nodes = page.evaluate("() => window.app.graph._nodes.length")
     assert n_nodes == len(wf["nodes"])
     name = path.stem
-    assert name in AS_SHIPPED or name in FAMILIES, f"{name}: a new shipped workflow needs a way to run here"
-    if name in FAMILIES:
-        loaders = {t: [new, inputs] for t, (new, inputs) in FAMILIES[name][1].items()}
-        done = page.evaluate(TINY_GRAPH_JS, {"loaders": loaders, "shrink": shrink_for(name)})
+    assert name in AS_SHIPPED or name in FAMILIES or name in TE_SWAP, f"{name}: a new shipped workflow needs a way to run here"
+    if name in FAMILIES or name in TE_SWAP:
+        subs, shrink = (FAMILIES[name][1], shrink_for(name)) if name in FAMILIES else TE_SWAP[name]
+        loaders = {t: [new, inputs] for t, (new, inputs) in subs.items()}
+        done = page.evaluate(TINY_GRAPH_JS, {"loaders": loaders, "shrink": shrink})
         assert done["nodes"] == len(wf["nodes"]), done
     if name in RUN_THROUGH_API:
         prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")

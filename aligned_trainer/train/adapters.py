@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
 
 from .config import PRESETS, ConfigError, LoraConfig, user_pattern
+from .full import FullDiff
 
-ADAPTER = {"lora": LoRAAdapter, "locon": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter}
+ADAPTER = {"lora": LoRAAdapter, "locon": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter,
+           "full": FullDiff}  # full: a trainable difference per weight (train/full.py)
 
 
 REGEX_BUDGET_S = 0.25  # CPU seconds for all include/exclude matching of one model (the regex engine's timeout

@@ -40,7 +40,7 @@ def check_finite(cfg, names: dict[str, str] | None = None) -> None:
                               f"typed 'nan' or a broken primitive); enter a number for {name}.")
 
 
-ALGORITHMS = ("lora", "locon", "loha", "lokr")
+ALGORITHMS = ("lora", "locon", "loha", "lokr", "full")  # full: whole weights of the targets (train/full.py)
 # module names per architecture: UNet/MMDiT/FLUX (attn*, ff, mlp), Lumina 2/Z-Image NextDiT (attention, feed_forward),
 # Wan (blocks.N.self_attn / cross_attn .q/.k/.v/.o, ffn.0 / ffn.2), Qwen-Image (joint attention: to_q/k/v/out.0 for
 # the image stream, add_q/k/v_proj and to_add_out for the text stream; img_mlp / txt_mlp .net.0.proj / .net.2)

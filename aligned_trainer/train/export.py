@@ -16,7 +16,7 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
-from . import diffusers_check, dora_axes, files, naming, peft_layout, slider
+from . import diffusers_check, dora_axes, files, naming, peft_layout, slider, te_swap
 from . import metadata as lora_metadata
 from .state import TrainRun
 
@@ -37,13 +37,14 @@ def kohya_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: boo
 
 
 def _weights(run: TrainRun, ema: bool) -> dict[str, torch.Tensor]:
-    return (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+    """The layers' adapter tensors (a text-encoder swap's projection is saved apart: ``te_swap``)."""
+    return te_swap.without_projection((run.state.get("ema_adapters") if ema else None) or run.state["adapters"])
 
 
 def comfy_lora(model, adapters: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Adapter state -> a LoRA dict for ComfyUI's loader (module names as ComfyUI's own; output-axis DoRA
     magnitudes as ComfyUI reads them, ``dora_axes.for_comfyui``): previews and checkpoint grids."""
-    return kohya_from_adapters(dora_axes.for_comfyui(model, adapters), dtype)
+    return kohya_from_adapters(dora_axes.for_comfyui(model, te_swap.without_projection(adapters)), dtype)
 
 
 def file_state_dict(run: TrainRun, dtype: torch.dtype = torch.float16, ema: bool = True) -> dict[str, torch.Tensor]:
@@ -146,7 +147,7 @@ def metadata(run: TrainRun) -> dict[str, str]:
         "aligned_trainer.steps": str(run.step),
         "aligned_trainer.dataset_hash": ds_hash,
         "ss_network_module": {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",
-                              "lokr": "lycoris.kohya"}[run.lora.algorithm],
+                              "lokr": "lycoris.kohya", "full": "lycoris.kohya"}[run.lora.algorithm],
         "ss_network_dim": str(run.lora.rank),
         "ss_network_alpha": str(run.lora.scale_alpha),
         "ss_learning_rate": str(run.optimizer.lr),

@@ -23,7 +23,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet
 from ..te import specs
 from . import adapters as ad
-from . import experts, memory, placement, quantize, slider, text_mask
+from . import experts, memory, placement, quantize, slider, te_swap, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -87,7 +87,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         except Exception:  # a spec file removed since caching: keep the id
             pass
     opened = resume_mod.open_run(Path(runs_root or default_runs_root()), settings.run_name, resume, if_exists,
-                                 model, names, lora, optimizer, te_spec)
+                                 model, names + te_swap.extra_targets(model), lora, optimizer, te_spec)
     run_dir = opened.run_dir
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
@@ -315,6 +315,7 @@ class Trainer:
             else:
                 self.patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", quantize.weight_wrapper(layer, a))
         ad.refuse_network_dropout_on_weights(run.lora, {n: a.kind for n, a in self.adapters.items()})
+        te_swap.attach(self)  # a text-encoder swap's projection joins the adapters and sets ``context``
         self.dropout = any(a.rank_dropout or a.module_dropout or a.network_dropout for a in self.adapters.values())
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
         self.opt = build_optimizer(run.optimizer, self.params)
@@ -406,7 +407,7 @@ class Trainer:
         for i, cond in enumerate(conds):
             extras = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()}
             extras = text_mask.for_model(self.patcher.model, extras, x[i:i + 1])
-            c = [[cond[0][0].detach().clone(), {**extras, "guidance": self.run.settings.guidance}]]
+            c = [[self.context(cond[0][0].detach().clone()), {**extras, "guidance": self.run.settings.guidance}]]
             conv = comfy.sampler_helpers.convert_cond(c)
             conv = comfy.samplers.encode_model_conds(self.patcher.model.extra_conds, conv, x[i:i + 1], x.device,
                                                      "positive", latent_image=x[i:i + 1])
@@ -458,6 +459,7 @@ class Trainer:
         return ((pred - base.detach()) ** 2).mean()
 
     # -- steps ---------------------------------------------------------------------------------------------
+    context = staticmethod(lambda cond: cond)  # the text states the model reads (te_swap.attach: a projection)
     clone_saved = False  # set when the model's inference code modifies saved activations in place
 
     @contextlib.contextmanager

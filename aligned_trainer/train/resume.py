@@ -93,7 +93,7 @@ def check_compatible(ck: dict, model, names: list[str], lora: LoraConfig, optimi
     modules = dict(model.model.diffusion_model.named_modules())
     for n in names:
         up = adapters.get(f"{n}.lora_up.weight")
-        w = getattr(modules[n], "weight", None)
+        w = getattr(modules.get(n), "weight", None)  # None: not a layer (a text-encoder swap's projection)
         if isinstance(up, torch.Tensor) and isinstance(w, torch.Tensor) and up.shape[0] != w.shape[0]:
             raise st.CheckpointError(f"checkpoint {name} was trained on a model whose layer '{n}' has "
                                      f"{up.shape[0]} outputs, this model's has {w.shape[0]}: resume it with the "

@@ -1,0 +1,519 @@
+"""Text-encoder swap: retrain a UNet (SD1.5, SDXL) to read another text encoder (e.g. T5) through a projection.
+
+Pieces, each a small function:
+
+- :func:`token_std`: the spread the UNet was trained on, measured on captions: the standard deviation over the
+  channels of each counted token, averaged over the tokens. Which tokens count: every position of the
+  conditioning when it carries no ``attention_mask`` (CLIP-L as SD1.5 saw it: all 77 positions, padding
+  included, since SD1.5 was trained on padded, unmasked CLIP states), else the positions the mask marks valid.
+- :class:`Projection`: new encoder width -> the UNet's context width (``linear``, or ``mlp``: Linear, GELU,
+  Linear with a hidden width equal to the context width), times a fixed output ``scale``. The layers start from
+  PyTorch's default ``nn.Linear`` init drawn from the seed; ``scale`` is then set so that the output's
+  :func:`token_std` on the captions equals the old encoder's.
+- :func:`reset_layers` / :func:`reset_diffs`: the attention layers a reset mode names, by their module names in
+  ComfyUI's UNet (``CrossAttention`` modules ``attn1``/``attn2`` of the SpatialTransformer blocks), drawn again
+  the way they were first initialised. The original LDM code (CompVis ``ldm/modules/attention.py``, which
+  trained SD1.x) and diffusers' ``Attention`` both build these layers as plain ``nn.Linear`` and leave PyTorch's
+  default init in place: weight kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and
+  the bias (``to_out.0`` only) from the same bound. We draw exactly that from a seeded generator, in module-name
+  order.
+- The reset is a set of ComfyUI ``diff`` patches (new init - base weight) on a clone of the MODEL: the shared
+  base weights are never written; ComfyUI applies the patches while the model is loaded, like a LoRA.
+- Training: the MODEL carries the :class:`Swap` as a ModelPatcher attachment. Train Init calls
+  :func:`extra_targets` and the trainer calls :func:`attach`, which adds the projection as one more trainable
+  adapter (so optimizer, EMA, checkpoints and resume cover it) and projects every conditioning inside the
+  training forward. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
+  ``train/full.py``) or as a LoRA.
+- Saving (:func:`unet_file_state` / :func:`projection_file`): the retrained UNet as a file of ``.diff`` keys
+  (reset + trained difference, per changed weight) that ComfyUI's stock LoRA loaders apply to the original
+  checkpoint; the projection as its own safetensors file with its settings in the metadata.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from comfy.ldm.modules.attention import CrossAttention, SpatialTransformer
+
+from .config import ConfigError
+
+RESET_MODES = ("none", "cross_attention", "qk", "all_attention")
+PROJECTIONS = ("linear", "mlp")
+ATTACHMENT = "aligned_trainer.te_swap"
+ADAPTER = "te_swap.projection"           # the projection's name among a run's adapters (and its state keys)
+FORMAT = "aligned_trainer.te_swap.projection.v1"
+_LAYERS = {"cross_attention": (("attn2",), ("to_q", "to_k", "to_v", "to_out.0")),
+           "qk": (("attn2",), ("to_q", "to_k")),
+           "all_attention": (("attn1", "attn2"), ("to_q", "to_k", "to_v", "to_out.0"))}
+
+
+class SwapError(ConfigError):
+    pass
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+
+def token_std(conditionings: list) -> tuple[float, int]:
+    """(mean per-token std, tokens counted) over CONDITIONINGs (``[[cond (1, T, C), extras]]``): each token's
+    std over its C channels (population std), averaged over the counted tokens of every caption; a caption's
+    ``attention_mask`` (1 = valid) limits the count to its valid tokens."""
+    total, n = 0.0, 0
+    for c in conditionings:
+        x, extras = c[0][0], c[0][1]
+        stds = x.detach().float().reshape(-1, x.shape[-1]).std(dim=-1, unbiased=False)
+        mask = extras.get("attention_mask") if isinstance(extras, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.numel() == stds.numel():
+            stds = stds[mask.reshape(-1).to(stds.device) > 0]
+        total += float(stds.sum())
+        n += int(stds.numel())
+    if n == 0:
+        raise SwapError("no caption gave any valid token to measure; give the swap setup captions (a dataset "
+                        "with at least one captioned item)")
+    return total / n, n
+
+
+def encode(clip, texts: list[str]) -> list:
+    """Each text's CONDITIONING as ``clip`` encodes it (an aligned CLIP encodes as its spec says)."""
+    return [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in texts]
+
+
+# -- projection -----------------------------------------------------------------------------------------------
+
+def _default_linear_(layer: torch.nn.Linear, g: torch.Generator) -> None:
+    """PyTorch's default nn.Linear init (kaiming-uniform, a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+    the weight and the bias, drawn from ``g``."""
+    bound = 1.0 / math.sqrt(layer.weight.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) * 2 * bound - bound)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=g) * 2 * bound - bound)
+
+
+class Projection(torch.nn.Module):
+    """``scale * net(x)``; ``net`` a Linear or Linear-GELU-Linear. ``scale`` is a buffer (fixed: set from the
+    measured spreads; the layers learn the rest)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear"):
+        super().__init__()
+        if kind not in PROJECTIONS:
+            raise SwapError(f"projection kind {kind!r} is not one of {PROJECTIONS}")
+        self.kind, self.in_dim, self.out_dim = kind, int(in_dim), int(out_dim)
+        if kind == "linear":
+            self.net = torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim))
+        else:
+            self.net = torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(),
+                                           torch.nn.Linear(out_dim, out_dim))
+        self.register_buffer("scale", torch.ones(()))
+
+    def init_(self, seed: int) -> "Projection":
+        g = torch.Generator().manual_seed(int(seed))
+        for m in self.net:
+            if isinstance(m, torch.nn.Linear):
+                _default_linear_(m, g)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.net[0].weight
+        return (self.net(x.to(device=w.device, dtype=w.dtype)) * self.scale).to(x.dtype)
+
+    def project(self, conditioning: list) -> list:
+        """CONDITIONING of the new encoder -> CONDITIONING for the UNet (extras kept)."""
+        if not conditioning:
+            return conditioning
+        with torch.no_grad():
+            return [[self(check_width(c[0], self.in_dim)), dict(c[1])] for c in conditioning]
+
+
+def check_width(cond: torch.Tensor, in_dim: int) -> torch.Tensor:
+    if cond.shape[-1] != in_dim:
+        raise SwapError(f"this conditioning is {cond.shape[-1]} wide, the swap's projection reads {in_dim}: encode "
+                        "the prompt with the new text encoder the swap was set up with (not the model's old CLIP)")
+    return cond
+
+
+def fit_projection(new_conds: list, target_std: float, out_dim: int, kind: str, seed: int) -> tuple[Projection, float]:
+    """A seeded projection whose output, on ``new_conds``, has :func:`token_std` ``target_std``; also returns
+    the unscaled output's std."""
+    in_dim = int(new_conds[0][0][0].shape[-1])
+    proj = Projection(in_dim, out_dim, kind).init_(seed)
+    with torch.no_grad():
+        raw, _ = token_std([[[proj.net(c[0][0].float()), c[0][1]]] for c in new_conds])
+    if not raw > 0:
+        raise SwapError("the new text encoder's projected captions have zero spread; check that the CLIP is loaded "
+                        "with weights")
+    proj.scale.fill_(target_std / raw)
+    return proj, raw
+
+
+# -- reset ----------------------------------------------------------------------------------------------------
+
+def attention_layers(diffusion_model: torch.nn.Module) -> dict[str, list[str]]:
+    """'attn1'/'attn2' -> module names of the CrossAttention modules of the SpatialTransformer blocks."""
+    out = {"attn1": [], "attn2": []}
+    inside = [n for n, m in diffusion_model.named_modules() if isinstance(m, SpatialTransformer)]
+    for name, m in diffusion_model.named_modules():
+        last = name.rpartition(".")[2]
+        if isinstance(m, CrossAttention) and last in out and any(name.startswith(t + ".") for t in inside):
+            out[last].append(name)
+    return out
+
+
+def reset_layers(diffusion_model: torch.nn.Module, mode: str) -> list[str]:
+    """Module names (Linear layers) a reset mode re-initialises, sorted."""
+    if mode not in RESET_MODES:
+        raise SwapError(f"reset mode {mode!r} is not one of {RESET_MODES}")
+    if mode == "none":
+        return []
+    which, parts = _LAYERS[mode]
+    found = attention_layers(diffusion_model)
+    names = sorted(f"{a}.{p}" for w in which for a in found[w] for p in parts)
+    if not names:
+        raise SwapError("this model has no SpatialTransformer cross-attention (attn1/attn2): the swap's reset is for "
+                        "UNets (SD1.5, SD2, SDXL); set reset to 'none'")
+    return names
+
+
+def context_dim(diffusion_model: torch.nn.Module) -> int:
+    """The width the UNet's cross-attention reads (attn2.to_k's input width)."""
+    mods = dict(diffusion_model.named_modules())
+    names = attention_layers(diffusion_model)["attn2"]
+    if not names:
+        raise SwapError("this model has no cross-attention reading a text context (attn2): the text-encoder swap "
+                        "is for UNets such as SD1.5 and SDXL")
+    return int(mods[names[0] + ".to_k"].weight.shape[1])
+
+
+def reset_diffs(patcher, names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """ComfyUI state keys (``diffusion_model.<layer>.weight`` / ``.bias``) -> (fresh default init - base value),
+    the base values as ComfyUI holds them before any patch (``get_key_patches``). Drawn in name order from one
+    generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    base = patcher.get_key_patches("diffusion_model.")
+    out = {}
+    for n in names:
+        wkey, bkey = f"diffusion_model.{n}.weight", f"diffusion_model.{n}.bias"
+        w = base[wkey][0][0]
+        fresh = torch.nn.Linear(w.shape[1], w.shape[0], bias=bkey in base)
+        _default_linear_(fresh, g)
+        out[wkey] = fresh.weight.detach() - w.detach().float().cpu()
+        if bkey in base:
+            out[bkey] = fresh.bias.detach() - base[bkey][0][0].detach().float().cpu()
+    return out
+
+
+# -- the swap -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Swap:
+    """What a swap setup decided (immutable; the projection's initial weights as tensors)."""
+    kind: str
+    in_dim: int
+    out_dim: int
+    projection: dict                   # Projection state dict (incl. scale)
+    reset: str
+    reset_layers: tuple
+    reset_diffs: dict = field(repr=False, default_factory=dict)   # state key -> diff patch
+    seed: int = 0
+    std_old: float = 0.0
+    std_new: float = 0.0
+    std_projected: float = 0.0
+    tokens_old: int = 0
+    tokens_new: int = 0
+    captions: int = 0
+    new_spec: str = ""
+    old_spec: str = ""
+
+    def module(self, state: dict | None = None) -> Projection:
+        p = Projection(self.in_dim, self.out_dim, self.kind)
+        p.load_state_dict({k: v.detach().clone() for k, v in (state or self.projection).items()})
+        return p.eval()
+
+    @property
+    def scale(self) -> float:
+        return float(self.projection["scale"])
+
+    def record(self) -> dict:
+        keep = ("kind", "in_dim", "out_dim", "reset", "reset_layers", "seed", "std_old", "std_new", "std_projected",
+                "tokens_old", "tokens_new", "captions", "new_spec", "old_spec")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep} | \
+            {"scale": self.scale}
+
+    def report(self) -> str:
+        return (f"old encoder token std {self.std_old:.4f} ({self.tokens_old} tokens of {self.captions} captions), "
+                f"new encoder {self.std_new:.4f}; projection {self.kind} {self.in_dim}->{self.out_dim}, scale "
+                f"{self.scale:.4g}: output std {self.std_projected:.4f}; reset {self.reset} "
+                f"({len(self.reset_layers)} layers)")
+
+
+def _spec_id(clip) -> str:
+    spec = getattr(clip, "spec", None)
+    return str(getattr(spec, "id", "") or "")
+
+
+def setup(model, new_clip, old_clip, captions: list[str], reset: str = "cross_attention", kind: str = "linear",
+          seed: int = 0) -> tuple[object, Swap]:
+    """Measure both encoders on ``captions``, fit the projection, reset the named layers (as patches on a clone
+    of ``model``); returns (the clone, carrying the swap, and the :class:`Swap`)."""
+    texts = sorted({t for t in captions if isinstance(t, str)})
+    if not texts:
+        raise SwapError("the swap setup got no captions: connect a Dataset whose images have captions (.txt files)")
+    dm = model.model.diffusion_model
+    out_dim = context_dim(dm)
+    names = reset_layers(dm, reset)
+    with torch.inference_mode(False):
+        old = encode(old_clip, texts)
+        new = encode(new_clip, texts)
+        if int(old[0][0][0].shape[-1]) != out_dim:
+            raise SwapError(f"the old CLIP's conditioning is {int(old[0][0][0].shape[-1])} wide but this UNet reads "
+                            f"{out_dim}: connect the CLIP the model was trained with (its checkpoint's CLIP)")
+        std_old, n_old = token_std(old)
+        std_new, n_new = token_std(new)
+        proj, _ = fit_projection(new, std_old, out_dim, kind, seed)
+        with torch.no_grad():
+            std_proj, _ = token_std([[[proj(c[0][0].float()), c[0][1]]] for c in new])
+        diffs = reset_diffs(model, names, seed + 1)
+    swap = Swap(kind, proj.in_dim, out_dim, {k: v.detach().clone() for k, v in proj.state_dict().items()}, reset,
+                tuple(names), diffs, int(seed), std_old, std_new, std_proj, n_old, n_new, len(texts),
+                _spec_id(new_clip), _spec_id(old_clip))
+    return with_swap(model, swap), swap
+
+
+def with_swap(model, swap: Swap):
+    """A clone of ``model`` with the swap's reset patches and the swap attached."""
+    out = model.clone()
+    if swap.reset_diffs:
+        added = out.add_patches({k: ("diff", (v,)) for k, v in swap.reset_diffs.items()}, 1.0, 1.0)
+        if len(added) != len(swap.reset_diffs):
+            raise SwapError("this model does not have the layers the swap resets (another model than the one the "
+                            "swap was set up for)")
+    out.set_attachments(ATTACHMENT, swap)
+    return out
+
+
+def of(model) -> Swap | None:
+    get = getattr(model, "get_attachment", None)
+    return get(ATTACHMENT) if get else None
+
+
+# -- training hooks -------------------------------------------------------------------------------------------
+
+def extra_targets(model) -> list[str]:
+    """Names Train Init adds to the run's target layers (the projection), so checkpoints are checked whole."""
+    return [ADAPTER] if of(model) is not None else []
+
+
+class ProjectionAdapter(torch.nn.Module):
+    """The projection among a trainer's adapters (``inner`` holds the parameters, as a TrainAdapter's)."""
+    kind = None
+    rank_dropout = module_dropout = network_dropout = 0.0
+
+    def __init__(self, inner: Projection):
+        super().__init__()
+        self.inner = inner
+        self.enabled = True
+
+    def context(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.inner(check_width(cond, self.inner.in_dim).float())
+
+
+def attach(trainer) -> None:
+    """Called by the trainer once its layer adapters exist: when its model carries a swap, the projection joins
+    the adapters (trained, checkpointed, averaged with them) and the trainer projects every conditioning."""
+    swap = of(trainer.patcher)
+    if swap is None:
+        return
+    conds = [cv.conditioning for s in trainer.run.training_set.samples for cv in s.captions[:1]]
+    for c in conds[:1]:
+        if int(c[0][0].shape[-1]) != swap.in_dim:
+            raise SwapError(f"the training set's captions were encoded {int(c[0][0].shape[-1])} wide, the swap's "
+                            f"projection reads {swap.in_dim}: cache the captions (Cache Text Embeddings) with the "
+                            "new text encoder given to Text Encoder Swap Setup")
+    a = ProjectionAdapter(swap.module().float().to(trainer.device))
+    for p in a.inner.parameters():
+        p.requires_grad_(True)
+    trainer.adapters[ADAPTER] = a
+    trainer.context = a.context
+
+
+def without_projection(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A run's adapter state without the projection's tensors (what ComfyUI's LoRA loader gets)."""
+    return {k: v for k, v in adapters.items() if not k.startswith(ADAPTER + ".")}
+
+
+def trained_projection(run, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The projection's state from a run (EMA weights when kept and ``ema``)."""
+    if run.state is None:
+        raise SwapError("the run has no trained weights yet; run Train Steps first")
+    weights = (run.state.get("ema_adapters") if ema else None) or run.state["adapters"]
+    out = {k[len(ADAPTER) + 1:]: v for k, v in weights.items() if k.startswith(ADAPTER + ".")}
+    if not out:
+        raise SwapError("this run has no text-encoder swap projection: train the MODEL from Text Encoder Swap Setup")
+    return out
+
+
+def trained_swap(run, ema: bool = True) -> Swap:
+    """The run's swap with its trained projection."""
+    swap = of(run.model)
+    if swap is None:
+        raise SwapError("this run's model carries no text-encoder swap: train the MODEL from Text Encoder Swap Setup")
+    return replace(swap, projection=trained_projection(run, ema))
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+
+def unet_file_state(run, dtype: torch.dtype = torch.float32, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The retrained UNet as ``diffusion_model.<layer>.diff`` / ``.diff_b`` keys: for each changed weight the
+    reset difference plus the trained difference (full weights), relative to the original checkpoint."""
+    from . import full
+
+    swap = of(run.model)
+    if swap is None:
+        raise SwapError("this run's model carries no text-encoder swap")
+    weights = without_projection((run.state.get("ema_adapters") if ema else None) or run.state["adapters"])
+    other = sorted({k.rpartition(".")[0] for k in weights if not k.endswith("." + full.PARAM)})
+    if other:
+        raise SwapError(f"this run trained LoRA adapters (e.g. '{other[0]}'); the swap's UNet file holds full "
+                        "weights: choose algorithm 'full' in LoRA Config, or save the LoRA with Save LoRA")
+    total: dict[str, torch.Tensor] = {k: v.float().clone() for k, v in swap.reset_diffs.items()}
+    for k, d in weights.items():
+        key = f"diffusion_model.{k[:-len(full.PARAM) - 1]}.weight"
+        total[key] = total.get(key, 0) + d.detach().float().cpu()
+    out = {}
+    for key, v in total.items():
+        stem, _, what = key.rpartition(".")
+        out[f"{stem}.{'diff' if what == 'weight' else 'diff_b'}"] = v.to(dtype).contiguous()
+    return out
+
+
+def unmapped_diff_keys(model, sd: dict[str, torch.Tensor]) -> list[str]:
+    """``.diff`` / ``.diff_b`` keys of ``sd`` that ComfyUI's LoRA loader (``comfy.lora.load_lora``) would not turn into
+    a patch of the model's weight / bias."""
+    import comfy.lora
+
+    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    target = {k: k[:-len(".diff")] + ".weight" if k.endswith(".diff") else k[:-len(".diff_b")] + ".bias" for k in sd}
+    return sorted(k for k, t in target.items() if t not in patches)
+
+
+def projection_file_state(swap: Swap) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in swap.projection.items()}
+    return tensors, {"format": FORMAT, "aligned_trainer.te_swap": json.dumps(swap.record())}
+
+
+def load_projection(path) -> Swap:
+    """A projection file (``projection_file_state``) as a Swap with no reset (inference only)."""
+    from safetensors import safe_open
+
+    try:
+        with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise SwapError(f"{path} cannot be read as safetensors ({str(e)[:200]}); pick a file written by Save Text "
+                        "Encoder Swap") from None
+    if meta.get("format") != FORMAT:
+        raise SwapError(f"{path} is not a text-encoder swap projection (format {meta.get('format')!r}); pick a "
+                        "file written by Save Text Encoder Swap")
+    rec = json.loads(meta["aligned_trainer.te_swap"])
+    swap = Swap(rec["kind"], int(rec["in_dim"]), int(rec["out_dim"]), tensors, rec.get("reset", "none"),
+                tuple(rec.get("reset_layers", ())), {}, int(rec.get("seed", 0)),
+                float(rec.get("std_old", 0)), float(rec.get("std_new", 0)), float(rec.get("std_projected", 0)),
+                int(rec.get("tokens_old", 0)), int(rec.get("tokens_new", 0)), int(rec.get("captions", 0)),
+                rec.get("new_spec", ""), rec.get("old_spec", ""))
+    swap.module()  # refuses tensors that do not fit the recorded shapes
+    return swap
+
+
+PROJECTION_FOLDER = "te_projections"   # ComfyUI model folder of the projection files (next to loras)
+
+
+def projection_folders() -> list[str]:
+    """The folders of projection files: ComfyUI's ``te_projections`` model folder, registered on first use as
+    ``models/te_projections`` (next to the first loras folder, so extra_model_paths setups keep them together)."""
+    import os
+
+    import folder_paths
+
+    if PROJECTION_FOLDER not in folder_paths.folder_names_and_paths:
+        loras = folder_paths.get_folder_paths("loras")
+        base = os.path.dirname(loras[0]) if loras else folder_paths.models_dir
+        folder_paths.add_model_folder_path(PROJECTION_FOLDER, os.path.join(base, PROJECTION_FOLDER), is_default=True)
+        folder_paths.folder_names_and_paths[PROJECTION_FOLDER] = (
+            folder_paths.folder_names_and_paths[PROJECTION_FOLDER][0], {".safetensors"})
+    return folder_paths.get_folder_paths(PROJECTION_FOLDER)
+
+
+def projection_files() -> list[str]:
+    import folder_paths
+
+    projection_folders()
+    return folder_paths.get_filename_list(PROJECTION_FOLDER)
+
+
+def load_projection_named(name: str) -> Swap:
+    import folder_paths
+
+    projection_folders()
+    path = folder_paths.get_full_path(PROJECTION_FOLDER, name)
+    if path is None:
+        raise SwapError(f"projection file {name!r} is not in the {PROJECTION_FOLDER} folder ({projection_folders()}); "
+                        "pick one written by Save Text Encoder Swap")
+    return load_projection(path)
+
+
+def save(run, name: str, dtype: torch.dtype = torch.float32, ema: bool = True, if_exists: str = "new_name",
+         loras_folder=None, projections_folder=None) -> tuple[str, str, Swap]:
+    """Write the retrained UNet (``.diff`` keys, checked to map completely in ComfyUI's LoRA loader) into the loras
+    folder and the trained projection into the ``te_projections`` folder, both atomically, under ``name``;
+    returns (UNet file, projection file, the trained Swap)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from . import export, files
+
+    if if_exists not in files.IF_EXISTS:
+        raise SwapError(f"if_exists {if_exists!r} is not one of {files.IF_EXISTS}")
+    fname = export.check_name(name)
+    if run.state is None:
+        raise SwapError("the run has no trained weights yet; run Train Steps first")
+    swap = trained_swap(run, ema)
+    sd = unet_file_state(run, dtype, ema)
+    missing = unmapped_diff_keys(run.model, sd)
+    if missing:
+        raise SwapError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
+    if loras_folder is None:
+        import folder_paths
+
+        loras_folder = folder_paths.get_folder_paths("loras")[0]
+    folder = Path(loras_folder)
+    pfolder = Path(projections_folder or projection_folders()[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    pfolder.mkdir(parents=True, exist_ok=True)
+    tensors, pmeta = projection_file_state(swap)
+    ppath = files.write_atomic(pfolder / fname, lambda tmp: save_file(tensors, tmp, metadata=pmeta),
+                               overwrite=if_exists == "overwrite")
+    umeta = {**export.metadata(run), "aligned_trainer.te_swap": pmeta["aligned_trainer.te_swap"],
+             "aligned_trainer.te_swap_projection": ppath.name,
+             "aligned_trainer.weights": "ema" if ema and run.state.get("ema_adapters") else "trained"}
+    upath = files.write_atomic(folder / ppath.name, lambda tmp: save_file(sd, tmp, metadata=umeta),
+                               overwrite=if_exists == "overwrite")
+    return str(upath), str(ppath), swap
+
+
+AS_CONNECTED = "as_connected"
+
+
+def setup_from_dataset(model, new_clip, old_clip, dataset, reset: str = "cross_attention", kind: str = "linear",
+                       seed: int = 0, new_spec: str = AS_CONNECTED, old_spec: str = AS_CONNECTED):
+    """:func:`setup` with the captions of a Dataset (every caption variant of every item) and each CLIP aligned to
+    its spec first ('as_connected': used as connected, e.g. already from Load Aligned Text Encoders)."""
+    from ..te import align
+
+    def aligned(clip, spec):
+        return clip if spec == AS_CONNECTED else align.align_clip(clip, spec)
+
+    caps = [c for item in dataset.items for c in item.captions]
+    return setup(model, aligned(new_clip, new_spec), aligned(old_clip, old_spec), caps, reset, kind, seed)

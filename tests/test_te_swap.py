@@ -1,0 +1,262 @@
+"""Text-encoder swap (issue #22) on the tiny SD1.5 with a tiny T5 (the Chroma bundle's, 128 wide) as the new encoder:
+the measured CLIP-L spread matches diffusers' SD1.5 encode_prompt on the same weights; the projection's output spread
+matches the measurement within 5 %; each reset mode re-initialises exactly the layers it names (by name and by the
+weights ComfyUI computes) with PyTorch's default Linear init; training the swapped model (full cross-attention
+weights + projection) lowers the validation loss; resume is bit-exact; the saved UNet file (stock LoRA loader) plus
+the saved projection (Apply Text Encoder Swap) give the trained model's outputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+P = "AlignedTrainer_"
+CAPTIONS = ["a photo of a woman, solo", "ohwx, green triangle"]
+LN = "clip_l.transformer.text_model.final_layer_norm.weight"
+
+
+@pytest.fixture(scope="module")
+def S(comfy):
+    return comfy.engine("train.te_swap")
+
+
+@pytest.fixture(scope="module")
+def clips(comfy, sd15):
+    """(aligned old CLIP-L of the tiny SD1.5, aligned tiny T5 of the Chroma bundle)."""
+    from support.factories import families
+
+    align = comfy.engine("te.align")
+    return align.align_clip(sd15[1], "sd15"), align.align_clip(families.build_clip("chroma"), "chroma")
+
+
+@pytest.fixture(scope="module")
+def t5_set(comfy, sd15, clips, tmp_path_factory):
+    """2 captioned 64 px images: SD1.5 latents, captions encoded by the new (T5) encoder."""
+    from support.factories.dataset import make_dataset
+
+    base = tmp_path_factory.mktemp("swapset")
+    folder = make_dataset(base / "data", n=2, sizes=((64, 64),))
+    D, caps, bk, cache = (comfy.engine(m) for m in ("data.dataset", "data.captions", "data.buckets", "data.cache"))
+    ds = D.from_folder(folder.parent, caps.CaptionConfig(trigger_word="ohwx"),
+                       bk.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
+    lc = cache.cache_latents(ds, sd15[2], base / "cache")
+    ts, _ = cache.cache_text(lc, clips[1], base / "cache", unload=False)
+    return ds, ts
+
+
+@pytest.fixture(scope="module")
+def swapped(S, sd15, clips, t5_set):
+    """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions."""
+    caps = [c for item in t5_set[0].items for c in item.captions]
+    return S.setup(sd15[0], clips[1], clips[0], caps, reset="cross_attention", kind="linear", seed=3)
+
+
+def _diffusers_sd15(checkpoint):
+    """diffusers' StableDiffusionPipeline around the tiny SD1.5 checkpoint's own CLIP-L weights (read from the file,
+    fp32; a tiny UNet/VAE: only encode_prompt is used)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors import safe_open
+    from support.factories import text_encoders as te
+    from support.factories.loaded import no_random_init
+    from support.factories.sd15 import CLIP_L
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with no_random_init():
+        model = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
+    own = model.state_dict()
+    prefix = "cond_stage_model.transformer."
+    with safe_open(str(checkpoint), framework="pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+    missing, _ = model.load_state_dict({k if k in own else k.removeprefix("text_model."): v for k, v in sd.items()},
+                                       strict=False)
+    assert not [m for m in missing if "position_ids" not in m], missing
+    tok = CLIPTokenizer.from_pretrained(str(te.comfy_tokenizer_dir("sd1")), model_max_length=77)
+    unet = UNet2DConditionModel(block_out_channels=(32,), layers_per_block=1, cross_attention_dim=768,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                norm_num_groups=8, attention_head_dim=8, sample_size=8)
+    return StableDiffusionPipeline(vae=te._tiny_vae(), text_encoder=model, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, clips, swapped, sd15_checkpoint):
+    """CLIP-L's spread as SD1.5 saw it: diffusers' StableDiffusionPipeline.encode_prompt (77 padded positions, no
+    mask) on the checkpoint's CLIP-L weights gives the per-token std that ``token_std`` measures on the aligned
+    ComfyUI CLIP of the same checkpoint (all 77 positions counted). The fitted projection's output on the captions
+    (also through ``Projection.project``, the Apply node's path, on captions it was not fitted on) is within 5 % of
+    the old encoder's spread."""
+    # the tiny CLIP's final layer norm has unit weights, which makes every token's std 1: a seeded patch on that
+    # weight (ComfyUI's own patching; the same change on the diffusers side) gives tokens different spreads
+    delta = torch.randn(768, generator=torch.Generator().manual_seed(4)) * 0.3 - 0.75
+    old = clips[0].clone()
+    old.add_patches({LN: ("diff", (delta,))}, 1.0, 1.0)
+    got, n = S.token_std(S.encode(old, CAPTIONS))
+    assert n == 77 * len(CAPTIONS)
+    pipe = _diffusers_sd15(sd15_checkpoint.resolve())
+    with torch.no_grad():
+        pipe.text_encoder.get_submodule("final_layer_norm").weight.add_(delta)  # transformers 5: no text_model
+    with torch.no_grad():
+        ref = pipe.encode_prompt(CAPTIONS, "cpu", 1, False)[0].float()
+    assert ref.shape[1] == 77
+    want = float(ref.std(dim=-1, unbiased=False).mean())
+    print(f"te_swap: CLIP-L token std ours {got:.6f}, diffusers {want:.6f}")
+    assert got == pytest.approx(want, rel=1e-4)
+    first8 = float(ref[:, :8].std(dim=-1, unbiased=False).mean())  # counting other tokens would show
+    assert abs(first8 - want) > 20 * abs(got - want)
+
+    _, swap = swapped
+    assert swap.std_old > 0 and swap.std_new > 0 and swap.tokens_old == 77 * swap.captions
+    assert abs(swap.scale - 1) > 0.1  # the unscaled projection would miss the target: the scale matters
+    assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05)
+    held_out = S.encode(clips[1], CAPTIONS)
+    proj = swap.module()
+    out, _ = S.token_std([proj.project(c) for c in held_out])
+    assert out == pytest.approx(swap.std_old, rel=0.05)
+    assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
+
+
+def _effective(model):
+    """The weights ComfyUI computes for the patched keys of ``model`` (base + its patches), without loading it;
+    every other key is the base weight (ComfyUI only rewrites keys that have patches)."""
+    import comfy.lora
+
+    kp = model.get_key_patches("diffusion_model.")
+    return {k: comfy.lora.calculate_weight(v[1:], v[0][0].detach().float().clone(), k)
+            for k, v in kp.items() if len(v) > 1}
+
+
+@pytest.mark.parametrize("mode, where, parts", [
+    ("none", (), ()),
+    ("cross_attention", ("attn2",), ("to_q", "to_k", "to_v", "to_out.0")),
+    ("qk", ("attn2",), ("to_q", "to_k")),
+    ("all_attention", ("attn1", "attn2"), ("to_q", "to_k", "to_v", "to_out.0")),
+])
+def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
+    """Each reset mode names exactly the attention layers it should (by the UNet's CrossAttention modules), and
+    the weights ComfyUI computes for the swapped MODEL differ from the base in exactly those layers' weights
+    (and to_out.0's bias), nothing else; the new values follow PyTorch's nn.Linear default init (uniform within
+    1/sqrt(fan_in), std bound/sqrt(3)); the base model's own weights are unchanged."""
+    model = sd15[0]
+    dm = model.model.diffusion_model
+    names = S.reset_layers(dm, mode)
+    crossattn = [n for n, m in dm.named_modules() if type(m).__name__ == "CrossAttention"]
+    want = sorted(f"{a}.{p}" for a in crossattn if a.rpartition(".")[2] in where for p in parts)
+    assert names == want
+    assert mode == "none" or len(names) >= 4
+    diffs = S.reset_diffs(model, names, seed=7)
+    swap = S.Swap("linear", 128, 768, {}, mode, tuple(names), diffs)
+    base = model.model.state_dict()
+    before = {k: base[k].detach().float().clone() for k in diffs}
+    after = _effective(S.with_swap(model, swap))
+    assert set(after) == set(before)  # ComfyUI patches exactly these keys; every other weight stays the base's
+    changed = sorted(k for k in after if not torch.equal(before[k], after[k]))
+    expect = sorted([f"diffusion_model.{n}.weight" for n in names] +
+                    [f"diffusion_model.{n}.bias" for n in names if n.endswith("to_out.0")])
+    assert changed == expect
+    for n in names:
+        w = after[f"diffusion_model.{n}.weight"]
+        bound = 1 / math.sqrt(w.shape[1])
+        assert float(w.abs().max()) <= bound * 1.001
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert all(torch.equal(before[k], base[k].detach().float()) for k in before)  # the shared base was not written
+    if names:  # seeded: the same seed draws the same layers, another seed others
+        again = S.reset_diffs(model, names, seed=7)
+        other = S.reset_diffs(model, names, seed=8)
+        k = f"diffusion_model.{names[0]}.weight"
+        assert torch.equal(again[k], diffs[k]) and not torch.equal(other[k], diffs[k])
+
+
+STEPS = 3  # the direction test's run; scripts/bench_te_swap.py gives the 50-step figure
+
+
+def _init(T, model, tset, root, name, resume="none", ema=0.0):
+    return T.loop.init_run(model, tset, T.C.LoraConfig(algorithm="full", rank=1, alpha=1, preset="cross-attention"),
+                           T.C.TimestepConfig(weighting="min_snr"),
+                           T.C.OptimizerConfig(lr=1e-3, weight_decay=0.0),
+                           T.st.RunSettings(run_name=name, seed=5, val_timesteps=2, ema_decay=ema),
+                           resume=resume, runs_root=root)
+
+
+@pytest.fixture(scope="module")
+def trained(T, swapped, t5_set, tmp_path_factory):
+    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint one step before the end)."""
+    root = tmp_path_factory.mktemp("swap_runs")
+    run0 = _init(T, swapped[0], t5_set[1], root, "swap")
+    return root, run0, T.loop.train_steps(run0, STEPS, checkpoint_every=STEPS - 1)
+
+
+def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, trained):
+    """Full cross-attention weights + projection, through the ordinary Train Init / Train Steps with min-SNR: the
+    validation loss (fixed noise and timesteps) falls within STEPS steps, the projection changed and is in the
+    run's state and checkpoints; only the named layers have trained differences."""
+    _, run0, run = trained
+    before, after = T.loop.validation_loss(run0), T.loop.validation_loss(run)
+    print(f"te_swap: validation loss {before:.5f} -> {after:.5f} in {STEPS} steps")
+    assert after < before
+    proj = S.trained_projection(run, ema=False)
+    init = swapped[1].projection
+    assert set(proj) == set(init) and not torch.equal(proj["net.0.weight"], init["net.0.weight"])
+    assert torch.equal(proj["scale"], init["scale"])  # fixed: the layers learn, the measured scale stays
+    layers = {k.rpartition(".")[0] for k in S.without_projection(run.state["adapters"])}
+    assert layers == {n for n in swapped[1].reset_layers}
+
+
+def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
+    """Resuming the checkpoint one step before the end and training that step gives bit-identical layer differences, projection
+    and optimizer state."""
+    root, _, run = trained
+    half = sorted((root / "swap" / "checkpoints").glob("step_*.safetensors"))[0]
+    resumed = _init(T, swapped[0], t5_set[1], root, "swap", resume=str(half.relative_to(root)))
+    assert resumed.step == STEPS - 1
+    done = T.loop.train_steps(resumed, 1)
+    a, b = run.state["adapters"], done.state["adapters"]
+    assert set(a) == set(b) and any(k.startswith(S.ADAPTER) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd15, clips, trained, tmp_path):
+    """Save Text Encoder Swap (the node) writes the UNet's changed weights and the projection; the stock
+    LoraLoaderModelOnly applies the UNet file to the ORIGINAL checkpoint's MODEL, Load + Apply Text Encoder Swap
+    project a prompt of the new encoder, and the prediction equals the trained run's own (its trainer's forward,
+    projection inside) for the same latent, sigma and prompt. The base model stays unchanged."""
+    import comfy.model_management as mm
+    import folder_paths
+
+    _, _, run = trained
+    unet_file, proj_file, _ = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_test", dtype="fp32",
+                                         use_ema=True, if_exists="overwrite")
+    assert unet_file.endswith("swap_test.safetensors") and proj_file.endswith("swap_test.safetensors")
+    assert "te_projections" in proj_file and unet_file.startswith(folder_paths.get_folder_paths("loras")[0])
+    (loaded,) = comfy.call(P + "LoadTextEncoderSwap", projection_name="swap_test.safetensors")
+    (lora_model,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(sd15[0], "swap_test.safetensors", 1.0)
+    prompt = clips[1].encode_from_tokens_scheduled(clips[1].tokenize("ohwx a red circle"))
+    (projected,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=prompt, swap=loaded)
+    assert projected[0][0].shape[-1] == 768
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    sigma = torch.tensor([2.0])
+    with torch.inference_mode(False):
+        tr = T.loop.Trainer(run)
+        tr.load()
+        try:
+            for a in tr.adapters.values():
+                a.eval()
+            with torch.no_grad():
+                want = tr.denoised_at(x.to(tr.device), sigma.to(tr.device), [prompt]).cpu()
+        finally:
+            tr.release()
+    mm.load_models_gpu([lora_model])
+    with torch.no_grad():
+        got = lora_model.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float()
+        base = sd15[0].clone()
+        mm.load_models_gpu([base])
+        plain = base.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    assert not torch.allclose(plain, want, atol=1e-3)  # the saved UNet file matters
+    # Train Steps' MODEL output applies the run's differences through the stock loader too (kohya keys '.diff')
+    import comfy.lora
+
+    kd = T.export.kohya_state_dict(run, dtype=torch.float32)
+    assert kd and all(k.endswith(".diff") for k in kd)
+    assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
