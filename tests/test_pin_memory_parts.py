@@ -153,7 +153,7 @@ def test_estimate_probe_plan_and_alternatives(T, comfy, sd15, mixed_set, tmp_pat
     memory = comfy.engine("train.memory")
     monkeypatch.delenv(memory.ENV_BUDGET, raising=False)
     run = _run(T, sd15, mixed_set, tmp_path, "mixed")            # no budget set: the rough plan fits, no probe
-    gc_run = _run(T, sd15, mixed_set, tmp_path, "mixed_gc", gradient_checkpointing=True, precision="bf16")
+    gc_run = _run(T, sd15, mixed_set, tmp_path, "mixed_gc", gradient_checkpointing=True)
     patcher = sd15[0]
     s = run.settings
     with torch.inference_mode(False), torch.enable_grad():
@@ -171,58 +171,77 @@ def test_estimate_probe_plan_and_alternatives(T, comfy, sd15, mixed_set, tmp_pat
             assert rough.settings["resolution"] == "112x48"  # the largest latent, 14 x 6, times 8
             assert rough.activations == acts.at(1, 84)
 
-            # the probe's line through live bytes measured here at its second shape (the Trainer's own step;
-            # the line goes through the first by construction); probed up to PROBE_MAX_PARAMS on a CPU
-            n = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
+            # the probe (of the checkpointed run: its peak is in backward) from a base as ComfyUI leaves it:
+            # weights loaded under inference mode (inference tensors) or with requires_grad on; up to
+            # PROBE_MAX_PARAMS parameters on a CPU
+            dm = patcher.model.diffusion_model
+            n = sum(p.numel() for p in dm.parameters())
             monkeypatch.setattr(memory, "PROBE_MAX_PARAMS", n)
-            gen, py = tr.gen.get_state(), tr.py_rng.getstate()
+            layers = [m for m in dm.modules() if m._parameters]
+            with torch.inference_mode():
+                for m in layers[::2]:
+                    for k, w in list(m._parameters.items()):
+                        if w is not None:
+                            m._parameters[k] = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
+            for m in layers[1::2]:
+                for w in m._parameters.values():
+                    if w is not None and not w.is_inference():
+                        w.requires_grad_(True)
+            gen, py = tr_gc.gen.get_state(), tr_gc.py_rng.getstate()
             torch.manual_seed(5)
             global_rng = torch.get_rng_state()
-            probed = memory.probe(tr, (4, 6, 14))
+            probed = memory.probe(tr_gc, (4, 6, 14))
             assert torch.equal(torch.get_rng_state(), global_rng)  # its noise comes from its own generator
-            assert torch.equal(tr.gen.get_state(), gen) and tr.py_rng.getstate() == py
-            cond = tr.samples[0].captions[0].conditioning
-            sigma = torch.tensor([float(tr.ms.percent_to_sigma(0.5))])
-            meter = memory.LiveBytes()
-            with tr.hooked(), tr._saved_tensor_mode(), meter:
-                tr.predict_loss(torch.randn((1, 4, 6, 6)), torch.randn((1, 4, 6, 6)), sigma, [cond]).mean().backward()
-            for p in tr.params:
-                p.grad = None
-            fitted = probed.fixed + probed.per_pixel * 36
-            assert probed.probed and abs(fitted - meter.peak) / meter.peak < 0.03, (fitted, meter.peak)
+            assert torch.equal(tr_gc.gen.get_state(), gen) and tr_gc.py_rng.getstate() == py
+            assert not any(w.is_inference() or w.requires_grad or w.grad is not None for w in dm.parameters())
+            # its line through the live bytes of the trainer's own checkpointed step measured here at both shapes
+            cond = tr_gc.samples[0].captions[0].conditioning
+            sigma = torch.tensor([float(tr_gc.ms.percent_to_sigma(0.5))])
+            for shp in ((4, 6, 14), (4, 6, 6)):
+                meter = memory.LiveBytes()
+                with tr_gc.hooked(), T.loop.checkpointed_blocks(dm, True, lambda: tr_gc.clone_saved), \
+                        tr_gc._saved_tensor_mode(), meter:
+                    tr_gc.predict_loss(torch.randn((1, *shp)), torch.randn((1, *shp)), sigma, [cond]).mean().backward()
+                for w in tr_gc.params:
+                    w.grad = None
+                fitted = probed.fixed + probed.per_pixel * shp[-1] * shp[-2]
+                assert probed.probed and abs(fitted - meter.peak) / meter.peak < 0.03, (shp, fitted, meter.peak)
             monkeypatch.setattr(memory, "PROBE_MAX_PARAMS", n - 1)  # one parameter more than allowed: estimated
             assert not memory.probe(tr, (4, 6, 14)).probed
 
             # another precision / checkpointing than the probed run's: scaled by their ratio (_factor)
             acts = memory.Activations(fixed=3.0e6, per_pixel=5.0e4, probed=True)
             a = acts.at(1, 84)
-            fp32, _ = memory.plan(tr_gc, R(gc_run.settings, precision="fp32", gradient_checkpointing=False), acts)
-            assert fp32.activations == int(a / (0.55 * 0.35))
+            plain, _ = memory.plan(tr_gc, R(gc_run.settings, gradient_checkpointing=False), acts)
+            assert plain.activations == int(a / 0.35)
             quarter, _ = memory.plan(tr, memory._Alt("fp32", "none", 0, False, 2, area_scale=0.25), acts)
             assert quarter.activations == acts.at(2, 21) and quarter.settings["resolution"] == "56x24"
 
             # the refusal's alternatives: the documented candidates, one change at a time from the run's settings
             # and cumulatively, each planned; those that fit, cheapest first, four at most
             units = len(comfy.engine("train.offload").units(T.loop.checkpoint_units(patcher.model.diffusion_model)))
+            heavy = memory.Activations(fixed=3.0e6, per_pixel=1.0e9, probed=True)  # the resolution's share first
             steps = [dict(gradient_checkpointing=True), dict(precision="bf16"), dict(batch_size=1),
                      dict(quantize="int8"), dict(offload_blocks=units // 2), dict(quantize="int4"),
                      dict(offload_blocks=units - 2), dict(area_scale=0.25)]
-            tr.run = R(run, settings=R(s, batch_size=2))
-            base = memory._Alt("fp32", "none", 0, False, 2)
-            cands, cum = [], base
-            for ch in steps:
-                cands += [R(base, **ch), R(cum, **ch)]
-                cum = R(cum, **ch)
-            cands = [c for c in dict.fromkeys(cands) if c != base]
-            planned = {c: memory.plan(tr, c, acts)[0] for c in cands}
-            totals = sorted(p.total for p in planned.values())
-            for budget in (1e6, totals[len(totals) // 2] / GiB):  # all fit; about half
-                monkeypatch.setenv(memory.ENV_BUDGET, str(budget))
+            for quant, acts in (("none", acts), ("none", heavy), ("int4", heavy)):
+                tr.run = R(run, settings=R(s, batch_size=2, quantize=quant))
+                base = memory._Alt("fp32", quant, 0, False, 2)
+                cands, cum = [], base
+                for ch in steps:
+                    cands += [R(base, **ch), R(cum, **ch)]
+                    cum = R(cum, **ch)
+                cands = [c for c in dict.fromkeys(cands) if c != base]
+                monkeypatch.setenv(memory.ENV_BUDGET, "1e6")
                 planned = {c: memory.plan(tr, c, acts)[0] for c in cands}
-                want = sorted((p for p in planned.values() if p.fits), key=lambda p: p.total)[:4]
-                got = memory.alternatives(tr, acts)
-                assert [(p.settings, p.total) for p in got] == [(p.settings, p.total) for p in want]
-                assert len(got) == 4 and (budget > 1) != any(not p.fits for p in planned.values())
+                totals = sorted(p.total for p in planned.values())
+                for budget in (1e6, totals[len(totals) // 2] / GiB):  # all fit; about half
+                    monkeypatch.setenv(memory.ENV_BUDGET, str(budget))
+                    planned = {c: memory.plan(tr, c, acts)[0] for c in cands}
+                    want = sorted((p for p in planned.values() if p.fits), key=lambda p: p.total)[:4]
+                    got = memory.alternatives(tr, acts)
+                    assert [(p.settings, p.total) for p in got] == [(p.settings, p.total) for p in want], quant
+                    assert len(got) == 4 and (budget == 1e6) != any(not p.fits for p in planned.values())
         finally:
             tr.run = run
             tr.release()
