@@ -39,7 +39,8 @@ def test_hidream_lora_is_ai_toolkits_and_loads_in_diffusers_as_in_comfyui(T, fam
                                                      "conditioning_llama3": torch.randn(1, layers, 8, llama_w, generator=g)}]]
     tset = T.types.TrainingSet((T.types.Sample("a", torch.randn(16, 8, 8, generator=g),
                                                (T.types.CaptionVariant("ohwx", cond),), bucket=(64, 64)),))
-    run = _run(T, model, tset, tmp_path, T.C.LoraConfig(rank=4, alpha=2, preset=preset), "hidream_dl")
+    lora = T.C.LoraConfig(rank=4, alpha=2, preset=preset)
+    run = _run(T, model, tset, tmp_path, lora, "hidream_dl")
     path, report = T.export.save_lora(run, "hidream_dl", folder=tmp_path / "loras", dtype=torch.float32)
     d = report["diffusers"]
     assert d["checked"] and d["pipeline"] == "HiDreamImagePipeline" and not d["dropped"] and not d["refused"], d
@@ -58,6 +59,11 @@ def test_hidream_lora_is_ai_toolkits_and_loads_in_diffusers_as_in_comfyui(T, fam
     # alpha/rank folded into B (ai-toolkit's files: alpha = rank, scale 1)
     m = "double_stream_blocks.0.block.attn1.to_q"
     assert torch.allclose(sd[f"diffusion_model.{m}.lora_B.weight"], run.state["adapters"][f"{m}.lora_up.weight"] * 0.5)
+    # Train Init's init_lora reads the file back into the run's own adapters
+    back = T.interop.adapters_from_lora(model, sd, sorted(trained), lora)
+    for k, v in run.state["adapters"].items():
+        if k.endswith(("lora_up.weight", "lora_down.weight")):
+            assert torch.allclose(back[k].reshape(v.shape), v.float(), atol=1e-6), k
 
     pipe = _diffusers_pipeline(model.model.diffusion_model.state_dict())
     x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])

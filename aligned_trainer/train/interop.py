@@ -50,7 +50,7 @@ def key_map(model) -> dict[str, str | tuple]:
     km = {k: v for k, v in comfy.lora.model_lora_keys_unet(base, {}).items() if isinstance(v, (str, tuple))}
     table = naming.family_facts(model).get("diffusers_names")
     if table:
-        for diff, comfy_key in getattr(comfy.utils, table)(base.model_config.unet_config).items():
+        for diff, comfy_key in naming.diffusers_table(model).items():
             if not diff.endswith(".weight"):
                 continue
             key = comfy_key if isinstance(comfy_key, str) else comfy_key[0]
