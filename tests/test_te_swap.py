@@ -203,6 +203,13 @@ def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, tr
     assert all(float(v.abs().max()) > 0 for v in diffs.values())  # every full weight trained (W + D reaches the model)
 
 
+def test_previews_of_a_swap_run_are_refused_before_training(S, T, trained):
+    """Train Steps' preview plan would sample with unprojected prompts: refused with the fix, before any step."""
+    _, run0, _ = trained
+    with pytest.raises(S.SwapError, match="preview plan cannot sample a text-encoder swap run"):
+        T.loop.train_steps(run0, 1, preview=lambda trainer, step: None, preview_every=1)
+
+
 def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
     """Resuming the checkpoint one step before the end and training that step gives bit-identical layer differences, projection
     and optimizer state."""

@@ -337,6 +337,15 @@ def attach(trainer) -> None:
     trainer.context = a.context
 
 
+def check_preview(run, preview) -> None:
+    """Train Steps' previews sample with the Preview Plan's own CONDITIONING, unprojected: refused for a swap run
+    (before any step) rather than failing in the UNet or drawing from the wrong encoder's states."""
+    if preview is not None and of(run.model) is not None:
+        raise SwapError("Train Steps' preview plan cannot sample a text-encoder swap run (its prompts are not projected "
+                        "for the swapped UNet): disconnect preview_plan, and sample after Train Steps with Apply Text "
+                        "Encoder Swap + KSampler on Train Steps' MODEL (as in workflows/train_te_swap_sd15.json)")
+
+
 def without_projection(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A run's adapter state without the projection's tensors (what ComfyUI's LoRA loader gets)."""
     return {k: v for k, v in adapters.items() if not k.startswith(ADAPTER + ".")}
