@@ -268,3 +268,29 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     kd = T.export.kohya_state_dict(run, dtype=torch.float32)
     assert kd and all(k.endswith(".diff") for k in kd)
     assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
+
+
+def test_hostile_inputs_are_refused_with_the_fix(comfy, S, T, swapped, t5_set, tmp_path):
+    """A CLIP-L prompt into Apply Text Encoder Swap, a training set cached with the old encoder, a file that is not a
+    projection, and a swap setup without captions: each one error naming the value and the fix, before any
+    computation with it."""
+    import dataclasses
+
+    _, swap = swapped
+    clip_l_prompt = [[torch.zeros(1, 77, 768), {}]]
+    with pytest.raises(S.SwapError, match="768 wide, the swap's projection reads 128: encode the prompt with the new"):
+        comfy.call(P + "ApplyTextEncoderSwap", conditioning=clip_l_prompt, swap=swap)
+    ts = t5_set[1]
+    old_set = dataclasses.replace(ts, samples=tuple(
+        dataclasses.replace(s, captions=tuple(dataclasses.replace(c, conditioning=clip_l_prompt) for c in s.captions))
+        for s in ts.samples))
+    with pytest.raises(S.SwapError, match="cache the captions .* with the new text encoder"):
+        _init(T, swapped[0], old_set, tmp_path / "runs", "wrong_set")
+    bad = tmp_path / "not_a_projection.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"diffusion_model.x.diff": torch.zeros(2)}, str(bad))
+    with pytest.raises(S.SwapError, match="not a text-encoder swap projection"):
+        S.load_projection(bad)
+    with pytest.raises(S.SwapError, match="no captions"):
+        S.setup(swapped[0], None, None, [], "none")
