@@ -22,6 +22,11 @@ def S(comfy):
 
 
 @pytest.fixture(scope="module")
+def F(comfy):
+    return comfy.engine("train.te_swap_files")
+
+
+@pytest.fixture(scope="module")
 def clips(comfy, sd15):
     """(aligned old CLIP-L of the tiny SD1.5, aligned tiny T5 of the Chroma bundle)."""
     from support.factories import families
@@ -270,7 +275,7 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
 
 
-def test_hostile_inputs_are_refused_with_the_fix(comfy, S, T, swapped, t5_set, tmp_path):
+def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set, tmp_path):
     """A CLIP-L prompt into Apply Text Encoder Swap, a training set cached with the old encoder, a file that is not a
     projection, and a swap setup without captions: each one error naming the value and the fix, before any
     computation with it."""
@@ -291,6 +296,6 @@ def test_hostile_inputs_are_refused_with_the_fix(comfy, S, T, swapped, t5_set, t
 
     save_file({"diffusion_model.x.diff": torch.zeros(2)}, str(bad))
     with pytest.raises(S.SwapError, match="not a text-encoder swap projection"):
-        S.load_projection(bad)
+        F.load_projection(bad)
     with pytest.raises(S.SwapError, match="no captions"):
         S.setup(swapped[0], None, None, [], "none")
