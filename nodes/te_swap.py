@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..aligned_trainer.te import specs
 from ..aligned_trainer.train import loop
 from ..aligned_trainer.train import te_swap as engine
+from ..aligned_trainer.train import te_swap_files as swap_files
 from ._common import category, node_id
 
 CAT = category("Text Encoder Swap")
@@ -94,7 +95,7 @@ class SaveTextEncoderSwap(io.ComfyNode):
 
     @classmethod
     def execute(cls, run, name, dtype, use_ema, if_exists) -> io.NodeOutput:
-        unet, proj, swap = engine.save(run, name, loop.DTYPES[dtype], use_ema, if_exists)
+        unet, proj, swap = swap_files.save(run, name, loop.DTYPES[dtype], use_ema, if_exists)
         text = json.dumps({"unet_file": unet, "projection_file": proj, **swap.record()})
         return io.NodeOutput(unet, proj, swap, ui={"text": [text]})
 
@@ -105,14 +106,14 @@ class LoadTextEncoderSwap(io.ComfyNode):
         return io.Schema(
             node_id=node_id("LoadTextEncoderSwap"), display_name="Load Text Encoder Swap", category=CAT,
             description="Reads a projection written by Save Text Encoder Swap (models/te_projections).",
-            inputs=[io.Combo.Input("projection_name", options=engine.projection_files(),
+            inputs=[io.Combo.Input("projection_name", options=swap_files.projection_files(),
                                    tooltip="A projection file from models/te_projections.")],
             outputs=[TE_SWAP.Output("swap", tooltip="The projection (for Apply Text Encoder Swap).")],
         )
 
     @classmethod
     def execute(cls, projection_name) -> io.NodeOutput:
-        swap = engine.load_projection_named(projection_name)
+        swap = swap_files.load_projection_named(projection_name)
         return io.NodeOutput(swap, ui={"text": [swap.report()]})
 
 

@@ -22,6 +22,11 @@ def S(comfy):
 
 
 @pytest.fixture(scope="module")
+def F(comfy):
+    return comfy.engine("train.te_swap_files")
+
+
+@pytest.fixture(scope="module")
 def clips(comfy, sd15):
     """(aligned old CLIP-L of the tiny SD1.5, aligned tiny T5 of the Chroma bundle)."""
     from support.factories import families
@@ -198,8 +203,16 @@ def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, tr
     init = swapped[1].projection
     assert set(proj) == set(init) and not torch.equal(proj["net.0.weight"], init["net.0.weight"])
     assert torch.equal(proj["scale"], init["scale"])  # fixed: the layers learn, the measured scale stays
-    layers = {k.rpartition(".")[0] for k in S.without_projection(run.state["adapters"])}
-    assert layers == {n for n in swapped[1].reset_layers}
+    diffs = S.without_projection(run.state["adapters"])
+    assert {k.rpartition(".")[0] for k in diffs} == {n for n in swapped[1].reset_layers}
+    assert all(float(v.abs().max()) > 0 for v in diffs.values())  # every full weight trained (W + D reaches the model)
+
+
+def test_previews_of_a_swap_run_are_refused_before_training(S, T, trained):
+    """Train Steps' preview plan would sample with unprojected prompts: refused with the fix, before any step."""
+    _, run0, _ = trained
+    with pytest.raises(S.SwapError, match="preview plan cannot sample a text-encoder swap run"):
+        T.loop.train_steps(run0, 1, preview=lambda trainer, step: None, preview_every=1)
 
 
 def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
@@ -260,3 +273,29 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     kd = T.export.kohya_state_dict(run, dtype=torch.float32)
     assert kd and all(k.endswith(".diff") for k in kd)
     assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
+
+
+def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set, tmp_path):
+    """A CLIP-L prompt into Apply Text Encoder Swap, a training set cached with the old encoder, a file that is not a
+    projection, and a swap setup without captions: each one error naming the value and the fix, before any
+    computation with it."""
+    import dataclasses
+
+    _, swap = swapped
+    clip_l_prompt = [[torch.zeros(1, 77, 768), {}]]
+    with pytest.raises(S.SwapError, match="768 wide, the swap's projection reads 128: encode the prompt with the new"):
+        comfy.call(P + "ApplyTextEncoderSwap", conditioning=clip_l_prompt, swap=swap)
+    ts = t5_set[1]
+    old_set = dataclasses.replace(ts, samples=tuple(
+        dataclasses.replace(s, captions=tuple(dataclasses.replace(c, conditioning=clip_l_prompt) for c in s.captions))
+        for s in ts.samples))
+    with pytest.raises(S.SwapError, match="cache the captions .* with the new text encoder"):
+        _init(T, swapped[0], old_set, tmp_path / "runs", "wrong_set")
+    bad = tmp_path / "not_a_projection.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"diffusion_model.x.diff": torch.zeros(2)}, str(bad))
+    with pytest.raises(S.SwapError, match="not a text-encoder swap projection"):
+        F.load_projection(bad)
+    with pytest.raises(S.SwapError, match="no captions"):
+        S.setup(swapped[0], None, None, [], "none")

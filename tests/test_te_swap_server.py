@@ -70,11 +70,11 @@ def test_te_swap_workflow_runs_through_the_server(comfy, sd15, family_server):
     assert {k.split(".attn2.")[1] for k in keys} == {"to_q.diff", "to_k.diff", "to_v.diff", "to_out.0.diff",
                                                      "to_out.0.diff_b"}
     assert json.loads(meta["aligned_trainer.config"])["lora"]["algorithm"] == "full"
-    S = comfy.engine("train.te_swap")
+    F = comfy.engine("train.te_swap_files")
     from safetensors.torch import load_file
 
-    assert S.unmapped_diff_keys(sd15[0], load_file(str(unet))) == []  # the stock LoRA loader patches every key
-    swap = S.load_projection(proj)
+    assert F.unmapped_diff_keys(sd15[0], load_file(str(unet))) == []  # the stock LoRA loader patches every key
+    swap = F.load_projection(proj)
     assert swap.in_dim == 128 and swap.out_dim == 768 and swap.reset == "cross_attention"
     assert abs(swap.std_projected - swap.std_old) <= 0.05 * swap.std_old
     images = [img for nid in by_type["SaveImage"] for img in outputs.get(nid, {}).get("images", [])]
