@@ -90,22 +90,43 @@ def test_flux_joint_attention_maps_and_unchanged_image(H, R, family_bundle):
     assert (cap.total.sum(0) < cap.calls).all()  # image keys take the rest of each softmax row
 
 
-@pytest.mark.parametrize("family", ["sd3", "chroma", "qwen-image", "z-image", "lumina2"])
-def test_dit_joint_attention_maps_and_unchanged_image(H, R, family_bundle, family):
+JOINT_BLOCKS = {"sd3": ["joint_blocks"], "chroma": ["double_blocks", "single_blocks"],
+                "qwen-image": ["transformer_blocks"], "z-image": ["layers"], "lumina2": ["layers"]}
+
+
+@pytest.mark.parametrize("family", sorted(JOINT_BLOCKS))
+def test_dit_joint_attention_maps_and_unchanged_sampling(H, R, family_bundle, family):
     """SD3's MMDiT and the newer DiTs: the text-to-image part of joint attention, where joint_layouts.py says the
-    text sits (SD3 after its registers, Z-Image padded to 32 tokens); one step at 32 x 32 (2 x 2 image tokens)."""
+    text sits (SD3 after its registers, Z-Image padded to 32 tokens; the refiners' text-only and image-only calls
+    are not read). One step at 32 x 32 (2 x 2 image tokens), compared on the latent (no VAE decode, for time)."""
+    import comfy.sample
+
     model, clip, vae = family_bundle(family)
     s = R.SampleSettings(steps=1, cfg=1.0, width=32, height=32, seed=1)
     prompt = "ohwx, a zebra on a red carpet"
     pos = R.encode(clip, prompt, s.guidance)
-    positions = H.token_positions(clip, prompt, ["ohwx", "zebra"], pos[0][0].shape[1])
-    assert positions["ohwx"] and max(positions["zebra"]) < pos[0][0].shape[1]  # the trigger word placed
-    image, maps = H.heatmaps(model, clip, vae, prompt, "", ["ohwx", "zebra"], s)
-    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
+    text_len = pos[0][0].shape[1]
+    words = ["ohwx", "zebra"]
+    positions = H.token_positions(clip, prompt, words, text_len)
+    assert positions["ohwx"] and max(positions["zebra"]) < text_len  # the trigger word placed, inside the text
+    latent = R.empty_latent(model, vae, s)
+    noise = comfy.sample.prepare_noise(latent, 0, None)
+
+    def run(m):  # cfg 1: ComfyUI runs the conditional batch only
+        return comfy.sample.sample(m, noise, s.steps, s.cfg, s.sampler, s.scheduler, pos, pos, latent,
+                                   disable_pbar=True, seed=0)
+
+    cap = H.Capture()
+    hooked = run(H.patched(model, cap, text_len=text_len, latent_hw=tuple(latent.shape[-2:])))
+    assert torch.equal(hooked, run(model))  # the capture does not change the sampling
+    dm = model.model.diffusion_model
+    assert cap.calls == sum(len(getattr(dm, b)) for b in JOINT_BLOCKS[family]) * s.steps  # each joint block, step
+    assert cap.total.shape == (text_len, 2, 2) and torch.isfinite(cap.total).all()
+    assert (cap.total >= 0).all() and (cap.total.sum(0) <= cap.calls * (1 + 1e-5)).all()  # part of each softmax row
+    maps = H.word_maps(cap, positions, words, (32, 32))
+    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()  # one per word, normalised
     assert all(m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
     assert not torch.allclose(maps[0], maps[1], atol=1e-3)  # different tokens, different maps
-    plain = R.sample(model, vae, pos, R.encode(clip, "", s.guidance), s, s.seed)
-    assert torch.equal(image, plain)  # the capture does not change the sampling
 
 
 def test_models_without_readable_attention_are_refused_by_name(H, comfy):

@@ -210,13 +210,18 @@ def heatmaps(model, clip, vae, prompt: str, negative: str, words: list[str], s: 
     image = render.sample(hooked, vae, pos, neg, s, s.seed)
     if capture.total is None:
         raise RuntimeError("no text attention was captured while sampling this model")
-    h, w = image.shape[1:3]
+    return image, word_maps(capture, positions, words, tuple(image.shape[1:3]))
+
+
+def word_maps(capture: Capture, positions: dict[str, list[int]], words: list[str], size: tuple[int, int]):
+    """(len(words), H, W): each word's map (the sum over its tokens' captured maps), upsampled to ``size``
+    (bicubic) and normalised to [0, 1]."""
     maps = []
     for word in words:
         m = capture.total[positions[word]].sum(0)
-        m = F.interpolate(m[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0].clamp_min(0)
+        m = F.interpolate(m[None, None], size=size, mode="bicubic", align_corners=False)[0, 0].clamp_min(0)
         maps.append(m / m.max() if m.max() > 0 else m)
-    return image, torch.stack(maps)
+    return torch.stack(maps)
 
 
 def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
