@@ -92,17 +92,22 @@ def test_flux_joint_attention_maps_and_unchanged_image(H, R, family_bundle):
 
 JOINT_BLOCKS = {"sd3": ["joint_blocks"], "chroma": ["double_blocks", "single_blocks"],
                 "qwen-image": ["transformer_blocks"], "z-image": ["layers"], "lumina2": ["layers"]}
+# (height, width): not all square; Z-Image's 40 makes an odd latent width (5, padded to 3 patches) and 6 image
+# tokens padded to 32 in its joint sequence
+SIZES = {"z-image": (32, 40), "qwen-image": (48, 32)}
 
 
 @pytest.mark.parametrize("family", sorted(JOINT_BLOCKS))
 def test_dit_joint_attention_maps_and_unchanged_sampling(H, R, family_bundle, family):
     """SD3's MMDiT and the newer DiTs: the text-to-image part of joint attention, where joint_layouts.py says the
     text sits (SD3 after its registers, Z-Image padded to 32 tokens; the refiners' text-only and image-only calls
-    are not read). One step at 32 x 32 (2 x 2 image tokens), compared on the latent (no VAE decode, for time)."""
+    are not read). One step at 32 x 32 (2 x 2 image tokens) or SIZES, compared on the latent (no VAE decode, for
+    time)."""
     import comfy.sample
 
     model, clip, vae = family_bundle(family)
-    s = R.SampleSettings(steps=1, cfg=1.0, width=32, height=32, seed=1)
+    h, w = SIZES.get(family, (32, 32))
+    s = R.SampleSettings(steps=1, cfg=1.0, width=w, height=h, seed=1)
     prompt = "ohwx, a zebra on a red carpet"
     pos = R.encode(clip, prompt, s.guidance)
     text_len = pos[0][0].shape[1]
@@ -121,10 +126,10 @@ def test_dit_joint_attention_maps_and_unchanged_sampling(H, R, family_bundle, fa
     assert torch.equal(hooked, run(model))  # the capture does not change the sampling
     dm = model.model.diffusion_model
     assert cap.calls == sum(len(getattr(dm, b)) for b in JOINT_BLOCKS[family]) * s.steps  # each joint block, step
-    assert cap.total.shape == (text_len, 2, 2) and torch.isfinite(cap.total).all()
+    assert cap.total.shape == (text_len, -(-h // 16), -(-w // 16)) and torch.isfinite(cap.total).all()
     assert (cap.total >= 0).all() and (cap.total.sum(0) <= cap.calls * (1 + 1e-5)).all()  # part of each softmax row
-    maps = H.word_maps(cap, positions, words, (32, 32))
-    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()  # one per word, normalised
+    maps = H.word_maps(cap, positions, words, (h, w))
+    assert maps.shape == (2, h, w) and torch.isfinite(maps).all()  # one per word, normalised
     assert all(m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
     assert not torch.allclose(maps[0], maps[1], atol=1e-3)  # different tokens, different maps
 
