@@ -1,9 +1,10 @@
 """Token heatmaps (DAAM, issue #23 item 1) on the tiny SD1.5 through ComfyUI's own sampler: one finite map
 per chosen word, normalised to [0, 1] at image size; the image equals sampling without the capture (bit for
 bit); the captured maps are attention (over the text tokens they sum to one per pixel and layer call); words
-are found at the tokenizer's positions; a word missing from the prompt and a model without readable text attention (SD3) are refused by name;
-FLUX.1's joint attention gives maps too, with the image unchanged. The node's grid runs through the server and
-in the browser test (workflows/token_heatmaps.json)."""
+are found at the tokenizer's positions; a word missing from the prompt and a model without readable text
+attention (Wan) are refused by name; the joint attention of FLUX.1, SD3, Chroma, Qwen-Image, Z-Image and
+Lumina 2 gives maps too, with the sampling unchanged. The node's grid runs through the server and in the browser
+test (workflows/token_heatmaps.json)."""
 from __future__ import annotations
 
 import pytest
