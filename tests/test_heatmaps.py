@@ -1,9 +1,10 @@
 """Token heatmaps (DAAM, issue #23 item 1) on the tiny SD1.5 through ComfyUI's own sampler: one finite map
 per chosen word, normalised to [0, 1] at image size; the image equals sampling without the capture (bit for
 bit); the captured maps are attention (over the text tokens they sum to one per pixel and layer call); words
-are found at the tokenizer's positions; a word missing from the prompt and a model without readable text attention (SD3) are refused by name;
-FLUX.1's joint attention gives maps too, with the image unchanged. The node's grid runs through the server and
-in the browser test (workflows/token_heatmaps.json)."""
+are found at the tokenizer's positions; a word missing from the prompt and a model without readable text
+attention (Wan) are refused by name; the joint attention of FLUX.1, SD3, Chroma, Qwen-Image, Z-Image and
+Lumina 2 gives maps too, with the sampling unchanged. The node's grid runs through the server and in the browser
+test (workflows/token_heatmaps.json)."""
 from __future__ import annotations
 
 import pytest
@@ -82,7 +83,7 @@ def test_flux_joint_attention_maps_and_unchanged_image(H, R, family_bundle):
     assert torch.equal(image, plain)
     cap = H.Capture()
     pos = R.encode(clip, prompt, s.guidance)
-    hooked = H.patched(model, cap, text_len=pos[0][0].shape[1], aspect=0.5)
+    hooked = H.patched(model, cap, text_len=pos[0][0].shape[1], latent_hw=(4, 8))
     R.sample(hooked, vae, pos, pos, s, 0)
     dm = model.model.diffusion_model
     assert cap.calls == (len(dm.double_blocks) + len(dm.single_blocks)) * s.steps  # one per joint block and step
@@ -90,7 +91,53 @@ def test_flux_joint_attention_maps_and_unchanged_image(H, R, family_bundle):
     assert (cap.total.sum(0) < cap.calls).all()  # image keys take the rest of each softmax row
 
 
-def test_models_without_readable_attention_are_refused_by_name(H, family_bundle):
-    model, _, _ = family_bundle("sd3")
-    with pytest.raises(ValueError, match="not supported yet"):
-        H.cross_attention_blocks(model)
+JOINT_BLOCKS = {"sd3": ["joint_blocks"], "chroma": ["double_blocks", "single_blocks"],
+                "qwen-image": ["transformer_blocks"], "z-image": ["layers"], "lumina2": ["layers"]}
+# (height, width): not all square; Z-Image's 40 makes an odd latent width (5, padded to 3 patches) and 6 image
+# tokens padded to 32 in its joint sequence
+SIZES = {"z-image": (32, 40), "qwen-image": (48, 32)}
+
+
+@pytest.mark.parametrize("family", sorted(JOINT_BLOCKS))
+def test_dit_joint_attention_maps_and_unchanged_sampling(H, R, family_bundle, family):
+    """SD3's MMDiT and the newer DiTs: the text-to-image part of joint attention, where joint_layouts.py says the
+    text sits (SD3 after its registers, Z-Image padded to 32 tokens; the refiners' text-only and image-only calls
+    are not read). One step at 32 x 32 (2 x 2 image tokens) or SIZES, compared on the latent (no VAE decode, for
+    time)."""
+    import comfy.sample
+
+    model, clip, vae = family_bundle(family)
+    h, w = SIZES.get(family, (32, 32))
+    s = R.SampleSettings(steps=1, cfg=1.0, width=w, height=h, seed=1)
+    prompt = "ohwx, a zebra on a red carpet"
+    pos = R.encode(clip, prompt, s.guidance)
+    text_len = pos[0][0].shape[1]
+    words = ["ohwx", "zebra"]
+    positions = H.token_positions(clip, prompt, words, text_len)
+    assert positions["ohwx"] and max(positions["zebra"]) < text_len  # the trigger word placed, inside the text
+    latent = R.empty_latent(model, vae, s)
+    noise = comfy.sample.prepare_noise(latent, 0, None)
+
+    def run(m):  # cfg 1: ComfyUI runs the conditional batch only
+        return comfy.sample.sample(m, noise, s.steps, s.cfg, s.sampler, s.scheduler, pos, pos, latent,
+                                   disable_pbar=True, seed=0)
+
+    cap = H.Capture()
+    hooked = run(H.patched(model, cap, text_len=text_len, latent_hw=tuple(latent.shape[-2:])))
+    assert torch.equal(hooked, run(model))  # the capture does not change the sampling
+    dm = model.model.diffusion_model
+    assert cap.calls == sum(len(getattr(dm, b)) for b in JOINT_BLOCKS[family]) * s.steps  # each joint block, step
+    assert cap.total.shape == (text_len, -(-h // 16), -(-w // 16)) and torch.isfinite(cap.total).all()
+    assert (cap.total >= 0).all() and (cap.total.sum(0) <= cap.calls * (1 + 1e-5)).all()  # part of each softmax row
+    maps = H.word_maps(cap, positions, words, (h, w))
+    assert maps.shape == (2, h, w) and torch.isfinite(maps).all()  # one per word, normalised
+    assert all(m.min() >= 0 and m.max() == pytest.approx(1.0) for m in maps)
+    assert not torch.allclose(maps[0], maps[1], atol=1e-3)  # different tokens, different maps
+
+
+def test_models_without_readable_attention_are_refused_by_name(H, comfy):
+    from support.factories import wan
+
+    model = wan.build_model()  # Wan 2.1: its text enters through cross-attention inside DiT blocks, not read yet
+    with pytest.raises(ValueError, match="WAN21.*not supported yet"):
+        H.refuse_unreadable(model)

@@ -5,13 +5,14 @@ hooked call still computes its output with ComfyUI's own attention function, so 
 - UNet families (SD1.x, SD2.x, SDXL): every cross-attention layer gets ComfyUI's ``attn2`` replace patch, which
   calls ``optimized_attention`` as the unpatched layer does and records the softmax attention of the image
   queries over the text tokens;
-- joint-attention DiTs whose attention goes through ComfyUI's wrapped attention with text tokens first
-  (FLUX.1; checked there only, and the recorded maps ignore any attention mask): the ``optimized_attention_override`` hook of ``transformer_options`` sees every attention call; for
-  the calls over text + image tokens it records the text-to-image part (image queries, softmax over all keys,
-  the text keys' columns).
+- joint-attention DiTs whose attention goes through ComfyUI's wrapped attention (FLUX.1, Chroma, SD3's MMDiT,
+  Qwen-Image, Z-Image, Lumina 2; where their text tokens sit in the joint sequence is data in
+  ``joint_layouts.py``; the recorded maps ignore any attention mask): the ``optimized_attention_override`` hook
+  of ``transformer_options`` sees every attention call; for the calls over text + image tokens it records the
+  text-to-image part (image queries, softmax over all keys, the text keys' columns).
 As DAAM does, the maps are averaged over heads, summed over layers and sampling steps (the conditional half of a
-CFG batch only), upsampled to the image (bicubic) and normalised per token to [0, 1]. Other models (SD3's MMDiT
-and the newer DiTs) are refused with a clear message (docs/heatmaps.md).
+CFG batch only), upsampled to the image (bicubic) and normalised per token to [0, 1]. Other models (HiDream, Wan,
+...) are refused with a message naming the family (docs/heatmaps.md).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import torch
 import torch.nn.functional as F
 
-from . import render
+from . import joint_layouts, render
 
 
 class Capture:
@@ -54,26 +55,23 @@ class Capture:
             self.total += maps.cpu()
         self.calls += 1
 
-    def add_joint(self, q: torch.Tensor, k: torch.Tensor, text_len: int, aspect: float, options: dict) -> None:
-        """A joint-attention call (B, heads, text + image tokens, d), text first: the image queries' attention
+    def add_joint(self, q: torch.Tensor, k: torch.Tensor, span: joint_layouts.Span, options: dict) -> None:
+        """A joint-attention call (B, heads, sequence, d) laid out as ``span`` says: the image queries' attention
         to the text keys, softmax over all keys, averaged over heads one head at a time (bounded memory)."""
         chunks = options.get("cond_or_uncond") or [0]
         per = q.shape[0] // len(chunks)
         rows = [i * per for i, c in enumerate(chunks) if c == 0]
         if not rows:
             return
-        n = q.shape[-2] - text_len
-        h = max(1, round(math.sqrt(n * aspect)))
-        w = n // h
-        if h * w != n:
-            return  # not an image-token layout this capture understands (e.g. extra reference tokens)
         r = rows[0]
-        acc = torch.zeros(n, text_len)
+        h, w = span.grid
+        text_len = span.text.stop - span.text.start
+        acc = torch.zeros(h * w, text_len)
         scale = 1.0 / math.sqrt(q.shape[-1])
         for head in range(q.shape[1]):
-            qi = q[r, head, text_len:].float()
+            qi = q[r, head, span.image].float()
             ki = k[r, head].float()
-            acc += torch.softmax(qi @ ki.T * scale, dim=-1)[:, :text_len].cpu()
+            acc += torch.softmax(qi @ ki.T * scale, dim=-1)[:, span.text].cpu()
         maps = (acc / q.shape[1]).T.reshape(text_len, h, w)
         self.total = maps if self.total is None else (self.total + maps if self.total.shape == maps.shape
                                                       else self._grow(maps))
@@ -93,8 +91,9 @@ def cross_attention_blocks(model) -> list[tuple[str, int, int]]:
     UNet names them in ``transformer_options`` (input/middle/output blocks)."""
     dm = model.model.diffusion_model
     if not hasattr(dm, "input_blocks"):
-        raise ValueError(f"Token heatmaps read UNet cross-attention (SD1.x, SD2.x, SDXL) or FLUX-style joint "
-                         f"attention; this model is {type(dm).__name__}: not supported yet.")
+        raise ValueError(f"Token heatmaps read UNet cross-attention (SD1.x, SD2.x, SDXL) or the joint attention of "
+                         f"FLUX.1, Chroma, SD3, Qwen-Image, Z-Image and Lumina 2; this model is "
+                         f"{joint_layouts.family_name(model)} ({type(dm).__name__}): not supported yet.")
     found = []
     for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
         for i, seq in enumerate(blocks):
@@ -107,25 +106,38 @@ def cross_attention_blocks(model) -> list[tuple[str, int, int]]:
     return found
 
 
-def _joint_model(model) -> bool:
-    """Joint text+image attention through ComfyUI's wrapped attention, text tokens first (FLUX.1 layout)."""
-    dm = model.model.diffusion_model
-    return hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
+def _heads_first(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k of an ``optimized_attention`` call as (B, heads, sequence, d), whichever layout the caller used."""
+    q, k = args[0], args[1]
+    if kwargs.get("skip_reshape"):
+        return q, k
+    heads = kwargs["heads"] if "heads" in kwargs else args[3]
+    b, n, _ = q.shape
+    return (q.reshape(b, n, heads, -1).transpose(1, 2), k.reshape(b, k.shape[1], heads, -1).transpose(1, 2))
 
 
-def patched(model, capture: Capture, text_len: int | None = None, aspect: float = 1.0):
+def refuse_unreadable(model) -> None:
+    """Raise, naming the family, when the model has neither UNet cross-attention nor a known joint layout."""
+    if joint_layouts.layout(model) is None:
+        cross_attention_blocks(model)
+
+
+def patched(model, capture: Capture, text_len: int | None = None, latent_hw: tuple[int, int] | None = None):
     """A clone of ``model`` whose attention reports to ``capture``; outputs are unchanged. Joint-attention
-    models need the conditioning's ``text_len`` and the image's height/width ``aspect``."""
-    if _joint_model(model):
-        if not text_len:
-            raise ValueError("token heatmaps on a joint-attention model need the prompt's token count")
+    models (joint_layouts.LAYOUTS) need the conditioning's ``text_len`` and the latent's (height, width)."""
+    if joint_layouts.layout(model) is not None:
+        if not text_len or not latent_hw:
+            raise ValueError("token heatmaps on a joint-attention model need the prompt's token count and the "
+                             "latent size")
+        span = joint_layouts.span(model, text_len, latent_hw)
 
         def override(func, *args, **kwargs):
             out = func(*args, **kwargs)
-            q, k = args[0], args[1]
-            if kwargs.get("skip_reshape") and q.ndim == 4 and q.shape[-2] == k.shape[-2] > text_len:
+            axis = -2 if kwargs.get("skip_reshape") else 1  # the sequence axis
+            if args[0].shape[axis] == args[1].shape[axis] == span.seq:  # joint text + image calls only
                 with torch.no_grad():
-                    capture.add_joint(q, k, text_len, aspect, kwargs.get("transformer_options") or {})
+                    qh, kh = _heads_first(args, kwargs)
+                    capture.add_joint(qh, kh, span, kwargs.get("transformer_options") or {})
             return out
 
         m = model.clone()
@@ -144,29 +156,41 @@ def patched(model, capture: Capture, text_len: int | None = None, aspect: float 
     return m
 
 
-def _ids(clip, text: str, text_len: int | None = None) -> tuple[list[int], str]:
-    """Token ids of ``text`` from the tokenizer whose tokens make the conditioning (the one whose count is
-    ``text_len``: T5 for FLUX.1, not CLIP-L's pooled text; for SDXL both CLIPs split words alike)."""
+def _ids(clip, text: str, text_len: int | None = None) -> tuple[list[int], str, int]:
+    """Token ids of ``text`` from the tokenizer whose tokens make the conditioning, the tokenizer's key, and how
+    many leading tokens the encoder drops. The tokenizer is the one whose count is ``text_len`` (T5 for FLUX.1,
+    not CLIP-L's pooled text); else one with more tokens, whose leading surplus the encoder drops (Qwen-Image's
+    chat template, cut at its end by ComfyUI's encoder); else the first (SD3: CLIP-L/G's 77 tokens open the
+    sequence, T5's follow, not mapped). For SDXL/SD3 both CLIPs split words alike."""
     toks = clip.tokenize(text)
     flat = {k: [int(t[0]) for chunk in v for t in chunk] for k, v in toks.items()}
-    key = next((k for k in sorted(flat) if text_len and len(flat[k]) == text_len), sorted(flat)[0])
-    return flat[key], key
+    keys = sorted(flat)
+    key = next((k for k in keys if text_len and len(flat[k]) == text_len), None)
+    if key is None:
+        key = next((k for k in keys if text_len and len(flat[k]) > text_len), keys[0])
+    dropped = len(flat[key]) - text_len if text_len and len(flat[key]) > text_len else 0
+    return flat[key], key, dropped
 
 
 def token_positions(clip, prompt: str, words: list[str], text_len: int | None = None) -> dict[str, list[int]]:
     """Positions in the conditioning of each word's tokens (every occurrence). A word that does not occur
     raises, naming it."""
-    ids, key = _ids(clip, prompt, text_len)
+    ids, key, dropped = _ids(clip, prompt, text_len)
 
     def key_ids(text: str) -> list[int]:
         return [int(t[0]) for chunk in clip.tokenize(text)[key] for t in chunk]
 
-    special = set(key_ids(""))  # start, end and padding tokens
+    special = set(key_ids(""))  # start, end and padding tokens (and a chat template's)
+
+    def find(sub: list[int]) -> list[int]:
+        return [p + j - dropped for p in range(dropped, len(ids) - len(sub) + 1) if sub and ids[p:p + len(sub)] == sub
+                for j in range(len(sub))]
+
     out = {}
     for word in words:
-        sub = [i for i in key_ids(word) if i not in special]
-        pos = [p + j for p in range(len(ids) - len(sub) + 1) if sub and ids[p:p + len(sub)] == sub
-               for j in range(len(sub))]
+        # byte-level BPE (Qwen, Llama) spells a word inside a sentence with its leading space
+        pos = find([i for i in key_ids(word) if i not in special]) or find(
+            [i for i in key_ids(" " + word) if i not in special])
         if not pos:
             raise ValueError(f"token heatmaps: {word!r} is not in the prompt {prompt!r} (as the {key!r} tokenizer "
                              "splits it); list words that appear in the prompt, separated by commas.")
@@ -180,19 +204,24 @@ def heatmaps(model, clip, vae, prompt: str, negative: str, words: list[str], s: 
     pos = render.encode(clip, prompt, s.guidance)
     positions = token_positions(clip, prompt, words, pos[0][0].shape[1])
     neg = render.encode(clip, negative, s.guidance)
-    if not _joint_model(model):
-        cross_attention_blocks(model)  # refuses models it cannot read, before sampling
-    hooked = patched(model, capture, text_len=pos[0][0].shape[1], aspect=s.height / s.width)
+    refuse_unreadable(model)  # before sampling
+    latent_hw = tuple(render.empty_latent(model, vae, s).shape[-2:])
+    hooked = patched(model, capture, text_len=pos[0][0].shape[1], latent_hw=latent_hw)
     image = render.sample(hooked, vae, pos, neg, s, s.seed)
     if capture.total is None:
         raise RuntimeError("no text attention was captured while sampling this model")
-    h, w = image.shape[1:3]
+    return image, word_maps(capture, positions, words, tuple(image.shape[1:3]))
+
+
+def word_maps(capture: Capture, positions: dict[str, list[int]], words: list[str], size: tuple[int, int]):
+    """(len(words), H, W): each word's map (the sum over its tokens' captured maps), upsampled to ``size``
+    (bicubic) and normalised to [0, 1]."""
     maps = []
     for word in words:
         m = capture.total[positions[word]].sum(0)
-        m = F.interpolate(m[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0].clamp_min(0)
+        m = F.interpolate(m[None, None], size=size, mode="bicubic", align_corners=False)[0, 0].clamp_min(0)
         maps.append(m / m.max() if m.max() > 0 else m)
-    return image, torch.stack(maps)
+    return torch.stack(maps)
 
 
 def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
