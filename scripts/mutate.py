@@ -114,7 +114,7 @@ TESTS = {
                           "tests/test_pin_export.py::test_kohya_metadata_carries_the_run_settings"],
     "train/resume.py": ["tests/test_resume.py"],
     "train/text_mask.py": ["tests/test_train_chroma.py"],
-    "train/offload.py": ["tests/test_pin_placement.py",
+    "train/offload.py": ["tests/test_pin_offload.py", "tests/test_pin_placement.py",
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
     "train/interop.py": ["tests/test_interop_import.py"],
     "te/inputs.py": ["tests/test_pin_te_hv15.py"],
