@@ -109,7 +109,7 @@ TESTS = {
     # first runs 2026-12-01 (issue #26): modules added since the tables were set up
     "train/naming.py": ["tests/test_pin_export.py",
                         "tests/test_interop_metadata.py::test_sd15_metadata_from_the_dataset_report"],
-    "train/peft_layout.py": ["tests/test_pin_export.py::test_ema_in_the_peft_layout"],
+    "train/peft_layout.py": ["tests/test_pin_peft_layout.py", "tests/test_pin_export.py::test_ema_in_the_peft_layout"],
     "train/metadata.py": ["tests/test_interop_metadata.py",
                           "tests/test_pin_export.py::test_kohya_metadata_carries_the_run_settings"],
     "train/resume.py": ["tests/test_pin_resume.py", "tests/test_resume.py"],
