@@ -132,6 +132,19 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
 
 
+def test_setup_measures_at_most_max_captions(S, sd15, clips, monkeypatch):
+    """A dataset with more distinct captions than MAX_CAPTIONS is measured on MAX_CAPTIONS of them, evenly spaced
+    over the sorted captions (first and last kept), each encoded once by each encoder (a large dataset's every
+    caption would cost minutes)."""
+    texts = [f"ohwx, a photo number {i}" for i in range(9)]
+    assert S.measured_captions(texts + texts[:3], 64) == sorted(texts)
+    assert S.measured_captions(texts, 3) == sorted(texts)[0::4]
+    assert S.measured_captions(texts, 1) == sorted(texts)[:1]
+    monkeypatch.setattr(S, "MAX_CAPTIONS", 2)
+    _, swap = S.setup(sd15[0], clips[1], clips[0], texts[:3], reset="none")
+    assert swap.captions == 2 and swap.tokens_old == 2 * 77  # 3 captions would be 231 tokens
+
+
 def _effective(model):
     """The weights ComfyUI computes for the patched keys of ``model`` (base + its patches), without loading it;
     every other key is the base weight (ComfyUI only rewrites keys that have patches)."""
