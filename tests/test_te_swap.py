@@ -63,12 +63,22 @@ def old_clip(clips):
     return old
 
 
+EXTRA = "ohwx, a caption past the cap"  # with MAX_CAPTIONS = 2 in the fixture: 3 distinct captions, 2 measured
+
+
+def _setup_captions(t5_set) -> list[str]:
+    return [c for item in t5_set[0].items for c in item.captions] + [EXTRA]
+
+
 @pytest.fixture(scope="module")
 def swapped(S, sd15, clips, old_clip, t5_set):
-    """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions, measured on the
-    patched CLIP-L (the only full-size CLIP-L encode of this file; the diffusers comparison reads its figure)."""
-    caps = [c for item in t5_set[0].items for c in item.captions]
-    return S.setup(sd15[0], clips[1], old_clip, caps, reset="cross_attention", kind="linear", seed=3)
+    """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions and EXTRA, of which
+    MAX_CAPTIONS = 2 are measured, on the patched CLIP-L (the only full-size CLIP-L encodes of this file; the
+    diffusers comparison reads their figure)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "MAX_CAPTIONS", 2)
+        return S.setup(sd15[0], clips[1], old_clip, _setup_captions(t5_set), reset="cross_attention", kind="linear",
+                       seed=3)
 
 
 def _diffusers_sd15(checkpoint):
@@ -107,8 +117,8 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     fitted projection's output on the captions (also through ``Projection.project``, the Apply node's path, on
     captions it was not fitted on) is within 5 % of the old encoder's spread."""
     _, swap = swapped
-    texts = sorted({c for item in t5_set[0].items for c in item.captions})
-    assert swap.captions == len(texts) >= 2 and swap.tokens_old == 77 * len(texts)
+    texts = S.measured_captions(_setup_captions(t5_set), 2)
+    assert swap.captions == len(texts) == 2 and swap.tokens_old == 77 * 2
     got = swap.std_old
     pipe = _diffusers_sd15(sd15_checkpoint.resolve())
     with torch.no_grad():
@@ -132,16 +142,17 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
 
 
-def test_setup_measures_at_most_max_captions(S, sd15, clips, monkeypatch):
+def test_setup_measures_at_most_max_captions(S, swapped, t5_set):
     """A dataset with more distinct captions than MAX_CAPTIONS is measured on MAX_CAPTIONS of them, evenly spaced
     over the sorted captions (first and last kept), each encoded once by each encoder (a large dataset's every
-    caption would cost minutes)."""
+    caption would cost minutes): the swap fixture's setup, with MAX_CAPTIONS = 2, measured 2 of its 3 captions."""
     texts = [f"ohwx, a photo number {i}" for i in range(9)]
+    assert S.MAX_CAPTIONS == 64
     assert S.measured_captions(texts + texts[:3], 64) == sorted(texts)
     assert S.measured_captions(texts, 3) == sorted(texts)[0::4]
     assert S.measured_captions(texts, 1) == sorted(texts)[:1]
-    monkeypatch.setattr(S, "MAX_CAPTIONS", 2)
-    _, swap = S.setup(sd15[0], clips[1], clips[0], texts[:3], reset="none")
+    assert len(set(_setup_captions(t5_set))) == 3
+    swap = swapped[1]
     assert swap.captions == 2 and swap.tokens_old == 2 * 77  # 3 captions would be 231 tokens
 
 
