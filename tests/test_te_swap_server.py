@@ -2,8 +2,9 @@
 API, on tiny models: the tiny SD1.5 checkpoint and the tiny T5 of the Chroma bundle (the test-only
 TinyTextEncoderLoader in place of CLIPLoader, which builds T5-XXL at full size), a 2-image 64 px dataset, 2 steps,
 batch 1. It sets up the swap (the measured spreads are shown under the node), trains the cross-attention as full
-weights with the projection, saves both files (the UNet file maps completely in ComfyUI's stock LoRA loader; the projection file
-reads back as the trained projection) and samples through Apply Text Encoder Swap with the stock KSampler."""
+weights with the projection, saves both files (the UNet file maps completely in ComfyUI's stock LoRA loader; the
+projection file reads back as the trained projection) and samples through Apply Text Encoder Swap with the stock
+KSampler."""
 from __future__ import annotations
 
 import copy
