@@ -41,8 +41,9 @@ class TextEncoderSwapSetup(io.ComfyNode):
                                                   "its spread on the captions is the target."),
                 _spec_input("old_spec", "Align the old encoder to this spec first (sd15 for SD1.5, sdxl for SDXL); "
                                         "as_connected: use it as connected."),
-                DATASET.Input("dataset", tooltip="From Dataset: its captions are encoded by both encoders to measure "
-                                                 "their spread (tens of captions are plenty)."),
+                DATASET.Input("dataset", tooltip="From Dataset: its distinct captions (at most 64, evenly spread "
+                                                 "over them sorted) are encoded by both encoders to measure their "
+                                                 "spread."),
                 io.Combo.Input("reset", options=list(engine.RESET_MODES), default="cross_attention",
                                tooltip="Layers re-initialised (PyTorch's default Linear init, as first trained): "
                                        "cross_attention (attn2 q/k/v/out; the seed's useful mode at lr 1e-5), qk "

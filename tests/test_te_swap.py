@@ -50,11 +50,35 @@ def t5_set(comfy, sd15, clips, tmp_path_factory):
     return ds, ts
 
 
+# the tiny CLIP's final layer norm has unit weights, which makes every token's std 1: a seeded patch on that weight
+# (ComfyUI's own patching; the same change on the diffusers side) gives tokens different spreads
+DELTA = torch.randn(768, generator=torch.Generator().manual_seed(4)) * 0.3 - 0.75
+
+
 @pytest.fixture(scope="module")
-def swapped(S, sd15, clips, t5_set):
-    """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions."""
-    caps = [c for item in t5_set[0].items for c in item.captions]
-    return S.setup(sd15[0], clips[1], clips[0], caps, reset="cross_attention", kind="linear", seed=3)
+def old_clip(clips):
+    """The aligned CLIP-L with DELTA added to its final layer norm's weight."""
+    old = clips[0].clone()
+    old.add_patches({LN: ("diff", (DELTA,))}, 1.0, 1.0)
+    return old
+
+
+EXTRA = "ohwx, a caption past the cap"  # with MAX_CAPTIONS = 2 in the fixture: 3 distinct captions, 2 measured
+
+
+def _setup_captions(t5_set) -> list[str]:
+    return [c for item in t5_set[0].items for c in item.captions] + [EXTRA]
+
+
+@pytest.fixture(scope="module")
+def swapped(S, sd15, clips, old_clip, t5_set):
+    """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions and EXTRA, of which
+    MAX_CAPTIONS = 2 are measured, on the patched CLIP-L (the only full-size CLIP-L encodes of this file; the
+    diffusers comparison reads their figure)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "MAX_CAPTIONS", 2)
+        return S.setup(sd15[0], clips[1], old_clip, _setup_captions(t5_set), reset="cross_attention", kind="linear",
+                       seed=3)
 
 
 def _diffusers_sd15(checkpoint):
@@ -85,24 +109,22 @@ def _diffusers_sd15(checkpoint):
                                    requires_safety_checker=False)
 
 
-def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, clips, swapped, sd15_checkpoint):
+def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, clips, swapped, t5_set,
+                                                                            sd15_checkpoint):
     """CLIP-L's spread as SD1.5 saw it: diffusers' StableDiffusionPipeline.encode_prompt (77 padded positions, no
-    mask) on the checkpoint's CLIP-L weights gives the per-token std that ``token_std`` measures on the aligned
-    ComfyUI CLIP of the same checkpoint (all 77 positions counted). The fitted projection's output on the captions
-    (also through ``Projection.project``, the Apply node's path, on captions it was not fitted on) is within 5 % of
-    the old encoder's spread."""
-    # the tiny CLIP's final layer norm has unit weights, which makes every token's std 1: a seeded patch on that
-    # weight (ComfyUI's own patching; the same change on the diffusers side) gives tokens different spreads
-    delta = torch.randn(768, generator=torch.Generator().manual_seed(4)) * 0.3 - 0.75
-    old = clips[0].clone()
-    old.add_patches({LN: ("diff", (delta,))}, 1.0, 1.0)
-    got, n = S.token_std(S.encode(old, CAPTIONS))
-    assert n == 77 * len(CAPTIONS)
+    mask) on the checkpoint's CLIP-L weights gives the per-token std that the swap setup measured (``token_std``
+    on the aligned ComfyUI CLIP of the same checkpoint, all 77 positions counted) on the dataset's captions. The
+    fitted projection's output on the captions (also through ``Projection.project``, the Apply node's path, on
+    captions it was not fitted on) is within 5 % of the old encoder's spread."""
+    _, swap = swapped
+    texts = S.measured_captions(_setup_captions(t5_set), 2)
+    assert swap.captions == len(texts) == 2 and swap.tokens_old == 77 * 2
+    got = swap.std_old
     pipe = _diffusers_sd15(sd15_checkpoint.resolve())
     with torch.no_grad():
-        pipe.text_encoder.get_submodule("final_layer_norm").weight.add_(delta)  # transformers 5: no text_model
+        pipe.text_encoder.get_submodule("final_layer_norm").weight.add_(DELTA)  # transformers 5: no text_model
     with torch.no_grad():
-        ref = pipe.encode_prompt(CAPTIONS, "cpu", 1, False)[0].float()
+        ref = pipe.encode_prompt(texts, "cpu", 1, False)[0].float()
     assert ref.shape[1] == 77
     want = float(ref.std(dim=-1, unbiased=False).mean())
     print(f"te_swap: CLIP-L token std ours {got:.6f}, diffusers {want:.6f}")
@@ -110,8 +132,7 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     first8 = float(ref[:, :8].std(dim=-1, unbiased=False).mean())  # counting other tokens would show
     assert abs(first8 - want) > 20 * abs(got - want)
 
-    _, swap = swapped
-    assert swap.std_old > 0 and swap.std_new > 0 and swap.tokens_old == 77 * swap.captions
+    assert swap.std_old > 0 and swap.std_new > 0
     assert abs(swap.scale - 1) > 0.1  # the unscaled projection would miss the target: the scale matters
     assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05)
     held_out = S.encode(clips[1], CAPTIONS)
@@ -119,6 +140,20 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     out, _ = S.token_std([proj.project(c) for c in held_out])
     assert out == pytest.approx(swap.std_old, rel=0.05)
     assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
+
+
+def test_setup_measures_at_most_max_captions(S, swapped, t5_set):
+    """A dataset with more distinct captions than MAX_CAPTIONS is measured on MAX_CAPTIONS of them, evenly spaced
+    over the sorted captions (first and last kept), each encoded once by each encoder (a large dataset's every
+    caption would cost minutes): the swap fixture's setup, with MAX_CAPTIONS = 2, measured 2 of its 3 captions."""
+    texts = [f"ohwx, a photo number {i}" for i in range(9)]
+    assert S.MAX_CAPTIONS == 64
+    assert S.measured_captions(texts + texts[:3], 64) == sorted(texts)
+    assert S.measured_captions(texts, 3) == sorted(texts)[0::4]
+    assert S.measured_captions(texts, 1) == sorted(texts)[:1]
+    assert len(set(_setup_captions(t5_set))) == 3
+    swap = swapped[1]
+    assert swap.captions == 2 and swap.tokens_old == 2 * 77  # 3 captions would be 231 tokens
 
 
 def _effective(model):

@@ -1,9 +1,10 @@
 """The shipped text-encoder swap workflow (workflows/train_te_swap_sd15.json) through the real ComfyUI server's HTTP
 API, on tiny models: the tiny SD1.5 checkpoint and the tiny T5 of the Chroma bundle (the test-only
-TinyTextEncoderLoader in place of CLIPLoader, which builds T5-XXL at full size), 64 px, 2 steps, batch 1. It sets
-up the swap (the measured spreads are shown under the node), trains the cross-attention as full weights with the
-projection, saves both files (the UNet file maps completely in ComfyUI's stock LoRA loader; the projection file
-reads back as the trained projection) and samples through Apply Text Encoder Swap with the stock KSampler."""
+TinyTextEncoderLoader in place of CLIPLoader, which builds T5-XXL at full size), a 2-image 64 px dataset, 2 steps,
+batch 1. It sets up the swap (the measured spreads are shown under the node), trains the cross-attention as full
+weights with the projection, saves both files (the UNet file maps completely in ComfyUI's stock LoRA loader; the
+projection file reads back as the trained projection) and samples through Apply Text Encoder Swap with the stock
+KSampler."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,8 @@ import pytest
 from safetensors import safe_open
 
 from support.paths import REPO
-from support.tiny_workflows import TE_SWAP
+from support.factories.dataset import make_dataset
+from support.tiny_workflows import TE_SWAP, TE_SWAP_DATASET
 from support.workflow import load, ui_to_api, validate
 
 NAME = "train_te_swap_sd15"
@@ -42,6 +44,8 @@ def _tiny(api: dict) -> dict:
 @pytest.mark.server
 def test_te_swap_workflow_runs_through_the_server(comfy, sd15, family_server):
     srv = family_server
+    if not (srv.input_dir / TE_SWAP_DATASET).exists():
+        make_dataset(srv.input_dir / TE_SWAP_DATASET, n=2, sizes=((64, 64),))
     wf = load(REPO / "workflows" / f"{NAME}.json")
     assert validate(wf, srv.info) == []
     api = ui_to_api(wf, srv.info)
@@ -58,7 +62,7 @@ def test_te_swap_workflow_runs_through_the_server(comfy, sd15, family_server):
     shown = outputs[setup_id]["text"][0]
     m = re.search(r"old encoder token std ([\d.]+).*output std ([\d.]+)", shown)
     assert m and abs(float(m[2]) - float(m[1])) <= 0.05 * float(m[1]), shown
-    assert "reset cross_attention" in shown
+    assert "reset cross_attention" in shown and "(154 tokens of 2 captions)" in shown
     (save_id,) = by_type["AlignedTrainer_SaveTextEncoderSwap"]
     saved = json.loads(outputs[save_id]["text"][0])
     unet, proj = Path(saved["unet_file"]), Path(saved["projection_file"])

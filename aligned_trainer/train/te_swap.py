@@ -40,6 +40,7 @@ RESET_MODES = ("none", "cross_attention", "qk", "all_attention")
 PROJECTIONS = ("linear", "mlp")
 ATTACHMENT = "aligned_trainer.te_swap"
 ADAPTER = "te_swap.projection"           # the projection's name among a run's adapters (and its state keys)
+MAX_CAPTIONS = 64                        # captions measured at most: 64 x 77 CLIP tokens pin the mean spread well
 _LAYERS = {"cross_attention": (("attn2",), ("to_q", "to_k", "to_v", "to_out.0")),
            "qk": (("attn2",), ("to_q", "to_k")),
            "all_attention": (("attn1", "attn2"), ("to_q", "to_k", "to_v", "to_out.0"))}
@@ -248,13 +249,26 @@ def _spec_id(clip) -> str:
     return str(getattr(spec, "id", "") or "")
 
 
-def setup(model, new_clip, old_clip, captions: list[str], reset: str = "cross_attention", kind: str = "linear",
-          seed: int = 0) -> tuple[object, Swap]:
-    """Measure both encoders on ``captions``, fit the projection, reset the named layers (as patches on a clone
-    of ``model``); returns (the clone, carrying the swap, and the :class:`Swap`)."""
+def measured_captions(captions: list, limit: int = MAX_CAPTIONS) -> list[str]:
+    """The distinct captions the setup encodes: all of them sorted, or ``limit`` of them evenly spaced over the
+    sorted list (first and last included) when there are more; encoding a large dataset's every caption with two
+    encoders costs minutes and does not move a mean over thousands of tokens."""
     texts = sorted({t for t in captions if isinstance(t, str)})
     if not texts:
         raise SwapError("the swap setup got no captions: connect a Dataset whose images have captions (.txt files)")
+    if len(texts) <= limit:
+        return texts
+    if limit < 2:
+        return texts[:max(limit, 1)]
+    return [texts[round(i * (len(texts) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def setup(model, new_clip, old_clip, captions: list[str], reset: str = "cross_attention", kind: str = "linear",
+          seed: int = 0) -> tuple[object, Swap]:
+    """Measure both encoders on ``captions`` (at most MAX_CAPTIONS of them: :func:`measured_captions`), fit the
+    projection, reset the named layers (as patches on a clone of ``model``); returns (the clone, carrying the swap,
+    and the :class:`Swap`)."""
+    texts = measured_captions(captions, MAX_CAPTIONS)
     dm = model.model.diffusion_model
     out_dim = context_dim(dm)
     names = reset_layers(dm, reset)

@@ -155,12 +155,15 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
 # The text-encoder swap workflow (tests/test_te_swap_server.py runs it through the API; test_browser.py loads it in
 # the frontend): name -> (loader substitutions as in FAMILIES, sizes: class_type -> inputs). CLIPLoader builds T5-XXL
 # at full size, so the tiny T5 of the Chroma bundle comes from the test-only loader; 64 px, 2 steps at batch 1, no
-# validation pass (tests/test_te_swap.py checks the validation loss), one sampling step.
+# validation pass (tests/test_te_swap.py checks the validation loss), one sampling step; the dataset is
+# TE_SWAP_DATASET (2 captioned 64 px images, written by test_te_swap_server.py): every caption costs a
+# full-size CLIP-L encode in fp16 on the CPU in Text Encoder Swap Setup.
 TE_SWAP_STEPS = 2
+TE_SWAP_DATASET = "te_swap_dataset"
 TE_SWAP = {"train_te_swap_sd15": (
     {"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd15.safetensors"}),
      "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "chroma"})},
-    {"AlignedTrainer_Dataset": {"resolution": 64, "min_side": 64, "max_side": 64},
+    {"AlignedTrainer_Dataset": {"folder": TE_SWAP_DATASET, "resolution": 64, "min_side": 64, "max_side": 64},
      "AlignedTrainer_TrainInit": {"batch_size": 1, "grad_accum": 1, "gradient_checkpointing": False},
      "AlignedTrainer_TrainSteps": {"steps": TE_SWAP_STEPS, "checkpoint_every": TE_SWAP_STEPS, "val_every": 0},
      "AlignedTrainer_Optimizer": {"total_steps": TE_SWAP_STEPS, "learning_rate": 1e-3},
