@@ -23,7 +23,7 @@ class FullDiff(torch.nn.Module):
     def __init__(self, shape):
         super().__init__()
         self.diff = torch.nn.Parameter(torch.zeros(tuple(shape)))
-        self.rank, self.alpha = 1, 1.0  # read by TrainAdapter's scale (unused on the weight side)
+        self.rank, self.alpha = 1, 1.0  # the attributes ComfyUI's adapters have; never read for 'full'
 
     @classmethod
     def create_train(cls, weight: torch.Tensor, rank: int = 1, alpha: float = 1.0) -> "FullDiff":
