@@ -30,7 +30,8 @@ def test_training_guidance_reaches_a_guidance_distilled_model(T, comfy, family_b
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def kwargs(g, patcher=model, c=cond):
-        fake = SimpleNamespace(patcher=patcher, run=SimpleNamespace(settings=SimpleNamespace(guidance=g)))
+        fake = SimpleNamespace(patcher=patcher, run=SimpleNamespace(settings=SimpleNamespace(guidance=g)),
+                               context=T.loop.Trainer.context)
         return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [c, c], x))
 
     k = kwargs(2.5)
