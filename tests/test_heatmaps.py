@@ -141,3 +141,34 @@ def test_models_without_readable_attention_are_refused_by_name(H, comfy):
     model = wan.build_model()  # Wan 2.1: its text enters through cross-attention inside DiT blocks, not read yet
     with pytest.raises(ValueError, match="WAN21.*not supported yet"):
         H.refuse_unreadable(model)
+
+
+def test_a_models_own_attention_override_still_runs_under_the_capture(H, R, family_bundle):
+    """A model that already carries an ``optimized_attention_override`` (an attention-swapping patch) samples the
+    same with the capture as without it: the capture wraps the user's override instead of replacing it."""
+    import comfy.sample
+
+    model, clip, vae = family_bundle("chroma")
+    own = model.clone()
+    calls = []
+
+    def halve(func, *args, **kwargs):  # a stand-in for a user's attention patch that changes the output
+        calls.append(1)
+        return func(*args, **kwargs) * 0.5
+
+    own.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = halve
+    s = R.SampleSettings(steps=1, cfg=1.0, width=32, height=32, seed=1)
+    pos = R.encode(clip, "ohwx, a zebra", s.guidance)
+    latent = R.empty_latent(model, vae, s)
+    noise = comfy.sample.prepare_noise(latent, 0, None)
+
+    def run(m):
+        return comfy.sample.sample(m, noise, s.steps, s.cfg, s.sampler, s.scheduler, pos, pos, latent,
+                                   disable_pbar=True, seed=0)
+
+    expected = run(own)
+    n = len(calls)
+    cap = H.Capture()
+    hooked = run(H.patched(own, cap, text_len=pos[0][0].shape[1], latent_hw=tuple(latent.shape[-2:])))
+    assert torch.equal(hooked, expected) and not torch.equal(expected, run(model))
+    assert len(calls) == 2 * n and cap.calls > 0

@@ -131,8 +131,12 @@ def patched(model, capture: Capture, text_len: int | None = None, latent_hw: tup
                              "latent size")
         span = joint_layouts.span(model, text_len, latent_hw)
 
+        m = model.clone()
+        options = m.model_options.setdefault("transformer_options", {})
+        own = options.get("optimized_attention_override")  # the user's own attention override runs as before
+
         def override(func, *args, **kwargs):
-            out = func(*args, **kwargs)
+            out = own(func, *args, **kwargs) if own is not None else func(*args, **kwargs)
             axis = -2 if kwargs.get("skip_reshape") else 1  # the sequence axis
             if args[0].shape[axis] == args[1].shape[axis] == span.seq:  # joint text + image calls only
                 with torch.no_grad():
@@ -140,8 +144,7 @@ def patched(model, capture: Capture, text_len: int | None = None, latent_hw: tup
                     capture.add_joint(qh, kh, span, kwargs.get("transformer_options") or {})
             return out
 
-        m = model.clone()
-        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        options["optimized_attention_override"] = override
         return m
 
     def attn2(q, k, v, extra):
