@@ -6,7 +6,8 @@ The A/B and alignment-report workflows run as shipped (they name the generated t
 the demo runs from the browser in test_browser_ui.py (training view). The family workflows (train_lora_sd15/_sdxl/_sd35/_flux1) name real model files; after loading
 one, the test makes in the frontend's graph the changes ``support.tiny_workflows`` documents (loaders pointed
 at tiny models, or replaced by test-only loaders with the same outputs and links; sizes and step counts
-shrunk), then queues that graph. Screenshots of each graph are saved as test artifacts in
+shrunk), then queues that graph; ``support.workflow_checks`` checks the run (the LoRA maps completely in ComfyUI's
+stock loader, grids, plots, animated video previews, each family's own checks). Screenshots of each graph are saved as test artifacts in
 .work/artifacts/browser/ (paths printed)."""
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-from support.tiny_workflows import FAMILIES, STEPS, TE_SWAP, shrink_for
-from support.workflow import load
+from support.tiny_workflows import FAMILIES, TE_SWAP, shrink_for, steps_for
+from support.workflow import load, validate
+from support.workflow_checks import check_family_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,7 +31,9 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
 # loss events and A/B images; here it is loaded and turned into a prompt like the others.
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *FAMILIES, *TE_SWAP}  # TE_SWAP: test_te_swap_server.py
+# The family workflows (FAMILIES) are shrunk in the frontend's graph, queued from it, and their runs checked by
+# support.workflow_checks (LoRA maps in the stock loader, grids, plots, animated previews, family checks).
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *TE_SWAP}  # TE_SWAP: test_te_swap_server.py
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -141,6 +145,19 @@ def _wait_done(server, before: int, timeout: float = 600) -> dict:
     raise TimeoutError("the workflow queued from the browser did not finish")
 
 
+def _plays_animated_preview(page, entry, wf) -> None:
+    """A video family's Sample Preview node shows its run's animated WebP (the file workflow_checks counted the
+    frames of) as an animated image, loaded in the page."""
+    (sp,) = [n["id"] for n in wf["nodes"] if n["type"] == "AlignedTrainer_SamplePreview"]
+    (out,) = entry["outputs"][str(sp)]["images"]
+    page.wait_for_function("""id => { const n = window.app.graph.getNodeById(id);
+        return n.imgs && n.imgs.length === 1 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }""",
+                           arg=sp, timeout=30_000)
+    shown = page.evaluate("""id => { const n = window.app.graph.getNodeById(id);
+        return {src: n.imgs[0].src, animated: n.animatedImages === true}; }""", sp)
+    assert shown["animated"] and f"filename={out['filename']}&" in shown["src"], (shown, out)
+
+
 def _shows_its_grid(page, server, entry, node_id) -> None:
     """The images shown on node ``node_id`` are the grid images it returned in this run (same natural sizes as
     the files its preview wrote), not an earlier run's or a placeholder."""
@@ -185,7 +202,7 @@ def _check_slider_run(page, server, entry, wf) -> None:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.stem)
-def test_frontend_loads_and_runs_workflow(page, family_server, path):
+def test_frontend_loads_and_runs_workflow(page, family_server, path, request):
     server = family_server
     wf = load(path)
     page.evaluate("wf => window.app.loadGraphData(wf)", wf)
@@ -207,9 +224,16 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
         return
     loss_before = page.evaluate("() => window.alignedTrainer.lossPoints")
     before = len(server.get("/history"))
+    t0 = time.time()
     page.evaluate("() => window.app.queuePrompt(0, 1)")
     entry = _wait_done(server, before)
     assert entry["status"]["status_str"] == "success", entry["status"]
+    if name in FAMILIES:  # the prompt the frontend queued, as the server ran it
+        assert validate(wf, server.info) == []
+        request.getfixturevalue("comfy")  # the checks load the LoRA with ComfyUI's own loader, in process
+        check_family_run(server, entry["prompt"][2], entry, name, request, time.time() - t0)
+        if shrink_for(name)["AlignedTrainer_SamplePreview"].get("frames", 1) > 1:
+            _plays_animated_preview(page, entry, wf)
     page.wait_for_timeout(1500)
     st = page.evaluate("() => ({loss: window.alignedTrainer.lossPoints, ab: window.alignedTrainer.abShown,"
                        " spec: window.alignedTrainer.specShown})")
@@ -217,7 +241,7 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path):
         assert st["spec"] > 0  # the te_spec viewer showed the spec in use
     trains = [n for n in wf["nodes"] if n["type"] == "AlignedTrainer_TrainSteps"]
     if trains:
-        expected = STEPS if name in FAMILIES else trains[0]["widgets_values"][0]  # one loss event per step
+        expected = steps_for(name) if name in FAMILIES else trains[0]["widgets_values"][0]  # one loss event per step
         assert st["loss"] - loss_before >= expected, (st, loss_before)
         drawn = page.evaluate("""id => { const w = (window.app.graph.getNodeById(id).widgets || [])
                 .find(w => w.name === 'loss_chart');  // the chart on this graph's node, not an earlier graph's

@@ -370,7 +370,7 @@ def test_video_preview_plays_in_the_training_panel(ui, family_server):
     """A video run's preview (an animated WebP in the output folder, announced by the ``aligned_trainer.preview``
     event as Train Steps announces it) plays in the Wan workflow's training panel: the frame the page paints
     changes over time, through every frame's colour. The server-side half (the file, its frames, the event's
-    entry) is checked in test_workflows_families.py::_check_animated."""
+    entry) is checked in support.workflow_checks._check_animated."""
     # a page of its own: earlier tests leave the session's page in states where Chromium stops animating images
     pg = open_page(ui.context, family_server, 1000)
     try:

@@ -1,8 +1,8 @@
 """Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 / _zimage /
 _chroma / _qwen_image / _lumina2) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
-tests/test_workflows_families.py (API prompts) and tests/test_browser.py (the same changes made in the
-frontend's graph before queueing it).
+tests/test_browser.py (the changes made in the frontend's graph before queueing it; the runs checked by
+support.workflow_checks) and tests/test_workflows_families.py (the same changes on API prompts, as a guard).
 
 What is changed in each shipped workflow, and nothing else (checked by
 tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_sizes):
