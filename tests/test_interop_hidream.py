@@ -14,19 +14,6 @@ from support.factories import families, te_hidream
 from test_interop_diffusers import _run, comfy_unet_out
 
 
-def _diffusers_pipeline(state_dict):
-    """diffusers' HiDreamImagePipeline around a HiDreamImageTransformer2DModel of the tiny config holding ComfyUI's
-    weights (the module names are the same: loaded strictly); no text encoders or VAE (load_lora_weights loads into
-    the transformer only; the tests feed it conditioning directly)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
-
-    cfg = {k: v for k, v in families.HIDREAM_DIT.items() if k != "image_model"}
-    transformer = HiDreamImageTransformer2DModel(**cfg).eval()
-    transformer.load_state_dict(state_dict, strict=True)
-    none = {f"{part}{i}": None for part in ("text_encoder", "tokenizer") for i in ("", "_2", "_3", "_4")}
-    return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=transformer, **none)
-
-
 @pytest.mark.parametrize("preset", ["all-linear"])
 def test_hidream_lora_is_ai_toolkits_and_loads_in_diffusers_as_in_comfyui(T, family_bundle, tmp_path, preset):
     model, _, _ = family_bundle("hidream")
@@ -65,7 +52,7 @@ def test_hidream_lora_is_ai_toolkits_and_loads_in_diffusers_as_in_comfyui(T, fam
         if k.endswith(("lora_up.weight", "lora_down.weight")):
             assert torch.allclose(back[k].reshape(v.shape), v.float(), atol=1e-6), k
 
-    pipe = _diffusers_pipeline(model.model.diffusion_model.state_dict())
+    pipe = R.hidream_transformer_pipeline(model.model.diffusion_model.state_dict())
     x, t = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([500.0])
     t5, pooled = torch.randn(1, 6, t5_w, generator=g), torch.randn(1, pooled_w, generator=g)
     llama = torch.randn(1, layers, 6, llama_w, generator=g)
@@ -89,3 +76,40 @@ def test_hidream_lora_is_ai_toolkits_and_loads_in_diffusers_as_in_comfyui(T, fam
     assert (ours - base).abs().max() > 1e-2, "the LoRA must visibly change the output"
     err = float((ours + comfy_out).abs().max())
     assert err < 1e-4, err
+
+
+def test_attention_mlp_preset_selects_both_streams_and_every_swiglu_of_hidream(T, family_bundle):
+    """The attention / attention+mlp presets reach every Linear of HiDream's blocks that ai-toolkit trains: both
+    streams' attention (image to_q/k/v/out, text to_q_t/k_t/v_t/out_t in the double-stream blocks) and every SwiGLU
+    (ff_i: shared and routed experts, ff_t), in the double- and single-stream blocks. The expected sets come from
+    walking the model: the Linears under each block's attn1 and under its ff_i / ff_t. The MoE gate is a bare
+    Parameter (no Linear): never a target. Nothing outside the blocks' attention and MLPs is picked (adaLN
+    modulation, embedders, caption projections, final layer)."""
+    model, _, _ = family_bundle("hidream")
+    net = model.model.diffusion_model
+
+    def linears(prefix: str, module) -> set[str]:
+        return {f"{prefix}.{n}" for n, m in module.named_modules()
+                if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_function")}
+
+    attn, mlp, gates = set(), set(), set()
+    for stream in ("double_stream_blocks", "single_stream_blocks"):
+        for i, b in enumerate(getattr(net, stream)):
+            p = f"{stream}.{i}.block"
+            attn |= linears(f"{p}.attn1", b.block.attn1)
+            for ff in ("ff_i", "ff_t"):
+                if hasattr(b.block, ff):
+                    mlp |= linears(f"{p}.{ff}", getattr(b.block, ff))
+                    gate = getattr(getattr(b.block, ff), "gate", None)
+                    if gate is not None:
+                        assert isinstance(gate.weight, torch.nn.Parameter) and not isinstance(gate, torch.nn.Linear)
+                        gates.add(f"{p}.{ff}.gate")
+    # the walk found what the brief names: both streams' attention, shared and routed experts, ff_t, a gate
+    assert any(n.endswith("attn1.to_out_t") for n in attn) and any(n.endswith("attn1.to_out") for n in attn)
+    assert any(".ff_i.shared_experts." in n for n in mlp) and any(".ff_i.experts.3.w3" in n for n in mlp)
+    assert any(".ff_t.w2" in n for n in mlp) and any(n.startswith("single_stream_blocks.0.block.ff_i") for n in mlp)
+    assert gates
+    select = lambda preset: set(T.ad.target_layers(net, T.C.LoraConfig(preset=preset)))  # noqa: E731
+    assert select("attention") == attn, sorted(attn ^ select("attention"))
+    assert select("attention+mlp") == attn | mlp, sorted((attn | mlp) ^ select("attention+mlp"))
+    assert not any(n.startswith(tuple(gates)) for n in select("all-linear"))

@@ -43,12 +43,18 @@ def check_finite(cfg, names: dict[str, str] | None = None) -> None:
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "full")  # full: whole weights of the targets (train/full.py)
 # module names per architecture: UNet/MMDiT/FLUX (attn*, ff, mlp), Lumina 2/Z-Image NextDiT (attention, feed_forward),
 # Wan (blocks.N.self_attn / cross_attn .q/.k/.v/.o, ffn.0 / ffn.2), Qwen-Image (joint attention: to_q/k/v/out.0 for
-# the image stream, add_q/k/v_proj and to_add_out for the text stream; img_mlp / txt_mlp .net.0.proj / .net.2)
+# the image stream, add_q/k/v_proj and to_add_out for the text stream; img_mlp / txt_mlp .net.0.proj / .net.2),
+# HiDream-I1 (double_/single_stream_blocks.N.block: attn1.to_q/k/v/out for the image stream, to_q_t/k_t/v_t/out_t for
+# the text stream; SwiGLU w1/w2/w3 in ff_t and in ff_i, itself or its MoE's shared_experts and experts.N; the MoE
+# gate is a bare Parameter, no layer)
+_HIDREAM_BLOCK = r"(double|single)_stream_blocks\.\d+\.block\."
 _ATTN = (r"(attn1|attn2|attn|self_attn|img_attn|txt_attn)\.(to_q|to_k|to_v|to_out\.0|qkv|proj)$|single_blocks\.\d+\.linear[12]$"
          r"|attention\.(qkv|out)$|blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)$"
-         r"|attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+         r"|attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+         rf"|{_HIDREAM_BLOCK}attn1\.(to_q|to_k|to_v|to_out)(_t)?$")
 _MLP = (r"(ff\.net\.(0\.proj|2)|mlp\.(fc1|fc2|0|2)|img_mlp\.(0|2)|txt_mlp\.(0|2)|feed_forward\.(w1|w2|w3))$"
-        r"|(img_mlp|txt_mlp)\.net\.(0\.proj|2)$|blocks\.\d+\.ffn\.(0|2)$")
+        r"|(img_mlp|txt_mlp)\.net\.(0\.proj|2)$|blocks\.\d+\.ffn\.(0|2)$"
+        rf"|{_HIDREAM_BLOCK}(ff_i|ff_t)\.(shared_experts\.|experts\.\d+\.)?(w1|w2|w3)$")
 PRESETS = {
     # regexes over ComfyUI module names of the diffusion model (linear layers unless "+conv")
     "attention": _ATTN,

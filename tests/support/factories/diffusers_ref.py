@@ -162,3 +162,16 @@ def flux_pipeline(diffusion_state_dict: dict):
     transformer.load_state_dict(converted, strict=True, assign=True)
     return FluxPipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def hidream_transformer_pipeline(diffusion_state_dict: dict):
+    """diffusers' HiDreamImagePipeline around a HiDreamImageTransformer2DModel of the tiny HiDream config
+    (``families.HIDREAM_DIT``) holding ComfyUI's weights (the module names are the same: loaded strictly); no text
+    encoders or VAE (``load_lora_weights`` loads into the transformer only; callers feed it conditioning directly)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    cfg = {k: v for k, v in families.HIDREAM_DIT.items() if k != "image_model"}
+    transformer = HiDreamImageTransformer2DModel(**cfg).eval()
+    transformer.load_state_dict(diffusion_state_dict, strict=True)
+    none = {f"{part}{i}": None for part in ("text_encoder", "tokenizer") for i in ("", "_2", "_3", "_4")}
+    return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=transformer, **none)
