@@ -109,7 +109,8 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    checkpoint_every: int = 0, train_guidance: float = 1.0, spec: str = "auto",
                    init_widgets: dict | None = None, dataset_widgets: dict | None = None,
                    sample_widgets: dict | None = None, sample_saver: dict | None = None,
-                   timestep_widgets: dict | None = None, optimizer_widgets: dict | None = None) -> dict:
+                   timestep_widgets: dict | None = None, optimizer_widgets: dict | None = None,
+                   lora_widgets: dict | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
@@ -124,7 +125,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.link(lat, "latents", txt, "latents")
     g.link(te, "aligned_clip", txt, "clip")
     g.col = 2
-    lc = g.add(P + "LoraConfig", rank=rank, alpha=float(rank), targets=targets)
+    lc = g.add(P + "LoraConfig", rank=rank, alpha=float(rank), targets=targets, **(lora_widgets or {}))
     tcfg = g.add(P + "TimestepStrategy", density=density, shift=shift, weighting=weighting, **(timestep_widgets or {}))
     oc = g.add(P + "Optimizer", learning_rate=lr, total_steps=steps, **(optimizer_widgets or {}))
     hist = g.add("PreviewImage", title="timestep density")
@@ -173,6 +174,12 @@ SPLIT_LOADERS = {
     "qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "qwen_image_vae.safetensors"),
     "chroma": ("t5xxl_fp8_e4m3fn_scaled.safetensors", "chroma", "ae.safetensors"),
 }
+
+
+# HiDream's LoRA targets beyond the attention+mlp preset, as ai-toolkit's train_lora_hidream_48.yaml trains them:
+# every Linear of the blocks (their adaLN modulation too) except the routed experts and the gate (ignore_if_contains)
+HIDREAM_INCLUDE = r"stream_blocks\.\d+\.block\.adaLN_modulation\.1$"
+HIDREAM_EXCLUDE = r"ff_i\.experts|ff_i\.gate"
 
 
 FAMILY_NOTE = ("Train a {name} LoRA with the text encoders aligned to {ref}.\n\n"
@@ -378,6 +385,40 @@ def build(info: dict) -> dict[str, dict]:
                                   sample_steps=25, ts="sigmoid (logit-normal), as ai-toolkit trains Chroma",
                                   spec="chroma", init=dict(precision="bf16", gradient_checkpointing=True,
                                                            ema_decay=0.99)),
+        # HiDream-I1 Full: Comfy-Org's HiDream-I1_ComfyUI split files (the fp8 DiT, which trains as loaded;
+        # QuadrupleCLIPLoader: CLIP-L, CLIP-G, T5-XXL, Llama-3.1-8B; FLUX's ae). ComfyUI 0.3.75's HiDream config
+        # leaves the model's shift at 1.0 (its sampling_settings {"shift": 3.0} is overwritten by an empty dict), so
+        # ModelSamplingSD3 sets HiDream-I1 Full's 3.0 (HiDream-I1 inference.py MODEL_CONFIGS "full": shift 3.0,
+        # FlowUniPCMultistepScheduler, guidance 5.0; ai-toolkit's hidream scheduler_config shift 3.0) for training
+        # and previews. Training as ai-toolkit's config/examples/train_lora_hidream_48.yaml: rank 32 / alpha 32, lr
+        # 2e-4, caption dropout 0.05, bf16, gradient checkpointing, timestep_type shift (uniform timesteps on the
+        # shift 3 schedule); its LoRA covers every Linear of double_/single_stream_blocks (transformer_only: the
+        # attention of both streams, the SwiGLU MLPs and the blocks' adaLN modulation) except the routed experts
+        # and the MoE gate (ignore_if_contains ff_i.experts, ff_i.gate): here the attention+mlp preset, the
+        # modulation by include and the experts by exclude. Previews: cfg 5, uni_pc / simple (the Full model's
+        # scheduler and guidance), 25 steps (ai-toolkit's sample_steps).
+        "train_lora_hidream": dict(name="HiDream-I1 Full", ref="HiDreamImagePipeline (CLIP-L and CLIP-G pooled, "
+                                   "T5 128 tokens, Llama-3.1 hidden states of every layer, 128 tokens)",
+                                   files="hidream_i1_full_fp8.safetensors, clip_l_hidream.safetensors, "
+                                         "clip_g_hidream.safetensors, t5xxl_fp8_e4m3fn_scaled.safetensors, "
+                                         "llama_3.1_8b_instruct_fp8_scaled.safetensors, ae.safetensors",
+                                   loader="hidream", ckpt="hidream_i1_full_fp8.safetensors", resolution=1024,
+                                   density="uniform", shift="model", weighting="none", lr=2e-4, rank=32, size=1024,
+                                   cfg=5.0, sample_steps=25,
+                                   ts="uniform on the shift 3 schedule that ModelSamplingSD3 sets (ai-toolkit's "
+                                      "timestep_type shift)", spec="hidream",
+                                   init=dict(precision="bf16", gradient_checkpointing=True),
+                                   dataset=dict(caption_dropout=0.05),
+                                   lora=dict(include=HIDREAM_INCLUDE, exclude=HIDREAM_EXCLUDE),
+                                   sample=dict(sampler_name="uni_pc", scheduler="simple"),
+                                   note="\nModelSamplingSD3 sets shift 3.0, HiDream-I1 Full's (ComfyUI 0.3.75 loads "
+                                        "HiDream at shift 1.0); it feeds Train Init, so training and previews use "
+                                        "it. As ai-toolkit, the LoRA trains every Linear of the double- and "
+                                        "single-stream blocks except the mixture's routed experts (LoRA Config "
+                                        "exclude; the gate is no layer); train only on Full (Dev and Fast are "
+                                        "distilled). The LoRA is written in ai-toolkit's layout (peft pairs under "
+                                        "diffusion_model.), which ComfyUI and diffusers' HiDreamImagePipeline "
+                                        "load."),
     }
     for wid, f in fam.items():
         g = Graph(info)
@@ -390,6 +431,14 @@ def build(info: dict) -> dict[str, dict]:
             m = v = g.add("CheckpointLoaderSimple", ckpt_name=f["ckpt"])
             c = g.add("TripleCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
                       clip_name3="t5xxl_fp16.safetensors")
+        elif f["loader"] == "hidream":  # as ComfyUI's HiDream example: four text encoders, shift set on the model
+            u = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("QuadrupleCLIPLoader", clip_name1="clip_l_hidream.safetensors",
+                      clip_name2="clip_g_hidream.safetensors", clip_name3="t5xxl_fp8_e4m3fn_scaled.safetensors",
+                      clip_name4="llama_3.1_8b_instruct_fp8_scaled.safetensors")
+            v = g.add("VAELoader", vae_name="ae.safetensors")
+            m = g.add("ModelSamplingSD3", title="ModelSamplingSD3 (HiDream-I1 Full: shift 3)", shift=3.0)
+            g.link(u, "MODEL", m, "model")
         elif f["loader"] in SPLIT_LOADERS:  # UNETLoader + CLIPLoader(type) + VAELoader, as ComfyUI's templates
             clip_name, clip_type, vae_name = SPLIT_LOADERS[f["loader"]]
             m = g.add("UNETLoader", title=f.get("unet_title"), unet_name=f["ckpt"])
@@ -405,7 +454,8 @@ def build(info: dict) -> dict[str, dict]:
                        cfg=f["cfg"], guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
                        checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
                        dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"),
-                       timestep_widgets=f.get("timesteps"), optimizer_widgets=f.get("optimizer"))
+                       timestep_widgets=f.get("timesteps"), optimizer_widgets=f.get("optimizer"),
+                       lora_widgets=f.get("lora"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------
@@ -719,6 +769,10 @@ MODELS = {
     "qwen_image_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
     "lumina_2_model_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/diffusion_models/lumina_2_model_bf16.safetensors"),
     "gemma_2_2b_fp16.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/text_encoders/gemma_2_2b_fp16.safetensors"),
+    "hidream_i1_full_fp8.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/diffusion_models/hidream_i1_full_fp8.safetensors"),
+    "clip_l_hidream.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/text_encoders/clip_l_hidream.safetensors"),
+    "clip_g_hidream.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/text_encoders/clip_g_hidream.safetensors"),
+    "llama_3.1_8b_instruct_fp8_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
 
@@ -777,6 +831,13 @@ DESCRIPTIONS = {
                           ["diffusion_models/Chroma1-HD-fp8_scaled_rev2.safetensors",
                            "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors", "vae/ae.safetensors",
                            "input/my_dataset (images + .txt captions)"]),
+    "train_lora_hidream": ("Train a HiDream-I1 Full LoRA", "CLIP-L, CLIP-G, T5 and every Llama-3.1 layer as "
+                           "HiDreamImagePipeline; ai-toolkit's HiDream settings: rank 32, lr 2e-4, routed experts "
+                           "left out; shift 3 set by ModelSamplingSD3.",
+                           ["diffusion_models/hidream_i1_full_fp8.safetensors",
+                            "text_encoders/clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
+                            "llama_3.1_8b_instruct_fp8_scaled", "vae/ae.safetensors",
+                            "input/my_dataset (images + .txt captions)"]),
     "ab_aligned_vs_unaligned": ("A/B: aligned vs default encoders", "Same prompts, seed and noise through the "
                                 "aligned and ComfyUI's default text encoders, side by side.",
                                 ["any SD1.5 checkpoint (tiny-sd15 named)"]),

@@ -109,7 +109,8 @@ def test_templates_declare_models_and_have_cards():
                     "checkpoints", "text_encoders", "diffusion_models", "vae")
         if path.stem.startswith("train_lora_"):
             loaders = [n for n in wf["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader", "VAELoader",
-                                                               "DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader")]
+                                                               "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader",
+                                                               "CLIPLoader")]
             named = {v for n in loaders for v in n["widgets_values"] if str(v).endswith(".safetensors")}
             declared = {m["name"] for n in loaders for m in n.get("properties", {}).get("models", [])}
             assert named == declared, (path.name, named - declared)

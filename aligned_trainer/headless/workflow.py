@@ -10,8 +10,8 @@ from pathlib import Path
 
 SKIP_TYPES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name",
-               "lora_name"}
+FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4",
+               "vae_name", "lora_name"}
 
 
 def object_info_inprocess(nodes_module, names: list[str] | None = None) -> dict:

@@ -1,5 +1,5 @@
 """Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 / _zimage /
-_chroma / _qwen_image / _lumina2) so they run on tiny
+_chroma / _qwen_image / _lumina2 / _hidream) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_browser.py (the changes made in the frontend's graph before queueing it; the runs checked by
 support.workflow_checks) and tests/test_workflows_families.py (the same changes on API prompts, as a guard).
@@ -38,6 +38,10 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    - Lumina 2: ``UNETLoader`` -> ``TinyDiffusionModelLoader(lumina2)`` (Lumina 2 detection sets 24 heads unless the
      width is 2304), ``CLIPLoader`` -> ``TinyTextEncoderLoader(lumina2)`` (Gemma-2 2B is built at full size),
      ``VAELoader`` <- ``tiny-flux1-ae.safetensors`` (FLUX's 16-channel VAE, as Lumina 2's).
+   - HiDream-I1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(hidream)`` (HiDream detection fixes 20 heads of
+     128, 16 double- and 32 single-stream blocks), ``QuadrupleCLIPLoader`` -> ``TinyTextEncoderLoader(hidream)``
+     (CLIP-G, T5-XXL and Llama-3.1-8B are built at full size), ``VAELoader`` <- ``tiny-flux1-ae.safetensors``
+     (HiDream's VAE is FLUX's). The ModelSamplingSD3 node (shift 3) between the model and Train Init stays.
    - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
      ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
@@ -105,6 +109,9 @@ FAMILIES = {
     "train_lora_chroma": ("chroma", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "chroma"}),
                                      "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "chroma"}),
                                      "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+    "train_lora_hidream": ("hidream", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "hidream"}),
+                                       "QuadrupleCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "hidream"}),
+                                       "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
 }
 STEPS = 4
 SHRINK = {
@@ -147,6 +154,12 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                # Lumina 2: its aligned captions are 256 masked tokens, so each pass of the DiT is several times the
                # others' on a CPU: 2 steps with one checkpoint, no validation, only the final Sample Preview (as Wan 2.2)
                "train_lora_lumina2": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},
+                                      "AlignedTrainer_Optimizer": {"total_steps": 2},
+                                      "AlignedTrainer_PreviewPlan": {"every_n": STEPS},
+                                      "AlignedTrainer_SamplePreview": {"step": 2}},
+               # HiDream: four text encoders per caption and a mixture of experts in every block: 2 steps with one
+               # checkpoint, no validation, only the final Sample Preview (as Lumina 2)
+               "train_lora_hidream": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},
                                       "AlignedTrainer_Optimizer": {"total_steps": 2},
                                       "AlignedTrainer_PreviewPlan": {"every_n": STEPS},
                                       "AlignedTrainer_SamplePreview": {"step": 2}}}

@@ -77,6 +77,42 @@ def _check_wan22_expert(srv, api: dict, outputs: dict, by_type: dict, lora: Path
     assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys
 
 
+def _check_hidream(api: dict, by_type: dict, lora: Path, report: dict, model) -> None:
+    """The HiDream workflow sets HiDream-I1 Full's shift on the model it trains (ModelSamplingSD3 shift 3 between
+    the diffusion-model loader and Train Init: ComfyUI 0.3.75 loads HiDream at shift 1); its LoRA covers what
+    ai-toolkit's train_lora_hidream_48.yaml trains, every Linear of the double- and single-stream blocks but the
+    routed experts (shared experts, both streams' attention and MLPs, the modulation: derived from the model's
+    modules), in ai-toolkit's layout (peft pairs under ``diffusion_model.``), which diffusers'
+    ``HiDreamImagePipeline.load_lora_weights`` loads onto a transformer of the same weights, one adapter per module."""
+    import torch
+    from safetensors import safe_open
+
+    from support.factories import diffusers_ref
+
+    (ms_id,) = by_type["ModelSamplingSD3"]
+    (init_id,) = by_type["AlignedTrainer_TrainInit"]
+    (unet_id,) = by_type["AlignedTrainerTests_TinyDiffusionModelLoader"]
+    assert api[ms_id]["inputs"]["shift"] == 3.0 and api[ms_id]["inputs"]["model"] == [unet_id, 0], api[ms_id]
+    assert api[init_id]["inputs"]["model"] == [ms_id, 0], api[init_id]["inputs"]
+    with safe_open(str(lora), framework="pt") as f:
+        keys, md = list(f.keys()), f.metadata()
+    assert md["ss_base_model_version"] == "hidream_i1", md.get("ss_base_model_version")
+    assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in keys}
+    net = model.model.diffusion_model
+    blocks = re.compile(r"(double|single)_stream_blocks\.\d+\.block\.")
+    expected = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and blocks.match(n)
+                and ".ff_i.experts." not in n}
+    assert modules == expected, sorted(modules ^ expected)
+    assert not any(".ff_i.experts." in n or ".gate" in n for n in modules)
+    assert any(".ff_i.shared_experts." in n for n in modules) and any(n.endswith(".attn1.to_q_t") for n in modules)
+    d = report["diffusers"]
+    assert d["checked"] and d["pipeline"] == "HiDreamImagePipeline" and not d["dropped"] and not d["refused"], d
+    pipe = diffusers_ref.hidream_transformer_pipeline(net.state_dict())
+    pipe.load_lora_weights(str(lora), adapter_name="default_0")
+    assert set(diffusers_ref.lora_modules(pipe.transformer)) == modules
+
+
 def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: float) -> None:
     """``entry``: the history entry of the shrunk workflow ``name`` run on ``srv``; ``api``: the prompt it ran
     (the frontend's, as the server recorded it)."""
@@ -126,4 +162,6 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     assert any(n.startswith(f"{prefix}_lora/loss_plot") for n in names), names
     if name == "train_lora_wan22":
         _check_wan22_expert(srv, api, outputs, by_type, lora)
+    if name == "train_lora_hidream":
+        _check_hidream(api, by_type, lora, report, model)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")
