@@ -7,6 +7,8 @@ the saved projection (Apply Text Encoder Swap) give the trained model's outputs.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,6 +310,71 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     kd = T.export.kohya_state_dict(run, dtype=torch.float32)
     assert kd and all(k.endswith(".diff") for k in kd)
     assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
+
+
+def _is_pure_safetensors(path) -> bool:
+    """The file is an 8-byte little-endian header length, a JSON header of tensor entries, then raw bytes (no
+    pickle: safetensors' own layout, nothing else)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return len(data) == 8 + n + max(ends) and b"\x80\x02" not in data[:2] and not data.startswith(b"PK")
+
+
+def test_full_unet_export_loads_in_the_stock_unet_loader(comfy, T, S, F, sd15, clips, swapped, trained, comfy_dirs):
+    """Save Text Encoder Swap with unet_format 'full' writes the whole retrained UNet (base + reset + trained, in the
+    base's dtype) as a pure safetensors file into models/diffusion_models only (nothing new in loras); the stock
+    UNETLoader loads it alone and its prediction on a projected prompt equals the in-memory swapped model's (Train
+    Steps' MODEL: the run's differences on the swap model) within 1e-4. A quantized (fp8) base is refused with the
+    fix."""
+    import dataclasses
+
+    import comfy.model_management as mm
+    import folder_paths
+
+    _, _, run = trained
+    folders = {f: folder_paths.get_folder_paths(f)[0] for f in ("loras", "diffusion_models")}
+    before = {f: set(os.listdir(d)) if os.path.isdir(d) else set() for f, d in folders.items()}
+    unet_file, proj_file, swap = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_full", dtype="fp32",
+                                            use_ema=True, if_exists="overwrite", unet_format="full")
+    path = Path(unet_file)
+    assert path.parent == Path(folders["diffusion_models"]) and path.name == "swap_full.safetensors"
+    assert set(os.listdir(folders["loras"])) == before["loras"]  # nothing written next to the LoRAs
+    assert set(os.listdir(folders["diffusion_models"])) - before["diffusion_models"] == {path.name}
+    assert _is_pure_safetensors(path)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    base = {k[len("diffusion_model."):]: v[0][0] for k, v in sd15[0].get_key_patches("diffusion_model.").items()}
+    assert set(sd) == set(base) and {v.dtype for v in sd.values()} == {v.dtype for v in base.values()}
+    changed = {k for k in sd if not torch.equal(sd[k], base[k].cpu())}
+    assert changed == {k[len("diffusion_model."):] for k in swap.reset_diffs}  # reset + trained layers only
+
+    (loaded,) = comfy.nodes.UNETLoader().load_unet(path.name, "default")
+    prompt = clips[1].encode_from_tokens_scheduled(clips[1].tokenize("ohwx a red circle"))
+    (projected,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=prompt, swap=swap)
+    memory = T.export.model_with_lora(run.model, T.export.kohya_state_dict(run, dtype=torch.float32))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([2.0])
+    outs = []
+    for m in (loaded, memory, sd15[0]):
+        mm.load_models_gpu([m])
+        with torch.no_grad():
+            outs.append(m.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float().cpu())
+    got, want, plain = outs
+    print(f"te_swap full export: max |loaded - in memory| {float((got - want).abs().max()):.2e}")
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    assert not torch.allclose(plain, want, atol=1e-3)  # the trained and reset weights are in the file
+
+    (fp8,) = comfy.nodes.UNETLoader().load_unet(path.name, "fp8_e4m3fn")
+    q_run = dataclasses.replace(run, model=S.with_swap(fp8, S.of(run.model)))
+    with pytest.raises(S.SwapError, match="quantized .* Load the checkpoint unquantized"):
+        F.save(q_run, "swap_fp8", unet_format="full", unet_folder=str(path.parent))
+    assert not (path.parent / "swap_fp8.safetensors").exists()
 
 
 def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set, tmp_path):
