@@ -220,19 +220,51 @@ def _init(T, model, tset, root, name, resume="none", ema=0.0):
                            resume=resume, runs_root=root)
 
 
+PREVIEW = dict(seed=7, seed_mode="fixed", steps=1, cfg=2.0, guidance=3.5, sampler_name="euler", scheduler="normal",
+               width=64, height=64)
+PREVIEW_PROMPT = "ohwx a red circle"
+
+
+class SpyPlan:
+    """A real Preview Plan (its conditionings, projected by Train Steps through ``with_conditioning``) whose render
+    keeps the image a preview sampled (``render.sample``, what the plan's grid cell holds before 8-bit) in ``shown``
+    and returns it as the shown image."""
+
+    def __init__(self, plan, sample, shown: dict):
+        self.p, self.sample, self.shown = plan, sample, shown
+        self.every_n, self.fps, self.positives, self.negative = plan.every_n, plan.fps, plan.positives, plan.negative
+
+    def with_conditioning(self, fn):
+        return SpyPlan(self.p.with_conditioning(fn), self.sample, self.shown)
+
+    def render(self, m, step):
+        p = self.p
+        self.shown[step] = self.sample(m, p.vae, p.positives[0], p.negative, p.settings, p.settings.seed_for(step))
+        return self.shown[step]
+
+
 @pytest.fixture(scope="module")
-def trained(T, swapped, t5_set, tmp_path_factory):
-    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint one step before the end)."""
+def trained(comfy, T, sd15, clips, swapped, t5_set, tmp_path_factory):
+    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint one step before the end, Train Steps'
+    MODEL, {step: preview image}): Train Steps (the node, as ComfyUI runs it) with a Preview Plan of the new
+    encoder rendering at the last step."""
     root = tmp_path_factory.mktemp("swap_runs")
     run0 = _init(T, swapped[0], t5_set[1], root, "swap")
-    return root, run0, T.loop.train_steps(run0, STEPS, checkpoint_every=STEPS - 1)
+    (plan,) = comfy.call(P + "PreviewPlan", clip=clips[1], vae=sd15[2], prompts=PREVIEW_PROMPT, negative="",
+                         every_n=STEPS, **PREVIEW)
+    shown = {}
+    with torch.inference_mode():
+        run, model, _ = comfy.call(P + "TrainSteps", run=run0, steps=STEPS, checkpoint_every=STEPS - 1, keep_last=5,
+                                   val_every=0, preview_plan=SpyPlan(plan, comfy.engine("sampling.render").sample,
+                                                                     shown))
+    return root, run0, run, model, shown
 
 
 def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, trained):
     """Full cross-attention weights + projection, through the ordinary Train Init / Train Steps with min-SNR: the
     validation loss (fixed noise and timesteps) falls within STEPS steps, the projection changed and is in the
     run's state and checkpoints; only the named layers have trained differences."""
-    _, run0, run = trained
+    _, run0, run, _, _ = trained
     before, after = T.loop.validation_loss(run0), T.loop.validation_loss(run)
     print(f"te_swap: validation loss {before:.5f} -> {after:.5f} in {STEPS} steps")
     assert after < before
@@ -245,17 +277,49 @@ def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, tr
     assert all(float(v.abs().max()) > 0 for v in diffs.values())  # every full weight trained (W + D reaches the model)
 
 
-def test_previews_of_a_swap_run_are_refused_before_training(S, T, trained):
-    """Train Steps' preview plan would sample with unprojected prompts: refused with the fix, before any step."""
-    _, run0, _ = trained
-    with pytest.raises(S.SwapError, match="preview plan cannot sample a text-encoder swap run"):
-        T.loop.train_steps(run0, 1, preview=lambda trainer, step: None, preview_every=1)
+def _stock_swap_render(comfy, model, clip, vae, swap, prompt: str, seed: int):
+    """The stock inference graph of a swap: CLIPTextEncode (new encoder) -> Apply Text Encoder Swap (prompt and
+    negative) -> EmptyLatentImage -> KSampler -> VAEDecode."""
+    n = comfy.nodes
+    (pos,) = n.CLIPTextEncode().encode(clip, prompt)
+    (neg,) = n.CLIPTextEncode().encode(clip, "")
+    (ppos,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=pos, swap=swap)
+    (pneg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=neg, swap=swap)
+    (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
+    (out,) = n.common_ksampler(model, seed, PREVIEW["steps"], PREVIEW["cfg"], "euler", "normal", ppos, pneg, lat)
+    return n.VAEDecode().decode(vae, out)[0]
+
+
+def test_previews_of_a_swap_run_sample_the_projected_prompts(comfy, S, T, sd15, clips, swapped, trained):
+    """Train Steps (the node) with a Preview Plan of the new encoder on a swap run: the last step's preview image
+    equals the stock KSampler + VAEDecode on the Apply node's conditioning (the run's projection at that step) with
+    Train Steps' MODEL and the same seed (atol 1e-5); a plan of the old encoder's width (768) is refused with the
+    fix before any step."""
+    _, run0, run, model, shown = trained
+    assert list(shown) == [STEPS]
+    import time
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        want = _stock_swap_render(comfy, model, clips[1], sd15[2], S.trained_swap(run, ema=False), PREVIEW_PROMPT, 7)
+    got = shown[STEPS]
+    print(f"te_swap preview: max |preview - stock| {float((got - want).abs().max()):.2e} "
+          f"(stock render {time.perf_counter() - t0:.1f}s)")
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    # the trained projection and weights matter: the server test shows the step-2 preview differing from step 1's
+
+    (plan,) = comfy.call(P + "PreviewPlan", clip=clips[1], vae=sd15[2], prompts="x", negative="", every_n=1,
+                         **PREVIEW)
+    old_plan = plan.with_conditioning(lambda c: [[torch.zeros(1, 77, 768), dict(c[0][1])]])  # CLIP-L's width
+    with pytest.raises(S.SwapError, match="encoded 768 wide.*connect the new text encoder"):
+        comfy.call(P + "TrainSteps", run=run0, steps=1, checkpoint_every=0, keep_last=1, val_every=0,
+                   preview_plan=old_plan)
 
 
 def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
     """Resuming the checkpoint one step before the end and training that step gives bit-identical layer differences, projection
     and optimizer state."""
-    root, _, run = trained
+    root, _, run, _, _ = trained
     half = sorted((root / "swap" / "checkpoints").glob("step_*.safetensors"))[0]
     resumed = _init(T, swapped[0], t5_set[1], root, "swap", resume=str(half.relative_to(root)))
     assert resumed.step == STEPS - 1
@@ -273,7 +337,7 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     import comfy.model_management as mm
     import folder_paths
 
-    _, _, run = trained
+    _, _, run, _, _ = trained
     unet_file, proj_file, _ = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_test", dtype="fp32",
                                          use_ema=True, if_exists="overwrite")
     assert unet_file.endswith("swap_test.safetensors") and proj_file.endswith("swap_test.safetensors")
@@ -336,7 +400,7 @@ def test_full_unet_export_loads_in_the_stock_unet_loader(comfy, T, S, F, sd15, c
     import comfy.model_management as mm
     import folder_paths
 
-    _, _, run = trained
+    _, _, run, memory, _ = trained
     folders = {f: folder_paths.get_folder_paths(f)[0] for f in ("loras", "diffusion_models")}
     before = {f: set(os.listdir(d)) if os.path.isdir(d) else set() for f, d in folders.items()}
     unet_file, proj_file, swap = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_full", dtype="fp32",
@@ -357,7 +421,6 @@ def test_full_unet_export_loads_in_the_stock_unet_loader(comfy, T, S, F, sd15, c
     (loaded,) = comfy.nodes.UNETLoader().load_unet(path.name, "default")
     prompt = clips[1].encode_from_tokens_scheduled(clips[1].tokenize("ohwx a red circle"))
     (projected,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=prompt, swap=swap)
-    memory = T.export.model_with_lora(run.model, T.export.kohya_state_dict(run, dtype=torch.float32))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([2.0])
     outs = []

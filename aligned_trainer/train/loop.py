@@ -674,7 +674,6 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
     where ``train.distributed`` plugs in (a trainer that shards micro-batches over ranks; rank 0 alone saves)."""
     if steps < 1:
         raise ConfigError("steps must be >= 1")
-    te_swap.check_preview(run, preview)
     history = list(run.history)
     step = run.step
     checkpoints = run.checkpoints

@@ -22,7 +22,8 @@ Pieces, each a small function:
 - Training: the MODEL carries the :class:`Swap` as a ModelPatcher attachment. Train Init calls
   :func:`extra_targets` and the trainer calls :func:`attach`, which adds the projection as one more trainable
   adapter (so optimizer, EMA, checkpoints and resume cover it) and projects every conditioning inside the
-  training forward. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
+  training forward. Train Steps' previews sample with the Preview Plan's prompts projected by the projection as it
+  is at that step (:func:`projected_plan`, the Apply node's path) on the model with the run's current differences. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
   ``train/full.py``) or as a LoRA.
 - Saving and loading: ``te_swap_files``.
 """
@@ -347,13 +348,28 @@ def attach(trainer) -> None:
     trainer.context = a.context
 
 
-def check_preview(run, preview) -> None:
-    """Train Steps' previews sample with the Preview Plan's own CONDITIONING, unprojected: refused for a swap run
-    (before any step) rather than failing in the UNet or drawing from the wrong encoder's states."""
-    if preview is not None and of(run.model) is not None:
-        raise SwapError("Train Steps' preview plan cannot sample a text-encoder swap run (its prompts are not projected "
-                        "for the swapped UNet): disconnect preview_plan, and sample after Train Steps with Apply Text "
-                        "Encoder Swap + KSampler on Train Steps' MODEL (as in workflows/train_te_swap_sd15.json)")
+def check_plan(model, plan) -> None:
+    """A preview plan for a swap run must hold prompts of the new encoder (what the projection reads): refused with
+    the fix before any step otherwise. Nothing to check without a swap or a plan."""
+    swap = of(model)
+    if swap is None or plan is None:
+        return
+    for c in [*getattr(plan, "positives", ()), getattr(plan, "negative", None) or []]:
+        for item in c:
+            if int(item[0].shape[-1]) != swap.in_dim:
+                raise SwapError(f"the Preview Plan's prompts are encoded {int(item[0].shape[-1])} wide, the swap's "
+                                f"projection reads {swap.in_dim}: connect the new text encoder (the one given to Text "
+                                "Encoder Swap Setup as new_clip) to the Preview Plan's clip")
+
+
+def projected_plan(plan, model, adapters: dict[str, torch.Tensor]):
+    """The preview plan a swap run samples with: its prompts projected by the projection in ``adapters`` (a
+    trainer's current state) exactly as Apply Text Encoder Swap projects a prompt at inference; ``plan`` itself
+    when ``model`` carries no swap."""
+    if of(model) is None:
+        return plan
+    state = {k[len(ADAPTER) + 1:]: v for k, v in adapters.items() if k.startswith(ADAPTER + ".")}
+    return plan.with_conditioning(of(model).module(state).project)
 
 
 def without_projection(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
