@@ -464,3 +464,45 @@ def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set
         F.load_projection(bad)
     with pytest.raises(S.SwapError, match="no captions"):
         S.setup(swapped[0], None, None, [], "none")
+
+
+def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inference(comfy, S, T, family_bundle, clips):
+    """Tiny SDXL (CLIP-L + CLIP-G 320: context 1088, pooled 320 in its adm ``y``) swapped to the tiny T5: the setup
+    reads the context width from the UNet and the pooled width from the old encoder's conditioning, the projection's
+    spread matches within 5 %; Apply Text Encoder Swap's conditioning carries a zero pooled vector of that width, and
+    the trainer's context hook gives the model exactly the kwargs (c_crossattn and y) that the Apply node's
+    conditioning gives through ComfyUI's cond machinery; the stock KSampler samples it. Without the pooled vector
+    ComfyUI's SDXL cannot build its adm."""
+    model, old_clip, vae = family_bundle("sdxl")
+    out, swap = S.setup(model, clips[1], old_clip, CAPTIONS, reset="cross_attention", kind="linear", seed=3)
+    assert (swap.in_dim, swap.out_dim, swap.pooled_dim) == (128, 1088, 320)
+    assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05) and len(swap.reset_layers) >= 4
+    t5 = S.encode(clips[1], ["ohwx a red circle"])[0]
+    (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
+    assert applied[0][0].shape[-1] == 1088 and torch.equal(applied[0][1]["pooled_output"], torch.zeros(1, 320))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    adapter = S.ProjectionAdapter(swap.module().float())
+
+    def kwargs(context, cond):
+        from types import SimpleNamespace
+
+        fake = SimpleNamespace(patcher=out, run=SimpleNamespace(settings=SimpleNamespace(guidance=3.5)),
+                               context=context)
+        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [cond], x))
+
+    with torch.no_grad():
+        train = kwargs(adapter.context, t5)
+        infer = kwargs(T.loop.Trainer.context, applied)
+    assert set(train) >= {"c_crossattn", "y"} and train["y"].shape[-1] == 320 + 6 * 256
+    for k in ("c_crossattn", "y"):
+        torch.testing.assert_close(train[k].float(), infer[k].float(), atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(train["y"][:, :320]) == 0
+    with torch.inference_mode():
+        n = comfy.nodes
+        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=S.encode(clips[1], [""])[0], swap=swap)
+        (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
+        (res,) = n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", applied, neg, lat)
+        assert torch.isfinite(res["samples"]).all()
+        bare = [[applied[0][0], {k: v for k, v in applied[0][1].items() if k != "pooled_output"}]]
+        with pytest.raises(KeyError, match="pooled_output"):
+            n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", bare, neg, lat)
