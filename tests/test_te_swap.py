@@ -2,8 +2,10 @@
 the measured CLIP-L spread matches diffusers' SD1.5 encode_prompt on the same weights; the projection's output spread
 matches the measurement within 5 %; each reset mode re-initialises exactly the layers it names (by name and by the
 weights ComfyUI computes) with PyTorch's default Linear init; training the swapped model (full cross-attention
-weights + projection) lowers the validation loss; resume is bit-exact; the saved UNet file (stock LoRA loader) plus
-the saved projection (Apply Text Encoder Swap) give the trained model's outputs."""
+weights + projection) lowers the validation loss; Train Steps' previews sample the projected prompts as the stock
+graph does; resume is bit-exact; the saved UNet file (stock LoRA loader, or the whole UNet through the stock
+UNETLoader) plus the saved projection (Apply Text Encoder Swap) give the trained model's outputs; on tiny SDXL the
+training hook and the Apply node give the adm the same zero pooled vector."""
 from __future__ import annotations
 
 import math

@@ -25,6 +25,9 @@ Pieces, each a small function:
   training forward. Train Steps' previews sample with the Preview Plan's prompts projected by the projection as it
   is at that step (:func:`projected_plan`, the Apply node's path) on the model with the run's current differences. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
   ``train/full.py``) or as a LoRA.
+- SDXL (a UNet with an adm): :func:`pooled_dim` reads the pooled vector's width off the old encoder; the
+  projection's :meth:`Projection.context` returns (states, extras) with a zero pooled vector of that width, for the
+  trainer's hook and the Apply node alike.
 - Saving and loading: ``te_swap_files``.
 """
 from __future__ import annotations
