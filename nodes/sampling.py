@@ -80,8 +80,12 @@ class PreviewPlan(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id=node_id("PreviewPlan"), display_name="Preview Plan", category=CAT,
-            description="Previews for Train Steps: rendered every N steps with the LoRA being trained.",
-            inputs=[io.Clip.Input("clip", tooltip="CLIP to encode the prompts (encoded once, now)."),
+            description="Previews for Train Steps: rendered every N steps with the LoRA being trained (on a "
+                        "text-encoder swap run: the prompts projected as Apply Text Encoder Swap does, by the "
+                        "projection of that step).",
+            inputs=[io.Clip.Input("clip", tooltip="CLIP to encode the prompts (encoded once, now). For a text-encoder "
+                                                  "swap run: the new encoder (e.g. T5) given to Text Encoder Swap "
+                                                  "Setup."),
                     io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
                     io.Int.Input("every_n", default=100, min=1, max=10**6, tooltip="Render every N training steps."),
                     *video_inputs()],

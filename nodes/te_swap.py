@@ -75,29 +75,39 @@ class SaveTextEncoderSwap(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id=node_id("SaveTextEncoderSwap"), display_name="Save Text Encoder Swap", category=CAT,
-            description="Writes the retrained UNet's changed weights (reset + trained, as .diff keys that the stock "
-                        "Load LoRA nodes apply to the original checkpoint) into the loras folder and the trained "
-                        "projection into models/te_projections, under one name.",
+            description="Writes the retrained UNet (unet_format diff: its changed weights as .diff keys that the stock "
+                        "Load LoRA nodes apply to the original checkpoint, into the loras folder; full: the whole "
+                        "diffusion model for the stock Load Diffusion Model node, into models/diffusion_models) and "
+                        "the trained projection into models/te_projections, under one name.",
             inputs=[TRAIN_RUN.Input("run", tooltip="The trained run (its MODEL came from Text Encoder Swap Setup)."),
                     io.String.Input("name", default="my_te_swap",
                                     tooltip="File name (no folders, no '..', at most 120 characters)."),
                     io.Combo.Input("dtype", options=["fp32", "fp16", "bf16"], default="fp32",
-                                   tooltip="Stored precision of the UNet differences (fp32 reloads exactly)."),
+                                   tooltip="Stored precision of the UNet differences with unet_format diff (fp32 "
+                                           "reloads exactly); full keeps the base's dtype."),
                     io.Boolean.Input("use_ema", default=True,
                                      tooltip="Save the EMA-averaged weights when the run keeps an EMA."),
                     io.Combo.Input("if_exists", options=["new_name", "overwrite"], default="new_name",
-                                   tooltip="When the files exist: new_name ('<name>_2', ...) or overwrite.")],
-            outputs=[io.String.Output("unet_file", tooltip="The UNet file in the loras folder (Load LoRA, model only, "
-                                                           "strength 1, on the original checkpoint)."),
+                                   tooltip="When the files exist: new_name ('<name>_2', ...) or overwrite."),
+                    io.Combo.Input("unet_format", options=list(swap_files.UNET_FORMATS), default="diff",
+                                   tooltip="diff: only the changed weights (reset + trained differences, about 80 MB "
+                                           "for SD1.5 cross-attention in fp32), in the loras folder: Load "
+                                           "LoRA (model only, strength 1) on the original checkpoint. full: the "
+                                           "whole retrained UNet in the base's dtype (SD1.5 ~1.7 GB fp16, SDXL ~5 "
+                                           "GB), in models/diffusion_models: Load Diffusion Model (UNETLoader) "
+                                           "alone. full refuses a quantized (fp8, GGUF) base.")],
+            outputs=[io.String.Output("unet_file", tooltip="The UNet file: in the loras folder (diff: Load LoRA, model "
+                                                           "only, strength 1, on the original checkpoint) or in "
+                                                           "diffusion_models (full: Load Diffusion Model)."),
                      io.String.Output("projection_file", tooltip="The projection file (Load Text Encoder Swap)."),
                      TE_SWAP.Output("swap", tooltip="The trained projection (for Apply Text Encoder Swap).")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, run, name, dtype, use_ema, if_exists) -> io.NodeOutput:
-        unet, proj, swap = swap_files.save(run, name, loop.DTYPES[dtype], use_ema, if_exists)
-        text = json.dumps({"unet_file": unet, "projection_file": proj, **swap.record()})
+    def execute(cls, run, name, dtype, use_ema, if_exists, unet_format="diff") -> io.NodeOutput:
+        unet, proj, swap = swap_files.save(run, name, loop.DTYPES[dtype], use_ema, if_exists, unet_format=unet_format)
+        text = json.dumps({"unet_file": unet, "projection_file": proj, "unet_format": unet_format, **swap.record()})
         return io.NodeOutput(unet, proj, swap, ui={"text": [text]})
 
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.sampling import animation
 from ..aligned_trainer.train import config as C
-from ..aligned_trainer.train import configs_io, export, files, launch, loop, quantize, state, timesteps
+from ..aligned_trainer.train import configs_io, export, files, launch, loop, quantize, state, te_swap, timesteps
 from ._common import category, node_id
 from ._progress import TrainMonitor
 
@@ -302,9 +302,13 @@ class TrainSteps(io.ComfyNode):
         def on_step(r, trainer):
             mon.on_step(r)
 
+        te_swap.check_plan(run.model, preview_plan)
+
         def preview(trainer, step):
-            lora_model = export.model_with_lora(run.model, export.comfy_lora(run.model, trainer.adapter_state()))
-            mon.on_preview(step, preview_plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
+            state = trainer.adapter_state()
+            lora_model = export.model_with_lora(run.model, export.comfy_lora(run.model, state))
+            plan = te_swap.projected_plan(preview_plan, run.model, state)  # a swap run: prompts projected
+            mon.on_preview(step, plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
 
         graph = launch.Graph(cls.hidden.prompt or {}, str(uid), node_id("TrainInit"), node_id("TrainSteps"))
         new = launch.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,

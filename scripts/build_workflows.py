@@ -646,7 +646,9 @@ TE_SWAP_NOTE = (
     "spread, and re-initialises the reset layers; Train Init / Train Steps train the UNet's cross-attention as full "
     "weights (LoRA Config algorithm 'full') together with the projection; Save Text Encoder Swap writes the UNet's "
     "changed weights (models/loras, load with Load LoRA model-only on the original checkpoint) and the projection "
-    "(models/te_projections). Sample with Apply Text Encoder Swap between the T5 prompt and a stock KSampler.\n\n"
+    "(models/te_projections). The Preview Plan (T5 prompts) shows the model as it trains: its prompts are projected by "
+    "the projection of that step, as Apply Text Encoder Swap does. Sample with Apply Text Encoder Swap between the "
+    "T5 prompt and a stock KSampler.\n\n"
     "Reset modes: cross_attention (attn2 q/k/v/out) relearns only the text-to-image mapping and keeps the visual "
     "knowledge: the seed author's only useful mode at lr 1e-5 (constant). qk (attn2 q/k only) broke attention and "
     "stayed noisy at 1e-5; it needs a higher lr or longer training. all_attention (attn1 + attn2) gave noise at "
@@ -689,8 +691,13 @@ def te_swap_workflow(info: dict) -> dict:
                       (lc, "lora_config", "lora_config"), (tcfg, "timesteps", "timesteps"),
                       (oc, "optimizer_config", "optimizer")):
         g.link(src, o, init, i)
+    plan = g.add(P + "PreviewPlan", title="Preview Plan (T5 prompts, projected)", prompts="a photo of a woman, solo",
+                 every_n=250, steps=25, cfg=6.0, width=512, height=512)
+    g.link(te_new, "aligned_clip", plan, "clip")
+    g.link(ck, "VAE", plan, "vae")
     ts = g.add(P + "TrainSteps", steps=2000, checkpoint_every=500, val_every=250)
     g.link(init, "run", ts, "run")
+    g.link(plan, "preview_plan", ts, "preview_plan")
     save = g.add(P + "SaveTextEncoderSwap", name="te_swap_sd15")
     g.link(ts, "trained_run", save, "run")
     g.col = 4

@@ -2,11 +2,15 @@
 the measured CLIP-L spread matches diffusers' SD1.5 encode_prompt on the same weights; the projection's output spread
 matches the measurement within 5 %; each reset mode re-initialises exactly the layers it names (by name and by the
 weights ComfyUI computes) with PyTorch's default Linear init; training the swapped model (full cross-attention
-weights + projection) lowers the validation loss; resume is bit-exact; the saved UNet file (stock LoRA loader) plus
-the saved projection (Apply Text Encoder Swap) give the trained model's outputs."""
+weights + projection) lowers the validation loss; Train Steps' previews sample the projected prompts as the stock
+graph does; resume is bit-exact; the saved UNet file (stock LoRA loader, or the whole UNet through the stock
+UNETLoader) plus the saved projection (Apply Text Encoder Swap) give the trained model's outputs; on tiny SDXL the
+training hook and the Apply node give the adm the same zero pooled vector."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,19 +222,51 @@ def _init(T, model, tset, root, name, resume="none", ema=0.0):
                            resume=resume, runs_root=root)
 
 
+PREVIEW = dict(seed=7, seed_mode="fixed", steps=1, cfg=2.0, guidance=3.5, sampler_name="euler", scheduler="normal",
+               width=64, height=64)
+PREVIEW_PROMPT = "ohwx a red circle"
+
+
+class SpyPlan:
+    """A real Preview Plan (its conditionings, projected by Train Steps through ``with_conditioning``) whose render
+    keeps the image a preview sampled (``render.sample``, what the plan's grid cell holds before 8-bit) in ``shown``
+    and returns it as the shown image."""
+
+    def __init__(self, plan, sample, shown: dict):
+        self.p, self.sample, self.shown = plan, sample, shown
+        self.every_n, self.fps, self.positives, self.negative = plan.every_n, plan.fps, plan.positives, plan.negative
+
+    def with_conditioning(self, fn):
+        return SpyPlan(self.p.with_conditioning(fn), self.sample, self.shown)
+
+    def render(self, m, step):
+        p = self.p
+        self.shown[step] = self.sample(m, p.vae, p.positives[0], p.negative, p.settings, p.settings.seed_for(step))
+        return self.shown[step]
+
+
 @pytest.fixture(scope="module")
-def trained(T, swapped, t5_set, tmp_path_factory):
-    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint one step before the end)."""
+def trained(comfy, T, sd15, clips, swapped, t5_set, tmp_path_factory):
+    """(runs folder, run at 0 steps, run after STEPS steps with a checkpoint one step before the end, Train Steps'
+    MODEL, {step: preview image}): Train Steps (the node, as ComfyUI runs it) with a Preview Plan of the new
+    encoder rendering at the last step."""
     root = tmp_path_factory.mktemp("swap_runs")
     run0 = _init(T, swapped[0], t5_set[1], root, "swap")
-    return root, run0, T.loop.train_steps(run0, STEPS, checkpoint_every=STEPS - 1)
+    (plan,) = comfy.call(P + "PreviewPlan", clip=clips[1], vae=sd15[2], prompts=PREVIEW_PROMPT, negative="",
+                         every_n=STEPS, **PREVIEW)
+    shown = {}
+    with torch.inference_mode():
+        run, model, _ = comfy.call(P + "TrainSteps", run=run0, steps=STEPS, checkpoint_every=STEPS - 1, keep_last=5,
+                                   val_every=0, preview_plan=SpyPlan(plan, comfy.engine("sampling.render").sample,
+                                                                     shown))
+    return root, run0, run, model, shown
 
 
 def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, trained):
     """Full cross-attention weights + projection, through the ordinary Train Init / Train Steps with min-SNR: the
     validation loss (fixed noise and timesteps) falls within STEPS steps, the projection changed and is in the
     run's state and checkpoints; only the named layers have trained differences."""
-    _, run0, run = trained
+    _, run0, run, _, _ = trained
     before, after = T.loop.validation_loss(run0), T.loop.validation_loss(run)
     print(f"te_swap: validation loss {before:.5f} -> {after:.5f} in {STEPS} steps")
     assert after < before
@@ -243,17 +279,49 @@ def test_training_lowers_validation_loss_and_trains_projection(S, T, swapped, tr
     assert all(float(v.abs().max()) > 0 for v in diffs.values())  # every full weight trained (W + D reaches the model)
 
 
-def test_previews_of_a_swap_run_are_refused_before_training(S, T, trained):
-    """Train Steps' preview plan would sample with unprojected prompts: refused with the fix, before any step."""
-    _, run0, _ = trained
-    with pytest.raises(S.SwapError, match="preview plan cannot sample a text-encoder swap run"):
-        T.loop.train_steps(run0, 1, preview=lambda trainer, step: None, preview_every=1)
+def _stock_swap_render(comfy, model, clip, vae, swap, prompt: str, seed: int):
+    """The stock inference graph of a swap: CLIPTextEncode (new encoder) -> Apply Text Encoder Swap (prompt and
+    negative) -> EmptyLatentImage -> KSampler -> VAEDecode."""
+    n = comfy.nodes
+    (pos,) = n.CLIPTextEncode().encode(clip, prompt)
+    (neg,) = n.CLIPTextEncode().encode(clip, "")
+    (ppos,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=pos, swap=swap)
+    (pneg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=neg, swap=swap)
+    (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
+    (out,) = n.common_ksampler(model, seed, PREVIEW["steps"], PREVIEW["cfg"], "euler", "normal", ppos, pneg, lat)
+    return n.VAEDecode().decode(vae, out)[0]
+
+
+def test_previews_of_a_swap_run_sample_the_projected_prompts(comfy, S, T, sd15, clips, swapped, trained):
+    """Train Steps (the node) with a Preview Plan of the new encoder on a swap run: the last step's preview image
+    equals the stock KSampler + VAEDecode on the Apply node's conditioning (the run's projection at that step) with
+    Train Steps' MODEL and the same seed (atol 1e-5); a plan of the old encoder's width (768) is refused with the
+    fix before any step."""
+    _, run0, run, model, shown = trained
+    assert list(shown) == [STEPS]
+    import time
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        want = _stock_swap_render(comfy, model, clips[1], sd15[2], S.trained_swap(run, ema=False), PREVIEW_PROMPT, 7)
+    got = shown[STEPS]
+    print(f"te_swap preview: max |preview - stock| {float((got - want).abs().max()):.2e} "
+          f"(stock render {time.perf_counter() - t0:.1f}s)")
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    # the trained projection and weights matter: the server test shows the step-2 preview differing from step 1's
+
+    (plan,) = comfy.call(P + "PreviewPlan", clip=clips[1], vae=sd15[2], prompts="x", negative="", every_n=1,
+                         **PREVIEW)
+    old_plan = plan.with_conditioning(lambda c: [[torch.zeros(1, 77, 768), dict(c[0][1])]])  # CLIP-L's width
+    with pytest.raises(S.SwapError, match="encoded 768 wide.*connect the new text encoder"):
+        comfy.call(P + "TrainSteps", run=run0, steps=1, checkpoint_every=0, keep_last=1, val_every=0,
+                   preview_plan=old_plan)
 
 
 def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
     """Resuming the checkpoint one step before the end and training that step gives bit-identical layer differences, projection
     and optimizer state."""
-    root, _, run = trained
+    root, _, run, _, _ = trained
     half = sorted((root / "swap" / "checkpoints").glob("step_*.safetensors"))[0]
     resumed = _init(T, swapped[0], t5_set[1], root, "swap", resume=str(half.relative_to(root)))
     assert resumed.step == STEPS - 1
@@ -271,7 +339,7 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     import comfy.model_management as mm
     import folder_paths
 
-    _, _, run = trained
+    _, _, run, _, _ = trained
     unet_file, proj_file, _ = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_test", dtype="fp32",
                                          use_ema=True, if_exists="overwrite")
     assert unet_file.endswith("swap_test.safetensors") and proj_file.endswith("swap_test.safetensors")
@@ -310,6 +378,70 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
 
 
+def _is_pure_safetensors(path) -> bool:
+    """The file is an 8-byte little-endian header length, a JSON header of tensor entries, then raw bytes (no
+    pickle: safetensors' own layout, nothing else)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return len(data) == 8 + n + max(ends) and b"\x80\x02" not in data[:2] and not data.startswith(b"PK")
+
+
+def test_full_unet_export_loads_in_the_stock_unet_loader(comfy, T, S, F, sd15, clips, swapped, trained, comfy_dirs):
+    """Save Text Encoder Swap with unet_format 'full' writes the whole retrained UNet (base + reset + trained, in the
+    base's dtype) as a pure safetensors file into models/diffusion_models only (nothing new in loras); the stock
+    UNETLoader loads it alone and its prediction on a projected prompt equals the in-memory swapped model's (Train
+    Steps' MODEL: the run's differences on the swap model) within 1e-4. A quantized (fp8) base is refused with the
+    fix."""
+    import dataclasses
+
+    import comfy.model_management as mm
+    import folder_paths
+
+    _, _, run, memory, _ = trained
+    folders = {f: folder_paths.get_folder_paths(f)[0] for f in ("loras", "diffusion_models")}
+    before = {f: set(os.listdir(d)) if os.path.isdir(d) else set() for f, d in folders.items()}
+    unet_file, proj_file, swap = comfy.call(P + "SaveTextEncoderSwap", run=run, name="swap_full", dtype="fp32",
+                                            use_ema=True, if_exists="overwrite", unet_format="full")
+    path = Path(unet_file)
+    assert path.parent == Path(folders["diffusion_models"]) and path.name == "swap_full.safetensors"
+    assert set(os.listdir(folders["loras"])) == before["loras"]  # nothing written next to the LoRAs
+    assert set(os.listdir(folders["diffusion_models"])) - before["diffusion_models"] == {path.name}
+    assert _is_pure_safetensors(path)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    base = {k[len("diffusion_model."):]: v[0][0] for k, v in sd15[0].get_key_patches("diffusion_model.").items()}
+    assert set(sd) == set(base) and {v.dtype for v in sd.values()} == {v.dtype for v in base.values()}
+    changed = {k for k in sd if not torch.equal(sd[k], base[k].cpu())}
+    assert changed == {k[len("diffusion_model."):] for k in swap.reset_diffs}  # reset + trained layers only
+
+    (loaded,) = comfy.nodes.UNETLoader().load_unet(path.name, "default")
+    prompt = clips[1].encode_from_tokens_scheduled(clips[1].tokenize("ohwx a red circle"))
+    (projected,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=prompt, swap=swap)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([2.0])
+    outs = []
+    for m in (loaded, memory, sd15[0]):
+        mm.load_models_gpu([m])
+        with torch.no_grad():
+            outs.append(m.model.apply_model(x, sigma, c_crossattn=projected[0][0]).float().cpu())
+    got, want, plain = outs
+    print(f"te_swap full export: max |loaded - in memory| {float((got - want).abs().max()):.2e}")
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    assert not torch.allclose(plain, want, atol=1e-3)  # the trained and reset weights are in the file
+
+    (fp8,) = comfy.nodes.UNETLoader().load_unet(path.name, "fp8_e4m3fn")
+    q_run = dataclasses.replace(run, model=S.with_swap(fp8, S.of(run.model)))
+    with pytest.raises(S.SwapError, match="quantized .* Load the checkpoint unquantized"):
+        F.save(q_run, "swap_fp8", unet_format="full", unet_folder=str(path.parent))
+    assert not (path.parent / "swap_fp8.safetensors").exists()
+
+
 def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set, tmp_path):
     """A CLIP-L prompt into Apply Text Encoder Swap, a training set cached with the old encoder, a file that is not a
     projection, and a swap setup without captions: each one error naming the value and the fix, before any
@@ -334,3 +466,45 @@ def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set
         F.load_projection(bad)
     with pytest.raises(S.SwapError, match="no captions"):
         S.setup(swapped[0], None, None, [], "none")
+
+
+def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inference(comfy, S, T, family_bundle, clips):
+    """Tiny SDXL (CLIP-L + CLIP-G 320: context 1088, pooled 320 in its adm ``y``) swapped to the tiny T5: the setup
+    reads the context width from the UNet and the pooled width from the old encoder's conditioning, the projection's
+    spread matches within 5 %; Apply Text Encoder Swap's conditioning carries a zero pooled vector of that width, and
+    the trainer's context hook gives the model exactly the kwargs (c_crossattn and y) that the Apply node's
+    conditioning gives through ComfyUI's cond machinery; the stock KSampler samples it. Without the pooled vector
+    ComfyUI's SDXL cannot build its adm."""
+    model, old_clip, vae = family_bundle("sdxl")
+    out, swap = S.setup(model, clips[1], old_clip, CAPTIONS, reset="cross_attention", kind="linear", seed=3)
+    assert (swap.in_dim, swap.out_dim, swap.pooled_dim) == (128, 1088, 320)
+    assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05) and len(swap.reset_layers) >= 4
+    t5 = S.encode(clips[1], ["ohwx a red circle"])[0]
+    (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
+    assert applied[0][0].shape[-1] == 1088 and torch.equal(applied[0][1]["pooled_output"], torch.zeros(1, 320))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    adapter = S.ProjectionAdapter(swap.module().float())
+
+    def kwargs(context, cond):
+        from types import SimpleNamespace
+
+        fake = SimpleNamespace(patcher=out, run=SimpleNamespace(settings=SimpleNamespace(guidance=3.5)),
+                               context=context)
+        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [cond], x))
+
+    with torch.no_grad():
+        train = kwargs(adapter.context, t5)
+        infer = kwargs(T.loop.Trainer.context, applied)
+    assert set(train) >= {"c_crossattn", "y"} and train["y"].shape[-1] == 320 + 6 * 256
+    for k in ("c_crossattn", "y"):
+        torch.testing.assert_close(train[k].float(), infer[k].float(), atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(train["y"][:, :320]) == 0
+    with torch.inference_mode():
+        n = comfy.nodes
+        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=S.encode(clips[1], [""])[0], swap=swap)
+        (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
+        (res,) = n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", applied, neg, lat)
+        assert torch.isfinite(res["samples"]).all()
+        bare = [[applied[0][0], {k: v for k, v in applied[0][1].items() if k != "pooled_output"}]]
+        with pytest.raises(KeyError, match="pooled_output"):
+            n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", bare, neg, lat)

@@ -2,9 +2,9 @@
 API, on tiny models: the tiny SD1.5 checkpoint and the tiny T5 of the Chroma bundle (the test-only
 TinyTextEncoderLoader in place of CLIPLoader, which builds T5-XXL at full size), a 2-image 64 px dataset, 2 steps,
 batch 1. It sets up the swap (the measured spreads are shown under the node), trains the cross-attention as full
-weights with the projection, saves both files (the UNet file maps completely in ComfyUI's stock LoRA loader; the
-projection file reads back as the trained projection) and samples through Apply Text Encoder Swap with the stock
-KSampler."""
+weights with the projection, previews every step through its Preview Plan (T5 prompts, projected), saves both files
+(the UNet file maps completely in ComfyUI's stock LoRA loader; the projection file reads back as the trained
+projection) and samples through Apply Text Encoder Swap with the stock KSampler."""
 from __future__ import annotations
 
 import copy
@@ -85,5 +85,17 @@ def test_te_swap_workflow_runs_through_the_server(comfy, sd15, family_server):
     assert {i["filename"].split("_")[0] for i in images} >= {"sample", "loss"}, images
     for img in images:
         assert (srv.output_dir / img.get("subfolder", "") / img["filename"]).stat().st_size > 0
-    print(f"{NAME}: ran in {seconds:.1f}s")
+    # Train Steps' previews (Preview Plan of T5 prompts, every step): one per step, each the projected prompts on the
+    # model of that step, so the step-2 preview is not the step-1 one
+    (ts_id,) = by_type["AlignedTrainer_TrainSteps"]
+    folder = srv.temp_dir / "temp" / "aligned_trainer_previews"
+    shots = {s: folder / f"node{ts_id}_step{s:07d}.jpg" for s in (1, 2)}
+    assert all(p.exists() for p in shots.values()), sorted(folder.glob("*"))
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(shots[s]).convert("RGB"), dtype=np.float32) for s in (1, 2))
+    diff = float(np.abs(a - b).mean())
+    assert a.shape == b.shape and diff > 0.2, diff  # mean |step 2 - step 1| in 8-bit levels
+    print(f"{NAME}: ran in {seconds:.1f}s; previews at steps 1 and 2 differ by {diff:.2f} levels on average")
 

@@ -1,7 +1,7 @@
 """Sample previews and the preview plan Train Steps renders every N steps."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,6 +56,11 @@ class PreviewPlan:
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.every_n == 0
+
+    def with_conditioning(self, fn) -> "PreviewPlan":
+        """The same plan with ``fn`` (CONDITIONING -> CONDITIONING) applied to every prompt and the negative (a
+        text-encoder swap's projection: ``train.te_swap.projected_plan``)."""
+        return replace(self, positives=tuple(fn(c) for c in self.positives), negative=fn(self.negative))
 
     def render(self, model, step: int) -> torch.Tensor:
         try:

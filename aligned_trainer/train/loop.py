@@ -407,7 +407,8 @@ class Trainer:
         for i, cond in enumerate(conds):
             extras = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in cond[0][1].items()}
             extras = text_mask.for_model(self.patcher.model, extras, x[i:i + 1])
-            c = [[self.context(cond[0][0].detach().clone()), {**extras, "guidance": self.run.settings.guidance}]]
+            states, extras = self.context(cond[0][0].detach().clone(), extras)
+            c = [[states, {**extras, "guidance": self.run.settings.guidance}]]
             conv = comfy.sampler_helpers.convert_cond(c)
             conv = comfy.samplers.encode_model_conds(self.patcher.model.extra_conds, conv, x[i:i + 1], x.device,
                                                      "positive", latent_image=x[i:i + 1])
@@ -459,7 +460,8 @@ class Trainer:
         return ((pred - base.detach()) ** 2).mean()
 
     # -- steps ---------------------------------------------------------------------------------------------
-    context = staticmethod(lambda cond: cond)  # the text states the model reads (te_swap.attach: a projection)
+    # (text states, extras) -> what the model reads (te_swap.attach: a projection, and a pooled vector for an adm)
+    context = staticmethod(lambda cond, extras: (cond, extras))
     clone_saved = False  # set when the model's inference code modifies saved activations in place
 
     @contextlib.contextmanager
@@ -674,7 +676,6 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
     where ``train.distributed`` plugs in (a trainer that shards micro-batches over ranks; rank 0 alone saves)."""
     if steps < 1:
         raise ConfigError("steps must be >= 1")
-    te_swap.check_preview(run, preview)
     history = list(run.history)
     step = run.step
     checkpoints = run.checkpoints

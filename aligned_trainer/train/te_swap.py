@@ -22,8 +22,12 @@ Pieces, each a small function:
 - Training: the MODEL carries the :class:`Swap` as a ModelPatcher attachment. Train Init calls
   :func:`extra_targets` and the trainer calls :func:`attach`, which adds the projection as one more trainable
   adapter (so optimizer, EMA, checkpoints and resume cover it) and projects every conditioning inside the
-  training forward. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
+  training forward. Train Steps' previews sample with the Preview Plan's prompts projected by the projection as it
+  is at that step (:func:`projected_plan`, the Apply node's path) on the model with the run's current differences. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
   ``train/full.py``) or as a LoRA.
+- SDXL (a UNet with an adm): :func:`pooled_dim` reads the pooled vector's width off the old encoder; the
+  projection's :meth:`Projection.context` returns (states, extras) with a zero pooled vector of that width, for the
+  trainer's hook and the Apply node alike.
 - Saving and loading: ``te_swap_files``.
 """
 from __future__ import annotations
@@ -92,11 +96,11 @@ class Projection(torch.nn.Module):
     """``scale * net(x)``; ``net`` a Linear or Linear-GELU-Linear. ``scale`` is a buffer (fixed: set from the
     measured spreads; the layers learn the rest)."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear"):
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", pooled_dim: int = 0):
         super().__init__()
         if kind not in PROJECTIONS:
             raise SwapError(f"projection kind {kind!r} is not one of {PROJECTIONS}")
-        self.kind, self.in_dim, self.out_dim = kind, int(in_dim), int(out_dim)
+        self.kind, self.in_dim, self.out_dim, self.pooled_dim = kind, int(in_dim), int(out_dim), int(pooled_dim)
         if kind == "linear":
             self.net = torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim))
         else:
@@ -115,12 +119,28 @@ class Projection(torch.nn.Module):
         w = self.net[0].weight
         return (self.net(x.to(device=w.device, dtype=w.dtype)) * self.scale).to(x.dtype)
 
+    def extras(self, extras: dict, states: torch.Tensor) -> dict:
+        """The conditioning's extras for the UNet: a model with an adm (SDXL: ``pooled_output`` in its ``y``) gets a
+        zero pooled vector of its width (the new encoder's own pooled vector, if any, is another encoder's and
+        another width); others keep the extras as they are."""
+        out = dict(extras)
+        if self.pooled_dim:
+            out["pooled_output"] = torch.zeros(states.shape[0], self.pooled_dim, dtype=states.dtype,
+                                               device=states.device)
+        return out
+
+    def context(self, states: torch.Tensor, extras: dict) -> tuple[torch.Tensor, dict]:
+        """(the new encoder's states, extras) -> (the UNet's context, extras): the trainer's hook and the Apply
+        node's path (:meth:`project`) are this one function."""
+        return self(check_width(states, self.in_dim)), self.extras(extras, states)
+
     def project(self, conditioning: list) -> list:
-        """CONDITIONING of the new encoder -> CONDITIONING for the UNet (extras kept)."""
+        """CONDITIONING of the new encoder -> CONDITIONING for the UNet (extras kept; a zero pooled vector for an
+        adm model)."""
         if not conditioning:
             return conditioning
         with torch.no_grad():
-            return [[self(check_width(c[0], self.in_dim)), dict(c[1])] for c in conditioning]
+            return [list(self.context(c[0], c[1])) for c in conditioning]
 
 
 def check_width(cond: torch.Tensor, in_dim: int) -> torch.Tensor:
@@ -221,9 +241,10 @@ class Swap:
     captions: int = 0
     new_spec: str = ""
     old_spec: str = ""
+    pooled_dim: int = 0                # width of the pooled vector in the model's adm (SDXL), 0: no adm
 
     def module(self, state: dict | None = None) -> Projection:
-        p = Projection(self.in_dim, self.out_dim, self.kind)
+        p = Projection(self.in_dim, self.out_dim, self.kind, self.pooled_dim)
         p.load_state_dict({k: v.detach().clone() for k, v in (state or self.projection).items()})
         return p.eval()
 
@@ -233,7 +254,7 @@ class Swap:
 
     def record(self) -> dict:
         keep = ("kind", "in_dim", "out_dim", "reset", "reset_layers", "seed", "std_old", "std_new", "std_projected",
-                "tokens_old", "tokens_new", "captions", "new_spec", "old_spec")
+                "tokens_old", "tokens_new", "captions", "new_spec", "old_spec", "pooled_dim")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep} | \
             {"scale": self.scale}
 
@@ -286,8 +307,21 @@ def setup(model, new_clip, old_clip, captions: list[str], reset: str = "cross_at
         diffs = reset_diffs(model, names, seed + 1)
     swap = Swap(kind, proj.in_dim, out_dim, {k: v.detach().clone() for k, v in proj.state_dict().items()}, reset,
                 tuple(names), diffs, int(seed), std_old, std_new, std_proj, n_old, n_new, len(texts),
-                _spec_id(new_clip), _spec_id(old_clip))
+                _spec_id(new_clip), _spec_id(old_clip), pooled_dim(model, old))
     return with_swap(model, swap), swap
+
+
+def pooled_dim(model, old_conds: list) -> int:
+    """The pooled vector's width a model's adm reads (SDXL's ``y``: the old encoder's ``pooled_output``, then size
+    embeddings), read off the old encoder's conditioning; 0 when the model has no adm (SD1.5: ``adm_channels``
+    0) or the old encoder gives no pooled vector."""
+    if not int(getattr(model.model, "adm_channels", 0) or 0):
+        return 0
+    pooled = old_conds[0][0][1].get("pooled_output") if old_conds else None
+    if not isinstance(pooled, torch.Tensor):
+        raise SwapError("this model reads a pooled text vector (an adm, e.g. SDXL) but the old CLIP's conditioning "
+                        "carries none: connect the CLIP of the model's own checkpoint as old_clip")
+    return int(pooled.shape[-1])
 
 
 def with_swap(model, swap: Swap):
@@ -324,8 +358,8 @@ class ProjectionAdapter(torch.nn.Module):
         self.inner = inner
         self.enabled = True
 
-    def context(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.inner(check_width(cond, self.inner.in_dim).float())
+    def context(self, cond: torch.Tensor, extras: dict) -> tuple[torch.Tensor, dict]:
+        return self.inner.context(cond.float(), extras)
 
 
 def attach(trainer) -> None:
@@ -347,13 +381,28 @@ def attach(trainer) -> None:
     trainer.context = a.context
 
 
-def check_preview(run, preview) -> None:
-    """Train Steps' previews sample with the Preview Plan's own CONDITIONING, unprojected: refused for a swap run
-    (before any step) rather than failing in the UNet or drawing from the wrong encoder's states."""
-    if preview is not None and of(run.model) is not None:
-        raise SwapError("Train Steps' preview plan cannot sample a text-encoder swap run (its prompts are not projected "
-                        "for the swapped UNet): disconnect preview_plan, and sample after Train Steps with Apply Text "
-                        "Encoder Swap + KSampler on Train Steps' MODEL (as in workflows/train_te_swap_sd15.json)")
+def check_plan(model, plan) -> None:
+    """A preview plan for a swap run must hold prompts of the new encoder (what the projection reads): refused with
+    the fix before any step otherwise. Nothing to check without a swap or a plan."""
+    swap = of(model)
+    if swap is None or plan is None:
+        return
+    for c in [*getattr(plan, "positives", ()), getattr(plan, "negative", None) or []]:
+        for item in c:
+            if int(item[0].shape[-1]) != swap.in_dim:
+                raise SwapError(f"the Preview Plan's prompts are encoded {int(item[0].shape[-1])} wide, the swap's "
+                                f"projection reads {swap.in_dim}: connect the new text encoder (the one given to Text "
+                                "Encoder Swap Setup as new_clip) to the Preview Plan's clip")
+
+
+def projected_plan(plan, model, adapters: dict[str, torch.Tensor]):
+    """The preview plan a swap run samples with: its prompts projected by the projection in ``adapters`` (a
+    trainer's current state) exactly as Apply Text Encoder Swap projects a prompt at inference; ``plan`` itself
+    when ``model`` carries no swap."""
+    if of(model) is None:
+        return plan
+    state = {k[len(ADAPTER) + 1:]: v for k, v in adapters.items() if k.startswith(ADAPTER + ".")}
+    return plan.with_conditioning(of(model).module(state).project)
 
 
 def without_projection(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""Files of a text-encoder swap (``te_swap``): the retrained UNet as ``.diff`` / ``.diff_b`` keys (reset + trained
-difference per changed weight, relative to the original checkpoint) that ComfyUI's stock LoRA loaders apply, written
-into the loras folder; the projection as its own safetensors file (settings in the metadata) in the
+"""Files of a text-encoder swap (``te_swap``): the retrained UNet either as ``.diff`` / ``.diff_b`` keys (``diff``:
+reset + trained difference per changed weight, relative to the original checkpoint) that ComfyUI's stock LoRA loaders
+apply, written into the loras folder, or whole (``full``: every diffusion-model weight, base + those differences, in
+the base's dtype) in the diffusion_models folder for the stock UNETLoader; the projection as its own safetensors file (settings in the metadata) in the
 ``te_projections`` model folder. Both written atomically; the UNet file checked to map completely before success."""
 from __future__ import annotations
 
@@ -37,6 +38,49 @@ def unet_file_state(run, dtype: torch.dtype = torch.float32, ema: bool = True) -
     return out
 
 
+UNET_FORMATS = ("diff", "full")
+_PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _quantized(w) -> bool:
+    """A base weight ComfyUI holds quantized (fp8 storage, ``comfy.quant_ops.QuantizedTensor``, or another tensor
+    subclass such as a GGUF or quanto weight): base + difference cannot be written back in its own format."""
+    return w.dtype not in _PLAIN_DTYPES or type(w) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def full_unet_state(run, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The retrained UNet whole, keyed as the diffusion model's own state dict (no prefix; what UNETLoader reads):
+    each base weight as ComfyUI holds it before any patch, plus the reset and trained difference
+    (:func:`unet_file_state`) computed in fp32 and stored in that weight's dtype. Refuses a quantized base."""
+    diffs = unet_file_state(run, torch.float32, ema)
+    change = {f"{k.rpartition('.')[0]}.{'weight' if k.endswith('.diff') else 'bias'}": v for k, v in diffs.items()}
+    base = run.model.get_key_patches("diffusion_model.")
+    odd = sorted(k for k, v in base.items() if _quantized(v[0][0]))
+    if odd:
+        w = base[odd[0]][0][0]
+        raise SwapError(f"the base model's weights are quantized ({len(odd)} tensors, e.g. '{odd[0]}' is "
+                        f"{type(w).__name__} {w.dtype}): a full UNet cannot be written in their format. Load the "
+                        "checkpoint unquantized (weight_dtype 'default', no fp8 / GGUF / quantized file) and train "
+                        "again, or save with unet_format 'diff' and apply it with Load LoRA")
+    missing = sorted(set(change) - set(base))
+    if missing:
+        raise SwapError(f"the swap changes weights this model does not have (e.g. '{missing[0]}'); not saved")
+    out = {}
+    for key, patches in base.items():
+        w = patches[0][0].detach()
+        if key in change:
+            w = (w.float().cpu() + change[key]).to(w.dtype)
+        out[key[len("diffusion_model."):]] = w.cpu().contiguous()
+    return out
+
+
+def detects_as_unet(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether ComfyUI's model detection (what UNETLoader runs) recognises ``sd`` as a diffusion model."""
+    import comfy.model_detection
+
+    return comfy.model_detection.model_config_from_unet(sd, "") is not None
+
+
 def unmapped_diff_keys(model, sd: dict[str, torch.Tensor]) -> list[str]:
     """``.diff`` / ``.diff_b`` keys of ``sd`` that ComfyUI's LoRA loader (``comfy.lora.load_lora``) would not turn into
     a patch of the model's weight / bias."""
@@ -71,7 +115,7 @@ def load_projection(path) -> Swap:
                 tuple(rec.get("reset_layers", ())), {}, int(rec.get("seed", 0)),
                 float(rec.get("std_old", 0)), float(rec.get("std_new", 0)), float(rec.get("std_projected", 0)),
                 int(rec.get("tokens_old", 0)), int(rec.get("tokens_new", 0)), int(rec.get("captions", 0)),
-                rec.get("new_spec", ""), rec.get("old_spec", ""))
+                rec.get("new_spec", ""), rec.get("old_spec", ""), int(rec.get("pooled_dim", 0)))
     swap.module()  # refuses tensors that do not fit the recorded shapes
     return swap
 
@@ -114,10 +158,13 @@ def load_projection_named(name: str) -> Swap:
 
 
 def save(run, name: str, dtype: torch.dtype = torch.float32, ema: bool = True, if_exists: str = "new_name",
-         loras_folder=None, projections_folder=None) -> tuple[str, str, Swap]:
-    """Write the retrained UNet (``.diff`` keys, checked to map completely in ComfyUI's LoRA loader) into the loras
-    folder and the trained projection into the ``te_projections`` folder, both atomically, under ``name``;
-    returns (UNet file, projection file, the trained Swap)."""
+         loras_folder=None, projections_folder=None, unet_format: str = "diff",
+         unet_folder=None) -> tuple[str, str, Swap]:
+    """Write the retrained UNet and the trained projection (``te_projections`` folder), both atomically, under
+    ``name``; returns (UNet file, projection file, the trained Swap). ``unet_format`` ``diff``: ``.diff`` keys
+    (``dtype``), checked to map completely in ComfyUI's LoRA loader, into the loras folder; ``full``: the whole
+    diffusion model (:func:`full_unet_state`, the base's dtype), checked to be detected by ComfyUI's model
+    detection, into the diffusion_models folder."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -129,16 +176,30 @@ def save(run, name: str, dtype: torch.dtype = torch.float32, ema: bool = True, i
     fname = export.check_name(name)
     if run.state is None:
         raise SwapError("the run has no trained weights yet; run Train Steps first")
+    if unet_format not in UNET_FORMATS:
+        raise SwapError(f"unet_format {unet_format!r} is not one of {UNET_FORMATS}")
     swap = trained_swap(run, ema)
-    sd = unet_file_state(run, dtype, ema)
-    missing = unmapped_diff_keys(run.model, sd)
-    if missing:
-        raise SwapError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
-    if loras_folder is None:
-        import folder_paths
+    if unet_format == "full":
+        sd = full_unet_state(run, ema)
+        if not detects_as_unet(sd):
+            raise SwapError("ComfyUI's model detection does not recognise the full UNet (UNETLoader could not load "
+                            "it); not saved: save with unet_format 'diff'")
+        folder = unet_folder
+        if folder is None:
+            import folder_paths
 
-        loras_folder = folder_paths.get_folder_paths("loras")[0]
-    folder = Path(loras_folder)
+            folder = folder_paths.get_folder_paths("diffusion_models")[0]
+    else:
+        sd = unet_file_state(run, dtype, ema)
+        missing = unmapped_diff_keys(run.model, sd)
+        if missing:
+            raise SwapError(f"ComfyUI's LoRA loader would not map {len(missing)} keys (e.g. {missing[:3]}); not saved")
+        folder = loras_folder
+        if folder is None:
+            import folder_paths
+
+            folder = folder_paths.get_folder_paths("loras")[0]
+    folder = Path(folder)
     pfolder = Path(projections_folder or projection_folders()[0])
     folder.mkdir(parents=True, exist_ok=True)
     pfolder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +208,8 @@ def save(run, name: str, dtype: torch.dtype = torch.float32, ema: bool = True, i
                                overwrite=if_exists == "overwrite")
     umeta = {**export.metadata(run), "aligned_trainer.te_swap": pmeta["aligned_trainer.te_swap"],
              "aligned_trainer.te_swap_projection": ppath.name,
-             "aligned_trainer.weights": "ema" if ema and run.state.get("ema_adapters") else "trained"}
+             "aligned_trainer.weights": "ema" if ema and run.state.get("ema_adapters") else "trained",
+             "aligned_trainer.te_swap_unet_format": unet_format}
     upath = files.write_atomic(folder / ppath.name, lambda tmp: save_file(sd, tmp, metadata=umeta),
                                overwrite=if_exists == "overwrite")
     return str(upath), str(ppath), swap

@@ -180,6 +180,7 @@ TE_SWAP = {"train_te_swap_sd15": (
      "AlignedTrainer_TrainInit": {"batch_size": 1, "grad_accum": 1, "gradient_checkpointing": False},
      "AlignedTrainer_TrainSteps": {"steps": TE_SWAP_STEPS, "checkpoint_every": TE_SWAP_STEPS, "val_every": 0},
      "AlignedTrainer_Optimizer": {"total_steps": TE_SWAP_STEPS, "learning_rate": 1e-3},
+     "AlignedTrainer_PreviewPlan": {"every_n": 1, "steps": 1, "width": 64, "height": 64},
      "EmptyLatentImage": {"width": 64, "height": 64},
      "KSampler": {"steps": 1}})}
 
