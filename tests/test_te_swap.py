@@ -378,6 +378,24 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
     assert len(comfy.lora.load_lora(kd, comfy.lora.model_lora_keys_unet(sd15[0].model, {}), log_missing=False)) == len(kd)
 
 
+def test_new_name_keeps_the_unet_and_its_projection_under_one_name(F, trained, tmp_path):
+    """if_exists 'new_name' picks a name free in BOTH folders: with swap.safetensors taken only among the
+    projections and swap_2.safetensors only among the UNet files, both files become swap_3.safetensors (a name
+    per folder would pair swap_2's projection with swap_3's UNet); nothing existing is touched."""
+    _, _, run, _, _ = trained
+    loras, projs = tmp_path / "loras", tmp_path / "te_projections"
+    loras.mkdir(), projs.mkdir()
+    (projs / "swap.safetensors").write_bytes(b"p1")
+    (loras / "swap_2.safetensors").write_bytes(b"u2")
+    from safetensors import safe_open
+
+    unet, proj, _ = F.save(run, "swap", if_exists="new_name", loras_folder=loras, projections_folder=projs)
+    assert Path(unet) == loras / "swap_3.safetensors" and Path(proj) == projs / "swap_3.safetensors", (unet, proj)
+    assert (projs / "swap.safetensors").read_bytes() == b"p1" and (loras / "swap_2.safetensors").read_bytes() == b"u2"
+    with safe_open(unet, framework="pt") as f:
+        assert f.metadata()["aligned_trainer.te_swap_projection"] == "swap_3.safetensors"
+
+
 def _is_pure_safetensors(path) -> bool:
     """The file is an 8-byte little-endian header length, a JSON header of tensor entries, then raw bytes (no
     pickle: safetensors' own layout, nothing else)."""

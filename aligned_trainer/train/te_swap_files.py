@@ -203,6 +203,10 @@ def save(run, name: str, dtype: torch.dtype = torch.float32, ema: bool = True, i
     pfolder = Path(projections_folder or projection_folders()[0])
     folder.mkdir(parents=True, exist_ok=True)
     pfolder.mkdir(parents=True, exist_ok=True)
+    if if_exists == "new_name":  # one free name in both folders, so the UNet and its projection keep one name
+        fname = next((files.suffixed(Path(fname), n).name for n in range(1, files.MAX_SUFFIX)
+                      if not (folder / files.suffixed(Path(fname), n).name).exists()
+                      and not (pfolder / files.suffixed(Path(fname), n).name).exists()), fname)
     tensors, pmeta = projection_file_state(swap)
     ppath = files.write_atomic(pfolder / fname, lambda tmp: save_file(tensors, tmp, metadata=pmeta),
                                overwrite=if_exists == "overwrite")
