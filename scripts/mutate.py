@@ -125,6 +125,7 @@ TESTS = {
     "data/dataset.py": ["tests/test_pin_dataset.py", "tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/images.py": ["tests/test_pin_images.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/video.py": ["tests/test_pin_video.py", "tests/test_data_video.py"],
+    "data/summary.py": ["tests/test_pin_summary.py", "tests/test_ui_support.py::test_dataset_route_guard_and_summary"],
     "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
                       "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",
                       "tests/test_data.py::test_text_cache_and_text_encoder_unloaded"],
