@@ -117,6 +117,7 @@ TESTS = {
     "train/offload.py": ["tests/test_pin_offload.py", "tests/test_pin_placement.py",
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
     "train/interop.py": ["tests/test_interop_import.py"],
+    "train/files.py": ["tests/test_pin_files.py"],
     "train/full.py": ["tests/test_pin_full.py", "tests/test_te_swap.py"],
     "train/te_swap.py": ["tests/test_te_swap.py"],
     "te/inputs.py": ["tests/test_pin_te_hv15.py"],
