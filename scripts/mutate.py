@@ -141,6 +141,7 @@ TESTS = {
     "sampling/render.py": ["tests/test_pin_render.py", "tests/test_pin_sampling.py",
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
+    "sampling/animation.py": ["tests/test_pin_animation.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
