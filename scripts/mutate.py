@@ -126,6 +126,8 @@ TESTS = {
     "data/dataset.py": ["tests/test_pin_dataset.py", "tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/images.py": ["tests/test_pin_images.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/video.py": ["tests/test_pin_video.py", "tests/test_data_video.py"],
+    "data/vae_roundtrip.py": ["tests/test_pin_vae_roundtrip.py",
+                              "tests/test_dataset_tools.py::test_vae_round_trip_metrics_match_a_direct_computation_worst_first"],
     "data/summary.py": ["tests/test_pin_summary.py", "tests/test_ui_support.py::test_dataset_route_guard_and_summary"],
     "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
                       "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",
