@@ -144,6 +144,9 @@ TESTS = {
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
     "sampling/animation.py": ["tests/test_pin_animation.py"],
+    # sampling/slider_sweep.py: run with --lines on parse_strengths; sweep() samples (test_sliders.py's sweep test,
+    # which trains a slider first: minutes per mutant here)
+    "sampling/slider_sweep.py": ["tests/test_pin_slider_sweep.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
