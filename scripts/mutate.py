@@ -117,6 +117,7 @@ TESTS = {
     "train/offload.py": ["tests/test_pin_offload.py", "tests/test_pin_placement.py",
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
     "train/interop.py": ["tests/test_interop_import.py"],
+    "train/files.py": ["tests/test_pin_files.py"],
     "train/full.py": ["tests/test_pin_full.py", "tests/test_te_swap.py"],
     "train/te_swap.py": ["tests/test_te_swap.py"],
     "te/inputs.py": ["tests/test_pin_te_hv15.py"],
@@ -125,6 +126,9 @@ TESTS = {
     "data/dataset.py": ["tests/test_pin_dataset.py", "tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/images.py": ["tests/test_pin_images.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/video.py": ["tests/test_pin_video.py", "tests/test_data_video.py"],
+    "data/vae_roundtrip.py": ["tests/test_pin_vae_roundtrip.py",
+                              "tests/test_dataset_tools.py::test_vae_round_trip_metrics_match_a_direct_computation_worst_first"],
+    "data/summary.py": ["tests/test_pin_summary.py", "tests/test_ui_support.py::test_dataset_route_guard_and_summary"],
     "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
                       "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",
                       "tests/test_data.py::test_text_cache_and_text_encoder_unloaded"],
@@ -139,6 +143,10 @@ TESTS = {
     "sampling/render.py": ["tests/test_pin_render.py", "tests/test_pin_sampling.py",
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
+    "sampling/animation.py": ["tests/test_pin_animation.py"],
+    # sampling/slider_sweep.py: run with --lines on parse_strengths; sweep() samples (test_sliders.py's sweep test,
+    # which trains a slider first: minutes per mutant here)
+    "sampling/slider_sweep.py": ["tests/test_pin_slider_sweep.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
