@@ -18,8 +18,9 @@ class TokenHeatmaps(io.ComfyNode):
             description="Samples a prompt with ComfyUI's sampler and shows, per chosen word, where it acts in the "
                         "image (cross-attention maps summed over heads, layers and steps, as DAAM). Use it to see "
                         "whether a trigger word bleeds into outfit or background; compare base vs LoRA, aligned vs "
-                        "default encoders. UNet models (SD1.x, SD2.x, SDXL) and joint-attention DiTs (FLUX.1, Chroma, "
-                        "SD3, Qwen-Image, Z-Image, Lumina 2).",
+                        "default encoders. UNet models (SD1.x, SD2.x, SDXL) and DiTs (FLUX.1, Chroma, SD3, "
+                        "Qwen-Image, Z-Image, Lumina 2, HiDream, HunyuanVideo 1.5, Wan; video models sample one "
+                        "frame).",
             inputs=[io.Model.Input("model", tooltip="The model, with or without a LoRA."),
                     io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (aligned or default)."),
                     io.Vae.Input("vae", tooltip="VAE to decode the image."),

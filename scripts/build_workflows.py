@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workflow import widget_names  # noqa: E402
 
 P = "AlignedTrainer_"
+TINY_VAE = "tiny-sd15-vae.safetensors"  # the tiny SD1.5's VAE as a standalone file (tests/support/demo.py)
 UI_PANELS = {P + "TrainSteps": 290, P + "Dataset": 170}  # heights of the training panel and the dataset picker
 
 
@@ -88,6 +89,20 @@ class Graph:
         self.links.append([lid, src["id"], slot, dst["id"], dslot, ltype])
         src["outputs"][slot]["links"].append(lid)
         dst["inputs"][dslot]["link"] = lid
+
+    def move_links(self, src: dict, out: str, new_src: dict, new_out: str) -> int:
+        """Re-point every link leaving ``src``'s output ``out`` to ``new_src``'s ``new_out`` (link ids and the
+        inputs they feed stay as they were); the number moved."""
+        slot = [o["name"] for o in src["outputs"]].index(out)
+        new_slot = [o["name"] for o in new_src["outputs"]].index(new_out)
+        moved = 0
+        for link in self.links:
+            if link[1] == src["id"] and link[2] == slot:
+                link[1], link[2], link[5] = new_src["id"], new_slot, new_src["outputs"][new_slot]["type"]
+                src["outputs"][slot]["links"].remove(link[0])
+                new_src["outputs"][new_slot]["links"].append(link[0])
+                moved += 1
+        return moved
 
     def note(self, text: str, col: int = 0) -> dict:
         node = {"id": len(self.nodes) + 1, "type": "Note", "pos": self._place(col, 240), "size": [340, 240],
@@ -164,6 +179,19 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     return {"te": te, "train": ts}
 
 
+TRAINING_VAE_NOTE = "Training uses this VAE: pick the VAE you will sample with"
+
+
+def training_vae(g: Graph, ckpt: dict, vae_name: str) -> dict:
+    """A visible Load VAE (ComfyUI's VAELoader) feeding every VAE input the checkpoint's VAE fed (latent caching,
+    previews, decoding), with a Note saying so. Added last, so the graph's other node and link ids stay stable."""
+    vae = g.add("VAELoader", col=0, vae_name=vae_name)
+    if not g.move_links(ckpt, "VAE", vae, "VAE"):
+        raise ValueError("training_vae: the checkpoint loader's VAE feeds nothing")
+    g.note(TRAINING_VAE_NOTE, col=0)
+    return vae
+
+
 # The split-file families: loader kind -> (text-encoder file, CLIPLoader type, VAE file), the files of ComfyUI's own
 # templates for them (see the family table in build()).
 SPLIT_LOADERS = {
@@ -212,6 +240,7 @@ def build(info: dict) -> dict[str, dict]:
     g.link(chain["te"], "unaligned_clip", ab, "clip_b")
     sab = g.add("SaveImage", filename_prefix="demo/ab_compare")
     g.link(ab, "grid", sab, "images")
+    training_vae(g, ck, TINY_VAE)
     out["demo_train_tiny"] = g.to_json()
 
     # --- one training workflow per family (real model files) ---------------------------------------------
@@ -542,6 +571,7 @@ def build(info: dict) -> dict[str, dict]:
     for o, name in (("loss_chart", "validation_loss"), ("grid", "lora_clip_grid")):
         si = g.add("SaveImage", filename_prefix=f"ab_training/{name}")
         g.link(rep, o, si, "images")
+    training_vae(g, ck, TINY_VAE)
     out["ab_training_aligned_vs_unaligned"] = g.to_json()
 
     # --- dataset tools: anti-AI-filter cleaning and the VAE round-trip (kohya LoRA guide) ------------------------
@@ -551,8 +581,8 @@ def build(info: dict) -> dict[str, dict]:
            "files are never written): against anti-AI noise, dithering and fine repeating motifs. Its report flags "
            "suspect images; compare before/after, since cleaning also softens real fine detail.\n\n"
            "VAE Round-Trip encodes and decodes each image as training sees it and lists PSNR/SSIM worst first: a "
-           "LoRA learns the decoded image. To train with a specific VAE, add Load VAE and connect it to both VAE "
-           "Round-Trip and Cache Latents. Runs on the tiny SD1.5 demo; pick your checkpoint and dataset.")
+           "LoRA learns the decoded image. Load VAE feeds both VAE Round-Trip and Cache Latents: pick the VAE you "
+           "will sample with. Runs on the tiny SD1.5 demo; pick your checkpoint, its VAE and your dataset.")
     ck = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
     g.col = 1
     ds = g.add(P + "Dataset", folder="demo_dataset", resolution=64, min_side=64, max_side=128, bucket_step=64,
@@ -574,6 +604,7 @@ def build(info: dict) -> dict[str, dict]:
     for src in (cl, rt):
         pa = g.add("PreviewAny", title="Report")
         g.link(src, "report", pa, "source")
+    training_vae(g, ck, TINY_VAE)
     out["dataset_tools"] = g.to_json()
 
     # --- token heatmaps (DAAM) ---------------------------------------------------------------------------------
@@ -788,7 +819,8 @@ MODELS = {
 DESCRIPTIONS = {
     "demo_train_tiny": ("Demo: train a tiny LoRA", "Trains a LoRA on a generated tiny SD1.5 in seconds, on a CPU: "
                         "live loss chart, previews, A/B of aligned vs default text encoders.",
-                        ["tiny-sd15.safetensors (scripts/demo.py)", "input/demo_dataset"]),
+                        ["tiny-sd15.safetensors (scripts/demo.py)", "vae/tiny-sd15-vae.safetensors (scripts/demo.py)",
+                         "input/demo_dataset"]),
     "train_lora_sd15": ("Train an SD1.5 LoRA", "CLIP-L as SD1.5 was trained (77 tokens, truncated); uniform "
                         "timesteps, min-SNR 5; 512 px.", ["checkpoints/v1-5-pruned-emaonly.safetensors",
                                                            "input/my_dataset (images + .txt captions)"]),
@@ -852,10 +884,12 @@ DESCRIPTIONS = {
                                          "twice with one seed, once with aligned and once with ComfyUI's default "
                                          "text encoders: both validation-loss curves and a LoRA x CLIP grid.",
                                          ["any SD1.5 checkpoint (tiny-sd15 named)",
+                                          "vae/: the VAE you sample with (tiny-sd15-vae named)",
                                           "input/demo_dataset (images + .txt captions)"]),
     "dataset_tools": ("Dataset tools: cleaning and VAE round-trip", "Removes anti-AI noise into cleaned copies "
                       "and flags suspect images; shows what the VAE loses per image (PSNR/SSIM, worst first).",
-                      ["any SD1.5 checkpoint (tiny-sd15 named)", "input/demo_dataset (images + .txt captions)"]),
+                      ["any SD1.5 checkpoint (tiny-sd15 named)", "vae/: the VAE you sample with (tiny-sd15-vae named)",
+                       "input/demo_dataset (images + .txt captions)"]),
     "token_heatmaps": ("Token heatmaps (DAAM)", "Where each word of a prompt acts in the image: does the trigger "
                        "word bleed into outfit or background? Compare base vs LoRA, aligned vs default encoders.",
                        ["any SD1.x/SD2.x/SDXL checkpoint (tiny-sd15 named)"]),

@@ -60,7 +60,7 @@ def sd15(comfy, sd15_checkpoint):
 def server(tmp_path_factory, sd15_checkpoint, comfy_dirs):
     """The real ComfyUI server (main.py) with this pack, on a free loopback port; always stopped."""
     base = tmp_path_factory.mktemp("server")
-    srv = ComfyServer(base, model_folders={"checkpoints": sd15_checkpoint.parent,
+    srv = ComfyServer(base, model_folders={"checkpoints": sd15_checkpoint.parent, "vae": comfy_dirs["models"] / "vae",
                                            "loras": comfy_dirs["models"] / "loras"})
     srv.start()
     try:

@@ -40,7 +40,10 @@ class Place:
         self.base = base
         self.loras = base / "models" / "loras"
         self.loras.mkdir(parents=True)
-        self.server = ComfyServer(base, model_folders={"checkpoints": checkpoints, "loras": self.loras})
+        self.vae = checkpoints.parent / "vae"  # where prepare_inputs puts the demo's VAE file
+        self.vae.mkdir(parents=True, exist_ok=True)
+        self.server = ComfyServer(base, model_folders={"checkpoints": checkpoints, "vae": self.vae,
+                                                       "loras": self.loras})
         self.server.launch()  # boots while the first headless run works
         self.yaml = base / "extra_model_paths.yaml"
 

@@ -50,6 +50,44 @@ def test_validator_catches_bad_workflows(comfy):
     assert any("sampler_name" in p for p in validate(bad, info))
 
 
+@pytest.mark.parametrize("name", ["demo_train_tiny", "dataset_tools", "ab_training_aligned_vs_unaligned"])
+def test_training_vae_comes_from_a_load_vae_node(name):
+    """The tool workflows' VAE is a visible choice: every VAE input (latent caching, previews, decoding) is linked
+    from ComfyUI's stock Load VAE, which names the tiny SD1.5's VAE file that demo.prepare_inputs places, and a
+    Note beside it says training uses it. The checkpoint loader's own VAE output feeds nothing."""
+    wf = load(REPO / "workflows" / f"{name}.json")
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {link[0]: link for link in wf["links"]}
+    vae_inputs = [(n["id"], i["name"], i["link"]) for n in wf["nodes"] for i in n.get("inputs", [])
+                  if i["type"] == "VAE"]
+    assert vae_inputs, name
+    for nid, inp, lid in vae_inputs:
+        assert lid is not None, f"{name}: node {nid} input {inp} is not connected"
+        src = nodes[links[lid][1]]
+        assert src["type"] == "VAELoader", f"{name}: node {nid} ({nodes[nid]['type']}) {inp} comes from {src['type']}"
+        assert src["widgets_values"] == [demo.DEMO_VAE]
+    for n in wf["nodes"]:
+        for o in n.get("outputs", []):
+            if o["type"] == "VAE" and n["type"] != "VAELoader":
+                assert not o["links"], f"{name}: {n['type']}'s VAE still feeds links {o['links']}"
+    assert any(n["type"] == "Note" and n["widgets_values"] == ["Training uses this VAE: pick the VAE you will "
+                                                              "sample with"] for n in wf["nodes"])
+
+
+def test_demo_vae_file_is_the_checkpoints_vae(comfy, comfy_dirs, sd15):
+    """The standalone tiny VAE (sd15.vae_file) loads through the stock VAELoader as an SD VAE with the very
+    weights the tiny checkpoint's VAE has, so the demo trains and samples as it did with the checkpoint's VAE."""
+    import torch
+
+    demo.prepare_inputs(comfy_dirs["input"], comfy_dirs["models"] / "checkpoints")
+    (vae,) = comfy.nodes.VAELoader().load_vae(demo.DEMO_VAE)
+    ref = sd15[2].first_stage_model.state_dict()
+    got = vae.first_stage_model.state_dict()
+    assert got.keys() == ref.keys() and len(got) > 100
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert vae.latent_channels == 4 and vae.downscale_ratio == sd15[2].downscale_ratio
+
+
 @pytest.mark.server
 def test_workflows_are_served_as_templates(server):
     templates = server.get("/api/workflow_templates")

@@ -5,14 +5,15 @@ hooked call still computes its output with ComfyUI's own attention function, so 
 - UNet families (SD1.x, SD2.x, SDXL): every cross-attention layer gets ComfyUI's ``attn2`` replace patch, which
   calls ``optimized_attention`` as the unpatched layer does and records the softmax attention of the image
   queries over the text tokens;
-- joint-attention DiTs whose attention goes through ComfyUI's wrapped attention (FLUX.1, Chroma, SD3's MMDiT,
-  Qwen-Image, Z-Image, Lumina 2; where their text tokens sit in the joint sequence is data in
-  ``joint_layouts.py``; the recorded maps ignore any attention mask): the ``optimized_attention_override`` hook
-  of ``transformer_options`` sees every attention call; for the calls over text + image tokens it records the
-  text-to-image part (image queries, softmax over all keys, the text keys' columns).
+- DiTs whose attention goes through ComfyUI's wrapped attention (the joint attention of FLUX.1, Chroma, SD3's
+  MMDiT, Qwen-Image, Z-Image, Lumina 2, HiDream, HunyuanVideo 1.5; Wan's cross-attention; where their text tokens
+  sit is data in ``joint_layouts.py``; the recorded maps ignore any attention mask): the
+  ``optimized_attention_override`` hook of ``transformer_options`` sees every attention call; for the calls from
+  the image to the text it records the text-to-image part (image queries, softmax over all keys, the text keys'
+  columns).
 As DAAM does, the maps are averaged over heads, summed over layers and sampling steps (the conditional half of a
-CFG batch only), upsampled to the image (bicubic) and normalised per token to [0, 1]. Other models (HiDream, Wan,
-...) are refused with a message naming the family (docs/heatmaps.md).
+CFG batch only), upsampled to the image (bicubic) and normalised per token to [0, 1]. Other models are refused
+with a message naming the family (docs/heatmaps.md).
 """
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def cross_attention_blocks(model) -> list[tuple[str, int, int]]:
     UNet names them in ``transformer_options`` (input/middle/output blocks)."""
     dm = model.model.diffusion_model
     if not hasattr(dm, "input_blocks"):
-        raise ValueError(f"Token heatmaps read UNet cross-attention (SD1.x, SD2.x, SDXL) or the joint attention of "
-                         f"FLUX.1, Chroma, SD3, Qwen-Image, Z-Image and Lumina 2; this model is "
+        raise ValueError(f"Token heatmaps read UNet cross-attention (SD1.x, SD2.x, SDXL) or the text attention of "
+                         f"the DiTs listed in joint_layouts.py ({', '.join(joint_layouts.LAYOUTS)}); this model is "
                          f"{joint_layouts.family_name(model)} ({type(dm).__name__}): not supported yet.")
     found = []
     for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
@@ -138,10 +139,11 @@ def patched(model, capture: Capture, text_len: int | None = None, latent_hw: tup
         def override(func, *args, **kwargs):
             out = own(func, *args, **kwargs) if own is not None else func(*args, **kwargs)
             axis = -2 if kwargs.get("skip_reshape") else 1  # the sequence axis
-            if args[0].shape[axis] == args[1].shape[axis] == span.seq:  # joint text + image calls only
+            here = span.locate(args[0].shape[axis], args[1].shape[axis])  # image-to-text calls only
+            if here is not None:
                 with torch.no_grad():
                     qh, kh = _heads_first(args, kwargs)
-                    capture.add_joint(qh, kh, span, kwargs.get("transformer_options") or {})
+                    capture.add_joint(qh, kh, here, kwargs.get("transformer_options") or {})
             return out
 
         options["optimized_attention_override"] = override
@@ -159,26 +161,31 @@ def patched(model, capture: Capture, text_len: int | None = None, latent_hw: tup
     return m
 
 
-def _ids(clip, text: str, text_len: int | None = None) -> tuple[list[int], str, int]:
+def _ids(clip, text: str, text_len: int | None = None, key: str | None = None) -> tuple[list[int], str, int]:
     """Token ids of ``text`` from the tokenizer whose tokens make the conditioning, the tokenizer's key, and how
     many leading tokens the encoder drops. The tokenizer is the one whose count is ``text_len`` (T5 for FLUX.1,
     not CLIP-L's pooled text); else one with more tokens, whose leading surplus the encoder drops (Qwen-Image's
     chat template, cut at its end by ComfyUI's encoder); else the first (SD3: CLIP-L/G's 77 tokens open the
-    sequence, T5's follow, not mapped). For SDXL/SD3 both CLIPs split words alike."""
+    sequence, T5's follow, not mapped). For SDXL/SD3 both CLIPs split words alike. ``key`` names the tokenizer
+    where the model's layout does (joint_layouts.tokenizer: HiDream's T5, as long as its Llama)."""
     toks = clip.tokenize(text)
     flat = {k: [int(t[0]) for chunk in v for t in chunk] for k, v in toks.items()}
     keys = sorted(flat)
-    key = next((k for k in keys if text_len and len(flat[k]) == text_len), None)
+    if key is not None and key not in flat:
+        raise ValueError(f"token heatmaps: this CLIP has no {key!r} tokenizer (it has {', '.join(keys)}); connect the "
+                         "text encoders of the model's family")
+    key = key or next((k for k in keys if text_len and len(flat[k]) == text_len), None)
     if key is None:
         key = next((k for k in keys if text_len and len(flat[k]) > text_len), keys[0])
     dropped = len(flat[key]) - text_len if text_len and len(flat[key]) > text_len else 0
     return flat[key], key, dropped
 
 
-def token_positions(clip, prompt: str, words: list[str], text_len: int | None = None) -> dict[str, list[int]]:
-    """Positions in the conditioning of each word's tokens (every occurrence). A word that does not occur
-    raises, naming it."""
-    ids, key, dropped = _ids(clip, prompt, text_len)
+def token_positions(clip, prompt: str, words: list[str], text_len: int | None = None,
+                    tokenizer: str | None = None) -> dict[str, list[int]]:
+    """Positions in the conditioning of each word's tokens (every occurrence), read with ``tokenizer`` where given
+    (joint_layouts.tokenizer). A word that does not occur raises, naming it."""
+    ids, key, dropped = _ids(clip, prompt, text_len, tokenizer)
 
     def key_ids(text: str) -> list[int]:
         return [int(t[0]) for chunk in clip.tokenize(text)[key] for t in chunk]
@@ -205,7 +212,7 @@ def heatmaps(model, clip, vae, prompt: str, negative: str, words: list[str], s: 
     """(image (1, H, W, 3), maps (len(words), H, W) in [0, 1]) for ``prompt`` sampled with ``s``."""
     capture = Capture()
     pos = render.encode(clip, prompt, s.guidance)
-    positions = token_positions(clip, prompt, words, pos[0][0].shape[1])
+    positions = token_positions(clip, prompt, words, pos[0][0].shape[1], joint_layouts.tokenizer(model))
     neg = render.encode(clip, negative, s.guidance)
     refuse_unreadable(model)  # before sampling
     latent_hw = tuple(render.empty_latent(model, vae, s).shape[-2:])

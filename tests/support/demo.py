@@ -15,15 +15,20 @@ from .workflow import load, validate
 _run = module("run")
 
 DEMO_WORKFLOW = REPO / "workflows" / "demo_train_tiny.json"
+DEMO_VAE = "tiny-sd15-vae.safetensors"  # what the tiny-SD1.5 workflows' Load VAE node names
 
 
-def prepare_inputs(input_dir: Path, checkpoints_dir: Path) -> None:
-    """The tiny checkpoint and the captioned dataset the demo workflow names."""
+def prepare_inputs(input_dir: Path, checkpoints_dir: Path, vae_dir: Path | None = None) -> None:
+    """The tiny checkpoint, its VAE (the workflows' Load VAE node names ``tiny-sd15-vae.safetensors``; ``vae_dir``
+    defaults to the ``vae`` folder beside ``checkpoints_dir``) and the captioned dataset the demo workflows name."""
     make_importable()  # the checkpoint is built from ComfyUI's own classes (a fresh clone has no cached file)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    link = checkpoints_dir / "tiny-sd15.safetensors"
-    if not link.exists():
-        link.symlink_to(sd15.checkpoint())
+    vae_dir = Path(vae_dir) if vae_dir is not None else Path(checkpoints_dir).parent / "vae"
+    for folder, name, make in ((checkpoints_dir, "tiny-sd15.safetensors", sd15.checkpoint),
+                               (vae_dir, DEMO_VAE, sd15.vae_file)):
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(make())
     if not (input_dir / "demo_dataset").exists():
         make_dataset(input_dir / "demo_dataset", n=6, trigger="ohwx", repeats=2)
 
@@ -54,12 +59,13 @@ def output_files(entry: dict, output_dir: Path) -> list[Path]:
 def run_demo(base: Path, stream=None) -> dict:
     base = Path(base)
     ckpt_dir = base / "models" / "checkpoints"
+    vae_dir = base / "models" / "vae"
     lora_dir = base / "output" / "demo"
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    server = ComfyServer(base, model_folders={"checkpoints": ckpt_dir, "loras": lora_dir}).launch()
+    for d in (lora_dir, ckpt_dir, vae_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    server = ComfyServer(base, model_folders={"checkpoints": ckpt_dir, "vae": vae_dir, "loras": lora_dir}).launch()
     try:
-        prepare_inputs(server.input_dir, ckpt_dir)  # generates the tiny model (fresh clone) while ComfyUI boots
+        prepare_inputs(server.input_dir, ckpt_dir, vae_dir)  # generates the tiny model (fresh clone) while ComfyUI boots
         server.wait_ready()
         entry, seconds = run_workflow(server, DEMO_WORKFLOW, stream=stream)
         images = output_files(entry, server.output_dir)

@@ -63,3 +63,17 @@ def checkpoint(seed: int = 0) -> Path:
     if not path.exists():
         common.atomic_save(build_state_dict(seed), path, metadata={"generator": "aligned-trainer tiny sd15"})
     return path
+
+
+def vae_file(seed: int = 0) -> Path:
+    """The tiny SD1.5 checkpoint's VAE as a standalone file for ComfyUI's ``VAELoader`` (models/vae): the
+    checkpoint's ``first_stage_model.*`` tensors, prefix dropped, as standalone SD VAE files are laid out.
+    Generated once from ``checkpoint(seed)``, then cached."""
+    from safetensors.torch import load_file
+
+    path = common.cached_file(f"tiny-sd15-vae-s{seed}", common.source_key(sys.modules[__name__]))
+    if not path.exists():
+        prefix = "first_stage_model."
+        sd = {k[len(prefix):]: v for k, v in load_file(str(checkpoint(seed))).items() if k.startswith(prefix)}
+        common.atomic_save(sd, path, metadata={"generator": "aligned-trainer tiny sd15 vae"})
+    return path
