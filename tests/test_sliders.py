@@ -293,9 +293,9 @@ def test_sweep_reports_progress_and_leaves_no_lora_patched_model(comfy, T, sd15,
     mm.load_models_gpu([base])
     before = {k: v.clone() for k, v in base.model.diffusion_model.state_dict().items()}
     calls = []
-    S.sweep(trained[1], clip, vae, [PROMPTS["target"]], [1.5, -1.0], "",
+    S.sweep(trained[1], clip, vae, [PROMPTS["target"]], [-1.5], "",
             R.SampleSettings(steps=1, cfg=1.0, width=64, height=64), progress=lambda k, msg: calls.append((k, msg)))
-    assert calls == [(1, "strength +1.5 (1/2)"), (2, "strength -1 (2/2)")]
+    assert calls == [(1, "strength -1.5 (1/1)")]
     live = [lm.model for lm in mm.current_loaded_models if lm.model is not None]
     assert not any(p.patches for p in live if p.model is base.model)
     assert all(torch.equal(v, before[k]) for k, v in base.model.diffusion_model.state_dict().items())
