@@ -144,9 +144,11 @@ TESTS = {
                            "tests/test_sampling_preview.py::test_preview_cells_equal_stock_ksampler_and_grid_geometry"],
     "sampling/history.py": ["tests/test_pin_sampling.py", "tests/test_sampling_loss.py"],
     "sampling/animation.py": ["tests/test_pin_animation.py"],
-    # sampling/slider_sweep.py: run with --lines on parse_strengths; sweep() samples (test_sliders.py's sweep test,
-    # which trains a slider first: minutes per mutant here)
-    "sampling/slider_sweep.py": ["tests/test_pin_slider_sweep.py"],
+    # sampling/slider_sweep.py: parse_strengths by the pin; sweep() by test_sliders.py's sweep test against the stock
+    # LoRA loader (its module fixture trains a slider once, in the baseline)
+    "sampling/slider_sweep.py": ["tests/test_pin_slider_sweep.py",
+                                 "tests/test_sliders.py::test_sweep_grid_columns_are_the_lora_at_each_strength",
+                                 "tests/test_sliders.py::test_sweep_reports_progress_and_leaves_no_lora_patched_model"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the

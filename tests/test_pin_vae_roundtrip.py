@@ -106,8 +106,9 @@ def test_round_trip_on_the_sd15_vae(V, comfy, sd15, tmp_path):
     vae = sd15[2]
     ds = _dataset(comfy, tmp_path)
     first, second = (next(i for i in ds.items if Path(i.source).name == f"img_00{k}.png") for k in (0, 1))
-    psnr = [V.metrics(_nchw(np.asarray(ds.pixels(i)) / 255.0), _nchw(_direct(vae, ds.pixels(i)) / 255.0))[0]
-            for i in (first, second)]
+    direct = {np.asarray(ds.pixels(i)).tobytes(): _direct(vae, ds.pixels(i)) for i in (first, second)}
+    psnr = [V.metrics(_nchw(np.asarray(ds.pixels(i)) / 255.0),
+                      _nchw(direct[np.asarray(ds.pixels(i)).tobytes()] / 255.0))[0] for i in (first, second)]
     if psnr[0] < psnr[1]:  # make the folder's first image the better one: worst first is then a reordering
         folder = Path(first.source).parent
         for stem, new in (("img_000", "tmp"), ("img_001", "img_000"), ("tmp", "img_001")):
@@ -125,7 +126,7 @@ def test_round_trip_on_the_sd15_vae(V, comfy, sd15, tmp_path):
         item = next(i for i in ds.items if Path(i.source).name == r["source"] and not i.flip)
         assert r["bucket"] == list(item.bucket)
         assert np.array_equal(np.asarray(r["original"]), np.asarray(ds.pixels(item)))  # not the mirrored copy
-        assert np.array_equal(np.asarray(r["decoded"]), _direct(vae, r["original"]))
+        assert np.array_equal(np.asarray(r["decoded"]), direct[np.asarray(r["original"]).tobytes()])
         a = np.asarray(r["original"], dtype=np.float64) / 255.0
         d = np.asarray(r["decoded"], dtype=np.float64) / 255.0
         assert r["psnr"] == pytest.approx(10 * np.log10(1 / np.mean((a - d) ** 2)), abs=2e-3)

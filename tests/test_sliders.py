@@ -280,3 +280,22 @@ def test_flux_slider_trains_toward_its_ends(comfy, family_bundle, tmp_path):
     cos = {w: _cos(at[w] - v_t, d) for w in at}
     print("flux slider cosines", cos)
     assert cos[1.0] > 0.3 and cos[-1.0] < -0.3, cos
+
+
+def test_sweep_reports_progress_and_leaves_no_lora_patched_model(comfy, T, sd15, trained):
+    """The engine's sweep tells its progress per strength column and releases each LoRA-patched clone: afterwards
+    none stays in ComfyUI's loaded set and the base's weights are as before."""
+    import comfy.model_management as mm
+
+    S, R = comfy.engine("sampling.slider_sweep"), comfy.engine("sampling.render")
+    _, clip, vae = sd15
+    base = trained[1].model
+    mm.load_models_gpu([base])
+    before = {k: v.clone() for k, v in base.model.diffusion_model.state_dict().items()}
+    calls = []
+    S.sweep(trained[1], clip, vae, [PROMPTS["target"]], [-1.5], "",
+            R.SampleSettings(steps=1, cfg=1.0, width=64, height=64), progress=lambda k, msg: calls.append((k, msg)))
+    assert calls == [(1, "strength -1.5 (1/1)")]
+    live = [lm.model for lm in mm.current_loaded_models if lm.model is not None]
+    assert not any(p.patches for p in live if p.model is base.model)
+    assert all(torch.equal(v, before[k]) for k, v in base.model.diffusion_model.state_dict().items())
