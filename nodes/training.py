@@ -305,10 +305,8 @@ class TrainSteps(io.ComfyNode):
         te_swap.check_plan(run.model, preview_plan)
 
         def preview(trainer, step):
-            state = trainer.adapter_state()
-            lora_model = export.model_with_lora(run.model, export.comfy_lora(run.model, state))
-            plan = te_swap.projected_plan(preview_plan, run.model, state)  # a swap run: prompts projected
-            mon.on_preview(step, plan.render(lora_model, step), getattr(preview_plan, "fps", 16.0))
+            img = export.render_preview(run, preview_plan, trainer.adapter_state(), step)
+            mon.on_preview(step, img, getattr(preview_plan, "fps", 16.0))
 
         graph = launch.Graph(cls.hidden.prompt or {}, str(uid), node_id("TrainInit"), node_id("TrainSteps"))
         new = launch.train_steps(run, steps, checkpoint_every, keep_last, val_every, on_step,

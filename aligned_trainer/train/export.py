@@ -121,6 +121,13 @@ def model_with_lora(model, lora_sd: dict[str, torch.Tensor], strength: float = 1
     return patched
 
 
+def render_preview(run: TrainRun, plan, adapters: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    """Train Steps' preview of ``plan`` at ``step``: ``run``'s model with ``adapters`` (a trainer's current state)
+    applied through the stock LoRA loader; a text-encoder swap run's prompts projected by that state's projection."""
+    model = model_with_lora(run.model, comfy_lora(run.model, adapters))
+    return te_swap.projected_plan(plan, run.model, adapters).render(model, step)
+
+
 def unmapped_keys(model, lora_sd: dict[str, torch.Tensor]) -> list[str]:
     """Keys ComfyUI's LoRA loader would skip ("lora key not loaded")."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
