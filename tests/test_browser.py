@@ -84,6 +84,8 @@ def _close_dialogs(pg) -> None:
     dialog of a family template, toasts): Escape, then the close button where Escape was not enough."""
     visible = "() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent).length"
     for _ in range(4):
+        if not pg.evaluate(visible):
+            break
         pg.keyboard.press("Escape")
         pg.wait_for_timeout(400)
         if not pg.evaluate(visible):
@@ -234,14 +236,20 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path, request):
         check_family_run(server, entry["prompt"][2], entry, name, request, time.time() - t0)
         if shrink_for(name)["AlignedTrainer_SamplePreview"].get("frames", 1) > 1:
             _plays_animated_preview(page, entry, wf)
-    page.wait_for_timeout(1500)
+    trains = [n for n in wf["nodes"] if n["type"] == "AlignedTrainer_TrainSteps"]
+    expected = (steps_for(name) if name in FAMILIES else trains[0]["widgets_values"][0]) if trains else 0
+    aligned = any(n["type"] == "AlignedTrainer_LoadAlignedTextEncoders" for n in wf["nodes"])
+    try:  # the websocket's last events reach the page after /history says done: wait for what this run must show
+        page.wait_for_function("([before, n, spec]) => window.alignedTrainer.lossPoints - before >= n"
+                               " && (!spec || window.alignedTrainer.specShown > 0)", arg=[loss_before, expected, aligned],
+                               timeout=15_000)
+    except Exception:  # (the assertions below say what is missing)
+        pass
     st = page.evaluate("() => ({loss: window.alignedTrainer.lossPoints, ab: window.alignedTrainer.abShown,"
                        " spec: window.alignedTrainer.specShown})")
-    if any(n["type"] == "AlignedTrainer_LoadAlignedTextEncoders" for n in wf["nodes"]):
+    if aligned:
         assert st["spec"] > 0  # the te_spec viewer showed the spec in use
-    trains = [n for n in wf["nodes"] if n["type"] == "AlignedTrainer_TrainSteps"]
-    if trains:
-        expected = steps_for(name) if name in FAMILIES else trains[0]["widgets_values"][0]  # one loss event per step
+    if trains:  # one loss event per step
         assert st["loss"] - loss_before >= expected, (st, loss_before)
         drawn = page.evaluate("""id => { const w = (window.app.graph.getNodeById(id).widgets || [])
                 .find(w => w.name === 'loss_chart');  // the chart on this graph's node, not an earlier graph's
