@@ -113,7 +113,7 @@ FAMILIES = {
                                        "QuadrupleCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "hidream"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
 }
-STEPS = 4
+STEPS = 2  # one checkpoint, one validation pass and one preview at step 2 (4 steps repeated each: suite time)
 SHRINK = {
     "AlignedTrainer_Dataset": {"resolution": 64, "min_side": 64, "max_side": 64},
     "AlignedTrainer_TrainSteps": {"steps": STEPS, "checkpoint_every": 2, "val_every": 2},

@@ -124,7 +124,7 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     for nid, node in api.items():
         by_type.setdefault(node["class_type"], []).append(nid)
     outputs = entry["outputs"]
-    # Save LoRA: the file exists, was written by this run (4 steps), and maps completely in the stock loader
+    # Save LoRA: the file exists, was written by this run (steps_for: its shrunk steps), and maps completely in the stock loader
     (save_id,) = by_type["AlignedTrainer_SaveLora"]
     report = json.loads(outputs[save_id]["text"][0])
     lora = Path(report["path"])
