@@ -54,6 +54,11 @@ class TextEncoderSwapSetup(io.ComfyNode):
                                        "Linear-GELU-Linear."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the projection's and the reset layers' initial weights."),
+                io.Combo.Input("pooled", options=list(engine.POOLED), default="zero", optional=True,
+                               tooltip="SDXL only (a UNet that reads a pooled text vector): zero gives it a zero "
+                                       "vector; projected gives it the new encoder's own pooled vector (its pooled "
+                                       "output, or the mean of its valid token states for T5) through a trainable "
+                                       "Linear scaled to the old encoder's pooled spread. Refused on SD1.5."),
             ],
             outputs=[io.Model.Output("swap_model", tooltip="The model with the reset layers and the swap attached: "
                                                            "connect to Train Init."),
@@ -63,9 +68,9 @@ class TextEncoderSwapSetup(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, new_clip, new_spec, old_clip, old_spec, dataset, reset, projection,
-                seed) -> io.NodeOutput:
+                seed, pooled="zero") -> io.NodeOutput:
         out, swap = engine.setup_from_dataset(model, new_clip, old_clip, dataset, reset, projection, seed,
-                                              new_spec, old_spec)
+                                              new_spec, old_spec, pooled)
         text = swap.report()
         return io.NodeOutput(out, swap, text, ui={"text": [text]})
 

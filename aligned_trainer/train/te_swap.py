@@ -26,8 +26,10 @@ Pieces, each a small function:
   is at that step (:func:`projected_plan`, the Apply node's path) on the model with the run's current differences. The chosen UNet layers train as full weights (LoRA Config algorithm ``full``,
   ``train/full.py``) or as a LoRA.
 - SDXL (a UNet with an adm): :func:`pooled_dim` reads the pooled vector's width off the old encoder; the
-  projection's :meth:`Projection.context` returns (states, extras) with a zero pooled vector of that width, for the
-  trainer's hook and the Apply node alike.
+  projection's :meth:`Projection.context` returns (states, extras) with a pooled vector of that width, for the
+  trainer's hook and the Apply node alike: zero (``pooled = "zero"``), or (``"projected"``) the new encoder's own
+  pooled vector (:func:`pooled_source`: its ``pooled_output``, else the mean of its valid token states) through a
+  trainable Linear, scaled like the states so its spread on the captions equals the old pooled vector's.
 - Saving and loading: ``te_swap_files``.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .config import ConfigError
 
 RESET_MODES = ("none", "cross_attention", "qk", "all_attention")
 PROJECTIONS = ("linear", "mlp")
+POOLED = ("zero", "projected")           # what an adm model's pooled input gets
 ATTACHMENT = "aligned_trainer.te_swap"
 ADAPTER = "te_swap.projection"           # the projection's name among a run's adapters (and its state keys)
 MAX_CAPTIONS = 64                        # captions measured at most: 64 x 77 CLIP tokens pin the mean spread well
@@ -92,11 +95,34 @@ def _default_linear_(layer: torch.nn.Linear, g: torch.Generator) -> None:
             layer.bias.copy_(torch.rand(layer.bias.shape, generator=g) * 2 * bound - bound)
 
 
+def pooled_source(states: torch.Tensor, extras: dict) -> torch.Tensor:
+    """The new encoder's own pooled vector (batch, width): its ``pooled_output`` when it gives one (e.g. FLUX's
+    CLIP-L next to T5), else the mean of its token states over the valid tokens (``attention_mask``; all tokens
+    without one), as T5 has no pooled output."""
+    pooled = extras.get("pooled_output") if isinstance(extras, dict) else None
+    if isinstance(pooled, torch.Tensor):
+        return pooled.float().reshape(states.shape[0], -1)
+    x = states.float()
+    mask = extras.get("attention_mask") if isinstance(extras, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.numel() == x.shape[0] * x.shape[1]:
+        w = (mask.reshape(x.shape[0], x.shape[1], 1).to(x.device) > 0).to(x.dtype)
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+    return x.mean(dim=1)
+
+
+def _vector_std(vectors: list[torch.Tensor]) -> float:
+    """Mean over the vectors (rows) of each one's std over its channels (population std)."""
+    rows = torch.cat([v.detach().float().reshape(-1, v.shape[-1]) for v in vectors])
+    return float(rows.std(dim=-1, unbiased=False).mean())
+
+
 class Projection(torch.nn.Module):
     """``scale * net(x)``; ``net`` a Linear or Linear-GELU-Linear. ``scale`` is a buffer (fixed: set from the
-    measured spreads; the layers learn the rest)."""
+    measured spreads; the layers learn the rest). With ``pooled_in`` (and an adm's ``pooled_dim``): ``pooled``, a
+    Linear from the new encoder's pooled vector (:func:`pooled_source`) to the adm's pooled width, times the fixed
+    ``pooled_scale``; without it an adm model gets a zero pooled vector."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", pooled_dim: int = 0):
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", pooled_dim: int = 0, pooled_in: int = 0):
         super().__init__()
         if kind not in PROJECTIONS:
             raise SwapError(f"projection kind {kind!r} is not one of {PROJECTIONS}")
@@ -107,24 +133,42 @@ class Projection(torch.nn.Module):
             self.net = torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(),
                                            torch.nn.Linear(out_dim, out_dim))
         self.register_buffer("scale", torch.ones(()))
+        self.pooled_in = int(pooled_in) if self.pooled_dim else 0
+        if self.pooled_in:
+            self.pooled = torch.nn.Linear(self.pooled_in, self.pooled_dim)
+            self.register_buffer("pooled_scale", torch.ones(()))
 
     def init_(self, seed: int) -> "Projection":
         g = torch.Generator().manual_seed(int(seed))
         for m in self.net:
             if isinstance(m, torch.nn.Linear):
                 _default_linear_(m, g)
+        if self.pooled_in:  # after net: a zero-pooled projection of the same seed keeps its weights
+            _default_linear_(self.pooled, g)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.net[0].weight
         return (self.net(x.to(device=w.device, dtype=w.dtype)) * self.scale).to(x.dtype)
 
+    def pooled_vector(self, states: torch.Tensor, extras: dict) -> torch.Tensor:
+        """The projected pooled vector (batch, pooled_dim) from the new encoder's ``states`` and ``extras``."""
+        src = pooled_source(states, extras)
+        if src.shape[-1] != self.pooled_in:
+            raise SwapError(f"the new encoder's pooled vector is {src.shape[-1]} wide, the swap's pooled projection "
+                            f"reads {self.pooled_in}: encode the prompt with the new text encoder the swap was set "
+                            "up with")
+        w = self.pooled.weight
+        return self.pooled(src.to(device=w.device, dtype=w.dtype)) * self.pooled_scale
+
     def extras(self, extras: dict, states: torch.Tensor) -> dict:
         """The conditioning's extras for the UNet: a model with an adm (SDXL: ``pooled_output`` in its ``y``) gets a
-        zero pooled vector of its width (the new encoder's own pooled vector, if any, is another encoder's and
-        another width); others keep the extras as they are."""
+        pooled vector of its width, zero, or with a pooled projection the new encoder's own pooled vector projected
+        (:meth:`pooled_vector`); others keep the extras as they are."""
         out = dict(extras)
-        if self.pooled_dim:
+        if self.pooled_in:
+            out["pooled_output"] = self.pooled_vector(states, extras).to(states.dtype)
+        elif self.pooled_dim:
             out["pooled_output"] = torch.zeros(states.shape[0], self.pooled_dim, dtype=states.dtype,
                                                device=states.device)
         return out
@@ -150,17 +194,24 @@ def check_width(cond: torch.Tensor, in_dim: int) -> torch.Tensor:
     return cond
 
 
-def fit_projection(new_conds: list, target_std: float, out_dim: int, kind: str, seed: int) -> tuple[Projection, float]:
+def fit_projection(new_conds: list, target_std: float, out_dim: int, kind: str, seed: int, pooled_dim: int = 0,
+                   pooled_target: torch.Tensor | None = None) -> tuple[Projection, float]:
     """A seeded projection whose output, on ``new_conds``, has :func:`token_std` ``target_std``; also returns
-    the unscaled output's std."""
+    the unscaled output's std. With ``pooled_target`` (the old encoder's pooled vectors, an adm's width): a pooled
+    projection from the new encoder's pooled vectors, scaled so that their spread (:func:`_vector_std`) equals the
+    target's; without it an adm's ``pooled_dim`` gets zero."""
     in_dim = int(new_conds[0][0][0].shape[-1])
-    proj = Projection(in_dim, out_dim, kind).init_(seed)
+    sources = [pooled_source(c[0][0], c[0][1]) for c in new_conds] if pooled_target is not None else []
+    proj = Projection(in_dim, out_dim, kind, pooled_dim, int(sources[0].shape[-1]) if sources else 0).init_(seed)
     with torch.no_grad():
         raw, _ = token_std([[[proj.net(c[0][0].float()), c[0][1]]] for c in new_conds])
-    if not raw > 0:
+        raw_pooled = _vector_std([proj.pooled(x) for x in sources]) if sources else 1.0
+    if not raw > 0 or not raw_pooled > 0:
         raise SwapError("the new text encoder's projected captions have zero spread; check that the CLIP is loaded "
                         "with weights")
     proj.scale.fill_(target_std / raw)
+    if sources:
+        proj.pooled_scale.fill_(_vector_std([pooled_target]) / raw_pooled)
     return proj, raw
 
 
@@ -242,9 +293,12 @@ class Swap:
     new_spec: str = ""
     old_spec: str = ""
     pooled_dim: int = 0                # width of the pooled vector in the model's adm (SDXL), 0: no adm
+    pooled_in: int = 0                 # width of the new encoder's pooled vector projected into it, 0: zero vector
+    std_pooled_old: float = 0.0        # the old encoder's pooled spread (pooled 'projected')
+    std_pooled_projected: float = 0.0  # the projected pooled vector's spread on the captions
 
     def module(self, state: dict | None = None) -> Projection:
-        p = Projection(self.in_dim, self.out_dim, self.kind, self.pooled_dim)
+        p = Projection(self.in_dim, self.out_dim, self.kind, self.pooled_dim, self.pooled_in)
         p.load_state_dict({k: v.detach().clone() for k, v in (state or self.projection).items()})
         return p.eval()
 
@@ -254,7 +308,8 @@ class Swap:
 
     def record(self) -> dict:
         keep = ("kind", "in_dim", "out_dim", "reset", "reset_layers", "seed", "std_old", "std_new", "std_projected",
-                "tokens_old", "tokens_new", "captions", "new_spec", "old_spec", "pooled_dim")
+                "tokens_old", "tokens_new", "captions", "new_spec", "old_spec", "pooled_dim", "pooled_in", "std_pooled_old",
+                "std_pooled_projected")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep} | \
             {"scale": self.scale}
 
@@ -262,7 +317,15 @@ class Swap:
         return (f"old encoder token std {self.std_old:.4f} ({self.tokens_old} tokens of {self.captions} captions), "
                 f"new encoder {self.std_new:.4f}; projection {self.kind} {self.in_dim}->{self.out_dim}, scale "
                 f"{self.scale:.4g}: output std {self.std_projected:.4f}; reset {self.reset} "
-                f"({len(self.reset_layers)} layers)")
+                f"({len(self.reset_layers)} layers)" + self._pooled_report())
+
+    def _pooled_report(self) -> str:
+        if not self.pooled_dim:
+            return ""
+        if not self.pooled_in:
+            return f"; pooled {self.pooled_dim}: zero"
+        return (f"; pooled {self.pooled_in}->{self.pooled_dim} projected: old pooled std {self.std_pooled_old:.4f}, "
+                f"output {self.std_pooled_projected:.4f}")
 
 
 def _spec_id(clip) -> str:
@@ -285,10 +348,16 @@ def measured_captions(captions: list, limit: int = MAX_CAPTIONS) -> list[str]:
 
 
 def setup(model, new_clip, old_clip, captions: list[str], reset: str = "cross_attention", kind: str = "linear",
-          seed: int = 0) -> tuple[object, Swap]:
+          seed: int = 0, pooled: str = "zero") -> tuple[object, Swap]:
     """Measure both encoders on ``captions`` (at most MAX_CAPTIONS of them: :func:`measured_captions`), fit the
     projection, reset the named layers (as patches on a clone of ``model``); returns (the clone, carrying the swap,
-    and the :class:`Swap`)."""
+    and the :class:`Swap`). ``pooled`` (an adm model's pooled input): 'zero', or 'projected' (the new encoder's
+    pooled vector through a trainable Linear scaled to the old pooled vector's spread)."""
+    if pooled not in POOLED:
+        raise SwapError(f"pooled {pooled!r} is not one of {POOLED}")
+    if pooled == "projected" and not int(getattr(model.model, "adm_channels", 0) or 0):
+        raise SwapError("pooled 'projected' is for a model that reads a pooled text vector (an adm, e.g. SDXL); "
+                        "this model has none: set pooled to 'zero'")
     texts = measured_captions(captions, MAX_CAPTIONS)
     dm = model.model.diffusion_model
     out_dim = context_dim(dm)
@@ -301,13 +370,18 @@ def setup(model, new_clip, old_clip, captions: list[str], reset: str = "cross_at
                             f"{out_dim}: connect the CLIP the model was trained with (its checkpoint's CLIP)")
         std_old, n_old = token_std(old)
         std_new, n_new = token_std(new)
-        proj, _ = fit_projection(new, std_old, out_dim, kind, seed)
+        pdim = pooled_dim(model, old)
+        target = torch.cat([c[0][1]["pooled_output"].float().reshape(1, -1) for c in old]) \
+            if pooled == "projected" else None
+        proj, _ = fit_projection(new, std_old, out_dim, kind, seed, pdim, target)
         with torch.no_grad():
             std_proj, _ = token_std([[[proj(c[0][0].float()), c[0][1]]] for c in new])
+            std_pooled = _vector_std([proj.pooled_vector(c[0][0], c[0][1]) for c in new]) if proj.pooled_in else 0.0
         diffs = reset_diffs(model, names, seed + 1)
     swap = Swap(kind, proj.in_dim, out_dim, {k: v.detach().clone() for k, v in proj.state_dict().items()}, reset,
                 tuple(names), diffs, int(seed), std_old, std_new, std_proj, n_old, n_new, len(texts),
-                _spec_id(new_clip), _spec_id(old_clip), pooled_dim(model, old))
+                _spec_id(new_clip), _spec_id(old_clip), pdim, proj.pooled_in,
+                _vector_std([target]) if target is not None else 0.0, std_pooled)
     return with_swap(model, swap), swap
 
 
@@ -433,7 +507,8 @@ AS_CONNECTED = "as_connected"
 
 
 def setup_from_dataset(model, new_clip, old_clip, dataset, reset: str = "cross_attention", kind: str = "linear",
-                       seed: int = 0, new_spec: str = AS_CONNECTED, old_spec: str = AS_CONNECTED):
+                       seed: int = 0, new_spec: str = AS_CONNECTED, old_spec: str = AS_CONNECTED,
+                       pooled: str = "zero"):
     """:func:`setup` with the captions of a Dataset (every caption variant of every item) and each CLIP aligned to
     its spec first ('as_connected': used as connected, e.g. already from Load Aligned Text Encoders)."""
     from ..te import align
@@ -442,4 +517,4 @@ def setup_from_dataset(model, new_clip, old_clip, dataset, reset: str = "cross_a
         return clip if spec == AS_CONNECTED else align.align_clip(clip, spec)
 
     caps = [c for item in dataset.items for c in item.captions]
-    return setup(model, aligned(new_clip, new_spec), aligned(old_clip, old_spec), caps, reset, kind, seed)
+    return setup(model, aligned(new_clip, new_spec), aligned(old_clip, old_spec), caps, reset, kind, seed, pooled)
