@@ -9,6 +9,7 @@ from ..aligned_trainer.te import specs
 from ..aligned_trainer.train import loop
 from ..aligned_trainer.train import te_swap as engine
 from ..aligned_trainer.train import te_swap_files as swap_files
+from ..aligned_trainer.train import te_swap_pooled, te_swap_reset
 from ._common import category, node_id
 
 CAT = category("Text Encoder Swap")
@@ -44,7 +45,7 @@ class TextEncoderSwapSetup(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Dataset: its distinct captions (at most 64, evenly spread "
                                                  "over them sorted) are encoded by both encoders to measure their "
                                                  "spread."),
-                io.Combo.Input("reset", options=list(engine.RESET_MODES), default="cross_attention",
+                io.Combo.Input("reset", options=list(te_swap_reset.RESET_MODES), default="cross_attention",
                                tooltip="Layers re-initialised (PyTorch's default Linear init, as first trained): "
                                        "cross_attention (attn2 q/k/v/out; the seed's useful mode at lr 1e-5), qk "
                                        "(attn2 q/k only), all_attention (attn1 + attn2; needs ~5e-5, more data and "
@@ -54,7 +55,7 @@ class TextEncoderSwapSetup(io.ComfyNode):
                                        "Linear-GELU-Linear."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the projection's and the reset layers' initial weights."),
-                io.Combo.Input("pooled", options=list(engine.POOLED), default="zero", optional=True,
+                io.Combo.Input("pooled", options=list(te_swap_pooled.POOLED), default="zero", optional=True,
                                tooltip="SDXL only (a UNet that reads a pooled text vector): zero gives it a zero "
                                        "vector; projected gives it the new encoder's own pooled vector (its pooled "
                                        "output, or the mean of its valid token states for T5) through a trainable "

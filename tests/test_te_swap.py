@@ -32,6 +32,16 @@ def F(comfy):
 
 
 @pytest.fixture(scope="module")
+def M(comfy):
+    return comfy.engine("train.te_swap_measure")
+
+
+@pytest.fixture(scope="module")
+def R(comfy):
+    return comfy.engine("train.te_swap_reset")
+
+
+@pytest.fixture(scope="module")
 def clips(comfy, sd15):
     """(aligned old CLIP-L of the tiny SD1.5, aligned tiny T5 of the Chroma bundle)."""
     from support.factories import families
@@ -76,12 +86,12 @@ def _setup_captions(t5_set) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def swapped(S, sd15, clips, old_clip, t5_set):
+def swapped(S, M, sd15, clips, old_clip, t5_set):
     """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions and EXTRA, of which
     MAX_CAPTIONS = 2 are measured, on the patched CLIP-L (the only full-size CLIP-L encodes of this file; the
     diffusers comparison reads their figure)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(S, "MAX_CAPTIONS", 2)
+        mp.setattr(M, "MAX_CAPTIONS", 2)
         return S.setup(sd15[0], clips[1], old_clip, _setup_captions(t5_set), reset="cross_attention", kind="linear",
                        seed=3)
 
@@ -114,7 +124,7 @@ def _diffusers_sd15(checkpoint):
                                    requires_safety_checker=False)
 
 
-def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, clips, swapped, t5_set,
+def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, M, clips, swapped, t5_set,
                                                                             sd15_checkpoint):
     """CLIP-L's spread as SD1.5 saw it: diffusers' StableDiffusionPipeline.encode_prompt (77 padded positions, no
     mask) on the checkpoint's CLIP-L weights gives the per-token std that the swap setup measured (``token_std``
@@ -122,7 +132,7 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     fitted projection's output on the captions (also through ``Projection.project``, the Apply node's path, on
     captions it was not fitted on) is within 5 % of the old encoder's spread."""
     _, swap = swapped
-    texts = S.measured_captions(_setup_captions(t5_set), 2)
+    texts = M.measured_captions(_setup_captions(t5_set), 2)
     assert swap.captions == len(texts) == 2 and swap.tokens_old == 77 * 2
     got = swap.std_old
     pipe = _diffusers_sd15(sd15_checkpoint.resolve())
@@ -140,22 +150,22 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     assert swap.std_old > 0 and swap.std_new > 0
     assert abs(swap.scale - 1) > 0.1  # the unscaled projection would miss the target: the scale matters
     assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05)
-    held_out = S.encode(clips[1], CAPTIONS)
+    held_out = M.encode(clips[1], CAPTIONS)
     proj = swap.module()
-    out, _ = S.token_std([proj.project(c) for c in held_out])
+    out, _ = M.token_std([proj.project(c) for c in held_out])
     assert out == pytest.approx(swap.std_old, rel=0.05)
     assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
 
 
-def test_setup_measures_at_most_max_captions(S, swapped, t5_set):
+def test_setup_measures_at_most_max_captions(S, M, swapped, t5_set):
     """A dataset with more distinct captions than MAX_CAPTIONS is measured on MAX_CAPTIONS of them, evenly spaced
     over the sorted captions (first and last kept), each encoded once by each encoder (a large dataset's every
     caption would cost minutes): the swap fixture's setup, with MAX_CAPTIONS = 2, measured 2 of its 3 captions."""
     texts = [f"ohwx, a photo number {i}" for i in range(9)]
-    assert S.MAX_CAPTIONS == 64
-    assert S.measured_captions(texts + texts[:3], 64) == sorted(texts)
-    assert S.measured_captions(texts, 3) == sorted(texts)[0::4]
-    assert S.measured_captions(texts, 1) == sorted(texts)[:1]
+    assert M.MAX_CAPTIONS == 64
+    assert M.measured_captions(texts + texts[:3], 64) == sorted(texts)
+    assert M.measured_captions(texts, 3) == sorted(texts)[0::4]
+    assert M.measured_captions(texts, 1) == sorted(texts)[:1]
     assert len(set(_setup_captions(t5_set))) == 3
     swap = swapped[1]
     assert swap.captions == 2 and swap.tokens_old == 2 * 77  # 3 captions would be 231 tokens
@@ -177,19 +187,19 @@ def _effective(model):
     ("qk", ("attn2",), ("to_q", "to_k")),
     ("all_attention", ("attn1", "attn2"), ("to_q", "to_k", "to_v", "to_out.0")),
 ])
-def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
+def test_reset_mode_changes_exactly_its_layers(S, R, sd15, mode, where, parts):
     """Each reset mode names exactly the attention layers it should (by the UNet's CrossAttention modules), and
     the weights ComfyUI computes for the swapped MODEL differ from the base in exactly those layers' weights
     (and to_out.0's bias), nothing else; the new values follow PyTorch's nn.Linear default init (uniform within
     1/sqrt(fan_in), std bound/sqrt(3)); the base model's own weights are unchanged."""
     model = sd15[0]
     dm = model.model.diffusion_model
-    names = S.reset_layers(dm, mode)
+    names = R.reset_layers(dm, mode)
     crossattn = [n for n, m in dm.named_modules() if type(m).__name__ == "CrossAttention"]
     want = sorted(f"{a}.{p}" for a in crossattn if a.rpartition(".")[2] in where for p in parts)
     assert names == want
     assert mode == "none" or len(names) >= 4
-    diffs = S.reset_diffs(model, names, seed=7)
+    diffs = R.reset_diffs(model, names, seed=7)
     swap = S.Swap("linear", 128, 768, {}, mode, tuple(names), diffs)
     base = model.model.state_dict()
     before = {k: base[k].detach().float().clone() for k in diffs}
@@ -206,8 +216,8 @@ def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
         assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert all(torch.equal(before[k], base[k].detach().float()) for k in before)  # the shared base was not written
     if names:  # seeded: the same seed draws the same layers, another seed others
-        again = S.reset_diffs(model, names, seed=7)
-        other = S.reset_diffs(model, names, seed=8)
+        again = R.reset_diffs(model, names, seed=7)
+        other = R.reset_diffs(model, names, seed=8)
         k = f"diffusion_model.{names[0]}.weight"
         assert torch.equal(again[k], diffs[k]) and not torch.equal(other[k], diffs[k])
 
@@ -495,7 +505,7 @@ def sdxl_swapped(S, family_bundle, clips):
     return out, swap, vae
 
 
-def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inference(comfy, S, T, sdxl_swapped, clips):
+def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inference(comfy, S, M, T, sdxl_swapped, clips):
     """Tiny SDXL (CLIP-L + CLIP-G 320: context 1088, pooled 320 in its adm ``y``) swapped to the tiny T5: the setup
     reads the context width from the UNet and the pooled width from the old encoder's conditioning, the projection's
     spread matches within 5 %; Apply Text Encoder Swap's conditioning carries a zero pooled vector of that width, and
@@ -505,7 +515,7 @@ def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inferen
     out, swap, _ = sdxl_swapped
     assert (swap.in_dim, swap.out_dim, swap.pooled_dim) == (128, 1088, 320)
     assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05) and len(swap.reset_layers) >= 4
-    t5 = S.encode(clips[1], ["ohwx a red circle"])[0]
+    t5 = M.encode(clips[1], ["ohwx a red circle"])[0]
     (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
     assert applied[0][0].shape[-1] == 1088 and torch.equal(applied[0][1]["pooled_output"], torch.zeros(1, 320))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -527,7 +537,7 @@ def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inferen
     assert torch.count_nonzero(train["y"][:, :320]) == 0
     with torch.inference_mode():
         n = comfy.nodes
-        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=S.encode(clips[1], [""])[0], swap=swap)
+        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=M.encode(clips[1], [""])[0], swap=swap)
         (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
         (res,) = n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", applied, neg, lat)
         assert torch.isfinite(res["samples"]).all()
@@ -581,7 +591,7 @@ def test_sdxl_swap_training_lowers_validation_loss(S, T, sdxl_swapped, sdxl_set,
     _sdxl_trains(S, T, out, swap, sdxl_set, tmp_path / "runs", "swap_sdxl")
 
 
-def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, T, F, sd15, family_bundle, clips, sdxl_set,
+def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, M, T, F, sd15, family_bundle, clips, sdxl_set,
                                                          tmp_path):
     """Setup ``pooled = projected`` on the tiny SDXL: the adm's pooled input is the tiny T5's own pooled vector (the
     mean of its valid token states: T5 has no pooled output) through a Linear 128 -> 320 scaled to the old CLIP-G
@@ -595,7 +605,7 @@ def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, T, F, sd15, f
     assert (swap.in_dim, swap.out_dim, swap.pooled_dim, swap.pooled_in) == (128, 1088, 320, 128)
     assert swap.std_pooled_projected == pytest.approx(swap.std_pooled_old, rel=0.05) and swap.std_pooled_old > 0
     assert "pooled 128->320 projected" in swap.report()
-    t5 = S.encode(clips[1], ["ohwx a red circle"])[0]
+    t5 = M.encode(clips[1], ["ohwx a red circle"])[0]
     (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
     pooled = applied[0][1]["pooled_output"]
     assert pooled.shape == (1, 320) and float(pooled.abs().max()) > 0
@@ -622,7 +632,7 @@ def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, T, F, sd15, f
     torch.testing.assert_close(train["y"][:, :320].float(), expect, atol=1e-6, rtol=1e-6)
     with torch.inference_mode():
         n = comfy.nodes
-        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=S.encode(clips[1], [""])[0], swap=swap)
+        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=M.encode(clips[1], [""])[0], swap=swap)
         (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
         (res,) = n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", applied, neg, lat)
         assert torch.isfinite(res["samples"]).all()
