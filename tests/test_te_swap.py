@@ -233,6 +233,23 @@ def _init(T, model, tset, root, name, resume="none", ema=0.0):
                            resume=resume, runs_root=root)
 
 
+def test_memory_plan_counts_full_weights_with_their_optimizer_state(comfy, T, swapped, t5_set, tmp_path):
+    """A full-weights run is planned for its whole weights: every cross-attention weight (the trained differences;
+    biases keep their reset) and the projection's layers, each in fp32 with its gradient and adamw's two moments."""
+    memory = comfy.engine("train.memory")
+    run = _init(T, swapped[0], t5_set[1], tmp_path / "runs", "mem")
+    dm = swapped[0].model.diffusion_model
+    attn2 = sum(m.weight.numel() for n, m in dm.named_modules() if ".attn2." in n and isinstance(m, torch.nn.Linear))
+    proj = sum(v.numel() for k, v in swapped[1].projection.items() if k.startswith("net."))  # (scale: a buffer)
+    with torch.inference_mode(False), torch.enable_grad():
+        tr = T.loop.Trainer(run)
+        try:
+            assert sum(p.numel() for p in tr.params) == attn2 + proj
+            assert memory.adapter_bytes(tr) == (attn2 + proj) * 4 * (1 + 2)
+        finally:
+            tr.release()
+
+
 PREVIEW = dict(seed=7, seed_mode="fixed", steps=1, cfg=2.0, guidance=3.5, sampler_name="euler", scheduler="normal",
                width=64, height=64)
 PREVIEW_PROMPT = "ohwx a red circle"
