@@ -153,6 +153,9 @@ TESTS = {
     "sampling/slider_sweep.py": ["tests/test_pin_slider_sweep.py",
                                  "tests/test_sliders.py::test_sweep_grid_columns_are_the_lora_at_each_strength",
                                  "tests/test_sliders.py::test_sweep_reports_progress_and_leaves_no_lora_patched_model"],
+    # sampling/joint_layouts.py: where the text sits in each DiT's attention, read by the heatmap capture on the tiny
+    # family models (test_heatmaps.py samples one step each; the refusal test needs no weights)
+    "sampling/joint_layouts.py": ["tests/test_pin_joint_layouts.py", "tests/test_heatmaps.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
