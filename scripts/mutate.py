@@ -118,6 +118,13 @@ TESTS = {
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
     "train/interop.py": ["tests/test_interop_import.py"],
     "train/files.py": ["tests/test_pin_files.py"],
+    # train/diffusers_check.py: the save-time diffusers check, on hand-built files (pin) and on the files Save LoRA
+    # writes (test_pin_export.py saves; the interop tests that call check() directly; their module fixture builds
+    # diffusers' SD3 pipeline once, in the baseline)
+    "train/diffusers_check.py": ["tests/test_pin_diffusers_check.py", "tests/test_pin_export.py",
+                                 "tests/test_interop_diffusers.py::test_save_check_agrees_with_diffusers_and_refuses_dropped_modules",
+                                 "tests/test_interop_diffusers.py::test_flux_width_diffusers_cannot_convert_is_not_checkable",
+                                 "tests/test_interop_diffusers.py::test_sd3_kohya_names_load_nothing_in_diffusers"],
     "train/full.py": ["tests/test_pin_full.py", "tests/test_te_swap.py"],
     "train/te_swap.py": ["tests/test_te_swap.py"],
     "te/inputs.py": ["tests/test_pin_te_hv15.py"],
