@@ -118,6 +118,10 @@ TESTS = {
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
     "train/interop.py": ["tests/test_interop_import.py"],
     "train/files.py": ["tests/test_pin_files.py"],
+    # train/configs_io.py: kohya / ai-toolkit config import and export, in process (the node tests of
+    # test_interop_config_nodes.py go through the server, except the export one)
+    "train/configs_io.py": ["tests/test_pin_configs_io.py", "tests/test_interop_configs.py",
+                            "tests/test_interop_config_nodes.py::test_export_takes_the_next_free_name_and_writes_atomically"],
     # train/diffusers_check.py: the save-time diffusers check, on hand-built files (pin) and on the files Save LoRA
     # writes (test_pin_export.py saves; the interop tests that call check() directly; their module fixture builds
     # diffusers' SD3 pipeline once, in the baseline)
