@@ -131,6 +131,7 @@ TESTS = {
                                  "tests/test_interop_diffusers.py::test_sd3_kohya_names_load_nothing_in_diffusers"],
     "train/full.py": ["tests/test_pin_full.py", "tests/test_te_swap.py"],
     "train/te_swap.py": ["tests/test_te_swap.py"],
+    "train/te_swap_files.py": ["tests/test_te_swap.py"],
     "te/inputs.py": ["tests/test_pin_te_hv15.py"],
     "data/buckets.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
     "data/captions.py": ["tests/test_pin_data.py", "tests/test_data.py", "tests/test_data_inputs.py"],
