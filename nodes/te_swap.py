@@ -9,6 +9,7 @@ from ..aligned_trainer.te import specs
 from ..aligned_trainer.train import loop
 from ..aligned_trainer.train import te_swap as engine
 from ..aligned_trainer.train import te_swap_files as swap_files
+from ..aligned_trainer.train import te_swap_pooled, te_swap_reset
 from ._common import category, node_id
 
 CAT = category("Text Encoder Swap")
@@ -44,7 +45,7 @@ class TextEncoderSwapSetup(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Dataset: its distinct captions (at most 64, evenly spread "
                                                  "over them sorted) are encoded by both encoders to measure their "
                                                  "spread."),
-                io.Combo.Input("reset", options=list(engine.RESET_MODES), default="cross_attention",
+                io.Combo.Input("reset", options=list(te_swap_reset.RESET_MODES), default="cross_attention",
                                tooltip="Layers re-initialised (PyTorch's default Linear init, as first trained): "
                                        "cross_attention (attn2 q/k/v/out; the seed's useful mode at lr 1e-5), qk "
                                        "(attn2 q/k only), all_attention (attn1 + attn2; needs ~5e-5, more data and "
@@ -54,6 +55,11 @@ class TextEncoderSwapSetup(io.ComfyNode):
                                        "Linear-GELU-Linear."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the projection's and the reset layers' initial weights."),
+                io.Combo.Input("pooled", options=list(te_swap_pooled.POOLED), default="zero", optional=True,
+                               tooltip="SDXL only (a UNet that reads a pooled text vector): zero gives it a zero "
+                                       "vector; projected gives it the new encoder's own pooled vector (its pooled "
+                                       "output, or the mean of its valid token states for T5) through a trainable "
+                                       "Linear scaled to the old encoder's pooled spread. Refused on SD1.5."),
             ],
             outputs=[io.Model.Output("swap_model", tooltip="The model with the reset layers and the swap attached: "
                                                            "connect to Train Init."),
@@ -63,9 +69,9 @@ class TextEncoderSwapSetup(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, new_clip, new_spec, old_clip, old_spec, dataset, reset, projection,
-                seed) -> io.NodeOutput:
+                seed, pooled="zero") -> io.NodeOutput:
         out, swap = engine.setup_from_dataset(model, new_clip, old_clip, dataset, reset, projection, seed,
-                                              new_spec, old_spec)
+                                              new_spec, old_spec, pooled)
         text = swap.report()
         return io.NodeOutput(out, swap, text, ui={"text": [text]})
 

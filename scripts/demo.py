@@ -27,8 +27,8 @@ def main() -> int:
         except project_setup.SetupError as e:
             print(f"[setup] ERROR: {e}", file=sys.stderr)
             return 2
-        child_env = dict(os.environ, ALIGNED_TRAINER_DEMO_CHILD="1", COMFYUI_PATH=env["COMFYUI_PATH"],
-                         PYTHONUNBUFFERED="1")
+        child_env = project_setup.bytecode_env(dict(os.environ, ALIGNED_TRAINER_DEMO_CHILD="1",
+                                                    COMFYUI_PATH=env["COMFYUI_PATH"], PYTHONUNBUFFERED="1"))
         return subprocess.call([env["PYTHON"], str(Path(__file__).resolve())], env=child_env, cwd=ROOT)
 
     sys.path.insert(0, str(ROOT / "tests"))

@@ -7,7 +7,10 @@ the demo runs from the browser in test_browser_ui.py (training view). The family
 one, the test makes in the frontend's graph the changes ``support.tiny_workflows`` documents (loaders pointed
 at tiny models, or replaced by test-only loaders with the same outputs and links; sizes and step counts
 shrunk), then queues that graph; ``support.workflow_checks`` checks the run (the LoRA maps completely in ComfyUI's
-stock loader, grids, plots, animated video previews, each family's own checks). Screenshots of each graph are saved as test artifacts in
+stock loader, grids, plots, animated video previews, each family's own checks). The text-encoder swap workflow
+(train_te_swap_sd15) is shrunk and queued the same way (``TE_SWAP``) and its run checked by
+``check_te_swap_run`` (measured spreads, saved UNet differences and projection, sample through Apply Text Encoder
+Swap with the stock KSampler, Train Steps' previews): it is the only run of that workflow in the suite. Screenshots of each graph are saved as test artifacts in
 .work/artifacts/browser/ (paths printed)."""
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-from support.tiny_workflows import FAMILIES, TE_SWAP, shrink_for, steps_for
+from support.tiny_workflows import FAMILIES, TE_SWAP, TE_SWAP_STEPS, shrink_for, steps_for
 from support.workflow import load, validate
-from support.workflow_checks import check_family_run
+from support.workflow_checks import check_family_run, check_te_swap_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,9 +34,10 @@ AS_SHIPPED = {"demo_train_tiny", "ab_aligned_vs_unaligned", "te_alignment_report
 # here the frontend loads them and turns them into a prompt of known nodes, without training them again (suite time).
 # The demo runs from the browser in test_browser_ui.py's training-view test, which checks its chart, previews,
 # loss events and A/B images; here it is loaded and turned into a prompt like the others.
-# The family workflows (FAMILIES) are shrunk in the frontend's graph, queued from it, and their runs checked by
-# support.workflow_checks (LoRA maps in the stock loader, grids, plots, animated previews, family checks).
-RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny", *TE_SWAP}  # TE_SWAP: test_te_swap_server.py
+# The family workflows (FAMILIES) and the text-encoder swap workflow (TE_SWAP) are shrunk in the frontend's graph,
+# queued from it, and their runs checked by support.workflow_checks (LoRA maps in the stock loader, grids, plots,
+# animated previews, family checks; the swap's spreads, saved UNet and projection files, sample and previews).
+RUN_THROUGH_API = {"ab_training_aligned_vs_unaligned", "demo_train_tiny"}
 ARTIFACTS = REPO / ".work" / "artifacts" / "browser"
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
@@ -84,6 +88,8 @@ def _close_dialogs(pg) -> None:
     dialog of a family template, toasts): Escape, then the close button where Escape was not enough."""
     visible = "() => [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent).length"
     for _ in range(4):
+        if not pg.evaluate(visible):
+            break
         pg.keyboard.press("Escape")
         pg.wait_for_timeout(400)
         if not pg.evaluate(visible):
@@ -234,14 +240,24 @@ def test_frontend_loads_and_runs_workflow(page, family_server, path, request):
         check_family_run(server, entry["prompt"][2], entry, name, request, time.time() - t0)
         if shrink_for(name)["AlignedTrainer_SamplePreview"].get("frames", 1) > 1:
             _plays_animated_preview(page, entry, wf)
-    page.wait_for_timeout(1500)
+    if name in TE_SWAP:  # the prompt the frontend queued, as the server ran it
+        assert validate(wf, server.info) == []
+        check_te_swap_run(server, entry["prompt"][2], entry, name, request, time.time() - t0, t0)
+    trains = [n for n in wf["nodes"] if n["type"] == "AlignedTrainer_TrainSteps"]
+    expected = (steps_for(name) if name in FAMILIES else TE_SWAP_STEPS if name in TE_SWAP
+                else trains[0]["widgets_values"][0]) if trains else 0  # one loss event per step
+    aligned = any(n["type"] == "AlignedTrainer_LoadAlignedTextEncoders" for n in wf["nodes"])
+    try:  # the websocket's last events reach the page after /history says done: wait for what this run must show
+        page.wait_for_function("([before, n, spec]) => window.alignedTrainer.lossPoints - before >= n"
+                               " && (!spec || window.alignedTrainer.specShown > 0)", arg=[loss_before, expected, aligned],
+                               timeout=15_000)
+    except Exception:  # (the assertions below say what is missing)
+        pass
     st = page.evaluate("() => ({loss: window.alignedTrainer.lossPoints, ab: window.alignedTrainer.abShown,"
                        " spec: window.alignedTrainer.specShown})")
-    if any(n["type"] == "AlignedTrainer_LoadAlignedTextEncoders" for n in wf["nodes"]):
+    if aligned:
         assert st["spec"] > 0  # the te_spec viewer showed the spec in use
-    trains = [n for n in wf["nodes"] if n["type"] == "AlignedTrainer_TrainSteps"]
     if trains:
-        expected = steps_for(name) if name in FAMILIES else trains[0]["widgets_values"][0]  # one loss event per step
         assert st["loss"] - loss_before >= expected, (st, loss_before)
         drawn = page.evaluate("""id => { const w = (window.app.graph.getNodeById(id).widgets || [])
                 .find(w => w.name === 'loss_chart');  // the chart on this graph's node, not an earlier graph's

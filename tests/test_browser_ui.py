@@ -39,17 +39,18 @@ VISIBLE_DIALOGS = "() => [...document.querySelectorAll('.p-dialog')].filter(d =>
 
 @pytest.fixture(scope="module")
 def ui(family_server, tmp_path_factory):
-    console, missing = [], []
+    console, missing, posts = [], [], []
 
     def listen(pg):
         pg.on("console", lambda m: console.append((m.type, m.text, (m.location or {}).get("url", ""))))
         pg.on("response", lambda r: r.status == 404 and missing.append(r.url))
+        pg.on("request", lambda r: r.method == "POST" and r.url.split("?")[0].endswith("/prompt") and posts.append(r.url))
 
     # the server without the pack for the console comparison (the last test, opt-in) boots while the tests run
     no_pack = _no_pack_server(tmp_path_factory.mktemp("no_pack_server")).launch() if CONSOLE_CHECK else None
     try:
         with open_frontend(family_server, tmp_path_factory.mktemp("chromium-profile-ui"), 2000, listen) as pg:
-            pg.console, pg.missing, pg.no_pack = console, missing, no_pack
+            pg.console, pg.missing, pg.no_pack, pg.posts = console, missing, no_pack, posts
             pg.actions = []  # what the tests did in the frontend, replayed without the pack by the console test
             yield pg
     finally:
@@ -104,7 +105,7 @@ def test_missing_model_speaks_up_before_anything_runs(ui, family_server, name):
         assert f in text, f"the missing-models dialog does not name {f}: {text[:500]}"
     _shot(ui, f"missing_{name}")
     _close_dialogs(ui)
-    before = len(family_server.get("/history"))
+    before, posted = len(family_server.get("/history")), len(ui.posts)
     blocked = ui.evaluate("() => window.alignedTrainer.blocked.length")
     _queue(ui)
     ui.wait_for_function("n => window.alignedTrainer.blocked.length > n", arg=blocked, timeout=30_000)
@@ -113,7 +114,8 @@ def test_missing_model_speaks_up_before_anything_runs(ui, family_server, name):
     msg = ui.evaluate("() => window.alignedTrainer.blocked.at(-1)")
     _shot(ui, f"blocked_{name}")
     assert files[0] in msg and "is not installed" in msg, msg
-    time.sleep(2)
+    ui.wait_for_timeout(300)
+    assert ui.posts[posted:] == [], "the frontend sent the graph to /prompt"  # blocked before any request
     queue = family_server.get("/queue")
     assert len(family_server.get("/history")) == before, "a graph with a missing model ran (partly)"
     assert not queue["queue_running"] and not queue["queue_pending"], queue
@@ -188,7 +190,7 @@ def test_training_view_during_the_demo(ui, family_server):
     ui.evaluate("id => { const n = window.app.graph.getNodeById(id); window.app.canvas.centerOnNode(n); }", ts["id"])
     ui.evaluate("() => { window.alignedTrainer.overall = []; }")
     loss_before = ui.evaluate("() => window.alignedTrainer.lossPoints")
-    before = len(family_server.get("/history"))
+    before, posted = len(family_server.get("/history")), len(ui.posts)
     _queue(ui)
     seen, shots, overlay, current = [], set(), [], []
     deadline = time.time() + 1200
@@ -219,6 +221,7 @@ def test_training_view_during_the_demo(ui, family_server):
     else:
         raise TimeoutError("the demo queued from the browser did not finish in 20 minutes")
     assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(ui.posts) == posted + 1, ui.posts[posted:]  # the queue request the missing-model tests look for
     ui.wait_for_timeout(1000)
     lay = ui.evaluate(LAYOUT_JS, ts["id"])
     assert lay["previewOnTop"], f"no preview shown beside the chart at the end: {lay}"

@@ -84,6 +84,26 @@ def test_setup_rejects_unsupported_comfyui_version(tmp_path):
     assert "ComfyUI 0.2.7" in r.stderr and ">= 0.3.75" in r.stderr
 
 
+def test_project_processes_cache_their_bytecode_under_work(tmp_path):
+    """scripts/test.py and scripts/demo.py start Python (pytest, every ComfyUI server and worker they start) with
+    bytecode written to .work/pycache even where PYTHONDONTWRITEBYTECODE is set: a module imported in such a child
+    leaves its compiled file there, and a second child reads it instead of compiling again."""
+    import os
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import setup as project_setup
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    env = project_setup.bytecode_env(dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(tmp_path)))
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(REPO / ".work" / "pycache")
+    (tmp_path / "at_bytecode_probe.py").write_text("X = 1\n")
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")  # (the same mechanism, in a folder of this test)
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", "import at_bytecode_probe"], env=env, check=True, timeout=60)
+    assert list((tmp_path / "pycache").rglob("at_bytecode_probe.*.pyc"))
+
+
 @pytest.mark.server
 def test_server_lists_every_pack_node_with_tooltips(server, comfy):
     info = server.get("/object_info")

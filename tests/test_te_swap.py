@@ -5,7 +5,8 @@ weights ComfyUI computes) with PyTorch's default Linear init; training the swapp
 weights + projection) lowers the validation loss; Train Steps' previews sample the projected prompts as the stock
 graph does; resume is bit-exact; the saved UNet file (stock LoRA loader, or the whole UNet through the stock
 UNETLoader) plus the saved projection (Apply Text Encoder Swap) give the trained model's outputs; on tiny SDXL the
-training hook and the Apply node give the adm the same zero pooled vector."""
+training hook and the Apply node give the adm the same zero pooled vector, and a swapped SDXL run lowers the validation
+loss."""
 from __future__ import annotations
 
 import math
@@ -28,6 +29,16 @@ def S(comfy):
 @pytest.fixture(scope="module")
 def F(comfy):
     return comfy.engine("train.te_swap_files")
+
+
+@pytest.fixture(scope="module")
+def M(comfy):
+    return comfy.engine("train.te_swap_measure")
+
+
+@pytest.fixture(scope="module")
+def R(comfy):
+    return comfy.engine("train.te_swap_reset")
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +86,12 @@ def _setup_captions(t5_set) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def swapped(S, sd15, clips, old_clip, t5_set):
+def swapped(S, M, sd15, clips, old_clip, t5_set):
     """(MODEL with the cross-attention reset and the swap, Swap) from the dataset's captions and EXTRA, of which
     MAX_CAPTIONS = 2 are measured, on the patched CLIP-L (the only full-size CLIP-L encodes of this file; the
     diffusers comparison reads their figure)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(S, "MAX_CAPTIONS", 2)
+        mp.setattr(M, "MAX_CAPTIONS", 2)
         return S.setup(sd15[0], clips[1], old_clip, _setup_captions(t5_set), reset="cross_attention", kind="linear",
                        seed=3)
 
@@ -113,7 +124,7 @@ def _diffusers_sd15(checkpoint):
                                    requires_safety_checker=False)
 
 
-def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, clips, swapped, t5_set,
+def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, M, clips, swapped, t5_set,
                                                                             sd15_checkpoint):
     """CLIP-L's spread as SD1.5 saw it: diffusers' StableDiffusionPipeline.encode_prompt (77 padded positions, no
     mask) on the checkpoint's CLIP-L weights gives the per-token std that the swap setup measured (``token_std``
@@ -121,7 +132,7 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     fitted projection's output on the captions (also through ``Projection.project``, the Apply node's path, on
     captions it was not fitted on) is within 5 % of the old encoder's spread."""
     _, swap = swapped
-    texts = S.measured_captions(_setup_captions(t5_set), 2)
+    texts = M.measured_captions(_setup_captions(t5_set), 2)
     assert swap.captions == len(texts) == 2 and swap.tokens_old == 77 * 2
     got = swap.std_old
     pipe = _diffusers_sd15(sd15_checkpoint.resolve())
@@ -139,22 +150,22 @@ def test_measured_std_matches_diffusers_and_projection_matches_within_5pct(S, cl
     assert swap.std_old > 0 and swap.std_new > 0
     assert abs(swap.scale - 1) > 0.1  # the unscaled projection would miss the target: the scale matters
     assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05)
-    held_out = S.encode(clips[1], CAPTIONS)
+    held_out = M.encode(clips[1], CAPTIONS)
     proj = swap.module()
-    out, _ = S.token_std([proj.project(c) for c in held_out])
+    out, _ = M.token_std([proj.project(c) for c in held_out])
     assert out == pytest.approx(swap.std_old, rel=0.05)
     assert swap.out_dim == 768 and swap.in_dim == held_out[0][0][0].shape[-1] == 128
 
 
-def test_setup_measures_at_most_max_captions(S, swapped, t5_set):
+def test_setup_measures_at_most_max_captions(S, M, swapped, t5_set):
     """A dataset with more distinct captions than MAX_CAPTIONS is measured on MAX_CAPTIONS of them, evenly spaced
     over the sorted captions (first and last kept), each encoded once by each encoder (a large dataset's every
     caption would cost minutes): the swap fixture's setup, with MAX_CAPTIONS = 2, measured 2 of its 3 captions."""
     texts = [f"ohwx, a photo number {i}" for i in range(9)]
-    assert S.MAX_CAPTIONS == 64
-    assert S.measured_captions(texts + texts[:3], 64) == sorted(texts)
-    assert S.measured_captions(texts, 3) == sorted(texts)[0::4]
-    assert S.measured_captions(texts, 1) == sorted(texts)[:1]
+    assert M.MAX_CAPTIONS == 64
+    assert M.measured_captions(texts + texts[:3], 64) == sorted(texts)
+    assert M.measured_captions(texts, 3) == sorted(texts)[0::4]
+    assert M.measured_captions(texts, 1) == sorted(texts)[:1]
     assert len(set(_setup_captions(t5_set))) == 3
     swap = swapped[1]
     assert swap.captions == 2 and swap.tokens_old == 2 * 77  # 3 captions would be 231 tokens
@@ -176,19 +187,19 @@ def _effective(model):
     ("qk", ("attn2",), ("to_q", "to_k")),
     ("all_attention", ("attn1", "attn2"), ("to_q", "to_k", "to_v", "to_out.0")),
 ])
-def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
+def test_reset_mode_changes_exactly_its_layers(S, R, sd15, mode, where, parts):
     """Each reset mode names exactly the attention layers it should (by the UNet's CrossAttention modules), and
     the weights ComfyUI computes for the swapped MODEL differ from the base in exactly those layers' weights
     (and to_out.0's bias), nothing else; the new values follow PyTorch's nn.Linear default init (uniform within
     1/sqrt(fan_in), std bound/sqrt(3)); the base model's own weights are unchanged."""
     model = sd15[0]
     dm = model.model.diffusion_model
-    names = S.reset_layers(dm, mode)
+    names = R.reset_layers(dm, mode)
     crossattn = [n for n, m in dm.named_modules() if type(m).__name__ == "CrossAttention"]
     want = sorted(f"{a}.{p}" for a in crossattn if a.rpartition(".")[2] in where for p in parts)
     assert names == want
     assert mode == "none" or len(names) >= 4
-    diffs = S.reset_diffs(model, names, seed=7)
+    diffs = R.reset_diffs(model, names, seed=7)
     swap = S.Swap("linear", 128, 768, {}, mode, tuple(names), diffs)
     base = model.model.state_dict()
     before = {k: base[k].detach().float().clone() for k in diffs}
@@ -205,13 +216,13 @@ def test_reset_mode_changes_exactly_its_layers(S, sd15, mode, where, parts):
         assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert all(torch.equal(before[k], base[k].detach().float()) for k in before)  # the shared base was not written
     if names:  # seeded: the same seed draws the same layers, another seed others
-        again = S.reset_diffs(model, names, seed=7)
-        other = S.reset_diffs(model, names, seed=8)
+        again = R.reset_diffs(model, names, seed=7)
+        other = R.reset_diffs(model, names, seed=8)
         k = f"diffusion_model.{names[0]}.weight"
         assert torch.equal(again[k], diffs[k]) and not torch.equal(other[k], diffs[k])
 
 
-STEPS = 3  # the direction test's run; scripts/bench_te_swap.py gives the 50-step figure
+STEPS = 3  # the direction test's run; bench/te_swap_val_figure.py gives the 50-step figure
 
 
 def _init(T, model, tset, root, name, resume="none", ema=0.0):
@@ -486,18 +497,25 @@ def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set
         S.setup(swapped[0], None, None, [], "none")
 
 
-def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inference(comfy, S, T, family_bundle, clips):
+@pytest.fixture(scope="module")
+def sdxl_swapped(S, family_bundle, clips):
+    """(MODEL with the cross-attention reset and the swap, Swap, VAE) of the tiny SDXL swapped to the tiny T5."""
+    model, old_clip, vae = family_bundle("sdxl")
+    out, swap = S.setup(model, clips[1], old_clip, CAPTIONS, reset="cross_attention", kind="linear", seed=3)
+    return out, swap, vae
+
+
+def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inference(comfy, S, M, T, sdxl_swapped, clips):
     """Tiny SDXL (CLIP-L + CLIP-G 320: context 1088, pooled 320 in its adm ``y``) swapped to the tiny T5: the setup
     reads the context width from the UNet and the pooled width from the old encoder's conditioning, the projection's
     spread matches within 5 %; Apply Text Encoder Swap's conditioning carries a zero pooled vector of that width, and
     the trainer's context hook gives the model exactly the kwargs (c_crossattn and y) that the Apply node's
     conditioning gives through ComfyUI's cond machinery; the stock KSampler samples it. Without the pooled vector
     ComfyUI's SDXL cannot build its adm."""
-    model, old_clip, vae = family_bundle("sdxl")
-    out, swap = S.setup(model, clips[1], old_clip, CAPTIONS, reset="cross_attention", kind="linear", seed=3)
+    out, swap, _ = sdxl_swapped
     assert (swap.in_dim, swap.out_dim, swap.pooled_dim) == (128, 1088, 320)
     assert swap.std_projected == pytest.approx(swap.std_old, rel=0.05) and len(swap.reset_layers) >= 4
-    t5 = S.encode(clips[1], ["ohwx a red circle"])[0]
+    t5 = M.encode(clips[1], ["ohwx a red circle"])[0]
     (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
     assert applied[0][0].shape[-1] == 1088 and torch.equal(applied[0][1]["pooled_output"], torch.zeros(1, 320))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -519,10 +537,117 @@ def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inferen
     assert torch.count_nonzero(train["y"][:, :320]) == 0
     with torch.inference_mode():
         n = comfy.nodes
-        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=S.encode(clips[1], [""])[0], swap=swap)
+        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=M.encode(clips[1], [""])[0], swap=swap)
         (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
         (res,) = n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", applied, neg, lat)
         assert torch.isfinite(res["samples"]).all()
         bare = [[applied[0][0], {k: v for k, v in applied[0][1].items() if k != "pooled_output"}]]
         with pytest.raises(KeyError, match="pooled_output"):
             n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", bare, neg, lat)
+
+
+
+
+SDXL_STEPS = 3  # the direction tests' runs; bench/te_swap_val_figure.py --model sdxl gives the 50-step figure
+
+
+@pytest.fixture(scope="module")
+def sdxl_set(comfy, sdxl_swapped, clips, tmp_path_factory):
+    """One captioned 64 px image: tiny SDXL VAE latents, the caption encoded by the tiny T5 (no pooled vector)."""
+    from support.factories.dataset import make_dataset
+
+    base = tmp_path_factory.mktemp("sdxl_swapset")
+    folder = make_dataset(base / "data", n=1, sizes=((64, 64),))
+    D, caps, bk, cache = (comfy.engine(m) for m in ("data.dataset", "data.captions", "data.buckets", "data.cache"))
+    ds = D.from_folder(folder.parent, caps.CaptionConfig(trigger_word="ohwx"),
+                       bk.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
+    tset, _ = cache.cache_text(cache.cache_latents(ds, sdxl_swapped[2], base / "cache"), clips[1], base / "cache",
+                               unload=False)
+    assert tset.samples[0].captions[0].conditioning[0][1].get("pooled_output") is None
+    return tset
+
+
+def _sdxl_trains(S, T, model, swap, tset, root, name):
+    """Train SDXL_STEPS steps (full cross-attention + projection, min-SNR): (val before, val after, projection)."""
+    run0 = _init(T, model, tset, root, name)
+    before = T.loop.validation_loss(run0)
+    run = T.loop.train_steps(run0, SDXL_STEPS)
+    after = T.loop.validation_loss(run)
+    print(f"te_swap sdxl ({name}): validation loss {before:.5f} -> {after:.5f} in {SDXL_STEPS} steps")
+    assert after < before
+    proj = S.trained_projection(run, ema=False)
+    assert not torch.equal(proj["net.0.weight"], swap.projection["net.0.weight"])
+    assert torch.equal(proj["scale"], swap.projection["scale"])
+    assert {k.rpartition(".")[0] for k in S.without_projection(run.state["adapters"])} == set(swap.reset_layers)
+    return proj
+
+
+def test_sdxl_swap_training_lowers_validation_loss(S, T, sdxl_swapped, sdxl_set, tmp_path):
+    """Tiny SDXL swapped to the tiny T5 trains through the ordinary Train Init / Train Steps engine (full
+    cross-attention weights + projection, min-SNR): one captioned 64 px image (SDXL VAE latents, a T5 caption without
+    a pooled vector: the trainer's hook gives the adm its zero one), the validation loss at fixed noise and timesteps
+    falls within SDXL_STEPS steps; the projection trains, its scale stays; only the reset layers carry differences."""
+    out, swap, _ = sdxl_swapped
+    _sdxl_trains(S, T, out, swap, sdxl_set, tmp_path / "runs", "swap_sdxl")
+
+
+def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, M, T, F, sd15, family_bundle, clips, sdxl_set,
+                                                         tmp_path):
+    """Setup ``pooled = projected`` on the tiny SDXL: the adm's pooled input is the tiny T5's own pooled vector (the
+    mean of its valid token states: T5 has no pooled output) through a Linear 128 -> 320 scaled to the old CLIP-G
+    pooled vector's spread (within 5 %); Apply Text Encoder Swap's conditioning carries it (not zero) and the trainer's
+    hook gives the model the same c_crossattn and y (1e-6); the stock KSampler samples it; the pooled Linear trains
+    with the projection while the validation loss falls; the saved projection file reads back with it; SD1.5 (no
+    adm) refuses the option with the fix."""
+    model, old_clip, _ = family_bundle("sdxl")
+    out, swap = S.setup(model, clips[1], old_clip, CAPTIONS, reset="cross_attention", kind="linear", seed=3,
+                        pooled="projected")
+    assert (swap.in_dim, swap.out_dim, swap.pooled_dim, swap.pooled_in) == (128, 1088, 320, 128)
+    assert swap.std_pooled_projected == pytest.approx(swap.std_pooled_old, rel=0.05) and swap.std_pooled_old > 0
+    assert "pooled 128->320 projected" in swap.report()
+    t5 = M.encode(clips[1], ["ohwx a red circle"])[0]
+    (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
+    pooled = applied[0][1]["pooled_output"]
+    assert pooled.shape == (1, 320) and float(pooled.abs().max()) > 0
+    mask = t5[0][1]["attention_mask"].reshape(-1) > 0
+    m = swap.module()
+    with torch.no_grad():  # the new encoder's mean valid token through the pooled Linear, scaled
+        expect = m.pooled(t5[0][0][0][mask].float().mean(0, keepdim=True)) * m.pooled_scale
+    torch.testing.assert_close(pooled.float(), expect, atol=1e-6, rtol=1e-6)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    adapter = S.ProjectionAdapter(swap.module().float())
+
+    def kwargs(context, cond):
+        from types import SimpleNamespace
+
+        fake = SimpleNamespace(patcher=out, run=SimpleNamespace(settings=SimpleNamespace(guidance=3.5)),
+                               context=context)
+        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [cond], x))
+
+    with torch.no_grad():
+        train = kwargs(adapter.context, t5)
+        infer = kwargs(T.loop.Trainer.context, applied)
+    for k in ("c_crossattn", "y"):
+        torch.testing.assert_close(train[k].float(), infer[k].float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(train["y"][:, :320].float(), expect, atol=1e-6, rtol=1e-6)
+    with torch.inference_mode():
+        n = comfy.nodes
+        (neg,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=M.encode(clips[1], [""])[0], swap=swap)
+        (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
+        (res,) = n.common_ksampler(out, 7, 1, 2.0, "euler", "normal", applied, neg, lat)
+        assert torch.isfinite(res["samples"]).all()
+    proj = _sdxl_trains(S, T, out, swap, sdxl_set, tmp_path / "runs", "swap_sdxl_pooled")
+    assert not torch.equal(proj["pooled.weight"], swap.projection["pooled.weight"])
+    assert torch.equal(proj["pooled_scale"], swap.projection["pooled_scale"])
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    tensors, meta = F.projection_file_state(replace(swap, projection=proj))
+    save_file(tensors, str(tmp_path / "p.safetensors"), metadata=meta)
+    back = F.load_projection(tmp_path / "p.safetensors")
+    assert back.pooled_in == 128 and back.pooled_dim == 320
+    torch.testing.assert_close(back.module().project(t5)[0][1]["pooled_output"],
+                               swap.module(proj).project(t5)[0][1]["pooled_output"], atol=0, rtol=0)
+    with pytest.raises(S.SwapError, match="pooled 'projected' is for a model that reads a pooled text vector"):
+        S.setup(sd15[0], clips[1], old_clip, CAPTIONS, pooled="projected")

@@ -15,7 +15,11 @@ TOL = 1e-4
 # families whose every encode is long run a subset (HunyuanVideo 1.5: 1108 Qwen positions per prompt, three encodes per
 # prompt, ~0.2 s each; its Qwen stream reads text through the same path as Qwen-Image's, which runs every prompt):
 # the prompts ComfyUI's syntax changes for it (escapes, embedding names) and two bracket forms
-SUBSETS = {"hunyuan-video-1.5:padded": ("escaped", "embedding", "nested", "url")}
+# Variants that share every tokenizer with a family that runs every prompt (SD3's diffusers projection and SD3.5 Large:
+# SD3's CLIP-L, CLIP-G and T5; FLUX.1 schnell: dev's with 256 T5 tokens) run the same subset: a full-size CLIP-L
+# encode is ~0.3 s on 2 cores, three per prompt
+SUBSET = ("escaped", "embedding", "nested", "url")
+SUBSETS = {"hunyuan-video-1.5:padded": SUBSET, "sd3:diffusers": SUBSET, "sd35:large": SUBSET, "flux1-schnell": SUBSET}
 
 
 def _diff(a, b) -> float:

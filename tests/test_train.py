@@ -188,3 +188,25 @@ def test_base_weights_get_no_gradient(T, sd15, sd15_training_set, tmp_path):
         for p, w in zip(params, was):
             p.grad = None
             p.requires_grad_(w)
+
+
+def test_validation_batches_a_samples_timesteps_when_they_fit(T, sd15, sd15_training_set, tmp_path, monkeypatch):
+    """Validation runs each sample's fixed timesteps in one forward when free memory allows (the rule ComfyUI's
+    sampler batches conds by), with the same loss as one forward per timestep."""
+    run = _run(T, sd15, sd15_training_set, tmp_path)
+    calls = []
+    predict_loss = T.loop.Trainer.predict_loss
+
+    def counted(self, x0, *a, **kw):
+        calls.append(x0.shape[0])
+        return predict_loss(self, x0, *a, **kw)
+
+    monkeypatch.setattr(T.loop.Trainer, "predict_loss", counted)
+    batched = T.loop.validation_loss(run)
+    k, n = run.settings.val_timesteps, len(sd15_training_set.samples)
+    assert calls == [k] * n, calls  # CPU: plenty of free memory
+    calls.clear()
+    monkeypatch.setattr(T.loop.Trainer, "_timesteps_per_forward", lambda self, shape, k: 1)  # no room for two
+    single = T.loop.validation_loss(run)
+    assert calls == [1] * (k * n), calls
+    assert batched == pytest.approx(single, rel=1e-6) and batched > 0

@@ -64,9 +64,9 @@ def check(model, lora_sd: dict[str, torch.Tensor]) -> dict:
     if any(not k.endswith(_PAIR + _PEFT_PAIR) and not k.endswith((".alpha", ".dora_scale", ".lora_magnitude_vector"))
            for k in lora_sd):
         return {"checked": False, "reason": "diffusers has no loader for LoHa/LoKr files", "dropped": []}
-    import diffusers
+    from diffusers.loaders import lora_pipeline  # the loaders only: importing the pipelines costs seconds more
 
-    pipe = getattr(diffusers, pipe_name)
+    pipe = getattr(lora_pipeline, facts["diffusers_lora_loader"])  # where pipe_name's lora_state_dict is defined
     kwargs = {}
     unet_config = getattr(model, "model", model).model_config.unet_config
     if facts.get("diffusers_sgm_remap"):  # as the pipeline's load_lora_weights passes its UNet config

@@ -586,17 +586,32 @@ class Trainer:
         k = self.run.settings.val_timesteps
         us = torch.linspace(0.1, 0.9, k)
         losses = []
+        sigmas = [float(self.ms.percent_to_sigma(1.0 - float(u))) for u in us]
         with self.hooked():
             for sample in self.val_samples:
                 x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
                 noise = torch.randn(x0.shape, generator=g).to(self.device)
                 x0 = x0.to(self.device)
-                for u in us:
-                    sigma = torch.tensor([float(self.ms.percent_to_sigma(1.0 - float(u)))], device=self.device)
-                    losses.append(float(self.predict_loss(x0, noise, sigma, [sample.captions[0].conditioning])[0]))
+                n = self._timesteps_per_forward(x0.shape, k)
+                for i in range(0, k, n):  # a sample's timesteps batched, as many as fit (same noise, same caption)
+                    sig = torch.tensor(sigmas[i:i + n], device=self.device)
+                    m = len(sig)
+                    out = self.predict_loss(x0.expand(m, *x0.shape[1:]), noise.expand(m, *noise.shape[1:]), sig,
+                                            [sample.captions[0].conditioning] * m)
+                    losses += [float(v) for v in out]
         for a in self.adapters.values():
             a.train()
         return sum(losses) / len(losses)
+
+    def _timesteps_per_forward(self, shape: torch.Size, k: int) -> int:
+        """How many of a validation sample's ``k`` timesteps run in one forward: the most whose inference memory
+        fits in free memory with ComfyUI's sampler's margin (``comfy.samplers.calc_cond_batch`` batches conds by the
+        same rule: ``memory_required(shape) * 1.5 < free``); 1 when none does."""
+        free = mm.get_free_memory(self.device)
+        for n in range(k, 1, -1):
+            if self.patcher.memory_required([n, *shape[1:]]) * 1.5 < free:
+                return n
+        return 1
 
     def release(self) -> None:
         """Take this trainer's weight wrappers (LoHa, LoKr, DoRA) off the modules it shares with the base model:

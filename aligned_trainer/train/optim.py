@@ -3,7 +3,6 @@ Adafactor, bitsandbytes when installed, lion-pytorch) and diffusers' ``get_sched
 from __future__ import annotations
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from .config import ConfigError, OptimizerConfig
 
@@ -43,5 +42,7 @@ def build_scheduler(cfg: OptimizerConfig, optimizer):
         kwargs["power"] = cfg.power
     # diffusers' "constant" ignores num_warmup_steps; its warmup variant is the documented constant + warmup
     name = "constant_with_warmup" if cfg.scheduler == "constant" and cfg.warmup_steps else cfg.scheduler
+    from diffusers.optimization import get_scheduler  # (imported on use, not when ComfyUI loads the pack)
+
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=cfg.total_steps, **kwargs)

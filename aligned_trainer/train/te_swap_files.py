@@ -115,7 +115,9 @@ def load_projection(path) -> Swap:
                 tuple(rec.get("reset_layers", ())), {}, int(rec.get("seed", 0)),
                 float(rec.get("std_old", 0)), float(rec.get("std_new", 0)), float(rec.get("std_projected", 0)),
                 int(rec.get("tokens_old", 0)), int(rec.get("tokens_new", 0)), int(rec.get("captions", 0)),
-                rec.get("new_spec", ""), rec.get("old_spec", ""), int(rec.get("pooled_dim", 0)))
+                rec.get("new_spec", ""), rec.get("old_spec", ""), int(rec.get("pooled_dim", 0)),
+                int(rec.get("pooled_in", 0)), float(rec.get("std_pooled_old", 0)),
+                float(rec.get("std_pooled_projected", 0)))
     swap.module()  # refuses tensors that do not fit the recorded shapes
     return swap
 

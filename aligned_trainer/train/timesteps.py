@@ -10,7 +10,6 @@ import math
 
 import comfy.model_sampling
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from .config import ConfigError, TimestepConfig
 
@@ -26,6 +25,8 @@ def sample_u(cfg: TimestepConfig, n: int, generator: torch.Generator) -> torch.T
         devstate = torch.random.get_rng_state()
         torch.random.set_rng_state(fork.get_state())
         try:  # diffusers draws from the global RNG; run it on a forked, seeded state
+            from diffusers.training_utils import compute_density_for_timestep_sampling  # (imported on use: ~10 s)
+
             u = compute_density_for_timestep_sampling(cfg.density, n, logit_mean=cfg.logit_mean,
                                                       logit_std=cfg.logit_std, mode_scale=cfg.mode_scale)
         finally:
@@ -127,6 +128,8 @@ def loss_weights(cfg: TimestepConfig, model_sampling, sigma: torch.Tensor, u: to
         t = sigma if is_flow(model_sampling) or u is None else u
         return bell_weight(t.float())
     if cfg.weighting in ("sd3_sigma_sqrt", "sd3_cosmap"):
+        from diffusers.training_utils import compute_loss_weighting_for_sd3  # (imported on use: ~10 s)
+
         scheme = "sigma_sqrt" if cfg.weighting == "sd3_sigma_sqrt" else "cosmap"
         return compute_loss_weighting_for_sd3(scheme, sigma.float())
     s = snr(model_sampling, sigma)

@@ -113,7 +113,7 @@ FAMILIES = {
                                        "QuadrupleCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "hidream"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
 }
-STEPS = 4
+STEPS = 2  # one checkpoint, one validation pass and one preview at step 2 (4 steps repeated each: suite time)
 SHRINK = {
     "AlignedTrainer_Dataset": {"resolution": 64, "min_side": 64, "max_side": 64},
     "AlignedTrainer_TrainSteps": {"steps": STEPS, "checkpoint_every": 2, "val_every": 2},
@@ -165,11 +165,12 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                                       "AlignedTrainer_SamplePreview": {"step": 2}}}
 
 
-# The text-encoder swap workflow (tests/test_te_swap_server.py runs it through the API; test_browser.py loads it in
-# the frontend): name -> (loader substitutions as in FAMILIES, sizes: class_type -> inputs). CLIPLoader builds T5-XXL
+# The text-encoder swap workflow (tests/test_browser.py makes these changes in the frontend's graph, queues it and
+# checks the run with support.workflow_checks.check_te_swap_run): name -> (loader substitutions as in FAMILIES,
+# sizes: class_type -> inputs). CLIPLoader builds T5-XXL
 # at full size, so the tiny T5 of the Chroma bundle comes from the test-only loader; 64 px, 2 steps at batch 1, no
 # validation pass (tests/test_te_swap.py checks the validation loss), one sampling step; the dataset is
-# TE_SWAP_DATASET (2 captioned 64 px images, written by test_te_swap_server.py): every caption costs a
+# TE_SWAP_DATASET (2 captioned 64 px images, written by family_server): every caption costs a
 # full-size CLIP-L encode in fp16 on the CPU in Text Encoder Swap Setup.
 TE_SWAP_STEPS = 2
 TE_SWAP_DATASET = "te_swap_dataset"
@@ -219,8 +220,8 @@ def tiny_prompt(api: dict, name: str) -> dict:
 @contextlib.contextmanager
 def family_server(base: Path):
     """A real ComfyUI server with the tiny model files in its model folders, the test-only loaders on its
-    ``custom_nodes`` path, the family workflows' dataset (``my_dataset``: 4 captioned 64 px images) and the
-    demo workflows' inputs (tiny SD1.5 checkpoint, ``demo_dataset``); always stopped."""
+    ``custom_nodes`` path, the family workflows' dataset (``my_dataset``: 4 captioned 64 px images), the swap
+    workflow's (``TE_SWAP_DATASET``: 2) and the demo workflows' inputs (tiny SD1.5 checkpoint, ``demo_dataset``); always stopped."""
     models = base / "models"
     folders = {k: models / k for k in ("checkpoints", "vae", "loras")}
     for d in folders.values():
@@ -234,6 +235,7 @@ def family_server(base: Path):
                           (folders["vae"] / WAN_VAE, wan.vae_file())):
             link.symlink_to(src)
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
+        make_dataset(srv.input_dir / TE_SWAP_DATASET, n=2, sizes=((64, 64),))  # the text-encoder swap workflow's
         # the Wan workflow's my_videos: a 6-frame 64 px clip at 16 fps and a still image (a one-frame sample)
         clips.write_clip(srv.input_dir / "my_videos" / "clip.mp4", 6, 16, size=(64, 64), caption="ohwx walking")
         Image.fromarray(clips.frame(3, (64, 64))).save(srv.input_dir / "my_videos" / "still.png")

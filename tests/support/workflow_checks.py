@@ -1,14 +1,14 @@
-"""Checks of a family workflow's finished run (``tests/test_browser.py`` queues each shrunk family workflow from
-the real frontend and hands the server's history entry here): it trained, saved a LoRA that ComfyUI's stock LoRA
-loader maps completely, and left its sample grid, loss plot and timestep histogram (animated previews for video),
-plus each family's own checks."""
+"""Checks of a shipped training workflow's finished run (``tests/test_browser.py`` queues each shrunk family workflow
+and the text-encoder swap workflow from the real frontend and hands the server's history entry here). A family run:
+it trained, saved a LoRA that ComfyUI's stock LoRA loader maps completely, and left its sample grid, loss plot and
+timestep histogram (animated previews for video), plus each family's own checks. The swap run: ``check_te_swap_run``."""
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
-from support.tiny_workflows import FAMILIES, shrink_for, steps_for
+from support.tiny_workflows import FAMILIES, TE_SWAP_STEPS, shrink_for, steps_for
 
 
 def _check_lora_loads(path: Path, model) -> int:
@@ -124,7 +124,7 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     for nid, node in api.items():
         by_type.setdefault(node["class_type"], []).append(nid)
     outputs = entry["outputs"]
-    # Save LoRA: the file exists, was written by this run (4 steps), and maps completely in the stock loader
+    # Save LoRA: the file exists, was written by this run (steps_for: its shrunk steps), and maps completely in the stock loader
     (save_id,) = by_type["AlignedTrainer_SaveLora"]
     report = json.loads(outputs[save_id]["text"][0])
     lora = Path(report["path"])
@@ -165,3 +165,70 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     if name == "train_lora_hidream":
         _check_hidream(api, by_type, lora, report, model)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")
+
+
+def check_te_swap_run(srv, api: dict, entry: dict, name: str, request, seconds: float, queued_at: float) -> None:
+    """``entry``: the history entry of the shrunk ``train_te_swap_sd15`` (support.tiny_workflows.TE_SWAP: tiny SD1.5,
+    the tiny T5 of the Chroma bundle, 2 images at 64 px, 2 steps, a Preview Plan every step, one sampling step) run on
+    ``srv``; ``api``: the prompt it ran (the frontend's, as the server recorded it); ``queued_at``: time.time() when it
+    was queued. The setup measured and matched the spreads (shown under the node) with the reset it names; Save Text
+    Encoder Swap wrote the UNet's cross-attention differences (every key maps in ComfyUI's stock LoRA loader) and the
+    trained projection; the stock KSampler sampled through Apply Text Encoder Swap (the sample image) and the loss
+    plot was saved; Train Steps previewed every step, the step-2 preview differing from the step-1 one."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    status = entry["status"]
+    assert status["status_str"] == "success" and status["completed"], status
+    assert not [m for m in status.get("messages", []) if m[0] == "execution_error"]
+    by_type: dict[str, list[str]] = {}
+    for nid, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(nid)
+    outputs = entry["outputs"]
+    # the setup's shown spreads: the projected (output) spread within 5 % of the old encoder's measured one
+    (setup_id,) = by_type["AlignedTrainer_TextEncoderSwapSetup"]
+    shown = outputs[setup_id]["text"][0]
+    m = re.search(r"old encoder token std ([\d.]+).*output std ([\d.]+)", shown)
+    assert m and abs(float(m[2]) - float(m[1])) <= 0.05 * float(m[1]), shown
+    assert "reset cross_attention" in shown and "(154 tokens of 2 captions)" in shown
+    # both files, in ComfyUI's folders: the UNet's cross-attention differences as .diff keys of the full run
+    (save_id,) = by_type["AlignedTrainer_SaveTextEncoderSwap"]
+    saved = json.loads(outputs[save_id]["text"][0])
+    unet, proj = Path(saved["unet_file"]), Path(saved["projection_file"])
+    assert unet.parent == srv.base / "models" / "loras" and proj.parent == srv.base / "models" / "te_projections"
+    assert unet.stem == proj.stem  # one name for both (if_exists new_name: the first free in both folders)
+    with safe_open(str(unet), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(k.startswith("diffusion_model.") and k.endswith((".diff", ".diff_b")) for k in keys)
+    assert {k.split(".attn2.")[1] for k in keys} == {"to_q.diff", "to_k.diff", "to_v.diff", "to_out.0.diff",
+                                                     "to_out.0.diff_b"}
+    config = json.loads(meta["aligned_trainer.config"])
+    assert config["lora"]["algorithm"] == "full"
+    comfy = request.getfixturevalue("comfy")
+    F = comfy.engine("train.te_swap_files")
+    model = request.getfixturevalue("sd15")[0]  # the tiny checkpoint through CheckpointLoaderSimple
+    assert F.unmapped_diff_keys(model, load_file(str(unet))) == []  # the stock LoRA loader patches every key
+    # the projection file reads back as the run's projection: T5 (128) -> 768, its reset, spreads within 5 %
+    swap = F.load_projection(proj)
+    assert swap.in_dim == 128 and swap.out_dim == 768 and swap.reset == "cross_attention"
+    assert abs(swap.std_projected - swap.std_old) <= 0.05 * swap.std_old
+    # the stock KSampler's sample (T5 prompts through Apply Text Encoder Swap) and the loss plot were saved
+    images = [img for nid in by_type["SaveImage"] for img in outputs.get(nid, {}).get("images", [])]
+    assert {i["filename"].split("_")[0] for i in images} >= {"sample", "loss"}, images
+    for img in images:
+        assert (srv.output_dir / img.get("subfolder", "") / img["filename"]).stat().st_size > 0
+    # Train Steps' previews (Preview Plan of T5 prompts, every step): one per step, written by this run, each the
+    # projected prompts on the model of that step, so the step-2 preview is not the step-1 one
+    (ts_id,) = by_type["AlignedTrainer_TrainSteps"]
+    assert api[ts_id]["inputs"]["steps"] == TE_SWAP_STEPS == 2
+    folder = srv.temp_dir / "temp" / "aligned_trainer_previews"
+    shots = {s: folder / f"node{ts_id}_step{s:07d}.jpg" for s in (1, 2)}
+    assert all(p.exists() for p in shots.values()), sorted(folder.glob("*"))
+    assert all(p.stat().st_mtime >= queued_at - 1 for p in shots.values())  # not an earlier run's files
+    a, b = (np.asarray(Image.open(shots[s]).convert("RGB"), dtype=np.float32) for s in (1, 2))
+    diff = float(np.abs(a - b).mean())
+    assert a.shape == b.shape and diff > 0.2, diff  # mean |step 2 - step 1| in 8-bit levels
+    print(f"{name}: ran in {seconds:.1f}s; previews at steps 1 and 2 differ by {diff:.2f} levels on average")
