@@ -118,8 +118,20 @@ TESTS = {
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
     "train/interop.py": ["tests/test_interop_import.py"],
     "train/files.py": ["tests/test_pin_files.py"],
+    # train/configs_io.py: kohya / ai-toolkit config import and export, in process (the node tests of
+    # test_interop_config_nodes.py go through the server, except the export one)
+    "train/configs_io.py": ["tests/test_pin_configs_io.py", "tests/test_interop_configs.py",
+                            "tests/test_interop_config_nodes.py::test_export_takes_the_next_free_name_and_writes_atomically"],
+    # train/diffusers_check.py: the save-time diffusers check, on hand-built files (pin) and on the files Save LoRA
+    # writes (test_pin_export.py saves; the interop tests that call check() directly; their module fixture builds
+    # diffusers' SD3 pipeline once, in the baseline)
+    "train/diffusers_check.py": ["tests/test_pin_diffusers_check.py", "tests/test_pin_export.py",
+                                 "tests/test_interop_diffusers.py::test_save_check_agrees_with_diffusers_and_refuses_dropped_modules",
+                                 "tests/test_interop_diffusers.py::test_flux_width_diffusers_cannot_convert_is_not_checkable",
+                                 "tests/test_interop_diffusers.py::test_sd3_kohya_names_load_nothing_in_diffusers"],
     "train/full.py": ["tests/test_pin_full.py", "tests/test_te_swap.py"],
     "train/te_swap.py": ["tests/test_te_swap.py"],
+    "train/te_swap_files.py": ["tests/test_te_swap.py"],
     "train/te_swap_measure.py": ["tests/test_te_swap.py"],
     "train/te_swap_reset.py": ["tests/test_te_swap.py"],
     "train/te_swap_pooled.py": ["tests/test_te_swap.py"],
@@ -131,6 +143,10 @@ TESTS = {
     "data/video.py": ["tests/test_pin_video.py", "tests/test_data_video.py"],
     "data/vae_roundtrip.py": ["tests/test_pin_vae_roundtrip.py",
                               "tests/test_dataset_tools.py::test_vae_round_trip_metrics_match_a_direct_computation_worst_first"],
+    "data/cleaning.py": ["tests/test_pin_cleaning.py",
+                         "tests/test_dataset_tools.py::test_cleaning_removes_perturbation_energy_keeps_originals_and_reuses_copies",
+                         "tests/test_dataset_tools.py::test_cleaning_settings_are_checked",
+                         "tests/test_dataset_tools.py::test_noise_estimate_recovers_a_known_sigma_and_the_motif_score_sees_a_pattern"],
     "data/summary.py": ["tests/test_pin_summary.py", "tests/test_ui_support.py::test_dataset_route_guard_and_summary"],
     "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
                       "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",
@@ -152,6 +168,9 @@ TESTS = {
     "sampling/slider_sweep.py": ["tests/test_pin_slider_sweep.py",
                                  "tests/test_sliders.py::test_sweep_grid_columns_are_the_lora_at_each_strength",
                                  "tests/test_sliders.py::test_sweep_reports_progress_and_leaves_no_lora_patched_model"],
+    # sampling/joint_layouts.py: where the text sits in each DiT's attention, read by the heatmap capture on the tiny
+    # family models (test_heatmaps.py samples one step each; the refusal test needs no weights)
+    "sampling/joint_layouts.py": ["tests/test_pin_joint_layouts.py", "tests/test_heatmaps.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the
