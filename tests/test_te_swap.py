@@ -409,7 +409,8 @@ def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd
 def test_new_name_keeps_the_unet_and_its_projection_under_one_name(F, trained, tmp_path):
     """if_exists 'new_name' picks a name free in BOTH folders: with swap.safetensors taken only among the
     projections and swap_2.safetensors only among the UNet files, both files become swap_3.safetensors (a name
-    per folder would pair swap_2's projection with swap_3's UNet); nothing existing is touched."""
+    per folder would pair swap_2's projection with swap_3's UNet); nothing existing is touched; a name free in both
+    folders is kept without a suffix."""
     _, _, run, _, _ = trained
     loras, projs = tmp_path / "loras", tmp_path / "te_projections"
     loras.mkdir(), projs.mkdir()
@@ -422,6 +423,8 @@ def test_new_name_keeps_the_unet_and_its_projection_under_one_name(F, trained, t
     assert (projs / "swap.safetensors").read_bytes() == b"p1" and (loras / "swap_2.safetensors").read_bytes() == b"u2"
     with safe_open(unet, framework="pt") as f:
         assert f.metadata()["aligned_trainer.te_swap_projection"] == "swap_3.safetensors"
+    unet, proj, _ = F.save(run, "fresh", if_exists="new_name", loras_folder=loras, projections_folder=projs)
+    assert (Path(unet).name, Path(proj).name) == ("fresh.safetensors",) * 2  # a free name is kept as given
 
 
 def _is_pure_safetensors(path) -> bool:

@@ -1,0 +1,262 @@
+"""The text-encoder swap's small modules pinned (issue #26): ``te_swap_measure`` (token / vector spreads, the captions
+measured), ``te_swap_reset`` (PyTorch's default Linear init, the refusals of models without cross-attention) and
+``te_swap_pooled`` (the adm's pooled vector: its source, head, scale and report) on hand-built tensors whose expected
+values come from Python's ``statistics`` module or PyTorch's own ``nn.init`` functions, not from the code under test.
+Run time: well under 1 s in all (no model is loaded beyond the session's tiny SD1.5 / SDXL)."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def M(comfy):
+    return comfy.engine("train.te_swap_measure")
+
+
+@pytest.fixture(scope="module")
+def R(comfy):
+    return comfy.engine("train.te_swap_reset")
+
+
+@pytest.fixture(scope="module")
+def PO(comfy):
+    return comfy.engine("train.te_swap_pooled")
+
+
+@pytest.fixture(scope="module")
+def S(comfy):
+    return comfy.engine("train.te_swap")
+
+
+def _pstd(row) -> float:
+    return statistics.pstdev([float(v) for v in row])
+
+
+# three tokens of four channels with different spreads
+TOKENS = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 8.0, 0.0], [5.0, -5.0, 5.0, -5.0]])
+
+
+def test_token_std_counts_every_token_or_the_masked_ones(M):
+    """All three tokens counted without a mask (population std per token, averaged); a mask of the conditioning's
+    length counts only its valid (> 0) tokens, over several captions; a mask of another length is ignored; extras
+    that are not a dict count every token; no valid token at all is refused."""
+    per = [_pstd(r) for r in TOKENS]
+    x = TOKENS.reshape(1, 3, 4)
+    assert M.token_std([[[x, {}]]]) == (pytest.approx(sum(per) / 3, rel=1e-6), 3)
+    assert M.token_std([[[x, None]]]) == (pytest.approx(sum(per) / 3, rel=1e-6), 3)
+    mask = torch.tensor([[1, 0, 1]])
+    got, n = M.token_std([[[x, {"attention_mask": mask}]], [[x[:, :2], {"attention_mask": torch.tensor([[0, 1]])}]]])
+    assert n == 3 and got == pytest.approx((per[0] + per[2] + per[1]) / 3, rel=1e-6)
+    assert M.token_std([[[x, {"attention_mask": torch.tensor([[1, 0]])}]]]) == (pytest.approx(sum(per) / 3,
+                                                                                               rel=1e-6), 3)
+    with pytest.raises(M.SwapError, match="no caption gave any valid token"):
+        M.token_std([[[x, {"attention_mask": torch.zeros(1, 3)}]]])
+
+
+def test_vector_std_is_the_mean_row_spread(M):
+    """Mean over every row of every vector of its population std over the channels."""
+    v = [TOKENS[:2], TOKENS[2:].reshape(1, 1, 4)]
+    assert M.vector_std(v) == pytest.approx(statistics.mean(_pstd(r) for r in TOKENS), rel=1e-6)
+
+
+def test_measured_captions_distinct_sorted_and_evenly_spaced(M):
+    """Distinct string captions sorted; more than ``limit``: that many, evenly spaced, first and last kept; a limit
+    under 2 keeps the first; no caption at all is refused with the fix."""
+    texts = [f"c{i:02d}" for i in range(10)]
+    assert M.measured_captions(texts[::-1] + [None, 3, texts[0]], 10) == texts
+    assert M.measured_captions(texts, 4) == ["c00", "c03", "c06", "c09"]
+    assert M.measured_captions(texts, 2) == ["c00", "c09"]
+    assert M.measured_captions(texts, 1) == ["c00"] and M.measured_captions(texts, 0) == ["c00"]
+    assert M.measured_captions(texts, 11) == texts
+    with pytest.raises(M.SwapError, match="no captions"):
+        M.measured_captions([None, 1], 4)
+
+
+def test_default_linear_is_pytorchs_own_default_init(R):
+    """``default_linear_`` draws what ``nn.init.kaiming_uniform_(a=sqrt(5))`` and ``nn.init.uniform_`` within
+    1/sqrt(fan_in) draw for the weight then the bias from the same generator; a layer without a bias gets its
+    weight only."""
+    layer = torch.nn.Linear(5, 3)
+    R.default_linear_(layer, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.empty(3, 5), torch.empty(3)
+    torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+    torch.nn.init.uniform_(b, -1 / math.sqrt(5), 1 / math.sqrt(5), generator=g)
+    torch.testing.assert_close(layer.weight.detach(), w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.bias.detach(), b, atol=1e-6, rtol=0)
+    bare = torch.nn.Linear(5, 3, bias=False)
+    R.default_linear_(bare, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(bare.weight.detach(), w, atol=1e-6, rtol=0)
+
+
+def test_reset_refuses_unknown_modes_and_models_without_cross_attention(R, sd15):
+    """An unknown reset mode, and a model with no SpatialTransformer attention (reset and context width alike), are
+    refused with the fix; the tiny SD1.5 reads a 768-wide context and its reset 'none' names nothing."""
+    dm = sd15[0].model.diffusion_model
+    assert R.context_dim(dm) == 768 and R.reset_layers(dm, "none") == []
+    with pytest.raises(R.SwapError, match="reset mode 'q' is not one of"):
+        R.reset_layers(dm, "q")
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(R.SwapError, match="set reset to 'none'"):
+        R.reset_layers(plain, "qk")
+    with pytest.raises(R.SwapError, match="no cross-attention reading a text context"):
+        R.context_dim(plain)
+
+
+def test_pooled_option_and_width_follow_the_models_adm(PO, sd15, family_bundle):
+    """'zero' / 'projected' accepted where they apply; an unknown choice, and 'projected' on SD1.5 (no adm), refused;
+    the pooled width is 0 without an adm, the old encoder's pooled_output width with one, and an adm model whose old
+    conditioning has no pooled vector (or none at all) is refused with the fix."""
+    sdxl = family_bundle("sdxl")[0]
+    PO.check_option(sd15[0], "zero")
+    PO.check_option(sdxl, "projected")
+    with pytest.raises(PO.SwapError, match="pooled 'x' is not one of"):
+        PO.check_option(sdxl, "x")
+    with pytest.raises(PO.SwapError, match="set pooled to 'zero'"):
+        PO.check_option(sd15[0], "projected")
+    old = [[[torch.zeros(1, 77, 8), {"pooled_output": torch.zeros(1, 320)}]]]
+    assert PO.pooled_dim(sd15[0], old) == 0 and PO.pooled_dim(sdxl, old) == 320
+    for bad in ([[[torch.zeros(1, 77, 8), {}]]], []):
+        with pytest.raises(PO.SwapError, match="connect the CLIP of the model's own checkpoint"):
+            PO.pooled_dim(sdxl, bad)
+
+
+def test_pooled_source_is_pooled_output_or_the_masked_token_mean(PO):
+    """The new encoder's pooled_output when it has one (one row per batch item); else the mean over the valid
+    tokens of its mask (hand-computed), over all tokens with no mask or a mask of another length; an all-zero mask
+    gives zeros, not NaN."""
+    x = TOKENS.reshape(1, 3, 4)
+    p = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(PO.pooled_source(torch.zeros(2, 3, 4), {"pooled_output": p.reshape(6)}), p)
+    torch.testing.assert_close(PO.pooled_source(x, {"attention_mask": torch.tensor([[1, 0, 1]])}),
+                               torch.tensor([[3.0, -1.5, 4.0, -0.5]]))
+    every = torch.tensor([[2.0, -1.0, 16 / 3, -1 / 3]])
+    torch.testing.assert_close(PO.pooled_source(x, {}), every)
+    torch.testing.assert_close(PO.pooled_source(x, None), every)
+    torch.testing.assert_close(PO.pooled_source(x, {"attention_mask": torch.tensor([[1, 0]])}), every)
+    assert torch.equal(PO.pooled_source(x, {"attention_mask": torch.zeros(1, 3)}), torch.zeros(1, 4))
+    rows = PO.sources([[[x, {}]], [[x, {"pooled_output": p[:1]}]]])
+    torch.testing.assert_close(rows[0], every) and torch.testing.assert_close(rows[1], p[:1])
+    old = PO.old_pooled([[[x, {"pooled_output": p[:1]}]], [[x, {"pooled_output": p[1:].reshape(1, 1, 3)}]]])
+    assert torch.equal(old, p)
+
+
+def test_pooled_head_projects_scales_and_fills_the_extras(PO, S):
+    """A Projection with a head: ``pooled`` Linear (pooled_in -> pooled_dim) and ``pooled_scale`` 1; its vector is
+    the Linear of the source times the scale (``fit_scale_`` makes the spread the target's, by vector_std computed
+    here with ``statistics``); ``with_pooled`` puts it into a copy of the extras; without a head an adm gets a zero
+    vector of its width, a model without an adm the extras unchanged; a source of the wrong width, and captions of
+    zero spread, are refused with the fix."""
+    head = S.Projection(4, 6, "linear", pooled_dim=3, pooled_in=4).init_(0)
+    assert PO.add_head(torch.nn.Module(), 0, 4) == 0
+    assert head.pooled_in == 4 and tuple(head.pooled.weight.shape) == (3, 4) and float(head.pooled_scale) == 1.0
+    x = TOKENS.reshape(1, 3, 4)
+    src = torch.tensor([[2.0, -1.0, 16 / 3, -1 / 3]])
+    with torch.no_grad():
+        raw = head.pooled(src)
+        target = torch.tensor([[1.0, 4.0, -2.0, 0.5]])
+        PO.fit_scale_(head, [src], target)
+        scale = _pstd(target[0]) / _pstd(raw[0])
+        assert float(head.pooled_scale) == pytest.approx(scale, rel=1e-5)
+        extras = {"attention_mask": torch.ones(1, 3)}
+        out = PO.with_pooled(head, extras, x)
+        torch.testing.assert_close(out["pooled_output"], raw * scale, atol=1e-5, rtol=1e-5)
+        assert "pooled_output" not in extras and torch.equal(out["attention_mask"], extras["attention_mask"])
+        assert PO.spread(head, [[[x, {}]]]) == pytest.approx(_pstd(target[0]), rel=1e-5)
+        with pytest.raises(PO.SwapError, match="pooled vector is 5 wide, the swap's pooled projection reads 4"):
+            PO.head_vector(head, torch.zeros(1, 3, 5), {})
+        with pytest.raises(PO.SwapError, match="zero spread"):
+            _zero_spread(PO, head, target)
+    zero = S.Projection(4, 6, "linear", pooled_dim=3).init_(0)
+    out = PO.with_pooled(zero, {}, x.half())
+    assert torch.equal(out["pooled_output"], torch.zeros(1, 3, dtype=torch.half))
+    assert PO.spread(zero, [[[x, {}]]]) == 0.0
+    none = S.Projection(4, 6, "linear").init_(0)
+    assert PO.with_pooled(none, {"a": 1}, x) == {"a": 1}
+
+
+def _zero_spread(PO, head, target):
+    """Captions whose projection has zero spread: a head whose weight and bias are zero."""
+    with torch.no_grad():
+        head.pooled.weight.zero_(), head.pooled.bias.zero_()
+    PO.fit_scale_(head, [TOKENS[:1]], target)
+
+
+def test_pooled_report(PO, S):
+    """'' without an adm; 'zero' with an adm and no head; in/out widths and both spreads with a head."""
+    from dataclasses import replace
+
+    swap = S.Swap("linear", 4, 6, {}, "none", (), {})
+    assert PO.report(swap) == ""
+    assert PO.report(replace(swap, pooled_dim=3)) == "; pooled 3: zero"
+    head = replace(swap, pooled_dim=3, pooled_in=4, std_pooled_old=0.5, std_pooled_projected=0.25)
+    assert PO.report(head) == "; pooled 4->3 projected: old pooled std 0.5000, output 0.2500"
+
+
+@pytest.fixture(scope="module")
+def F(comfy):
+    return comfy.engine("train.te_swap_files")
+
+
+def _projection_file(F, S, path, record: dict, in_dim: int = 4):
+    import json
+
+    from safetensors.torch import save_file
+
+    state = S.Projection(in_dim, 6, "linear").init_(0).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": F.FORMAT, "aligned_trainer.te_swap": json.dumps(record)})
+    return state
+
+
+def test_load_projection_defaults_shapes_and_unreadable_files(F, S, tmp_path):
+    """A projection file whose record has only kind and widths loads with the Swap's defaults (no reset, seed 0, zero
+    spreads and counts, no pooled head) and its tensors, which stay writable outside inference mode even when loaded
+    inside it (as ComfyUI runs the Load node); tensors that do not fit the recorded widths, and a file that is not
+    safetensors, are refused."""
+    state = _projection_file(F, S, tmp_path / "p.safetensors", {"kind": "linear", "in_dim": 4, "out_dim": 6})
+    with torch.inference_mode():
+        swap = F.load_projection(tmp_path / "p.safetensors")
+    assert (swap.kind, swap.in_dim, swap.out_dim, swap.reset, swap.reset_layers, swap.reset_diffs) == \
+        ("linear", 4, 6, "none", (), {})
+    assert (swap.seed, swap.tokens_old, swap.tokens_new, swap.captions, swap.pooled_dim, swap.pooled_in) == (0,) * 6
+    assert (swap.std_old, swap.std_new, swap.std_projected, swap.std_pooled_old, swap.std_pooled_projected) == (0.0,) * 5
+    assert (swap.new_spec, swap.old_spec) == ("", "")
+    assert set(swap.projection) == set(state) and all(torch.equal(swap.projection[k], state[k]) for k in state)
+    for v in swap.projection.values():
+        v.add_(0)  # an inference tensor refuses this outside inference mode
+    _projection_file(F, S, tmp_path / "q.safetensors", {"kind": "linear", "in_dim": 5, "out_dim": 6})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        F.load_projection(tmp_path / "q.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(F.SwapError, match="cannot be read as safetensors.*Save Text Encoder Swap"):
+        F.load_projection(tmp_path / "junk.safetensors")
+
+
+def test_projection_folder_is_registered_next_to_the_first_loras_folder(F, S, tmp_path, monkeypatch):
+    """With no ``te_projections`` model folder yet, listing or loading a projection registers it as
+    ``<first loras folder's parent>/te_projections`` for .safetensors files; a projection written there is then
+    listed and loaded by name."""
+    import os
+
+    import folder_paths
+
+    fnp = folder_paths.folder_names_and_paths
+    loras = [str(tmp_path / "a" / "loras"), str(tmp_path / "b" / "loras")]
+    monkeypatch.setitem(fnp, "loras", (loras, set(fnp["loras"][1])))
+    monkeypatch.delitem(fnp, F.PROJECTION_FOLDER, raising=False)
+    want = str(tmp_path / "a" / "te_projections")
+    assert F.projection_folders() == [want]
+    assert fnp[F.PROJECTION_FOLDER][1] == {".safetensors"}
+    os.makedirs(want)
+    _projection_file(F, S, os.path.join(want, "mine.safetensors"), {"kind": "linear", "in_dim": 4, "out_dim": 6})
+    del fnp[F.PROJECTION_FOLDER]
+    assert "mine.safetensors" in F.projection_files()
+    del fnp[F.PROJECTION_FOLDER]
+    assert F.load_projection_named("mine.safetensors").in_dim == 4
+    with pytest.raises(F.SwapError, match="'gone.safetensors' is not in the te_projections folder"):
+        F.load_projection_named("gone.safetensors")
