@@ -260,3 +260,126 @@ def test_projection_folder_is_registered_next_to_the_first_loras_folder(F, S, tm
     assert F.load_projection_named("mine.safetensors").in_dim == 4
     with pytest.raises(F.SwapError, match="'gone.safetensors' is not in the te_projections folder"):
         F.load_projection_named("gone.safetensors")
+
+
+def test_reset_diffs_are_pytorchs_init_drawn_in_name_order_minus_the_base(R, sd15):
+    """Base + diff of the reset layers (the first SD1.5 cross-attention: to_q/to_k/to_v without a bias, to_out.0 with one)
+    equals PyTorch's own default init drawn layer after layer, in name order, from one generator of the seed: the
+    weight by ``kaiming_uniform_(a=sqrt(5))``, then the bias (only where the layer has one) by ``uniform_`` within
+    1/sqrt(fan_in)."""
+    model = sd15[0]
+    names = R.reset_layers(model.model.diffusion_model, "cross_attention")[:4]  # one layer's, sorted: k, out.0, q, v
+    diffs = R.reset_diffs(model, names, seed=5)
+    base = model.model.state_dict()
+    g = torch.Generator().manual_seed(5)
+    assert any(f"diffusion_model.{n}.bias" in base for n in names)
+    assert any(f"diffusion_model.{n}.bias" not in base for n in names)
+    for n in names:
+        wkey, bkey = f"diffusion_model.{n}.weight", f"diffusion_model.{n}.bias"
+        w = torch.empty(base[wkey].shape)
+        torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+        torch.testing.assert_close(base[wkey].float() + diffs[wkey], w, atol=1e-6, rtol=0)
+        if bkey in base:
+            b = torch.empty(base[bkey].shape)
+            bound = 1 / math.sqrt(w.shape[1])
+            torch.nn.init.uniform_(b, -bound, bound, generator=g)
+            torch.testing.assert_close(base[bkey].float() + diffs[bkey], b, atol=1e-6, rtol=0)
+        else:
+            assert bkey not in diffs
+
+
+def test_projection_init_forward_and_fit_follow_pytorch_and_the_measured_spread(S, M):
+    """``Projection``: an unknown kind refused; 'linear' one Linear, 'mlp' Linear-GELU-Linear; ``init_`` draws
+    PyTorch's default init (``nn.init``) layer after layer from one seeded generator, the pooled head after the net
+    (a zero-pooled projection of the same seed has the same net); forward is ``scale * net(x)`` in x's dtype;
+    ``fit_projection`` sets the scale to target / the unscaled output's token spread (computed here with
+    ``statistics``) and refuses captions without a positive spread; ``context`` refuses a conditioning of another width and
+    ``project`` keeps the extras and an empty conditioning."""
+    with pytest.raises(S.SwapError, match="projection kind 'conv' is not one of"):
+        S.Projection(4, 6, "conv")
+    mlp = S.Projection(4, 6, "mlp").init_(2)
+    assert [type(m).__name__ for m in mlp.net] == ["Linear", "GELU", "Linear"]
+    g = torch.Generator().manual_seed(2)
+    for layer in (mlp.net[0], mlp.net[2]):
+        w, b = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)
+        torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+        bound = 1 / math.sqrt(w.shape[1])
+        torch.nn.init.uniform_(b, -bound, bound, generator=g)
+        torch.testing.assert_close(layer.weight.detach(), w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.bias.detach(), b, atol=1e-6, rtol=0)
+    head = S.Projection(4, 6, "linear", pooled_dim=3, pooled_in=4).init_(2)
+    plain = S.Projection(4, 6, "linear", pooled_dim=3).init_(2)
+    assert torch.equal(head.net[0].weight, plain.net[0].weight) and not hasattr(plain, "pooled")
+    x = TOKENS.reshape(1, 3, 4)
+    conds = [[[x, {"attention_mask": torch.tensor([[1, 1, 0]])}]]]
+    proj, raw = S.fit_projection(conds, 2.5, 6, "linear", 2)
+    with torch.no_grad():
+        net = proj.net(x)[0]
+        want_raw = statistics.mean(_pstd(r) for r in net[:2])
+        assert raw == pytest.approx(want_raw, rel=1e-5) and float(proj.scale) == pytest.approx(2.5 / want_raw, rel=1e-5)
+        out = proj(x.half())
+        assert out.dtype == torch.half
+        torch.testing.assert_close(out.float(), (net * 2.5 / want_raw)[None], atol=2e-2, rtol=2e-3)
+        (c, e), = proj.project([[x, {"k": 1}]])
+        assert e == {"k": 1} and torch.allclose(c, net[None] * 2.5 / want_raw, atol=1e-5)
+    assert proj.project([]) == []
+    with pytest.raises(S.SwapError, match="this conditioning is 5 wide, the swap's projection reads 4"):
+        proj.context(torch.zeros(1, 3, 5), {})
+    with pytest.raises(S.SwapError, match="zero spread"):  # no finite spread either (NaN states)
+        S.fit_projection([[[torch.full((1, 3, 4), float("nan")), {}]]], 2.5, 6, "linear", 2)
+
+
+def test_swap_attachment_run_state_and_plan_checks(S, sd15):
+    """``with_swap`` attaches the Swap to a clone (``of`` finds it, ``extra_targets`` names the projection; the base
+    has none) and refuses reset patches for layers the model lacks; the run's projection state is the EMA one when
+    kept and asked for, else the trained one, without the layers' keys (``without_projection`` keeps exactly those);
+    a run without state, without a projection or without a swap is refused; a preview plan of another width than the
+    projection reads is refused (positives and negative), nothing is checked without a swap or a plan, and a plan
+    of a model without a swap is used as it is."""
+    from types import SimpleNamespace
+
+    swap = S.Swap("linear", 4, 6, {"scale": torch.tensor(2.0)}, "none", (), {})
+    model = S.with_swap(sd15[0], swap)
+    assert S.of(model) is swap and S.of(sd15[0]) is None and S.of(object()) is None
+    assert S.extra_targets(model) == [S.ADAPTER] and S.extra_targets(sd15[0]) == []
+    with pytest.raises(S.SwapError, match="does not have the layers the swap resets"):
+        S.with_swap(sd15[0], S.Swap("linear", 4, 6, {}, "qk", ("x",), {"diffusion_model.nope.weight": torch.zeros(1)}))
+
+    a, e, d = torch.ones(2), torch.full((2,), 3.0), torch.zeros(1)
+    adapters = {f"{S.ADAPTER}.net.0.weight": a, "input.attn2.to_k.diff": d, f"{S.ADAPTER}x.w": d}
+    assert S.without_projection(adapters) == {"input.attn2.to_k.diff": d, f"{S.ADAPTER}x.w": d}
+    run = SimpleNamespace(model=model, state={"adapters": adapters, "ema_adapters": {f"{S.ADAPTER}.net.0.weight": e}})
+    assert S.trained_projection(run)["net.0.weight"] is e and S.trained_projection(run, ema=False)["net.0.weight"] is a
+    assert S.trained_swap(run, ema=False).projection == {"net.0.weight": a} and S.trained_swap(run).kind == "linear"
+    bare = SimpleNamespace(model=model, state={"adapters": adapters, "ema_adapters": None})
+    assert S.trained_projection(bare)["net.0.weight"] is a
+    with pytest.raises(S.SwapError, match="no trained weights yet"):
+        S.trained_projection(SimpleNamespace(model=model, state=None))
+    with pytest.raises(S.SwapError, match="has no text-encoder swap projection"):
+        S.trained_projection(SimpleNamespace(model=model, state={"adapters": {"x.diff": d}}))
+    with pytest.raises(S.SwapError, match="carries no text-encoder swap"):
+        S.trained_swap(SimpleNamespace(model=sd15[0], state=run.state))
+
+    good, wide = [[torch.zeros(1, 3, 4), {}]], [[torch.zeros(1, 3, 5), {}]]
+    S.check_plan(model, SimpleNamespace(positives=[good], negative=good))
+    S.check_plan(model, None)
+    S.check_plan(sd15[0], SimpleNamespace(positives=[wide], negative=wide))
+    for plan in (SimpleNamespace(positives=[good, wide], negative=good), SimpleNamespace(positives=[good], negative=wide)):
+        with pytest.raises(S.SwapError, match="Preview Plan's prompts are encoded 5 wide, the swap's projection reads 4"):
+            S.check_plan(model, plan)
+    plan = SimpleNamespace(positives=[wide], negative=wide)
+    assert S.projected_plan(plan, sd15[0], adapters) is plan
+
+
+def test_swap_record_and_report(S):
+    """The record a projection file keeps: every setting and measurement (tuples as lists) and the scale, not the
+    tensors or the reset patches; the one-line report with the figures."""
+    swap = S.Swap("mlp", 4, 6, {"scale": torch.tensor(1.5)}, "qk", ("a", "b"), {"k": torch.zeros(1)}, 3, 0.25, 0.5,
+                  0.2575, 154, 120, 2, "t5", "clip_l", 0, 0, 0.0, 0.0)
+    rec = swap.record()
+    assert rec == {"kind": "mlp", "in_dim": 4, "out_dim": 6, "reset": "qk", "reset_layers": ["a", "b"], "seed": 3,
+                   "std_old": 0.25, "std_new": 0.5, "std_projected": 0.2575, "tokens_old": 154, "tokens_new": 120,
+                   "captions": 2, "new_spec": "t5", "old_spec": "clip_l", "pooled_dim": 0, "pooled_in": 0,
+                   "std_pooled_old": 0.0, "std_pooled_projected": 0.0, "scale": 1.5}
+    assert swap.report() == ("old encoder token std 0.2500 (154 tokens of 2 captions), new encoder 0.5000; projection "
+                             "mlp 4->6, scale 1.5: output std 0.2575; reset qk (2 layers)")
