@@ -171,6 +171,9 @@ TESTS = {
     # sampling/joint_layouts.py: where the text sits in each DiT's attention, read by the heatmap capture on the tiny
     # family models (test_heatmaps.py samples one step each; the refusal test needs no weights)
     "sampling/joint_layouts.py": ["tests/test_pin_joint_layouts.py", "tests/test_heatmaps.py"],
+    # sampling/heatmaps.py: the capture's arithmetic by the pin on hand-built attention; sampling with the hooks
+    # (image unchanged, maps per family) by test_heatmaps.py
+    "sampling/heatmaps.py": ["tests/test_pin_heatmaps.py", "tests/test_heatmaps.py"],
     "sampling/ab_training.py": ["tests/test_pin_sampling.py"],
     "sampling/lora_recipe.py": ["tests/test_pin_sampling.py"],
     # te/align: test_te_reference.py (the diffusers pipelines) was in the list for the first 47 mutants of the

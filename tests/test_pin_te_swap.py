@@ -139,6 +139,10 @@ def test_pooled_source_is_pooled_output_or_the_masked_token_mean(PO):
     torch.testing.assert_close(PO.pooled_source(x, None), every)
     torch.testing.assert_close(PO.pooled_source(x, {"attention_mask": torch.tensor([[1, 0]])}), every)
     assert torch.equal(PO.pooled_source(x, {"attention_mask": torch.zeros(1, 3)}), torch.zeros(1, 4))
+    torch.testing.assert_close(PO.pooled_source(x, {"attention_mask": torch.tensor([[0, 1, 0]])}), TOKENS[1:2])
+    two = torch.stack([TOKENS, TOKENS.flip(0)])  # a batch of two whose masks count 2 and 1 tokens
+    torch.testing.assert_close(PO.pooled_source(two, {"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}),
+                               torch.stack([TOKENS[:2].mean(0), TOKENS[2]]))
     rows = PO.sources([[[x, {}]], [[x, {"pooled_output": p[:1]}]]])
     torch.testing.assert_close(rows[0], every) and torch.testing.assert_close(rows[1], p[:1])
     old = PO.old_pooled([[[x, {"pooled_output": p[:1]}]], [[x, {"pooled_output": p[1:].reshape(1, 1, 3)}]]])
@@ -171,9 +175,13 @@ def test_pooled_head_projects_scales_and_fills_the_extras(PO, S):
             PO.head_vector(head, torch.zeros(1, 3, 5), {})
         with pytest.raises(PO.SwapError, match="zero spread"):
             _zero_spread(PO, head, target)
+    with torch.no_grad():
+        wide = head.double()(x.double())  # a head held in float64: the source is cast to its dtype
+        hv = PO.head_vector(head, x, {})
+    assert hv.dtype == torch.float64 and wide.dtype == torch.float64
     zero = S.Projection(4, 6, "linear", pooled_dim=3).init_(0)
     out = PO.with_pooled(zero, {}, x.half())
-    assert torch.equal(out["pooled_output"], torch.zeros(1, 3, dtype=torch.half))
+    assert out["pooled_output"].dtype == torch.half and torch.equal(out["pooled_output"], torch.zeros(1, 3).half())
     assert PO.spread(zero, [[[x, {}]]]) == 0.0
     none = S.Projection(4, 6, "linear").init_(0)
     assert PO.with_pooled(none, {"a": 1}, x) == {"a": 1}

@@ -1,0 +1,139 @@
+"""sampling/heatmaps.py pinned (issue #26) on hand-built attention inputs: what ``Capture`` records from a UNet
+cross-attention call and a DiT joint-attention call (DAAM: softmax attention of the conditional sample's image
+queries over the text keys, averaged over heads, bicubic to the latent), how sums of calls with different token
+counts grow, the q/k layouts of ``optimized_attention`` calls, the per-word maps and the overlay colours. Expected
+values are computed here element by element with ``math.exp``, not with the module's code. Run time: well under 1 s."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module")
+def H(comfy):
+    return comfy.engine("sampling.heatmaps")
+
+
+@pytest.fixture(scope="module")
+def J(comfy):
+    return comfy.engine("sampling.joint_layouts")
+
+
+def _softmax_rows(q: torch.Tensor, k: torch.Tensor) -> list[list[float]]:
+    """softmax(q k^T / sqrt(d)) row by row with math.exp (q: (n, d), k: (t, d))."""
+    d = q.shape[-1]
+    out = []
+    for qi in q.tolist():
+        logits = [sum(a * b for a, b in zip(qi, kj)) / math.sqrt(d) for kj in k.tolist()]
+        e = [math.exp(x) for x in logits]
+        out.append([x / sum(e) for x in e])
+    return out
+
+
+def _head_mean(q: torch.Tensor, k: torch.Tensor, cols=None) -> torch.Tensor:
+    """(n, t') mean over heads of each head's softmax (q, k: (heads, n|t, d)), columns ``cols`` kept."""
+    heads = [torch.tensor(_softmax_rows(q[h], k[h])) for h in range(q.shape[0])]
+    m = sum(heads) / len(heads)
+    return m if cols is None else m[:, cols]
+
+
+def test_capture_add_is_the_conditional_samples_head_mean_attention_upsampled(H):
+    """A cross-attention call of a CFG batch (uncond first, then cond: ``cond_or_uncond`` [1, 0], 2 samples each):
+    only the first conditional sample counts; its attention (2 heads of width 2, 6 image queries on a 2 x 3 grid of
+    a 4 x 6 latent, 3 text keys) averaged over heads, per token, upsampled bicubic to 4 x 6 and clamped at 0, is the
+    capture's total; a second call adds to it; a later call with more tokens pads the sum with zeros; a batch with
+    no conditional sample is skipped."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 6, 4, generator=g), torch.randn(4, 3, 4, generator=g)
+    extra = {"n_heads": 2, "cond_or_uncond": [1, 0], "original_shape": [4, 4, 4, 6]}
+    cap = H.Capture()
+    cap.add(q, k, extra)
+    att = _head_mean(q[2].reshape(6, 2, 2).transpose(0, 1), k[2].reshape(3, 2, 2).transpose(0, 1))  # (6, 3)
+    want = F.interpolate(att.T.reshape(3, 1, 2, 3), size=(4, 6), mode="bicubic", align_corners=False)[:, 0]
+    want = want.clamp_min(0)
+    assert cap.calls == 1 and cap.total.shape == (3, 4, 6)
+    torch.testing.assert_close(cap.total, want, atol=1e-6, rtol=1e-5)
+    cap.add(q, k, extra)
+    torch.testing.assert_close(cap.total, 2 * want, atol=1e-6, rtol=1e-5)
+    k5 = torch.randn(4, 5, 4, generator=g)
+    cap.add(q, k5, extra)
+    att5 = _head_mean(q[2].reshape(6, 2, 2).transpose(0, 1), k5[2].reshape(5, 2, 2).transpose(0, 1))
+    want5 = F.interpolate(att5.T.reshape(5, 1, 2, 3), size=(4, 6), mode="bicubic", align_corners=False)[:, 0]
+    grown = torch.cat([2 * want, torch.zeros(2, 4, 6)]) + want5.clamp_min(0)
+    assert cap.calls == 3
+    torch.testing.assert_close(cap.total, grown, atol=1e-6, rtol=1e-5)
+    cap.add(q, k, {**extra, "cond_or_uncond": [1, 1]})
+    assert cap.calls == 3
+    alone = H.Capture()
+    alone.add(q[:1], k[:1], {**extra, "cond_or_uncond": None})  # no CFG split: the one sample is conditional
+    att0 = _head_mean(q[0].reshape(6, 2, 2).transpose(0, 1), k[0].reshape(3, 2, 2).transpose(0, 1))
+    want0 = F.interpolate(att0.T.reshape(3, 1, 2, 3), size=(4, 6), mode="bicubic", align_corners=False)[:, 0]
+    torch.testing.assert_close(alone.total, want0.clamp_min(0), atol=1e-6, rtol=1e-5)
+
+
+def test_capture_add_joint_reads_the_image_rows_and_text_columns(H, J):
+    """A joint-attention call (B, heads, sequence, d) with the text at positions 0-1 and a 1 x 3 image at 2-4: the
+    first conditional sample's image queries, softmax over all five keys, the text columns, averaged over heads;
+    sums grow over calls (zero-padded for more tokens); an all-unconditional batch is skipped."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(4, 2, 5, 2, generator=g), torch.randn(4, 2, 5, 2, generator=g)
+    span = J.Span(text=slice(0, 2), image=slice(2, 5), grid=(1, 3), seq=5)
+    cap = H.Capture()
+    cap.add_joint(q, k, span, {"cond_or_uncond": [1, 0]})
+    want = _head_mean(q[2, :, 2:5], k[2], slice(0, 2)).T.reshape(2, 1, 3)
+    assert cap.calls == 1
+    torch.testing.assert_close(cap.total, want, atol=1e-6, rtol=1e-5)
+    cap.add_joint(q, k, span, {"cond_or_uncond": [1, 1]})
+    cap.add_joint(q, k, span, {})
+    want0 = _head_mean(q[0, :, 2:5], k[0], slice(0, 2)).T.reshape(2, 1, 3)
+    assert cap.calls == 2
+    torch.testing.assert_close(cap.total, want + want0, atol=1e-6, rtol=1e-5)
+    wide = J.Span(text=slice(0, 3), image=slice(2, 5), grid=(1, 3), seq=5)
+    cap.add_joint(q, k, wide, {})
+    want3 = _head_mean(q[0, :, 2:5], k[0], slice(0, 3)).T.reshape(3, 1, 3)
+    torch.testing.assert_close(cap.total, torch.cat([want + want0, torch.zeros(1, 1, 3)]) + want3, atol=1e-6,
+                               rtol=1e-5)
+
+
+def test_heads_first_reads_both_call_layouts(H):
+    """``optimized_attention(q, k, v, heads, ...)``: (B, sequence, heads * d) split into (B, heads, sequence, d) with
+    the head count from the keyword or the fourth argument; ``skip_reshape`` calls are already heads-first."""
+    q, k = torch.arange(24.0).reshape(1, 4, 6), torch.arange(18.0).reshape(1, 3, 6)
+    want_q = torch.stack([q[0, :, 0:2], q[0, :, 2:4], q[0, :, 4:6]])[None]
+    want_k = torch.stack([k[0, :, 0:2], k[0, :, 2:4], k[0, :, 4:6]])[None]
+    for args, kwargs in (((q, k, None, 3), {}), ((q, k, None, 2), {"heads": 3})):
+        got_q, got_k = H._heads_first(args, kwargs)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    got_q, got_k = H._heads_first((q, k), {"skip_reshape": True})
+    assert got_q is q and got_k is k
+
+
+def test_word_maps_sum_tokens_upsample_and_normalise(H):
+    """Each word's map: the sum of its tokens' captured maps, bicubic to the image size, clamped at 0, divided by its
+    maximum; a word whose map is zero everywhere stays zero (no division by zero)."""
+    cap = H.Capture()
+    cap.total = torch.zeros(4, 2, 2)
+    cap.total[1] = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    cap.total[2] = torch.tensor([[0.0, 3.0], [0.0, 1.0]])
+    maps = H.word_maps(cap, {"a": [1, 2], "b": [1], "z": [0, 3]}, ["a", "b", "z"], (2, 2))
+    assert maps.shape == (3, 2, 2)
+    torch.testing.assert_close(maps[0], torch.tensor([[1 / 3, 1.0], [0.0, 1 / 3]]))
+    torch.testing.assert_close(maps[1], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(maps[2], torch.zeros(2, 2))
+    up = H.word_maps(cap, {"b": [1]}, ["b"], (4, 4))[0]
+    want = F.interpolate(cap.total[1][None, None], size=(4, 4), mode="bicubic", align_corners=False)[0, 0]
+    want = want.clamp_min(0)
+    torch.testing.assert_close(up, want / want.max())
+
+
+def test_overlay_blends_blue_to_red(H):
+    """Heat 0 is blue, 0.5 green with half red and blue, 1 red; blended with weight ``alpha`` over the image."""
+    image = torch.full((1, 3, 3), 0.2)
+    heat = torch.tensor([[0.0, 0.5, 1.0]])
+    got = H.overlay(image, heat, alpha=0.5)
+    want = torch.tensor([[[0.1, 0.1, 0.6], [0.35, 0.6, 0.35], [0.6, 0.1, 0.1]]])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(H.overlay(image, heat), 0.45 * image + 0.55 * (want - 0.1) / 0.5)
