@@ -96,6 +96,32 @@ def T(comfy):
     return NS
 
 
+# the text-encoder swap's engine modules (tests/test_te_swap.py, tests/test_pin_te_swap.py)
+@pytest.fixture(scope="session")
+def S(comfy):
+    return comfy.engine("train.te_swap")
+
+
+@pytest.fixture(scope="session")
+def F(comfy):
+    return comfy.engine("train.te_swap_files")
+
+
+@pytest.fixture(scope="session")
+def M(comfy):
+    return comfy.engine("train.te_swap_measure")
+
+
+@pytest.fixture(scope="session")
+def R(comfy):
+    return comfy.engine("train.te_swap_reset")
+
+
+@pytest.fixture(scope="session")
+def PO(comfy):
+    return comfy.engine("train.te_swap_pooled")
+
+
 @pytest.fixture(scope="session")
 def D(comfy):
     """The data engine's modules, imported the way ComfyUI loaded the pack."""

@@ -12,26 +12,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def M(comfy):
-    return comfy.engine("train.te_swap_measure")
-
-
-@pytest.fixture(scope="module")
-def R(comfy):
-    return comfy.engine("train.te_swap_reset")
-
-
-@pytest.fixture(scope="module")
-def PO(comfy):
-    return comfy.engine("train.te_swap_pooled")
-
-
-@pytest.fixture(scope="module")
-def S(comfy):
-    return comfy.engine("train.te_swap")
-
-
 def _pstd(row) -> float:
     return statistics.pstdev([float(v) for v in row])
 
@@ -203,11 +183,6 @@ def test_pooled_report(PO, S):
     assert PO.report(replace(swap, pooled_dim=3)) == "; pooled 3: zero"
     head = replace(swap, pooled_dim=3, pooled_in=4, std_pooled_old=0.5, std_pooled_projected=0.25)
     assert PO.report(head) == "; pooled 4->3 projected: old pooled std 0.5000, output 0.2500"
-
-
-@pytest.fixture(scope="module")
-def F(comfy):
-    return comfy.engine("train.te_swap_files")
 
 
 def _projection_file(F, S, path, record: dict, in_dim: int = 4):

@@ -22,26 +22,6 @@ LN = "clip_l.transformer.text_model.final_layer_norm.weight"
 
 
 @pytest.fixture(scope="module")
-def S(comfy):
-    return comfy.engine("train.te_swap")
-
-
-@pytest.fixture(scope="module")
-def F(comfy):
-    return comfy.engine("train.te_swap_files")
-
-
-@pytest.fixture(scope="module")
-def M(comfy):
-    return comfy.engine("train.te_swap_measure")
-
-
-@pytest.fixture(scope="module")
-def R(comfy):
-    return comfy.engine("train.te_swap_reset")
-
-
-@pytest.fixture(scope="module")
 def clips(comfy, sd15):
     """(aligned old CLIP-L of the tiny SD1.5, aligned tiny T5 of the Chroma bundle)."""
     from support.factories import families
@@ -221,6 +201,23 @@ def test_reset_mode_changes_exactly_its_layers(S, R, sd15, mode, where, parts):
         k = f"diffusion_model.{names[0]}.weight"
         assert torch.equal(again[k], diffs[k]) and not torch.equal(other[k], diffs[k])
 
+
+
+def _hook_and_apply_kwargs(T, S, model, swap, t5, applied) -> tuple[dict, dict]:
+    """The model's keyword arguments for the new encoder's conditioning ``t5`` as the training hook projects it, and
+    for ``applied`` (Apply Text Encoder Swap's output) as inference passes it (Trainer.model_conds on one 8x8 latent)."""
+    from types import SimpleNamespace
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    adapter = S.ProjectionAdapter(swap.module().float())
+
+    def kwargs(context, cond):
+        fake = SimpleNamespace(patcher=model, run=SimpleNamespace(settings=SimpleNamespace(guidance=3.5)),
+                               context=context)
+        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [cond], x))
+
+    with torch.no_grad():
+        return kwargs(adapter.context, t5), kwargs(T.loop.Trainer.context, applied)
 
 STEPS = 3  # the direction test's run; bench/te_swap_val_figure.py gives the 50-step figure
 
@@ -538,19 +535,7 @@ def test_sdxl_swap_gives_the_adm_a_zero_pooled_vector_in_training_and_at_inferen
     t5 = M.encode(clips[1], ["ohwx a red circle"])[0]
     (applied,) = comfy.call(P + "ApplyTextEncoderSwap", conditioning=t5, swap=swap)
     assert applied[0][0].shape[-1] == 1088 and torch.equal(applied[0][1]["pooled_output"], torch.zeros(1, 320))
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    adapter = S.ProjectionAdapter(swap.module().float())
-
-    def kwargs(context, cond):
-        from types import SimpleNamespace
-
-        fake = SimpleNamespace(patcher=out, run=SimpleNamespace(settings=SimpleNamespace(guidance=3.5)),
-                               context=context)
-        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [cond], x))
-
-    with torch.no_grad():
-        train = kwargs(adapter.context, t5)
-        infer = kwargs(T.loop.Trainer.context, applied)
+    train, infer = _hook_and_apply_kwargs(T, S, out, swap, t5, applied)
     assert set(train) >= {"c_crossattn", "y"} and train["y"].shape[-1] == 320 + 6 * 256
     for k in ("c_crossattn", "y"):
         torch.testing.assert_close(train[k].float(), infer[k].float(), atol=1e-6, rtol=1e-6)
@@ -634,19 +619,7 @@ def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, M, T, F, sd15
     with torch.no_grad():  # the new encoder's mean valid token through the pooled Linear, scaled
         expect = m.pooled(t5[0][0][0][mask].float().mean(0, keepdim=True)) * m.pooled_scale
     torch.testing.assert_close(pooled.float(), expect, atol=1e-6, rtol=1e-6)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    adapter = S.ProjectionAdapter(swap.module().float())
-
-    def kwargs(context, cond):
-        from types import SimpleNamespace
-
-        fake = SimpleNamespace(patcher=out, run=SimpleNamespace(settings=SimpleNamespace(guidance=3.5)),
-                               context=context)
-        return T.loop.concat_conds(T.loop.Trainer.model_conds(fake, [cond], x))
-
-    with torch.no_grad():
-        train = kwargs(adapter.context, t5)
-        infer = kwargs(T.loop.Trainer.context, applied)
+    train, infer = _hook_and_apply_kwargs(T, S, out, swap, t5, applied)
     for k in ("c_crossattn", "y"):
         torch.testing.assert_close(train[k].float(), infer[k].float(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(train["y"][:, :320].float(), expect, atol=1e-6, rtol=1e-6)
