@@ -10,7 +10,10 @@ import dataclasses
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,52 @@ def test_stop_flag_and_report_lines(DP, tmp_path, capsys, monkeypatch):
     assert DP.main() == 2 and "usage: torchrun" in capsys.readouterr().err  # else the command line's, after argv[0]
     with pytest.raises(DP.WorkerError):
         raise DP.WorkerError("x")
+
+
+def test_launcher_gone_follows_the_comfyui_process(DP, tmp_path, monkeypatch):
+    """The worker's check that the ComfyUI process which launched the run is still there: alive (this process) or on
+    another machine (not visible: only that machine's rank 0 can tell) is not gone; a dead launcher is gone, already
+    while it is an unreaped zombie; and rank 0's stop flag is raised for it as for the stop file."""
+    host = socket.gethostname()
+    assert DP.launcher_gone({"pid": os.getpid(), "host": host}) is False
+    assert DP.launcher_gone(None) is False
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert DP.launcher_gone({"pid": child.pid, "host": host}) is False
+        child.kill()
+        deadline = time.time() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.time() < deadline, "the killed child never became a zombie"
+        assert DP.launcher_gone({"pid": child.pid, "host": host}) is True  # dead, not yet reaped
+        assert DP.launcher_gone({"pid": child.pid, "host": host + "-elsewhere"}) is False
+    finally:
+        child.kill()
+        child.wait()
+    assert DP.launcher_gone({"pid": child.pid, "host": host}) is True  # reaped
+    with one_process_group():
+        stop = tmp_path / "no_stop_file"
+        assert DP._stop_requested(stop, torch.device("cpu"), {"pid": os.getpid(), "host": host}) is False
+        assert DP._stop_requested(stop, torch.device("cpu"), {"pid": child.pid, "host": host}) is True
+
+
+def test_report_line_on_a_closed_pipe_marks_the_launcher_gone(DP, monkeypatch):
+    """When the ComfyUI process dies, rank 0's stdout (its pipe) is closed: the next report line raises nothing,
+    the worker counts the launcher as gone (so it checkpoints and stops after this step) and prints nothing more."""
+    monkeypatch.setitem(DP._PIPE, "broken", False)
+    r, w = os.pipe()
+    os.close(r)
+    out = os.fdopen(w, "w", encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in any Python process: EPIPE, not a signal
+    try:
+        DP.emit("step", step=1, loss=0.5)
+        assert DP._PIPE["broken"] is True and DP.launcher_gone(None) is True
+        assert sys.stdout is not out  # later output goes to the null device
+        DP.emit("interrupted", checkpoint="x")
+    finally:
+        signal.signal(signal.SIGPIPE, old)
+        with contextlib.suppress(OSError):
+            out.close()
 
 
 def test_worker_rebuilds_the_handed_over_run(T, DP, sd15, sd15_training_set, tmp_path):
@@ -269,6 +318,7 @@ def test_job_failure_message_result_and_job_file(L, T, sd15, sd15_training_set, 
     assert data["train_init"] == "7" and data["prompt"] == prompt and data["settings"]["processes"] == 2
     assert (data["steps"], data["checkpoint_every"], data["keep_last"], data["val_every"]) == (3, 1, 2, 0)
     assert data["run_dir"] == run.run_dir and data["stop_file"] == str(job.dir / "stop")
+    assert data["launcher"] == {"pid": os.getpid(), "host": socket.gethostname()}
     assert data["meta"] == {k: run.meta[k] for k in ("started_at", "dataset_hash")} and data["result_dir"] == str(job.dir / "out")
     assert data["checkpoint"].startswith(str(job.dir / "in")) and Path(saved).is_file()  # the run's own folder untouched
     assert data["checkpoints"] == list(run.checkpoints)

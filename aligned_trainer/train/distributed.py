@@ -18,9 +18,11 @@ classes are the same), with a function that runs the workflow upstream of Train 
 module imports only the standard library and torch: as ``__main__`` it runs before ComfyUI is importable."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -108,8 +110,45 @@ def trainer_class():
 
 # -- the worker process ---------------------------------------------------------------------------------------
 
+_PIPE = {"broken": False}  # rank 0's stdout (the launcher's pipe) was closed: the ComfyUI process is gone
+
+
 def emit(event: str, **data) -> None:
-    print(PREFIX + json.dumps({"event": event, **data}), flush=True)
+    """One report line for the launcher. If its pipe is closed (the ComfyUI process died), nothing is raised: the
+    worker notes it, so :func:`launcher_gone` stops the run after a checkpoint instead of crashing mid-step."""
+    if _PIPE["broken"]:
+        return
+    try:
+        print(PREFIX + json.dumps({"event": event, **data}), flush=True)
+    except (BrokenPipeError, ValueError, OSError):  # ValueError: stdout already closed
+        _PIPE["broken"] = True
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")  # later prints (ComfyUI's own) go nowhere
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: the signal check above is all there is
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def launcher_gone(launcher: dict | None) -> bool:
+    """Whether the ComfyUI process that started this run has died (``launcher``: its pid and host, from the job;
+    a worker on another machine of a multi-node run cannot see it and relies on its rank 0's check)."""
+    if _PIPE["broken"]:
+        return True
+    if not launcher or launcher.get("host") != socket.gethostname():
+        return False
+    return not _alive(int(launcher["pid"]))
 
 
 def build_run(job: dict, inputs: dict):
@@ -127,11 +166,13 @@ def build_run(job: dict, inputs: dict):
                        preservation=inputs.get("preservation_prompt") if settings.dop_weight > 0 else None)
 
 
-def _stop_requested(stop_file: Path, device) -> bool:
-    """Rank 0 looks for the stop file (Train Steps' interrupt) and tells every rank, so all stop after the same step."""
+def _stop_requested(stop_file: Path, device, launcher: dict | None = None) -> bool:
+    """Rank 0 looks for the stop file (Train Steps' interrupt) and whether the ComfyUI process that launched the run
+    is still there (``launcher``), and tells every rank, so all stop after the same step (rank 0 checkpoints it)."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if dist.get_rank() == 0 and stop_file.exists() else 0.0], device=device)
+    stop = dist.get_rank() == 0 and (stop_file.exists() or launcher_gone(launcher))
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
     dist.broadcast(flag, 0)
     return bool(flag.item() > 0)
 
@@ -162,7 +203,7 @@ def worker(job: dict, train_init_inputs) -> int:
         def on_step(r, trainer):
             if rank == 0:
                 emit("step", step=r.step, loss=r.loss, lr=r.lr, val_loss=r.val_loss, seconds=r.seconds)
-            if _stop_requested(stop_file, sync_device):
+            if _stop_requested(stop_file, sync_device, job.get("launcher")):
                 mm.interrupt_current_processing(True)  # the loop stops before the next step, on every rank
 
         def save(snapshot, keep_last):

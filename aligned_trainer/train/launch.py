@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,7 @@ class _Job:
                "checkpoints": list(self.run.checkpoints), "te_spec": self.run.te_spec,
                "meta": {k: v for k, v in self.run.meta.items() if k == "started_at" or k == "dataset_hash"},
                "checkpoint": handoff, "result_dir": str(self.dir / "out"), "stop_file": str(self.dir / "stop"),
+               "launcher": {"pid": os.getpid(), "host": socket.gethostname()},
                **self.params}
         path = self.dir / "job.json"
         files.write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(job), encoding="utf-8"))
