@@ -93,6 +93,7 @@ def T(comfy):
         naming = comfy.engine("train.naming")
         diffusers_check = comfy.engine("train.diffusers_check")
         interop = comfy.engine("train.interop")
+        optim = comfy.engine("train.optim")
     return NS
 
 

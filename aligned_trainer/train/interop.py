@@ -18,6 +18,7 @@ from comfy.weight_adapter import LoRAAdapter
 from . import dora_axes, naming
 from .. import paths
 from .config import ConfigError, LoraConfig
+from .optim import build_ema
 
 
 def resolve(name_or_path: str) -> Path:
@@ -213,7 +214,5 @@ def start_from(run, init_lora: str, trainer_cls):
                     if value is not None:
                         p.copy_(value.reshape(p.shape).to(p.dtype))
         if trainer.ema is not None:
-            from diffusers.training_utils import EMAModel
-
-            trainer.ema = EMAModel(trainer.params, decay=run.settings.ema_decay)
+            trainer.ema = build_ema(trainer.params, run.settings.ema_decay)
         return run.advanced(state=trainer.state(), meta={**run.meta, "init_lora": path.name})

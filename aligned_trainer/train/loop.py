@@ -28,7 +28,7 @@ from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
 from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig
-from .optim import build_optimizer, build_scheduler
+from .optim import build_ema, build_optimizer, build_scheduler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PROCESSES = 64  # data-parallel workers on one machine (Train Init's ``processes``)
@@ -324,9 +324,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.precision == "fp16")
         self.ema = None
         if s.ema_decay:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.params, decay=s.ema_decay)
+            self.ema = build_ema(self.params, s.ema_decay)
         self.py_rng = random.Random(s.seed)
         self.samples = list(run.training_set.samples)
         if s.val_count and s.val_count >= len(self.samples):

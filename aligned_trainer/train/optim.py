@@ -1,5 +1,5 @@
 """Optimizers and learning-rate schedules from established libraries (torch, prodigyopt, transformers'
-Adafactor, bitsandbytes when installed, lion-pytorch) and diffusers' ``get_scheduler``."""
+Adafactor, bitsandbytes when installed, lion-pytorch), diffusers' ``get_scheduler`` and its ``EMAModel``."""
 from __future__ import annotations
 
 import torch
@@ -46,3 +46,12 @@ def build_scheduler(cfg: OptimizerConfig, optimizer):
 
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=cfg.total_steps, **kwargs)
+
+
+def build_ema(params: list[torch.nn.Parameter], decay: float):
+    """diffusers' EMAModel over the trained parameters, updated with ``torch._foreach`` ops: a few kernels per step
+    for all parameters instead of three per parameter (thousands of launches per step for an SDXL/FLUX LoRA); the
+    same average (``shadow - (1 - d)(shadow - param)``), equal to the per-parameter update within float rounding."""
+    from diffusers.training_utils import EMAModel  # (imported on use, not when ComfyUI loads the pack)
+
+    return EMAModel(params, decay=decay, foreach=True)
