@@ -104,8 +104,9 @@ def test_hv15_vae_caches_clips_the_transformer_trains_on_and_previews_decode(com
     16x spatial, 4x temporal, the vae_refiner classes built small): a video Dataset (a 6-frame clip, a folder of
     frames, a still image; 5 frames at 16 fps, 32 px) caches through it as (32, 2, 2, 2) per clip and (32, 1, 2, 2)
     for the image, each clip's latent equal to the stock VAEEncode of its frames, and a latent decodes back to 5
-    frames of 32 x 32. The tiny transformer (65 input channels: ComfyUI's HunyuanVideo15.concat_cond adds the empty
-    image latent and mask) trains 2 steps on those latents with the aligned captions, finite loss. Sample Preview
+    frames of 32 x 32. The tiny transformer (65 input channels: ComfyUI's HunyuanVideo15.concat_cond adds the zero
+    image latent and mask, as text-to-video does, in training and in sampling: seen at the patch embedding) trains 2
+    steps on those latents with the aligned captions, finite loss. Sample Preview
     (5 frames) writes an animated WebP whose clip equals the stock EmptyHunyuanVideo15Latent -> KSampler ->
     VAEDecode on the same model, prompt and seed."""
     import comfy_extras.nodes_hunyuan as nh
@@ -148,8 +149,12 @@ def test_hv15_vae_caches_clips_the_transformer_trains_on_and_previews_decode(com
     run = loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"), C.TimestepConfig(shift="model"),
                         C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="hv15vae", val_count=0),
                         runs_root=tmp_path / "runs")
+    seen = []  # what the patch embedding receives: noise 32 + ComfyUI's concat_cond (zero image latent 32 + mask 1)
+    hook = model.model.diffusion_model.img_in.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().clone()))
     out = loop.train_steps(run, 2)
     assert len(out.history) == 2 and all(math.isfinite(h["loss"]) for h in out.history), out.history
+    assert seen and all(x.shape[1] == 65 and not x[:, 32:].any() and x[:, :32].abs().sum() > 0 for x in seen)
+    n_train = len(seen)
 
     kw = dict(prompts="ohwx walking", negative="", seed=3, seed_mode="fixed", steps=2, cfg=1.0, guidance=3.5,
               sampler_name="euler", scheduler="simple", width=size, height=size, step=0)
@@ -161,6 +166,8 @@ def test_hv15_vae_caches_clips_the_transformer_trains_on_and_previews_decode(com
         latent = nh.EmptyHunyuanVideo15Latent.execute(size, size, frames, 1).result[0]
         (sampled,) = comfy.nodes.common_ksampler(model, 3, 2, 1.0, "euler", "simple", pos, pos, latent)
         (video,) = comfy.nodes.VAEDecode().decode(vae, sampled)
+    hook.remove()
+    assert len(seen) > n_train and all(x.shape[1] == 65 and not x[:, 32:].any() for x in seen[n_train:])
     video = video.reshape(-1, size, size, 3)
     assert tuple(video.shape) == (frames, size, size, 3) and torch.allclose(cells, video, atol=1e-5)
     ui = res.ui
