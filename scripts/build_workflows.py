@@ -348,6 +348,36 @@ def build(info: dict) -> dict[str, dict]:
                                       "schedule on the one expert, so the high-noise expert's previews stay rough "
                                       "(it never learns the clean end). 14B on 24 GB: Train Init's quantize int8 "
                                       "or offload_blocks (ai-toolkit quantizes it to 4 bits). See docs/video.md."),
+        # HunyuanVideo 1.5 T2V: ComfyUI's own video_hunyuan_video_1.5_720p_t2v template's files (720p T2V DiT fp16,
+        # DualCLIPLoader type hunyuan_video_15 with Qwen2.5-VL 7B fp8 + byT5-small glyph, the HV1.5 VAE); it samples
+        # 20 steps euler/simple, cfg 6, on the model's shift 7 (ModelSamplingSD3 7) and saves at 24 fps. Training as
+        # musubi-tuner's docs/hunyuan_video_1_5.md T2V command: --timestep_sampling flux_shift (sigmoid of a normal
+        # draw shifted by FLUX's resolution mu from the latent's (h // 2) * (w // 2): our sigmoid + flux_resolution),
+        # --weighting_scheme none, lr 1e-4 (adamw8bit there), --network_dim 32, bf16, gradient checkpointing. Clips
+        # of 33 frames (4k+1) at 24 fps, 512 px area in 16 px buckets (the VAE's 16x); previews 17 frames at
+        # 848x480 (EmptyHunyuanVideo15Latent's default size).
+        "train_lora_hunyuan_video15": dict(
+            name="HunyuanVideo 1.5 T2V", ref="HunyuanVideo15Pipeline (Qwen2.5-VL under its chat template, "
+            "hidden_states[-3], 1000 tokens; byT5 of the quoted text)",
+            files="hunyuanvideo1.5_720p_t2v_fp16.safetensors, qwen_2.5_vl_7b_fp8_scaled.safetensors, "
+                  "byt5_small_glyphxl_fp16.safetensors, hunyuanvideo15_vae_fp16.safetensors",
+            loader="hunyuan_video15", ckpt="hunyuanvideo1.5_720p_t2v_fp16.safetensors", resolution=512, max_side=848,
+            density="sigmoid", shift="flux_resolution", weighting="none", lr=1e-4, rank=32, size=512, cfg=6.0,
+            sample_steps=20, folder="my_videos",
+            ts="sigmoid with FLUX's resolution shift (musubi-tuner's flux_shift); the model samples with its own "
+               "shift 7", spec="hunyuan-video-1.5:unpadded",
+            init=dict(precision="bf16", gradient_checkpointing=True),
+            dataset=dict(kind="video", frames=33, fps=24.0, bucket_step=16),
+            sample=dict(width=848, height=480, sampler_name="euler", scheduler="simple", frames=17, fps=24.0),
+            saver=dict(type="SaveAnimatedWEBP", fps=24.0),
+            note="\nVideo: the Dataset reads clips (mp4/webm/mov/mkv/gif or folders of frames, .txt captions) at "
+                 "24 fps (HunyuanVideo 1.5's rate: ComfyUI's template saves at 24), 33 frames each (4k+1); still "
+                 "images train as one frame. Quoted text in a caption (\"OPEN\") also goes to byT5, as the "
+                 "pipeline does. Settings of musubi-tuner's HunyuanVideo 1.5 T2V example (docs/hunyuan_video_1_5.md): "
+                 "flux_shift timesteps, no weighting, lr 1e-4, network_dim 32, bf16 with gradient checkpointing "
+                 "(alpha 32 here, as the other workflows; musubi-tuner's default network_alpha is 1). Previews: "
+                 "17 frames at 848x480, 20 steps, euler, simple, cfg 6 (ComfyUI's template: 121 frames at "
+                 "1280x720). Text-to-video only (no image conditioning). See docs/video.md."),
         # Z-Image Turbo: ComfyUI's own image_z_image_turbo template's files (CLIPLoader type lumina2 for its
         # Qwen3-4B); previews as that template samples (9 steps, cfg 1, res_multistep/simple). Training settings as
         # ai-toolkit trains the DiT families (rank 16, lr 1e-4, sigmoid = logit-normal timesteps, bf16 with
@@ -468,6 +498,11 @@ def build(info: dict) -> dict[str, dict]:
             v = g.add("VAELoader", vae_name="ae.safetensors")
             m = g.add("ModelSamplingSD3", title="ModelSamplingSD3 (HiDream-I1 Full: shift 3)", shift=3.0)
             g.link(u, "MODEL", m, "model")
+        elif f["loader"] == "hunyuan_video15":  # as ComfyUI's HunyuanVideo 1.5 template: Qwen2.5-VL + byT5
+            m = g.add("UNETLoader", unet_name=f["ckpt"])
+            c = g.add("DualCLIPLoader", clip_name1="qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                      clip_name2="byt5_small_glyphxl_fp16.safetensors", type="hunyuan_video_15")
+            v = g.add("VAELoader", vae_name="hunyuanvideo15_vae_fp16.safetensors")
         elif f["loader"] in SPLIT_LOADERS:  # UNETLoader + CLIPLoader(type) + VAELoader, as ComfyUI's templates
             clip_name, clip_type, vae_name = SPLIT_LOADERS[f["loader"]]
             m = g.add("UNETLoader", title=f.get("unet_title"), unet_name=f["ckpt"])
@@ -784,6 +819,10 @@ def te_swap_workflow(info: dict) -> dict:
 # - wan2.2_t2v_high_noise_14B_fp8_scaled, wan2.2_t2v_low_noise_14B_fp8_scaled: ComfyUI's Wan 2.2 14B text-to-video
 #   template (comfyui-workflow-templates-media-video, templates/video_wan2_2_14B_t2v.json), which loads them with
 #   the same umt5_xxl_fp8_e4m3fn_scaled and wan_2.1_vae as Wan 2.1.
+# - hunyuanvideo1.5_720p_t2v_fp16, byt5_small_glyphxl_fp16, hunyuanvideo15_vae_fp16 (and qwen_2.5_vl_7b_fp8_scaled,
+#   which it names from Comfy-Org/HunyuanVideo_1.5_repackaged; the same file as Qwen-Image's): ComfyUI's HunyuanVideo
+#   1.5 720p text-to-video template (comfyui-workflow-templates-media-video, templates/
+#   video_hunyuan_video_1.5_720p_t2v.json, properties.models).
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
     "v2-1_768-ema-pruned.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-2-1/resolve/main/v2-1_768-ema-pruned.safetensors"),
@@ -798,6 +837,9 @@ MODELS = {
     "wan_2.1_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/wan_2.1_vae.safetensors"),
     "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
     "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+    "hunyuanvideo1.5_720p_t2v_fp16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/diffusion_models/hunyuanvideo1.5_720p_t2v_fp16.safetensors"),
+    "byt5_small_glyphxl_fp16.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/text_encoders/byt5_small_glyphxl_fp16.safetensors"),
+    "hunyuanvideo15_vae_fp16.safetensors": ("vae", "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/vae/hunyuanvideo15_vae_fp16.safetensors"),
     "z_image_turbo_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors"),
     "qwen_3_4b.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors"),
     "Chroma1-HD-fp8_scaled_rev2.safetensors": ("diffusion_models", "https://huggingface.co/silveroxides/Chroma1-HD-fp8-scaled/resolve/main/Chroma1-HD-fp8_scaled_rev2.safetensors"),
@@ -849,6 +891,13 @@ DESCRIPTIONS = {
                          ["diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled",
                           "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors",
                           "input/my_videos (clips + .txt captions)"]),
+    "train_lora_hunyuan_video15": ("Train a HunyuanVideo 1.5 LoRA", "Qwen2.5-VL and byT5 as "
+                                   "HunyuanVideo15Pipeline; musubi-tuner's settings: rank 32, lr 1e-4, flux_shift "
+                                   "timesteps; 33-frame clips at 24 fps; bf16 with checkpointing; animated previews.",
+                                   ["diffusion_models/hunyuanvideo1.5_720p_t2v_fp16.safetensors",
+                                    "text_encoders/qwen_2.5_vl_7b_fp8_scaled, byt5_small_glyphxl_fp16",
+                                    "vae/hunyuanvideo15_vae_fp16.safetensors",
+                                    "input/my_videos (clips + .txt captions)"]),
     "train_lora_zimage": ("Train a Z-Image Turbo LoRA", "Qwen3 under its chat template, penultimate layer, 512 "
                           "tokens as ZImagePipeline; logit-normal timesteps, the model's shift 3; bf16 with "
                           "checkpointing; previews at 9 steps, cfg 1.",

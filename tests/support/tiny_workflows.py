@@ -1,4 +1,5 @@
-"""Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 / _zimage /
+"""Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 /
+_hunyuan_video15 / _zimage /
 _chroma / _qwen_image / _lumina2 / _hidream) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_browser.py (the changes made in the frontend's graph before queueing it; the runs checked by
@@ -47,6 +48,12 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
    - Wan 2.2 A14B (one expert): the same with ``wan2.2-t2v-high`` (the tiny high-noise expert of
      ``support.factories.wan22``, a ``WAN21_T2V`` as ComfyUI loads the real expert files) and the Wan 2.1 VAE.
+   - HunyuanVideo 1.5: ``UNETLoader`` -> ``TinyDiffusionModelLoader(hunyuan-video-1.5)``, ``DualCLIPLoader`` ->
+     ``TinyTextEncoderLoader(hunyuan-video-1.5)`` (Qwen2.5-VL 7B is built at full size), ``VAELoader`` ->
+     ``TinyVAELoader(hunyuan-video-1.5)``: ComfyUI's detection builds the HunyuanVideo 1.5 VAE at fixed full-size
+     widths whatever the file holds, so the test-only loader hands out the ``comfy.sd.VAE`` it detects holding the
+     tiny module (``support.factories.hunyuan_video15``). Shrunk as Wan 2.2 (5 frames, 2 steps, no validation,
+     the preview only at the end).
 2. Sizes and step counts, so that each run takes seconds on a CPU (``SHRINK``): dataset resolution and bucket
    sides 64; 4 training steps with a checkpoint and a validation pass every 2 (``total_steps`` of the
    optimizer 4); preview plan and final sample preview 2 sampling steps at 64x64, the plan rendering every 2
@@ -97,6 +104,10 @@ FAMILIES = {
     "train_lora_wan22": ("wan2.2-t2v-high", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.2-t2v-high"}),
                                              "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.2-t2v-high"}),
                                              "VAELoader": (None, {"vae_name": WAN_VAE})}),
+    "train_lora_hunyuan_video15": ("hunyuan-video-1.5", {
+        "UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "hunyuan-video-1.5"}),
+        "DualCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "hunyuan-video-1.5"}),
+        "VAELoader": (f"{TINY}VAELoader", {"family": "hunyuan-video-1.5"})}),
     "train_lora_zimage": ("z-image", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "z-image"}),
                                       "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "z-image"}),
                                       "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
@@ -135,6 +146,13 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                                     "AlignedTrainer_SamplePreview": {"frames": 5, "step": 2},
                                     "AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},
                                     "AlignedTrainer_Optimizer": {"total_steps": 2}},
+               # HunyuanVideo 1.5: as Wan 2.2 (2 bf16 steps, no validation, the final Sample Preview only; 5 frames)
+               "train_lora_hunyuan_video15": {"AlignedTrainer_Dataset": {"frames": 5},
+                                              "AlignedTrainer_PreviewPlan": {"frames": 5, "every_n": STEPS},
+                                              "AlignedTrainer_SamplePreview": {"frames": 5, "step": 2},
+                                              "AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2,
+                                                                            "val_every": 0},
+                                              "AlignedTrainer_Optimizer": {"total_steps": 2}},
                # Z-Image (a 256-wide DiT: ComfyUI's z_image_modulation needs 256) and Chroma in bf16 on a CPU: one
                # preview and one validation pass, as for Wan
                **{name: {"AlignedTrainer_PreviewPlan": {"every_n": STEPS},

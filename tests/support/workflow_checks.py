@@ -77,6 +77,22 @@ def _check_wan22_expert(srv, api: dict, outputs: dict, by_type: dict, lora: Path
     assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys
 
 
+def _check_hv15(api: dict, outputs: dict, by_type: dict, lora: Path) -> None:
+    """The HunyuanVideo 1.5 workflow: the aligned encoders' spec is hunyuan-video-1.5 (its default variant), and the
+    LoRA carries
+    musubi-tuner's HunyuanVideo 1.5 metadata with ComfyUI's module names (lora_unet_double_blocks_0_...)."""
+    from safetensors import safe_open
+
+    (te_id,) = by_type["AlignedTrainer_LoadAlignedTextEncoders"]
+    assert api[te_id]["inputs"]["spec"] == "hunyuan-video-1.5:unpadded", api[te_id]["inputs"]
+    with safe_open(str(lora), framework="pt") as f:
+        md, keys = f.metadata(), list(f.keys())
+    assert (md["ss_base_model_version"], md["ss_network_module"]) == ("hunyuan_video_1_5", "networks.lora_hv_1_5")
+    assert md["modelspec.architecture"] == "hunyuan-video-1.5/lora" and json.loads(md["aligned_trainer.config"])
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys, keys[:5]
+    assert any(k.startswith("lora_unet_single_blocks_0_") for k in keys), keys[:5]
+
+
 def _check_hidream(api: dict, by_type: dict, lora: Path, report: dict, model) -> None:
     """The HiDream workflow sets HiDream-I1 Full's shift on the model it trains (ModelSamplingSD3 shift 3 between
     the diffusion-model loader and Train Init: ComfyUI 0.3.75 loads HiDream at shift 1); its LoRA covers what
@@ -138,10 +154,11 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     if family == "sd15":
         model = request.getfixturevalue("sd15")[0]  # the tiny checkpoint through CheckpointLoaderSimple
     else:
-        from support.factories import families, sd2, wan, wan22
+        from support.factories import families, hunyuan_video15, sd2, wan, wan22
 
         # the MODEL the server's workflow trained (same weights)
-        others = {"wan2.1": wan.build_model, "wan2.2-t2v-high": wan22.HIGH.build_model, "sd2-v": sd2.build_model}
+        others = {"wan2.1": wan.build_model, "wan2.2-t2v-high": wan22.HIGH.build_model, "sd2-v": sd2.build_model,
+                  "hunyuan-video-1.5": hunyuan_video15.BUNDLE.build_model}
         model = others[family]() if family in others else families.build_model(family)
     n_patches = _check_lora_loads(lora, model)
     # every Save Image (sample grid, loss plot) and Preview Image (timestep histogram) left its files
@@ -162,6 +179,8 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     assert any(n.startswith(f"{prefix}_lora/loss_plot") for n in names), names
     if name == "train_lora_wan22":
         _check_wan22_expert(srv, api, outputs, by_type, lora)
+    if name == "train_lora_hunyuan_video15":
+        _check_hv15(api, outputs, by_type, lora)
     if name == "train_lora_hidream":
         _check_hidream(api, by_type, lora, report, model)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")

@@ -22,12 +22,15 @@ TESTS = Path(__file__).resolve().parents[3]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from support.factories import families, sd2, wan, wan22  # noqa: E402
+from support.factories import families, hunyuan_video15, sd2, wan, wan22  # noqa: E402
 
 CATEGORY = "Aligned Trainer (tests)"
 # Bundles outside support.factories.families: the tiny Wan 2.1 T2V (support.factories.wan; UNETLoader builds
 # WanModel with dim/128 heads, CLIPLoader(type wan) UMT5-XXL at full size, so neither loads the tiny files).
-OTHERS = {"wan2.1": wan, "wan2.2-t2v-high": wan22.HIGH, "wan2.2-t2v-low": wan22.LOW}  # + the A14B expert pair
+# HunyuanVideo 1.5 (support.factories.hunyuan_video15.BUNDLE): UNETLoader builds its transformer at 2048 wide,
+# DualCLIPLoader(type hunyuan_video_15) Qwen2.5-VL 7B at full size, and VAELoader the VAE at its fixed full widths.
+OTHERS = {"wan2.1": wan, "wan2.2-t2v-high": wan22.HIGH, "wan2.2-t2v-low": wan22.LOW,  # + the A14B expert pair
+          "hunyuan-video-1.5": hunyuan_video15.BUNDLE}
 SD2 = "sd2-v"  # the tiny SD2.x 768-v (support.factories.sd2)
 
 
@@ -42,7 +45,7 @@ def bundle(family):
         return sd2.build, sd2.build_model, sd2.build_clip
     if family in OTHERS:
         m = OTHERS[family]
-        return m.build, m.build_model, m.te_wan.wan_clip
+        return m.build, m.build_model, getattr(m, "build_clip", None) or m.te_wan.wan_clip
     return (lambda: families.build(family)), (lambda: families.build_model(family)), \
         (lambda: families.build_clip(family))
 
@@ -77,8 +80,23 @@ class TinyTextEncoderLoader:
         return (bundle(family)[2](),)
 
 
+class TinyVAELoader:
+    """Stands in for VAELoader where ComfyUI's VAE detection builds the family's VAE at fixed full-size widths (the
+    HunyuanVideo 1.5 VAE): (VAE,), the ``comfy.sd.VAE`` ComfyUI detects holding the tiny module."""
+    CATEGORY, FUNCTION = CATEGORY, "load"
+    RETURN_TYPES = ("VAE",)
+    INPUT_TYPES = classmethod(lambda cls: {"required": {"family": (list(VAES), {"tooltip": "Tiny VAE by family."})}})
+
+    def load(self, family):
+        return (VAES[family](),)
+
+
+VAES = {"hunyuan-video-1.5": hunyuan_video15.BUNDLE.build_vae}
+
+
 NODE_CLASS_MAPPINGS = {
     "AlignedTrainerTests_TinyCheckpointLoader": TinyCheckpointLoader,
     "AlignedTrainerTests_TinyDiffusionModelLoader": TinyDiffusionModelLoader,
     "AlignedTrainerTests_TinyTextEncoderLoader": TinyTextEncoderLoader,
+    "AlignedTrainerTests_TinyVAELoader": TinyVAELoader,
 }
