@@ -221,3 +221,45 @@ def test_ti2v_5b_preview_decodes_at_the_size_asked(comfy, clip):
         render.empty_latent(model, vae, render.SampleSettings(width=8, height=32))
     with pytest.raises(ValueError, match=r"the VAE \(NoneType\) gives no latent size"):
         render.empty_latent(model, None, render.SampleSettings(width=w, height=h))
+
+
+def test_wan_block_offload_and_fp8_base_train_as_on_image_models(comfy, clip, clips_a14b, tmp_path):
+    """Issue #21 item 4 ("memory plan and offload as in #19"): on the tiny Wan 2.1 T2V, Train Init's offload_blocks
+    streams the last blocks in for each forward and recomputation and gives the same adapters and losses bit for
+    bit (CPU fp32, 4 steps, gradient checkpointing); an fp8 (e4m3fn) copy of the base trains with finite loss and
+    its LoRA maps completely onto the full-precision model."""
+    C, st, loop, offload, export = (comfy.engine(m) for m in ("train.config", "train.state", "train.loop",
+                                                              "train.offload", "train.export"))
+    model = wan.build_model()
+
+    def train(name, m, **settings):
+        with torch.inference_mode():  # as ComfyUI runs Train Init and Train Steps
+            run = loop.init_run(m, clips_a14b, C.LoraConfig(**RANK), C.TimestepConfig(shift="model"),
+                                C.OptimizerConfig(lr=1e-2), st.RunSettings(run_name=name, val_count=0, seed=5,
+                                                                           gradient_checkpointing=True, **settings),
+                                runs_root=tmp_path)
+            return loop.train_steps(run, 4)
+
+    calls = []
+    orig = offload._Streamer._copy
+
+    def counting(self, i):
+        calls.append(i)
+        return orig(self, i)
+
+    plain = train("plain", model)
+    offload._Streamer._copy = counting
+    try:
+        off = train("off", model, offload_blocks=1)
+    finally:
+        offload._Streamer._copy = orig
+    assert len(calls) >= 4 * 2  # one block, streamed in for the forward and again for the recomputation
+    assert plain.state["adapters"].keys() == off.state["adapters"].keys()
+    for k, v in plain.state["adapters"].items():
+        assert torch.equal(v, off.state["adapters"][k]), k
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in off.history]
+    fp8 = wan.build_model(weight_dtype=torch.float8_e4m3fn)  # as UNETLoader's weight_dtype loads it
+    assert any(p.dtype == torch.float8_e4m3fn for p in fp8.model.diffusion_model.parameters())
+    out = train("fp8", fp8)
+    assert all(math.isfinite(h["loss"]) for h in out.history)
+    assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []

@@ -58,13 +58,20 @@ def diffusion_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in common.seeded_init_(model.diffusion_model, seed).state_dict().items()}
 
 
-def build_model(seed: int = 0):
-    """MODEL: ``WAN21_T2V``'s model_base model with the tiny WanModel, weights loaded as the loaders do."""
+def build_model(seed: int = 0, weight_dtype: torch.dtype | None = None):
+    """MODEL: ``WAN21_T2V``'s model_base model with the tiny WanModel, weights loaded as the loaders do;
+    ``weight_dtype`` (e.g. fp8 e4m3fn): as ``UNETLoader``'s weight_dtype makes ComfyUI load it (the config's
+    inference dtype with the manual-cast compute dtype ComfyUI picks for the device, then the weights)."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
     sd = _cached(f"tiny-wan21-dit-s{seed}", lambda: diffusion_state_dict(seed))
-    model = model_config().get_model({}, "", device=mm.unet_offload_device())
+    cfg = model_config()
+    if weight_dtype is not None:
+        load_device = mm.get_torch_device()
+        cfg.set_inference_dtype(weight_dtype, mm.unet_manual_cast(weight_dtype, load_device,
+                                                                 cfg.supported_inference_dtypes))
+    model = cfg.get_model({}, "", device=mm.unet_offload_device())
     expected = set(model.diffusion_model.state_dict())
     assert set(sd) == expected, f"tiny Wan 2.1: cached weights do not cover the model ({set(sd) ^ expected})"
     model.load_model_weights(sd, "")
