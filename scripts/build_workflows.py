@@ -702,7 +702,8 @@ def build(info: dict) -> dict[str, dict]:
     si = g.add("SaveImage", filename_prefix="slider/sweep")
     g.link(sw, "grid", si, "images")
     out["train_slider"] = g.to_json()
-    out["train_te_swap_sd15"] = te_swap_workflow(info)
+    out["train_te_swap_sd15"] = te_swap_workflow(info, "sd15")
+    out["train_te_swap_sdxl"] = te_swap_workflow(info, "sdxl")
     return out
 
 
@@ -723,19 +724,58 @@ TE_SWAP_NOTE = (
     "batch 4 x grad_accum 16 = 64. Only tested on tiny models: real-weight quality is not established.")
 
 
-def te_swap_workflow(info: dict) -> dict:
-    """SD1.5 + T5 text-encoder swap with the cross-attention reset and the seed's settings."""
+# The SDXL swap's Note: where each value comes from. The seed ("Notes on retraining Text Encoder") gives its settings
+# for SD1.5 + T5 and, later, "T5 plus sdxl vae" (4e-5, bs64, cosine, 10000 steps, SNR); it gives no setting for an
+# SDXL UNet. So the SDXL workflow keeps the SD1.5 swap workflow's choices and changes only what SDXL's size forces.
+TE_SWAP_SDXL_NOTE = (
+    "Text-encoder swap: retrain an SDXL UNet to read T5 instead of its CLIP-L + CLIP-G. Text Encoder Swap Setup measures "
+    "the old encoders' per-token spread (SDXL's own CLIPs, the 2048-wide context) and T5's on the dataset's captions, "
+    "adds a projection (T5 width -> 2048) scaled to that spread, and re-initialises SDXL's cross-attention (attn2 "
+    "q/k/v/out of its 70 transformer blocks). pooled = projected: SDXL's adm also reads a pooled text vector (CLIP-G's, "
+    "1280); here it is T5's mean valid token through a trainable Linear (T5 width -> 1280) scaled to CLIP-G's pooled "
+    "spread, trained with the projection and saved in the projection file (pooled = zero gives the adm zeros). Train "
+    "Init / Train Steps train the cross-attention as full weights (LoRA Config algorithm 'full') with the projection; "
+    "Save Text Encoder Swap writes the UNet's changed weights (models/loras: Load LoRA model-only, strength 1, on "
+    "sd_xl_base_1.0) and the projection (models/te_projections). Sample: T5 prompt -> Apply Text Encoder Swap -> "
+    "stock KSampler.\n\n"
+    "Where each value comes from: reset cross_attention, lr 1e-5 constant, min-SNR 5, effective batch 64, 2000 steps, "
+    "checkpoints every 500, previews and validation every 250: the SD1.5 swap workflow, i.e. the seed's only useful "
+    "setting (cross-attention reset at 1e-5, batch 64). The seed gives no lr for an SDXL UNet (its later 'T5 plus SDXL "
+    "VAE' run: 4e-5, batch 64, cosine, 10000 steps, min-SNR, 20k images), so 1e-5 is kept. Batch 1 x grad_accum 64 "
+    "(SD1.5: 4 x 16): SDXL's cross-attention is about 546M weights trained in full (fp32 difference, gradient and two "
+    "AdamW moments: about 8.7 GB) beside the 2.6B-weight UNet, so one 1024 px image a pass. bf16 with gradient "
+    "checkpointing, 1024 px buckets 256-2048, previews 25 steps cfg 7: this pack's SDXL LoRA workflow. Only tested on "
+    "tiny models: real-weight quality is not established.")
+
+# per base model: (Note, checkpoint, old encoder's spec, run/file name, Dataset, Train Init, Preview Plan and sample
+# settings, Setup extras)
+TE_SWAP_MODELS = {
+    "sd15": dict(note=TE_SWAP_NOTE, ckpt="v1-5-pruned-emaonly.safetensors", old_spec="sd15", old_title="CLIP-L",
+                 dataset=dict(resolution=512, min_side=256, max_side=1024),
+                 init=dict(batch_size=4, grad_accum=16, gradient_checkpointing=True),
+                 size=512, cfg=6.0, setup={}, images="te_swap"),
+    "sdxl": dict(note=TE_SWAP_SDXL_NOTE, ckpt="sd_xl_base_1.0.safetensors", old_spec="sdxl", old_title="CLIP-L + CLIP-G",
+                 dataset=dict(resolution=1024, min_side=256, max_side=2048),
+                 init=dict(batch_size=1, grad_accum=64, gradient_checkpointing=True, precision="bf16"),
+                 size=1024, cfg=7.0, setup=dict(pooled="projected"), images="te_swap_sdxl"),
+}
+
+
+def te_swap_workflow(info: dict, base: str = "sd15") -> dict:
+    """SD1.5 or SDXL + T5 text-encoder swap with the cross-attention reset and the seed's settings
+    (TE_SWAP_MODELS)."""
+    m = TE_SWAP_MODELS[base]
+    name = f"te_swap_{base}"
     g = Graph(info)
-    g.note(TE_SWAP_NOTE)
-    ck = g.add("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    g.note(m["note"])
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=m["ckpt"])
     t5 = g.add("CLIPLoader", clip_name="t5xxl_fp16.safetensors", type="chroma")
     g.col = 1
     te_new = g.add(P + "LoadAlignedTextEncoders", title="T5 (new encoder), aligned", spec="chroma")
     g.link(t5, "CLIP", te_new, "clip")
-    te_old = g.add(P + "LoadAlignedTextEncoders", title="CLIP-L (old encoder), aligned", spec="sd15")
+    te_old = g.add(P + "LoadAlignedTextEncoders", title=f"{m['old_title']} (old encoder), aligned", spec=m["old_spec"])
     g.link(ck, "CLIP", te_old, "clip")
-    ds = g.add(P + "Dataset", folder="my_dataset", resolution=512, min_side=256, max_side=1024, bucket_step=64,
-               trigger_word="", caption_variants=1)
+    ds = g.add(P + "Dataset", folder="my_dataset", **m["dataset"], bucket_step=64, trigger_word="", caption_variants=1)
     lat = g.add(P + "CacheLatents")
     g.link(ds, "dataset", lat, "dataset")
     g.link(ck, "VAE", lat, "vae")
@@ -743,7 +783,7 @@ def te_swap_workflow(info: dict) -> dict:
     g.link(lat, "latents", txt, "latents")
     g.link(te_new, "aligned_clip", txt, "clip")
     g.col = 2
-    setup = g.add(P + "TextEncoderSwapSetup", reset="cross_attention", projection="linear", seed=0)
+    setup = g.add(P + "TextEncoderSwapSetup", reset="cross_attention", projection="linear", seed=0, **m["setup"])
     g.link(ck, "MODEL", setup, "model")
     g.link(te_new, "aligned_clip", setup, "new_clip")
     g.link(te_old, "aligned_clip", setup, "old_clip")
@@ -752,19 +792,20 @@ def te_swap_workflow(info: dict) -> dict:
     tcfg = g.add(P + "TimestepStrategy", weighting="min_snr", min_snr_gamma=5.0)
     oc = g.add(P + "Optimizer", learning_rate=1e-5, weight_decay=0.01, scheduler="constant", total_steps=2000)
     g.col = 3
-    init = g.add(P + "TrainInit", run_name="te_swap_sd15", batch_size=4, grad_accum=16, gradient_checkpointing=True)
+    init = g.add(P + "TrainInit", run_name=name, **m["init"])
     for src, o, i in ((setup, "swap_model", "model"), (txt, "training_set", "training_set"),
                       (lc, "lora_config", "lora_config"), (tcfg, "timesteps", "timesteps"),
                       (oc, "optimizer_config", "optimizer")):
         g.link(src, o, init, i)
+    size, cfg = m["size"], m["cfg"]
     plan = g.add(P + "PreviewPlan", title="Preview Plan (T5 prompts, projected)", prompts="a photo of a woman, solo",
-                 every_n=250, steps=25, cfg=6.0, width=512, height=512)
+                 every_n=250, steps=25, cfg=cfg, width=size, height=size)
     g.link(te_new, "aligned_clip", plan, "clip")
     g.link(ck, "VAE", plan, "vae")
     ts = g.add(P + "TrainSteps", steps=2000, checkpoint_every=500, val_every=250)
     g.link(init, "run", ts, "run")
     g.link(plan, "preview_plan", ts, "preview_plan")
-    save = g.add(P + "SaveTextEncoderSwap", name="te_swap_sd15")
+    save = g.add(P + "SaveTextEncoderSwap", name=name)
     g.link(ts, "trained_run", save, "run")
     g.col = 4
     pos = g.add("CLIPTextEncode", title="prompt (T5)", text="a photo of a woman, solo")
@@ -778,8 +819,8 @@ def te_swap_workflow(info: dict) -> dict:
     g.link(neg, "CONDITIONING", an, "conditioning")
     g.link(save, "swap", an, "swap")
     g.col = 5
-    el = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    ks = g.add("KSampler", seed=0, steps=25, cfg=6.0)
+    el = g.add("EmptyLatentImage", width=size, height=size, batch_size=1)
+    ks = g.add("KSampler", seed=0, steps=25, cfg=cfg)
     g.link(ts, "model", ks, "model")
     g.link(ap, "projected", ks, "positive")
     g.link(an, "projected", ks, "negative")
@@ -788,11 +829,11 @@ def te_swap_workflow(info: dict) -> dict:
     g.link(ks, "LATENT", dec, "samples")
     g.link(ck, "VAE", dec, "vae")
     g.col = 6
-    si = g.add("SaveImage", filename_prefix="te_swap/sample")
+    si = g.add("SaveImage", filename_prefix=f"{m['images']}/sample")
     g.link(dec, "IMAGE", si, "images")
     lg = g.add(P + "LossGraph")
     g.link(ts, "trained_run", lg, "run")
-    sl = g.add("SaveImage", filename_prefix="te_swap/loss_plot")
+    sl = g.add("SaveImage", filename_prefix=f"{m['images']}/loss_plot")
     g.link(lg, "plot", sl, "images")
     return g.to_json()
 
@@ -949,6 +990,11 @@ DESCRIPTIONS = {
                            "weights, reset first) with a projection from T5 to 768, scaled to CLIP-L's measured "
                            "spread; lr 1e-5, min-SNR, batch 64 via accumulation.",
                            ["checkpoints/v1-5-pruned-emaonly.safetensors", "text_encoders/t5xxl_fp16.safetensors",
+                            "input/my_dataset (images + .txt captions)"]),
+    "train_te_swap_sdxl": ("Text-encoder swap: SDXL reads T5", "Retrains SDXL's cross-attention (full weights, "
+                           "reset first) with a projection from T5 to 2048 scaled to its CLIPs' spread, and T5's "
+                           "pooled vector projected for the adm; lr 1e-5, min-SNR, batch 1 x 64 accumulated.",
+                           ["checkpoints/sd_xl_base_1.0.safetensors", "text_encoders/t5xxl_fp16.safetensors",
                             "input/my_dataset (images + .txt captions)"]),
     "te_alignment_report": ("Text-encoder alignment report", "Tokens kept and cut, embedding cosines and padding "
                             "of aligned vs default encoders; a trigger-word check.",

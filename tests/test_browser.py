@@ -7,10 +7,11 @@ the demo runs from the browser in test_browser_ui.py (training view). The family
 one, the test makes in the frontend's graph the changes ``support.tiny_workflows`` documents (loaders pointed
 at tiny models, or replaced by test-only loaders with the same outputs and links; sizes and step counts
 shrunk), then queues that graph; ``support.workflow_checks`` checks the run (the LoRA maps completely in ComfyUI's
-stock loader, grids, plots, animated video previews, each family's own checks). The text-encoder swap workflow
-(train_te_swap_sd15) is shrunk and queued the same way (``TE_SWAP``) and its run checked by
+stock loader, grids, plots, animated video previews, each family's own checks). The text-encoder swap workflows
+(train_te_swap_sd15, train_te_swap_sdxl) are shrunk and queued the same way (``TE_SWAP``) and each run checked by
 ``check_te_swap_run`` (measured spreads, saved UNet differences and projection, sample through Apply Text Encoder
-Swap with the stock KSampler, Train Steps' previews): it is the only run of that workflow in the suite. Screenshots of each graph are saved as test artifacts in
+Swap with the stock KSampler, Train Steps' previews; SDXL's projected pooled vector): the only runs of those
+workflows in the suite. Screenshots of each graph are saved as test artifacts in
 .work/artifacts/browser/ (paths printed)."""
 from __future__ import annotations
 

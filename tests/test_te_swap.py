@@ -356,6 +356,48 @@ def test_resume_is_bit_exact(T, S, swapped, t5_set, trained):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_preservation_base_prediction_reads_the_projection_as_trained(T, S, swapped, t5_set, tmp_path):
+    """Differential output preservation on a swap run (docs/te_swap.md): the "base" prediction turns the trainer's
+    adapters off, but the projection adapter ignores ``enabled``, so the base is the UNet without its trained
+    differences (the reset stays: it is a patch of the swapped MODEL) reading the preservation prompt through the
+    projection as it is at that step (the UNet cannot read T5 without a projection). Pinned on a run whose UNet
+    differences and projection both moved: the preservation term equals mean((prediction - base)^2) with that base
+    (rel 1e-5), and not the one with the step-0 projection in the base; the projection's ``enabled`` is back on after."""
+    from test_pin_loop import live  # a Trainer as train_steps builds it
+
+    out, swap = swapped
+    pres = t5_set[1].samples[0].captions[0].conditioning  # a T5 prompt (the preservation prompt of a swap run)
+    run = T.loop.init_run(out, t5_set[1], T.C.LoraConfig(algorithm="full", rank=1, alpha=1, preset="cross-attention"),
+                          T.C.TimestepConfig(), T.C.OptimizerConfig(lr=1e-3),
+                          T.st.RunSettings(run_name="swap_dop", seed=5, dop_weight=1.0), runs_root=tmp_path / "runs",
+                          preservation=pres)
+    g = torch.Generator().manual_seed(11)
+    x0, noise = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(2))
+    with live(T, run) as tr:
+        proj = tr.adapters[S.ADAPTER]
+        layers = [a for k, a in tr.adapters.items() if k != S.ADAPTER]
+        with torch.no_grad():  # a run that has learned something: UNet differences and a projection off their init
+            for prm in (q for a in layers for q in a.parameters()):  # (zero at the start)
+                prm.add_(0.01 * torch.randn(prm.shape, generator=g))
+            for prm in proj.inner.net.parameters():
+                prm.add_(0.1 * prm.detach().abs().mean() * torch.randn(prm.shape, generator=g))
+        sigma = tr.ms.sigmas[600].reshape(1).to(x0)
+        term = float(tr.preservation_loss(x0, noise, sigma))
+        assert proj.enabled and all(a.enabled for a in layers)
+        with torch.no_grad():
+            pred, _ = tr.predict(x0, noise, sigma, [pres])
+            for a in layers:
+                a.enabled = False
+            base_now, _ = tr.predict(x0, noise, sigma, [pres])  # the projection as trained so far
+            tr.context = S.ProjectionAdapter(swap.module().float()).context  # the step-0 projection
+            base_init, _ = tr.predict(x0, noise, sigma, [pres])
+    now, init = float(((pred - base_now) ** 2).mean()), float(((pred - base_init) ** 2).mean())
+    print(f"te_swap preservation term {term:.6g}: base through the trained projection {now:.6g}, through the step-0 "
+          f"projection {init:.6g}")
+    assert now > 0 and abs(init - now) > 0.05 * now  # the two choices differ on this run
+    assert term == pytest.approx(now, rel=1e-5)
+
+
 def test_saved_unet_and_projection_reload_to_the_trained_outputs(comfy, T, S, sd15, clips, trained, tmp_path):
     """Save Text Encoder Swap (the node) writes the UNet's changed weights and the projection; the stock
     LoraLoaderModelOnly applies the UNet file to the ORIGINAL checkpoint's MODEL, Load + Apply Text Encoder Swap

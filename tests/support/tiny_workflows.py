@@ -183,25 +183,32 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                                       "AlignedTrainer_SamplePreview": {"step": 2}}}
 
 
-# The text-encoder swap workflow (tests/test_browser.py makes these changes in the frontend's graph, queues it and
-# checks the run with support.workflow_checks.check_te_swap_run): name -> (loader substitutions as in FAMILIES,
-# sizes: class_type -> inputs). CLIPLoader builds T5-XXL
-# at full size, so the tiny T5 of the Chroma bundle comes from the test-only loader; 64 px, 2 steps at batch 1, no
-# validation pass (tests/test_te_swap.py checks the validation loss), one sampling step; the dataset is
-# TE_SWAP_DATASET (2 captioned 64 px images, written by family_server): every caption costs a
-# full-size CLIP-L encode in fp16 on the CPU in Text Encoder Swap Setup.
+# The text-encoder swap workflows (tests/test_browser.py makes these changes in the frontend's graph, queues them and
+# checks each run with support.workflow_checks.check_te_swap_run): name -> (loader substitutions as in FAMILIES,
+# sizes: class_type -> inputs). CLIPLoader builds T5-XXL at full size, so the tiny T5 of the Chroma bundle comes
+# from the test-only loader; the SDXL checkpoint is the tiny SDXL bundle (CLIP-L + a 320-wide CLIP-G, context 1088,
+# pooled 320) from the test-only checkpoint loader, as for train_lora_sdxl. 64 px, 2 steps at batch 1, no validation
+# pass (tests/test_te_swap.py checks the validation loss), one sampling step; the dataset is TE_SWAP_DATASET (2
+# captioned 64 px images, written by family_server): every caption costs a full-size CLIP-L encode on the CPU in Text
+# Encoder Swap Setup. Everything else (reset, pooled, precision, lr schedule, links) is the shipped workflow's.
 TE_SWAP_STEPS = 2
 TE_SWAP_DATASET = "te_swap_dataset"
-TE_SWAP = {"train_te_swap_sd15": (
-    {"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd15.safetensors"}),
-     "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "chroma"})},
-    {"AlignedTrainer_Dataset": {"folder": TE_SWAP_DATASET, "resolution": 64, "min_side": 64, "max_side": 64},
-     "AlignedTrainer_TrainInit": {"batch_size": 1, "grad_accum": 1, "gradient_checkpointing": False},
-     "AlignedTrainer_TrainSteps": {"steps": TE_SWAP_STEPS, "checkpoint_every": TE_SWAP_STEPS, "val_every": 0},
-     "AlignedTrainer_Optimizer": {"total_steps": TE_SWAP_STEPS, "learning_rate": 1e-3},
-     "AlignedTrainer_PreviewPlan": {"every_n": 1, "steps": 1, "width": 64, "height": 64},
-     "EmptyLatentImage": {"width": 64, "height": 64},
-     "KSampler": {"steps": 1}})}
+_TE_SWAP_SHRINK = {
+    "AlignedTrainer_Dataset": {"folder": TE_SWAP_DATASET, "resolution": 64, "min_side": 64, "max_side": 64},
+    "AlignedTrainer_TrainInit": {"batch_size": 1, "grad_accum": 1, "gradient_checkpointing": False},
+    "AlignedTrainer_TrainSteps": {"steps": TE_SWAP_STEPS, "checkpoint_every": TE_SWAP_STEPS, "val_every": 0},
+    "AlignedTrainer_Optimizer": {"total_steps": TE_SWAP_STEPS, "learning_rate": 1e-3},
+    "AlignedTrainer_PreviewPlan": {"every_n": 1, "steps": 1, "width": 64, "height": 64},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 1}}
+_TINY_T5 = {"CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "chroma"})}
+TE_SWAP = {"train_te_swap_sd15": ({"CheckpointLoaderSimple": (None, {"ckpt_name": "tiny-sd15.safetensors"}),
+                                   **_TINY_T5}, _TE_SWAP_SHRINK),
+           "train_te_swap_sdxl": ({"CheckpointLoaderSimple": (f"{TINY}CheckpointLoader", {"family": "sdxl"}),
+                                   **_TINY_T5}, _TE_SWAP_SHRINK)}
+# the tiny base each swap workflow runs on (support.factories: "sd15" or a families bundle) and its UNet's context
+# width (the projection's output)
+TE_SWAP_BASES = {"train_te_swap_sd15": ("sd15", 768), "train_te_swap_sdxl": ("sdxl", 1088)}
 
 
 def shrink_for(name: str) -> dict:

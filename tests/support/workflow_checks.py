@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from support.tiny_workflows import FAMILIES, TE_SWAP_STEPS, shrink_for, steps_for
+from support.tiny_workflows import FAMILIES, TE_SWAP_BASES, TE_SWAP_STEPS, shrink_for, steps_for
 
 
 def _check_lora_loads(path: Path, model) -> int:
@@ -186,14 +186,28 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")
 
 
+def _swap_base(request, name: str):
+    """(MODEL, VAE) of the tiny base the shrunk swap workflow ``name`` ran on (TE_SWAP_BASES): the tiny SD1.5
+    checkpoint through CheckpointLoaderSimple, or the families bundle the test-only loader gave the server (same
+    seeded weights)."""
+    base = TE_SWAP_BASES[name][0]
+    if base == "sd15":
+        model, _, vae = request.getfixturevalue("sd15")
+    else:
+        model, _, vae = request.getfixturevalue("family_bundle")(base)
+    return model, vae
+
+
 def check_te_swap_run(srv, api: dict, entry: dict, name: str, request, seconds: float, queued_at: float) -> None:
-    """``entry``: the history entry of the shrunk ``train_te_swap_sd15`` (support.tiny_workflows.TE_SWAP: tiny SD1.5,
-    the tiny T5 of the Chroma bundle, 2 images at 64 px, 2 steps, a Preview Plan every step, one sampling step) run on
-    ``srv``; ``api``: the prompt it ran (the frontend's, as the server recorded it); ``queued_at``: time.time() when it
-    was queued. The setup measured and matched the spreads (shown under the node) with the reset it names; Save Text
-    Encoder Swap wrote the UNet's cross-attention differences (every key maps in ComfyUI's stock LoRA loader) and the
-    trained projection; the stock KSampler sampled through Apply Text Encoder Swap (the sample image) and the loss
-    plot was saved; Train Steps previewed every step, the step-2 preview differing from the step-1 one."""
+    """``entry``: the history entry of a shrunk swap workflow (``train_te_swap_sd15`` / ``_sdxl``;
+    support.tiny_workflows.TE_SWAP: the tiny base of TE_SWAP_BASES, the tiny T5 of the Chroma bundle, 2 images at 64
+    px, 2 steps, a Preview Plan every step, one sampling step) run on ``srv``; ``api``: the prompt it ran (the
+    frontend's, as the server recorded it); ``queued_at``: time.time() when it was queued. The setup measured and
+    matched the spreads (shown under the node) with the reset it names; Save Text Encoder Swap wrote the UNet's
+    cross-attention differences (every key maps in ComfyUI's stock LoRA loader, 0 unmapped) and the trained
+    projection (T5 128 -> the UNet's context width); the stock KSampler sampled through Apply Text Encoder Swap (the
+    sample image) and the loss plot was saved; Train Steps previewed every step, the step-2 preview differing from
+    the step-1 one. An adm model (SDXL, ``pooled = projected``): ``_check_projected_pooled``."""
     import numpy as np
     from PIL import Image
     from safetensors import safe_open
@@ -228,11 +242,13 @@ def check_te_swap_run(srv, api: dict, entry: dict, name: str, request, seconds: 
     assert config["lora"]["algorithm"] == "full"
     comfy = request.getfixturevalue("comfy")
     F = comfy.engine("train.te_swap_files")
-    model = request.getfixturevalue("sd15")[0]  # the tiny checkpoint through CheckpointLoaderSimple
-    assert F.unmapped_diff_keys(model, load_file(str(unet))) == []  # the stock LoRA loader patches every key
-    # the projection file reads back as the run's projection: T5 (128) -> 768, its reset, spreads within 5 %
+    model, vae = _swap_base(request, name)  # the tiny base the server's workflow loaded (same weights)
+    unmapped = F.unmapped_diff_keys(model, load_file(str(unet)))
+    assert unmapped == [], f"{len(unmapped)} unmapped keys, e.g. {unmapped[:3]}"  # the stock LoRA loader maps all
+    # the projection file reads back as the run's projection: T5 (128) -> the UNet's context width, its reset,
+    # spreads within 5 %
     swap = F.load_projection(proj)
-    assert swap.in_dim == 128 and swap.out_dim == 768 and swap.reset == "cross_attention"
+    assert swap.in_dim == 128 and swap.out_dim == TE_SWAP_BASES[name][1] and swap.reset == "cross_attention"
     assert abs(swap.std_projected - swap.std_old) <= 0.05 * swap.std_old
     # the stock KSampler's sample (T5 prompts through Apply Text Encoder Swap) and the loss plot were saved
     images = [img for nid in by_type["SaveImage"] for img in outputs.get(nid, {}).get("images", [])]
@@ -250,4 +266,81 @@ def check_te_swap_run(srv, api: dict, entry: dict, name: str, request, seconds: 
     a, b = (np.asarray(Image.open(shots[s]).convert("RGB"), dtype=np.float32) for s in (1, 2))
     diff = float(np.abs(a - b).mean())
     assert a.shape == b.shape and diff > 0.2, diff  # mean |step 2 - step 1| in 8-bit levels
-    print(f"{name}: ran in {seconds:.1f}s; previews at steps 1 and 2 differ by {diff:.2f} levels on average")
+    extra = ""
+    if swap.pooled_dim:
+        extra = _check_projected_pooled(srv, api, outputs, by_type, shown, unet, proj, swap, model, vae, comfy)
+    print(f"{name}: ran in {seconds:.1f}s; previews at steps 1 and 2 differ by {diff:.2f} levels on average{extra}")
+
+
+def _check_projected_pooled(srv, api, outputs, by_type, shown, unet, proj, swap, model, vae, comfy) -> str:
+    """A swap on an adm model (SDXL) set up with ``pooled = projected``: the setup's shown pooled spreads match
+    (within 5 %); the projection file holds the pooled Linear (T5 128 -> the adm's pooled width) with its fixed scale,
+    and that Linear was trained (it differs from its seeded init, which the file's states' Linear still lies near:
+    2 steps at lr 1e-3); the saved sample is the stock graph's sample with the projected pooled vector: the tiny base
+    + the saved UNet file through the stock LoRA loader, the workflow's prompts encoded by the tiny T5 and projected
+    by the saved projection (Apply Text Encoder Swap), the workflow's KSampler and VAE decode reproduce the saved
+    image (within 1 of 255 levels, and 10x nearer on average than the same render with the pooled vector zeroed)."""
+    import comfy.sd as comfy_sd
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from support.factories import families
+
+    (setup_id,) = by_type["AlignedTrainer_TextEncoderSwapSetup"]
+    assert api[setup_id]["inputs"]["pooled"] == "projected", api[setup_id]["inputs"]
+    m = re.search(r"pooled 128->(\d+) projected: old pooled std ([\d.]+), output ([\d.]+)", shown)
+    assert m and int(m[1]) == swap.pooled_dim and abs(float(m[3]) - float(m[2])) <= 0.05 * float(m[2]), shown
+    # the pooled Linear in the projection file, trained from its seeded init
+    with safe_open(str(proj), framework="pt") as f:
+        keys = set(f.keys())
+    assert {"pooled.weight", "pooled.bias", "pooled_scale"} <= keys, sorted(keys)
+    assert swap.pooled_in == 128 and float(swap.projection["pooled_scale"]) > 0
+    S = comfy.engine("train.te_swap")
+    init = S.Projection(swap.in_dim, swap.out_dim, swap.kind, swap.pooled_dim, swap.pooled_in).init_(swap.seed)
+    init = init.state_dict()
+    moved = {k: float((swap.projection[k].float() - init[k]).abs().max()) for k in ("net.0.weight", "pooled.weight")}
+    assert 0 < moved["net.0.weight"] < 0.01, moved  # the seeded init recomputed here is the run's (2 steps of 1e-3)
+    assert 0 < moved["pooled.weight"] < 0.01, moved  # the pooled Linear trained
+    # the saved sample: the stock graph on the saved files, with the projected pooled vector and with zeros
+    (ks_id,) = by_type["KSampler"]
+    (el_id,) = by_type["EmptyLatentImage"]
+    ks, el = api[ks_id]["inputs"], api[el_id]["inputs"]
+    texts = {}
+    for side in ("positive", "negative"):
+        ap_id = ks[side][0]
+        enc_id = api[ap_id]["inputs"]["conditioning"][0]
+        texts[side] = api[enc_id]["inputs"]["text"]
+    n = comfy.nodes
+    t5 = comfy.engine("te.align").align_clip(families.build_clip("chroma"), "chroma")
+    patched, _ = comfy_sd.load_lora_for_models(model, None, load_file(str(unet)), 1.0, 0.0)  # Load LoRA (model only)
+    conds = {}
+    with torch.inference_mode():
+        for side, text in texts.items():
+            (c,) = n.CLIPTextEncode().encode(t5, text)
+            (conds[side],) = comfy.call("AlignedTrainer_ApplyTextEncoderSwap", conditioning=c, swap=swap)
+        assert all(float(c[0][1]["pooled_output"].abs().max()) > 0 for c in conds.values())
+
+        def sample(cs) -> np.ndarray:
+            (lat,) = n.EmptyLatentImage().generate(el["width"], el["height"], el["batch_size"])
+            (res,) = n.common_ksampler(patched, ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"],
+                                       ks["scheduler"], cs["positive"], cs["negative"], lat, denoise=ks["denoise"])
+            img = vae.decode(res["samples"])[0]
+            return np.clip(255.0 * img.cpu().numpy(), 0, 255).astype(np.uint8).astype(np.float32)
+
+        got = sample(conds)
+        zeroed = {s: [[c[0][0], {**c[0][1], "pooled_output": torch.zeros_like(c[0][1]["pooled_output"])}]]
+                  for s, c in conds.items()}
+        other = sample(zeroed)
+    (si,) = [i for nid in by_type["SaveImage"] for i in outputs[nid]["images"] if i["filename"].startswith("sample")]
+    saved = np.asarray(Image.open(srv.output_dir / si["subfolder"] / si["filename"]).convert("RGB"), dtype=np.float32)
+    # (8-bit levels, mean over the pixels) the tiny SDXL's one-step sample moves little with its adm's pooled input
+    # (measured: 0.04 levels on average between the zero and the projected vector), against float noise of about
+    # 1e-4 (a pixel or two rounded the other way): the saved sample must be 10x nearer to the projected one
+    near, zero = float(np.abs(got - saved).mean()), float(np.abs(other - saved).mean())
+    assert got.shape == saved.shape and float(np.abs(got - saved).max()) <= 1.0, float(np.abs(got - saved).max())
+    assert zero > 0.01 and 10 * near < zero, (near, zero)  # the saved sample is the projected pooled vector's
+    return (f"; pooled Linear moved {moved['pooled.weight']:.2e} from its init; the saved sample is "
+            f"{near:.1e} levels (mean) from the projected-pooled render, {zero:.3f} from the zero-pooled one")
