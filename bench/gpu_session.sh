@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue #19 (memory modes, text encoders quantized while caching) in one command, for a
+# Every GPU measurement of issues #19 (memory modes, text encoders quantized while caching) and #24 (1 GPU shared by
+# 2 data-parallel processes against 1 process) in one command, for a
 # lent GPU machine with no network: the wheels in .whl/ (diffusers, optimum-quanto, torchsde, trampoline,
 # importlib_metadata, prodigyopt, lion-pytorch; see BENCHMARKS.md) and .work/ComfyUI travel with the working tree.
 # Each part has its own time limit, so one that hangs or fails leaves the others' tables; logs go to $OUT.
@@ -26,3 +27,7 @@ echo "memory: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|out of memory" "$O
 t0=$SECONDS
 timeout "${TE_S:-140}" python3 bench/bench_te_quant.py --captions 6 2>&1 | filt > "$OUT/te_quant.log"
 echo "te quant: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/te_quant.log" | head -20
+t0=$SECONDS  # issue #24: the same run as 1 process x grad_accum 2 and as 2 processes sharing this GPU (a real ComfyUI
+# server, tiny SD1.5; it needs ComfyUI's server requirements such as aiohttp: if the machine lacks them, the log says so)
+timeout "${DDP_S:-150}" python3 bench/bench_ddp.py --device cuda --steps 6 2>&1 | filt > "$OUT/ddp.log"
+echo "ddp: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/ddp.log" | head -20
