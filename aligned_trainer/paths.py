@@ -132,6 +132,12 @@ def dataset_folders(folder: str, reg_folder: str = "") -> tuple[Roots, Path, Pat
     return roots, confine(folder, roots), confine(reg_folder, roots) if reg_folder.strip() else None
 
 
+def control_folder(text: str) -> Path | None:
+    """The guarded Dataset node control-image folder (image-edit training), None when ``text`` is blank: the same
+    roots as the dataset folder."""
+    return confine(text, dataset_roots()) if text.strip() else None
+
+
 def is_inside(path: Path, roots: Roots) -> bool:
     """Whether ``path``'s real path lies inside one of the roots (for entries met while listing)."""
     real = Path(os.path.realpath(path))
@@ -201,4 +207,4 @@ def walk(folder: Path, roots: Roots | None, max_depth: int = 1, max_entries: int
 
 
 __all__ = ["PathRefused", "Roots", "confine", "dataset_roots", "lora_roots", "walk", "is_inside", "settings_file",
-           "allowed_dataset_folders", "dataset_folders", "SETTINGS_FILE"]
+           "allowed_dataset_folders", "dataset_folders", "control_folder", "SETTINGS_FILE"]

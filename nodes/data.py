@@ -9,6 +9,7 @@ from ..aligned_trainer import imaging, paths
 from ..aligned_trainer.data import cache
 from ..aligned_trainer.data.buckets import BucketConfig
 from ..aligned_trainer.data.captions import CaptionConfig
+from ..aligned_trainer.data.images import DataError
 from ..aligned_trainer.data.dataset import from_folder, from_images, guarded_fingerprint
 from ..aligned_trainer.data.video import VideoConfig, from_video_folder, parse_frame_buckets
 from ._common import NodeProgress, category, node_id
@@ -93,6 +94,14 @@ class Dataset(io.ComfyNode):
                                         "to 4k+1): each clip trains at the longest count it is long enough for, and "
                                         "only clips of one count and one size are batched together. Empty: every "
                                         "clip at 'frames'."),
+                io.String.Input("control_folder", default="", optional=True,
+                                tooltip="Image-edit training (FLUX.1 Kontext): a folder of control (input) images, one "
+                                        "per training image with the same file name stem (photo_01.png -> "
+                                        "photo_01.jpg here), in the same allowed folders as 'folder'. Each is "
+                                        "resized and cropped to its training image's bucket and given to the model "
+                                        "as its reference image, as ComfyUI's ReferenceLatent node does; the "
+                                        "caption is the edit instruction. Empty: ordinary training. Images from "
+                                        "the graph and video datasets take no control images. See docs/data.md."),
             ],
             outputs=[DATASET.Output("dataset", tooltip="The dataset (for Cache Latents)."),
                      io.String.Output("report", tooltip="Images per bucket, caption stats, tag frequency, notes."),
@@ -103,9 +112,12 @@ class Dataset(io.ComfyNode):
     def execute(cls, folder, resolution, min_side, max_side, bucket_step, trigger_word, shuffle_tags, keep_tokens,
                 tag_dropout, caption_dropout, caption_variants, flip, seed, reg_folder="", reg_weight=1.0,
                 images=None, captions="", max_pixels=0, kind="images", frames=17, fps=16.0,
-                frame_folder_fps=16.0, frame_buckets="") -> io.NodeOutput:
+                frame_folder_fps=16.0, frame_buckets="", control_folder="") -> io.NodeOutput:
         ccfg = CaptionConfig(trigger_word.strip(), shuffle_tags, keep_tokens, tag_dropout, caption_dropout, caption_variants)
         bcfg = BucketConfig(resolution, min_side, max(max_side, resolution), bucket_step, max_pixels or None)
+        if control_folder.strip() and (images is not None or kind == "video"):
+            raise DataError("control_folder (image-edit training) works with a folder of images: disconnect 'images' "
+                            "and set kind to 'images', or clear control_folder.")
         if images is not None:
             lines = captions.rstrip("\r\n").replace("\r\n", "\n").split("\n") if captions.strip() else []
             ds = from_images(images, lines, ccfg, bcfg, flip, seed)
@@ -116,16 +128,17 @@ class Dataset(io.ComfyNode):
             ds = from_video_folder(root, ccfg, bcfg, vcfg, flip, seed, roots, reg_folder=reg_folder)
         else:
             roots, root, reg = paths.dataset_folders(folder, reg_folder)
-            ds = from_folder(root, ccfg, bcfg, flip, seed, reg, reg_weight, roots)
+            ds = from_folder(root, ccfg, bcfg, flip, seed, reg, reg_weight, roots,
+                             control_folder=paths.control_folder(control_folder))
         rep = ds.report()
         return io.NodeOutput(ds, json.dumps(rep, indent=1), report_image(rep))
 
     @classmethod
-    def fingerprint_inputs(cls, folder="", reg_folder="", images=None, **kwargs):
-        """Run again when a file in the dataset folders is added, removed or edited."""
+    def fingerprint_inputs(cls, folder="", reg_folder="", images=None, control_folder="", **kwargs):
+        """Run again when a file in the dataset folders (and the control folder) is added, removed or edited."""
         if images is not None:
             return ""
-        return guarded_fingerprint(folder, reg_folder)
+        return guarded_fingerprint(folder, reg_folder, control_folder or "")
 
 
 class CacheLatents(io.ComfyNode):

@@ -197,12 +197,19 @@ class LatentCache:
     vae_id: str
     root: str
     stats: tuple[int, int, int]         # hits, misses, repaired
+    controls: tuple = ()                # image-edit training: per item its control latent (C, h, w) or None
 
 
 def item_key(item: Item, vae_id: str, sampling: str = "") -> str:
     """``sampling``: the dataset's ``sampling_key`` (video: frames and fps); empty for images (keys unchanged)."""
     parts = (item.sha, vae_id, item.bucket, item.crop, item.flip) + ((sampling,) if sampling else ())
     return _key("latent", PIXEL_PIPELINE, *parts)
+
+
+def control_key(item: Item, vae_id: str) -> str:
+    """Cache key of an item's control latent: the control image's bytes, the target geometry it is resized and
+    cropped to (the target's size, bucket and crop box), the flip, the VAE and the pixel pipeline."""
+    return _key("control", PIXEL_PIPELINE, item.control_sha, item.size, item.bucket, item.crop, item.flip, vae_id)
 
 
 def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Progress | None = None,
@@ -213,7 +220,7 @@ def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Pro
     cache.sweep_temporaries()
     dataset.check_vae(vae)
     vid = vae_identity(vae)
-    out = []
+    out, controls = [], []
     for n, item in enumerate(dataset.items):
         mm.throw_exception_if_processing_interrupted()
 
@@ -227,11 +234,23 @@ def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Pro
             raise ValueError(f"VAE gave a {tuple(lat.shape)} latent with non-finite values for {item.source}; "
                              "check the VAE (dtype/weights)")
         out.append(lat)
+        if item.control:
+            c = cache.get_or_compute(control_key(item, vid),
+                                     lambda item=item: {"latent": vae.encode(dataset.control_vae_input(item))[0].float()},
+                                     {"source": item.control, "target": item.source, "bucket": item.bucket,
+                                      "flip": item.flip, "vae": vid})["latent"]
+            if c.shape != lat.shape or not torch.isfinite(c).all():
+                raise ValueError(f"VAE gave a {tuple(c.shape)} control latent (target {tuple(lat.shape)}) or non-finite "
+                                 f"values for {item.control}; check the VAE (dtype/weights)")
+            controls.append(c)
+        else:
+            controls.append(None)
         if progress:
             progress(n + 1, f"latents {n + 1}/{len(dataset.items)} (hits {cache.hits}, encoded {cache.misses})")
     if unload:
         unload_patcher(vae.patcher)
-    return LatentCache(dataset, tuple(out), vid, str(root), (cache.hits, cache.misses, cache.repaired))
+    return LatentCache(dataset, tuple(out), vid, str(root), (cache.hits, cache.misses, cache.repaired),
+                       tuple(controls) if any(c is not None for c in controls) else ())
 
 
 def _cond_to_tensors(cond: list) -> dict[str, torch.Tensor]:
@@ -324,11 +343,14 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
     if unload:
         unload_text_encoder(clip)
     samples = []
-    for item, lat in zip(ds.items, latents.latents):
+    controls = latents.controls or (None,) * len(ds.items)
+    for item, lat, ctrl in zip(ds.items, latents.latents, controls):
         caps = tuple(CaptionVariant(c, conds[c]) for c in item.captions)
-        samples.append(Sample(key=_key(item.sha, item.bucket, item.flip), latent=lat, captions=caps,
+        key = _key(item.sha, item.bucket, item.flip) if ctrl is None else _key(item.sha, item.bucket, item.flip,
+                                                                               item.control_sha)
+        samples.append(Sample(key=key, latent=lat, captions=caps,
                               weight=ds.reg_weight if item.is_reg else 1.0, is_reg=item.is_reg, bucket=item.bucket,
-                              repeats=item.repeats))
+                              repeats=item.repeats, control_latent=ctrl))
     meta = {"dataset_hash": ds.hash, "vae_id": latents.vae_id, "clip_id": cid, "report": ds.report(),
             "prompt_syntax": getattr(clip, "prompt_syntax", "comfyui"),
             "latent_cache": latents.root, "text_cache": str(root)}

@@ -11,6 +11,8 @@ Handling of bad input (also in docs/data.md):
 - decompression-bomb image -> DataError naming the file;
 - animated GIF/PNG/WebP, SVG, HEIC, PSD and other unusable formats -> skipped and listed in the report;
 - caption longer than an encoder reads (over 75 words) -> listed in the report; caption file over 1 MiB -> DataError;
+- control folder (image-edit training): a training image without a control image of its stem, two control images
+  of one stem, or an unreadable control image -> DataError naming the file;
 - folders are listed by ``paths.walk``: the folder and its ``N_name`` sub-folders only, bounded in entries and
   time; links out of the allowed folders and folders reached twice (symlink loops) are skipped and listed.
 """
@@ -52,6 +54,8 @@ class Item:
     flip: bool = False
     repeats: int = 1
     is_reg: bool = False
+    control: str = ""              # image-edit training: the control (input) image paired with this target, or ""
+    control_sha: str = ""          # hash of the control image bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,25 @@ class Dataset:
         img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(box)
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if item.flip else img
 
+    def control_pixels(self, item: Item) -> Image.Image:
+        """The item's control image on the target's geometry: resized to the size the target is resized to (both
+        axes, so a control of another aspect ratio is stretched to the target's), cropped with the target's crop
+        box, mirrored with the target; so a control of the target's own size lines up pixel for pixel. The rule
+        ai-toolkit applies to its control_path images (resize to the item's scale size, the item's crop, the
+        item's flips), with this pipeline's Lanczos resize."""
+        path = Path(item.control)
+        if file_sha(path) != item.control_sha:
+            raise DataError(f"control image {path} changed after the Dataset node read it; run the graph again so "
+                            "the dataset (and its cache keys) are rebuilt.")
+        img = load_image(path)
+        (rw, rh), _ = crop_box(item.size, item.bucket)
+        img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(item.crop)
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if item.flip else img
+
+    def control_vae_input(self, item: Item) -> torch.Tensor:
+        """The control image as ``VAE.encode`` takes it: (1, H, W, 3) in 0..1, the target's bucket size."""
+        return torch.from_numpy(np.asarray(self.control_pixels(item), dtype=np.float32) / 255.0)[None]
+
     def vae_input(self, item: Item) -> torch.Tensor:
         """The pixels ``VAE.encode`` takes for the item: (frames, H, W, 3) in 0..1 (one frame for an image)."""
         return torch.from_numpy(np.asarray(self.pixels(item), dtype=np.float32) / 255.0)[None]
@@ -105,6 +128,7 @@ class Dataset:
                 "caption_variants": {"distinct": len({c for i in self.items for c in i.captions}),
                                      "per_image_max": max((len(i.captions) for i in self.items), default=0)},
                 "tag_frequency": tags.most_common(25), "notes": list(self.notes), "hash": self.hash,
+                **({"control_images": n} if (n := sum(1 for i in self.items if i.control and not i.flip)) else {}),
                 **self._folders()}
 
     def _folders(self) -> dict:
@@ -132,7 +156,8 @@ class _Builder:
     items: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
-    def add(self, source: str, sha: str, size: tuple[int, int], caption: str, repeats: int, is_reg: bool, buckets):
+    def add(self, source: str, sha: str, size: tuple[int, int], caption: str, repeats: int, is_reg: bool, buckets,
+            control: tuple[str, str] = ("", "")):
         bucket = assign_bucket(size, buckets)
         if size[0] < bucket[0] or size[1] < bucket[1]:
             self.notes.append(f"upscaled: {source} is {size[0]}x{size[1]}, smaller than its bucket {bucket[0]}x{bucket[1]}")
@@ -149,7 +174,7 @@ class _Builder:
         caps = variants(caption, self.caption_cfg, seed)
         _, box = crop_box(size, bucket)
         for flip in ((False, True) if self.flip else (False,)):
-            self.items.append(Item(source, sha, caption, caps, size, bucket, box, flip, repeats, is_reg))
+            self.items.append(Item(source, sha, caption, caps, size, bucket, box, flip, repeats, is_reg, *control))
 
 
 def read_caption(img_path: Path) -> str | None:
@@ -204,7 +229,8 @@ def _finish(b: _Builder, reg_weight: float, graph_images=()) -> Dataset:
 def _finish_hash(items, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, reg_weight: float) -> str:
     """The dataset's identity: every item's pixels (hash), captions, bucket, flip, repeats and role, and the
     settings that made them."""
-    h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg] for i in items]).encode())
+    h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg]
+                                   + ([i.control_sha] if i.control_sha else []) for i in items]).encode())
     h.update(repr((caption_cfg, bucket_cfg, reg_weight)).encode())
     return h.hexdigest()[:16]
 
@@ -223,27 +249,59 @@ def folder_fingerprint(*folders: Path | None, roots: paths.Roots | None = None) 
     return h.hexdigest()
 
 
-def guarded_fingerprint(folder: str, reg_folder: str = "") -> str:
+def guarded_fingerprint(folder: str, reg_folder: str = "", control_folder: str = "") -> str:
     """``folder_fingerprint`` of the Dataset node's folders after the path guard; a refused or unlistable
     folder gives its error text (the node's run then reports the error)."""
     try:
         roots, f, r = paths.dataset_folders(folder, reg_folder)
-        return folder_fingerprint(f, r, roots=roots)
+        c = paths.control_folder(control_folder)
+        return folder_fingerprint(f, r, *((c,) if c is not None else ()), roots=roots)
     except (paths.PathRefused, DataError) as e:
         return f"error: {e}"
 
 
+def control_images(control_folder: Path, roots: paths.Roots | None = None) -> dict[str, Path]:
+    """Image stem -> control image, from the images directly in ``control_folder`` (listed by ``paths.walk``:
+    links out of ``roots`` are skipped unread). Two images with one stem (a.png, a.jpg) are a DataError."""
+    listing = _listing(control_folder, roots)
+    out: dict[str, Path] = {}
+    for p, depth in listing.files:
+        if depth or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if p.stem in out:
+            raise DataError(f"control folder {control_folder} has two images named {p.stem!r} ({out[p.stem].name}, "
+                            f"{p.name}); keep one control image per training image.")
+        out[p.stem] = p
+    return out
+
+
+def _control_for(path: Path, controls: dict[str, Path], control_folder: Path) -> tuple[str, str]:
+    c = controls.get(path.stem)
+    if c is None:
+        raise DataError(f"no control image for {path}: the control folder {control_folder} needs an image named "
+                        f"{path.stem!r} ({', '.join(sorted(IMAGE_EXTS))}), the input image this target was edited "
+                        "from.")
+    try:
+        load_image(c)
+    except DataError as e:
+        raise DataError(f"control image for {path}: {e}") from None
+    return str(c), file_sha(c)
+
+
 def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, flip: bool = False,
                 seed: int = 0, reg_folder: Path | None = None, reg_weight: float = 1.0,
-                roots: paths.Roots | None = None) -> Dataset:
+                roots: paths.Roots | None = None, control_folder: Path | None = None) -> Dataset:
     """A dataset from ``folder`` (and ``reg_folder``); with ``roots``, links inside the folders that lead
-    outside those roots are skipped unread (the node passes the roots its path guard allowed)."""
+    outside those roots are skipped unread (the node passes the roots its path guard allowed). With
+    ``control_folder`` (image-edit training) every image of ``folder`` is paired with the control image of the
+    same file stem directly in that folder (``control_images``); regularization images have none."""
     caption_cfg.validate()
     if not math.isfinite(reg_weight) or reg_weight < 0:
         raise DataError(f"reg_weight must be a finite number >= 0 (got {reg_weight}); 1.0 weighs regularization "
                         "images like training images.")
     buckets = make_buckets(bucket_cfg)
     b = _Builder(caption_cfg, bucket_cfg, flip, seed)
+    controls = control_images(control_folder, roots) if control_folder is not None else None
     for root, is_reg in ((folder, False), (reg_folder, True)):
         if root is None:
             continue
@@ -255,7 +313,8 @@ def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConf
                 b.notes.append(f"skipped: {e}")
                 continue
             caption = read_caption(path)
-            b.add(str(path), file_sha(path), img.size, caption, repeats, is_reg, buckets)
+            control = _control_for(path, controls, control_folder) if controls is not None and not is_reg else ("", "")
+            b.add(str(path), file_sha(path), img.size, caption, repeats, is_reg, buckets, control)
         if not any(i.is_reg == is_reg for i in b.items):
             skipped = [n for n in b.notes if n.startswith("skipped")]
             raise DataError(f"dataset folder {root} has no images to train on ({', '.join(sorted(IMAGE_EXTS))}); "

@@ -29,6 +29,8 @@ class Sample:
     is_reg: bool = False
     bucket: tuple[int, int] = (0, 0)  # (width, height) in pixels
     repeats: int = 1              # kohya folder repeats: drawn this many times as often
+    control_latent: torch.Tensor | None = None  # image-edit training: the control image's latent (C, H, W), as
+                                  # ``latent`` (before process_latent_in); given to the model as ComfyUI's reference_latents
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,14 @@ class TrainingSet:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def with_reference(conditioning: list, sample: Sample) -> list:
+    """``conditioning`` with the sample's control latent appended to its ``reference_latents`` as ComfyUI's
+    ReferenceLatent node appends a LATENT's samples (``node_helpers.conditioning_set_values(..., append=True)``:
+    a (1, C, H, W) tensor per reference); unchanged when the sample has no control image. The model's own
+    ``extra_conds`` turn it into what its forward takes (FLUX: ``ref_latents``)."""
+    if sample.control_latent is None:
+        return conditioning
+    ref = sample.control_latent[None]
+    return [[c, {**x, "reference_latents": [*x.get("reference_latents", []), ref]}] for c, x in conditioning]
