@@ -20,7 +20,7 @@ import torch
 import torch.utils.checkpoint
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
-from ..data.types import TrainingSet
+from ..data.types import TrainingSet, with_reference
 from ..te import specs
 from . import adapters as ad
 from . import experts, memory, placement, quantize, slider, te_swap, text_mask
@@ -392,10 +392,12 @@ class Trainer:
         return [pool[i] for i in [first, *rest]]
 
     def conditioning(self, sample) -> list:
+        """The step's caption conditioning for ``sample`` (a drawn variant, or the empty caption on caption
+        dropout), carrying the sample's control latent as ``reference_latents`` (image-edit training) either way."""
         tset = self.run.training_set
         if tset.empty_conditioning is not None and tset.caption_dropout and self.py_rng.random() < tset.caption_dropout:
-            return tset.empty_conditioning
-        return self.py_rng.choice(sample.captions).conditioning
+            return with_reference(tset.empty_conditioning, sample)
+        return with_reference(self.py_rng.choice(sample.captions).conditioning, sample)
 
     def model_conds(self, conds: list, x: torch.Tensor) -> list[dict]:
         """Each sample's conditioning through ComfyUI's own cond machinery (extra_conds) as its model conds
@@ -595,7 +597,7 @@ class Trainer:
                     sig = torch.tensor(sigmas[i:i + n], device=self.device)
                     m = len(sig)
                     out = self.predict_loss(x0.expand(m, *x0.shape[1:]), noise.expand(m, *noise.shape[1:]), sig,
-                                            [sample.captions[0].conditioning] * m)
+                                            [with_reference(sample.captions[0].conditioning, sample)] * m)
                     losses += [float(v) for v in out]
         for a in self.adapters.values():
             a.train()

@@ -1,0 +1,226 @@
+"""Image-edit training (FLUX.1 Kontext style): the Dataset node's control_folder pairs every training image with
+the control image of its file stem, the control is brought to the target's bucket and cached through the VAE,
+and training gives it to the model as ComfyUI's ``reference_latents`` (the ReferenceLatent node's conditioning
+entry), which FLUX's own ``extra_conds`` turn into the ``ref_latents`` its forward takes."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from support.factories.dataset import make_dataset
+
+P = "AlignedTrainer_"
+FLUX = "flux1-dev"  # ComfyUI runs FLUX.1 Kontext as model_base.Flux: the same class, reference latents in extra_conds
+
+
+def _node_args(folder: str, control: str, **kw) -> dict:
+    args = dict(folder=folder, resolution=64, min_side=64, max_side=128, bucket_step=64, trigger_word="",
+                shuffle_tags=False, keep_tokens=1, tag_dropout=0.0, caption_dropout=0.0, caption_variants=1,
+                flip=False, seed=0, control_folder=control)
+    args.update(kw)
+    return args
+
+
+def _edit_set(base, name: str, n: int = 3, seed: int = 0):
+    """``n`` targets (64x64, 96x64, 64x96) in ``base/name/1_ohwx`` and their controls in ``base/name_control``: each
+    control is its target mirrored and upscaled 2x (another size and other pixels, the same aspect ratio), one of
+    them saved as JPEG (pairing is by file stem, not by name with extension)."""
+    folder = make_dataset(base / name, n=n, seed=seed)
+    ctrl = base / f"{name}_control"
+    ctrl.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(sorted(folder.glob("*.png"))):
+        img = ImageOps.mirror(Image.open(p).convert("RGB"))
+        img = img.resize((img.width * 2, img.height * 2), Image.Resampling.LANCZOS)
+        img.save(ctrl / (p.stem + (".jpg" if i == 1 else ".png")), quality=95)
+    return folder, ctrl
+
+
+def test_control_folder_pairs_by_stem_on_target_geometry(comfy, comfy_dirs):
+    D = comfy.engine("data.dataset")
+    images = comfy.engine("data.images")
+    folder, ctrl = _edit_set(comfy_dirs["input"], "edit_pairs")
+    ds, rep, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name, flip=True))
+    assert '"control_images": 3' in rep
+    assert len(ds.items) == 6 and all(i.control for i in ds.items)
+    for item in ds.items:
+        assert Path(item.control).stem == Path(item.source).stem
+        c = np.asarray(ds.control_pixels(item), dtype=np.float32)
+        assert c.shape == (item.bucket[1], item.bucket[0], 3)
+        # the control (its target mirrored, at 2x) on the target's resize, crop and flip shows the target's own
+        # bucket pixels, mirrored (up to the Lanczos round trip and one JPEG)
+        t = np.asarray(ImageOps.mirror(ds.pixels(item)), dtype=np.float32)
+        assert np.abs(c - t).mean() < 6.0, (item.source, item.flip, np.abs(c - t).mean())
+    # the dataset's identity covers the control images
+    plain, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ""))
+    paired, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name))
+    assert plain.hash != paired.hash and not any(i.control for i in plain.items)
+
+    # a target without its control image, an unreadable control image, two controls of one stem: one error each
+    # naming the file
+    missing = sorted(ctrl.iterdir())[0]
+    moved = missing.with_suffix(".bak")
+    missing.rename(moved)
+    with pytest.raises(images.DataError, match=f"no control image for .*{missing.stem}"):
+        D.from_folder(folder.parent, comfy.engine("data.captions").CaptionConfig(),
+                      comfy.engine("data.buckets").BucketConfig(64, 64, 128, 64), control_folder=ctrl)
+    moved.rename(missing)
+    bad = ctrl / "img_002.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match="control image for .*img_002.*cannot read image .*img_002.png"):
+        comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name, seed=1))
+    bad.unlink()
+    shutil.copy(ctrl / "img_001.jpg", ctrl / "img_001.png")
+    with pytest.raises(Exception, match="two images named 'img_001'"):
+        comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name, seed=2))
+    (ctrl / "img_001.png").unlink()
+    # the control folder is confined like the dataset folder
+    with pytest.raises(Exception, match="not inside a folder this server reads"):
+        comfy.call(P + "Dataset", **_node_args(folder.parent.name, "/etc", seed=3))
+
+
+def test_control_latents_cached_keyed_and_verified(comfy, family_bundle, tmp_path):
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 128, 64)
+    _, _, vae = family_bundle(FLUX)
+    folder, ctrl = _edit_set(tmp_path, "set", n=2)
+    ds = D.from_folder(folder.parent, C, B, control_folder=ctrl)
+    root = tmp_path / "cache"
+    a = cache.cache_latents(ds, vae, root)
+    assert a.stats == (0, 4, 0)  # 2 targets + 2 controls
+    for item, c in zip(ds.items, a.controls):
+        direct = vae.encode(ds.control_vae_input(item))[0].float()
+        assert c.shape == direct.shape and torch.equal(c, direct)
+    b = cache.cache_latents(ds, vae, root)
+    assert b.stats == (4, 0, 0) and all(torch.equal(x, y) for x, y in zip(a.controls, b.controls))
+    # a truncated control entry is found on read and recomputed
+    entry = cache.DiskCache(root / "latents").path(cache.control_key(ds.items[0], a.vae_id))
+    entry.write_bytes(entry.read_bytes()[:-9])
+    c = cache.cache_latents(ds, vae, root)
+    assert c.stats == (3, 1, 1) and torch.equal(c.controls[0], a.controls[0])
+    # an edited control image: that control alone is encoded again
+    p = Path(ds.items[1].control)
+    Image.new("RGB", Image.open(p).size, "white").save(p, quality=95)
+    ds2 = D.from_folder(folder.parent, C, B, control_folder=ctrl)
+    d = cache.cache_latents(ds2, vae, root)
+    assert d.stats == (3, 1, 0) and not torch.equal(d.controls[1], a.controls[1])
+    assert not list((root / "latents").rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def edit_set(comfy, family_bundle, tmp_path_factory):
+    """A cached FLUX edit training set: 2 targets with controls, and the same with one control image changed."""
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    _, clip, vae = family_bundle(FLUX)
+    base = tmp_path_factory.mktemp("edit")
+    folder, ctrl = _edit_set(base, "set", n=2)
+    out = []
+    for change in (False, True):
+        if change:
+            p = sorted(ctrl.iterdir())[0]
+            Image.open(p).convert("RGB").rotate(90).save(p)
+        ds = D.from_folder(folder.parent, C, B, control_folder=ctrl)
+        lc = cache.cache_latents(ds, vae, base / "cache")
+        ts, _ = cache.cache_text(lc, clip, base / "cache", unload=False)
+        out.append(ts)
+    return out
+
+
+def _init(comfy, model, ts, root, name, resume="none", batch_size=1):
+    C = comfy.engine("train.config")
+    st = comfy.engine("train.state")
+    loop = comfy.engine("train.loop")
+    return loop.init_run(model, ts, C.LoraConfig(rank=4, alpha=4, preset="attention"),
+                         C.TimestepConfig(density="logit_normal", shift="flux_resolution", weighting="sd3_sigma_sqrt"),
+                         C.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=name, batch_size=batch_size),
+                         runs_root=root, resume=resume)
+
+
+def test_flux_edit_training_reference_latents(comfy, family_bundle, edit_set, tmp_path):
+    import importlib
+
+    sampler_helpers, samplers = (importlib.import_module(m) for m in ("comfy.sampler_helpers", "comfy.samplers"))
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+
+    loop = comfy.engine("train.loop")
+    export = comfy.engine("train.export")
+    model, _, _ = family_bundle(FLUX)
+    ts, ts_changed = edit_set
+    assert all(s.control_latent is not None for s in ts.samples)
+
+    seen = []
+    dm = model.model.diffusion_model
+    handle = dm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("ref_latents")), with_kwargs=True)
+    try:
+        out = loop.train_steps(_init(comfy, model, ts, tmp_path, "edit"), 2, val_every=2)
+    finally:
+        handle.remove()
+    losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
+    assert all(np.isfinite(losses)), losses
+    assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+
+    # every forward got ref_latents: exactly what ComfyUI's ReferenceLatent node + FLUX's extra_conds give for the
+    # cached control latent of one of the samples
+    def stock(sample):
+        (cond,) = ReferenceLatent.execute(sample.captions[0].conditioning,
+                                          {"samples": sample.control_latent[None]}).result
+        conv = sampler_helpers.convert_cond(cond)
+        x = torch.zeros((1, *sample.latent.shape))
+        conv = samplers.encode_model_conds(model.model.extra_conds, conv, x, x.device, "positive",
+                                                 latent_image=x)
+        return conv[0]["model_conds"]["ref_latents"].cond
+
+    refs = [stock(s) for s in ts.samples]
+    assert len(seen) >= 3 and all(r is not None for r in seen), [type(r) for r in seen]
+    for got in seen:
+        assert len(got) == 1
+        assert any(torch.equal(got[0][:1], ref[0]) for ref in refs), "forward's ref_latents match no stock result"
+    assert not torch.equal(refs[0][0], refs[1][0])
+
+    # resume is exact: 1 step, a checkpoint, a new Train Init from it, 1 more == 2 straight
+    loop.train_steps(_init(comfy, model, ts, tmp_path, "half"), 1, val_every=2, checkpoint_every=1)
+    resumed = loop.train_steps(_init(comfy, model, ts, tmp_path, "half", "latest"), 1, val_every=2)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    for k, v in out.state["adapters"].items():
+        assert torch.equal(v, resumed.state["adapters"][k]), k
+
+    # a changed control image changes the loss (same seed, same targets, same captions)
+    changed = loop.train_steps(_init(comfy, model, ts_changed, tmp_path, "changed"), 2, val_every=2)
+    assert changed.history[-1]["val_loss"] != out.history[-1]["val_loss"]
+
+
+def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, family_bundle, edit_set, tmp_path):
+    """A batch mixing a sample with a control and one without (a regularization image) cannot join: different
+    model cond keys, so concat_groups runs them in separate forwards, each as it would run alone; two samples with
+    controls of one size batch in one forward with the same result as alone."""
+    types = comfy.engine("data.types")
+    loop = comfy.engine("train.loop")
+    model, _, _ = family_bundle(FLUX)
+    ts, _ = edit_set
+    a, b = ts.samples
+    tr = loop.Trainer(_init(comfy, model, ts, tmp_path, "groups"))
+    tr.load()
+    try:
+        x = torch.randn((2, *a.latent.shape), generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([0.7, 0.4])
+        with_ref = [types.with_reference(a.captions[0].conditioning, a), types.with_reference(b.captions[0].conditioning, b)]
+        mixed = [with_ref[0], b.captions[0].conditioning]
+        assert loop.concat_groups(tr.model_conds(mixed, x)) == [[0], [1]]
+        assert loop.concat_groups(tr.model_conds(with_ref, x)) == [[0, 1]]
+        with torch.no_grad():
+            for conds in (mixed, with_ref):
+                both = tr.denoised_at(x, sigma, conds)
+                alone = torch.cat([tr.denoised_at(x[i:i + 1], sigma[i:i + 1], conds[i:i + 1]) for i in range(2)])
+                assert torch.allclose(both, alone, atol=1e-5), (both - alone).abs().max()
+            # the reference reaches the model: the same noisy latent predicts differently with and without it
+            assert not torch.allclose(tr.denoised_at(x[:1], sigma[:1], with_ref[:1]),
+                                      tr.denoised_at(x[:1], sigma[:1], [a.captions[0].conditioning]), atol=1e-6)
+    finally:
+        tr.release()
