@@ -147,6 +147,7 @@ TESTS = {
                          "tests/test_dataset_tools.py::test_cleaning_removes_perturbation_energy_keeps_originals_and_reuses_copies",
                          "tests/test_dataset_tools.py::test_cleaning_settings_are_checked",
                          "tests/test_dataset_tools.py::test_noise_estimate_recovers_a_known_sigma_and_the_motif_score_sees_a_pattern"],
+    "data/types.py": ["tests/test_edit.py"],
     "data/summary.py": ["tests/test_pin_summary.py", "tests/test_ui_support.py::test_dataset_route_guard_and_summary"],
     "data/cache.py": ["tests/test_pin_cache.py", "tests/test_data_cache.py",
                       "tests/test_data.py::test_latent_cache_hit_miss_invalidation_and_corruption",

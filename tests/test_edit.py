@@ -55,6 +55,15 @@ def test_control_folder_pairs_by_stem_on_target_geometry(comfy, comfy_dirs):
         # bucket pixels, mirrored (up to the Lanczos round trip and one JPEG)
         t = np.asarray(ImageOps.mirror(ds.pixels(item)), dtype=np.float32)
         assert np.abs(c - t).mean() < 6.0, (item.source, item.flip, np.abs(c - t).mean())
+    # a control that is a byte copy of its target gives exactly the target's VAE input (same geometry, same scale)
+    same = comfy_dirs["input"] / "edit_pairs_same"
+    same.mkdir()
+    for p in folder.glob("*.png"):
+        shutil.copy(p, same / p.name)
+    ds_same, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, same.name, flip=True))
+    for item in ds_same.items:
+        got, want = ds_same.control_vae_input(item), ds_same.vae_input(item)
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), item
     # the dataset's identity covers the control images
     plain, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ""))
     paired, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name))
@@ -112,14 +121,13 @@ def test_control_latents_cached_keyed_and_verified(comfy, family_bundle, tmp_pat
     assert not list((root / "latents").rglob("*.tmp"))
 
 
-@pytest.fixture(scope="module")
-def edit_set(comfy, family_bundle, tmp_path_factory):
-    """A cached FLUX edit training set: 2 targets with controls, and the same with one control image changed."""
+def edit_sets(comfy, family_bundle, base):
+    """A cached FLUX edit training set: 2 targets with controls, and the same with one control image changed
+    (built inside each test, so a mutation run's forked mutant builds it again)."""
     D = comfy.engine("data.dataset")
     cache = comfy.engine("data.cache")
     C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
     _, clip, vae = family_bundle(FLUX)
-    base = tmp_path_factory.mktemp("edit")
     folder, ctrl = _edit_set(base, "set", n=2)
     out = []
     for change in (False, True):
@@ -143,7 +151,7 @@ def _init(comfy, model, ts, root, name, resume="none", batch_size=1):
                          runs_root=root, resume=resume)
 
 
-def test_flux_edit_training_reference_latents(comfy, family_bundle, edit_set, tmp_path):
+def test_flux_edit_training_reference_latents(comfy, family_bundle, tmp_path):
     import importlib
 
     sampler_helpers, samplers = (importlib.import_module(m) for m in ("comfy.sampler_helpers", "comfy.samplers"))
@@ -152,8 +160,10 @@ def test_flux_edit_training_reference_latents(comfy, family_bundle, edit_set, tm
     loop = comfy.engine("train.loop")
     export = comfy.engine("train.export")
     model, _, _ = family_bundle(FLUX)
-    ts, ts_changed = edit_set
+    ts, ts_changed = edit_sets(comfy, family_bundle, tmp_path / "data")
     assert all(s.control_latent is not None for s in ts.samples)
+    # a sample's identity covers its control image: only the sample whose control changed has a new key
+    assert [a.key == b.key for a, b in zip(ts.samples, ts_changed.samples)] == [False, True]
 
     seen = []
     dm = model.model.diffusion_model
@@ -196,14 +206,14 @@ def test_flux_edit_training_reference_latents(comfy, family_bundle, edit_set, tm
     assert changed.history[-1]["val_loss"] != out.history[-1]["val_loss"]
 
 
-def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, family_bundle, edit_set, tmp_path):
+def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, family_bundle, tmp_path):
     """A batch mixing a sample with a control and one without (a regularization image) cannot join: different
     model cond keys, so concat_groups runs them in separate forwards, each as it would run alone; two samples with
     controls of one size batch in one forward with the same result as alone."""
     types = comfy.engine("data.types")
     loop = comfy.engine("train.loop")
     model, _, _ = family_bundle(FLUX)
-    ts, _ = edit_set
+    ts, _ = edit_sets(comfy, family_bundle, tmp_path / "data")
     a, b = ts.samples
     tr = loop.Trainer(_init(comfy, model, ts, tmp_path, "groups"))
     tr.load()
@@ -224,3 +234,10 @@ def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, fami
                                       tr.denoised_at(x[:1], sigma[:1], [a.captions[0].conditioning]), atol=1e-6)
     finally:
         tr.release()
+    # caption dropout trains on the empty caption, still with the sample's control image
+    import dataclasses
+
+    tr = loop.Trainer(_init(comfy, model, dataclasses.replace(ts, caption_dropout=1.0), tmp_path, "dropout"))
+    cond = tr.conditioning(a)
+    assert torch.equal(cond[0][0], ts.empty_conditioning[0][0])
+    assert len(cond[0][1]["reference_latents"]) == 1 and torch.equal(cond[0][1]["reference_latents"][0], a.control_latent[None])
