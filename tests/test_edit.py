@@ -151,12 +151,23 @@ def _init(comfy, model, ts, root, name, resume="none", batch_size=1):
                          runs_root=root, resume=resume)
 
 
-def test_flux_edit_training_reference_latents(comfy, family_bundle, tmp_path):
+def _stock_refs(model, sample) -> list:
+    """What ComfyUI's sampler gives the model's forward as ``ref_latents`` for ``sample``'s caption with its control
+    latent attached by ComfyUI's own ReferenceLatent node: the node, then ``convert_cond`` and ``encode_model_conds``
+    with the model's ``extra_conds``."""
     import importlib
 
-    sampler_helpers, samplers = (importlib.import_module(m) for m in ("comfy.sampler_helpers", "comfy.samplers"))
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
+    sampler_helpers, samplers = (importlib.import_module(m) for m in ("comfy.sampler_helpers", "comfy.samplers"))
+    (cond,) = ReferenceLatent.execute(sample.captions[0].conditioning, {"samples": sample.control_latent[None]}).result
+    conv = sampler_helpers.convert_cond(cond)
+    x = torch.zeros((1, *sample.latent.shape))
+    conv = samplers.encode_model_conds(model.model.extra_conds, conv, x, x.device, "positive", latent_image=x)
+    return conv[0]["model_conds"]["ref_latents"].cond
+
+
+def test_flux_edit_training_reference_latents(comfy, family_bundle, tmp_path):
     loop = comfy.engine("train.loop")
     export = comfy.engine("train.export")
     model, _, _ = family_bundle(FLUX)
@@ -178,16 +189,7 @@ def test_flux_edit_training_reference_latents(comfy, family_bundle, tmp_path):
 
     # every forward got ref_latents: exactly what ComfyUI's ReferenceLatent node + FLUX's extra_conds give for the
     # cached control latent of one of the samples
-    def stock(sample):
-        (cond,) = ReferenceLatent.execute(sample.captions[0].conditioning,
-                                          {"samples": sample.control_latent[None]}).result
-        conv = sampler_helpers.convert_cond(cond)
-        x = torch.zeros((1, *sample.latent.shape))
-        conv = samplers.encode_model_conds(model.model.extra_conds, conv, x, x.device, "positive",
-                                                 latent_image=x)
-        return conv[0]["model_conds"]["ref_latents"].cond
-
-    refs = [stock(s) for s in ts.samples]
+    refs = [_stock_refs(model, s) for s in ts.samples]
     assert len(seen) >= 3 and all(r is not None for r in seen), [type(r) for r in seen]
     for got in seen:
         assert len(got) == 1
@@ -241,3 +243,33 @@ def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, fami
     cond = tr.conditioning(a)
     assert torch.equal(cond[0][0], ts.empty_conditioning[0][0])
     assert len(cond[0][1]["reference_latents"]) == 1 and torch.equal(cond[0][1]["reference_latents"][0], a.control_latent[None])
+
+
+def test_qwen_image_forward_receives_reference_latents(comfy, family_bundle, tmp_path):
+    """Qwen-Image's extra_conds also take ``reference_latents`` (the latent half of Qwen-Image-Edit; the vision
+    tokens its edit text encoder adds are not done): a batch of 2 trains with finite loss and every forward gets
+    ``ref_latents`` equal to the stock path's for its samples, in the Wan VAE's (C, 1, h, w) layout."""
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    loop = comfy.engine("train.loop")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    model, clip, vae = family_bundle("qwen-image")
+    folder, ctrl = _edit_set(tmp_path, "set", n=2)
+    lc = cache.cache_latents(D.from_folder(folder.parent, C, B, control_folder=ctrl), vae, tmp_path / "c")
+    ts, _ = cache.cache_text(lc, clip, tmp_path / "c", unload=False)
+    seen = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("ref_latents")),
+                                                                   with_kwargs=True)
+    try:
+        cfg, st = comfy.engine("train.config"), comfy.engine("train.state")
+        run = loop.init_run(model, ts, cfg.LoraConfig(rank=4, alpha=4, preset="attention"), cfg.TimestepConfig(),
+                            cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="qwen", batch_size=2), runs_root=tmp_path)
+        out = loop.train_steps(run, 2, val_every=2)
+    finally:
+        handle.remove()
+    assert all(np.isfinite([h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]))
+    refs = [_stock_refs(model, s)[0] for s in ts.samples]
+    assert refs[0].shape == (1, *ts.samples[0].control_latent.shape)
+    assert len(seen) >= 2 and all(r is not None and len(r) == 1 for r in seen)
+    for got in seen:
+        assert all(any(torch.equal(row[None], ref) for ref in refs) for row in got[0])
