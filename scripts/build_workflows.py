@@ -283,6 +283,23 @@ def build(info: dict) -> dict[str, dict]:
                                  shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
                                  sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift",
                                  spec="flux1-dev", init=dict(precision="bf16", gradient_checkpointing=True)),
+        # FLUX.1 Kontext [dev]: the diffusion model file of ComfyUI's flux_kontext_dev_basic template (fp8 scaled,
+        # trained as loaded), FLUX.1's text encoders and VAE; image-edit training: each image of my_dataset is the
+        # edited result of the control image of its file stem in my_dataset_control, its caption the instruction
+        # (ai-toolkit's Kontext layout: a dataset folder and a control_path folder with the same file names)
+        "train_lora_flux1_kontext": dict(
+            name="FLUX.1 Kontext [dev] image-edit", ref="FluxPipeline (T5 512 tokens, no mask)",
+            files="flux1-dev-kontext_fp8_scaled.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors, "
+                  "ae.safetensors", loader="flux", ckpt="flux1-dev-kontext_fp8_scaled.safetensors", resolution=1024,
+            density="logit_normal", shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
+            sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift", spec="flux1-dev",
+            init=dict(precision="bf16", gradient_checkpointing=True), dataset=dict(control_folder="my_dataset_control"),
+            note="\nImage-edit training: my_dataset holds the edited images with the edit instruction as caption, "
+                 "my_dataset_control the input image of each under the same file stem (photo_01.png -> "
+                 "my_dataset_control/photo_01.png); training gives the control to the model as ComfyUI's "
+                 "ReferenceLatent node does. The previews here sample from text alone, without a control image: "
+                 "test the LoRA on edits with ComfyUI's Kontext template (Load Image -> VAE Encode -> "
+                 "ReferenceLatent)."),
         # Wan 2.1 T2V 1.3B: ComfyUI's own text_to_video_wan template's files; musubi-tuner's usual Wan LoRA settings
         # (rank 32, logit-normal "shift" sampling with discrete_flow_shift 3, 16 fps, 4k+1 frames); previews at the
         # template's 832x480, uni_pc/simple, cfg 6, 17 frames.
@@ -847,6 +864,8 @@ def te_swap_workflow(info: dict, base: str = "sd15") -> dict:
 #   with "?download=true"), ComfyUI's SD2 template;
 # - sd_xl_base_1.0: templates/sdxl_simple_example.json (properties.models, with "?download=true");
 # - flux1-dev, clip_l, t5xxl_fp16, ae: templates/flux_dev_full_text_to_image.json (identical URLs and folders);
+# - flux1-dev-kontext_fp8_scaled: templates/flux_kontext_dev_basic.json (comfyui-workflow-templates-media-image,
+#   properties.models of its UNETLoader);
 # - clip_g: ComfyUI_examples sd3/README.md links Comfy-Org/stable-diffusion-3.5-fp8 text_encoders/clip_g.safetensors
 #   (a /blob/ page; /resolve/ is its download URL);
 # - sd3.5_medium: the file at the root of stabilityai/stable-diffusion-3.5-medium (gated: accept the licence on
@@ -873,6 +892,7 @@ MODELS = {
     "clip_g.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/text_encoders/clip_g.safetensors"),
     "t5xxl_fp16.safetensors": ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
     "flux1-dev.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
+    "flux1-dev-kontext_fp8_scaled.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors"),
     "wan2.1_t2v_1.3B_fp16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"),
     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
     "wan_2.1_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/wan_2.1_vae.safetensors"),
@@ -921,6 +941,13 @@ DESCRIPTIONS = {
                          "with FLUX's resolution shift; 1024 px.",
                          ["diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l, t5xxl_fp16",
                           "vae/ae.safetensors", "input/my_dataset (images + .txt captions)"]),
+    "train_lora_flux1_kontext": ("Train a FLUX.1 Kontext edit LoRA", "Image-edit pairs: control image + edited "
+                                 "image + instruction; the control reaches the model as ReferenceLatent gives it; "
+                                 "T5 at 512 tokens as FluxPipeline; 1024 px.",
+                                 ["diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors",
+                                  "text_encoders/clip_l, t5xxl_fp16, vae/ae.safetensors",
+                                  "input/my_dataset (edited images + .txt instructions)",
+                                  "input/my_dataset_control (input images, same names)"]),
     "train_lora_wan": ("Train a Wan 2.1 video LoRA", "UMT5 at 512 tokens as WanPipeline; video clips at 16 fps, "
                        "33 frames; logit-normal timesteps, shift 3; bf16 with checkpointing; animated previews (17 frames).",
                        ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",

@@ -15,7 +15,7 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      SD VAE: ``support.factories.sd15``);
    - SD3.5: ``CheckpointLoaderSimple`` <- ``tiny-sd3.safetensors`` (tiny SD3 MMDiT + 16-channel VAE, no text
      encoders: ``support.factories.family_files``; detected as SD3 from ``in_channels`` 16);
-   - FLUX.1: ``VAELoader`` <- ``tiny-flux1-ae.safetensors`` (16-channel VAE).
+   - FLUX.1 and FLUX.1 Kontext: ``VAELoader`` <- ``tiny-flux1-ae.safetensors`` (16-channel VAE).
    Where stock detection only accepts full-size models, the loader node's class is replaced by a test-only
    loader with the same output types and slots (tests/support/comfy_nodes/aligned_trainer_tiny_loaders,
    on the server's ``custom_nodes`` path) that loads the tiny bundle of ``support.factories.families`` by
@@ -29,6 +29,8 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      by its 31st layer and T5-XXL by its 24th block and build them from full-size configs;
    - FLUX.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(flux1-dev)``: FLUX detection fixes 24 heads of 128
      (hidden 3072) whatever the file holds.
+   - FLUX.1 Kontext: the FLUX.1 loaders (ComfyUI runs Kontext as ``model_base.Flux``); its ``my_dataset_control``
+     holds each ``my_dataset`` image mirrored, under the same file name.
    - Z-Image and Chroma: ``UNETLoader`` -> ``TinyDiffusionModelLoader(z-image / chroma)``, ``CLIPLoader`` ->
      ``TinyTextEncoderLoader(z-image / chroma)`` (Qwen3-4B and T5-XXL are built at full size), ``VAELoader`` <-
      ``tiny-flux1-ae.safetensors`` (both use FLUX's 16-channel VAE).
@@ -76,7 +78,7 @@ import contextlib
 import copy
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import demo
 from .factories import clips, family_files, sd15, wan
@@ -98,6 +100,9 @@ FAMILIES = {
     "train_lora_flux1": ("flux1-dev", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "flux1-dev"}),
                                        "DualCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "flux1-dev"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+    "train_lora_flux1_kontext": ("flux1-dev", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "flux1-dev"}),
+                                               "DualCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "flux1-dev"}),
+                                               "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
     "train_lora_wan": ("wan2.1", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "wan2.1"}),
                                   "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "wan2.1"}),
                                   "VAELoader": (None, {"vae_name": WAN_VAE})}),
@@ -260,6 +265,10 @@ def family_server(base: Path):
                           (folders["vae"] / WAN_VAE, wan.vae_file())):
             link.symlink_to(src)
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
+        # the Kontext workflow's control images: each my_dataset image mirrored, under its file stem
+        (srv.input_dir / "my_dataset_control").mkdir()
+        for p in sorted((srv.input_dir / "my_dataset").rglob("*.png")):
+            ImageOps.mirror(Image.open(p)).save(srv.input_dir / "my_dataset_control" / p.name)
         make_dataset(srv.input_dir / TE_SWAP_DATASET, n=2, sizes=((64, 64),))  # the text-encoder swap workflow's
         # the Wan workflow's my_videos: a 6-frame 64 px clip at 16 fps and a still image (a one-frame sample)
         clips.write_clip(srv.input_dir / "my_videos" / "clip.mp4", 6, 16, size=(64, 64), caption="ohwx walking")

@@ -183,7 +183,24 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
         _check_hv15(api, outputs, by_type, lora)
     if name == "train_lora_hidream":
         _check_hidream(api, by_type, lora, report, model)
+    if name == "train_lora_flux1_kontext":
+        _check_control_latents(srv)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")
+
+
+def _check_control_latents(srv) -> None:
+    """The Kontext workflow's server run cached a control latent for every image of my_dataset, each encoded from
+    the control image of the same file stem in my_dataset_control (the cache entries' metadata name both)."""
+    from safetensors import safe_open
+
+    pairs = set()
+    for f in (srv.output_dir / "aligned_trainer" / "cache" / "latents").rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            md = sf.metadata() or {}
+        if "target" in md:
+            pairs.add((Path(md["source"]).parent.name, Path(md["source"]).name, Path(md["target"]).stem))
+    controls = sorted(p.name for p in (srv.input_dir / "my_dataset_control").iterdir())
+    assert {(c, t) for d, c, t in pairs if d == "my_dataset_control"} >= {(c, Path(c).stem) for c in controls}, pairs
 
 
 def _swap_base(request, name: str):
