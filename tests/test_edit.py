@@ -73,7 +73,10 @@ def test_control_folder_pairs_by_stem_on_target_geometry(comfy, comfy_dirs):
     # naming the file
     missing = sorted(ctrl.iterdir())[0]
     moved = missing.with_suffix(".bak")
+    before = D.guarded_fingerprint(folder.parent.name, "", ctrl.name)
     missing.rename(moved)
+    # the node runs again when a control image is added, removed or edited (ComfyUI's fingerprint_inputs)
+    assert D.guarded_fingerprint(folder.parent.name, "", ctrl.name) != before and not before.startswith("error")
     with pytest.raises(images.DataError, match=f"no control image for .*{missing.stem}"):
         D.from_folder(folder.parent, comfy.engine("data.captions").CaptionConfig(),
                       comfy.engine("data.buckets").BucketConfig(64, 64, 128, 64), control_folder=ctrl)
