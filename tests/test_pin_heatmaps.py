@@ -1,8 +1,11 @@
 """sampling/heatmaps.py pinned (issue #26) on hand-built attention inputs: what ``Capture`` records from a UNet
 cross-attention call and a DiT joint-attention call (DAAM: softmax attention of the conditional sample's image
 queries over the text keys, averaged over heads, bicubic to the latent), how sums of calls with different token
-counts grow, the q/k layouts of ``optimized_attention`` calls, the per-word maps and the overlay colours. Expected
-values are computed here element by element with ``math.exp``, not with the module's code. Run time: well under 1 s."""
+counts grow, the q/k layouts of ``optimized_attention`` calls, the per-word maps, the overlay colours and the grid's
+tiles; on the session's tiny FLUX.1 bundle, the joint hook's refusals and the conditional sample it records through
+ComfyUI's own attention wrapper, and the T5 positions of a word. Expected values are computed here element by element
+with ``math.exp``, not with the module's code. Run time: about 2 s (most of it building the tiny FLUX.1 bundle, which
+test_heatmaps.py shares)."""
 from __future__ import annotations
 
 import math
@@ -224,3 +227,19 @@ def test_heatmap_grid_is_the_image_then_each_overlay_in_a_labelled_row(H, comfy)
     for j, tile in enumerate(tiles):
         got = grid[0, label_h:, 4 + 5 * j:4 + 5 * (j + 1)]
         torch.testing.assert_close(got, (tile * 255).round() / 255, atol=1e-6, rtol=0)
+
+
+def test_unet_hook_attends_at_the_layers_precision(H, sd15):
+    """The attn2 replacement the capture installs computes its output as ComfyUI's cross-attention layer does,
+    ``optimized_attention`` with the layer's ``attn_precision``: on half-precision inputs with float32 precision (the
+    upcast SD2.x asks for) its output equals the upcast attention's, which differs from attention without it."""
+    import comfy.ldm.modules.attention as ca
+
+    hooked = H.patched(sd15[0], H.Capture())
+    attn2 = next(iter(hooked.model_options["transformer_options"]["patches_replace"]["attn2"].values()))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, n, 8, generator=g).mul(4).half() for n in (4, 3, 3))
+    upcast = ca.optimized_attention(q, k, v, 2, attn_precision=torch.float32)
+    assert not torch.equal(upcast, ca.optimized_attention(q, k, v, 2))
+    out = attn2(q, k, v, {"n_heads": 2, "attn_precision": torch.float32, "original_shape": [1, 4, 2, 2]})
+    assert torch.equal(out, upcast)

@@ -1,8 +1,10 @@
 """The text-encoder swap's small modules pinned (issue #26): ``te_swap_measure`` (token / vector spreads, the captions
 measured), ``te_swap_reset`` (PyTorch's default Linear init, the refusals of models without cross-attention) and
 ``te_swap_pooled`` (the adm's pooled vector: its source, head, scale and report) on hand-built tensors whose expected
-values come from Python's ``statistics`` module or PyTorch's own ``nn.init`` functions, not from the code under test.
-Run time: well under 1 s in all (no model is loaded beyond the session's tiny SD1.5 / SDXL)."""
+values come from Python's ``statistics`` module or PyTorch's own ``nn.init`` functions, not from the code under test;
+and ``te_swap`` itself: the projection's init (pooled head included), a one-caption setup from a dataset under
+inference mode (as the node runs) with its refusal of an old CLIP of another width, and the preview plan projected by
+a run's adapters. No model is loaded beyond the session's tiny SD1.5 / SDXL; the setups encode one caption."""
 from __future__ import annotations
 
 import math
