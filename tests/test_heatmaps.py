@@ -239,3 +239,19 @@ def test_a_models_own_attention_override_still_runs_under_the_capture(H, R, fami
     hooked = run(H.patched(own, cap, text_len=pos[0][0].shape[1], latent_hw=tuple(latent.shape[-2:])))
     assert torch.equal(hooked, expected) and not torch.equal(expected, run(model))
     assert len(calls) == 2 * n and cap.calls > 0
+
+
+def test_heatmaps_of_a_video_model_place_the_image_by_the_latents_height_and_width(H, R):
+    """Wan 2.1's latent is (batch, channels, frames, height, width): ``heatmaps`` reads the image grid from its last
+    two axes, so the cross-attention calls are found and the one-frame sample gets a map at image size, the image
+    unchanged by the capture (one step, 32 x 32)."""
+    from support.factories import wan
+
+    model, clip, vae = wan.build()
+    s = R.SampleSettings(steps=1, cfg=1.0, width=32, height=32, seed=1)
+    prompt = "ohwx, a zebra on a red carpet"
+    image, maps = H.heatmaps(model, clip, vae, prompt, "", ["zebra"], s)
+    assert R.empty_latent(model, vae, s).ndim == 5
+    assert maps.shape == (1, *image.shape[1:3]) and maps.max() == pytest.approx(1.0) and maps.min() >= 0
+    plain = R.sample(model, vae, R.encode(clip, prompt, s.guidance), R.encode(clip, "", s.guidance), s, s.seed)
+    assert torch.equal(image, plain)

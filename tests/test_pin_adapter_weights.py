@@ -179,6 +179,7 @@ def test_max_norm_skips_non_lora_adapters_and_counts(A):
     after = [float((p.inner.lora_up.weight @ p.inner.lora_down.weight).norm()) for p in pairs]
     assert max(after) == pytest.approx(limit, rel=1e-5) and min(after) == pytest.approx(min(norms), rel=1e-6)
     assert A.ad.apply_max_norm(adapters, 0.0) == 0
+    assert A.ad.apply_max_norm({"a_loha": loha}, 1e-9) == 0  # no LoRA pair: nothing to scale, none counted
 
 
 def test_conv1d_layers_are_targets_with_conv(comfy, A):

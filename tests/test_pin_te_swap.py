@@ -1,8 +1,10 @@
 """The text-encoder swap's small modules pinned (issue #26): ``te_swap_measure`` (token / vector spreads, the captions
 measured), ``te_swap_reset`` (PyTorch's default Linear init, the refusals of models without cross-attention) and
 ``te_swap_pooled`` (the adm's pooled vector: its source, head, scale and report) on hand-built tensors whose expected
-values come from Python's ``statistics`` module or PyTorch's own ``nn.init`` functions, not from the code under test.
-Run time: well under 1 s in all (no model is loaded beyond the session's tiny SD1.5 / SDXL)."""
+values come from Python's ``statistics`` module or PyTorch's own ``nn.init`` functions, not from the code under test;
+and ``te_swap`` itself: the projection's init (pooled head included), a one-caption setup from a dataset under
+inference mode (as the node runs) with its refusal of an old CLIP of another width, and the preview plan projected by
+a run's adapters. No model is loaded beyond the session's tiny SD1.5 / SDXL; the setups encode one caption."""
 from __future__ import annotations
 
 import math
@@ -366,3 +368,83 @@ def test_swap_record_and_report(S):
                    "std_pooled_old": 0.0, "std_pooled_projected": 0.0, "scale": 1.5}
     assert swap.report() == ("old encoder token std 0.2500 (154 tokens of 2 captions), new encoder 0.5000; projection "
                              "mlp 4->6, scale 1.5: output std 0.2575; reset qk (2 layers)")
+
+
+def test_pooled_head_is_drawn_after_the_net_from_the_same_generator(S):
+    """``init_`` with a pooled head: the net's layers, then the head, each PyTorch's default Linear init
+    (``nn.init``) drawn in turn from one generator of the seed."""
+    head = S.Projection(4, 6, "mlp", pooled_dim=3, pooled_in=5).init_(7)
+    g = torch.Generator().manual_seed(7)
+    for layer in (head.net[0], head.net[2], head.pooled):
+        w, b = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)
+        torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+        bound = 1 / math.sqrt(w.shape[1])
+        torch.nn.init.uniform_(b, -bound, bound, generator=g)
+        torch.testing.assert_close(layer.weight.detach(), w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.bias.detach(), b, atol=1e-6, rtol=0)
+
+
+def _width(conditioning) -> int:
+    return int(conditioning[0][0].shape[-1])
+
+
+def _context_width(model) -> int:
+    """The UNet's cross-attention context width, read from its first attn2.to_k layer."""
+    return next(m.in_features for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2.to_k"))
+
+
+def test_setup_from_a_one_caption_dataset_under_comfyuis_inference_mode(S, comfy, D, sd15, family_bundle, tmp_path):
+    """The node's path, as ComfyUI's executor runs it (under ``torch.inference_mode``): Text Encoder Swap Setup from
+    a one-image dataset, the CLIPs as connected (already aligned: tiny SD1.5's CLIP-L as the new encoder of the tiny
+    SDXL, pooled 'projected', reset 'qk'). The swap names both CLIPs' specs, its pooled head reads the new encoder's
+    pooled width, and its reset patches are computed outside inference mode (ordinary tensors, which can be updated
+    in place and saved for backward after the node returns). An SD1.5 swap without a pooled head records no old pooled spread (0.0). An old CLIP of another
+    width than the UNet's context is refused, naming both widths."""
+    from support.factories.dataset import make_dataset
+
+    align = comfy.engine("te.align")
+    sdxl, sdxl_clip, _ = family_bundle("sdxl")
+    new, old = align.align_clip(sd15[1], "sd15"), align.align_clip(sdxl_clip, "sdxl")
+    folder = make_dataset(tmp_path / "data", n=1, sizes=((64, 64),))
+    ds = D.dataset.from_folder(folder.parent, D.captions.CaptionConfig(trigger_word="ohwx"),
+                               D.buckets.BucketConfig(resolution=64, min_side=64, max_side=64, step=64))
+    (caption,) = [c for item in ds.items for c in item.captions]
+    with torch.inference_mode():
+        _, swap = S.setup_from_dataset(sdxl, new, old, ds, reset="qk", seed=1, pooled="projected")
+    assert swap.captions == 1 and (swap.new_spec, swap.old_spec) == (new.spec.id, old.spec.id)
+    assert swap.new_spec and swap.old_spec and swap.new_spec != swap.old_spec
+    pooled_width = new.encode_from_tokens(new.tokenize(caption), return_pooled=True)[1].shape[-1]
+    assert swap.pooled_in == pooled_width and swap.std_pooled_old > 0
+    tensors = list(swap.reset_diffs.values())
+    assert tensors and not any(t.is_inference() for t in tensors)
+    for t in tensors:
+        t.add_(0)  # an inference tensor refuses this outside inference mode
+    _, plain = S.setup(sd15[0], sdxl_clip, sd15[1], [caption], reset="none", seed=1)
+    assert plain.pooled_in == 0 and plain.std_pooled_old == 0.0
+    old_width = _width(sdxl_clip.encode_from_tokens_scheduled(sdxl_clip.tokenize(caption)))
+    with pytest.raises(S.SwapError, match=f"the old CLIP's conditioning is {old_width} wide but this UNet reads "
+                                          f"{_context_width(sd15[0])}: connect the CLIP the model was trained with"):
+        S.setup(sd15[0], sd15[1], sdxl_clip, [caption], reset="none")
+
+
+def test_projected_plan_uses_the_adapters_projection_state(S, comfy, sd15):
+    """A swap run's preview plan: every prompt and the negative projected by the projection as the run's adapters
+    hold it (``te_swap.projection.*`` keys; other adapters ignored), computed here as x W^T + b times the scale; the
+    rest of the plan kept."""
+    P, R = comfy.engine("sampling.plans"), comfy.engine("sampling.render")
+    start = S.Projection(4, 6).init_(3)
+    swap = S.Swap("linear", 4, 6, {k: v.detach().clone() for k, v in start.state_dict().items()}, "none", (), {})
+    model = S.with_swap(sd15[0], swap)
+    g = torch.Generator().manual_seed(8)
+    w, b = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    adapters = {f"{S.ADAPTER}.net.0.weight": w, f"{S.ADAPTER}.net.0.bias": b, f"{S.ADAPTER}.scale": torch.tensor(1.5),
+                "input.attn2.to_k.diff": torch.zeros(2)}
+    x1, x2 = torch.randn(1, 3, 4, generator=g), torch.randn(1, 2, 4, generator=g)
+    plan = P.PreviewPlan(vae=None, prompts=("a",), positives=([[x1, {"k": 1}]],), negative=[[x2, {}]],
+                         settings=R.SampleSettings(steps=1), every_n=2)
+    out = S.projected_plan(plan, model, adapters)
+    (c1, e1), = out.positives[0]
+    (c2, e2), = out.negative
+    torch.testing.assert_close(c1, (x1 @ w.T + b) * 1.5, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c2, (x2 @ w.T + b) * 1.5, atol=1e-5, rtol=1e-5)
+    assert e1 == {"k": 1} and e2 == {} and (out.prompts, out.settings, out.every_n) == (plan.prompts, plan.settings, 2)

@@ -544,7 +544,8 @@ def test_hostile_inputs_are_refused_with_the_fix(comfy, S, F, T, swapped, t5_set
     old_set = dataclasses.replace(ts, samples=tuple(
         dataclasses.replace(s, captions=tuple(dataclasses.replace(c, conditioning=clip_l_prompt) for c in s.captions))
         for s in ts.samples))
-    with pytest.raises(S.SwapError, match="cache the captions .* with the new text encoder"):
+    with pytest.raises(S.SwapError, match=f"captions were encoded {clip_l_prompt[0][0].shape[-1]} wide, the swap's "
+                                          f"projection reads {swap.in_dim}: cache the captions .* with the new text"):
         _init(T, swapped[0], old_set, tmp_path / "runs", "wrong_set")
     bad = tmp_path / "not_a_projection.safetensors"
     from safetensors.torch import save_file
