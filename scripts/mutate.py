@@ -118,7 +118,7 @@ TESTS = {
     "train/text_mask.py": ["tests/test_pin_text_mask.py", "tests/test_train_chroma.py"],
     "train/offload.py": ["tests/test_pin_offload.py", "tests/test_pin_placement.py",
                          "tests/test_memory_modes.py::test_offload_is_bit_equal_after_10_steps"],
-    "train/interop.py": ["tests/test_interop_import.py"],
+    "train/interop.py": ["tests/test_interop_import.py", "tests/test_pin_interop.py"],
     "train/files.py": ["tests/test_pin_files.py"],
     # train/configs_io.py: kohya / ai-toolkit config import and export, in process (the node tests of
     # test_interop_config_nodes.py go through the server, except the export one)
