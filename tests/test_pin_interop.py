@@ -18,7 +18,7 @@ def _module(key: str) -> str:
 
 
 def comfy_weights(model, sd: dict) -> dict[str, torch.Tensor]:
-    """module -> the weight ComfyUI's loader patches for ``sd`` (its key map, load_lora, ModelPatcher, calculate_weight)."""
+    """module -> the weight ComfyUI patches for ``sd``: its key map, load_lora, ModelPatcher, calculate_weight."""
     import comfy.lora
 
     patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
@@ -126,6 +126,8 @@ def test_sd3_slices_join_into_the_fused_weight_comfyui_patches(T, family_bundle)
 def test_sd3_peft_names_without_prefix_and_joined_magnitudes(T, family_bundle):
     """peft's own names (no ``transformer.`` prefix: only the pack's key map has them) read as ComfyUI reads the
     prefixed file; peft DoRA magnitudes of to_q/to_k/to_v joined in row order, a plain module's kept."""
+    import comfy.lora
+
     model = family_bundle("sd3")[0]
     g = torch.Generator().manual_seed(1)
     rank, fused_sd = 4, model.model.state_dict()["diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
@@ -139,15 +141,24 @@ def test_sd3_peft_names_without_prefix_and_joined_magnitudes(T, family_bundle):
     plain = "transformer_blocks.0.attn.to_out.0"
     o, i = model.model.state_dict()["diffusion_model.joint_blocks.0.x_block.attn.proj.weight"].shape
     sd[f"{plain}.lora_A.weight"], sd[f"{plain}.lora_B.weight"] = _rand(g, rank, i), _rand(g, o, rank, s=0.3)
+    # and an adaLN linear whose rows ComfyUI swaps (swap_scale_shift: the two halves exchanged)
+    _, _, swapped, _ = _sd3_parts(model)
+    target = comfy.lora.model_lora_keys_unet(model.model, {})[swapped]
+    rows, i = model.model.state_dict()[target[0]].shape
+    bare = swapped[len("transformer."):]
+    sd[f"{bare}.lora_A.weight"], sd[f"{bare}.lora_B.weight"] = _rand(g, rank, i), _rand(g, rows, rank, s=0.3)
     out = T.interop.adapters_from_lora(model, sd, _all(model), _cfg(T, alpha=4))
     ref = comfy_weights(model, {"transformer." + k: v for k, v in sd.items()})
+    assert len(ref) == 3
     _same(our_weights(model, out), ref)
     # the same file with DoRA magnitudes (ComfyUI does not read them): the joined magnitude, in qkv's row order
+    ada = torch.rand(rows, generator=g) + 0.5
     dsd = {**sd, **{f"transformer_blocks.0.attn.to_{c}.lora_magnitude_vector": mags[c] for c in "qkv"},
-           f"{plain}.lora_magnitude_vector": torch.rand(o, generator=g) + 0.5}
+           f"{plain}.lora_magnitude_vector": torch.rand(o, generator=g) + 0.5, f"{bare}.lora_magnitude_vector": ada}
     dout = T.interop.adapters_from_lora(model, dsd, _all(model), _cfg(T, alpha=4, dora=True, dora_axis="output"))
     assert torch.equal(dout["joint_blocks.0.x_block.attn.qkv.dora_magnitude"], torch.cat([mags[c] for c in "qkv"]))
     assert torch.equal(dout["joint_blocks.0.x_block.attn.proj.dora_magnitude"], dsd[f"{plain}.lora_magnitude_vector"])
+    assert torch.equal(dout[f"{_module(target[0])}.dora_magnitude"], torch.cat([ada[rows // 2:], ada[:rows // 2]]))
     assert all(torch.equal(dout[k], out[k]) for k in out)
     with pytest.raises(T.C.ConfigError, match="on the output axis .* set dora_axis to 'output'"):
         T.interop.adapters_from_lora(model, dsd, _all(model), _cfg(T, alpha=4, dora=True, dora_axis="input"))
@@ -165,12 +176,13 @@ def test_sd3_slices_that_are_not_one_lora_are_refused(T, family_bundle):
     _, qkv, _, _ = _sd3_parts(model)
     cols = model.model.state_dict()["diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"].shape[1]
     g = torch.Generator().manual_seed(2)
-    base = _rand(g, 4, cols) * 10
+    base = _rand(g, 4, cols)
     ok = [base, base + 5e-7, base - 5e-7]  # within 1e-6: one LoRA (the first slice's down)
     sd, fused = _sd3_file(model, g, downs=ok)
     out = T.interop.adapters_from_lora(model, sd, _all(model), _cfg(T))
     assert torch.equal(out[f"{fused}.lora_down.weight"], base)
-    for bad in ([base, base + 5e-5, base],  # 5e-6 relative to values ~10: still refused
+    big = 10 + torch.rand(4, cols, generator=g)
+    for bad in ([big, big + 5e-5, big],  # 5e-6 relative to values of 10-11: still refused
                 [base, base, base[:2]]):  # another rank
         sd, _ = _sd3_file(model, g, downs=bad)
         with pytest.raises(T.C.ConfigError, match="different down .*ComfyUI still applies it"):
@@ -297,3 +309,58 @@ def test_read_takes_only_safetensors(T, sd15, tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(T.C.ConfigError, match="cannot be read as safetensors"):
         T.interop.read(bad)
+
+
+def test_start_from_under_comfyuis_inference_mode_sets_adapters_and_ema(T, sd15, sd15_training_set, tmp_path,
+                                                                        comfy_dirs):
+    """Train Init runs under ComfyUI's inference mode: the run's adapters (and its EMA, when the run keeps one) start
+    at the file's LoRA as ordinary tensors a step can train; a run without EMA gets none."""
+    from support.factories.lora import write_lora
+
+    model = sd15[0]
+    sd, _ = _sd15_linears(model, n=3, seed=7)
+    path = write_lora(comfy_dirs["models"] / "loras" / "pin_interop_start.safetensors", sd)
+    lora = T.C.LoraConfig(rank=4, alpha=2, preset="all-linear")
+    runs = {}
+    for name, ema in (("pin_ema", 0.9), ("pin_noema", 0.0)):
+        with torch.inference_mode():  # as ComfyUI's executor runs the node
+            runs[name] = T.loop.init_run(model, sd15_training_set, lora, T.C.TimestepConfig(),
+                                         T.C.OptimizerConfig(lr=1e-3), T.st.RunSettings(run_name=name, ema_decay=ema),
+                                         runs_root=tmp_path / "runs", init_lora=path.name)
+    want = T.interop.adapters_from_lora(model, sd, _all(model), lora)
+    run = runs["pin_ema"]
+    assert run.step == 0 and run.meta["init_lora"] == path.name
+    for part in ("adapters", "ema_adapters"):
+        got = run.state[part]
+        assert not any(v.is_inference() for v in got.values()), part
+        assert all(torch.equal(got[k].reshape(v.shape), v) for k, v in want.items() if not k.endswith(".alpha")), part
+    assert runs["pin_noema"].state["ema"] is None and runs["pin_noema"].state["ema_adapters"] is None
+    after = T.loop.train_steps(run, 1)
+    assert after.step == 1 and torch.isfinite(torch.tensor(after.history[-1]["loss"]))
+
+
+def test_flux_peft_names_skip_norm_scales_and_map_every_later_module(T, family_bundle):
+    """FLUX's diffusers table also names RMSNorm scales (``attn.norm_q.weight`` -> ``...query_norm.scale``), which
+    are no LoRA target: the pack's own names for them are left out of the key map (ComfyUI's own map keeps its
+    ``transformer.`` ones), and every module after them is still mapped. A peft file
+    with diffusers' names and no prefix (every Linear of the tiny FLUX, fused slices sharing their down) gives the
+    weights ComfyUI patches for the same file under its ``transformer.`` prefix."""
+    import comfy.lora
+
+    model = family_bundle("flux1-dev")[0]
+    km = T.interop.key_map(model)
+    assert "transformer_blocks.0.attn.norm_q" not in km and "unet.transformer_blocks.0.attn.norm_q" not in km
+    state = model.model.state_dict()
+    g = torch.Generator().manual_seed(8)
+    downs, sd = {}, {}
+    for k, v in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        key = v if isinstance(v, str) else v[0]
+        if not k.startswith("transformer.") or key not in state or state[key].ndim != 2:
+            continue
+        rows = v[1][2] if isinstance(v, tuple) and v[1] is not None else state[key].shape[0]
+        down = downs.setdefault(key, _rand(g, 4, state[key].shape[1], s=0.3))
+        bare = k[len("transformer."):]
+        sd[f"{bare}.lora_A.weight"], sd[f"{bare}.lora_B.weight"] = down, _rand(g, rows, 4, s=0.3)
+    assert len(downs) > 10
+    out = T.interop.adapters_from_lora(model, sd, _all(model), _cfg(T, alpha=4))
+    _same(our_weights(model, out), comfy_weights(model, {"transformer." + k: v for k, v in sd.items()}))
