@@ -159,6 +159,36 @@ def test_allowed_folders_settings_file_adds_a_root(world):
     assert "not inside a folder this server reads" in err["exception_message"]
 
 
+@pytest.mark.server
+def test_video_frame_folder_reads_no_linked_frames_from_outside(world):
+    """A frame folder (kind video) holding one real frame and links to frames outside the server's folders: the
+    links are skipped and noted, not read (before: the folder was listed again without the link check and the
+    outside frames were decoded into the clip)."""
+    from support.factories import clips
+
+    srv = world["srv"]
+    frames = clips.write_clip(world["outside"] / "frames", 5, 16, size=(64, 64), caption=None)
+    shot = srv.input_dir / "linked_frames" / "shot"
+    shot.mkdir(parents=True)
+    (shot.parent / "shot.txt").write_text("ohwx turning", encoding="utf-8")
+    for f in sorted(frames.glob("*.png")):                      # 0000-0004: links out, sorted first
+        (shot / f.name).symlink_to(f)
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(shot / "0005.png")    # one frame of its own
+    # buckets of 5 and 1 frames: the clip takes the longest it covers, so its count tells which frames it holds
+    prompt = {"1": node(srv, P + "Dataset", folder="linked_frames", kind="video", frame_buckets="1, 5",
+                        resolution=64, min_side=64, max_side=64),
+              "2": node(srv, "PreviewAny", source=["1", 1])}
+    try:
+        entry = srv.run(prompt)
+        report = json.loads(entry["outputs"]["2"]["text"][0])
+        assert report["clips"] == 1 and report["per_frame_count"] == {"1": 1}, report
+        skipped = [n for n in report["notes"] if "link that leads outside" in n]
+        assert len(skipped) == 5 and all(str(shot) in n for n in skipped), report["notes"]
+        assert world["log"].read_text() == ""     # nothing under the outside folder was opened by its own path
+    finally:
+        world["log"].write_text("")
+
+
 def slowdown() -> float:
     """How much longer than its CPU time a call may take on this machine now (1 when it is not overloaded):
     the regex engine's timeout counts CPU time, and 2 shared cores at load 10 stretch wall time ~5x."""
