@@ -249,6 +249,27 @@ def test_catastrophic_exclude_regex_errors_fast_and_server_keeps_answering(world
 
 
 @pytest.mark.server
+def test_names_too_long_in_bytes_or_with_line_breaks_are_refused_at_their_node(world):
+    """Run and config names are folder and file names: 64 emoji are 64 characters (under the 100 allowed) but 256
+    bytes, over the filesystem's 255 (before: a bare OSError 'File name too long' from Train Init / Export Training
+    Config); a line break or a leading '.' made odd file names ('a\\nb.toml', '..toml') before."""
+    srv = world["srv"]
+    emoji = "\U0001F600" * 64
+    err = run_error(srv, train_prompt(srv) | {"8": node(srv, P + "TrainInit", **{
+        **train_prompt(srv)["8"]["inputs"], "run_name": emoji})})
+    assert err["node_type"] == P + "TrainInit", err
+    assert "run name" in err["exception_message"] and "256 bytes" in err["exception_message"], err
+    configs = srv.output_dir / "aligned_trainer" / "configs"
+    for name, why in ((emoji, "256 bytes"), ("a\nb", "control character"), (".", "starts with '.'")):
+        prompt = train_prompt(srv)
+        prompt["11"] = node(srv, P + "ExportTrainingConfig", run=["9", 0], name=name)
+        err = run_error(srv, prompt)
+        assert err["node_type"] == P + "ExportTrainingConfig", (name, err)
+        assert "config name" in err["exception_message"] and why in err["exception_message"], (name, err)
+    assert not configs.exists() or sorted(p.name for p in configs.iterdir()) == []
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("class_type,fields", [
     ("LoraConfig", ["alpha", "rank_dropout", "module_dropout", "network_dropout", "max_norm"]),
     ("TimestepStrategy", ["logit_mean", "logit_std", "mode_scale", "shift_value", "bias_strength", "min_snr_gamma",

@@ -509,9 +509,11 @@ def export_run(run, name: str = "", folder: Path | None = None) -> tuple[Path, P
     from . import files
 
     name = (name or run.settings.run_name).strip()
-    if not name or "/" in name or "\\" in name or ".." in name or "\x00" in name or len(name) > 100:
-        raise ConfigError(f"config name {name[:60]!r} is not allowed: a plain file name (no '/', '\\' or '..'), "
-                          "at most 100 characters")
+    why = files.name_problem(name, 100)
+    if why:
+        raise ConfigError(f"config name {name[:60]!r} is not allowed: {why}. Use a plain file name (letters, "
+                          "digits, '_', '-', '.', spaces; no '/', '\\' or '..'), at most 100 characters, e.g. "
+                          "'my_lora'")
     if folder is None:
         import folder_paths
 

@@ -205,18 +205,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def check_run_name(name: str) -> str:
     """The run name as a plain folder name, or one ConfigError naming it and the fix."""
     shown = repr(name if len(name) <= 60 else name[:57] + "...")
-    why = None
-    if not name or not name.strip():
-        why = "it is empty"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        why = "it contains a control character (e.g. NUL)"
-    elif any(c in name for c in "/\\") or ".." in name:
-        why = "it contains a path separator or '..'"
-    elif name.startswith((".", "~")) or name != name.strip() or name.endswith("."):
-        why = "it starts with '.' or '~', or starts/ends with a space or ends with '.'"
-    elif len(name) > RUN_NAME_MAX:
-        why = f"it is {len(name)} characters long (at most {RUN_NAME_MAX})"
-    elif name in ("none", "latest"):
+    why = files.name_problem(name, RUN_NAME_MAX)
+    if why is None and name in ("none", "latest"):
         why = "'none' and 'latest' are resume keywords"
     if why:
         raise ConfigError(f"run name {shown} is not allowed: {why}. Use a plain name (a folder under "
