@@ -270,6 +270,41 @@ def test_names_too_long_in_bytes_or_with_line_breaks_are_refused_at_their_node(w
 
 
 @pytest.mark.server
+def test_too_long_paths_and_damaged_lora_files_get_one_clear_error(world):
+    """A path input the filesystem cannot hold (a 300-byte name) and a .safetensors in the loras folder that is not
+    one: each refused at its node naming the input (before: bare OSError 'File name too long' from Dataset,
+    Checkpoint Grid, Import Training Config and Train Init's init_lora/resume; bare SafetensorError 'header too
+    small' from Load LoRA (aligned) and Checkpoint Grid)."""
+    srv = world["srv"]
+    long = "a" * 300
+    cases = {
+        "Dataset": dataset_prompt(srv, folder=long),
+        "CheckpointGrid": grid_prompt(srv, long),
+        "ImportTrainingConfig": {"1": node(srv, P + "ImportTrainingConfig", config_file=long + ".toml")},
+        "TrainInit.init_lora": train_prompt(srv) | {"8": node(srv, P + "TrainInit", **{
+            **train_prompt(srv)["8"]["inputs"], "init_lora": long})},
+        "TrainInit.resume": train_prompt(srv) | {"8": node(srv, P + "TrainInit", **{
+            **train_prompt(srv)["8"]["inputs"], "resume": "paths_regex/" + long})},
+    }
+    for label, prompt in cases.items():
+        err = run_error(srv, prompt)
+        assert err["node_type"] == P + label.split(".")[0], (label, err)
+        assert "is too long" in err["exception_message"] and "255 bytes" in err["exception_message"], (label, err)
+    (world["loras"] / "damaged.safetensors").write_bytes(b"")
+    try:
+        lora = {"1": node(srv, "CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors"),
+                "2": node(srv, P + "LoadLoraAligned", model=["1", 0], clip=["1", 1],
+                          lora_name="damaged.safetensors"),
+                "3": node(srv, "PreviewAny", source=["2", 2])}
+        for label, prompt in (("LoadLoraAligned", lora), ("CheckpointGrid", grid_prompt(srv, "damaged.safetensors"))):
+            err = run_error(srv, prompt)
+            assert err["node_type"] == P + label, (label, err)
+            assert "damaged.safetensors cannot be read as safetensors" in err["exception_message"], (label, err)
+    finally:
+        (world["loras"] / "damaged.safetensors").unlink()
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("class_type,fields", [
     ("LoraConfig", ["alpha", "rank_dropout", "module_dropout", "network_dropout", "max_norm"]),
     ("TimestepStrategy", ["logit_mean", "logit_std", "mode_scale", "shift_value", "bias_strength", "min_snr_gamma",

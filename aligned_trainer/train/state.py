@@ -236,6 +236,10 @@ def runs_path(value: str, runs_root: Path) -> Path:
     if not value or "\x00" in value or value.startswith("~") or \
             any(part == ".." for part in re.split(r"[\\/]", value)):
         raise _refused(value)
+    from .. import paths
+
+    if (err := paths.too_long(value, "resume")) is not None:
+        raise CheckpointError(str(err))
     lexical = os.path.normpath(value if os.path.isabs(value) else os.path.join(root_abs, value))
     if not (_inside(lexical, root_abs) or _inside(lexical, root_real)):
         raise _refused(value)
