@@ -265,6 +265,9 @@ class SpyPlan:
     def with_conditioning(self, fn):
         return SpyPlan(self.p.with_conditioning(fn), self.sample, self.shown)
 
+    def check(self, m):
+        self.p.check(m)
+
     def render(self, m, step):
         p = self.p
         self.shown[step] = self.sample(m, p.vae, p.positives[0], p.negative, p.settings, p.settings.seed_for(step))
