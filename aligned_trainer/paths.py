@@ -109,11 +109,30 @@ def lora_roots() -> Roots:
                  "extra_model_paths.yaml), or a run's checkpoints folder under output/aligned_trainer/runs.")
 
 
+NAME_MAX = 255    # bytes in one file or folder name (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)
+PATH_MAX = 4096   # bytes in a whole path (Linux)
+
+
+def too_long(text: str, what: str) -> PathRefused | None:
+    """A refusal for a path the filesystem cannot hold (a name over 255 bytes, a path over 4096): checking whether
+    such a path exists raises a bare OSError 'File name too long'."""
+    raw = text.encode("utf-8", "surrogatepass")
+    longest = max((len(part) for part in raw.replace(b"\\", b"/").split(b"/")), default=0)
+    if longest <= NAME_MAX and len(raw) <= PATH_MAX:
+        return None
+    shown = repr(text if len(text) <= 60 else text[:57] + "...")
+    return PathRefused(f"{what} {shown} is too long: a file or folder name holds at most {NAME_MAX} bytes and a path "
+                       f"{PATH_MAX} (this one has a name of {longest} bytes, {len(raw)} in all); give the name of an "
+                       "existing file or folder")
+
+
 def confine(text: str, roots: Roots) -> Path:
     """The real path of ``text`` (absolute, or relative to ``roots.base``) when it lies inside one of
     ``roots.roots``; otherwise ``roots.refuse(text)``. Whether the path exists is left to the caller."""
     if "\x00" in text or text.strip().startswith("~"):
         raise roots.refuse(text)
+    if (err := too_long(text.strip(), roots.what)) is not None:
+        raise err
     p = Path(text.strip())
     spelled = _abs(p if p.is_absolute() else roots.base / p)
     spelled_roots = [_abs(r) for r in roots.roots]

@@ -36,11 +36,16 @@ def local_minima(values: list[float], window: int = 5) -> list[int]:
 def summarize(history: list[dict], smoothing: float = 0.9, window: int = 5) -> dict:
     if not (math.isfinite(smoothing) and 0.0 <= smoothing < 1.0):
         raise ValueError(f"smoothing is {smoothing!r}: it must be a number from 0 (none) to below 1; try 0.9.")
+    # a NaN or infinite loss (a diverged run, or a history typed by hand) cannot be drawn or averaged: it is left
+    # out and its step listed
+    non_finite = [h["step"] for h in history if not math.isfinite(float(h["loss"]))]
+    history = [h for h in history if math.isfinite(float(h["loss"]))]
     steps = [h["step"] for h in history]
     loss = [float(h["loss"]) for h in history]
     sm = ema(loss, smoothing)
-    val = [(h["step"], float(h["val_loss"])) for h in history if h.get("val_loss") is not None]
-    return {"steps": steps, "loss": loss, "smoothed": sm,
+    val = [(h["step"], float(h["val_loss"])) for h in history
+           if h.get("val_loss") is not None and math.isfinite(float(h["val_loss"]))]
+    return {"steps": steps, "loss": loss, "smoothed": sm, "non_finite_loss_steps": non_finite,
             "smoothed_minima_steps": [steps[i] for i in local_minima(sm, window)],
             "val": val, "val_minima_steps": [val[i][0] for i in local_minima([v for _, v in val], 1)] if val else [],
             "best_val_step": min(val, key=lambda t: t[1])[0] if val else None}
@@ -58,14 +63,18 @@ def axes(d: ImageDraw.ImageDraw, size, steps: list, values: list[float], f, mute
     if hi - lo < 1e-12:
         hi = lo + 1e-6
     s0, s1 = min(steps), max(steps)
-    span = max(1, s1 - s0)
+    s_end = s1 if s1 - s0 >= 1 else s0 + 1   # at least one step wide
+
+    def frac(x, a, b):
+        """(x - a) / (b - a), halved first where b - a overflows (values near +-1e308 in a typed history)."""
+        return (x - a) / (b - a) if math.isfinite(b - a) else (x / 2 - a / 2) / (b / 2 - a / 2)
 
     def px(step, v):
-        return L + (step - s0) / span * (W - L - R), T + (1 - (v - lo) / (hi - lo)) * (H - T - B)
+        return L + frac(step, s0, s_end) * (W - L - R), T + (1 - frac(v, lo, hi)) * (H - T - B)
 
     d.rectangle([L, T, W - R, H - B], outline=muted)
     for k in range(5):
-        v = lo + (hi - lo) * k / 4
+        v = lo + (hi - lo) * k / 4 if math.isfinite(hi - lo) else lo * (1 - k / 4) + hi * (k / 4)
         d.text((4, px(s0, v)[1] - 6), f"{v:.4g}", fill=muted, font=f)
     d.text((L, H - B + 6), str(s0), fill=muted, font=f)
     d.text((W - R - 30, H - B + 6), str(s1), fill=muted, font=f)
@@ -80,9 +89,13 @@ def loss_plot(history: list[dict], smoothing: float = 0.9, size=(640, 360), titl
     d = ImageDraw.Draw(img)
     f = font(11)
     d.text((L, 6), title, fill=FG, font=font(13))
-    if not history:
-        d.text((L, H // 2), "no steps yet", fill=MUTED, font=f)
+    if not info["steps"]:
+        d.text((L, H // 2), "no finite loss to draw" if info["non_finite_loss_steps"] else "no steps yet",
+               fill=MUTED, font=f)
         return img, info
+    if info["non_finite_loss_steps"]:
+        bad = info["non_finite_loss_steps"]
+        d.text((L, H - 14), f"non-finite loss at {len(bad)} step(s), first {bad[0]}: left out", fill=MUTED, font=f)
     px = axes(d, size, info["steps"], info["loss"] + [v for _, v in info["val"]], f)
     pts = [px(s, v) for s, v in zip(info["steps"], info["loss"])]
     if len(pts) > 1:

@@ -9,7 +9,8 @@ from comfy_api.latest import io
 
 from ..aligned_trainer.train import configs_io
 from ._common import category, node_id
-from .training import LORA_CONFIG, OPTIMIZER, RUN_SETTINGS, TIMESTEPS, TRAIN_RUN
+from .training import LORA_CONFIG, OPTIMIZER, RUN_SETTINGS, TIMESTEPS, TRAIN_RUN, LoraConfig, Optimizer, \
+    TimestepStrategy, TrainInit
 
 CAT = category("Training")
 
@@ -45,8 +46,20 @@ class ImportTrainingConfig(io.ComfyNode):
     @classmethod
     def execute(cls, config_file) -> io.NodeOutput:
         lora, opt, ts, settings, summary = configs_io.import_config(config_file)
+        configs_io.check_limits(summary["file"], configs_io.widget_values(summary), _widget_limits())
         text = json.dumps(summary, indent=1)
         return io.NodeOutput(lora, ts, opt, settings, text, ui={"text": [text]})
+
+
+def _widget_limits() -> dict[str, tuple[str, dict[str, tuple]]]:
+    """{section: (node title, {widget: (min, max)})}: the number widgets an imported file's values replace."""
+    out = {}
+    for section, node in (("lora", LoraConfig), ("optimizer", Optimizer), ("timesteps", TimestepStrategy),
+                          ("settings", TrainInit)):
+        schema = node.define_schema()
+        out[section] = (schema.display_name, {i.id: (i.min, i.max) for i in schema.inputs
+                                              if isinstance(i, (io.Int.Input, io.Float.Input))})
+    return out
 
 
 class ExportTrainingConfig(io.ComfyNode):

@@ -169,7 +169,8 @@ class LossGraph(io.ComfyNode):
     def execute(cls, smoothing, run=None, history_json="") -> io.NodeOutput:
         img, info = plot.loss_plot(history.history_from(run, history_json), smoothing)
         t = imaging.to_tensor(img)
-        summary = {k: info[k] for k in ("smoothed_minima_steps", "val", "val_minima_steps", "best_val_step")}
+        summary = {k: info[k] for k in ("smoothed_minima_steps", "val", "val_minima_steps", "best_val_step",
+                                         "non_finite_loss_steps")}
         summary["steps"] = len(info["steps"])
         return io.NodeOutput(t, json.dumps(summary), ui=ui.PreviewImage(t, cls=cls))
 

@@ -303,6 +303,8 @@ class TrainSteps(io.ComfyNode):
             mon.on_step(r)
 
         te_swap.check_plan(run.model, preview_plan)
+        if preview_plan is not None:
+            preview_plan.check(run.model)
 
         def preview(trainer, step):
             img = export.render_preview(run, preview_plan, trainer.adapter_state(), step)

@@ -11,12 +11,15 @@ The shipped workflow (workflows/dataset_tools.json) runs through the real server
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from support.api_nodes import node
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +185,30 @@ def test_vae_round_trip_metrics_match_a_direct_computation_worst_first(E, sd15, 
     t = torch.from_numpy(np.asarray(rows[0]["original"], dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     p, s = E.vrt.metrics(t, t.clone())
     assert p == float("inf") and s == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("method", ["bilateral", "gaussian", "median"])
+def test_cleaning_images_smaller_than_the_filter_window_through_the_server(server, method):
+    """A 1x1 and a 2 px tall image in the dataset (kernel 5: a window of 2 px each side): each method cleans them
+    (before: bilateral and gaussian failed the whole node with kornia's 'Padding size should be less than the
+    corresponding input dimension'). A one-colour image stays that colour under any blur of its own pixels."""
+    folder = server.input_dir / "tiny_images"
+    if not folder.exists():
+        folder.mkdir()
+        for name, size, colour in (("dot", (1, 1), (200, 40, 90)), ("strip", (40, 2), (30, 160, 220))):
+            Image.new("RGB", size, colour).save(folder / f"{name}.png")
+            (folder / f"{name}.txt").write_text(name, encoding="utf-8")
+    prompt = {"1": node(server, "AlignedTrainer_Dataset", folder="tiny_images", resolution=64, min_side=64,
+                        max_side=64),
+              "2": node(server, "AlignedTrainer_CleanDataset", dataset=["1", 0], method=method, kernel=5),
+              "3": node(server, "PreviewAny", source=["2", 1])}
+    entry = server.run(prompt)
+    report = json.loads(entry["outputs"]["3"]["text"][0])
+    assert sorted(r["source"] for r in report["images"]) == ["dot.png", "strip.png"], report
+    for f in sorted(folder.glob("*.png")):
+        original = np.asarray(Image.open(f).convert("RGB"))
+        copies = list(Path(report["folder"]).glob(f"{hashlib.sha256(f.read_bytes()).hexdigest()[:24]}-*.png"))
+        cleaned = [np.asarray(Image.open(c).convert("RGB")) for c in copies]
+        assert cleaned and all(c.shape == original.shape for c in cleaned), (f.name, [c.shape for c in cleaned])
+        assert any(np.abs(c.astype(int) - original.astype(int)).max() <= 1 for c in cleaned), f.name

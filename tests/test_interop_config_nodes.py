@@ -101,6 +101,34 @@ def test_config_files_outside_the_input_folder_are_refused(server, imported, con
     assert "is not inside a folder this server reads" in err["exception_message"], err["exception_message"]
 
 
+# (file name, text, words the one error must hold): files a user may be handed, each refused at Import Training
+# Config with a message naming the file and what is wrong (before: bare RecursionError / AttributeError /
+# OverflowError tracebacks, and out-of-range values that passed and failed later: rank 10**11 as a 128 TB
+# allocation at Train Init, a seed past 64 bits as "Overflow when unpacking long long")
+HOSTILE_CONFIGS = [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, ["deep.json", "nested too deeply"]),
+    ("deep.yaml", "config:\n  x: " + "[" * 50_000 + "]" * 50_000 + "\n", ["deep.yaml", "nested too deeply"]),
+    ("deep.toml", "a = " + "[" * 50_000 + "]" * 50_000 + "\n", ["deep.toml", "nested too deeply"]),
+    ("net_list.yaml", "config:\n  process:\n  - network: [1, 2]\n", ["net_list.yaml", "type or size"]),
+    ("inf_steps.yaml", "config:\n  process:\n  - train:\n      steps: .inf\n", ["total_steps", "inf"]),
+    ("inf_dim.toml", "network_dim = inf\n", ["rank", "inf"]),
+    ("huge_rank.json", '{"network_dim": 99999999999}', ["huge_rank.json", "rank = 99999999999", "LoRA Config"]),
+    ("huge_seed.json", '{"seed": 99999999999999999999999}', ["seed = 99999999999999999999999", "Train Init"]),
+    ("big_guidance.json", '{"guidance_scale": 1e308}', ["guidance = 1e+308", "Train Init"]),
+    ("neg_seed.toml", "seed = -1\n", ["seed = -1", "Train Init"]),
+]
+
+
+@pytest.mark.server
+def test_hostile_config_files_are_refused_with_one_clear_error(server):
+    for name, text, words in HOSTILE_CONFIGS:
+        (server.input_dir / name).write_text(text)
+        err = execution_error(server, {"1": node(server, P + "ImportTrainingConfig", config_file=name)})
+        assert err["node_type"] == P + "ImportTrainingConfig", (name, err)
+        assert err["exception_type"].endswith("ConfigError"), (name, err["exception_type"], err["exception_message"])
+        assert all(w in err["exception_message"] for w in words), (name, err["exception_message"][:400])
+
+
 @pytest.mark.server
 def test_an_edited_config_file_is_read_again(server):
     """ComfyUI caches a node's outputs by its inputs; the file name stays the same when the file is edited, so the

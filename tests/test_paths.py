@@ -159,6 +159,36 @@ def test_allowed_folders_settings_file_adds_a_root(world):
     assert "not inside a folder this server reads" in err["exception_message"]
 
 
+@pytest.mark.server
+def test_video_frame_folder_reads_no_linked_frames_from_outside(world):
+    """A frame folder (kind video) holding one real frame and links to frames outside the server's folders: the
+    links are skipped and noted, not read (before: the folder was listed again without the link check and the
+    outside frames were decoded into the clip)."""
+    from support.factories import clips
+
+    srv = world["srv"]
+    frames = clips.write_clip(world["outside"] / "frames", 5, 16, size=(64, 64), caption=None)
+    shot = srv.input_dir / "linked_frames" / "shot"
+    shot.mkdir(parents=True)
+    (shot.parent / "shot.txt").write_text("ohwx turning", encoding="utf-8")
+    for f in sorted(frames.glob("*.png")):                      # 0000-0004: links out, sorted first
+        (shot / f.name).symlink_to(f)
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(shot / "0005.png")    # one frame of its own
+    # buckets of 5 and 1 frames: the clip takes the longest it covers, so its count tells which frames it holds
+    prompt = {"1": node(srv, P + "Dataset", folder="linked_frames", kind="video", frame_buckets="1, 5",
+                        resolution=64, min_side=64, max_side=64),
+              "2": node(srv, "PreviewAny", source=["1", 1])}
+    try:
+        entry = srv.run(prompt)
+        report = json.loads(entry["outputs"]["2"]["text"][0])
+        assert report["clips"] == 1 and report["per_frame_count"] == {"1": 1}, report
+        skipped = [n for n in report["notes"] if "link that leads outside" in n]
+        assert len(skipped) == 5 and all(str(shot) in n for n in skipped), report["notes"]
+        assert world["log"].read_text() == ""     # nothing under the outside folder was opened by its own path
+    finally:
+        world["log"].write_text("")
+
+
 def slowdown() -> float:
     """How much longer than its CPU time a call may take on this machine now (1 when it is not overloaded):
     the regex engine's timeout counts CPU time, and 2 shared cores at load 10 stretch wall time ~5x."""
@@ -216,6 +246,62 @@ def test_catastrophic_exclude_regex_errors_fast_and_server_keeps_answering(world
     # under a second of work: the regex budget plus LoRA Config and Train Init up to its target layers
     assert (err["timestamp"] - starts[0]) / 1000 < 1.0 * slowdown()
     assert elapsed < 10 and answered and max(answered) < 1.0 * slowdown(), (elapsed, answered)
+
+
+@pytest.mark.server
+def test_names_too_long_in_bytes_or_with_line_breaks_are_refused_at_their_node(world):
+    """Run and config names are folder and file names: 64 emoji are 64 characters (under the 100 allowed) but 256
+    bytes, over the filesystem's 255 (before: a bare OSError 'File name too long' from Train Init / Export Training
+    Config); a line break or a leading '.' made odd file names ('a\\nb.toml', '..toml') before."""
+    srv = world["srv"]
+    emoji = "\U0001F600" * 64
+    err = run_error(srv, train_prompt(srv) | {"8": node(srv, P + "TrainInit", **{
+        **train_prompt(srv)["8"]["inputs"], "run_name": emoji})})
+    assert err["node_type"] == P + "TrainInit", err
+    assert "run name" in err["exception_message"] and "256 bytes" in err["exception_message"], err
+    configs = srv.output_dir / "aligned_trainer" / "configs"
+    for name, why in ((emoji, "256 bytes"), ("a\nb", "control character"), (".", "starts with '.'")):
+        prompt = train_prompt(srv)
+        prompt["11"] = node(srv, P + "ExportTrainingConfig", run=["9", 0], name=name)
+        err = run_error(srv, prompt)
+        assert err["node_type"] == P + "ExportTrainingConfig", (name, err)
+        assert "config name" in err["exception_message"] and why in err["exception_message"], (name, err)
+    assert not configs.exists() or sorted(p.name for p in configs.iterdir()) == []
+
+
+@pytest.mark.server
+def test_too_long_paths_and_damaged_lora_files_get_one_clear_error(world):
+    """A path input the filesystem cannot hold (a 300-byte name) and a .safetensors in the loras folder that is not
+    one: each refused at its node naming the input (before: bare OSError 'File name too long' from Dataset,
+    Checkpoint Grid, Import Training Config and Train Init's init_lora/resume; bare SafetensorError 'header too
+    small' from Load LoRA (aligned) and Checkpoint Grid)."""
+    srv = world["srv"]
+    long = "a" * 300
+    cases = {
+        "Dataset": dataset_prompt(srv, folder=long),
+        "CheckpointGrid": grid_prompt(srv, long),
+        "ImportTrainingConfig": {"1": node(srv, P + "ImportTrainingConfig", config_file=long + ".toml")},
+        "TrainInit.init_lora": train_prompt(srv) | {"8": node(srv, P + "TrainInit", **{
+            **train_prompt(srv)["8"]["inputs"], "init_lora": long})},
+        "TrainInit.resume": train_prompt(srv) | {"8": node(srv, P + "TrainInit", **{
+            **train_prompt(srv)["8"]["inputs"], "resume": "paths_regex/" + long})},
+    }
+    for label, prompt in cases.items():
+        err = run_error(srv, prompt)
+        assert err["node_type"] == P + label.split(".")[0], (label, err)
+        assert "is too long" in err["exception_message"] and "255 bytes" in err["exception_message"], (label, err)
+    (world["loras"] / "damaged.safetensors").write_bytes(b"")
+    try:
+        lora = {"1": node(srv, "CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors"),
+                "2": node(srv, P + "LoadLoraAligned", model=["1", 0], clip=["1", 1],
+                          lora_name="damaged.safetensors"),
+                "3": node(srv, "PreviewAny", source=["2", 2])}
+        for label, prompt in (("LoadLoraAligned", lora), ("CheckpointGrid", grid_prompt(srv, "damaged.safetensors"))):
+            err = run_error(srv, prompt)
+            assert err["node_type"] == P + label, (label, err)
+            assert "damaged.safetensors cannot be read as safetensors" in err["exception_message"], (label, err)
+    finally:
+        (world["loras"] / "damaged.safetensors").unlink()
 
 
 @pytest.mark.server

@@ -215,7 +215,7 @@ def test_load_projection_defaults_shapes_and_unreadable_files(F, S, tmp_path):
     for v in swap.projection.values():
         v.add_(0)  # an inference tensor refuses this outside inference mode
     _projection_file(F, S, tmp_path / "q.safetensors", {"kind": "linear", "in_dim": 5, "out_dim": 6})
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(F.SwapError, match="q.safetensors is a damaged .*size mismatch"):
         F.load_projection(tmp_path / "q.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(F.SwapError, match="cannot be read as safetensors.*Save Text Encoder Swap"):

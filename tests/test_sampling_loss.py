@@ -48,3 +48,32 @@ def test_loss_graph_node_draws_minima_and_reads_json(comfy):
         comfy.call(P + "LossGraph", history_json='{"x": 1}', smoothing=0.5)
     with pytest.raises(ValueError, match="history_json"):
         comfy.call(P + "LossGraph", history_json="[{", smoothing=0.5)
+
+
+@pytest.mark.server
+def test_loss_graph_hostile_histories_through_the_server(server):
+    """Histories a user can paste into history_json (or a diverged run's NaN loss): a NaN/inf loss is left out of the
+    plot and its step listed; losses near +-1e308 still draw; malformed records are refused naming the record.
+    Before: bare 'cannot convert float NaN to integer', RecursionError, 'could not convert string to float' and a
+    TypeError on null."""
+    from support.api_nodes import execution_error, node
+
+    def prompt(text):
+        return {"1": node(server, P + "LossGraph", history_json=text, smoothing=0.0),
+                "2": node(server, "PreviewAny", source=["1", 1]), "3": node(server, "PreviewImage", images=["1", 0])}
+
+    drawn = [(json.dumps(history()[:3] + [{"step": 4, "loss": float("nan")}, {"step": 5, "loss": float("inf")}]),
+              [4, 5], 3),
+             ('[{"step": 1, "loss": -1e308}, {"step": 2, "loss": 1e308}, {"step": 3, "loss": 0}]', [], 3)]
+    for text, left_out, kept in drawn:
+        entry = server.run(prompt(text))
+        s = json.loads(entry["outputs"]["2"]["text"][0])
+        assert s["non_finite_loss_steps"] == left_out and s["steps"] == kept, s
+    refused = {"[" * 100_000 + "]" * 100_000: "nested too deeply",
+               '[{"step": 1, "loss": "y"}]': "record 0 has loss 'y'",
+               '[{"step": 1, "loss": 1}, {"step": null, "loss": 2}]': "record 1 has step None",
+               '[{"step": NaN, "loss": 1}]': "record 0 has step nan",
+               '[{"step": 1, "loss": 1, "val_loss": "x"}]': "record 0 has val_loss 'x'"}
+    for text, words in refused.items():
+        err = execution_error(server, prompt(text))
+        assert err["node_type"] == P + "LossGraph" and words in err["exception_message"], (text[:40], err)

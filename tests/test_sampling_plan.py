@@ -92,6 +92,9 @@ def test_train_steps_renders_plan_at_requested_steps(comfy, sd15, sd15_training_
     class Spy:  # records the calls, renders with the real plan
         every_n = plan.every_n
 
+        def check(self, m):
+            plan.check(m)
+
         def render(self, m, step):
             img = plan.render(m, step)
             rendered.append((step, tuple(img.shape), any(lm.model is m for lm in mm.current_loaded_models)))
@@ -108,3 +111,36 @@ def test_train_steps_renders_plan_at_requested_steps(comfy, sd15, sd15_training_
         assert torch.equal(v, with_preview.state["adapters"][k]), k
     assert with_preview.history == without.history
     assert all(type(p.data) is torch.Tensor for p in model.model.diffusion_model.parameters())  # the base as loaded
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("plan, words", [
+    ({"frames": 5}, "frames = 5 needs a video model"),
+    ({"vae": "tiny-flux1-ae.safetensors"}, "16-channel latents"),
+])
+def test_a_preview_plan_that_cannot_render_is_refused_before_the_first_step(server, comfy_dirs, plan, words):
+    """A preview plan the model cannot render (frames > 1 on an image model, another family's VAE) fails Train Steps
+    before any step: no checkpoint is written (before: the run trained up to the first due preview, wrote its
+    checkpoints, then failed; a long run lost every step since its last checkpoint)."""
+    import json
+
+    from support.api_nodes import execution_error, node
+    from support.factories import family_files
+    from support.factories.dataset import make_dataset
+    from support.train_prompt import prompt as train_prompt
+
+    if not (server.input_dir / "plan_ds").exists():
+        make_dataset(server.input_dir / "plan_ds", n=2, sizes=((64, 64),))
+    vae_file = comfy_dirs["models"] / "vae" / "tiny-flux1-ae.safetensors"
+    if not vae_file.exists():
+        vae_file.symlink_to(family_files.vae_file("flux1-dev"))
+    run = "plan_refused_" + "_".join(plan)
+    p = train_prompt(run, steps=3, checkpoint_every=1, dataset="plan_ds")
+    p["11"] = node(server, "VAELoader", vae_name=plan.get("vae", "tiny-flux1-ae.safetensors"))
+    p["12"] = node(server, P + "PreviewPlan", clip=["1", 1], vae=["11", 0] if "vae" in plan else ["1", 2],
+                   every_n=2, frames=plan.get("frames", 1), **{**KW, "steps": 1})
+    p["9"]["inputs"]["preview_plan"] = ["12", 0]
+    err = execution_error(server, p)
+    assert err["node_type"] == P + "TrainSteps" and words in err["exception_message"], json.dumps(err)[:600]
+    checkpoints = server.output_dir / "aligned_trainer" / "runs" / run / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir()), sorted(checkpoints.iterdir())

@@ -9,6 +9,7 @@ training hook and the Apply node give the adm the same zero pooled vector, and a
 loss."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -263,6 +264,9 @@ class SpyPlan:
 
     def with_conditioning(self, fn):
         return SpyPlan(self.p.with_conditioning(fn), self.sample, self.shown)
+
+    def check(self, m):
+        self.p.check(m)
 
     def render(self, m, step):
         p = self.p
@@ -687,3 +691,44 @@ def test_sdxl_projected_pooled_vector_trains_and_applies(comfy, S, M, T, F, sd15
                                swap.module(proj).project(t5)[0][1]["pooled_output"], atol=0, rtol=0)
     with pytest.raises(S.SwapError, match="pooled 'projected' is for a model that reads a pooled text vector"):
         S.setup(sd15[0], clips[1], old_clip, CAPTIONS, pooled="projected")
+
+
+@pytest.mark.server
+def test_damaged_projection_files_are_refused_at_load_through_the_server(server, comfy_dirs):
+    """Projection files (models/te_projections, next to the loras folder) that carry the format tag but a broken
+    record, tensors that do not fit it or NaN weights: Load Text Encoder Swap refuses each naming the file (before:
+    bare JSONDecodeError / KeyError / TypeError / 'Error(s) in loading state_dict'; the NaN file loaded and sampled
+    black images). The intact file loads (its error comes later, at Apply, for a CLIP-L prompt)."""
+    from safetensors.torch import save_file
+
+    from support.api_nodes import execution_error, node
+
+    folder = comfy_dirs["models"] / "te_projections"
+    folder.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"net.0.weight": torch.randn(16, 8, generator=g), "net.0.bias": torch.randn(16, generator=g),
+               "scale": torch.tensor(0.5)}
+    record = {"kind": "linear", "in_dim": 8, "out_dim": 16}
+    fmt = {"format": "aligned_trainer.te_swap.projection.v1"}
+    files = {"intact": (tensors, json.dumps(record)), "bad_json": (tensors, "{not json"),
+             "no_kind": (tensors, "{}"), "a_list": (tensors, "[1]"),
+             "other_dims": (tensors, json.dumps({**record, "in_dim": 7})),
+             "nan": ({**tensors, "net.0.weight": torch.full((16, 8), math.nan)}, json.dumps(record))}
+    for name, (t, rec) in files.items():
+        save_file(t, str(folder / f"at_test_{name}.safetensors"), metadata={**fmt, "aligned_trainer.te_swap": rec})
+
+    def prompt(name):
+        return {"1": node(server, "AlignedTrainer_LoadTextEncoderSwap", projection_name=f"at_test_{name}.safetensors"),
+                "2": node(server, "CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors"),
+                "3": node(server, "CLIPTextEncode", clip=["2", 1], text="ohwx"),
+                "4": node(server, "AlignedTrainer_ApplyTextEncoderSwap", conditioning=["3", 0], swap=["1", 0]),
+                "5": node(server, "ConditioningZeroOut", conditioning=["4", 0]),
+                "6": node(server, "PreviewAny", source=["5", 0])}
+
+    err = execution_error(server, prompt("intact"))
+    assert err["node_type"] == "AlignedTrainer_ApplyTextEncoderSwap", err
+    for name in files.keys() - {"intact"}:
+        err = execution_error(server, prompt(name))
+        assert err["node_type"] == "AlignedTrainer_LoadTextEncoderSwap", (name, err)
+        assert f"at_test_{name}.safetensors is a damaged text-encoder swap projection" in err["exception_message"], \
+            (name, err["exception_message"])

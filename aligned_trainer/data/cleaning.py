@@ -86,12 +86,15 @@ def clean_image(img: Image.Image, cfg: CleanConfig) -> Image.Image:
     steps = cfg.method.split("+")
     x = _to_tensor(img)
     k = cfg.kernel
+    # kornia's default 'reflect' border needs more pixels than half the window on each side: a smaller image
+    # (a 1x1 or 2 px wide file in a dataset) takes its edge pixels repeated instead
+    border = "reflect" if min(x.shape[-2:]) > k // 2 else "replicate"
     if "bilateral" in steps:
-        x = bilateral_blur(x, k, cfg.sigma_color, (cfg.sigma_space, cfg.sigma_space))
+        x = bilateral_blur(x, k, cfg.sigma_color, (cfg.sigma_space, cfg.sigma_space), border_type=border)
     if "median" in steps:
-        x = median_blur(x, k)
+        x = median_blur(x, k, border_type=border)
     if "gaussian" in steps:
-        x = gaussian_blur2d(x, k, (cfg.sigma_space, cfg.sigma_space))
+        x = gaussian_blur2d(x, k, (cfg.sigma_space, cfg.sigma_space), border_type=border)
     out = _to_image(x)
     return _jpeg(out, cfg.jpeg_quality) if "jpeg" in steps else out
 

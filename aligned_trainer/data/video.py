@@ -163,11 +163,14 @@ def _video_frames(path: Path, keep: set[int]) -> dict[int, Image.Image]:
     return frames
 
 
-def probe(path: Path, folder_fps: float) -> Clip:
-    """Read a clip's timestamps and size (a video file, or a folder of frames read at ``folder_fps``)."""
+def probe(path: Path, folder_fps: float, frame_files: list[Path] | None = None) -> Clip:
+    """Read a clip's timestamps and size (a video file, or a folder of frames read at ``folder_fps``).
+    ``frame_files``: a frame folder's frames as the guarded listing found them (links leading outside the
+    allowed folders already left out); None lists the folder here (engine callers with a trusted folder)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_EXTS)
+        listed = path.iterdir() if frame_files is None else frame_files
+        files = sorted(p for p in listed if p.is_file() and p.suffix.lower() in FRAME_EXTS)
         if not files:
             raise DataError(f"frame folder {path} has no frames ({', '.join(sorted(FRAME_EXTS))}); put the clip's "
                             "frames in it as numbered images, or remove the folder.")
@@ -263,16 +266,20 @@ class VideoDataset(Dataset):
         return rep
 
 
-def scan_video_folder(folder: Path, roots: paths.Roots | None, notes: list) -> list[tuple[Path, int]]:
+def scan_video_folder(folder: Path, roots: paths.Roots | None, notes: list,
+                      frame_files: dict[Path, list[Path]] | None = None) -> list[tuple[Path, int]]:
     """(clip or image, repeats): video files and images in the folder and its ``N_name`` sub-folders, and other
-    sub-folders of the folder as frame folders."""
-    out, frame_dirs = [], {}
-    for p, depth in _listing(folder, roots).files:
+    sub-folders of the folder as frame folders. ``frame_files`` receives each frame folder's frames as listed
+    (links that lead outside ``roots`` skipped, and noted in ``notes``)."""
+    out, frame_dirs = [], {} if frame_files is None else frame_files
+    listing = _listing(folder, roots)
+    notes.extend(listing.notes)
+    for p, depth in listing.files:
         ext = p.suffix.lower()
         parent_repeat = REPEAT_DIR.match(p.parent.name) if depth else None
         if depth and not parent_repeat:
             if ext in FRAME_EXTS:
-                frame_dirs.setdefault(p.parent, None)
+                frame_dirs.setdefault(p.parent, []).append(p)
             continue
         if ext in VIDEO_EXTS or ext in IMAGE_EXTS:
             out.append((p, int(parent_repeat.group(1)) if parent_repeat else 1))
@@ -295,11 +302,11 @@ def from_video_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: Buck
     counts = video.frame_counts
     buckets = make_buckets(bucket_cfg)
     b = _Builder(caption_cfg, bucket_cfg, flip, seed)
-    plans = []
-    for path, repeats in scan_video_folder(Path(folder), roots, b.notes):
+    plans, frame_files = [], {}
+    for path, repeats in scan_video_folder(Path(folder), roots, b.notes, frame_files):
         ext = path.suffix.lower()
         if path.is_dir() or ext in VIDEO_EXTS:
-            clip = probe(path, video.frame_folder_fps)
+            clip = probe(path, video.frame_folder_fps, frame_files.get(path))
             if len(clip.times) == 1 and ext == ".gif":  # a still GIF: an image
                 clip = None
         else:

@@ -64,7 +64,11 @@ def step_of(path: Path, meta: dict) -> int | None:
 def read_lora(path: Path, model=None) -> tuple[dict, int | None]:
     """A LoRA file (stock loader), or one of our training checkpoints converted to ComfyUI's LoRA keys (output-axis
     DoRA magnitudes against ``model``'s base weights); plus its step."""
-    sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    try:
+        sd, meta = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    except Exception as e:  # safetensors' SafetensorError (not a safetensors file, truncated), OSError
+        raise ValueError(f"LoRA file {path} cannot be read as safetensors ({str(e)[:200]}); it is damaged or not a "
+                         "LoRA: remove it from the folder or list the files to compare one per line") from None
     meta = meta or {}
     from ..train import state
 

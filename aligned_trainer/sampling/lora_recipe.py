@@ -93,8 +93,12 @@ def check(recipe: Recipe, model, clip) -> list[str]:
 
 def apply(model, clip, path: Path, strength_model: float, strength_clip: float) -> Applied:
     """Apply the LoRA file at ``path`` like ComfyUI's LoraLoader, then align the CLIP to its recorded recipe."""
-    recipe = read_recipe(path)
-    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    try:
+        recipe = read_recipe(path)
+        lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    except Exception as e:  # safetensors' SafetensorError (not a safetensors file, truncated), OSError
+        raise ValueError(f"LoRA file {Path(path).name} cannot be read as safetensors ({str(e)[:200]}); it is damaged "
+                         "or not a LoRA: download or save it again, or pick another file") from None
     base_clip = align.unaligned(clip) if isinstance(clip, align.AlignedCLIP) else clip
     new_model, new_clip = comfy.sd.load_lora_for_models(model, base_clip, lora, strength_model, strength_clip)
     warnings = check(recipe, model, base_clip)

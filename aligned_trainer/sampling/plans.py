@@ -62,6 +62,11 @@ class PreviewPlan:
         text-encoder swap's projection: ``train.te_swap.projected_plan``)."""
         return replace(self, positives=tuple(fn(c) for c in self.positives), negative=fn(self.negative))
 
+    def check(self, model) -> None:
+        """Refuse, before any training step, what rendering would refuse at the first due step (frames > 1 for an
+        image model, a VAE of another family, a size below one latent pixel): the steps before it would be lost."""
+        render.latent_shape(model, self.vae, self.settings)
+
     def render(self, model, step: int) -> torch.Tensor:
         try:
             g, cells, _ = _row(model, self.vae, self.positives, self.negative, self.settings, step, self.prompts)

@@ -67,8 +67,14 @@ def latent_geometry(vae) -> tuple[int, int, int | None]:
 
 
 def empty_latent(model, vae, s: SampleSettings) -> torch.Tensor:
-    """The empty latent the stock nodes start from, sized by the VAE: ``(1, C, H / k, W / k)`` for a still image
-    (EmptyLatentImage / EmptySD3LatentImage / EmptyFlux2LatentImage), or for ``frames`` > 1 on a video model
+    """:func:`latent_shape` of zeros, as the stock empty-latent nodes make it."""
+    return comfy.sample.fix_empty_latent_channels(model, torch.zeros(latent_shape(model, vae, s)))
+
+
+def latent_shape(model, vae, s: SampleSettings) -> list[int]:
+    """The shape of the empty latent the stock nodes start from, sized by the VAE: ``(1, C, H / k, W / k)`` for a
+    still image (EmptyLatentImage / EmptySD3LatentImage / EmptyFlux2LatentImage), or for ``frames`` > 1 on a video
+    model
     ``(1, C, (frames - 1) // t + 1, H / k, W / k)`` (EmptyHunyuanLatentVideo for Wan 2.1, Wan22ImageToVideoLatent's
     H / 16 and 48 channels for the Wan 2.2 VAE), with C, k, t the VAE's channels, spatial and temporal
     compression, so the decode comes out at the width, height and frames asked (frames rounded down to what the
@@ -86,8 +92,7 @@ def empty_latent(model, vae, s: SampleSettings) -> torch.Tensor:
     if min(size) < 1:
         raise ValueError(f"width x height {s.width}x{s.height} is below one latent pixel of this VAE ({spatial} px): "
                          f"use at least {spatial} px")
-    shape = [1, channels, (s.frames - 1) // temporal + 1, *size] if s.frames > 1 else [1, channels, *size]
-    return comfy.sample.fix_empty_latent_channels(model, torch.zeros(shape))
+    return [1, channels, (s.frames - 1) // temporal + 1, *size] if s.frames > 1 else [1, channels, *size]
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ notes (values approximated or ignored); export writes every mapped value."""
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -129,6 +130,8 @@ def _coerce(section: str, name: str, value):
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(value)
             return int(value)
         if isinstance(default, float) or (default is None and name == "alpha"):
             return float(value)
@@ -441,6 +444,15 @@ def read_values(path: str | Path) -> tuple[dict, list[str]]:
         return ai_toolkit_values(data) if "config" in data else kohya_values(data)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"config file {path.name} cannot be parsed ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path.name} is nested too deeply to read; a training config is a flat "
+                          "list of settings (kohya) or a few levels of mappings (ai-toolkit)") from None
+    except (TypeError, ValueError, AttributeError, OverflowError, IndexError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config file {path.name}: a value has a type or size this format does not use ({e}); "
+                          "check the file against its tool's documentation (kohya sd-scripts arguments, "
+                          "ai-toolkit job config)") from None
     except Exception as e:  # yaml errors
         if type(e).__module__.startswith("yaml"):
             raise ConfigError(f"config file {path.name} cannot be parsed ({str(e)[:200]})") from None
@@ -465,6 +477,30 @@ def import_config(text: str) -> tuple[LoraConfig, OptimizerConfig, TimestepConfi
     summary = {"file": path.name, "lora": _as_dict(lora), "optimizer": _as_dict(opt), "timesteps": _as_dict(ts),
                "settings": settings, "notes": notes}
     return lora, opt, ts, settings, summary
+
+
+def widget_values(summary: dict) -> dict[str, dict]:
+    """An import summary's sections under the names of the nodes' widgets (``lr`` -> learning_rate, ``betas`` ->
+    beta1/beta2), for :func:`check_limits`."""
+    opt = dict(summary["optimizer"])
+    opt["learning_rate"] = opt.pop("lr")
+    opt["beta1"], opt["beta2"] = opt.pop("betas")
+    return {"lora": summary["lora"], "optimizer": opt, "timesteps": summary["timesteps"],
+            "settings": summary["settings"]}
+
+
+def check_limits(file: str, values: dict[str, dict], limits: dict[str, tuple[str, dict[str, tuple]]]) -> None:
+    """Refuse a value a file sets outside the limits of the widget it replaces: ``limits`` is ``{section: (node
+    title, {widget: (min, max)})}`` (from the node schemas), ``values`` is :func:`widget_values`. A file can hold
+    what no widget allows (a rank of 10**11: a 128 TB allocation at Train Init; a seed past 64 bits)."""
+    for section, (title, widgets) in limits.items():
+        for name, (lo, hi) in widgets.items():
+            v = values.get(section, {}).get(name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ConfigError(f"config file {file}: {name} = {v!r} is outside what {title}'s {name} widget "
+                                  f"allows ({lo} to {hi}); change it in the file")
 
 
 def config_fingerprint(text: str) -> str:
@@ -509,9 +545,11 @@ def export_run(run, name: str = "", folder: Path | None = None) -> tuple[Path, P
     from . import files
 
     name = (name or run.settings.run_name).strip()
-    if not name or "/" in name or "\\" in name or ".." in name or "\x00" in name or len(name) > 100:
-        raise ConfigError(f"config name {name[:60]!r} is not allowed: a plain file name (no '/', '\\' or '..'), "
-                          "at most 100 characters")
+    why = files.name_problem(name, 100)
+    if why:
+        raise ConfigError(f"config name {name[:60]!r} is not allowed: {why}. Use a plain file name (letters, "
+                          "digits, '_', '-', '.', spaces; no '/', '\\' or '..'), at most 100 characters, e.g. "
+                          "'my_lora'")
     if folder is None:
         import folder_paths
 

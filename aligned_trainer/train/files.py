@@ -18,6 +18,29 @@ IF_EXISTS = ("new_name", "overwrite")
 MAX_SUFFIX = 10_000
 
 
+NAME_MAX_BYTES = 200  # a user-given file or folder name in UTF-8: room for "_<n>" and a suffix under 255 bytes
+
+
+def name_problem(name: str, max_chars: int) -> str | None:
+    """Why ``name`` cannot be a plain file or folder name of ours (None when it can): empty, control characters,
+    path separators or '..', a leading '.'/'~' or surrounding spaces, more than ``max_chars`` characters or
+    :data:`NAME_MAX_BYTES` bytes in UTF-8 (the filesystem's limit is 255 bytes, and 'é' takes 2, an emoji 4)."""
+    if not name or not name.strip():
+        return "it is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it contains a control character (e.g. NUL or a line break)"
+    if any(c in name for c in "/\\") or ".." in name:
+        return "it contains a path separator or '..'"
+    if name.startswith((".", "~")) or name != name.strip() or name.endswith("."):
+        return "it starts with '.' or '~', or starts/ends with a space or ends with '.'"
+    if len(name) > max_chars:
+        return f"it is {len(name)} characters long (at most {max_chars})"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX_BYTES:
+        return f"it takes {size} bytes in UTF-8 (at most {NAME_MAX_BYTES}: accented letters take 2, emoji 4)"
+    return None
+
+
 def output_mode() -> int:
     """The mode a plain ``open(path, 'w')`` gives a new file in this process (0666 minus the umask)."""
     mask = os.umask(0)

@@ -205,18 +205,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def check_run_name(name: str) -> str:
     """The run name as a plain folder name, or one ConfigError naming it and the fix."""
     shown = repr(name if len(name) <= 60 else name[:57] + "...")
-    why = None
-    if not name or not name.strip():
-        why = "it is empty"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        why = "it contains a control character (e.g. NUL)"
-    elif any(c in name for c in "/\\") or ".." in name:
-        why = "it contains a path separator or '..'"
-    elif name.startswith((".", "~")) or name != name.strip() or name.endswith("."):
-        why = "it starts with '.' or '~', or starts/ends with a space or ends with '.'"
-    elif len(name) > RUN_NAME_MAX:
-        why = f"it is {len(name)} characters long (at most {RUN_NAME_MAX})"
-    elif name in ("none", "latest"):
+    why = files.name_problem(name, RUN_NAME_MAX)
+    if why is None and name in ("none", "latest"):
         why = "'none' and 'latest' are resume keywords"
     if why:
         raise ConfigError(f"run name {shown} is not allowed: {why}. Use a plain name (a folder under "
@@ -246,6 +236,10 @@ def runs_path(value: str, runs_root: Path) -> Path:
     if not value or "\x00" in value or value.startswith("~") or \
             any(part == ".." for part in re.split(r"[\\/]", value)):
         raise _refused(value)
+    from .. import paths
+
+    if (err := paths.too_long(value, "resume")) is not None:
+        raise CheckpointError(str(err))
     lexical = os.path.normpath(value if os.path.isabs(value) else os.path.join(root_abs, value))
     if not (_inside(lexical, root_abs) or _inside(lexical, root_real)):
         raise _refused(value)

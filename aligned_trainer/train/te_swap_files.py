@@ -110,7 +110,20 @@ def load_projection(path) -> Swap:
     if meta.get("format") != FORMAT:
         raise SwapError(f"{path} is not a text-encoder swap projection (format {meta.get('format')!r}); pick a "
                         "file written by Save Text Encoder Swap")
-    rec = json.loads(meta["aligned_trainer.te_swap"])
+    damaged = (f"{path} is a damaged text-encoder swap projection ({{}}); save it again with Save Text Encoder Swap, "
+               "or pick another file")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise SwapError(damaged.format(f"non-finite values in {', '.join(sorted(bad)[:3])}"))
+    try:
+        return _swap_from_record(json.loads(meta.get("aligned_trainer.te_swap", "")), tensors)
+    except SwapError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # record or tensor shapes
+        raise SwapError(damaged.format(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")) from None
+
+
+def _swap_from_record(rec: dict, tensors: dict) -> Swap:
     swap = Swap(rec["kind"], int(rec["in_dim"]), int(rec["out_dim"]), tensors, rec.get("reset", "none"),
                 tuple(rec.get("reset_layers", ())), {}, int(rec.get("seed", 0)),
                 float(rec.get("std_old", 0)), float(rec.get("std_new", 0)), float(rec.get("std_projected", 0)),
