@@ -29,7 +29,8 @@ def main() -> int:
     except project_setup.SetupError as e:
         print(f"[setup] ERROR: {e}", file=sys.stderr)
         return 2
-    run_env = project_setup.bytecode_env(dict(os.environ, COMFYUI_PATH=env["COMFYUI_PATH"], PYTHONUNBUFFERED="1"))
+    run_env = project_setup.reproducible_env(project_setup.bytecode_env(
+        dict(os.environ, COMFYUI_PATH=env["COMFYUI_PATH"], PYTHONUNBUFFERED="1")))
     args = sys.argv[1:]
     workers = args[args.index("-n") + 1] if "-n" in args[:-1] else "0"
     if workers != "0":

@@ -141,8 +141,10 @@ def test_dataset_tools_workflow_cleans_into_copies_and_reports_worst_first(serve
     entry, _ = demo.run_workflow(server, path)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.rglob("*")) if p.is_file()} == before
-    cleaned = list((server.output_dir / "aligned_trainer" / "cache" / "cleaned").glob("*.png"))
     n_images = sum(1 for p in before if p.suffix == ".png")
+    # this dataset's cleaned copies (named by the source's hash: other tests clean other images on this server)
+    cleaned = [c for p, sha in before.items() if p.suffix == ".png"
+               for c in (server.output_dir / "aligned_trainer" / "cache" / "cleaned").glob(f"{sha[:24]}-*.png")]
     assert len(cleaned) == n_images
     files = demo.output_files(entry, server.output_dir)
     assert {f.parent.name + "/" + f.name.rsplit("_", 2)[0] for f in files} == {"dataset_tools/cleaning",
