@@ -6,6 +6,7 @@ reg_weight, min-SNR-γ in the loop), validation split, val_every / checkpoint_ev
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 
 import pytest
@@ -299,3 +300,21 @@ def test_ema_update_is_a_fixed_number_of_ops_and_equals_the_per_parameter_update
     assert any(not torch.equal(s, p) for s, p in zip(got, tr.params))  # the average lags the weights
     for a, b in zip(got, plain.shadow_params):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_diverged_run_stops_before_applying_a_non_finite_step_and_keeps_the_last_good_checkpoint(
+        T, sd15, sd15_training_set, tmp_path):
+    """lr 1e30: step 1 is finite and throws the adapters to ~1e30, so step 2's loss is not finite. The run stops
+    there with a message naming the step and what to change, before that step's update; the last good step is the
+    kept checkpoint (keep_last 1: before, step 2's NaN weights were checkpointed and rotated step 1 out, and Train
+    Init refuses a NaN checkpoint, so nothing was left to resume)."""
+    run = _run(T, sd15, sd15_training_set, tmp_path, "diverge", opt=T.C.OptimizerConfig(lr=1e30, grad_clip=0.0))
+    with torch.inference_mode():  # as ComfyUI runs Train Steps
+        with pytest.raises(T.loop.NonFiniteLoss, match=r"loss became (nan|inf) at step 2.*was not applied.*holds step 1"
+                           r".*lower learning_rate") as e:
+            T.loop.train_steps(run, 5, checkpoint_every=1, keep_last=1)
+    kept = sorted((tmp_path / "runs" / "diverge" / "checkpoints").glob("step_*.safetensors"))
+    assert [k.name for k in kept] == ["step_0000001.safetensors"] and str(kept[0]) in str(e.value)
+    ck = T.st.load_checkpoint(kept[0])  # verified, and refused if its adapters held NaN/inf
+    assert ck["step"] == 1 and len(ck["history"]) == 1 and math.isfinite(ck["history"][0]["loss"])
+    assert all(torch.isfinite(v).all() for v in ck["state"]["adapters"].values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from .optim import build_ema, build_optimizer, build_scheduler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PROCESSES = 64  # data-parallel workers on one machine (Train Init's ``processes``)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was NaN or infinite (a diverged run): its update is not applied."""
 
 
 def default_runs_root() -> Path:
@@ -478,8 +483,13 @@ class Trainer:
                 h.remove()
 
     def step(self) -> tuple[float, float]:
-        """One optimizer step: ``backward`` then the update."""
-        return self._update(self.backward())
+        """One optimizer step: ``backward`` then the update. A NaN or infinite loss raises :class:`NonFiniteLoss`
+        before anything is updated (adapters, optimizer state, EMA and schedule stay as they were)."""
+        total = self.backward()
+        if not math.isfinite(total):
+            self.opt.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"the loss became {total} at step {self.sched.last_epoch + 1}")
+        return self._update(total)
 
     def backward(self) -> float:
         """Forward and backward over ``grad_accum`` micro-batches; the gradients are left in the adapters'
@@ -742,6 +752,19 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                 if step > run.step:
                     save(snapshot(), keep_last)
                 raise
+            except NonFiniteLoss as e:
+                # a diverged run: the bad step updated nothing; checkpoint the last good one (later periodic
+                # checkpoints of NaN weights would rotate the good ones out) and stop with what to change
+                if in_step is not None:
+                    trainer.gen.set_state(in_step[0])
+                    trainer.py_rng.setstate(in_step[1])
+                if step > run.step:
+                    checkpoints = save(snapshot(), keep_last)
+                kept = f"the checkpoint {checkpoints[-1]} holds step {step}" if checkpoints else \
+                    "no checkpoint was written (set checkpoint_every to keep one)"
+                raise NonFiniteLoss(f"training stopped: {e}, so that step was not applied; {kept}. Resume it with a "
+                                    "lower learning_rate, grad_clip on (e.g. 1.0), or precision fp32/bf16 instead of "
+                                    "fp16.") from None
             finally:
                 for a in trainer.adapters.values():
                     a.eval()
