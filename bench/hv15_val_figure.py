@@ -29,10 +29,8 @@ clip = c.engine("te.align").align_clip(
     hv15_te.shared_hv15_clip(hv15_te.qwen25vl_tiny_file(), hv15_te.byt5_tiny_file()), "hunyuan-video-1.5")
 vae = hv15.comfy_vae()
 samples = []
-for i in range(4):
-    frames = torch.stack([torch.from_numpy(clipsf.frame(i * 5 + k, (32, 32))).float() / 255 for k in range(5)])
+for i, lat in enumerate(clipsf.encoded_clips(vae)):
     with torch.no_grad():
-        lat = vae.encode(frames)[0]
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"ohwx clip {i}"))
     samples.append(types.Sample(f"c{i}", lat, (types.CaptionVariant(f"ohwx clip {i}", cond),), bucket=(32, 32)))
 tset = types.TrainingSet(tuple(samples))

@@ -20,10 +20,7 @@ types = c.engine("data.types")
 clip = te_wan.wan_clip()
 vae = wan.build_vae()
 samples = []
-for i in range(4):
-    frames = torch.stack([torch.from_numpy(clipsf.frame(i * 5 + k, (32, 32))).float() / 255 for k in range(5)])
-    with torch.no_grad():
-        lat = vae.encode(frames)[0]
+for i, lat in enumerate(clipsf.encoded_clips(vae)):
     cap = f"ohwx clip {i}"
     (cond,) = c.nodes.CLIPTextEncode().encode(clip, cap)
     samples.append(types.Sample(f"c{i}", lat, (types.CaptionVariant(cap, cond),), bucket=(32, 32)))

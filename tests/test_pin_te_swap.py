@@ -22,6 +22,19 @@ def _pstd(row) -> float:
 TOKENS = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 8.0, 0.0], [5.0, -5.0, 5.0, -5.0]])
 
 
+def _assert_default_linear_init(layers, seed: int) -> None:
+    """Each Linear of ``layers`` holds PyTorch's default Linear init (``nn.init``: kaiming-uniform weight, uniform
+    bias in +-1/sqrt(fan_in)), drawn in turn from one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        w, b = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)
+        torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+        bound = 1 / math.sqrt(w.shape[1])
+        torch.nn.init.uniform_(b, -bound, bound, generator=g)
+        torch.testing.assert_close(layer.weight.detach(), w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.bias.detach(), b, atol=1e-6, rtol=0)
+
+
 def test_token_std_counts_every_token_or_the_masked_ones(M):
     """All three tokens counted without a mask (population std per token, averaged); a mask of the conditioning's
     length counts only its valid (> 0) tokens, over several captions; a mask of another length is ignored; extras
@@ -284,14 +297,7 @@ def test_projection_init_forward_and_fit_follow_pytorch_and_the_measured_spread(
         S.Projection(4, 6, "conv")
     mlp = S.Projection(4, 6, "mlp").init_(2)
     assert [type(m).__name__ for m in mlp.net] == ["Linear", "GELU", "Linear"]
-    g = torch.Generator().manual_seed(2)
-    for layer in (mlp.net[0], mlp.net[2]):
-        w, b = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)
-        torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
-        bound = 1 / math.sqrt(w.shape[1])
-        torch.nn.init.uniform_(b, -bound, bound, generator=g)
-        torch.testing.assert_close(layer.weight.detach(), w, atol=1e-6, rtol=0)
-        torch.testing.assert_close(layer.bias.detach(), b, atol=1e-6, rtol=0)
+    _assert_default_linear_init((mlp.net[0], mlp.net[2]), 2)
     head = S.Projection(4, 6, "linear", pooled_dim=3, pooled_in=4).init_(2)
     plain = S.Projection(4, 6, "linear", pooled_dim=3).init_(2)
     assert torch.equal(head.net[0].weight, plain.net[0].weight) and not hasattr(plain, "pooled")
@@ -374,14 +380,7 @@ def test_pooled_head_is_drawn_after_the_net_from_the_same_generator(S):
     """``init_`` with a pooled head: the net's layers, then the head, each PyTorch's default Linear init
     (``nn.init``) drawn in turn from one generator of the seed."""
     head = S.Projection(4, 6, "mlp", pooled_dim=3, pooled_in=5).init_(7)
-    g = torch.Generator().manual_seed(7)
-    for layer in (head.net[0], head.net[2], head.pooled):
-        w, b = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)
-        torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
-        bound = 1 / math.sqrt(w.shape[1])
-        torch.nn.init.uniform_(b, -bound, bound, generator=g)
-        torch.testing.assert_close(layer.weight.detach(), w, atol=1e-6, rtol=0)
-        torch.testing.assert_close(layer.bias.detach(), b, atol=1e-6, rtol=0)
+    _assert_default_linear_init((head.net[0], head.net[2], head.pooled), 7)
 
 
 def _width(conditioning) -> int:

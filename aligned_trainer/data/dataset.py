@@ -42,6 +42,20 @@ MAX_CAPTION_BYTES = 1 << 20
 LONG_CAPTION_WORDS = 75        # CLIP reads 77 tokens (about 60 English words); beyond this even T5 setups cut
 
 
+def _unchanged_image(path: Path, sha: str, what: str) -> Image.Image:
+    """The image at ``path``, refused when its bytes are no longer the ones the Dataset node read (``sha``)."""
+    if file_sha(path) != sha:
+        raise DataError(f"{what} {path} changed after the Dataset node read it; run the graph again so the "
+                        "dataset (and its cache keys) are rebuilt.")
+    return load_image(path)
+
+
+def _fitted(img: Image.Image, size: tuple[int, int], box, flip: bool) -> Image.Image:
+    """``img`` resized to ``size`` (Lanczos), cropped to ``box`` and mirrored when ``flip``."""
+    img = img.resize(size, Image.Resampling.LANCZOS).crop(box)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+
+
 @dataclass(frozen=True)
 class Item:
     source: str                    # file path, or "graph:<index>"
@@ -74,14 +88,9 @@ class Dataset:
             arr = self.graph_images[int(item.source.split(":")[1])]
             img = Image.fromarray((arr.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
         else:
-            path = Path(item.source)
-            if file_sha(path) != item.sha:
-                raise DataError(f"image {path} changed after the Dataset node read it; run the graph again so the "
-                                "dataset (and its cache keys) are rebuilt.")
-            img = load_image(path)
+            img = _unchanged_image(Path(item.source), item.sha, "image")
         (rw, rh), box = crop_box(img.size, item.bucket)
-        img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(box)
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if item.flip else img
+        return _fitted(img, (rw, rh), box, item.flip)
 
     def control_pixels(self, item: Item) -> Image.Image:
         """The item's control image on the target's geometry: resized to the size the target is resized to (both
@@ -89,14 +98,9 @@ class Dataset:
         box, mirrored with the target; so a control of the target's own size lines up pixel for pixel. The rule
         ai-toolkit applies to its control_path images (resize to the item's scale size, the item's crop, the
         item's flips), with this pipeline's Lanczos resize."""
-        path = Path(item.control)
-        if file_sha(path) != item.control_sha:
-            raise DataError(f"control image {path} changed after the Dataset node read it; run the graph again so "
-                            "the dataset (and its cache keys) are rebuilt.")
-        img = load_image(path)
+        img = _unchanged_image(Path(item.control), item.control_sha, "control image")
         (rw, rh), _ = crop_box(item.size, item.bucket)
-        img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(item.crop)
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if item.flip else img
+        return _fitted(img, (rw, rh), item.crop, item.flip)
 
     def control_vae_input(self, item: Item) -> torch.Tensor:
         """The control image as ``VAE.encode`` takes it: (1, H, W, 3) in 0..1, the target's bucket size."""

@@ -23,6 +23,19 @@ def frame(i: int, size: tuple[int, int] = (48, 32)) -> np.ndarray:
     return base.clip(0, 255).astype(np.uint8)
 
 
+def encoded_clips(vae, n: int = 4, frames: int = 5, size: tuple[int, int] = (32, 32)) -> list:
+    """Latents of ``n`` generated clips of ``frames`` frames (clip i: frames i*frames ...) through ``vae`` (a
+    ComfyUI VAE), as the video validation-figure scripts use them."""
+    import torch
+
+    out = []
+    for i in range(n):
+        pixels = torch.stack([torch.from_numpy(frame(i * frames + k, size)).float() / 255 for k in range(frames)])
+        with torch.no_grad():
+            out.append(vae.encode(pixels)[0])
+    return out
+
+
 def write_clip(path: Path, n: int, fps: int, size: tuple[int, int] = (48, 32), caption: str | None = "a clip") -> Path:
     """A clip of ``n`` frames at ``fps`` (constant rate), or a folder of PNG frames when ``path`` has no suffix."""
     import av
