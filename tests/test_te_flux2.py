@@ -229,3 +229,19 @@ def test_flux2_comfyui_syntax_equals_stock_comfyui_content(comfy, flux2):
         d = flux2["clip"]
         assert _unpadded(_ids(ac, prompt)) == _ids(d, prompt), prompt
         assert _content_rows(_encode(d, prompt)["cond"], _encode(ac, prompt)["cond"]) <= TOL, prompt
+
+
+def test_flux2_token_inspector_and_alignment_report(comfy, flux2):
+    """The Token Inspector reads the aligned FLUX.2 CLIP: 512 positions, a long prompt's cut counted; the alignment
+    report compares ComfyUI's default with the prompt's own positions of the left-padded spec (equal within 1e-4,
+    cosine 1), and reports the 465 leading pads as the positions only the spec has."""
+    align, inspect_ = comfy.engine("te.align"), comfy.engine("te.inspect")
+    aligned = align.align_clip(flux2["clip"], "flux2-dev")
+    info = inspect_.inspect_text(aligned, PROMPTS["plain"], trigger="ohwx")["encoders"]["mistral3_24b"]
+    assert info["positions"] == 512 and info["truncated_tokens"] == 0
+    long = inspect_.inspect_text(aligned, PROMPTS["long"])
+    assert long["encoders"]["mistral3_24b"]["truncated_tokens"] > 0 and long["warnings"]
+    (row,) = inspect_.compare_clips(flux2["clip"], aligned, [PROMPTS["plain"]])
+    assert (row["positions_a"], row["positions_b"]) == (47, 512)
+    assert row["min_token_cosine"] > 0.9999
+    assert row["extra_positions_norm"] > 0
