@@ -78,6 +78,11 @@ def vision_image(image: torch.Tensor, enc: EncoderSpec) -> torch.Tensor:
     return (t.float() / 255).permute(0, 2, 3, 1).contiguous()
 
 
+def needs_images(spec: TESpec | None) -> bool:
+    """True when ``spec`` encodes each prompt with input images (an encoder has an ``image_placeholder``)."""
+    return spec is not None and any(e["image_placeholder"] for e in spec.encoders)
+
+
 def place_images(sub, enc: EncoderSpec, spec_key: str, seq: list, images: list) -> list:
     """``seq`` (one token sequence) with each ``image_placeholder`` token replaced by the next image, in the form
     ComfyUI's tokenizers give images to their encoder. The prompt needs exactly as many images as placeholders."""
