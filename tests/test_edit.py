@@ -249,8 +249,8 @@ def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, fami
 
 
 def test_qwen_image_forward_receives_reference_latents(comfy, family_bundle, tmp_path):
-    """Qwen-Image's extra_conds also take ``reference_latents`` (the latent half of Qwen-Image-Edit; the vision
-    tokens its edit text encoder adds are not done): a batch of 2 trains with finite loss and every forward gets
+    """Qwen-Image's extra_conds also take ``reference_latents`` (the latent half of Qwen-Image-Edit; with the plain
+    qwen-image spec the captions hold no vision tokens: the qwen-image-edit spec adds them, tested below): a batch of 2 trains with finite loss and every forward gets
     ``ref_latents`` equal to the stock path's for its samples, in the Wan VAE's (C, 1, h, w) layout."""
     D = comfy.engine("data.dataset")
     cache = comfy.engine("data.cache")
@@ -296,7 +296,7 @@ def _stock_conds(model, conditioning, control_latent, shape) -> dict:
 
 
 def test_qwen_image_edit_training_encodes_captions_with_the_control(comfy, family_bundle, tmp_path):
-    """Qwen-Image-Edit training (a few minutes on 2 CPU cores: every caption holds ~1300 vision tokens): with the aligned ``qwen-image-edit`` spec (a tiny Qwen2.5-VL with its vision tower,
+    """Qwen-Image-Edit training (30 s to 2.5 min on 2 busy CPU cores: every caption holds ~1300 vision tokens): with the aligned ``qwen-image-edit`` spec (a tiny Qwen2.5-VL with its vision tower,
     the bundle's language-model weights), each caption is encoded with its item's control image (and cached under
     that image), so every forward's text context and ``ref_latents`` are what ComfyUI's graph gives: the aligned
     CLIP's tokenize(caption, images=[control]) (TextEncodeQwenImageEdit's call, on the control's pixels) ->
