@@ -185,6 +185,7 @@ TESTS = {
     "te/specs.py": ["tests/test_pin_te_specs.py", "tests/test_te_specs.py"],
     "te/inspect.py": ["tests/test_pin_inspect.py", "tests/test_pin_te.py", "tests/test_te_nodes.py"],
     "te/tokenizers.py": ["tests/test_pin_tokenizers.py"],
+    "te/vision.py": ["tests/test_te_qwen_image_edit.py"],
     "te/syntax.py": ["tests/test_pin_te_specs.py", "tests/test_te_recipe.py::test_inspector_and_report_show_the_syntax_and_what_it_changes"],
 }
 PACKAGES = ("train", "data", "sampling", "te")

@@ -81,6 +81,12 @@ def test_qwen_image_edit_spec_values_are_the_pipelines(comfy, edit):
     assert proc["factor"] == ip.patch_size * ip.merge_size
     assert (proc["min_pixels"], proc["max_pixels"]) == (ip.size["shortest_edge"], ip.size["longest_edge"])
     assert proc["resample"] == "bicubic" and int(ip.resample) == 3  # PIL's BICUBIC
+    # the processor's smart resize, inside, above and below its pixel bounds
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    for h, w in [(1024, 1024), (1080, 1920), (5000, 4000), (20, 30), (57, 3000), (28, 28)]:
+        assert vision.bounded_dims(h, w, proc["factor"], proc["min_pixels"], proc["max_pixels"]) == \
+            smart_resize(h, w, factor=proc["factor"], min_pixels=proc["min_pixels"], max_pixels=proc["max_pixels"]), (h, w)
     rule = enc["image_resize"]
     assert pipe.image_processor.config.resample == rule["resample"]
     calc = _edit_module(pipe).calculate_dimensions
