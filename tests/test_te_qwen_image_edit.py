@@ -150,8 +150,30 @@ def test_qwen_image_edit_comfy_default_vs_spec(comfy, edit, record_property):
     record_property("comfy_default_vs_spec", rows)
     print("qwen-image-edit comfy default vs spec", rows)
     for r in rows.values():
-        assert r["token_order_only_max_abs"] > 100 * TOL
+        assert r["token_order_only_max_abs"] > 100 * TOL  # the tower's window order alone
+        assert r["aligned_through_node_max_abs"] > 100 * TOL  # the node's resize alone (the aligned CLIP orders)
         assert r["node_max_abs"] is None or r["node_max_abs"] > 100 * TOL
+
+    # the template search, on the pipeline's exact vision input: the prompt follows <|vision_end|>, so a leading
+    # newline stays its own token and the search finds the same 64 positions (unlike Qwen-Image's template); a
+    # prompt that begins with <|im_start|> gets no template, and so no image; ComfyUI's syntax drops backslashes
+    _, image = _image("landscape")
+    prepared = vision.vision_image(image, enc)
+    comfy_syntax = comfy.engine("te.align").align_clip(default, "qwen-image-edit", prompt_syntax="comfyui")
+    lens = {}
+    for name, prompt in {"leading-newline": "\n make it red", "im_start": "<|im_start|>make it red",
+                         "escaped": r"a \(literal\) bracket"}.items():
+        with torch.no_grad():
+            d = default.encode_from_tokens(default.tokenize(prompt, images=[prepared]), return_dict=True)["cond"]
+            c = comfy_syntax.encode_from_tokens(comfy_syntax.tokenize(prompt, images=[image]), return_dict=True)["cond"]
+        a = _ours(aligned, prompt, image)["cond"]
+        lens[name] = {"default_len": d.shape[1], "aligned_len": a.shape[1],
+                      "comfyui_syntax_max_abs": _max(c, a) if c.shape == a.shape else None}
+    print("qwen-image-edit template search", lens)
+    assert lens["leading-newline"]["default_len"] == lens["leading-newline"]["aligned_len"]
+    assert lens["leading-newline"]["comfyui_syntax_max_abs"] <= TOL
+    assert lens["im_start"]["default_len"] < 10 < lens["im_start"]["aligned_len"]
+    assert lens["escaped"]["comfyui_syntax_max_abs"] is None or lens["escaped"]["comfyui_syntax_max_abs"] > TOL
 
 
 def test_edit_pipeline_as_installed_numbers_image_tokens_like_text(comfy, edit, record_property):
