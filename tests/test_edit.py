@@ -249,8 +249,8 @@ def test_samples_with_and_without_reference_run_in_separate_forwards(comfy, fami
 
 
 def test_qwen_image_forward_receives_reference_latents(comfy, family_bundle, tmp_path):
-    """Qwen-Image's extra_conds also take ``reference_latents`` (the latent half of Qwen-Image-Edit; the vision
-    tokens its edit text encoder adds are not done): a batch of 2 trains with finite loss and every forward gets
+    """Qwen-Image's extra_conds also take ``reference_latents`` (the latent half of Qwen-Image-Edit; with the plain
+    qwen-image spec the captions hold no vision tokens: the qwen-image-edit spec adds them, tested below): a batch of 2 trains with finite loss and every forward gets
     ``ref_latents`` equal to the stock path's for its samples, in the Wan VAE's (C, 1, h, w) layout."""
     D = comfy.engine("data.dataset")
     cache = comfy.engine("data.cache")
@@ -276,3 +276,113 @@ def test_qwen_image_forward_receives_reference_latents(comfy, family_bundle, tmp
     assert len(seen) >= 2 and all(r is not None and len(r) == 1 for r in seen)
     for got in seen:
         assert all(any(torch.equal(row[None], ref) for ref in refs) for row in got[0])
+
+
+def _stock_conds(model, conditioning, control_latent, shape) -> dict:
+    """The model conds ComfyUI's sampler gives the forward for ``conditioning`` with ``control_latent`` attached by
+    ComfyUI's own ReferenceLatent node (``convert_cond`` and ``encode_model_conds`` with the model's extra_conds):
+    ``c_crossattn`` (the forward's ``context``) and ``ref_latents``."""
+    import importlib
+
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+
+    sampler_helpers, samplers = (importlib.import_module(m) for m in ("comfy.sampler_helpers", "comfy.samplers"))
+    (cond,) = ReferenceLatent.execute(conditioning, {"samples": control_latent[None]}).result
+    conv = sampler_helpers.convert_cond(cond)
+    x = torch.zeros((1, *shape))
+    conv = samplers.encode_model_conds(model.model.extra_conds, conv, x, x.device, "positive", latent_image=x)
+    mc = conv[0]["model_conds"]
+    return {"context": mc["c_crossattn"].cond, "ref_latents": mc["ref_latents"].cond}
+
+
+def test_qwen_image_edit_training_encodes_captions_with_the_control(comfy, family_bundle, tmp_path):
+    """Qwen-Image-Edit training (30 s to 2.5 min on 2 busy CPU cores: every caption holds ~1300 vision tokens): with the aligned ``qwen-image-edit`` spec (a tiny Qwen2.5-VL with its vision tower,
+    the bundle's language-model weights), each caption is encoded with its item's control image (and cached under
+    that image), so every forward's text context and ``ref_latents`` are what ComfyUI's graph gives: the aligned
+    CLIP's tokenize(caption, images=[control]) (TextEncodeQwenImageEdit's call, on the control's pixels) ->
+    ReferenceLatent(control latent). Finite loss, resume bit-exact, a changed control changes the text embedding,
+    caption dropout uses the sample's own empty caption (encoded with its control), no control is refused."""
+    from support.factories import te_qwen_image
+
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    loop = comfy.engine("train.loop")
+    cfg, st = comfy.engine("train.config"), comfy.engine("train.state")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    model, _, vae = family_bundle("qwen-image")
+    clip = comfy.engine("te.align").align_clip(
+        te_qwen_image.qwen_image_clip(te_qwen_image.qwen25vl_edit_tiny_file(41), vision=True), "qwen-image-edit")
+    folder, ctrl = _edit_set(tmp_path, "set", n=2)
+    ds = D.from_folder(folder.parent, C, B, control_folder=ctrl)
+    lc = cache.cache_latents(ds, vae, tmp_path / "c")
+    ts, stats = cache.cache_text(lc, clip, tmp_path / "c", unload=False)
+    assert stats == (0, 4, 0) and ts.empty_conditioning is None  # 2 items x (caption + empty), per control image
+    assert ts.meta["text_images"] == "control"
+
+    # each sample's caption and empty caption = the aligned CLIP on that caption with the item's control pixels
+    stock = []
+    for s, item in zip(ts.samples, ds.items):
+        with torch.no_grad():
+            image = [ds.control_vae_input(item)]
+            want = clip.encode_from_tokens_scheduled(clip.tokenize(item.captions[0], images=image))
+            empty = clip.encode_from_tokens_scheduled(clip.tokenize("", images=image))
+        assert torch.equal(s.captions[0].conditioning[0][0], want[0][0])
+        assert torch.equal(s.empty_conditioning[0][0], empty[0][0])
+        assert s.captions[0].conditioning[0][0].shape[1] > 1000  # the control's ~1300 vision tokens are in the text
+        stock.append(_stock_conds(model, want, s.control_latent, s.latent.shape))
+
+    # every forward gets exactly one sample's stock context and ref_latents
+    seen = []
+    dm = model.model.diffusion_model
+    handle = dm.register_forward_pre_hook(lambda m, a, kw: seen.append((a[2] if len(a) > 2 else kw.get("context"),
+                                                                        kw.get("ref_latents"))), with_kwargs=True)
+
+    def init(name, resume="none", tset=ts):
+        return loop.init_run(model, tset, cfg.LoraConfig(rank=4, alpha=4, preset="attention"), cfg.TimestepConfig(),
+                             cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=name, batch_size=1),
+                             runs_root=tmp_path, resume=resume)
+    try:
+        out = loop.train_steps(init("qe"), 2, val_every=2)
+    finally:
+        handle.remove()
+    losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
+    print("qwen-image-edit losses (2 steps, validation)", losses)
+    assert all(np.isfinite(losses))
+    assert len(seen) >= 3
+    for context, refs in seen:
+        assert context is not None and refs is not None and len(refs) == 1
+        for i in range(context.shape[0]):  # validation batches several timesteps of one sample
+            assert any(torch.equal(context[i:i + 1], s["context"]) and torch.equal(refs[0][i:i + 1], s["ref_latents"][0])
+                       for s in stock), "a forward's context/ref_latents match no sample's ComfyUI-graph conditioning"
+
+    # resume is exact: 1 step, a checkpoint, a new Train Init from it, 1 more == 2 straight
+    loop.train_steps(init("half"), 1, val_every=2, checkpoint_every=1)
+    resumed = loop.train_steps(init("half", "latest"), 1, val_every=2)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    for k, v in out.state["adapters"].items():
+        assert torch.equal(v, resumed.state["adapters"][k]), k
+
+    # caption dropout trains on the sample's own empty caption, with its control latent
+    import dataclasses
+
+    tr = loop.Trainer(init("dropout", tset=dataclasses.replace(ts, caption_dropout=1.0)))
+    for s in ts.samples:
+        cond = tr.conditioning(s)
+        assert torch.equal(cond[0][0], s.empty_conditioning[0][0])
+        assert torch.equal(cond[0][1]["reference_latents"][0], s.control_latent[None])
+
+    # a changed control image changes that item's text embedding (and only its entries are encoded again)
+    p = sorted(ctrl.iterdir())[0]
+    Image.open(p).convert("RGB").rotate(90).save(p)
+    ds2 = D.from_folder(folder.parent, C, B, control_folder=ctrl)
+    changed = [i for i, (a, b) in enumerate(zip(ds.items, ds2.items)) if a.control_sha != b.control_sha]
+    ts2, stats2 = cache.cache_text(cache.cache_latents(ds2, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)
+    assert len(changed) == 1 and stats2 == (2, 2, 0)
+    for i, (a, b) in enumerate(zip(ts.samples, ts2.samples)):
+        same = torch.equal(a.captions[0].conditioning[0][0], b.captions[0].conditioning[0][0])
+        assert same == (i not in changed), i
+
+    # a target without a control image is refused, naming the file
+    plain = D.from_folder(folder.parent, C, B)
+    with pytest.raises(Exception, match=r"'qwen-image-edit'.*has no control image.*control_folder"):
+        cache.cache_text(cache.cache_latents(plain, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)

@@ -307,12 +307,40 @@ def is_loaded(model) -> bool:
     return any(lm.model is not None and lm.model.model is patcher.model for lm in mm.current_loaded_models)
 
 
+def text_image_key(item: Item) -> tuple:
+    """What fixes the image an item's captions are encoded with, for a spec whose prompts hold an image: the
+    control image's bytes and the target geometry ``Dataset.control_pixels`` brings it to (size, bucket, crop,
+    flip)."""
+    return (item.control_sha, item.size, item.bucket, item.crop, item.flip)
+
+
+def _text_images(ds: Dataset, spec) -> bool:
+    """True when ``spec`` (an aligned CLIP's) encodes each prompt with an input image (Qwen-Image-Edit): every
+    item's captions are then encoded with its control image, which every item must have."""
+    from ..te import vision
+
+    if not vision.needs_images(spec):
+        return False
+    for item in ds.items:
+        if not item.control:
+            from .images import DataError
+
+            raise DataError(f"text-encoder spec '{spec.key}' encodes each caption with the item's input image, but "
+                            f"{item.source} has no control image. Give the Dataset a control_folder with an image "
+                            "of that file's name (regularization folders too), or pick the family's text-to-image "
+                            "spec on Load Aligned Text Encoders.")
+    return True
+
+
 def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: Progress | None = None,
                unload: bool = True, quantize: str = "none") -> tuple[TrainingSet, tuple[int, int, int]]:
     """Encode every caption variant (and the empty caption) once into the on-disk cache. ``quantize`` (int8 or
     int4) runs the text encoders with quantized weights while they encode (train/quantize.py), entered only when
     something must be encoded; its embeddings are cached under their own key, and the encoder is unloaded
-    afterwards whatever ``unload`` says."""
+    afterwards whatever ``unload`` says. When the CLIP's spec encodes each prompt with an input image
+    (Qwen-Image-Edit), each item's captions and empty caption are encoded with its control image on the target's
+    geometry (``Dataset.control_vae_input``, the pixels its control latent comes from), keyed by that image
+    (``text_image_key``), and the sample carries its own empty-caption conditioning."""
     root = Path(root or default_cache_root()) / "text"
     cache = DiskCache(root)
     cache.sweep_temporaries()
@@ -323,38 +351,51 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
     q.check(quantize)
     cid = clip_identity(clip) + ("" if quantize == "none" else f"+{quantize}")
     ds = latents.dataset
-    texts = sorted({c for item in ds.items for c in item.captions} | {""})
+    with_image = _text_images(ds, getattr(clip, "spec", None))
+    if with_image:  # (image key, text) pairs, one image per distinct control geometry
+        images = {text_image_key(item): item for item in ds.items}
+        jobs = sorted({(ik, c) for ik, item in images.items() for c in (*item.captions, "")}, key=repr)
+    else:
+        jobs = [(None, c) for c in sorted({c for item in ds.items for c in item.captions} | {""})]
     conds = {}
     with contextlib.ExitStack() as scope:
         entered = []
 
-        def encode(text):
+        def encode(text, ik):
             if not entered:  # the first miss quantizes (hits never load the encoder)
                 entered.append(scope.enter_context(q.quantized_text_encoder(clip, quantize, unload_patcher)))
-            return _cond_to_tensors(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+            kw = {} if ik is None else {"images": [ds.control_vae_input(images[ik])]}
+            return _cond_to_tensors(clip.encode_from_tokens_scheduled(clip.tokenize(text, **kw)))
 
-        for n, text in enumerate(texts):
+        for n, (ik, text) in enumerate(jobs):
             mm.throw_exception_if_processing_interrupted()
-            t = cache.get_or_compute(_key("text", cid, text), lambda text=text: encode(text),
-                                     {"text": text, "clip": cid})
-            conds[text] = _tensors_to_cond(t)
+            key = _key("text", cid, text) if ik is None else _key("text", cid, text, "image", *ik)
+            meta = {"text": text, "clip": cid} if ik is None else {"text": text, "clip": cid,
+                                                                      "image": images[ik].control}
+            t = cache.get_or_compute(key, lambda text=text, ik=ik: encode(text, ik), meta)
+            conds[(ik, text)] = _tensors_to_cond(t)
             if progress:
-                progress(n + 1, f"captions {n + 1}/{len(texts)} (hits {cache.hits}, encoded {cache.misses})")
+                progress(n + 1, f"captions {n + 1}/{len(jobs)} (hits {cache.hits}, encoded {cache.misses})")
     if unload:
         unload_text_encoder(clip)
     samples = []
     controls = latents.controls or (None,) * len(ds.items)
     for item, lat, ctrl in zip(ds.items, latents.latents, controls):
-        caps = tuple(CaptionVariant(c, conds[c]) for c in item.captions)
+        ik = text_image_key(item) if with_image else None
+        caps = tuple(CaptionVariant(c, conds[(ik, c)]) for c in item.captions)
         key = _key(item.sha, item.bucket, item.flip) if ctrl is None else _key(item.sha, item.bucket, item.flip,
                                                                                item.control_sha)
         samples.append(Sample(key=key, latent=lat, captions=caps,
                               weight=ds.reg_weight if item.is_reg else 1.0, is_reg=item.is_reg, bucket=item.bucket,
-                              repeats=item.repeats, control_latent=ctrl))
+                              repeats=item.repeats, control_latent=ctrl,
+                              empty_conditioning=conds[(ik, "")] if with_image else None))
     meta = {"dataset_hash": ds.hash, "vae_id": latents.vae_id, "clip_id": cid, "report": ds.report(),
             "prompt_syntax": getattr(clip, "prompt_syntax", "comfyui"),
             "latent_cache": latents.root, "text_cache": str(root)}
-    ts = TrainingSet(tuple(samples), empty_conditioning=conds[""], caption_dropout=ds.caption_cfg.caption_dropout,
+    if with_image:
+        meta["text_images"] = "control"
+    ts = TrainingSet(tuple(samples), empty_conditioning=None if with_image else conds[(None, "")],
+                     caption_dropout=ds.caption_cfg.caption_dropout,
                      te_spec_id=getattr(getattr(clip, "spec", None), "key", None),  # id or id:variant
                      meta=meta)
     return ts, (cache.hits, cache.misses, cache.repaired)

@@ -31,12 +31,15 @@ class Sample:
     repeats: int = 1              # kohya folder repeats: drawn this many times as often
     control_latent: torch.Tensor | None = None  # image-edit training: the control image's latent (C, H, W), as
                                   # ``latent`` (before process_latent_in); given to the model as ComfyUI's reference_latents
+    empty_conditioning: list | None = None  # the empty caption's conditioning for this sample when it differs per
+                                  # sample (a text encoder that reads the control image: Qwen-Image-Edit); else the set's
 
 
 @dataclass(frozen=True)
 class TrainingSet:
     samples: tuple[Sample, ...]
-    empty_conditioning: list | None = None  # conditioning used for caption dropout (spec's empty prompt)
+    empty_conditioning: list | None = None  # conditioning used for caption dropout (spec's empty prompt); None when
+                                             # each sample has its own (Sample.empty_conditioning)
     caption_dropout: float = 0.0             # probability of using ``empty_conditioning`` in a step
     te_spec_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # dataset hash, bucket table, cache dirs, ...

@@ -25,6 +25,7 @@ import torch
 
 from . import inputs
 from . import syntax as sx
+from . import vision
 from .specs import EncoderSpec, SpecError, TESpec, detect_spec, get_spec
 from .tokenizers import spec_tokenizer
 
@@ -505,13 +506,15 @@ class AlignedCLIP(comfy.sd.CLIP):
         if self.prompt_syntax == sx.LITERAL and set(out) - covered:
             out = super().tokenize(text, return_word_ids, **kwargs)
         opts = {**self.tokenizer_options, **kwargs.get("tokenizer_options", {})}
-        kw = {k: v for k, v in kwargs.items() if k != "tokenizer_options"}
+        kw = {k: v for k, v in kwargs.items() if k not in ("tokenizer_options", "images", "llama_template")}
         kw["tokenizer_options"] = opts
+        images = list(kwargs.get("images") or [])
         for enc, sub in keyed:
             # an encoder reading a derived input (quoted text) always has its key: ComfyUI's tokenizer adds it only
             # when the prompt holds that input
             if sub is not None and (enc.key in out or enc["input"] not in (None, inputs.PROMPT)):
-                out[enc.key] = tokenize_encoder(sub, enc, text, return_word_ids, kw, self.prompt_syntax)
+                batches = tokenize_encoder(sub, enc, text, return_word_ids, kw, self.prompt_syntax)
+                out[enc.key] = [vision.place_images(sub, enc, self.spec.key, b, images) for b in batches]
         return out
 
     def _zero_empty(self, tokens) -> bool:
@@ -544,7 +547,8 @@ class AlignedCLIP(comfy.sd.CLIP):
         pads = {e.key: pad_id(self._sub(e), e) for e in self.spec.encoders if self._sub(e) is not None}
         with encoder_options(self.cond_stage_model, self.spec), \
                 spec_encoding(self.cond_stage_model, self.spec, absent), \
-                left_padding(self.cond_stage_model, self.spec, pads):
+                left_padding(self.cond_stage_model, self.spec, pads), \
+                vision.token_order(self.cond_stage_model, self.spec, encoder_model):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
         if return_dict:
             out = strip_padding(out, self.spec)

@@ -398,10 +398,11 @@ class Trainer:
 
     def conditioning(self, sample) -> list:
         """The step's caption conditioning for ``sample`` (a drawn variant, or the empty caption on caption
-        dropout), carrying the sample's control latent as ``reference_latents`` (image-edit training) either way."""
+        dropout: the sample's own when it has one, Qwen-Image-Edit's encoded with its control image), carrying the sample's control latent as ``reference_latents`` (image-edit training) either way."""
         tset = self.run.training_set
-        if tset.empty_conditioning is not None and tset.caption_dropout and self.py_rng.random() < tset.caption_dropout:
-            return with_reference(tset.empty_conditioning, sample)
+        empty = sample.empty_conditioning if sample.empty_conditioning is not None else tset.empty_conditioning
+        if empty is not None and tset.caption_dropout and self.py_rng.random() < tset.caption_dropout:
+            return with_reference(empty, sample)
         return with_reference(self.py_rng.choice(sample.captions).conditioning, sample)
 
     def model_conds(self, conds: list, x: torch.Tensor) -> list[dict]:
