@@ -64,7 +64,7 @@ def test_flux2_resolution_shift_is_the_pipelines(T, flux2):
     assert T.ts.resolution_rule(flux1)["rule"] == "linear"
 
 
-def test_flux2_trains_resumes_and_saves_ai_toolkits_lora(T, flux2, tmp_path):
+def test_flux2_trains_resumes_and_saves_ai_toolkits_lora(T, flux2, tmp_path, monkeypatch):
     model, vae = flux2
     tset = _set(T, vae)
     tcfg = T.C.TimestepConfig(density="logit_normal", shift="flux_resolution", weighting="sd3_sigma_sqrt")
@@ -74,9 +74,13 @@ def test_flux2_trains_resumes_and_saves_ai_toolkits_lora(T, flux2, tmp_path):
                                T.C.OptimizerConfig(lr=1e-3), T.st.RunSettings(run_name=name, guidance=4.0),
                                runs_root=tmp_path, resume=resume)
 
-    run = init("f2")
-    assert T.loop.Trainer(run).shift_rule == T.ts.resolution_rule(model) and T.ts.resolution_rule(model)["rule"] == "empirical"
-    out = T.loop.train_steps(run, 2, val_every=2)
+    drawn = []  # the training draws' sigmas use FLUX.2's rule (spy on the engine's own function, not on ComfyUI)
+    real = T.ts.sigmas_for
+    monkeypatch.setattr(T.ts, "sigmas_for", lambda *a: drawn.append(a) or real(*a))
+    out = T.loop.train_steps(init("f2"), 2, val_every=2)
+    monkeypatch.setattr(T.ts, "sigmas_for", real)
+    assert T.ts.resolution_rule(model)["rule"] == "empirical"
+    assert len(drawn) >= 2 and all(len(a) == 5 and a[4] == T.ts.resolution_rule(model) for a in drawn), drawn
     losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
     assert all(math.isfinite(v) for v in losses), losses
     ups = {k: v for k, v in out.state["adapters"].items() if k.endswith("lora_up.weight")}
