@@ -6,6 +6,11 @@ ComfyUI loads this package through its custom-node loader and calls :func:`comfy
 """
 from comfy_api.latest import ComfyExtension
 
+from .aligned_trainer.te import mistral_compat
+
+# ComfyUI 0.3.75 builds FLUX.2's tokenizer with transformers 4's MistralConverter call; adapt it to transformers 5
+mistral_compat.apply()
+
 WEB_DIRECTORY = "./js"
 
 

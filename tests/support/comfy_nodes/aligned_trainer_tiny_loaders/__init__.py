@@ -22,7 +22,7 @@ TESTS = Path(__file__).resolve().parents[3]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from support.factories import families, hunyuan_video15, sd2, wan, wan22  # noqa: E402
+from support.factories import families, hunyuan_video15, sd2, te_flux2, wan, wan22  # noqa: E402
 
 CATEGORY = "Aligned Trainer (tests)"
 # Bundles outside support.factories.families: the tiny Wan 2.1 T2V (support.factories.wan; UNETLoader builds
@@ -32,6 +32,9 @@ CATEGORY = "Aligned Trainer (tests)"
 OTHERS = {"wan2.1": wan, "wan2.2-t2v-high": wan22.HIGH, "wan2.2-t2v-low": wan22.LOW,  # + the A14B expert pair
           "hunyuan-video-1.5": hunyuan_video15.BUNDLE}
 SD2 = "sd2-v"  # the tiny SD2.x 768-v (support.factories.sd2)
+# Text encoders alone (TinyTextEncoderLoader only): FLUX.2 [dev]'s tiny Mistral-Small-3.1 (support.factories.te_flux2;
+# CLIPLoader(type flux2) recognises the Mistral only at 40 layers of 5120 and builds it at that size).
+TEXT_ENCODERS = {"flux2": te_flux2.build_clip}
 
 
 def _family():
@@ -71,12 +74,22 @@ class TinyDiffusionModelLoader:
 
 
 class TinyTextEncoderLoader:
-    """Stands in for DualCLIPLoader / TripleCLIPLoader: (CLIP,)."""
+    """Stands in for CLIPLoader / DualCLIPLoader / TripleCLIPLoader: (CLIP,)."""
     CATEGORY, FUNCTION = CATEGORY, "load"
     RETURN_TYPES = ("CLIP",)
-    INPUT_TYPES = classmethod(lambda cls: _family())
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = _family()
+        names, opts = spec["required"]["family"]
+        spec["required"]["family"] = (names + [n for n in TEXT_ENCODERS if n not in names],
+                                      {"tooltip": "Tiny bundle of support.factories.families (or wan2.1), or a tiny text "
+                                                  "encoder alone (flux2: support.factories.te_flux2)."})
+        return spec
 
     def load(self, family):
+        if family in TEXT_ENCODERS:
+            return (TEXT_ENCODERS[family](),)
         return (bundle(family)[2](),)
 
 
