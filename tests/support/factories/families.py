@@ -1,4 +1,5 @@
-"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image, Lumina 2 and HiDream-I1 bundles built from ComfyUI's own classes.
+"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image, Lumina 2, HiDream-I1 and FLUX.2 [dev] bundles built from
+ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
 model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
@@ -36,7 +37,8 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2", "hidream")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2", "hidream",
+         "flux2-dev")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -175,18 +177,19 @@ SPECS = {
 
 
 def _flux2_clip(seed: int):
-    """FLUX.2's text encoder through ComfyUI's own classes needs the tiny Mistral factory
-    (support.factories.te_flux2); until it is there, FLUX.2 conditioning is made by ``flux2_cond``."""
-    try:
-        from . import te_flux2  # noqa: F401
-    except ImportError:
-        return None
-    return te_flux2.flux2_clip(seed)
+    """ComfyUI's FLUX.2 text encoder (Flux2Tokenizer + flux2_te(): Mistral-Small-3.1 layers 10/20/30 stacked) around
+    the tiny seeded Mistral of support.factories.te_flux2 (seed 70 + ``seed``: the default 1 gives the parity tests'
+    file); its width x 3 is the tiny DiT's caption width."""
+    from . import te_flux2
+
+    assert 3 * te_flux2.MISTRAL_TINY["hidden_size"] == FLUX2_DIT["context_in_dim"]
+    return te_flux2.flux2_clip(te_flux2.mistral_tiny_file(70 + seed))
 
 
 def flux2_cond(seed: int, tokens: int = 16, guidance: float | None = None) -> list:
-    """A FLUX.2 CONDITIONING of the real layout (context: [1, tokens, 3 x Mistral hidden], the stacked layers
-    10/20/30; no pooled output), seeded: what CLIPTextEncode gives with FLUX.2's encoder, in a width of the tiny DiT."""
+    """A seeded FLUX.2 CONDITIONING of the real layout (context: [1, tokens, 3 x Mistral hidden], the stacked layers
+    10/20/30; no pooled output), as CLIPTextEncode gives it with the tiny encoder, for tests that need conditioning
+    only (no text)."""
     emb = torch.randn(1, tokens, FLUX2_DIT["context_in_dim"], generator=torch.Generator().manual_seed(seed))
     extras = {"pooled_output": None}  # as CLIPTextEncode gives it for an encoder without a pooled output
     if guidance is not None:
