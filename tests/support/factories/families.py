@@ -212,6 +212,13 @@ def flux2_vae_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in vae.state_dict().items()}
 
 
+def flux2_vae_file(seed: int = 2):
+    """The file of the tiny FLUX.2 VAE (what ``VAELoader`` loads as flux2-vae.safetensors; ComfyUI's detection builds
+    it from the state dict)."""
+    _cached(f"tiny-flux2-vae-s{seed}", lambda: flux2_vae_state_dict(seed))
+    return common.cached_file(f"tiny-flux2-vae-s{seed}", _key())
+
+
 def _flux2_vae(seed: int):
     import comfy.sd
 
