@@ -10,12 +10,15 @@ built. See docs/text_encoders.md, "FLUX.2 [dev]".
 """
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 import torch
 
 from support.factories import te_flux2
+from support.prompt_syntax import SYNTAX_PROMPTS
+from support.te_compare import encode as _encode, max_diff as _max
 
 # ComfyUI 0.3.75 Flux2Tokenizer.llama_template (diffusers' SYSTEM_MESSAGE inside Mistral's system/instruction tokens)
 COMFY_TEMPLATE = ("[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured responses "
@@ -61,7 +64,7 @@ def test_flux2_tokenizer_builds_with_the_pack_loaded(comfy, tmp_path):
     tok = flux.Flux2Tokenizer(tokenizer_data=te_flux2.tokenizer_data())
     assert tok.llama_template == COMFY_TEMPLATE.replace("{}", "{}")
     ref = te_flux2.tekken_tokenizer(tmp_path)
-    for prompt in ("a red circle on a blue background", "", "héllo wörld ✨ 100%", "line one\nline two",
+    for prompt in ("a red circle on a blue background", "", "héllo wörld ✨ 5%", "line one\nline two",
                    "unrelated words: quietly restructuring relational speculations, recolored backgrounds"):
         pairs = tok.tokenize_with_weights(prompt)["mistral3_24b"]
         ids = [t for batch in pairs for t, _ in batch]
@@ -106,3 +109,123 @@ def test_tiny_flux2_clip_encodes_through_comfyui_classes(comfy):
         out = clip.encode_from_tokens(tokens, return_dict=True)
     assert out["cond"].shape == (1, n, 3 * te_flux2.MISTRAL_TINY["hidden_size"])
     assert torch.isfinite(out["cond"]).all()
+
+
+# -- the flux2-dev spec against diffusers' Flux2Pipeline.encode_prompt on the same tiny weights -------------------
+TOL = 1e-4
+PROMPTS = {
+    "plain": "ohwx, a red circle on a blue background, flat colors",
+    "empty": "",
+    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
+    "newlines": "line one\nline two\n\n  spaced   out  ",
+    "long": "word, " * 600,  # over 512 tokens once templated
+    "image-token": "a [IMG] cat [IMG]",
+    "digits": "100 cats, 1000 dogs and 10 birds",
+    **{f"syntax-{k}": v for k, v in SYNTAX_PROMPTS.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def flux2(comfy, tmp_path_factory):
+    path = te_flux2.mistral_tiny_file()
+    return {"clip": te_flux2.flux2_clip(path),
+            "pipe": te_flux2.flux2_pipeline(path, tmp_path_factory.mktemp("flux2-tokenizer"))}
+
+
+def _reference(pipe, prompt):
+    """Flux2Pipeline.encode_prompt as __call__ runs it (its default max_sequence_length and layers), and the ids and
+    mask the pipeline's processor gives the encoder."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    call = inspect.signature(type(pipe).__call__).parameters
+    n, layers = call["max_sequence_length"].default, call["text_encoder_out_layers"].default
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(prompt, device="cpu", max_sequence_length=n, text_encoder_out_layers=layers)
+    inputs = pipe.tokenizer.apply_chat_template(format_input([prompt], system_message=pipe.system_message),
+                                                add_generation_prompt=False, tokenize=True, return_dict=True,
+                                                return_tensors="pt", padding="max_length", truncation=True,
+                                                max_length=n)
+    return embeds, inputs["input_ids"][0].tolist(), inputs["attention_mask"][0].tolist()
+
+
+def test_flux2_spec_values_are_the_pipelines(comfy, flux2):
+    """The spec's length, layers and template are the pipeline's own values: max_sequence_length and
+    text_encoder_out_layers defaults, the SYSTEM_MESSAGE the pipeline holds, ComfyUI's template text."""
+    pipe = flux2["pipe"]
+    (enc,) = comfy.engine("te.specs").get_spec("flux2-dev").encoders
+    call = inspect.signature(type(pipe).__call__).parameters
+    assert enc["max_length"] == call["max_sequence_length"].default == pipe.tokenizer_max_length
+    assert enc["hidden_layer"] == list(call["text_encoder_out_layers"].default)
+    assert enc["template"] == f"[SYSTEM_PROMPT]{pipe.system_message}[/SYSTEM_PROMPT][INST]{{prompt}}[/INST]"
+    assert enc["template"] == COMFY_TEMPLATE.replace("{}", "{prompt}")
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_flux2_matches_flux2_pipeline(comfy, flux2, name):
+    """Reference: Flux2Pipeline.encode_prompt(prompt): system message + Mistral chat template, padded on the left to
+    512 and truncated, mask in the encoder, hidden states 10/20/30 side by side (3 x 64 wide), no mask to the
+    transformer. The aligned CLIP gives the same 512 x 192 embeddings (within 1e-4) and no denoiser mask; its tokens
+    and encoder mask are the processor's."""
+    align = comfy.engine("te.align")
+    prompt = PROMPTS[name]
+    ref, ref_ids, ref_mask = _reference(flux2["pipe"], prompt)
+    aligned = align.align_clip(flux2["clip"], "flux2-dev")
+    tokens = aligned.tokenize(prompt)
+    ids = [t for batch in tokens["mistral3_24b"] for t, _ in batch]
+    assert ids == ref_ids
+    assert align.leading_pads([ids], 11)[0].tolist() == ref_mask
+    out = _encode(aligned, prompt)
+    assert out["cond"].shape == ref.shape == (1, 512, 3 * te_flux2.MISTRAL_TINY["hidden_size"])
+    assert _max(out["cond"], ref) <= TOL
+    assert out.get("attention_mask") is None, "the official transformer gets no text mask"
+
+
+def test_flux2_spec_is_detected(comfy, flux2):
+    assert comfy.engine("te.specs").detect_spec(flux2["clip"]).id == "flux2-dev"
+
+
+def _ids(clip, prompt) -> list[int]:
+    return [t for batch in clip.tokenize(prompt)["mistral3_24b"] for t, _ in batch]
+
+
+def _unpadded(ids: list[int]) -> list[int]:
+    return ids[ids.index(1):]  # from <s> on (the aligned tokens are padded on the left)
+
+
+def _content_rows(default, aligned):
+    n = default.shape[1]
+    return _max(default[0], aligned[0, -n:]) if n <= aligned.shape[1] else None
+
+
+def test_flux2_comfy_default_vs_spec(comfy, flux2):
+    """Each of the spec's comfy_default_differences, on the tiny model: ComfyUI encodes the prompt's tokens only (no
+    512 padding), never truncates, pre-splits digit runs with transformers 4's pattern, keeps '[IMG]' and parses
+    escapes. The prompt's own positions agree with the official ones (within 1e-4): causal attention and relative
+    positions make them independent of the left padding."""
+    align = comfy.engine("te.align")
+    aligned = align.align_clip(flux2["clip"], "flux2-dev")
+    default = flux2["clip"]
+    plain = PROMPTS["plain"]
+    d, a = _encode(default, plain)["cond"], _encode(aligned, plain)["cond"]
+    assert a.shape[1] == 512 > d.shape[1]
+    assert _content_rows(d, a) <= TOL
+    long_d, long_a = _encode(default, PROMPTS["long"])["cond"], _encode(aligned, PROMPTS["long"])["cond"]
+    assert long_a.shape[1] == 512 < long_d.shape[1]
+    digits_d, digits_a = _ids(default, PROMPTS["digits"]), _unpadded(_ids(aligned, PROMPTS["digits"]))
+    assert digits_d != digits_a and len(digits_d) < len(digits_a)  # "100" one piece vs "1", "0", "0"
+    assert 10 in _ids(default, "a [IMG] cat") and 10 not in _ids(aligned, "a [IMG] cat")  # [IMG] kept vs removed
+    esc = r"a \(literal\) bracket"
+    d, a = _encode(default, esc)["cond"], _encode(aligned, esc)["cond"]
+    assert d.shape[1] != a.shape[1] or _max(d, a) > TOL
+    assert len(_ids(default, esc)) < len(_unpadded(_ids(aligned, esc)))  # ComfyUI drops the backslashes
+
+
+def test_flux2_comfyui_syntax_equals_stock_comfyui_content(comfy, flux2):
+    """The 'comfyui' prompt syntax reads prompts as ComfyUI's Flux2Tokenizer does (escapes resolved, weights ignored):
+    the same token ids, and the same embeddings at the prompt's positions."""
+    align = comfy.engine("te.align")
+    ac = align.align_clip(flux2["clip"], "flux2-dev", prompt_syntax="comfyui")
+    for prompt in (r"a (red:1.3) circle, \(cat\) on ((grass))", PROMPTS["plain"]):
+        d = flux2["clip"]
+        assert _unpadded(_ids(ac, prompt)) == _ids(d, prompt), prompt
+        assert _content_rows(_encode(d, prompt)["cond"], _encode(ac, prompt)["cond"]) <= TOL, prompt

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.factories import te_hidream, te_hunyuan_video15, te_llm, te_lumina2, te_more, te_qwen_image, te_t5, te_wan
+from support.factories import (te_flux2, te_hidream, te_hunyuan_video15, te_llm, te_lumina2, te_more, te_qwen_image,
+                               te_t5, te_wan)
 from support.factories import text_encoders as te
 from support.prompt_syntax import EMBEDDING_NAME, SYNTAX_PROMPTS, embeddings_folder
 
@@ -35,11 +36,11 @@ def emb_dirs(comfy, tmp_path_factory):
         "t5xxl": te.T5_TINY["d_model"], "pile_t5xl": te_more.PILE_T5_TINY["d_model"],
         "qwen3_4b": te_llm.QWEN3_TINY["hidden_size"], "qwen25_7b": te_qwen_image.QWEN25VL_TINY["hidden_size"],
         "gemma2_2b": te_lumina2.GEMMA2_TINY["hidden_size"], "umt5xxl": te_wan.UMT5_SHRINK["d_model"],
-        "llama": te_hidream.LLAMA_TINY["hidden_size"]})
+        "llama": te_hidream.LLAMA_TINY["hidden_size"], "mistral3_24b": te_flux2.MISTRAL_TINY["hidden_size"]})
 
 
 @pytest.fixture(scope="module")
-def families(comfy, emb_dirs):
+def families(comfy, emb_dirs, tmp_path_factory):
     """spec id -> (ComfyUI CLIP with the embeddings folder, reference(prompt) -> (cond, pooled, mask[, other
     conditioning keys]))."""
     align = comfy.engine("te.align")
@@ -58,6 +59,8 @@ def families(comfy, emb_dirs):
     flux_clip, t5_clip = te.flux_clip(l, t5, emb_dirs), te_t5.pixart_clip(t5, emb_dirs)
     sd3_clip = te.sd3_clip(lp, g, t5_3, emb_dirs)
     cpu = dict(device="cpu")
+    mistral = te_flux2.mistral_tiny_file()
+    flux2 = te_flux2.flux2_pipeline(mistral, tmp_path_factory.mktemp("flux2-tokenizer"))
     hidream_files = te_hidream.files()
     hidream = te_hidream.hidream_pipeline(*hidream_files.values())
     hidream_refs = {}
@@ -116,6 +119,8 @@ def families(comfy, emb_dirs):
         "qwen-image": (te_qwen_image.qwen_image_clip(qwen25vl, emb_dirs),
                        lambda p: (qwen_image.encode_prompt(p, max_sequence_length=512, **cpu)[0], None, None)),
         "hidream": (te_hidream.hidream_clip(hidream_files, emb_dirs), hidream_ref),
+        "flux2-dev": (te_flux2.flux2_clip(mistral, emb_dirs),
+                      lambda p: (flux2.encode_prompt(p, **cpu)[0], None, None)),
         "hunyuan-video-1.5:padded": (te_hunyuan_video15.hv15_clip(*hv15_files, emb_dirs), hv15_ref),
         "lumina2": (te_lumina2.lumina2_clip(gemma2, emb_dirs),
                     lambda p: (lambda r: (r[0], None, r[1]))(lumina2.encode_prompt(p, do_classifier_free_guidance=False,
@@ -130,7 +135,7 @@ def test_every_spec_family_is_covered(comfy, families):
 
 @pytest.mark.parametrize("spec_id", ["sd15", "sd2x", "sdxl", "sd3:reference", "sd3:diffusers", "sd35:large",
                                      "flux1-dev", "flux1-schnell", "pixart-sigma", "chroma", "auraflow", "z-image",
-                                     "wan", "qwen-image", "lumina2", "hidream",
+                                     "wan", "qwen-image", "lumina2", "hidream", "flux2-dev",
                                      "hunyuan-video-1.5:padded"])
 def test_syntax_prompts_read_literally(comfy, families, spec_id, record_property):
     """Aligned (default: literal) equals diffusers within 1e-4 on every syntax prompt; the same spec with

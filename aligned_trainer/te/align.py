@@ -37,6 +37,8 @@ def clean_text(text: str, mode: str) -> str:
     ``html_whitespace`` unescapes HTML entities twice, then collapses whitespace (Wan's ``prompt_clean``)."""
     if mode == "none":
         return text
+    if mode == "drop_img_token":  # diffusers FLUX.2 format_input: prompt.replace("[IMG]", "")
+        return text.replace("[IMG]", "")
     if mode == "html_whitespace":
         text = html.unescape(html.unescape(text)).strip()
     if mode == "pixart":
@@ -169,8 +171,8 @@ def tokenize_encoder(sub, enc: EncoderSpec, text: str, return_word_ids: bool, kw
         target = max(target, enc["max_length"] + dropped)
     if enc["min_length"]:
         target = max(target, enc["min_length"])
-    pad = pad_id(sub, enc)
-    seq = seq + [(pad, 1.0, 0)] * (target - len(seq))
+    pad = [(pad_id(sub, enc), 1.0, 0)] * (target - len(seq))
+    seq = pad + seq if enc["padding_side"] == "left" else seq + pad
     if not return_word_ids:
         seq = [(t, w) for t, w, _ in seq]
     return [seq]
@@ -240,6 +242,93 @@ def show_pad_tokens(mask: torch.Tensor, n: int) -> torch.Tensor:
 COMFY_LAYERS = {"last": ("last", None), "penultimate": ("hidden", -2), "third_last": ("hidden", -3), "all": ("all", None)}
 
 
+def comfy_layer(hidden_layer) -> tuple:
+    """The spec's ``hidden_layer`` as ComfyUI's SDClipModel (layer, layer_idx): a name of ``COMFY_LAYERS``, or a list of
+    hidden-state indices, which ComfyUI's SDClipModel takes as its ``layer`` (FLUX.2's Mistral3_24BModel: [10, 20, 30];
+    the family's text-encoder class stacks them)."""
+    if isinstance(hidden_layer, list):
+        return list(hidden_layer), None
+    return COMFY_LAYERS[hidden_layer]
+
+
+def leading_pads(tokens: list, pad: int) -> torch.Tensor:
+    """(batch, positions) mask: 0 for the pad tokens before each sequence's first other token, 1 elsewhere."""
+    rows = []
+    for seq in tokens:
+        n = 0
+        for t in seq:
+            if not (isinstance(t, int) and t == pad):
+                break
+            n += 1
+        rows.append([0] * n + [1] * (len(seq) - n))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _attention_module(m):
+    """The module of ``m``'s ComfyUI transformer that picks its attention function (``comfy.text_encoders.llama``)."""
+    import sys
+
+    module = sys.modules.get(type(getattr(m, "transformer", None)).__module__)
+    return module if module is not None and hasattr(module, "optimized_attention_for_device") else None
+
+
+def _zero_unattended(pick):
+    """ComfyUI's attention chooser ``pick`` whose functions give a zero output for a query whose every key is masked
+    out (transformers' attention does; ComfyUI's -inf masks give NaN there)."""
+
+    def chooser(*args, **kwargs):
+        attention = pick(*args, **kwargs)
+
+        def run(q, k, v, heads, mask=None, **kw):
+            out = attention(q, k, v, heads, mask=mask, **kw)
+            if mask is None or kw.get("skip_output_reshape"):
+                return out
+            dead = torch.isneginf(mask).all(dim=-1)  # (batch, 1 | heads, queries)
+            dead = dead.reshape(dead.shape[0], -1, dead.shape[-1]).all(dim=1)
+            return out.masked_fill(dead.unsqueeze(-1).to(out.device), 0.0) if dead.any() else out
+
+        return run
+
+    return chooser
+
+
+@contextlib.contextmanager
+def left_padding(cond_stage_model, spec: TESpec, pads: dict):
+    """For one encode call, each encoder whose spec pads on the left with a mask in the encoder gets that mask (its
+    leading pads masked out as keys; ComfyUI masks only what follows the first pad) and a zero attention output for a
+    position that can attend to nothing (a leading pad under causal attention), as transformers computes them.
+    ``pads``: the pad id by encoder key. Nothing changes for other specs."""
+    saved = []
+    try:
+        for enc in spec.encoders:
+            if enc["padding_side"] != "left" or not enc["encoder_attention_mask"] or enc.key not in pads:
+                continue
+            m = encoder_model(cond_stage_model, enc)
+            module = _attention_module(m) if m is not None else None
+            if module is None:
+                raise SpecError(f"text-encoder spec '{spec.key}' pads encoder '{enc.key}' on the left with an attention "
+                                f"mask, which this engine applies to ComfyUI's LLM text encoders only (not "
+                                f"{type(m).__name__}); use the spec with the family's own ComfyUI text encoder.")
+            pad, original = pads[enc.key], m.process_tokens
+
+            def process_tokens(tokens, device, _original=original, _pad=pad):
+                embeds, mask, num_tokens, info = _original(tokens, device)
+                mask = mask * leading_pads(tokens, _pad).to(mask.device)
+                return embeds, mask, [int(n) for n in mask.sum(dim=1)], info
+
+            saved.append((m, "process_tokens", m.__dict__.get("process_tokens")))
+            m.process_tokens = process_tokens
+            saved.append((module, "optimized_attention_for_device", module.optimized_attention_for_device))
+            module.optimized_attention_for_device = _zero_unattended(module.optimized_attention_for_device)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            if value is None and isinstance(obj, torch.nn.Module):
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, value)
+
+
 @contextlib.contextmanager
 def encoder_options(cond_stage_model, spec: TESpec):
     """Set each encoder's options from the spec for one encode call; restore them afterwards."""
@@ -251,11 +340,14 @@ def encoder_options(cond_stage_model, spec: TESpec):
                 continue
             saved.append((m, m.options_default, m.enable_attention_masks, m.return_attention_masks,
                           m.zero_out_masked, m.layer_norm_hidden_state))
-            layer = COMFY_LAYERS[enc["hidden_layer"]]
+            layer = comfy_layer(enc["hidden_layer"])
             projected = enc["pooled"] == "eos_projected"
             m.options_default = (layer[0], layer[1], projected)
             m.enable_attention_masks = bool(enc["encoder_attention_mask"])
-            m.return_attention_masks = bool(enc["denoiser_attention_mask"])
+            # a module whose ComfyUI class returns masks keeps returning them (FLUX.2's Flux2TEModel unpacks them);
+            # encode_from_tokens drops the mask when no encoder sends one to the denoiser
+            m.return_attention_masks = bool(enc["denoiser_attention_mask"]) or (
+                bool(m.return_attention_masks) and not any(e["denoiser_attention_mask"] for e in spec.encoders))
             m.zero_out_masked = bool(enc["zero_padded"])
             if enc["final_layer_norm"] is not None and layer[0] != "last":
                 m.layer_norm_hidden_state = bool(enc["final_layer_norm"])
@@ -449,11 +541,15 @@ class AlignedCLIP(comfy.sd.CLIP):
         absent = frozenset(e.key for e in extra_output_encoders(self.spec)
                            if isinstance(tokens, dict) and e.key in tokens and self._sub(e) is not None
                            and all(t[0] == pad_id(self._sub(e), e) for b in tokens[e.key] for t in b))
+        pads = {e.key: pad_id(self._sub(e), e) for e in self.spec.encoders if self._sub(e) is not None}
         with encoder_options(self.cond_stage_model, self.spec), \
-                spec_encoding(self.cond_stage_model, self.spec, absent):
+                spec_encoding(self.cond_stage_model, self.spec, absent), \
+                left_padding(self.cond_stage_model, self.spec, pads):
             out = super().encode_from_tokens(tokens, return_pooled=return_pooled, return_dict=return_dict)
         if return_dict:
             out = strip_padding(out, self.spec)
+            if "attention_mask" in out and not any(e["denoiser_attention_mask"] for e in self.spec.encoders):
+                out = {k: v for k, v in out.items() if k != "attention_mask"}
         visible = [e["visible_pad_tokens"] for e in self.spec.encoders if e["visible_pad_tokens"]]
         if return_dict and visible and out.get("attention_mask") is not None:
             out = dict(out)

@@ -15,7 +15,8 @@ own ``MistralConverter`` (what Mistral's HF tokenizer.json was converted from).
 The tiny tekken.json keeps Mistral's layout: 20 control tokens at the ranks tekken v7 (Mistral-Small-3.1) gives
 them (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``[INST]`` 3, ``[/INST]`` 4, ``[IMG]`` 10, ``<pad>`` 11,
 ``[SYSTEM_PROMPT]`` 17, ``[/SYSTEM_PROMPT]`` 18, ...), then byte-level BPE ranks: the 256 bytes and merges learned
-here from English text (deterministic), and a few ranks past ``default_vocab_size`` that both converters drop.
+here from English text (deterministic), the digit runs "10" and "100" (so that the two pre-tokenizer patterns,
+tekken's single digits and transformers 4's runs of up to three, give different tokens), and a few ranks past ``default_vocab_size`` that both converters drop.
 These ranks and the tiny model's weights are inputs of the comparison, not Mistral's.
 
 ComfyUI's Llama keeps ``head_dim`` 128 as a class constant (Mistral-Small-3.1's too), so the tiny model has 2 heads
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import json
 import re
 import sys
@@ -82,7 +84,9 @@ def _bpe_pieces() -> list[bytes]:
                     seq[i:i + 2] = [merged]
                 else:
                     i += 1
-    return pieces
+    # digit runs: tekken's pattern splits numbers into single digits, transformers 4's default (ComfyUI's conversion)
+    # into runs of up to 3, so these pieces make the two pre-splits give different tokens
+    return pieces + [b"10", b"100"]
 
 
 def tiny_tekken() -> dict:
@@ -204,3 +208,44 @@ def tekken_tokenizer(tmp_dir: Path):
     path.write_bytes(tekken_bytes())
     return PreTrainedTokenizerFast(tokenizer_object=MistralConverter(vocab_file=str(path)).converted(),
                                    bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+# Mistral-Small-3.1's chat template is not available offline. This Jinja template renders what the pipeline's messages
+# (one system turn, one user turn; content as [{"type": "text", "text": ...}]) give in Mistral's documented format,
+# '<s>[SYSTEM_PROMPT]system[/SYSTEM_PROMPT][INST]user[/INST]', an input assumption of the parity tests like the weights.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('') %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+# Mistral-Small-3.1's tokenizer class (LlamaTokenizerFast in its tokenizer_config.json) pads on the left; an input
+# assumption like the template (ComfyUI's Mistral3Tokenizer pads on the left too, pad_left=True)
+PADDING_SIDE = "left"
+
+
+def processor(tmp_dir: Path):
+    """The reference processor: transformers' ``PixtralProcessor`` (Mistral-Small-3.1's processor class) around the
+    reference tokenizer, with :data:`MISTRAL_CHAT_TEMPLATE`."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    tok = tekken_tokenizer(tmp_dir)
+    tok.padding_side = PADDING_SIDE
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=16,
+                            spatial_merge_size=2, chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+@functools.lru_cache(maxsize=None)  # one per session: encode_prompt only reads it
+def flux2_pipeline(path: Path, tmp_dir: Path):
+    """diffusers' ``Flux2Pipeline`` around the tiny Mistral-Small-3.1 and the reference processor (no transformer or
+    VAE: only ``encode_prompt`` is used)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                         text_encoder=mistral3_transformers(path), tokenizer=processor(tmp_dir), transformer=None)
