@@ -39,9 +39,11 @@ def _set(T, vae, n=1):
 def test_flux2_resolution_shift_is_the_pipelines(T, flux2):
     """Timestep Strategy ``flux_resolution`` on FLUX.2 uses FLUX.2's own rule (resolution_shift.json ``Flux2``): mu
     equals diffusers' ``compute_empirical_mu`` of the packed latent's length at ``Flux2Pipeline``'s default step count,
-    and the drawn sigmas equal diffusers' exponential time shift, at 512 and 1024 px; at 1024 px mu is ComfyUI's own
-    FLUX.2 shift (``supported_models.Flux2`` sampling_settings, 2.02). FLUX.1 keeps its linear rule."""
+    and the drawn sigmas equal diffusers' exponential time shift, at 512 and 1024 px (ComfyUI's Flux2Scheduler node
+    computes the same mu); at 1024 px mu is ComfyUI's own FLUX.2 shift (``supported_models.Flux2`` sampling_settings,
+    2.02). FLUX.1 keeps its linear rule."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from comfy_extras.nodes_flux import compute_empirical_mu as comfy_mu
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
     model, _ = flux2
@@ -56,6 +58,7 @@ def test_flux2_resolution_shift_is_the_pipelines(T, flux2):
         seq = Flux2Pipeline._pack_latents(torch.zeros(shape)).shape[1]
         mus[px] = T.ts.resolution_mu(rule, shape)
         assert mus[px] == pytest.approx(compute_empirical_mu(seq, steps), abs=1e-9), (px, seq)
+        assert mus[px] == pytest.approx(comfy_mu(seq, steps), abs=1e-9)  # ComfyUI's Flux2Scheduler: the same fit
         ours = T.ts.sigmas_for(T.C.TimestepConfig(shift="flux_resolution"), ms, u, shape, rule)
         torch.testing.assert_close(ours, sched.time_shift(mus[px], 1.0, u).float(), atol=1e-6, rtol=0)
     assert mus[512] < mus[1024]
