@@ -405,3 +405,42 @@ def test_literal_tokenize_never_parses_comfyui_syntax(E, sd15, caplog):
     assert {w for _, w in weighted.tokenize("(red:1.5) circle", disable_weights=True)["l"][0]} == {1.0}  # passed on
     other = E.align.align_clip(clip, "sd2x")
     assert other.tokenize("a red circle")["l"] == clip.tokenize("a red circle")["l"]
+
+
+# -- left padding (FLUX.2's Mistral), pinned without an encoder ------------------------------------------------
+def test_left_padding_tokens_mask_and_layers(E, sub):
+    """padding_side left puts the pads before the start token (the transformers tokenizer's padding_side='left');
+    leading_pads masks exactly those; drop_img_token removes '[IMG]'; a hidden_layer list goes to ComfyUI as its
+    layer list."""
+    from transformers import CLIPTokenizer
+
+    enc = E.specs.EncoderSpec(_enc(max_length=12, padding_side="left"))
+    (seq,) = E.align.tokenize_encoder(sub, enc, LATIN, False, {})
+    tok = CLIPTokenizer.from_pretrained(sub.tokenizer.name_or_path)
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    ref = tok(LATIN, padding="max_length", truncation=True, max_length=12)
+    assert [t for t, _ in seq] == ref.input_ids
+    ids = [t for t, _ in seq]
+    assert E.align.leading_pads([ids], sub.end_token)[0].tolist() == [0] * (12 - 8) + [1] * 8 == ref.attention_mask
+    assert E.align.leading_pads([[5, 7, 5], [7, 7, 5]], 7).tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert E.align.clean_text("a [IMG] cat[IMG]", "drop_img_token") == "a  cat"
+    assert E.align.comfy_layer([10, 20, 30]) == ([10, 20, 30], None)
+    assert E.align.comfy_layer("penultimate") == ("hidden", -2)
+
+
+def test_unattended_positions_get_zero_attention(E):
+    """ComfyUI's own attention on a mask whose first query row masks every key gives NaN there; the left_padding
+    wrapper gives 0 for that row (transformers' result) and leaves every other row bit-equal."""
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[:, :, 0, :] = float("-inf")  # query 0 sees nothing (a leading pad under causal attention)
+    mask[:, :, 1:, 0] = float("-inf")  # the others do not see key 0
+    plain = optimized_attention_for_device(q.device, mask=True, small_input=True)(q, k, v, 2, mask=mask,
+                                                                                   skip_reshape=True)
+    fixed = E.align._zero_unattended(optimized_attention_for_device)(q.device, mask=True, small_input=True)(
+        q, k, v, 2, mask=mask, skip_reshape=True)
+    assert torch.isnan(plain[0, 0]).all()
+    assert torch.equal(fixed[0, 0], torch.zeros(16)) and torch.equal(fixed[0, 1:], plain[0, 1:])

@@ -55,6 +55,38 @@ def test_comfyui_own_mistral_loader_needs_transformers_4(comfy):
     assert not compat.converter_takes_vocab()
 
 
+def test_compat_applies_once_logs_one_line_and_leaves_a_working_loader_alone(comfy, caplog):
+    """apply() wraps ComfyUI's function once and logs one line; where the installed MistralConverter takes
+    transformers 4's arguments (stood in for by the pack's own converter class, which has that signature) it leaves
+    ComfyUI's function as it is, and ComfyUI's own function then gives the same tokenizer as the wrapped one."""
+    import logging
+
+    import comfy.text_encoders.flux as flux
+    import transformers.integrations.mistral as tm
+
+    compat = comfy.engine("te.mistral_compat")
+    wrapped = flux.load_mistral_tokenizer
+    original, installed = wrapped.__wrapped__, tm.MistralConverter
+    data = te_flux2.tekken_bytes()
+    try:
+        flux.load_mistral_tokenizer = original
+        with caplog.at_level(logging.INFO):
+            assert compat.apply() and compat.apply()
+        assert len([r for r in caplog.records if "load_mistral_tokenizer" in r.getMessage()]) == 1
+        assert flux.load_mistral_tokenizer.__wrapped__ is original
+        flux.load_mistral_tokenizer = original
+        tm.MistralConverter = compat.Transformers4MistralConverter  # a transformers-4 style converter installed
+        assert compat.converter_takes_vocab() and not compat.apply()
+        assert flux.load_mistral_tokenizer is original
+        plain = original(data)["tokenizer_object"]
+    finally:
+        flux.load_mistral_tokenizer, tm.MistralConverter = wrapped, installed
+    ours = wrapped(data)["tokenizer_object"]
+    text = COMFY_TEMPLATE.format("unrelated words: quietly restructuring 100 relational speculations")
+    assert plain.get_vocab() == ours.get_vocab()
+    assert plain.encode(text, add_special_tokens=False).ids == ours.encode(text, add_special_tokens=False).ids
+
+
 def test_flux2_tokenizer_builds_with_the_pack_loaded(comfy, tmp_path):
     """With the pack loaded, ComfyUI's own Flux2Tokenizer builds from the tekken data as the loader passes it and
     tokenizes ComfyUI's own template: <s> (Mistral3Tokenizer's start token), then the same ids as transformers'
@@ -229,3 +261,19 @@ def test_flux2_comfyui_syntax_equals_stock_comfyui_content(comfy, flux2):
         d = flux2["clip"]
         assert _unpadded(_ids(ac, prompt)) == _ids(d, prompt), prompt
         assert _content_rows(_encode(d, prompt)["cond"], _encode(ac, prompt)["cond"]) <= TOL, prompt
+
+
+def test_flux2_token_inspector_and_alignment_report(comfy, flux2):
+    """The Token Inspector reads the aligned FLUX.2 CLIP: 512 positions, a long prompt's cut counted; the alignment
+    report compares ComfyUI's default with the prompt's own positions of the left-padded spec (equal within 1e-4,
+    cosine 1), and reports the 465 leading pads as the positions only the spec has."""
+    align, inspect_ = comfy.engine("te.align"), comfy.engine("te.inspect")
+    aligned = align.align_clip(flux2["clip"], "flux2-dev")
+    info = inspect_.inspect_text(aligned, PROMPTS["plain"], trigger="ohwx")["encoders"]["mistral3_24b"]
+    assert info["positions"] == 512 and info["truncated_tokens"] == 0
+    long = inspect_.inspect_text(aligned, PROMPTS["long"])
+    assert long["encoders"]["mistral3_24b"]["truncated_tokens"] > 0 and long["warnings"]
+    (row,) = inspect_.compare_clips(flux2["clip"], aligned, [PROMPTS["plain"]])
+    assert (row["positions_a"], row["positions_b"]) == (47, 512)
+    assert row["min_token_cosine"] > 0.9999
+    assert row["extra_positions_norm"] > 0

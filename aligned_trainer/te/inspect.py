@@ -128,6 +128,10 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
 
 
+def _pads_left(clip) -> bool:
+    return isinstance(clip, AlignedCLIP) and any(e["padding_side"] == "left" for e in clip.spec.encoders)
+
+
 def compare_clips(clip_a, clip_b, prompts: list[str]) -> list[dict]:
     """For each prompt: shapes, tokens used/truncated, cosine of the common positions and of pooled
     vectors, norm/std of each, and statistics of the positions only one side has (padding)."""
@@ -137,6 +141,12 @@ def compare_clips(clip_a, clip_b, prompts: list[str]) -> list[dict]:
         ob = clip_b.encode_from_tokens(clip_b.tokenize(prompt), return_dict=True)
         ca, cb = oa["cond"].float(), ob["cond"].float()
         n = min(ca.shape[1], cb.shape[1])
+        # a side that pads on the left (FLUX.2) and is the longer one holds its padding first: compare the other side
+        # with its last n positions, and report its first ones as the positions only it has
+        if _pads_left(clip_a) and ca.shape[1] > n:
+            ca = torch.cat([ca[:, -n:], ca[:, :-n]], dim=1)
+        elif _pads_left(clip_b) and cb.shape[1] > n:
+            cb = torch.cat([cb[:, -n:], cb[:, :-n]], dim=1)
         row = {"prompt": prompt, "positions_a": int(ca.shape[1]), "positions_b": int(cb.shape[1]),
                "seq_cosine": _cos(ca[:, :n], cb[:, :n]),
                "min_token_cosine": float(torch.nn.functional.cosine_similarity(ca[0, :n], cb[0, :n], dim=-1).min()),
