@@ -37,6 +37,13 @@ def settings(kw: dict, frames: int = 1) -> SampleSettings:
                           kw["height"], kw["seed"], kw["seed_mode"], frames)
 
 
+CONTROL = io.Image.Input("control_image", optional=True,
+                         tooltip="Image-edit models (FLUX.1 Kontext, Qwen-Image-Edit): the input image to edit. Each image "
+                                 "of the batch is VAE-encoded and attached to every prompt and the negative as a "
+                                 "reference latent, as VAE Encode -> ReferenceLatent do. Scale it first (e.g. "
+                                 "FluxKontextImageScale) as the model's template does. Leave empty for other models.")
+
+
 def video_inputs():
     """Optional inputs of the nodes that can sample video models (Wan): frames per clip and playback rate."""
     return [io.Int.Input("frames", default=1, min=1, max=257, optional=True,
@@ -61,16 +68,17 @@ class SamplePreview(io.ComfyNode):
                     io.Clip.Input("clip", tooltip="CLIP to encode the prompts."),
                     io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
                     io.Int.Input("step", default=0, min=0, max=10**9, tooltip="Training step label (and walk offset)."),
-                    *video_inputs()],
+                    *video_inputs(), CONTROL],
             outputs=[io.Image.Output("grid", tooltip="Labelled grid (prompt, seed, step); one grid per frame for "
                                                      "video (connect Save Animated WEBP to keep it)."),
                      io.Image.Output("images", tooltip="The cells as a batch (video: every clip's frames in turn).")],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, prompts, negative, step, frames=1, fps=16.0, **kw) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, prompts, negative, step, frames=1, fps=16.0, control_image=None,
+                **kw) -> io.NodeOutput:
         g, cells, _ = plans.preview_grid(model, clip, vae, plans.prompt_list(prompts), negative, settings(kw, frames),
-                                         step)
+                                         step, control=control_image)
         view = animation.ui([animation.save_webp(g, "sample", fps)]) if g.shape[0] > 1 else ui.PreviewImage(g, cls=cls)
         return io.NodeOutput(g, cells, ui=view)
 
@@ -88,14 +96,15 @@ class PreviewPlan(io.ComfyNode):
                                                   "Setup."),
                     io.Vae.Input("vae", tooltip="VAE to decode."), PROMPTS, NEGATIVE, *sampler_inputs(),
                     io.Int.Input("every_n", default=100, min=1, max=10**6, tooltip="Render every N training steps."),
-                    *video_inputs()],
+                    *video_inputs(), CONTROL],
             outputs=[PREVIEW_PLAN.Output("preview_plan", tooltip="For Train Steps' preview_plan input.")],
         )
 
     @classmethod
-    def execute(cls, clip, vae, prompts, negative, every_n, frames=1, fps=16.0, **kw) -> io.NodeOutput:
+    def execute(cls, clip, vae, prompts, negative, every_n, frames=1, fps=16.0, control_image=None,
+                **kw) -> io.NodeOutput:
         return io.NodeOutput(plans.make_plan(clip, vae, plans.prompt_list(prompts), negative, settings(kw, frames),
-                                             every_n, fps))
+                                             every_n, fps, control=control_image))
 
 
 class ABCompare(io.ComfyNode):

@@ -125,7 +125,7 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
                    init_widgets: dict | None = None, dataset_widgets: dict | None = None,
                    sample_widgets: dict | None = None, sample_saver: dict | None = None,
                    timestep_widgets: dict | None = None, optimizer_widgets: dict | None = None,
-                   lora_widgets: dict | None = None) -> dict:
+                   lora_widgets: dict | None = None, preview_control: str | None = None) -> dict:
     g.col = 1
     te = g.add(P + "LoadAlignedTextEncoders", spec=spec)
     g.link(clip, "CLIP", te, "clip")
@@ -168,6 +168,13 @@ def training_chain(g: Graph, model, clip, vae, *, folder: str, resolution: int, 
     g.link(ts, "model", sp, "model")
     g.link(te, "aligned_clip", sp, "clip")
     g.link(vae, "VAE", sp, "vae")
+    if preview_control:  # an edit model's previews edit this image, scaled to about 1 megapixel (the edit models'
+        # training size; ComfyUI's Kontext template snaps to its preferred sizes with FluxKontextImageScale)
+        img = g.add("LoadImage", title="Input image for previews", col=2, image=preview_control)
+        scaled = g.add("ImageScaleToTotalPixels", col=2, upscale_method="lanczos", megapixels=1.0)
+        g.link(img, "IMAGE", scaled, "image")
+        g.link(scaled, "IMAGE", plan, "control_image")
+        g.link(scaled, "IMAGE", sp, "control_image")
     g.col = 5
     saver = dict(sample_saver or {"type": "SaveImage"})
     si = g.add(saver.pop("type"), filename_prefix=f"{image_prefix}/sample_grid", **saver)
@@ -295,12 +302,15 @@ def build(info: dict) -> dict[str, dict]:
             density="logit_normal", shift="flux_resolution", weighting="none", lr=1e-4, size=1024, cfg=1.0,
             sample_steps=20, ts="logit-normal with FLUX's resolution-dependent shift", spec="flux1-dev",
             init=dict(precision="bf16", gradient_checkpointing=True), dataset=dict(control_folder="my_dataset_control"),
+            preview_control="example.png",
             note="\nImage-edit training: my_dataset holds the edited images with the edit instruction as caption, "
                  "my_dataset_control the input image of each under the same file stem (photo_01.png -> "
                  "my_dataset_control/photo_01.png); training gives the control to the model as ComfyUI's "
-                 "ReferenceLatent node does. The previews here sample from text alone, without a control image: "
-                 "test the LoRA on edits with ComfyUI's Kontext template (Load Image -> VAE Encode -> "
-                 "ReferenceLatent)."),
+                 "ReferenceLatent node does. The previews edit the image of 'Input image for previews' (ComfyUI's "
+                 "example.png: load one of your own inputs), scaled to 1 megapixel (ComfyUI's Kontext template "
+                 "snaps to Kontext's preferred sizes with FluxKontextImageScale; swap it in for previews at exactly "
+                 "those sizes); Preview Plan and Sample Preview attach it as a reference latent, as "
+                 "VAE Encode -> ReferenceLatent do."),
         # Wan 2.1 T2V 1.3B: ComfyUI's own text_to_video_wan template's files; musubi-tuner's usual Wan LoRA settings
         # (rank 32, logit-normal "shift" sampling with discrete_flow_shift 3, 16 fps, 4k+1 frames); previews at the
         # template's 832x480, uni_pc/simple, cfg 6, 17 frames.
@@ -569,7 +579,7 @@ def build(info: dict) -> dict[str, dict]:
                        checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
                        dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"),
                        timestep_widgets=f.get("timesteps"), optimizer_widgets=f.get("optimizer"),
-                       lora_widgets=f.get("lora"))
+                       lora_widgets=f.get("lora"), preview_control=f.get("preview_control"))
         out[wid] = g.to_json()
 
     # --- A/B aligned vs unaligned, and the alignment report (tiny SD1.5 names; swap in your checkpoint) --------

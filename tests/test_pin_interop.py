@@ -167,6 +167,10 @@ def test_sd3_peft_names_without_prefix_and_joined_magnitudes(T, family_bundle):
     with pytest.raises(T.C.ConfigError, match=r"DoRA magnitude nope\.lora_magnitude_vector matches no module"):
         T.interop.adapters_from_lora(model, {**dsd, "nope.lora_magnitude_vector": torch.ones(3)}, _all(model),
                                      _cfg(T, alpha=4, dora=True, dora_axis="output"))
+    # a magnitude whose module has no LoRA pair in the file is refused, not dropped unread
+    lone = {k: v for k, v in dsd.items() if k not in (f"{plain}.lora_A.weight", f"{plain}.lora_B.weight")}
+    with pytest.raises(T.C.ConfigError, match=r"1 module\(s\) have a DoRA magnitude .* no LoRA pair .*x_block\.attn\.proj"):
+        T.interop.adapters_from_lora(model, lone, _all(model), _cfg(T, alpha=4, dora=True, dora_axis="output"))
 
 
 def test_sd3_slices_that_are_not_one_lora_are_refused(T, family_bundle):
@@ -322,11 +326,12 @@ def test_start_from_under_comfyuis_inference_mode_sets_adapters_and_ema(T, sd15,
     path = write_lora(comfy_dirs["models"] / "loras" / "pin_interop_start.safetensors", sd)
     lora = T.C.LoraConfig(rank=4, alpha=2, preset="all-linear")
     runs = {}
-    for name, ema in (("pin_ema", 0.9), ("pin_noema", 0.0)):
+    # spaces typed around the name or around 'none' are ignored (as resume ignores them)
+    for name, ema, init in (("pin_ema", 0.9, f" {path.name} "), ("pin_noema", 0.0, path.name), ("pin_none", 0.0, "none ")):
         with torch.inference_mode():  # as ComfyUI's executor runs the node
             runs[name] = T.loop.init_run(model, sd15_training_set, lora, T.C.TimestepConfig(),
                                          T.C.OptimizerConfig(lr=1e-3), T.st.RunSettings(run_name=name, ema_decay=ema),
-                                         runs_root=tmp_path / "runs", init_lora=path.name)
+                                         runs_root=tmp_path / "runs", init_lora=init)
     want = T.interop.adapters_from_lora(model, sd, _all(model), lora)
     run = runs["pin_ema"]
     assert run.step == 0 and run.meta["init_lora"] == path.name
@@ -335,6 +340,7 @@ def test_start_from_under_comfyuis_inference_mode_sets_adapters_and_ema(T, sd15,
         assert not any(v.is_inference() for v in got.values()), part
         assert all(torch.equal(got[k].reshape(v.shape), v) for k, v in want.items() if not k.endswith(".alpha")), part
     assert runs["pin_noema"].state["ema"] is None and runs["pin_noema"].state["ema_adapters"] is None
+    assert "init_lora" not in runs["pin_none"].meta and runs["pin_none"].state is None
     after = T.loop.train_steps(run, 1)
     assert after.step == 1 and torch.isfinite(torch.tensor(after.history[-1]["loss"]))
 

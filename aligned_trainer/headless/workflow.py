@@ -11,7 +11,7 @@ from pathlib import Path
 SKIP_TYPES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4",
-               "vae_name", "lora_name"}
+               "vae_name", "lora_name", "image"}  # image: Load Image's file in the input folder
 
 
 def object_info_inprocess(nodes_module, names: list[str] | None = None) -> dict:

@@ -25,12 +25,21 @@ def _row(model, vae, positives, negative, s: SampleSettings, step: int, prompts)
     return g, cells, geo
 
 
+def _conditionings(clip, vae, prompts, negative: str, s: SampleSettings, control) -> tuple[list, list]:
+    """Each prompt's conditioning and the negative's, with the control images' reference latents attached to all of
+    them (:func:`render.reference_latents`; as ComfyUI's TextEncodeQwenImageEdit gives its image to the positive and
+    the negative encoding; at cfg 1, as FLUX.1 Kontext samples, the negative is never evaluated)."""
+    refs = render.reference_latents(vae, control)
+    pos = [render.with_references(render.encode(clip, p, s.guidance), refs) for p in prompts]
+    return pos, render.with_references(render.encode(clip, negative, s.guidance), refs)
+
+
 def preview_grid(model, clip, vae, prompts: list[str], negative: str, s: SampleSettings, step: int = 0,
-                 release: bool = False):
+                 release: bool = False, control=None):
     """One row: each prompt at this step's seed. Returns (grid, cells batch, geometry); with ``s.frames`` > 1 on a
-    video model the grid has one frame per clip frame and the cells are the clips one after another."""
-    neg = render.encode(clip, negative, s.guidance)
-    pos = [render.encode(clip, p, s.guidance) for p in prompts]
+    video model the grid has one frame per clip frame and the cells are the clips one after another. ``control``
+    (an IMAGE batch, or None): the control images of an image-edit model, each attached as a reference latent."""
+    pos, neg = _conditionings(clip, vae, prompts, negative, s, control)
     try:
         g, cells, geo = _row(model, vae, pos, neg, s, step, prompts)
     finally:
@@ -77,8 +86,9 @@ class PreviewPlan:
 
 
 def make_plan(clip, vae, prompts: list[str], negative: str, s: SampleSettings, every_n: int,
-              fps: float = 16.0) -> PreviewPlan:
+              fps: float = 16.0, control=None) -> PreviewPlan:
+    """The plan; ``control`` (an IMAGE batch, or None) is encoded now, with the prompts, into reference latents."""
     if every_n < 1:
         raise ValueError("every_n must be >= 1")
-    pos = tuple(render.encode(clip, p, s.guidance) for p in prompts)
-    return PreviewPlan(vae, tuple(prompts), pos, render.encode(clip, negative, s.guidance), s, int(every_n), float(fps))
+    pos, neg = _conditionings(clip, vae, prompts, negative, s, control)
+    return PreviewPlan(vae, tuple(prompts), tuple(pos), neg, s, int(every_n), float(fps))

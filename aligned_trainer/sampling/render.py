@@ -55,6 +55,26 @@ def encode(clip, text: str, guidance: float) -> list:
     return node_helpers.conditioning_set_values(cond, {"guidance": guidance})
 
 
+def reference_latents(vae, images: torch.Tensor | None) -> tuple:
+    """The control (reference) images of an edit preview as ComfyUI's own graph attaches them: each image of the
+    batch ``images`` (B, H, W, C) through ``VAEEncode`` (its first three channels), in batch order, each becoming one
+    entry of the conditioning's ``reference_latents`` as one ``ReferenceLatent`` node per image chained in that
+    order would add it. No images: ``()``."""
+    if images is None:
+        return ()
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] < 3:
+        raise ValueError(f"control_image: expected a batch of RGB images (B, H, W, 3), got shape {tuple(images.shape)}")
+    return tuple(vae.encode(images[i:i + 1, :, :, :3]) for i in range(images.shape[0]))
+
+
+def with_references(cond: list, latents: tuple) -> list:
+    """``cond`` with ``latents`` appended to its ``reference_latents`` (what chained ReferenceLatent nodes give);
+    ``cond`` itself when there are none."""
+    if not latents:
+        return cond
+    return node_helpers.conditioning_set_values(cond, {"reference_latents": list(latents)}, append=True)
+
+
 def latent_geometry(vae) -> tuple[int, int, int | None]:
     """``(channels, spatial, temporal)`` of the latents ``vae`` decodes, read from the ``comfy.sd.VAE`` ComfyUI built
     for the file (``latent_channels``, ``spacial_compression_decode()``, ``temporal_compression_decode()``; the

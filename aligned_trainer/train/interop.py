@@ -129,6 +129,10 @@ def adapters_from_lora(model, lora_sd: dict[str, torch.Tensor], targets: list[st
     if unmapped:
         raise ConfigError(f"{source}: {len(unmapped)} key(s) of the file match no module of this model (e.g. "
                           f"{unmapped[:3]}); is it a LoRA for another model family, or a LoHa/LoKr file?")
+    lone = sorted(set(magnitudes) - set(patches))
+    if lone:  # peft writes a magnitude only beside its module's LoRA pair: alone it would be dropped unread
+        raise ConfigError(f"{source}: {len(lone)} module(s) have a DoRA magnitude (lora_magnitude_vector) but no LoRA "
+                          f"pair (e.g. {lone[:3]}); the file is incomplete: save it again from the trainer")
     outside = sorted(set(patches) - set(targets))
     if outside:
         raise ConfigError(f"{source}: the file trains {len(outside)} module(s) this run does not (e.g. {outside[:3]}); "

@@ -105,10 +105,10 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         run = run.advanced(step=ck["step"], state=ck["state"], history=ck["history"], checkpoints=opened.kept,
                            meta={**run.meta, "started_at": ck.get("started_at") or run.meta["started_at"],
                                  "resume_note": resume_mod.data_order_note(ck, settings)})
-    elif init_lora and init_lora != "none":
+    elif (init_lora or "none").strip() != "none":  # spaces around a typed name or 'none' are ignored, as resume's
         from . import interop
 
-        run = interop.start_from(run, init_lora, Trainer)
+        run = interop.start_from(run, init_lora.strip(), Trainer)
     with torch.inference_mode(False):
         probe = Trainer(run)
         try:

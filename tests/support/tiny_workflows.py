@@ -144,6 +144,7 @@ SHRINK = {
     "AlignedTrainer_Optimizer": {"total_steps": STEPS},
     "AlignedTrainer_PreviewPlan": {"steps": 2, "width": 64, "height": 64, "every_n": 2},
     "AlignedTrainer_SamplePreview": {"steps": 2, "width": 64, "height": 64, "step": STEPS},
+    "ImageScaleToTotalPixels": {"megapixels": 0.01},  # the Kontext previews' input image: ~100 px, not 1 megapixel
 }
 # Per workflow, on top of SHRINK: the Wan clips sampled and previewed at 5 frames (2 latent frames), one
 # preview and one validation pass during training (clip decodes and bf16 passes are the slow parts on a CPU).
@@ -282,6 +283,8 @@ def family_server(base: Path):
         (srv.input_dir / "my_dataset_control").mkdir()
         for p in sorted((srv.input_dir / "my_dataset").rglob("*.png")):
             ImageOps.mirror(Image.open(p)).save(srv.input_dir / "my_dataset_control" / p.name)
+        # ComfyUI's own input/example.png, which the Kontext workflow's previews edit: here the first image, flipped
+        ImageOps.flip(Image.open(sorted((srv.input_dir / "my_dataset").rglob("*.png"))[0])).save(srv.input_dir / "example.png")
         make_dataset(srv.input_dir / TE_SWAP_DATASET, n=2, sizes=((64, 64),))  # the text-encoder swap workflow's
         # the Wan workflow's my_videos: a 6-frame 64 px clip at 16 fps and a still image (a one-frame sample)
         clips.write_clip(srv.input_dir / "my_videos" / "clip.mp4", 6, 16, size=(64, 64), caption="ohwx walking")
