@@ -208,6 +208,7 @@ SPLIT_LOADERS = {
     "lumina2": ("gemma_2_2b_fp16.safetensors", "lumina2", "ae.safetensors"),
     "qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "qwen_image_vae.safetensors"),
     "chroma": ("t5xxl_fp8_e4m3fn_scaled.safetensors", "chroma", "ae.safetensors"),
+    "flux2": ("mistral_3_small_flux2_fp8.safetensors", "flux2", "flux2-vae.safetensors"),
 }
 
 
@@ -505,6 +506,37 @@ def build(info: dict) -> dict[str, dict]:
                                         "distilled). The LoRA is written in ai-toolkit's layout (peft pairs under "
                                         "diffusion_model.), which ComfyUI and diffusers' HiDreamImagePipeline "
                                         "load."),
+        # FLUX.2 [dev]: the files of ComfyUI's own image_flux2_fp8 template (comfyui-workflow-templates-media-image
+        # templates/image_flux2_fp8.json: UNETLoader flux2_dev_fp8mixed, which trains as loaded; CLIPLoader
+        # mistral_3_small_flux2_fp8 type flux2; VAELoader flux2-vae); previews as that template samples: guidance 4
+        # (FluxGuidance), cfg 1 (BasicGuider), euler, 20 steps at 1024 px. Training as ai-toolkit's FLUX.2 job
+        # defaults (ui/src/app/jobs/new/options.ts arch 'flux2': timestep_type 'weighted', qfloat8; jobConfig.ts:
+        # linear 32 / alpha 32, lr 1e-4, bf16, gradient checkpointing, caption dropout 0.05): its 'weighted' is
+        # linear timesteps with a bell-shaped loss weight (our linear + weighted); the shift is FLUX.2's own
+        # resolution rule (diffusers Flux2Pipeline compute_empirical_mu at its default 50 steps: 2.02 at 1024 px, as
+        # ComfyUI's Flux2 config), where ai-toolkit's FLUX.2 train scheduler keeps FLUX.1's linear constants.
+        "train_lora_flux2": dict(name="FLUX.2 [dev]", ref="Flux2Pipeline (Mistral-Small-3.1 hidden states 10/20/30 "
+                                 "under its system message, 512 tokens)",
+                                 files="flux2_dev_fp8mixed.safetensors, mistral_3_small_flux2_fp8.safetensors, "
+                                       "flux2-vae.safetensors",
+                                 loader="flux2", ckpt="flux2_dev_fp8mixed.safetensors", resolution=1024,
+                                 density="linear", shift="flux_resolution", weighting="weighted", lr=1e-4, rank=32,
+                                 size=1024, cfg=1.0, guidance=4.0, sample_steps=20,
+                                 ts="linear timesteps with ai-toolkit's 'weighted' bell-shaped loss weight, on "
+                                    "FLUX.2's own resolution shift (Flux2Pipeline's empirical mu)",
+                                 spec="flux2-dev", init=dict(precision="bf16", gradient_checkpointing=True),
+                                 dataset=dict(caption_dropout=0.05),
+                                 sample=dict(sampler_name="euler", scheduler="simple"),
+                                 note="\nFiles: ComfyUI's FLUX.2 [dev] template (image_flux2_fp8); the fp8 DiT trains "
+                                      "as loaded. Settings: ai-toolkit's FLUX.2 defaults (rank 32, lr 1e-4, bf16, "
+                                      "'weighted' timesteps, caption dropout 0.05); the shift is FLUX.2's own "
+                                      "per-resolution rule (2.02 at 1024 px; ai-toolkit's FLUX.2 scheduler keeps "
+                                      "FLUX.1's constants). Previews as the template: guidance 4, euler, 20 steps "
+                                      "(on the model's shift 2.02; the template's Flux2Scheduler gives the same mu at "
+                                      "1024 px and 50 steps). The LoRA is written in ai-toolkit's FLUX.2 layout (peft "
+                                      "pairs under diffusion_model.), which ComfyUI and diffusers' Flux2Pipeline "
+                                      "load. For image-edit LoRAs with reference images, set the Dataset's "
+                                      "control_folder (as the FLUX.1 Kontext workflow)."),
     }
     for wid, f in fam.items():
         g = Graph(info)
@@ -542,7 +574,8 @@ def build(info: dict) -> dict[str, dict]:
         training_chain(g, m, c, v, folder=f.get("folder", "my_dataset"), resolution=f["resolution"], trigger="ohwx",
                        steps=1500, density=f["density"], shift=f["shift"], weighting=f["weighting"], lr=f["lr"],
                        rank=f.get("rank", 16), every_n=250, prompts="ohwx, a photo", sample_steps=f["sample_steps"],
-                       cfg=f["cfg"], guidance=3.5, size=f["size"], run_name=run, lora_name=run, image_prefix=run,
+                       cfg=f["cfg"], guidance=f.get("guidance", 3.5), size=f["size"], run_name=run, lora_name=run,
+                       image_prefix=run,
                        checkpoint_every=250, spec=f["spec"], init_widgets=f.get("init"), max_side=f.get("max_side"),
                        dataset_widgets=f.get("dataset"), sample_widgets=f.get("sample"), sample_saver=f.get("saver"),
                        timestep_widgets=f.get("timesteps"), optimizer_widgets=f.get("optimizer"),
@@ -893,6 +926,8 @@ def te_swap_workflow(info: dict, base: str = "sd15") -> dict:
 #   which it names from Comfy-Org/HunyuanVideo_1.5_repackaged; the same file as Qwen-Image's): ComfyUI's HunyuanVideo
 #   1.5 720p text-to-video template (comfyui-workflow-templates-media-video, templates/
 #   video_hunyuan_video_1.5_720p_t2v.json, properties.models).
+# - flux2_dev_fp8mixed, mistral_3_small_flux2_fp8, flux2-vae: ComfyUI's FLUX.2 [dev] fp8 template
+#   (comfyui-workflow-templates-media-image, templates/image_flux2_fp8.json, properties.models).
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
     "v2-1_768-ema-pruned.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-2-1/resolve/main/v2-1_768-ema-pruned.safetensors"),
@@ -925,6 +960,9 @@ MODELS = {
     "clip_g_hidream.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/text_encoders/clip_g_hidream.safetensors"),
     "llama_3.1_8b_instruct_fp8_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors"),
     "ae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
+    "flux2_dev_fp8mixed.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/flux2_dev_fp8mixed.safetensors"),
+    "mistral_3_small_flux2_fp8.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/text_encoders/mistral_3_small_flux2_fp8.safetensors"),
+    "flux2-vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
 }
 
 # What each workflow is for and what it needs: shown on its template card (the frontend 1.32.9 gives a custom
@@ -1004,6 +1042,12 @@ DESCRIPTIONS = {
                             "text_encoders/clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
                             "llama_3.1_8b_instruct_fp8_scaled", "vae/ae.safetensors",
                             "input/my_dataset (images + .txt captions)"]),
+    "train_lora_flux2": ("Train a FLUX.2 [dev] LoRA", "Mistral-Small-3.1 layers 10/20/30 under its system "
+                         "message as Flux2Pipeline; ai-toolkit's FLUX.2 settings: rank 32, lr 1e-4, 'weighted' "
+                         "timesteps on FLUX.2's resolution shift; fp8 DiT trained as loaded; previews at guidance 4.",
+                         ["diffusion_models/flux2_dev_fp8mixed.safetensors",
+                          "text_encoders/mistral_3_small_flux2_fp8.safetensors", "vae/flux2-vae.safetensors",
+                          "input/my_dataset (images + .txt captions)"]),
     "ab_aligned_vs_unaligned": ("A/B: aligned vs default encoders", "Same prompts, seed and noise through the "
                                 "aligned and ComfyUI's default text encoders, side by side.",
                                 ["any SD1.5 checkpoint (tiny-sd15 named)"]),

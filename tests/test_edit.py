@@ -386,3 +386,55 @@ def test_qwen_image_edit_training_encodes_captions_with_the_control(comfy, famil
     plain = D.from_folder(folder.parent, C, B)
     with pytest.raises(Exception, match=r"'qwen-image-edit'.*has no control image.*control_folder"):
         cache.cache_text(cache.cache_latents(plain, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)
+
+
+def test_flux2_forward_receives_reference_latents(comfy, family_bundle, tmp_path):
+    """FLUX.2 [dev] with reference images (ComfyUI's Flux2 model: ``model_base.Flux`` extra_conds, references placed
+    by FLUX.2's default 'index' method): a batch of 2 edit pairs trains with finite loss and 0 unmapped keys, and
+    every forward of training and validation gets ``ref_latents`` equal (``torch.equal``) to what ComfyUI's
+    ReferenceLatent node + the model's extra_conds give for its samples, in FLUX.2's 128-channel latent layout, with
+    no method override (so the model's own 'index' placement); the reference changes the prediction."""
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    loop = comfy.engine("train.loop")
+    export = comfy.engine("train.export")
+    types = comfy.engine("data.types")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    model, clip, vae = family_bundle("flux2-dev")
+    folder, ctrl = _edit_set(tmp_path, "set", n=2)
+    lc = cache.cache_latents(D.from_folder(folder.parent, C, B, control_folder=ctrl), vae, tmp_path / "c")
+    ts, _ = cache.cache_text(lc, clip, tmp_path / "c", unload=False)
+    assert all(s.control_latent is not None and s.control_latent.shape[0] == 128 for s in ts.samples)
+    seen = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        cfg, st = comfy.engine("train.config"), comfy.engine("train.state")
+        run = loop.init_run(model, ts, cfg.LoraConfig(rank=4, alpha=4, preset="attention"),
+                            cfg.TimestepConfig(density="logit_normal", shift="flux_resolution"),
+                            cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="flux2edit", batch_size=2, guidance=4.0),
+                            runs_root=tmp_path)
+        out = loop.train_steps(run, 2, val_every=2)
+    finally:
+        handle.remove()
+    assert all(np.isfinite([h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]))
+    assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
+    refs = [_stock_refs(model, s)[0] for s in ts.samples]
+    assert refs[0].shape == (1, *ts.samples[0].control_latent.shape) and not torch.equal(refs[0], refs[1])
+    assert len(seen) >= 3, len(seen)  # 2 training steps and a validation pass
+    for kw in seen:
+        got = kw.get("ref_latents")
+        assert got is not None and len(got) == 1 and "ref_latents_method" not in kw
+        assert all(any(torch.equal(row[None], ref) for ref in refs) for row in got[0])
+    # the reference reaches the model: the same noisy latent predicts differently with and without it
+    a = ts.samples[0]
+    tr = loop.Trainer(run)
+    tr.load()
+    try:
+        x = torch.randn((1, *a.latent.shape), generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([0.6])
+        with torch.no_grad():
+            with_ref = tr.denoised_at(x, sigma, [types.with_reference(a.captions[0].conditioning, a)])
+            without = tr.denoised_at(x, sigma, [a.captions[0].conditioning])
+    finally:
+        tr.release()
+    assert not torch.allclose(with_ref, without, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma/Qwen-Image/Lumina 2/HiDream bundles behave like the real families in ComfyUI's stock nodes: the family's
+"""The tiny SDXL/SD3/FLUX.1/Z-Image/Chroma/Qwen-Image/Lumina 2/HiDream/FLUX.2 bundles behave like the real families in ComfyUI's stock nodes: the family's
 supported_models config and text-encoder classes, stock encode -> KSampler -> VAE decode, trainable
 (finite gradients), and deterministic (same seed, same weights)."""
 from __future__ import annotations
@@ -9,10 +9,12 @@ import torch
 from support.factories import families
 
 CONFIG = {"sdxl": "SDXL", "sd3": "SD3", "flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "z-image": "ZImage",
-          "chroma": "Chroma", "qwen-image": "QwenImage", "lumina2": "Lumina2", "hidream": "HiDream"}
+          "chroma": "Chroma", "qwen-image": "QwenImage", "lumina2": "Lumina2", "hidream": "HiDream",
+          "flux2-dev": "Flux2"}
 TEXT_ENCODER = {"sdxl": "SDXLClipModel", "sd3": "SD3ClipModel", "flux1-dev": "FluxClipModel",
                 "flux1-schnell": "FluxClipModel", "z-image": "ZImageTEModel", "chroma": "PixArtT5XXL",
-                "qwen-image": "QwenImageTEModel", "lumina2": "LuminaModel", "hidream": "HiDreamTEModel"}
+                "qwen-image": "QwenImageTEModel", "lumina2": "LuminaModel", "hidream": "HiDreamTEModel",
+                "flux2-dev": "Flux2TEModel"}
 
 
 def expected_cond_dims(model) -> tuple[int, int | None]:
@@ -25,7 +27,8 @@ def expected_cond_dims(model) -> tuple[int, int | None]:
     if hasattr(dm, "context_embedder"):  # SD3 MMDiT
         return dm.context_embedder.in_features, cfg["adm_in_channels"]
     if hasattr(dm, "txt_in"):  # FLUX; Chroma has no pooled input (its modulations come from the Approximator)
-        return dm.txt_in.in_features, dm.vector_in.in_layer.in_features if hasattr(dm, "vector_in") else None
+        vector_in = getattr(dm, "vector_in", None)  # FLUX.2: None (no pooled vector)
+        return dm.txt_in.in_features, vector_in.in_layer.in_features if vector_in is not None else None
     return cfg["context_dim"], cfg["adm_in_channels"] - 6 * 256  # SDXL: pooled + 6 size embeddings of 256
 
 
@@ -64,12 +67,15 @@ def test_stock_encode_sample_decode(comfy, bundle):
     assert (got_pooled is None) if pooled is None else (got_pooled.shape[-1] == pooled)
     if model.model.latent_format.latent_channels == 4:
         (lat,) = n.EmptyLatentImage().generate(64, 64, 1)
+    elif model.model.latent_format.latent_channels == 128:  # FLUX.2: the VAE's 32 channels patchified 2x2
+        (lat,) = comfy.call("EmptyFlux2LatentImage", width=64, height=64, batch_size=1)
     else:
         (lat,) = comfy.call("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    (out,) = n.common_ksampler(model, 7, 2, 1.0 if name.startswith("flux1") else 3.0, "euler", "simple", pos, neg, lat)
+    (out,) = n.common_ksampler(model, 7, 2, 1.0 if name.startswith("flux") else 3.0, "euler", "simple", pos, neg, lat)
     s = out["samples"]
     frames = (1,) * (model.model.latent_format.latent_dimensions - 2)  # Qwen-Image: one-frame latents of a video VAE
-    assert s.shape == (1, vae.latent_channels, *frames, 8, 8) and torch.isfinite(s).all() and s.abs().sum() > 0
+    side = 64 // vae.spacial_compression_encode()  # FLUX.2: 16 (8 x the 2x2 patchify)
+    assert s.shape == (1, vae.latent_channels, *frames, side, side) and torch.isfinite(s).all() and s.abs().sum() > 0
     (img,) = n.VAEDecode().decode(vae, out)
     assert img.shape == (1, 64, 64, 3) and torch.isfinite(img).all()
 

@@ -3,7 +3,9 @@
 The file's keys go through the family pipeline's own ``lora_state_dict`` (diffusers' kohya converters, the
 step ``load_lora_weights`` runs first); each converted module name must be a module of the diffusers model,
 whose names come from ComfyUI's own ComfyUI -> diffusers tables (``comfy.utils.unet_to_diffusers``,
-``flux_to_diffusers``, ``mmdit_to_diffusers``; which one is data: ``diffusers_names`` in lora_formats.json).
+``flux_to_diffusers``, ``mmdit_to_diffusers``; which one is data: ``diffusers_names`` in lora_formats.json), or,
+where ComfyUI has no such table (FLUX.2), from diffusers' own checkpoint converter for the family
+(``diffusers_checkpoint_converter``).
 peft injects adapters by these names, so a name that is not a module of the model is a module diffusers drops.
 Families without a diffusers loader for kohya files, and LoHa/LoKr (diffusers has no loader for them), are
 reported as not checked, with the reason. So is a model whose width differs from the one diffusers' converter
@@ -42,6 +44,13 @@ def _module_name(converted_key: str) -> str:
 
 
 def _diffusers_module_names(model, table: str) -> set[str]:
+    converter = naming.family_facts(model).get("diffusers_checkpoint_converter")
+    if converter:  # diffusers' own converter of the family's checkpoint (FLUX.2): the diffusers model's names
+        from diffusers.loaders import single_file_utils
+
+        base = getattr(model, "model", model)
+        converted = getattr(single_file_utils, converter)(dict(base.diffusion_model.state_dict()))
+        return {k[:-len(".weight")] for k in converted if k.endswith(".weight")}
     mapping = naming.diffusers_table(model)
     absent = tuple(naming.family_facts(model).get("diffusers_absent", ()))
     return {k[:-len(".weight")] for k in mapping if k.endswith(".weight") and not (absent and k.startswith(absent))}

@@ -303,6 +303,7 @@ class Trainer:
         s = run.settings
         self.patcher = run.model.clone()
         self.ms = self.patcher.get_model_object("model_sampling")  # with object patches (ModelSampling* nodes)
+        self.shift_rule = ts.resolution_rule(run.model)  # the family's resolution shift (resolution_shift.json)
         dm = self.patcher.model.diffusion_model
         self.device = mm.get_torch_device()  # where load() puts the model; RNG draws stay on the CPU
         self.gen = torch.Generator().manual_seed(s.seed)
@@ -545,7 +546,7 @@ class Trainer:
         x0 = self.patcher.model.process_latent_in(torch.stack([b.latent.detach() for b in batch]).float())
         noise = ts.training_noise(self.run.timesteps, x0, self.gen)
         u = ts.sample_u(self.run.timesteps, len(batch), self.gen)
-        sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape)
+        sigma = ts.sigmas_for(self.run.timesteps, self.ms, u, x0.shape, self.shift_rule)
         weights = ts.loss_weights(self.run.timesteps, self.ms, sigma, u) * torch.tensor(
             [b.weight * (s.reg_weight if b.is_reg else 1.0) for b in batch])
         conds = [self.conditioning(b) for b in batch]

@@ -251,7 +251,7 @@ class SliderObjective:
         like = torch.zeros(shape)
         noise = ts.training_noise(trainer.run.timesteps, like, trainer.gen)
         u = ts.sample_u(trainer.run.timesteps, s.batch_size, trainer.gen)
-        sigma = ts.sigmas_for(trainer.run.timesteps, trainer.ms, u, shape)
+        sigma = ts.sigmas_for(trainer.run.timesteps, trainer.ms, u, shape, trainer.shift_rule)
         noise, sigma = noise.to(trainer.device), sigma.to(trainer.device)
         x = self.noisy_latent(trainer, noise, sigma)
         return self.loss(trainer, x, sigma, backward=1.0 / s.grad_accum) / s.grad_accum

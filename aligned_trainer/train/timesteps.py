@@ -6,12 +6,18 @@ sigma through ComfyUI's ``model_sampling``. Densities and SD3 weighting use diff
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import comfy.model_sampling
 import torch
 
+from . import model_facts
 from .config import ConfigError, TimestepConfig
+
+SHIFT_FACTS = Path(__file__).with_name("resolution_shift.json")
 
 
 def is_flow(model_sampling) -> bool:
@@ -54,13 +60,51 @@ def flux_resolution_shift(image_seq_len: int, base_seq_len=256, max_seq_len=4096
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
-def shift_u(cfg: TimestepConfig, u: torch.Tensor, latent_shape) -> torch.Tensor:
+@functools.lru_cache(maxsize=1)
+def _shift_families() -> dict:
+    return json.loads(SHIFT_FACTS.read_text())["families"]
+
+
+def resolution_rule(model=None) -> dict:
+    """The resolution_shift.json entry of ``model`` (a ModelPatcher or BaseModel; nearest listed class of its model
+    config), FLUX.1's ('Flux') for a model with no listed class or none given."""
+    found = model_facts.lookup(model, _shift_families()) if model is not None else None
+    return found[1] if found else _shift_families()["Flux"]
+
+
+def empirical_mu(image_seq_len: int, num_steps: int, a1: float, b1: float, a2: float, b2: float,
+                 long_seq_len: int) -> float:
+    """FLUX.2's resolution shift mu: a line in the step count through its fits at 10 and 200 steps (above
+    ``long_seq_len`` tokens, the 200-step fit alone)."""
+    m_200 = a2 * image_seq_len + b2
+    if image_seq_len > long_seq_len:
+        return float(m_200)
+    m_10 = a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    return float(slope * num_steps + m_200 - 200.0 * slope)
+
+
+def resolution_mu(rule: dict, latent_shape) -> float:
+    """The shift mu of a latent of ``latent_shape`` under a resolution_shift.json ``rule``."""
+    h, w = latent_shape[-2:]
+    p = int(rule["patch_size"])
+    seq = (h // p) * (w // p)
+    if rule["rule"] == "linear":
+        return flux_resolution_shift(seq, rule["base_seq_len"], rule["max_seq_len"], rule["base_shift"],
+                                     rule["max_shift"])
+    if rule["rule"] == "empirical":
+        return empirical_mu(seq, rule["num_steps"], rule["a1"], rule["b1"], rule["a2"], rule["b2"],
+                            rule["long_seq_len"])
+    raise ConfigError(f"unknown resolution shift rule {rule['rule']!r} in {SHIFT_FACTS.name}")
+
+
+def shift_u(cfg: TimestepConfig, u: torch.Tensor, latent_shape, rule: dict | None = None) -> torch.Tensor:
+    """``rule``: the model's resolution_shift.json entry (:func:`resolution_rule`) for ``flux_resolution``."""
     if cfg.shift == "fixed":
         s = cfg.shift_value
         return s * u / (1 + (s - 1) * u)
     if cfg.shift == "flux_resolution":
-        h, w = latent_shape[-2:]
-        mu = flux_resolution_shift((h // 2) * (w // 2))
+        mu = resolution_mu(rule or resolution_rule(), latent_shape)
         return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
     return u
 
@@ -74,7 +118,7 @@ def boundary_u(sigma_of, boundary: float, iterations: int = 60) -> float:
     return (lo + hi) / 2
 
 
-def expert_u(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
+def expert_u(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape, rule: dict | None = None) -> torch.Tensor:
     """Draws u mapped into one Wan 2.2 expert's part of the schedule: ``high_noise`` where the model's shifted
     sigma is >= ``expert_boundary``, ``low_noise`` below it (flow models: sigma is the noise fraction)."""
     if cfg.expert == "none":
@@ -85,20 +129,21 @@ def expert_u(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape)
     if not cfg.expert_boundary > 0:
         raise ConfigError(f"expert '{cfg.expert}' has no boundary yet: Train Init sets the model's official one "
                           "(train/experts.json); outside it, pass expert_boundary")
-    b = boundary_u(lambda x: _sigmas(cfg, model_sampling, x, latent_shape), cfg.expert_boundary)
+    b = boundary_u(lambda x: _sigmas(cfg, model_sampling, x, latent_shape, rule), cfg.expert_boundary)
     return b + u * (1.0 - b) if cfg.expert == "high_noise" else u * b
 
 
-def sigmas_for(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
+def sigmas_for(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape, rule: dict | None = None) -> torch.Tensor:
     """Model sigmas for draws u. ``shift='model'`` uses the model's own schedule (ComfyUI percent_to_sigma);
-    an ``expert`` keeps them on its side of the boundary."""
-    return _sigmas(cfg, model_sampling, expert_u(cfg, model_sampling, u, latent_shape), latent_shape)
+    an ``expert`` keeps them on its side of the boundary; ``rule``: the model's resolution shift
+    (:func:`resolution_rule`; FLUX.1's when None)."""
+    return _sigmas(cfg, model_sampling, expert_u(cfg, model_sampling, u, latent_shape, rule), latent_shape, rule)
 
 
-def _sigmas(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape) -> torch.Tensor:
+def _sigmas(cfg: TimestepConfig, model_sampling, u: torch.Tensor, latent_shape, rule: dict | None = None) -> torch.Tensor:
     if cfg.shift == "model":
         return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - float(x))) for x in u])
-    t = shift_u(cfg, u, latent_shape)
+    t = shift_u(cfg, u, latent_shape, rule)
     if is_flow(model_sampling):
         return t
     return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - float(x))) for x in t])

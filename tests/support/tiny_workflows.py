@@ -1,6 +1,6 @@
 """Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 /
 _hunyuan_video15 / _zimage /
-_chroma / _qwen_image / _lumina2 / _hidream) so they run on tiny
+_chroma / _qwen_image / _lumina2 / _hidream / _flux2) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_browser.py (the changes made in the frontend's graph before queueing it; the runs checked by
 support.workflow_checks) and tests/test_workflows_families.py (the same changes on API prompts, as a guard).
@@ -45,6 +45,10 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      128, 16 double- and 32 single-stream blocks), ``QuadrupleCLIPLoader`` -> ``TinyTextEncoderLoader(hidream)``
      (CLIP-G, T5-XXL and Llama-3.1-8B are built at full size), ``VAELoader`` <- ``tiny-flux1-ae.safetensors``
      (HiDream's VAE is FLUX's). The ModelSamplingSD3 node (shift 3) between the model and Train Init stays.
+   - FLUX.2 [dev]: ``UNETLoader`` -> ``TinyDiffusionModelLoader(flux2-dev)`` (FLUX.2 detection fixes 48 heads and
+     four rope axes of 32), ``CLIPLoader`` -> ``TinyTextEncoderLoader(flux2-dev)`` (CLIPLoader type flux2 recognises
+     the Mistral only at 40 layers of 5120), ``VAELoader`` <- ``tiny-flux2-vae.safetensors`` (the stock loader
+     detects the FLUX.2 VAE by its batch-norm statistics: ``families.flux2_vae_file``).
    - Wan 2.1: ``UNETLoader`` -> ``TinyDiffusionModelLoader(wan2.1)`` (Wan detection gives dim/128 heads),
      ``CLIPLoader`` -> ``TinyTextEncoderLoader(wan2.1)`` (UMT5-XXL is built at full size), ``VAELoader`` <-
      ``tiny-wan21-vae.safetensors`` (the stock loader detects the tiny Wan 2.1 VAE: ``support.factories.wan``).
@@ -64,7 +68,7 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
    (2.1 and 2.2) clips sampled and previewed at 5 frames, one preview and one validation pass; its ``my_videos``
    folder holds a 6-frame 64 px clip and a still image; Wan 2.2 trains 2 steps with no validation and previews
    only at the end;
-   Z-Image and Chroma render one preview and one validation pass; Qwen-Image trains 2 steps with one checkpoint,
+   Z-Image, Chroma and FLUX.2 render one preview and one validation pass; Qwen-Image trains 2 steps with one checkpoint,
    one validation pass and one preview; Lumina 2 (256 masked caption tokens) 2 steps, no validation, only the final
    preview.
 
@@ -81,13 +85,14 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from . import demo
-from .factories import clips, family_files, sd15, wan
+from .factories import clips, families, family_files, sd15, wan
 from .factories.dataset import make_dataset
 from .server import ComfyServer
 
 TEST_NODES = Path(__file__).resolve().parent / "comfy_nodes"
 TINY = "AlignedTrainerTests_Tiny"
 WAN_VAE = "tiny-wan21-vae.safetensors"
+FLUX2_VAE = "tiny-flux2-vae.safetensors"
 
 # workflow -> (family of support.factories.families whose LoRA keys the saved file must map to, or "sd15";
 #              loader substitutions: class_type -> (new class_type or None to keep, inputs))
@@ -128,6 +133,9 @@ FAMILIES = {
     "train_lora_hidream": ("hidream", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "hidream"}),
                                        "QuadrupleCLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "hidream"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
+    "train_lora_flux2": ("flux2-dev", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "flux2-dev"}),
+                                       "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "flux2-dev"}),
+                                       "VAELoader": (None, {"vae_name": FLUX2_VAE})}),
 }
 STEPS = 2  # one checkpoint, one validation pass and one preview at step 2 (4 steps repeated each: suite time)
 SHRINK = {
@@ -186,7 +194,11 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                "train_lora_hidream": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},
                                       "AlignedTrainer_Optimizer": {"total_steps": 2},
                                       "AlignedTrainer_PreviewPlan": {"every_n": STEPS},
-                                      "AlignedTrainer_SamplePreview": {"step": 2}}}
+                                      "AlignedTrainer_SamplePreview": {"step": 2}},
+               # FLUX.2: a 31-layer Mistral per caption (512 aligned tokens) and a full-width VAE: one preview and
+               # one validation pass, as Z-Image and Chroma
+               "train_lora_flux2": {"AlignedTrainer_PreviewPlan": {"every_n": STEPS},
+                                    "AlignedTrainer_TrainSteps": {"val_every": STEPS}}}
 
 
 # The text-encoder swap workflows (tests/test_browser.py makes these changes in the frontend's graph, queues them and
@@ -263,7 +275,8 @@ def family_server(base: Path):
         for link, src in ((folders["checkpoints"] / "tiny-sd15.safetensors", sd15.checkpoint()),
                           (folders["checkpoints"] / "tiny-sd3.safetensors", family_files.sd3_checkpoint()),
                           (folders["vae"] / "tiny-flux1-ae.safetensors", family_files.vae_file("flux1-dev")),
-                          (folders["vae"] / WAN_VAE, wan.vae_file())):
+                          (folders["vae"] / WAN_VAE, wan.vae_file()),
+                          (folders["vae"] / FLUX2_VAE, families.flux2_vae_file())):
             link.symlink_to(src)
         make_dataset(srv.input_dir / "my_dataset", n=4, sizes=((64, 64),))
         # the Kontext workflow's control images: each my_dataset image mirrored, under its file stem

@@ -185,7 +185,31 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
         _check_hidream(api, by_type, lora, report, model)
     if name == "train_lora_flux1_kontext":
         _check_control_latents(srv)
+    if name == "train_lora_flux2":
+        _check_flux2(api, by_type, lora)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")
+
+
+def _check_flux2(api: dict, by_type: dict, lora: Path) -> None:
+    """The FLUX.2 workflow: the aligned encoders' spec is flux2-dev, the timesteps are FLUX.2's own resolution shift
+    with ai-toolkit's 'weighted' timesteps, previews at guidance 4 (ComfyUI's FLUX.2 template), and the LoRA is in ai-toolkit's FLUX.2 layout (peft pairs under
+    diffusion_model.<original module>, no alpha) with its base model version."""
+    from safetensors import safe_open
+
+    (te_id,) = by_type["AlignedTrainer_LoadAlignedTextEncoders"]
+    assert api[te_id]["inputs"]["spec"] == "flux2-dev", api[te_id]["inputs"]
+    (ts_id,) = by_type["AlignedTrainer_TimestepStrategy"]
+    t = api[ts_id]["inputs"]
+    assert (t["density"], t["shift"], t["weighting"]) == ("linear", "flux_resolution", "weighted"), t
+    for kind in ("AlignedTrainer_PreviewPlan", "AlignedTrainer_SamplePreview"):  # ComfyUI's FLUX.2 template: 4
+        (nid,) = by_type[kind]
+        assert api[nid]["inputs"]["guidance"] == 4.0, (kind, api[nid]["inputs"])
+    with safe_open(str(lora), framework="pt") as f:
+        md, keys = f.metadata(), list(f.keys())
+    assert md["ss_base_model_version"] == "flux2" and md["modelspec.architecture"] == "flux-2-dev/lora", md
+    assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys, keys[:5]
+    assert any(k.startswith("diffusion_model.single_blocks.0.linear1.") for k in keys), keys[:5]
 
 
 def _check_control_latents(srv) -> None:

@@ -175,3 +175,22 @@ def hidream_transformer_pipeline(diffusion_state_dict: dict):
     transformer.load_state_dict(diffusion_state_dict, strict=True)
     none = {f"{part}{i}": None for part in ("text_encoder", "tokenizer") for i in ("", "_2", "_3", "_4")}
     return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=transformer, **none)
+
+
+def flux2_pipeline(diffusion_state_dict: dict):
+    """diffusers' Flux2Pipeline around a Flux2Transformer2DModel of the tiny FLUX.2 config (``families.FLUX2_DIT``)
+    holding ComfyUI's weights converted with diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers`` (every
+    key must match); no text encoder or VAE (``load_lora_weights`` loads into the transformer only)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    u = families.FLUX2_DIT
+    transformer = Flux2Transformer2DModel(
+        patch_size=u["patch_size"], in_channels=u["in_channels"], out_channels=u["out_channels"], num_layers=u["depth"],
+        num_single_layers=u["depth_single_blocks"], attention_head_dim=u["hidden_size"] // u["num_heads"],
+        num_attention_heads=u["num_heads"], joint_attention_dim=u["context_in_dim"], mlp_ratio=u["mlp_ratio"],
+        axes_dims_rope=tuple(u["axes_dim"]), rope_theta=u["theta"], guidance_embeds=u["guidance_embed"]).eval()
+    converted = convert_flux2_transformer_checkpoint_to_diffusers({k: v.clone() for k, v in diffusion_state_dict.items()})
+    transformer.load_state_dict(converted, strict=True)
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                         transformer=transformer)

@@ -1,4 +1,5 @@
-"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image, Lumina 2 and HiDream-I1 bundles built from ComfyUI's own classes.
+"""Tiny SDXL, SD3, FLUX.1 (dev/schnell), Z-Image, Chroma, Qwen-Image, Lumina 2, HiDream-I1 and FLUX.2 [dev] bundles built from
+ComfyUI's own classes.
 
 Each bundle is what ComfyUI's loaders hand out: a ``ModelPatcher`` around the family's ``comfy.model_base``
 model, made by the family's ``comfy.supported_models`` config (``SDXL``, ``SD3``, ``Flux``, ``FluxSchnell``,
@@ -36,7 +37,8 @@ import torch
 
 from . import common
 
-NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2", "hidream")
+NAMES = ("sdxl", "sd3", "flux1-dev", "flux1-schnell", "z-image", "chroma", "qwen-image", "lumina2", "hidream",
+         "flux2-dev")
 
 # ComfyUI's own text-encoder configs (sd1_clip_config.json, clip_config_bigg.json, t5_config_xxl.json),
 # overridden key by key through model_options["<model_name>_model_config"].
@@ -117,6 +119,19 @@ HIDREAM_DIT = dict(
     num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8], max_resolution=[128, 128],
     llama_layers=[0, 2],
 )
+# FLUX.2 [dev]: ComfyUI's Flux DiT with the keys model_detection gives FLUX.2 (image_model "flux2": 48 heads of 128 over
+# four rope axes 32/32/32/32, theta 2000, mlp ratio 3 with SiLU-gated MLPs, no biases, modulation shared by all blocks
+# (global_modulation), no pooled vector, 128-channel latents at patch size 1 (the VAE's 32 channels patchified 2x2),
+# reference images placed by index (ref_index_scale 10); the guidance embedding of [dev]), shrunk like FLUX.1's tiny
+# DiT: hidden 64 = 2 heads of 32 (four axes of 8), one double and one single block. Its caption is three stacked
+# Mistral-Small hidden states (layers 10, 20, 30: width 3 x hidden, 15360 in the real model): here 3 x 64.
+FLUX2_TE_HIDDEN = 64
+FLUX2_DIT = dict(
+    image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=3 * FLUX2_TE_HIDDEN,
+    hidden_size=64, mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 8, 8, 8], theta=2000,
+    patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+    default_ref_method="index", ref_index_scale=10.0,
+)
 VAE_DDCONFIG = dict(double_z=True, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                     num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
@@ -156,7 +171,61 @@ SPECS = {
                     make_clip=lambda seed: _lumina2_clip(seed)),
     "hidream": Spec("HiDream", HIDREAM_DIT, "hidream", vae_channels=16, vae_quant_conv=False,
                     make_clip=lambda seed: _hidream_clip()),
+    "flux2-dev": Spec("Flux2", FLUX2_DIT, "flux2", vae_channels=32, make_clip=lambda seed: _flux2_clip(seed),
+                      make_vae=lambda seed: _flux2_vae(seed)),
 }
+
+
+def _flux2_clip(seed: int):
+    """ComfyUI's FLUX.2 text encoder (Flux2Tokenizer + flux2_te(): Mistral-Small-3.1 layers 10/20/30 stacked) around
+    the tiny seeded Mistral of support.factories.te_flux2 (seed 70 + ``seed``: the default 1 gives the parity tests'
+    file); its width x 3 is the tiny DiT's caption width."""
+    from . import te_flux2
+
+    assert 3 * te_flux2.MISTRAL_TINY["hidden_size"] == FLUX2_DIT["context_in_dim"]
+    return te_flux2.flux2_clip(te_flux2.mistral_tiny_file(70 + seed))
+
+
+def flux2_cond(seed: int, tokens: int = 16, guidance: float | None = None) -> list:
+    """A seeded FLUX.2 CONDITIONING of the real layout (context: [1, tokens, 3 x Mistral hidden], the stacked layers
+    10/20/30; no pooled output), as CLIPTextEncode gives it with the tiny encoder, for tests that need conditioning
+    only (no text)."""
+    emb = torch.randn(1, tokens, FLUX2_DIT["context_in_dim"], generator=torch.Generator().manual_seed(seed))
+    extras = {"pooled_output": None}  # as CLIPTextEncode gives it for an encoder without a pooled output
+    if guidance is not None:
+        extras["guidance"] = guidance
+    return [[emb, extras]]
+
+
+def flux2_vae_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
+    """A seeded FLUX.2 VAE in the layout of its file: the 32-channel KL VAE with quant convs and the batch-norm
+    latent statistics (``bn.running_mean``/``running_var``, the key ComfyUI's VAE detection looks for)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    dd = dict(VAE_DDCONFIG, z_channels=32, batch_norm_latent=True)
+    vae = AutoencoderKL(ddconfig=dd, embed_dim=32)
+    common.seeded_init_(vae, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():  # batch-norm statistics of a latent: means near 0, variances near 1 (never 0)
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.1)
+        vae.bn.running_var.copy_(1.0 + torch.rand(vae.bn.running_var.shape, generator=g))
+    return {k: v.clone() for k, v in vae.state_dict().items()}
+
+
+def flux2_vae_file(seed: int = 2):
+    """The file of the tiny FLUX.2 VAE (what ``VAELoader`` loads as flux2-vae.safetensors; ComfyUI's detection builds
+    it from the state dict)."""
+    _cached(f"tiny-flux2-vae-s{seed}", lambda: flux2_vae_state_dict(seed))
+    return common.cached_file(f"tiny-flux2-vae-s{seed}", _key())
+
+
+def _flux2_vae(seed: int):
+    import comfy.sd
+
+    sd = _cached(f"tiny-flux2-vae-s{seed}", lambda: flux2_vae_state_dict(seed))
+    vae = comfy.sd.VAE(sd=dict(sd))
+    assert vae.latent_channels == 128, f"tiny flux2-dev: VAE detected {vae.latent_channels} channels (FLUX.2: 32 x 2 x 2)"
+    return vae
 
 
 def _hidream_clip():
@@ -329,7 +398,7 @@ def build_vae(name: str, seed: int = 2):
 def build(name: str, seed: int = 0):
     """(MODEL, CLIP, VAE) of the tiny ``name`` (one of ``NAMES``); components use seeds seed, seed+1, seed+2."""
     if name not in SPECS:
-        raise ValueError(f"no tiny bundle named {name!r}; available: {', '.join(NAMES)}")
+        raise ValueError(f"no tiny bundle named {name!r}; available: {', '.join(SPECS)}")
     return build_model(name, seed), build_clip(name, seed + 1), build_vae(name, seed + 2)
 
 
