@@ -157,6 +157,12 @@ def control_folder(text: str) -> Path | None:
     return confine(text, dataset_roots()) if text.strip() else None
 
 
+def control_folders(text: str) -> tuple[Path, ...]:
+    """The guarded Dataset node control-image folders (image-edit training), one a line in ``text`` (blank lines
+    skipped; () when there is none), each confined like the dataset folder, in the order given."""
+    return tuple(confine(line, dataset_roots()) for line in text.splitlines() if line.strip())
+
+
 def is_inside(path: Path, roots: Roots) -> bool:
     """Whether ``path``'s real path lies inside one of the roots (for entries met while listing)."""
     real = Path(os.path.realpath(path))
@@ -226,4 +232,4 @@ def walk(folder: Path, roots: Roots | None, max_depth: int = 1, max_entries: int
 
 
 __all__ = ["PathRefused", "Roots", "confine", "dataset_roots", "lora_roots", "walk", "is_inside", "settings_file",
-           "allowed_dataset_folders", "dataset_folders", "control_folder", "SETTINGS_FILE"]
+           "allowed_dataset_folders", "dataset_folders", "control_folder", "control_folders", "SETTINGS_FILE"]

@@ -28,6 +28,7 @@ def report_image(rep: dict):
                                            f"{rep['caption_tags']['max']}"],
              ["distinct caption variants (all cached)", str(rep["caption_variants"]["distinct"])]]
     rows += [[f"tag: {t}", str(n)] for t, n in rep["tag_frequency"][:15]]
+    rows += [[f"control images: {c['folder']}", str(c["control_images"])] for c in rep.get("control_folders", [])]
     rows += [[n, ""] for n in rep["notes"][:10]]
     return imaging.table_image(["", "count"], rows, title=f"Dataset: {rep['images']} images, {rep['items']} items",
                                first_col_width=420, col_width=80)
@@ -94,14 +95,16 @@ class Dataset(io.ComfyNode):
                                         "to 4k+1): each clip trains at the longest count it is long enough for, and "
                                         "only clips of one count and one size are batched together. Empty: every "
                                         "clip at 'frames'."),
-                io.String.Input("control_folder", default="", optional=True,
-                                tooltip="Image-edit training (FLUX.1 Kontext): a folder of control (input) images, one "
-                                        "per training image with the same file name stem (photo_01.png -> "
-                                        "photo_01.jpg here), in the same allowed folders as 'folder'. Each is "
-                                        "resized and cropped to its training image's bucket and given to the model "
-                                        "as its reference image, as ComfyUI's ReferenceLatent node does; the "
-                                        "caption is the edit instruction. Empty: ordinary training. Images from "
-                                        "the graph and video datasets take no control images. See docs/data.md."),
+                io.String.Input("control_folder", default="", multiline=True, optional=True,
+                                tooltip="Image-edit training (FLUX.1 Kontext, FLUX.2): a folder of control (input) "
+                                        "images, one per training image with the same file name stem (photo_01.png "
+                                        "-> photo_01.jpg here), in the same allowed folders as 'folder'. Several "
+                                        "folders, one per line, give each target several control images, in line "
+                                        "order (as chained ReferenceLatent nodes). Each is resized and cropped to "
+                                        "its training image's bucket and given to the model as a reference image, "
+                                        "as ComfyUI's ReferenceLatent node does; the caption is the edit "
+                                        "instruction. Empty: ordinary training. Images from the graph and video "
+                                        "datasets take no control images. See docs/data.md."),
             ],
             outputs=[DATASET.Output("dataset", tooltip="The dataset (for Cache Latents)."),
                      io.String.Output("report", tooltip="Images per bucket, caption stats, tag frequency, notes."),
@@ -129,7 +132,7 @@ class Dataset(io.ComfyNode):
         else:
             roots, root, reg = paths.dataset_folders(folder, reg_folder)
             ds = from_folder(root, ccfg, bcfg, flip, seed, reg, reg_weight, roots,
-                             control_folder=paths.control_folder(control_folder))
+                             control_folder=paths.control_folders(control_folder))
         rep = ds.report()
         return io.NodeOutput(ds, json.dumps(rep, indent=1), report_image(rep))
 

@@ -4,6 +4,7 @@ and training gives it to the model as ComfyUI's ``reference_latents`` (the Refer
 entry), which FLUX's own ``extra_conds`` turn into the ``ref_latents`` its forward takes."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -105,22 +106,22 @@ def test_control_latents_cached_keyed_and_verified(comfy, family_bundle, tmp_pat
     root = tmp_path / "cache"
     a = cache.cache_latents(ds, vae, root)
     assert a.stats == (0, 4, 0)  # 2 targets + 2 controls
-    for item, c in zip(ds.items, a.controls):
+    for item, (c,) in zip(ds.items, a.controls):
         direct = vae.encode(ds.control_vae_input(item))[0].float()
         assert c.shape == direct.shape and torch.equal(c, direct)
     b = cache.cache_latents(ds, vae, root)
-    assert b.stats == (4, 0, 0) and all(torch.equal(x, y) for x, y in zip(a.controls, b.controls))
+    assert b.stats == (4, 0, 0) and all(torch.equal(x, y) for (x,), (y,) in zip(a.controls, b.controls))
     # a truncated control entry is found on read and recomputed
     entry = cache.DiskCache(root / "latents").path(cache.control_key(ds.items[0], a.vae_id))
     entry.write_bytes(entry.read_bytes()[:-9])
     c = cache.cache_latents(ds, vae, root)
-    assert c.stats == (3, 1, 1) and torch.equal(c.controls[0], a.controls[0])
+    assert c.stats == (3, 1, 1) and torch.equal(c.controls[0][0], a.controls[0][0])
     # an edited control image: that control alone is encoded again
     p = Path(ds.items[1].control)
     Image.new("RGB", Image.open(p).size, "white").save(p, quality=95)
     ds2 = D.from_folder(folder.parent, C, B, control_folder=ctrl)
     d = cache.cache_latents(ds2, vae, root)
-    assert d.stats == (3, 1, 0) and not torch.equal(d.controls[1], a.controls[1])
+    assert d.stats == (3, 1, 0) and not torch.equal(d.controls[1][0], a.controls[1][0])
     assert not list((root / "latents").rglob("*.tmp"))
 
 
@@ -156,14 +157,16 @@ def _init(comfy, model, ts, root, name, resume="none", batch_size=1):
 
 def _stock_refs(model, sample) -> list:
     """What ComfyUI's sampler gives the model's forward as ``ref_latents`` for ``sample``'s caption with its control
-    latent attached by ComfyUI's own ReferenceLatent node: the node, then ``convert_cond`` and ``encode_model_conds``
-    with the model's ``extra_conds``."""
+    latents attached by ComfyUI's own ReferenceLatent nodes, one node per control chained in folder order: the
+    nodes, then ``convert_cond`` and ``encode_model_conds`` with the model's ``extra_conds``."""
     import importlib
 
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
     sampler_helpers, samplers = (importlib.import_module(m) for m in ("comfy.sampler_helpers", "comfy.samplers"))
-    (cond,) = ReferenceLatent.execute(sample.captions[0].conditioning, {"samples": sample.control_latent[None]}).result
+    cond = sample.captions[0].conditioning
+    for lat in sample.control_latents:
+        (cond,) = ReferenceLatent.execute(cond, {"samples": lat[None]}).result
     conv = sampler_helpers.convert_cond(cond)
     x = torch.zeros((1, *sample.latent.shape))
     conv = samplers.encode_model_conds(model.model.extra_conds, conv, x, x.device, "positive", latent_image=x)
@@ -438,3 +441,184 @@ def test_flux2_forward_receives_reference_latents(comfy, family_bundle, tmp_path
     finally:
         tr.release()
     assert not torch.allclose(with_ref, without, atol=1e-6)
+
+
+# --- several control folders (one per line of control_folder): several control images per target ---------------
+
+def _two_control_set(base, name: str, n: int = 3):
+    """``_edit_set`` plus a second control folder ``base/name_control2``: each target's colours inverted, at the
+    target's own size (other pixels than the first folder's mirrored 2x controls)."""
+    folder, ctrl = _edit_set(base, name, n=n)
+    ctrl2 = base / f"{name}_control2"
+    ctrl2.mkdir(parents=True, exist_ok=True)
+    for p in sorted(folder.glob("*.png")):
+        ImageOps.invert(Image.open(p).convert("RGB")).save(ctrl2 / p.name)
+    return folder, ctrl, ctrl2
+
+
+def test_several_control_folders_pair_cache_and_report(comfy, comfy_dirs, family_bundle, tmp_path):
+    """control_folder with two lines: every target pairs with the image of its stem in each folder, in line order,
+    each on the target's geometry; the report counts controls per folder; each control has its own verified cache
+    entry, and changing a target's second control encodes that entry alone; a missing control names the target,
+    the folder and the file to add; a folder given twice is refused."""
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    folder, ctrl, ctrl2 = _two_control_set(comfy_dirs["input"], "multi_pairs")
+    ds, rep, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl.name}\n\n {ctrl2.name}\n", flip=True))
+    assert '"control_images": 3' in rep
+    assert [(c["folder"], c["control_images"]) for c in json.loads(rep)["control_folders"]] == \
+        [(ctrl.name, 3), (ctrl2.name, 3)]
+    assert len(ds.items) == 6
+    for item in ds.items:
+        assert [Path(c).parent.name for c in item.controls] == [ctrl.name, ctrl2.name]
+        assert all(Path(c).stem == Path(item.source).stem for c in item.controls)
+        # the second folder's control (the target inverted, same size) on the target's geometry: the target's own
+        # bucket pixels inverted, up to rounding
+        c2 = ds.control_vae_input(item, 1)
+        assert (c2 - (1.0 - ds.vae_input(item))).abs().max() <= 1.5 / 255, item
+        assert not torch.equal(ds.control_vae_input(item, 0), c2)
+    # one folder is still a one-control dataset; the order of the lines is the order of the controls
+    one, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name))
+    swapped, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl2.name}\n{ctrl.name}"))
+    assert all(len(i.controls) == 1 for i in one.items)
+    assert [i.controls[::-1] for i in swapped.items] == [i.controls for i in ds.items if not i.flip]
+    assert len({one.hash, swapped.hash, ds.hash}) == 3
+
+    # a target without its image in the second folder: one error naming the target, that folder and the file
+    gone = ctrl2 / "img_001.png"
+    gone.rename(gone.with_suffix(".bak"))
+    with pytest.raises(Exception, match=f"no control image for .*img_001.png: the control folder .*{ctrl2.name} "
+                                        "needs an image named 'img_001'"):
+        comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl.name}\n{ctrl2.name}", seed=1))
+    gone.with_suffix(".bak").rename(gone)
+    with pytest.raises(Exception, match=f"control folder .*{ctrl.name} is given twice"):
+        comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl.name}\n{ctrl.name}", seed=2))
+    with pytest.raises(Exception, match="not inside a folder this server reads"):
+        comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl.name}\n/etc", seed=3))
+
+    # the cache: one entry per control, verified against a direct encode; the second control of one target
+    # changed -> that entry alone is encoded again, every other latent is the same
+    _, _, vae = family_bundle(FLUX)
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 128, 64)
+    small = _two_control_set(tmp_path, "set", n=2)
+    ds2 = D.from_folder(small[0].parent, C, B, control_folder=small[1:])
+    root = tmp_path / "cache"
+    a = cache.cache_latents(ds2, vae, root)
+    assert a.stats == (0, 6, 0)  # 2 targets + 2 x 2 controls
+    for item, ctrls in zip(ds2.items, a.controls):
+        assert len(ctrls) == 2
+        for k, c in enumerate(ctrls):
+            assert torch.equal(c, vae.encode(ds2.control_vae_input(item, k))[0].float()), (item.source, k)
+        assert not torch.equal(ctrls[0], ctrls[1])
+    entry = cache.DiskCache(root / "latents").path(cache.control_key(ds2.items[1], a.vae_id, 1))
+    entry.write_bytes(entry.read_bytes()[:-9])
+    assert cache.cache_latents(ds2, vae, root).stats == (5, 1, 1)
+    p = Path(ds2.items[0].controls[1])
+    Image.new("RGB", Image.open(p).size, "white").save(p)
+    ds3 = D.from_folder(small[0].parent, C, B, control_folder=small[1:])
+    d = cache.cache_latents(ds3, vae, root)
+    assert d.stats == (5, 1, 0)
+    assert not torch.equal(d.controls[0][1], a.controls[0][1])
+    assert all(torch.equal(x, y) for k, (xs, ys) in enumerate(zip(a.controls, d.controls)) for j, (x, y)
+               in enumerate(zip(xs, ys)) if (k, j) != (0, 1))
+    assert not list((root / "latents").rglob("*.tmp"))
+
+
+def test_flux_two_controls_train_as_chained_reference_latents(comfy, family_bundle, tmp_path):
+    """Tiny FLUX.1 (as Kontext) with two control folders: every training and validation forward's ``ref_latents``
+    equals (torch.equal) what two chained ComfyUI ReferenceLatent nodes + the model's extra_conds give for its
+    sample, in folder order; samples with two controls of one size batch in one forward (same result as alone), a
+    sample with one control does not join them; the second control reaches the model; resume is bit-exact; a
+    changed second control changes only that sample's key."""
+    import dataclasses
+
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    loop = comfy.engine("train.loop")
+    types = comfy.engine("data.types")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    model, clip, vae = family_bundle(FLUX)
+    folder, ctrl, ctrl2 = _two_control_set(tmp_path, "set", n=2)
+    ds = D.from_folder(folder.parent, C, B, control_folder=[ctrl, ctrl2])
+    ts, _ = cache.cache_text(cache.cache_latents(ds, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)
+    assert all(len(s.control_latents) == 2 for s in ts.samples)
+
+    seen = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("ref_latents")),
+                                                                   with_kwargs=True)
+    try:
+        out = loop.train_steps(_init(comfy, model, ts, tmp_path, "two", batch_size=2), 2, val_every=2)
+    finally:
+        handle.remove()
+    losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
+    print("two controls: losses (2 steps of batch 2, validation)", losses)
+    assert all(np.isfinite(losses)), losses
+    refs = [_stock_refs(model, s) for s in ts.samples]
+    assert all(len(r) == 2 and not torch.equal(r[0], r[1]) for r in refs)
+    assert len(seen) >= 3 and all(r is not None for r in seen)
+    for got in seen:
+        assert len(got) == 2
+        for row in range(got[0].shape[0]):
+            assert any(all(torch.equal(got[k][row:row + 1], ref[k]) for k in range(2)) for ref in refs), \
+                "a forward's ref_latents match no sample's chained ReferenceLatent conditioning"
+
+    # batching: two samples with two controls join; a sample with one control does not join one with two
+    a, b = ts.samples
+    a1 = dataclasses.replace(a, control_latents=a.control_latents[:1])
+    tr = loop.Trainer(_init(comfy, model, ts, tmp_path, "groups"))
+    tr.load()
+    try:
+        x = torch.randn((2, *a.latent.shape), generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([0.7, 0.4])
+        two = [types.with_reference(s.captions[0].conditioning, s) for s in (a, b)]
+        mixed = [types.with_reference(b.captions[0].conditioning, b), types.with_reference(a.captions[0].conditioning, a1)]
+        assert loop.concat_groups(tr.model_conds(two, x)) == [[0, 1]]
+        assert loop.concat_groups(tr.model_conds(mixed, x)) == [[0], [1]]
+        with torch.no_grad():
+            for conds in (two, mixed):
+                both = tr.denoised_at(x, sigma, conds)
+                alone = torch.cat([tr.denoised_at(x[i:i + 1], sigma[i:i + 1], conds[i:i + 1]) for i in range(2)])
+                assert torch.allclose(both, alone, atol=1e-5), (both - alone).abs().max()
+            # the second control reaches the model
+            assert not torch.allclose(tr.denoised_at(x[:1], sigma[:1], two[:1]),
+                                      tr.denoised_at(x[:1], sigma[:1], mixed[1:]), atol=1e-6)
+    finally:
+        tr.release()
+
+    # resume is exact: 1 step, a checkpoint, a new Train Init from it, 1 more == 2 straight
+    loop.train_steps(_init(comfy, model, ts, tmp_path, "half", batch_size=2), 1, val_every=2, checkpoint_every=1)
+    resumed = loop.train_steps(_init(comfy, model, ts, tmp_path, "half", "latest", batch_size=2), 1, val_every=2)
+    assert resumed.step == 2 and [h["loss"] for h in resumed.history] == [h["loss"] for h in out.history]
+    for k, v in out.state["adapters"].items():
+        assert torch.equal(v, resumed.state["adapters"][k]), k
+
+    # a changed second control: only that sample's key and second control latent change
+    p = sorted(ctrl2.iterdir())[0]
+    Image.open(p).convert("RGB").rotate(90).save(p)
+    ds2 = D.from_folder(folder.parent, C, B, control_folder=[ctrl, ctrl2])
+    lc2 = cache.cache_latents(ds2, vae, tmp_path / "c")
+    assert lc2.stats == (5, 1, 0)
+    ts2, _ = cache.cache_text(lc2, clip, tmp_path / "c", unload=False)
+    assert [s.key == t.key for s, t in zip(ts.samples, ts2.samples)] == [False, True]
+    assert torch.equal(ts.samples[0].control_latents[0], ts2.samples[0].control_latents[0])
+    assert not torch.equal(ts.samples[0].control_latents[1], ts2.samples[0].control_latents[1])
+
+
+def test_qwen_image_edit_refuses_two_controls(comfy, family_bundle, tmp_path):
+    """The qwen-image-edit spec's template holds one image: a dataset with two control folders is refused before
+    anything is encoded, with a message naming the spec, the target and the fix."""
+    from support.factories import te_qwen_image
+
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    _, _, vae = family_bundle("qwen-image")
+    clip = comfy.engine("te.align").align_clip(
+        te_qwen_image.qwen_image_clip(te_qwen_image.qwen25vl_edit_tiny_file(41), vision=True), "qwen-image-edit")
+    assert comfy.engine("te.vision").images_per_prompt(clip.spec) == 1
+    folder, ctrl, ctrl2 = _two_control_set(tmp_path, "set", n=2)
+    lc = cache.cache_latents(D.from_folder(folder.parent, C, B, control_folder=[ctrl, ctrl2]), vae, tmp_path / "c")
+    with pytest.raises(Exception, match=r"'qwen-image-edit' encodes each caption with 1 input image.*img_000.png has 2 "
+                                        r"control images.*Give the Dataset 1 control_folder line"):
+        cache.cache_text(lc, clip, tmp_path / "c", unload=False)
+    assert not (tmp_path / "c" / "text").exists() or not list((tmp_path / "c" / "text").rglob("*.safetensors"))

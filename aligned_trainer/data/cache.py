@@ -197,7 +197,8 @@ class LatentCache:
     vae_id: str
     root: str
     stats: tuple[int, int, int]         # hits, misses, repaired
-    controls: tuple = ()                # image-edit training: per item its control latent (C, h, w) or None
+    controls: tuple = ()                # image-edit training: per item a tuple of its control latents (C, h, w), one
+                                        # per control folder in folder order (() for an item without controls)
 
 
 def item_key(item: Item, vae_id: str, sampling: str = "") -> str:
@@ -206,10 +207,13 @@ def item_key(item: Item, vae_id: str, sampling: str = "") -> str:
     return _key("latent", PIXEL_PIPELINE, *parts)
 
 
-def control_key(item: Item, vae_id: str) -> str:
-    """Cache key of an item's control latent: the control image's bytes, the target geometry it is resized and
-    cropped to (the target's size, bucket and crop box), the flip, the VAE and the pixel pipeline."""
-    return _key("control", PIXEL_PIPELINE, item.control_sha, item.size, item.bucket, item.crop, item.flip, vae_id)
+def control_key(item: Item, vae_id: str, index: int = 0) -> str:
+    """Cache key of an item's control latent (of control folder ``index``): the control image's bytes, the target
+    geometry it is resized and cropped to (the target's size, bucket and crop box), the flip, the VAE and the pixel
+    pipeline. The folder's position is not part of it: the same image on the same geometry is the same latent (and
+    the first folder's keys are the ones a single control folder always had)."""
+    return _key("control", PIXEL_PIPELINE, item.control_shas[index], item.size, item.bucket, item.crop, item.flip,
+                vae_id)
 
 
 def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Progress | None = None,
@@ -234,23 +238,23 @@ def cache_latents(dataset: Dataset, vae, root: Path | None = None, progress: Pro
             raise ValueError(f"VAE gave a {tuple(lat.shape)} latent with non-finite values for {item.source}; "
                              "check the VAE (dtype/weights)")
         out.append(lat)
-        if item.control:
-            c = cache.get_or_compute(control_key(item, vid),
-                                     lambda item=item: {"latent": vae.encode(dataset.control_vae_input(item))[0].float()},
-                                     {"source": item.control, "target": item.source, "bucket": item.bucket,
+        mine = []
+        for k, source in enumerate(item.controls):
+            c = cache.get_or_compute(control_key(item, vid, k),
+                                     lambda item=item, k=k: {"latent": vae.encode(dataset.control_vae_input(item, k))[0].float()},
+                                     {"source": source, "target": item.source, "bucket": item.bucket,
                                       "flip": item.flip, "vae": vid})["latent"]
             if c.shape != lat.shape or not torch.isfinite(c).all():
                 raise ValueError(f"VAE gave a {tuple(c.shape)} control latent (target {tuple(lat.shape)}) or non-finite "
-                                 f"values for {item.control}; check the VAE (dtype/weights)")
-            controls.append(c)
-        else:
-            controls.append(None)
+                                 f"values for {source}; check the VAE (dtype/weights)")
+            mine.append(c)
+        controls.append(tuple(mine))
         if progress:
             progress(n + 1, f"latents {n + 1}/{len(dataset.items)} (hits {cache.hits}, encoded {cache.misses})")
     if unload:
         unload_patcher(vae.patcher)
     return LatentCache(dataset, tuple(out), vid, str(root), (cache.hits, cache.misses, cache.repaired),
-                       tuple(controls) if any(c is not None for c in controls) else ())
+                       tuple(controls) if any(controls) else ())
 
 
 def _cond_to_tensors(cond: list) -> dict[str, torch.Tensor]:
@@ -316,19 +320,26 @@ def text_image_key(item: Item) -> tuple:
 
 def _text_images(ds: Dataset, spec) -> bool:
     """True when ``spec`` (an aligned CLIP's) encodes each prompt with an input image (Qwen-Image-Edit): every
-    item's captions are then encoded with its control image, which every item must have."""
+    item's captions are then encoded with its control image, which every item must have, and only one (the spec's
+    template holds one image placeholder)."""
     from ..te import vision
 
     if not vision.needs_images(spec):
         return False
+    from .images import DataError
+
     for item in ds.items:
         if not item.control:
-            from .images import DataError
-
             raise DataError(f"text-encoder spec '{spec.key}' encodes each caption with the item's input image, but "
                             f"{item.source} has no control image. Give the Dataset a control_folder with an image "
                             "of that file's name (regularization folders too), or pick the family's text-to-image "
                             "spec on Load Aligned Text Encoders.")
+        if len(item.controls) != (n := vision.images_per_prompt(spec)):
+            raise DataError(f"text-encoder spec '{spec.key}' encodes each caption with {n} input image(s) ({n} image "
+                            f"placeholder(s) in its template), but {item.source} has {len(item.controls)} control "
+                            f"images ({', '.join(item.controls)}), one per control folder. Give the Dataset "
+                            f"{n} control_folder line(s) for this spec, or pick a spec that takes "
+                            f"{len(item.controls)} images.")
     return True
 
 
@@ -379,15 +390,14 @@ def cache_text(latents: LatentCache, clip, root: Path | None = None, progress: P
     if unload:
         unload_text_encoder(clip)
     samples = []
-    controls = latents.controls or (None,) * len(ds.items)
+    controls = latents.controls or ((),) * len(ds.items)
     for item, lat, ctrl in zip(ds.items, latents.latents, controls):
         ik = text_image_key(item) if with_image else None
         caps = tuple(CaptionVariant(c, conds[(ik, c)]) for c in item.captions)
-        key = _key(item.sha, item.bucket, item.flip) if ctrl is None else _key(item.sha, item.bucket, item.flip,
-                                                                               item.control_sha)
+        key = _key(item.sha, item.bucket, item.flip, *item.control_shas)  # as before: none or one control sha
         samples.append(Sample(key=key, latent=lat, captions=caps,
                               weight=ds.reg_weight if item.is_reg else 1.0, is_reg=item.is_reg, bucket=item.bucket,
-                              repeats=item.repeats, control_latent=ctrl,
+                              repeats=item.repeats, control_latents=tuple(ctrl),
                               empty_conditioning=conds[(ik, "")] if with_image else None))
     meta = {"dataset_hash": ds.hash, "vae_id": latents.vae_id, "clip_id": cid, "report": ds.report(),
             "prompt_syntax": getattr(clip, "prompt_syntax", "comfyui"),

@@ -11,8 +11,9 @@ Handling of bad input (also in docs/data.md):
 - decompression-bomb image -> DataError naming the file;
 - animated GIF/PNG/WebP, SVG, HEIC, PSD and other unusable formats -> skipped and listed in the report;
 - caption longer than an encoder reads (over 75 words) -> listed in the report; caption file over 1 MiB -> DataError;
-- control folder (image-edit training): a training image without a control image of its stem, two control images
-  of one stem, or an unreadable control image -> DataError naming the file;
+- control folders (image-edit training, one or more): a training image without a control image of its stem in one
+  of them, two control images of one stem, or an unreadable control image -> DataError naming the file and the
+  folder; a folder given twice -> DataError;
 - folders are listed by ``paths.walk``: the folder and its ``N_name`` sub-folders only, bounded in entries and
   time; links out of the allowed folders and folders reached twice (symlink loops) are skipped and listed.
 """
@@ -68,8 +69,18 @@ class Item:
     flip: bool = False
     repeats: int = 1
     is_reg: bool = False
-    control: str = ""              # image-edit training: the control (input) image paired with this target, or ""
-    control_sha: str = ""          # hash of the control image bytes
+    controls: tuple[str, ...] = ()     # image-edit training: the control (input) images paired with this target, one
+                                       # per control folder in folder order; () without control folders
+    control_shas: tuple[str, ...] = ()  # hash of each control image's bytes
+
+    @property
+    def control(self) -> str:
+        """The first control image (the only one with one control folder), or ""."""
+        return self.controls[0] if self.controls else ""
+
+    @property
+    def control_sha(self) -> str:
+        return self.control_shas[0] if self.control_shas else ""
 
 
 @dataclass(frozen=True)
@@ -92,19 +103,20 @@ class Dataset:
         (rw, rh), box = crop_box(img.size, item.bucket)
         return _fitted(img, (rw, rh), box, item.flip)
 
-    def control_pixels(self, item: Item) -> Image.Image:
+    def control_pixels(self, item: Item, index: int = 0) -> Image.Image:
         """The item's control image on the target's geometry: resized to the size the target is resized to (both
         axes, so a control of another aspect ratio is stretched to the target's), cropped with the target's crop
         box, mirrored with the target; so a control of the target's own size lines up pixel for pixel. The rule
         ai-toolkit applies to its control_path images (resize to the item's scale size, the item's crop, the
-        item's flips), with this pipeline's Lanczos resize."""
-        img = _unchanged_image(Path(item.control), item.control_sha, "control image")
+        item's flips), with this pipeline's Lanczos resize. ``index``: which control folder's image."""
+        img = _unchanged_image(Path(item.controls[index]), item.control_shas[index], "control image")
         (rw, rh), _ = crop_box(item.size, item.bucket)
         return _fitted(img, (rw, rh), item.crop, item.flip)
 
-    def control_vae_input(self, item: Item) -> torch.Tensor:
-        """The control image as ``VAE.encode`` takes it: (1, H, W, 3) in 0..1, the target's bucket size."""
-        return torch.from_numpy(np.asarray(self.control_pixels(item), dtype=np.float32) / 255.0)[None]
+    def control_vae_input(self, item: Item, index: int = 0) -> torch.Tensor:
+        """The control image (of control folder ``index``) as ``VAE.encode`` takes it: (1, H, W, 3) in 0..1, the
+        target's bucket size."""
+        return torch.from_numpy(np.asarray(self.control_pixels(item, index), dtype=np.float32) / 255.0)[None]
 
     def vae_input(self, item: Item) -> torch.Tensor:
         """The pixels ``VAE.encode`` takes for the item: (frames, H, W, 3) in 0..1 (one frame for an image)."""
@@ -133,7 +145,19 @@ class Dataset:
                                      "per_image_max": max((len(i.captions) for i in self.items), default=0)},
                 "tag_frequency": tags.most_common(25), "notes": list(self.notes), "hash": self.hash,
                 **({"control_images": n} if (n := sum(1 for i in self.items if i.control and not i.flip)) else {}),
+                **self._control_folders(),
                 **self._folders()}
+
+    def _control_folders(self) -> dict:
+        """Image-edit training: per control folder, in the order the model gets its images, its name (never a path)
+        and how many training images it gave a control image."""
+        n = max((len(i.controls) for i in self.items), default=0)
+        if not n:
+            return {}
+        firsts = [i for i in self.items if i.controls and not i.flip]
+        return {"control_folders": [{"folder": Path(firsts[0].controls[k]).parent.name,
+                                     "control_images": sum(1 for i in firsts if len(i.controls) > k)}
+                                    for k in range(n)]}
 
     def _folders(self) -> dict:
         """Per source folder (its name only, never a path; "graph" for images from the graph): repeats, image
@@ -161,7 +185,7 @@ class _Builder:
     notes: list = field(default_factory=list)
 
     def add(self, source: str, sha: str, size: tuple[int, int], caption: str, repeats: int, is_reg: bool, buckets,
-            control: tuple[str, str] = ("", "")):
+            control: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())):
         bucket = assign_bucket(size, buckets)
         if size[0] < bucket[0] or size[1] < bucket[1]:
             self.notes.append(f"upscaled: {source} is {size[0]}x{size[1]}, smaller than its bucket {bucket[0]}x{bucket[1]}")
@@ -233,8 +257,8 @@ def _finish(b: _Builder, reg_weight: float, graph_images=()) -> Dataset:
 def _finish_hash(items, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, reg_weight: float) -> str:
     """The dataset's identity: every item's pixels (hash), captions, bucket, flip, repeats and role, and the
     settings that made them."""
-    h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg]
-                                   + ([i.control_sha] if i.control_sha else []) for i in items]).encode())
+    h = hashlib.sha256(json.dumps([[i.sha, i.captions, i.bucket, i.flip, i.repeats, i.is_reg, *i.control_shas]
+                                   for i in items]).encode())
     h.update(repr((caption_cfg, bucket_cfg, reg_weight)).encode())
     return h.hexdigest()[:16]
 
@@ -254,12 +278,11 @@ def folder_fingerprint(*folders: Path | None, roots: paths.Roots | None = None) 
 
 
 def guarded_fingerprint(folder: str, reg_folder: str = "", control_folder: str = "") -> str:
-    """``folder_fingerprint`` of the Dataset node's folders after the path guard; a refused or unlistable
-    folder gives its error text (the node's run then reports the error)."""
+    """``folder_fingerprint`` of the Dataset node's folders (``control_folder``: one control folder a line) after
+    the path guard; a refused or unlistable folder gives its error text (the node's run then reports the error)."""
     try:
         roots, f, r = paths.dataset_folders(folder, reg_folder)
-        c = paths.control_folder(control_folder)
-        return folder_fingerprint(f, r, *((c,) if c is not None else ()), roots=roots)
+        return folder_fingerprint(f, r, *paths.control_folders(control_folder), roots=roots)
     except (paths.PathRefused, DataError) as e:
         return f"error: {e}"
 
@@ -292,20 +315,34 @@ def _control_for(path: Path, controls: dict[str, Path], control_folder: Path) ->
     return str(c), file_sha(c)
 
 
+def _control_folder_list(control_folder) -> tuple[Path, ...]:
+    """``control_folder`` (None, one folder or a sequence of folders) as a tuple; a folder named twice is refused."""
+    if control_folder is None:
+        return ()
+    folders = (Path(control_folder),) if isinstance(control_folder, (str, Path)) else tuple(map(Path, control_folder))
+    for k, f in enumerate(folders):
+        if any(Path(f).resolve() == Path(g).resolve() for g in folders[:k]):
+            raise DataError(f"control folder {f} is given twice; list each control folder once (one per line), in "
+                            "the order the model gets its images.")
+    return folders
+
+
 def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConfig, flip: bool = False,
                 seed: int = 0, reg_folder: Path | None = None, reg_weight: float = 1.0,
-                roots: paths.Roots | None = None, control_folder: Path | None = None) -> Dataset:
+                roots: paths.Roots | None = None, control_folder=None) -> Dataset:
     """A dataset from ``folder`` (and ``reg_folder``); with ``roots``, links inside the folders that lead
     outside those roots are skipped unread (the node passes the roots its path guard allowed). With
-    ``control_folder`` (image-edit training) every image of ``folder`` is paired with the control image of the
-    same file stem directly in that folder (``control_images``); regularization images have none."""
+    ``control_folder`` (image-edit training: a folder, or a sequence of folders) every image of ``folder`` is paired
+    with the control image of the same file stem directly in each folder (``control_images``), in folder order;
+    regularization images have none."""
     caption_cfg.validate()
     if not math.isfinite(reg_weight) or reg_weight < 0:
         raise DataError(f"reg_weight must be a finite number >= 0 (got {reg_weight}); 1.0 weighs regularization "
                         "images like training images.")
     buckets = make_buckets(bucket_cfg)
     b = _Builder(caption_cfg, bucket_cfg, flip, seed)
-    controls = control_images(control_folder, roots) if control_folder is not None else None
+    cfolders = _control_folder_list(control_folder)
+    listed = [control_images(f, roots) for f in cfolders]
     for root, is_reg in ((folder, False), (reg_folder, True)):
         if root is None:
             continue
@@ -317,7 +354,8 @@ def from_folder(folder: Path, caption_cfg: CaptionConfig, bucket_cfg: BucketConf
                 b.notes.append(f"skipped: {e}")
                 continue
             caption = read_caption(path)
-            control = _control_for(path, controls, control_folder) if controls is not None and not is_reg else ("", "")
+            pairs = [] if is_reg else [_control_for(path, c, f) for c, f in zip(listed, cfolders)]
+            control = (tuple(p for p, _ in pairs), tuple(s for _, s in pairs))
             b.add(str(path), file_sha(path), img.size, caption, repeats, is_reg, buckets, control)
         if not any(i.is_reg == is_reg for i in b.items):
             skipped = [n for n in b.notes if n.startswith("skipped")]

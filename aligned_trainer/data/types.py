@@ -29,10 +29,17 @@ class Sample:
     is_reg: bool = False
     bucket: tuple[int, int] = (0, 0)  # (width, height) in pixels
     repeats: int = 1              # kohya folder repeats: drawn this many times as often
-    control_latent: torch.Tensor | None = None  # image-edit training: the control image's latent (C, H, W), as
-                                  # ``latent`` (before process_latent_in); given to the model as ComfyUI's reference_latents
+    control_latents: tuple[torch.Tensor, ...] = ()  # image-edit training: each control image's latent (C, H, W), one
+                                  # per control folder in folder order, as ``latent`` (before process_latent_in); given
+                                  # to the model as ComfyUI's reference_latents
     empty_conditioning: list | None = None  # the empty caption's conditioning for this sample when it differs per
                                   # sample (a text encoder that reads the control image: Qwen-Image-Edit); else the set's
+
+
+    @property
+    def control_latent(self) -> torch.Tensor | None:
+        """The first control latent (the only one with one control folder), or None."""
+        return self.control_latents[0] if self.control_latents else None
 
 
 @dataclass(frozen=True)
@@ -49,11 +56,12 @@ class TrainingSet:
 
 
 def with_reference(conditioning: list, sample: Sample) -> list:
-    """``conditioning`` with the sample's control latent appended to its ``reference_latents`` as ComfyUI's
-    ReferenceLatent node appends a LATENT's samples (``node_helpers.conditioning_set_values(..., append=True)``:
-    a (1, C, H, W) tensor per reference); unchanged when the sample has no control image. The model's own
-    ``extra_conds`` turn it into what its forward takes (FLUX: ``ref_latents``)."""
-    if sample.control_latent is None:
+    """``conditioning`` with the sample's control latents appended to its ``reference_latents`` in folder order, as
+    ComfyUI's ReferenceLatent nodes chained one per control image append a LATENT's samples each
+    (``node_helpers.conditioning_set_values(..., append=True)``: a (1, C, H, W) tensor per reference); unchanged
+    when the sample has no control image. The model's own ``extra_conds`` turn them into what its forward takes
+    (FLUX: ``ref_latents``)."""
+    if not sample.control_latents:
         return conditioning
-    ref = sample.control_latent[None]
-    return [[c, {**x, "reference_latents": [*x.get("reference_latents", []), ref]}] for c, x in conditioning]
+    refs = [c[None] for c in sample.control_latents]
+    return [[c, {**x, "reference_latents": [*x.get("reference_latents", []), *refs]}] for c, x in conditioning]

@@ -83,6 +83,15 @@ def needs_images(spec: TESpec | None) -> bool:
     return spec is not None and any(e["image_placeholder"] for e in spec.encoders)
 
 
+def images_per_prompt(spec: TESpec | None) -> int:
+    """How many input images ``spec`` encodes with each prompt: its templates' ``image_placeholder`` count (the most
+    over its encoders; 0 for a text-only spec)."""
+    if spec is None:
+        return 0
+    return max((str(e["template"] or "").count(e["image_placeholder"]) for e in spec.encoders
+                if e["image_placeholder"]), default=0)
+
+
 def place_images(sub, enc: EncoderSpec, spec_key: str, seq: list, images: list) -> list:
     """``seq`` (one token sequence) with each ``image_placeholder`` token replaced by the next image, in the form
     ComfyUI's tokenizers give images to their encoder. The prompt needs exactly as many images as placeholders."""
