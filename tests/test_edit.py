@@ -464,12 +464,14 @@ def test_several_control_folders_pair_cache_and_report(comfy, comfy_dirs, family
     D = comfy.engine("data.dataset")
     cache = comfy.engine("data.cache")
     folder, ctrl, ctrl2 = _two_control_set(comfy_dirs["input"], "multi_pairs")
-    ds, rep, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl.name}\n\n {ctrl2.name}\n", flip=True))
+    reg = make_dataset(comfy_dirs["input"] / "multi_pairs_reg", n=1, seed=5)  # regularization images: no controls
+    ds, rep, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl.name}\n\n {ctrl2.name}\n", flip=True,
+                                                        reg_folder=reg.parent.name))
     assert '"control_images": 3' in rep
     assert [(c["folder"], c["control_images"]) for c in json.loads(rep)["control_folders"]] == \
         [(ctrl.name, 3), (ctrl2.name, 3)]
-    assert len(ds.items) == 6
-    for item in ds.items:
+    assert len(ds.items) == 8 and [i.controls for i in ds.items if i.is_reg] == [(), ()]
+    for item in (i for i in ds.items if not i.is_reg):
         assert [Path(c).parent.name for c in item.controls] == [ctrl.name, ctrl2.name]
         assert all(Path(c).stem == Path(item.source).stem for c in item.controls)
         # the second folder's control (the target inverted, same size) on the target's geometry: the target's own
@@ -478,10 +480,11 @@ def test_several_control_folders_pair_cache_and_report(comfy, comfy_dirs, family
         assert (c2 - (1.0 - ds.vae_input(item))).abs().max() <= 1.5 / 255, item
         assert not torch.equal(ds.control_vae_input(item, 0), c2)
     # one folder is still a one-control dataset; the order of the lines is the order of the controls
-    one, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name))
+    one, rep_one, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, ctrl.name))
+    assert [(c["folder"], c["control_images"]) for c in json.loads(rep_one)["control_folders"]] == [(ctrl.name, 3)]
     swapped, _, _ = comfy.call(P + "Dataset", **_node_args(folder.parent.name, f"{ctrl2.name}\n{ctrl.name}"))
     assert all(len(i.controls) == 1 for i in one.items)
-    assert [i.controls[::-1] for i in swapped.items] == [i.controls for i in ds.items if not i.flip]
+    assert [i.controls[::-1] for i in swapped.items] == [i.controls for i in ds.items if not i.flip and not i.is_reg]
     assert len({one.hash, swapped.hash, ds.hash}) == 3
 
     # a target without its image in the second folder: one error naming the target, that folder and the file

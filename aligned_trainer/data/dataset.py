@@ -150,14 +150,13 @@ class Dataset:
 
     def _control_folders(self) -> dict:
         """Image-edit training: per control folder, in the order the model gets its images, its name (never a path)
-        and how many training images it gave a control image."""
-        n = max((len(i.controls) for i in self.items), default=0)
-        if not n:
+        and how many training images it gave a control image (every training image has one in each folder;
+        regularization images have none)."""
+        paired = [i for i in self.items if i.controls and not i.flip]
+        if not paired:
             return {}
-        firsts = [i for i in self.items if i.controls and not i.flip]
-        return {"control_folders": [{"folder": Path(firsts[0].controls[k]).parent.name,
-                                     "control_images": sum(1 for i in firsts if len(i.controls) > k)}
-                                    for k in range(n)]}
+        return {"control_folders": [{"folder": Path(c).parent.name, "control_images": len(paired)}
+                                    for c in paired[0].controls]}
 
     def _folders(self) -> dict:
         """Per source folder (its name only, never a path; "graph" for images from the graph): repeats, image
