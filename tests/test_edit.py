@@ -625,3 +625,40 @@ def test_qwen_image_edit_refuses_two_controls(comfy, family_bundle, tmp_path):
                                         r"control images.*Give the Dataset 1 control_folder line"):
         cache.cache_text(lc, clip, tmp_path / "c", unload=False)
     assert not (tmp_path / "c" / "text").exists() or not list((tmp_path / "c" / "text").rglob("*.safetensors"))
+
+
+def test_flux2_two_controls_forward_receives_chained_references(comfy, family_bundle, tmp_path):
+    """FLUX.2 [dev] with two control folders (its 'index' placement of several references): a batch of 2 trains with
+    finite loss, and every training and validation forward gets two ``ref_latents`` equal (torch.equal) to two
+    chained ComfyUI ReferenceLatent nodes + the model's extra_conds for its sample, in folder order."""
+    D = comfy.engine("data.dataset")
+    cache = comfy.engine("data.cache")
+    loop = comfy.engine("train.loop")
+    cfg, st = comfy.engine("train.config"), comfy.engine("train.state")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    model, clip, vae = family_bundle("flux2-dev")
+    folder, ctrl, ctrl2 = _two_control_set(tmp_path, "set", n=2)
+    ds = D.from_folder(folder.parent, C, B, control_folder=[ctrl, ctrl2])
+    ts, _ = cache.cache_text(cache.cache_latents(ds, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)
+    seen = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("ref_latents")),
+                                                                   with_kwargs=True)
+    try:
+        run = loop.init_run(model, ts, cfg.LoraConfig(rank=4, alpha=4, preset="attention"),
+                            cfg.TimestepConfig(density="logit_normal", shift="flux_resolution"),
+                            cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="flux2two", batch_size=2, guidance=4.0),
+                            runs_root=tmp_path)
+        out = loop.train_steps(run, 2, val_every=2)
+    finally:
+        handle.remove()
+    losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
+    print("FLUX.2 two controls: losses (2 steps of batch 2, validation)", losses)
+    assert all(np.isfinite(losses)), losses
+    refs = [_stock_refs(model, s) for s in ts.samples]
+    assert all(len(r) == 2 and r[0].shape[1] == 128 for r in refs)
+    assert len(seen) >= 3, len(seen)
+    for got in seen:
+        assert got is not None and len(got) == 2
+        for row in range(got[0].shape[0]):
+            assert any(all(torch.equal(got[k][row:row + 1], ref[k]) for k in range(2)) for ref in refs), \
+                "a forward's ref_latents match no sample's chained ReferenceLatent conditioning"
