@@ -180,6 +180,8 @@ def test_qwen_image_edit_preview_encodes_the_prompts_with_the_control_image(comf
                                                          control=control)[0]
     assert torch.equal(plan.render(model, 0), g_node)
 
-    # the edit spec never encodes a preview prompt without its image
+    # the edit spec never encodes a preview prompt without its image, and Qwen-Image-Edit's template has one image
     with pytest.raises(Exception, match=r"'qwen-image-edit'.*control_image"):
         preview(edit, None)
+    with pytest.raises(Exception, match=r"'qwen-image-edit'.*1 input image.*2 were given"):
+        preview(edit, torch.cat([control, _image(5)]))

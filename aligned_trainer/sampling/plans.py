@@ -31,8 +31,8 @@ def _conditionings(clip, vae, prompts, negative: str, s: SampleSettings, control
     the negative encoding; at cfg 1, as FLUX.1 Kontext samples, the negative is never evaluated). A CLIP whose spec
     reads images in the prompt (Qwen-Image-Edit) also encodes every prompt and the negative with the control images
     in the text (:func:`render.text_images`)."""
+    refs = render.reference_latents(vae, control)  # checks the batch's shape
     images = render.text_images(clip, control)
-    refs = render.reference_latents(vae, control)
     pos = [render.with_references(render.encode(clip, p, s.guidance, images), refs) for p in prompts]
     return pos, render.with_references(render.encode(clip, negative, s.guidance, images), refs)
 

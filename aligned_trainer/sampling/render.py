@@ -63,7 +63,8 @@ def text_images(clip, images: torch.Tensor | None) -> tuple:
     (an encoder's ``image_placeholder``: Qwen-Image-Edit), each image of the control batch ``images`` (B, H, W, C),
     its first three channels, in batch order (the spec's resize is the aligned CLIP's own, as in training, where a
     caption is encoded with its control's pixels); ``()`` for every other CLIP. Such a spec without a control image
-    is refused: its prompts are never encoded without the image."""
+    is refused: its prompts are never encoded without the image. ``images``' shape is checked by
+    :func:`reference_latents`, and their number by the aligned CLIP (as many as its template has placeholders)."""
     from ..te import vision
 
     spec = getattr(clip, "spec", None)
@@ -74,8 +75,6 @@ def text_images(clip, images: torch.Tensor | None) -> tuple:
                          "control_image is connected: connect the image to edit (Load Image -> "
                          "ImageScaleToTotalPixels) to control_image, or pick the family's text-to-image spec on Load "
                          "Aligned Text Encoders for text-only previews.")
-    if images.ndim != 4 or images.shape[0] < 1 or images.shape[-1] < 3:
-        raise ValueError(f"control_image: expected a batch of RGB images (B, H, W, 3), got shape {tuple(images.shape)}")
     return tuple(images[i:i + 1, :, :, :3] for i in range(images.shape[0]))
 
 
