@@ -41,7 +41,10 @@ CONTROL = io.Image.Input("control_image", optional=True,
                          tooltip="Image-edit models (FLUX.1 Kontext, Qwen-Image-Edit): the input image to edit. Each image "
                                  "of the batch is VAE-encoded and attached to every prompt and the negative as a "
                                  "reference latent, as VAE Encode -> ReferenceLatent do. Scale it first (e.g. "
-                                 "FluxKontextImageScale) as the model's template does. Leave empty for other models.")
+                                 "FluxKontextImageScale) as the model's template does. With a CLIP aligned to a spec "
+                                 "that reads images in its prompt (qwen-image-edit) every prompt and the negative are "
+                                 "also encoded with the image in the text (required there). Leave empty for other "
+                                 "models.")
 
 
 def video_inputs():

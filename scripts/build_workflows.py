@@ -444,6 +444,38 @@ def build(info: dict) -> dict[str, dict]:
                                            "trains in bf16 and applies to the bf16 model too), and a 20B model fits a "
                                            "24 GB card this way (docs/memory.md). The LoRA is written with "
                                            "musubi-tuner's key names and metadata."),
+        # Qwen-Image-Edit: ComfyUI's own image_qwen_image_edit template's files (its fp8 e4m3fn edit DiT, trained as
+        # loaded; Qwen-Image's CLIPLoader type qwen_image text encoder and VAE); the aligned qwen-image-edit spec encodes
+        # each caption with its control image in the text. Training as ai-toolkit's
+        # config/examples/train_lora_qwen_image_edit_32gb.yaml (rank 16, alpha 16, lr 1e-4, bf16, checkpointing,
+        # caption dropout 0.05, timestep_type 'weighted', a control_path folder of same-named images); the shift is
+        # musubi-tuner's Qwen-Image default (docs/qwen_image.md: shift + --discrete_flow_shift, qwen_shift about 2.2
+        # at 1328 px). Previews as the template's fp8 row samples (20 steps, cfg 2.5, euler/simple), editing a 1 MP
+        # input image as its ImageScaleToTotalPixels does.
+        "train_lora_qwen_image_edit": dict(
+            name="Qwen-Image-Edit", ref="QwenImageEditPipeline (Qwen2.5-VL reading the input image under its edit "
+                                        "system prompt, the first 64 template tokens dropped, last layer)",
+            files="qwen_image_edit_fp8_e4m3fn.safetensors, qwen_2.5_vl_7b_fp8_scaled.safetensors, "
+                  "qwen_image_vae.safetensors",
+            loader="qwen_image", ckpt="qwen_image_edit_fp8_e4m3fn.safetensors", resolution=1024,
+            density="linear", shift="fixed", weighting="weighted", lr=1e-4, size=1024, cfg=2.5, sample_steps=20,
+            ts="linear timesteps with ai-toolkit's 'weighted' loss weight, shift 2.2 (musubi-tuner's Qwen-Image "
+               "default)",
+            spec="qwen-image-edit", timesteps=dict(shift_value=2.2),
+            init=dict(precision="bf16", gradient_checkpointing=True),
+            dataset=dict(caption_dropout=0.05, control_folder="my_dataset_control"),
+            sample=dict(sampler_name="euler", scheduler="simple"), preview_control="example.png",
+            note="\nImage-edit training: my_dataset holds the edited images with the edit instruction as caption, "
+                 "my_dataset_control the input image of each under the same file stem. The qwen-image-edit spec "
+                 "encodes every caption (and the empty caption of dropout) with its control image in the text, as "
+                 "QwenImageEditPipeline does, and the control also reaches the DiT as a reference latent. The "
+                 "previews edit 'Input image for previews' (ComfyUI's example.png: load one of your own inputs), "
+                 "scaled to 1 megapixel as the template does; every preview prompt and the negative are encoded "
+                 "with it. Settings: ai-toolkit's Qwen-Image-Edit example (rank 16, lr 1e-4, bf16, 'weighted' "
+                 "timesteps, caption dropout 0.05); the shift 2.2 is musubi-tuner's Qwen-Image value, not checked "
+                 "for Edit; previews at the template's fp8 settings (20 steps, cfg 2.5) without its CFGNorm and "
+                 "ModelSamplingAuraFlow nodes. Vision tokens make each caption about 1300 tokens longer: text "
+                 "caching takes longer than for Qwen-Image."),
         # Lumina-Image 2.0: Comfy-Org's repackaged split files (CLIPLoader type lumina2 for Gemma-2 2B; FLUX's ae).
         # Training as kohya sd-scripts' docs/lumina_train_network.md example: rank 8, alpha 8, lr 1e-4, bf16,
         # checkpointing, --timestep_sampling nextdit_shift (uniform timesteps with FLUX's resolution-dependent shift,
@@ -926,6 +958,8 @@ def te_swap_workflow(info: dict, base: str = "sd15") -> dict:
 #   which it names from Comfy-Org/HunyuanVideo_1.5_repackaged; the same file as Qwen-Image's): ComfyUI's HunyuanVideo
 #   1.5 720p text-to-video template (comfyui-workflow-templates-media-video, templates/
 #   video_hunyuan_video_1.5_720p_t2v.json, properties.models).
+# - qwen_image_edit_fp8_e4m3fn: ComfyUI's Qwen-Image-Edit template (comfyui-workflow-templates-media-image,
+#   templates/image_qwen_image_edit.json, properties.models of its UNETLoader; its text encoder and VAE are Qwen-Image's).
 # - flux2_dev_fp8mixed, mistral_3_small_flux2_fp8, flux2-vae: ComfyUI's FLUX.2 [dev] fp8 template
 #   (comfyui-workflow-templates-media-image, templates/image_flux2_fp8.json, properties.models).
 MODELS = {
@@ -953,6 +987,7 @@ MODELS = {
     "qwen_image_fp8_e4m3fn.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_fp8_e4m3fn.safetensors"),
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
     "qwen_image_vae.safetensors": ("vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
+    "qwen_image_edit_fp8_e4m3fn.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_edit_fp8_e4m3fn.safetensors"),
     "lumina_2_model_bf16.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/diffusion_models/lumina_2_model_bf16.safetensors"),
     "gemma_2_2b_fp16.safetensors": ("text_encoders", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/text_encoders/gemma_2_2b_fp16.safetensors"),
     "hidream_i1_full_fp8.safetensors": ("diffusion_models", "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files/diffusion_models/hidream_i1_full_fp8.safetensors"),
@@ -1025,6 +1060,13 @@ DESCRIPTIONS = {
                               ["diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
                                "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae/qwen_image_vae.safetensors",
                                "input/my_dataset (images + .txt captions)"]),
+    "train_lora_qwen_image_edit": ("Train a Qwen-Image-Edit LoRA", "Image-edit pairs: Qwen2.5-VL reads the control "
+                                   "image in every caption, as QwenImageEditPipeline; the control also reaches the "
+                                   "DiT as ReferenceLatent gives it; rank 16, lr 1e-4, 'weighted' timesteps.",
+                                   ["diffusion_models/qwen_image_edit_fp8_e4m3fn.safetensors",
+                                    "text_encoders/qwen_2.5_vl_7b_fp8_scaled, vae/qwen_image_vae",
+                                    "input/my_dataset (edited images + .txt instructions)",
+                                    "input/my_dataset_control (input images, same names)"]),
     "train_lora_lumina2": ("Train a Lumina-Image 2.0 LoRA", "Gemma-2 on its system prompt, 256 tokens with masks, "
                            "penultimate layer, as Lumina2Pipeline; kohya's Lumina settings: rank 8, lr 1e-4, uniform "
                            "timesteps with the resolution shift.",

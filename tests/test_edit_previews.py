@@ -120,3 +120,68 @@ def test_edit_preview_through_the_server_equals_the_stock_edit_graph(family_serv
     edit, plain, stock = saved("6"), saved("8"), saved("20")
     assert np.abs(edit - stock).max() <= 1, np.abs(edit - stock).max()
     assert np.abs(edit - plain).max() > 3, np.abs(edit - plain).max()
+
+
+QKW = dict(KW, cfg=2.0, guidance=1.0)
+
+
+@torch.no_grad()
+def _stock_qwen_edit(comfy, model, clip, vae, prompt: str, control: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's own Qwen-Image-Edit graph around the aligned CLIP, each step a stock call (what
+    TextEncodeQwenImageEdit does after its 1-megapixel resize, which a preview leaves to the workflow's
+    ImageScaleToTotalPixels): clip.tokenize(text, images=[control]) -> encode_from_tokens_scheduled, for the prompt
+    and the negative "" -> VAEEncode + ReferenceLatent on both -> EmptySD3LatentImage -> KSampler -> VAEDecode."""
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+    from comfy_extras.nodes_sd3 import EmptySD3LatentImage
+
+    nodes = comfy.nodes
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(text, images=[control])) for text in (prompt, "")]
+    (latent,) = nodes.VAEEncode().encode(vae, control)
+    pos, neg = (ReferenceLatent.execute(c, latent).result[0] for c in conds)
+    lat = EmptySD3LatentImage.execute(64, 64, 1).result[0]
+    (out,) = nodes.common_ksampler(model, QKW["seed"], QKW["steps"], QKW["cfg"], "euler", "normal", pos, neg, lat)
+    return nodes.VAEDecode().decode(vae, out)[0]
+
+
+def test_qwen_image_edit_preview_encodes_the_prompts_with_the_control_image(comfy, family_bundle):
+    """With the aligned ``qwen-image-edit`` CLIP (the tiny Qwen2.5-VL with its vision tower) Sample Preview and
+    Preview Plan encode each prompt and the negative with the control image in the text (as training encodes a
+    caption with its control) and attach its reference latent: a cell equals ComfyUI's own graph on the same CLIP
+    within 1e-5, and differs from the same preview with the text encoded without the image (the text-to-image
+    ``qwen-image`` spec on the same weights). Without a control image the edit spec is refused."""
+    import pytest
+    from support.factories import te_qwen_image
+
+    model, _, vae = family_bundle("qwen-image")
+    align = comfy.engine("te.align").align_clip
+    base = te_qwen_image.qwen_image_clip(te_qwen_image.qwen25vl_edit_tiny_file(41), vision=True)
+    edit, text_only = align(base, "qwen-image-edit"), align(base, "qwen-image")
+    control = _image(4)
+    prompt = "make it blue"
+
+    def preview(clip, control_image):
+        return comfy.call(P + "SamplePreview", model=model, clip=clip, vae=vae, prompts=prompt, negative="", step=0,
+                          control_image=control_image, **QKW)[1]
+
+    cell = preview(edit, control)
+    ref = _stock_qwen_edit(comfy, model, edit, vae, prompt, control)
+    assert torch.allclose(cell, ref, atol=1e-5), (cell - ref).abs().max()
+    plain = preview(text_only, control)  # reference latent alone, text without the image
+    print("qwen-image-edit preview: |edit - stock| max", float((cell - ref).abs().max()),
+          "|edit - text-only| max", float((cell - plain).abs().max()))
+    assert (cell - plain).abs().max() > 1e-3
+
+    # Preview Plan encodes the prompt and the negative with the image (vision tokens in both) and renders the same
+    plan = comfy.call(P + "PreviewPlan", clip=edit, vae=vae, prompts=prompt, negative="", every_n=1,
+                      control_image=control, **QKW)[0]
+    want = edit.encode_from_tokens_scheduled(edit.tokenize("", images=[control]))
+    assert torch.equal(plan.negative[0][0], want[0][0]) and plan.negative[0][0].shape[1] > 1000
+    g_node = comfy.engine("sampling.plans").preview_grid(model, edit, vae, [prompt], "", plan.settings, step=0,
+                                                         control=control)[0]
+    assert torch.equal(plan.render(model, 0), g_node)
+
+    # the edit spec never encodes a preview prompt without its image, and Qwen-Image-Edit's template has one image
+    with pytest.raises(Exception, match=r"'qwen-image-edit'.*control_image"):
+        preview(edit, None)
+    with pytest.raises(Exception, match=r"'qwen-image-edit'.*1 input image.*2 were given"):
+        preview(edit, torch.cat([control, _image(5)]))

@@ -28,10 +28,13 @@ def _row(model, vae, positives, negative, s: SampleSettings, step: int, prompts)
 def _conditionings(clip, vae, prompts, negative: str, s: SampleSettings, control) -> tuple[list, list]:
     """Each prompt's conditioning and the negative's, with the control images' reference latents attached to all of
     them (:func:`render.reference_latents`; as ComfyUI's TextEncodeQwenImageEdit gives its image to the positive and
-    the negative encoding; at cfg 1, as FLUX.1 Kontext samples, the negative is never evaluated)."""
-    refs = render.reference_latents(vae, control)
-    pos = [render.with_references(render.encode(clip, p, s.guidance), refs) for p in prompts]
-    return pos, render.with_references(render.encode(clip, negative, s.guidance), refs)
+    the negative encoding; at cfg 1, as FLUX.1 Kontext samples, the negative is never evaluated). A CLIP whose spec
+    reads images in the prompt (Qwen-Image-Edit) also encodes every prompt and the negative with the control images
+    in the text (:func:`render.text_images`)."""
+    refs = render.reference_latents(vae, control)  # checks the batch's shape
+    images = render.text_images(clip, control)
+    pos = [render.with_references(render.encode(clip, p, s.guidance, images), refs) for p in prompts]
+    return pos, render.with_references(render.encode(clip, negative, s.guidance, images), refs)
 
 
 def preview_grid(model, clip, vae, prompts: list[str], negative: str, s: SampleSettings, step: int = 0,

@@ -48,11 +48,34 @@ class SampleSettings:
         return self.seed + int(step) if self.seed_mode == "walk" else self.seed
 
 
-def encode(clip, text: str, guidance: float) -> list:
+def encode(clip, text: str, guidance: float, images: tuple = ()) -> list:
     """CLIPTextEncode, then FluxGuidance's ``guidance`` value on the conditioning. Models without a guidance
-    embedding (SD1.5, SDXL, SD3, FLUX schnell) ignore the value, as they do in a stock workflow."""
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    embedding (SD1.5, SDXL, SD3, FLUX schnell) ignore the value, as they do in a stock workflow. ``images``
+    (:func:`text_images`): the input images a CLIP whose spec puts images in the prompt encodes the text with, as
+    ComfyUI's TextEncodeQwenImageEdit calls it (``clip.tokenize(text, images=[...])``)."""
+    tokens = clip.tokenize(text, images=list(images)) if images else clip.tokenize(text)
+    cond = clip.encode_from_tokens_scheduled(tokens)
     return node_helpers.conditioning_set_values(cond, {"guidance": guidance})
+
+
+def text_images(clip, images: torch.Tensor | None) -> tuple:
+    """The images each prompt is encoded with: for a CLIP aligned with a spec that reads input images in its prompt
+    (an encoder's ``image_placeholder``: Qwen-Image-Edit), each image of the control batch ``images`` (B, H, W, C),
+    its first three channels, in batch order (the spec's resize is the aligned CLIP's own, as in training, where a
+    caption is encoded with its control's pixels); ``()`` for every other CLIP. Such a spec without a control image
+    is refused: its prompts are never encoded without the image. ``images``' shape is checked by
+    :func:`reference_latents`, and their number by the aligned CLIP (as many as its template has placeholders)."""
+    from ..te import vision
+
+    spec = getattr(clip, "spec", None)
+    if not vision.needs_images(spec):
+        return ()
+    if images is None:
+        raise ValueError(f"text-encoder spec '{spec.key}' encodes each prompt with the input image, and no "
+                         "control_image is connected: connect the image to edit (Load Image -> "
+                         "ImageScaleToTotalPixels) to control_image, or pick the family's text-to-image spec on Load "
+                         "Aligned Text Encoders for text-only previews.")
+    return tuple(images[i:i + 1, :, :, :3] for i in range(images.shape[0]))
 
 
 def reference_latents(vae, images: torch.Tensor | None) -> tuple:

@@ -1,6 +1,6 @@
 """Shrinking the shipped family workflows (train_lora_sd15 / _sd2 / _sdxl / _sd35 / _flux1 / _wan / _wan22 /
 _hunyuan_video15 / _zimage /
-_chroma / _qwen_image / _lumina2 / _hidream / _flux2) so they run on tiny
+_chroma / _qwen_image / _qwen_image_edit / _lumina2 / _hidream / _flux2) so they run on tiny
 generated models in seconds, and the real ComfyUI server they run on. Used by
 tests/test_browser.py (the changes made in the frontend's graph before queueing it; the runs checked by
 support.workflow_checks) and tests/test_workflows_families.py (the same changes on API prompts, as a guard).
@@ -38,6 +38,9 @@ tests/test_workflows_families.py::test_substitutions_touch_only_loaders_and_size
      input width and block count and builds 24 heads of 128), ``CLIPLoader`` -> ``TinyTextEncoderLoader(qwen-image)``
      (Qwen2.5-VL-7B is built at full size), ``VAELoader`` <- ``tiny-wan21-vae.safetensors`` (Qwen-Image's VAE is
      the Wan 2.1 VAE).
+   - Qwen-Image-Edit: the Qwen-Image substitutions, with ``CLIPLoader`` -> ``TinyTextEncoderLoader(qwen-image-edit)``
+     (the same tiny language model with a seeded tiny vision tower: ComfyUI builds Qwen2.5-VL-7B's tower at full
+     size); its ``my_dataset_control`` and ``example.png`` are the Kontext workflow's.
    - Lumina 2: ``UNETLoader`` -> ``TinyDiffusionModelLoader(lumina2)`` (Lumina 2 detection sets 24 heads unless the
      width is 2304), ``CLIPLoader`` -> ``TinyTextEncoderLoader(lumina2)`` (Gemma-2 2B is built at full size),
      ``VAELoader`` <- ``tiny-flux1-ae.safetensors`` (FLUX's 16-channel VAE, as Lumina 2's).
@@ -124,6 +127,10 @@ FAMILIES = {
     "train_lora_qwen_image": ("qwen-image", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "qwen-image"}),
                                              "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "qwen-image"}),
                                              "VAELoader": (None, {"vae_name": WAN_VAE})}),
+    "train_lora_qwen_image_edit": ("qwen-image", {
+        "UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "qwen-image"}),
+        "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "qwen-image-edit"}),
+        "VAELoader": (None, {"vae_name": WAN_VAE})}),
     "train_lora_lumina2": ("lumina2", {"UNETLoader": (f"{TINY}DiffusionModelLoader", {"family": "lumina2"}),
                                        "CLIPLoader": (f"{TINY}TextEncoderLoader", {"family": "lumina2"}),
                                        "VAELoader": (None, {"vae_name": "tiny-flux1-ae.safetensors"})}),
@@ -177,6 +184,11 @@ SHRINK_MORE = {"train_lora_wan": {"AlignedTrainer_Dataset": {"frames": 5},
                "train_lora_qwen_image": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 2},
                                          "AlignedTrainer_Optimizer": {"total_steps": 2},
                                          "AlignedTrainer_SamplePreview": {"step": 2}},
+               # Qwen-Image-Edit: the same (each caption and preview prompt holds ~1300 vision tokens)
+               "train_lora_qwen_image_edit": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2,
+                                                                            "val_every": 2},
+                                              "AlignedTrainer_Optimizer": {"total_steps": 2},
+                                              "AlignedTrainer_SamplePreview": {"step": 2}},
                # SD2.x 768-v: 2 steps with one checkpoint, no validation, only the final Sample Preview (the v target
                # and its loss are checked in test_train_sd2.py)
                "train_lora_sd2": {"AlignedTrainer_TrainSteps": {"steps": 2, "checkpoint_every": 2, "val_every": 0},

@@ -183,8 +183,10 @@ def check_family_run(srv, api: dict, entry: dict, name: str, request, seconds: f
         _check_hv15(api, outputs, by_type, lora)
     if name == "train_lora_hidream":
         _check_hidream(api, by_type, lora, report, model)
-    if name == "train_lora_flux1_kontext":
+    if name in ("train_lora_flux1_kontext", "train_lora_qwen_image_edit"):
         _check_control_latents(srv)
+    if name == "train_lora_qwen_image_edit":
+        _check_qwen_edit(srv, api, by_type, lora)
     if name == "train_lora_flux2":
         _check_flux2(api, by_type, lora)
     print(f"{name}: ran in {seconds:.1f}s, LoRA {lora.name} ({n_patches} patched weights)")
@@ -210,6 +212,33 @@ def _check_flux2(api: dict, by_type: dict, lora: Path) -> None:
     assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys, keys[:5]
     assert any(k.startswith("diffusion_model.single_blocks.0.linear1.") for k in keys), keys[:5]
+
+
+def _check_qwen_edit(srv, api: dict, by_type: dict, lora: Path) -> None:
+    """The Qwen-Image-Edit workflow: the aligned encoders' spec is qwen-image-edit, every caption of my_dataset (and
+    the empty one) was cached encoded with its control image (text cache entries whose metadata name the control
+    file), the previews got the input image, and the saved LoRA names the spec it was trained with."""
+    import json
+
+    from safetensors import safe_open
+
+    (te_id,) = by_type["AlignedTrainer_LoadAlignedTextEncoders"]
+    assert api[te_id]["inputs"]["spec"] == "qwen-image-edit", api[te_id]["inputs"]
+    for kind in ("AlignedTrainer_PreviewPlan", "AlignedTrainer_SamplePreview"):
+        (nid,) = by_type[kind]
+        assert isinstance(api[nid]["inputs"].get("control_image"), list), (kind, api[nid]["inputs"])
+    images = {}
+    for f in (srv.output_dir / "aligned_trainer" / "cache" / "text").rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            md = sf.metadata() or {}
+        if "image" in md:
+            images.setdefault(Path(md["image"]).parent.name, set()).add((Path(md["image"]).name, md["text"]))
+    controls = sorted(p.name for p in (srv.input_dir / "my_dataset_control").iterdir())
+    assert {c for c, _ in images.get("my_dataset_control", ())} >= set(controls), images
+    assert {c for c, t in images["my_dataset_control"] if t == ""} >= set(controls), images  # the empty caption too
+    with safe_open(str(lora), framework="pt") as f:
+        md = f.metadata()
+    assert json.loads(md["aligned_trainer.te_spec"])["id"] == "qwen-image-edit", md.get("aligned_trainer.te_spec")
 
 
 def _check_control_latents(srv) -> None:

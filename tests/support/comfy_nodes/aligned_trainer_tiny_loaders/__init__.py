@@ -22,7 +22,7 @@ TESTS = Path(__file__).resolve().parents[3]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from support.factories import families, hunyuan_video15, sd2, te_flux2, wan, wan22  # noqa: E402
+from support.factories import families, hunyuan_video15, sd2, te_flux2, te_qwen_image, wan, wan22  # noqa: E402
 
 CATEGORY = "Aligned Trainer (tests)"
 # Bundles outside support.factories.families: the tiny Wan 2.1 T2V (support.factories.wan; UNETLoader builds
@@ -34,7 +34,11 @@ OTHERS = {"wan2.1": wan, "wan2.2-t2v-high": wan22.HIGH, "wan2.2-t2v-low": wan22.
 SD2 = "sd2-v"  # the tiny SD2.x 768-v (support.factories.sd2)
 # Text encoders alone (TinyTextEncoderLoader only): FLUX.2 [dev]'s tiny Mistral-Small-3.1 (support.factories.te_flux2;
 # CLIPLoader(type flux2) recognises the Mistral only at 40 layers of 5120 and builds it at that size).
-TEXT_ENCODERS = {"flux2": te_flux2.build_clip}
+# qwen-image-edit: the qwen-image bundle's tiny Qwen2.5-VL language model (seed 41) with its seeded tiny vision tower
+# (support.factories.te_qwen_image.qwen25vl_edit_tiny_file; ComfyUI builds the tower at Qwen2.5-VL-7B's full size).
+TEXT_ENCODERS = {"flux2": te_flux2.build_clip,
+                 "qwen-image-edit": lambda: te_qwen_image.qwen_image_clip(te_qwen_image.qwen25vl_edit_tiny_file(41),
+                                                                          vision=True)}
 
 
 def _family():
@@ -84,7 +88,8 @@ class TinyTextEncoderLoader:
         names, opts = spec["required"]["family"]
         spec["required"]["family"] = (names + [n for n in TEXT_ENCODERS if n not in names],
                                       {"tooltip": "Tiny bundle of support.factories.families (or wan2.1), or a tiny text "
-                                                  "encoder alone (flux2: support.factories.te_flux2)."})
+                                                  "encoder alone (flux2: support.factories.te_flux2; qwen-image-edit: "
+                                                  "support.factories.te_qwen_image with its vision tower)."})
         return spec
 
     def load(self, family):
