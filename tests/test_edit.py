@@ -125,6 +125,17 @@ def test_control_latents_cached_keyed_and_verified(comfy, family_bundle, tmp_pat
     assert not list((root / "latents").rglob("*.tmp"))
 
 
+def _cached_pairs(comfy, family_bundle, family: str, tmp_path):
+    """(MODEL, training set) of ``family``'s tiny bundle on 2 edit pairs (64 px bucket), latents and captions cached
+    under ``tmp_path / "c"``."""
+    D, cache = comfy.engine("data.dataset"), comfy.engine("data.cache")
+    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
+    model, clip, vae = family_bundle(family)
+    folder, ctrl = _edit_set(tmp_path, "set", n=2)
+    lc = cache.cache_latents(D.from_folder(folder.parent, C, B, control_folder=ctrl), vae, tmp_path / "c")
+    return model, cache.cache_text(lc, clip, tmp_path / "c", unload=False)[0]
+
+
 def edit_sets(comfy, family_bundle, base):
     """A cached FLUX edit training set: 2 targets with controls, and the same with one control image changed
     (built inside each test, so a mutation run's forked mutant builds it again)."""
@@ -255,14 +266,8 @@ def test_qwen_image_forward_receives_reference_latents(comfy, family_bundle, tmp
     """Qwen-Image's extra_conds also take ``reference_latents`` (the latent half of Qwen-Image-Edit; with the plain
     qwen-image spec the captions hold no vision tokens: the qwen-image-edit spec adds them, tested below): a batch of 2 trains with finite loss and every forward gets
     ``ref_latents`` equal to the stock path's for its samples, in the Wan VAE's (C, 1, h, w) layout."""
-    D = comfy.engine("data.dataset")
-    cache = comfy.engine("data.cache")
     loop = comfy.engine("train.loop")
-    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
-    model, clip, vae = family_bundle("qwen-image")
-    folder, ctrl = _edit_set(tmp_path, "set", n=2)
-    lc = cache.cache_latents(D.from_folder(folder.parent, C, B, control_folder=ctrl), vae, tmp_path / "c")
-    ts, _ = cache.cache_text(lc, clip, tmp_path / "c", unload=False)
+    model, ts = _cached_pairs(comfy, family_bundle, "qwen-image", tmp_path)
     seen = []
     handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("ref_latents")),
                                                                    with_kwargs=True)
@@ -397,16 +402,10 @@ def test_flux2_forward_receives_reference_latents(comfy, family_bundle, tmp_path
     every forward of training and validation gets ``ref_latents`` equal (``torch.equal``) to what ComfyUI's
     ReferenceLatent node + the model's extra_conds give for its samples, in FLUX.2's 128-channel latent layout, with
     no method override (so the model's own 'index' placement); the reference changes the prediction."""
-    D = comfy.engine("data.dataset")
-    cache = comfy.engine("data.cache")
     loop = comfy.engine("train.loop")
     export = comfy.engine("train.export")
     types = comfy.engine("data.types")
-    C, B = comfy.engine("data.captions").CaptionConfig(), comfy.engine("data.buckets").BucketConfig(64, 64, 64, 64)
-    model, clip, vae = family_bundle("flux2-dev")
-    folder, ctrl = _edit_set(tmp_path, "set", n=2)
-    lc = cache.cache_latents(D.from_folder(folder.parent, C, B, control_folder=ctrl), vae, tmp_path / "c")
-    ts, _ = cache.cache_text(lc, clip, tmp_path / "c", unload=False)
+    model, ts = _cached_pairs(comfy, family_bundle, "flux2-dev", tmp_path)
     assert all(s.control_latent is not None and s.control_latent.shape[0] == 128 for s in ts.samples)
     seen = []
     handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from support.factories import te_flux2
-from support.prompt_syntax import SYNTAX_PROMPTS
+from support.prompt_syntax import BASE_PROMPTS, SYNTAX_PROMPTS
 from support.te_compare import encode as _encode, max_diff as _max
 
 # ComfyUI 0.3.75 Flux2Tokenizer.llama_template (diffusers' SYSTEM_MESSAGE inside Mistral's system/instruction tokens)
@@ -146,10 +146,7 @@ def test_tiny_flux2_clip_encodes_through_comfyui_classes(comfy):
 # -- the flux2-dev spec against diffusers' Flux2Pipeline.encode_prompt on the same tiny weights -------------------
 TOL = 1e-4
 PROMPTS = {
-    "plain": "ohwx, a red circle on a blue background, flat colors",
-    "empty": "",
-    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
-    "newlines": "line one\nline two\n\n  spaced   out  ",
+    **BASE_PROMPTS,
     "long": "word, " * 600,  # over 512 tokens once templated
     "image-token": "a [IMG] cat [IMG]",
     "digits": "100 cats, 1000 dogs and 10 birds",

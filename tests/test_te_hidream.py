@@ -10,15 +10,12 @@ import pytest
 import torch
 
 from support.factories import te_hidream
-from support.prompt_syntax import SYNTAX_PROMPTS
+from support.prompt_syntax import BASE_PROMPTS, SYNTAX_PROMPTS
 from support.te_compare import max_diff as _max, encode as _encode
 
 TOL = 1e-4
 PROMPTS = {
-    "plain": "ohwx, a red circle on a blue background, flat colors",
-    "empty": "",
-    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
-    "newlines": "line one\nline two\n\n  spaced   out  ",
+    **BASE_PROMPTS,
     "long": "word, " * 150,  # 300 tokens: over 128 for every encoder and over the CLIPs' 248 positions
     "mid": "a photo of " + "a red circle and " * 40,  # ~160 CLIP tokens: under 248, over 128
     # every prompt-syntax case is compared with the same reference in test_te_syntax.py (with an embeddings folder)

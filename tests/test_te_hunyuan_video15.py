@@ -11,15 +11,13 @@ import torch
 
 from support.factories import te_hunyuan_video15 as hv
 from support.factories import te_qwen_image
+from support.prompt_syntax import BASE_PROMPTS
 from support.te_compare import encode as _encode, max_diff as _max
 
 TOL = 1e-4
 PROMPTS = {
     # the shared prompt set of the LLM families (test_te_llm_families.PROMPTS without the syntax cases)
-    "plain": "ohwx, a red circle on a blue background, flat colors",
-    "empty": "",
-    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
-    "newlines": "line one\nline two\n\n  spaced   out  ",
+    **BASE_PROMPTS,
     "long": "word, " * 600,  # 1200 tokens: over the 1000 kept after the 108-token crop
     "leading-newline": "\n a cat on a mat",  # the newline merges into the template's: the crop is a fixed count
     # quoted text for byT5: one span; two spans, one repeated (deduplicated); curly quotes before straight ones (in

@@ -10,15 +10,12 @@ import pytest
 import torch
 
 from support.factories import te_llm, te_lumina2, te_qwen_image
-from support.prompt_syntax import SYNTAX_PROMPTS
+from support.prompt_syntax import BASE_PROMPTS, SYNTAX_PROMPTS
 from support.te_compare import max_diff as _max, encode as _encode
 
 TOL = 1e-4
 PROMPTS = {
-    "plain": "ohwx, a red circle on a blue background, flat colors",
-    "empty": "",
-    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
-    "newlines": "line one\nline two\n\n  spaced   out  ",
+    **BASE_PROMPTS,
     "long": "word, " * 600,  # over 512 tokens once templated
     **{f"syntax-{k}": v for k, v in SYNTAX_PROMPTS.items()},
 }
@@ -78,9 +75,9 @@ def test_z_image_comfyui_syntax_equals_stock_comfyui(comfy, z_image):
 
 # -- Qwen-Image: Qwen2.5-VL under a system-prompt template, the template's first 34 tokens dropped ---------------
 # The prompt-syntax cases of these families are compared with the same reference pipelines in test_te_syntax.py.
-BASE_PROMPTS = {k: v for k, v in PROMPTS.items() if not k.startswith("syntax-")}
+UNSYNTAX_PROMPTS = {k: v for k, v in PROMPTS.items() if not k.startswith("syntax-")}
 # "long": 600 tokens, over the 512 kept after the 34-token prefix (the shared 1200-token prompt costs twice as much)
-QWEN_PROMPTS = {**BASE_PROMPTS, "long": "word, " * 300, "leading-newline": "\n a cat on a mat"}
+QWEN_PROMPTS = {**UNSYNTAX_PROMPTS, "long": "word, " * 300, "leading-newline": "\n a cat on a mat"}
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +185,7 @@ def test_lumina2_spec_values_are_the_pipelines(comfy, lumina2):
     assert pipe.tokenizer.pad_token_id == 0 and enc["pad_token"] == "zero"
 
 
-@pytest.mark.parametrize("name", BASE_PROMPTS)
+@pytest.mark.parametrize("name", UNSYNTAX_PROMPTS)
 def test_lumina2_matches_lumina2_pipeline(comfy, lumina2, name):
     """Reference: Lumina2Pipeline.encode_prompt(prompt): system prompt + ' <Prompt Start> ' + prompt, padded and
     truncated to 256, mask in the encoder and returned for the transformer, hidden_states[-2]; the reference's

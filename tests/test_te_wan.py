@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from support.factories import te_wan
-from support.prompt_syntax import SYNTAX_PROMPTS
+from support.prompt_syntax import BASE_PROMPTS, SYNTAX_PROMPTS
 from support.te_compare import max_diff as _max, encode as _encode
 
 TOL = 1e-4
 PROMPTS = {
-    "plain": "ohwx, a red circle on a blue background, flat colors",
-    "empty": "",
-    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
-    "newlines": "line one\nline two\n\n  spaced   out  ",
+    **BASE_PROMPTS,
     "html": "a cat &amp;amp; a dog, &lt;b&gt;bold&lt;/b&gt;",
     "long": "word, " * 600,  # over 512 tokens
     **{f"syntax-{k}": v for k, v in SYNTAX_PROMPTS.items()},

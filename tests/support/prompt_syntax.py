@@ -6,6 +6,13 @@ from pathlib import Path
 
 import torch
 
+# the plain prompts every text-encoder parity test starts from (each adds its over-length prompt and its family's cases)
+BASE_PROMPTS = {
+    "plain": "ohwx, a red circle on a blue background, flat colors",
+    "empty": "",
+    "unicode": "héllo wörld!! ~ ✨ café, 'quotes' & semi;colons? 100% — ok",
+    "newlines": "line one\nline two\n\n  spaced   out  ",
+}
 SYNTAX_PROMPTS = {
     "tags": "1girl, hat (object), solo",
     "weighted": "a (red:1.3) circle, (blue:0.7) background",
