@@ -6,11 +6,6 @@ ComfyUI loads this package through its custom-node loader and calls :func:`comfy
 """
 from comfy_api.latest import ComfyExtension
 
-from .aligned_trainer.te import mistral_compat
-
-# ComfyUI 0.3.75 builds FLUX.2's tokenizer with transformers 4's MistralConverter call; adapt it to transformers 5
-mistral_compat.apply()
-
 WEB_DIRECTORY = "./js"
 
 
@@ -23,4 +18,10 @@ class AlignedTrainerExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> ComfyExtension:
+    # ComfyUI 0.3.75 builds FLUX.2's tokenizer with transformers 4's MistralConverter call; adapt it to transformers 5.
+    # Done here, when ComfyUI's loader registers the pack (its model management is set up by then), not at import:
+    # importing comfy.text_encoders at import time would pick the torch device before ComfyUI's arguments apply.
+    from .aligned_trainer.te import mistral_compat
+
+    mistral_compat.apply()
     return AlignedTrainerExtension()
