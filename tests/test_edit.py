@@ -396,6 +396,24 @@ def test_qwen_image_edit_training_encodes_captions_with_the_control(comfy, famil
         cache.cache_text(cache.cache_latents(plain, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)
 
 
+def _flux2_observed(comfy, model, ts, tmp_path, name: str, pick):
+    """(initial run, trained run, ``pick(kwargs)`` of every forward) of 2 steps at batch 2 and a validation pass on the tiny FLUX.2
+    (rank 4 attention LoRA, logit-normal on FLUX.2's resolution shift, guidance 4)."""
+    loop = comfy.engine("train.loop")
+    cfg, st = comfy.engine("train.config"), comfy.engine("train.state")
+    seen = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(pick(kw)),
+                                                                   with_kwargs=True)
+    try:
+        run = loop.init_run(model, ts, cfg.LoraConfig(rank=4, alpha=4, preset="attention"),
+                            cfg.TimestepConfig(density="logit_normal", shift="flux_resolution"),
+                            cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name=name, batch_size=2, guidance=4.0),
+                            runs_root=tmp_path)
+        return run, loop.train_steps(run, 2, val_every=2), seen
+    finally:
+        handle.remove()
+
+
 def test_flux2_forward_receives_reference_latents(comfy, family_bundle, tmp_path):
     """FLUX.2 [dev] with reference images (ComfyUI's Flux2 model: ``model_base.Flux`` extra_conds, references placed
     by FLUX.2's default 'index' method): a batch of 2 edit pairs trains with finite loss and 0 unmapped keys, and
@@ -407,17 +425,7 @@ def test_flux2_forward_receives_reference_latents(comfy, family_bundle, tmp_path
     types = comfy.engine("data.types")
     model, ts = _cached_pairs(comfy, family_bundle, "flux2-dev", tmp_path)
     assert all(s.control_latent is not None and s.control_latent.shape[0] == 128 for s in ts.samples)
-    seen = []
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    try:
-        cfg, st = comfy.engine("train.config"), comfy.engine("train.state")
-        run = loop.init_run(model, ts, cfg.LoraConfig(rank=4, alpha=4, preset="attention"),
-                            cfg.TimestepConfig(density="logit_normal", shift="flux_resolution"),
-                            cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="flux2edit", batch_size=2, guidance=4.0),
-                            runs_root=tmp_path)
-        out = loop.train_steps(run, 2, val_every=2)
-    finally:
-        handle.remove()
+    run, out, seen = _flux2_observed(comfy, model, ts, tmp_path, "flux2edit", lambda kw: kw)
     assert all(np.isfinite([h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]))
     assert export.unmapped_keys(model, export.kohya_state_dict(out)) == []
     refs = [_stock_refs(model, s)[0] for s in ts.samples]
@@ -639,17 +647,7 @@ def test_flux2_two_controls_forward_receives_chained_references(comfy, family_bu
     folder, ctrl, ctrl2 = _two_control_set(tmp_path, "set", n=2)
     ds = D.from_folder(folder.parent, C, B, control_folder=[ctrl, ctrl2])
     ts, _ = cache.cache_text(cache.cache_latents(ds, vae, tmp_path / "c"), clip, tmp_path / "c", unload=False)
-    seen = []
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("ref_latents")),
-                                                                   with_kwargs=True)
-    try:
-        run = loop.init_run(model, ts, cfg.LoraConfig(rank=4, alpha=4, preset="attention"),
-                            cfg.TimestepConfig(density="logit_normal", shift="flux_resolution"),
-                            cfg.OptimizerConfig(lr=1e-3), st.RunSettings(run_name="flux2two", batch_size=2, guidance=4.0),
-                            runs_root=tmp_path)
-        out = loop.train_steps(run, 2, val_every=2)
-    finally:
-        handle.remove()
+    _, out, seen = _flux2_observed(comfy, model, ts, tmp_path, "flux2two", lambda kw: kw.get("ref_latents"))
     losses = [h["loss"] for h in out.history] + [out.history[-1]["val_loss"]]
     print("FLUX.2 two controls: losses (2 steps of batch 2, validation)", losses)
     assert all(np.isfinite(losses)), losses
