@@ -10,9 +10,11 @@ from comfy_api.latest import io
 from ..aligned_trainer import imaging, plot
 from ..aligned_trainer.sampling import animation
 from ..aligned_trainer.train import config as C
+from ..aligned_trainer.train import speed as speed_mod
 from ..aligned_trainer.train import configs_io, export, files, launch, loop, quantize, state, te_swap, timesteps
 from ._common import category, node_id
 from ._progress import TrainMonitor
+from .speed import SPEED
 
 CAT = category("Training")
 LORA_CONFIG = io.Custom("AT_LORA_CONFIG")
@@ -243,6 +245,9 @@ class TrainInit(io.ComfyNode):
                                      "the model; a step then takes batch_size x grad_accum x processes images, "
                                      "split over them. 1 (default) trains in ComfyUI's own process. No previews "
                                      "while training with more than 1."),
+                SPEED.Input("speed", optional=True,
+                            tooltip="From Speed Options: how each step is computed (fused optimizer, channels-last, "
+                                    "merged LoRA, compiled blocks). Not connected: the plain path."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps); its memory plan (estimated "
                                                      "peak against the budget) is shown under the node.")],
@@ -253,11 +258,12 @@ class TrainInit(io.ComfyNode):
                 gradient_checkpointing, ema_decay, guidance, val_count, run_name, resume, reg_weight=1.0,
                 dop_weight=0.0, preservation_prompt=None, if_exists="new_name", init_lora="none",
                 run_settings=None, quantize="none", offload_blocks=0, memory_budget_gb=0.0,
-                processes=1) -> io.NodeOutput:
+                processes=1, speed=None) -> io.NodeOutput:
         settings = configs_io.apply_settings(
             state.RunSettings(seed, batch_size, grad_accum, precision, gradient_checkpointing, ema_decay, guidance,
                               val_count, 4, run_name, reg_weight, dop_weight, quantize, offload_blocks,
                               memory_budget_gb, processes), run_settings)
+        settings = speed_mod.apply(settings, speed)
         run = loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
                             preservation=preservation_prompt, if_exists=if_exists, init_lora=init_lora)
         text = "\n".join(filter(None, (run.meta.get("resume_note"), run.meta.get("expert_note"),

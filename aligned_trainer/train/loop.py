@@ -24,7 +24,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet, with_reference
 from ..te import specs
 from . import adapters as ad
-from . import experts, memory, placement, quantize, slider, te_swap, text_mask
+from . import experts, memory, placement, quantize, slider, speed, te_swap, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -78,6 +78,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     if len(training_set) == 0:
         raise ConfigError("the training set is empty")
     quantize.check(settings.quantize)
+    speed.of(settings).validate()
     if settings.offload_blocks < 0 or settings.memory_budget_gb < 0:
         raise ConfigError("offload_blocks and memory_budget_gb must be >= 0")
     names = ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset

@@ -60,6 +60,11 @@ class RunSettings:
     offload_blocks: int = 0          # blocks kept on the offload device and streamed in (train/offload.py)
     memory_budget_gb: float = 0.0    # the memory plan's budget; 0 = the device's free memory (train/memory.py)
     processes: int = 1               # data-parallel worker processes (train/distributed.py); 1 = in ComfyUI's process
+    # speed options (train/speed.py): how a step is computed, not what it computes
+    optimizer_impl: str = "default"  # default | foreach | fused
+    channels_last: bool = False
+    lora_math: str = "activation"    # activation | merged
+    compile: str = "none"            # none | blocks
 
     def __post_init__(self):
         check_finite(self)  # NaN passes every range check of a JSON prompt

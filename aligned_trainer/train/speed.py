@@ -1,0 +1,50 @@
+"""Speed options of a run (issue #25): each changes how a training step is computed, never what it computes.
+With every option on its plain value the step is the one measured in BENCHMARKS.md; each other value gives the
+same adapters after N steps within float rounding (fp32, tests/test_speed.py), so a run may switch them on
+resume. Which ones pay is a GPU measurement (bench/bench_gpu.py measures each on its own); all default to the
+plain path until one does.
+
+- ``optimizer_impl``: torch's per-tensor loop (``default``), its multi-tensor ``foreach`` kernels, or its
+  ``fused`` kernels (AdamW; other optimizers keep their own implementation and the plan says so);
+- ``channels_last``: UNet convolutions and their activations in NHWC memory layout;
+- ``lora_math``: LoRA on the activation side (the default, ``train/adapters.py``) or ``merged`` into the layer's
+  weight for each forward (faster where a layer sees many tokens per weight: SDXL at batch 4 on a GPU);
+- ``compile``: ``blocks`` compiles each transformer/UNet block with ``torch.compile`` (regional compilation:
+  blocks of one shape share their compiled code, each bucket's shapes compile once)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from .config import ConfigError
+
+OPTIMIZER_IMPLS = ("default", "foreach", "fused")
+LORA_MATH = ("activation", "merged")
+COMPILE = ("none", "blocks")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    optimizer_impl: str = "default"
+    channels_last: bool = False
+    lora_math: str = "activation"
+    compile: str = "none"
+
+    def validate(self) -> None:
+        for name, options in (("optimizer_impl", OPTIMIZER_IMPLS), ("lora_math", LORA_MATH), ("compile", COMPILE)):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{name} must be one of {options} (got {getattr(self, name)!r})")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"channels_last must be true or false (got {self.channels_last!r})")
+
+
+def of(settings) -> SpeedConfig:
+    """The speed options a run's settings carry."""
+    return SpeedConfig(**{k: getattr(settings, k) for k in SpeedConfig.__dataclass_fields__})
+
+
+def apply(settings, cfg: SpeedConfig | None):
+    """``settings`` (a RunSettings) with the speed options of ``cfg`` (None: unchanged)."""
+    if cfg is None:
+        return settings
+    cfg.validate()
+    return replace(settings, **asdict(cfg))

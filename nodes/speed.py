@@ -1,0 +1,50 @@
+"""Nodes: Speed Options (how a training step is computed; train/speed.py). See docs/training.md."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..aligned_trainer.train import speed as speed_mod
+from ._common import category, node_id
+
+CAT = category("Training")
+SPEED = io.Custom("AT_SPEED")
+
+
+class SpeedOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=node_id("SpeedOptions"), display_name="Speed Options", category=CAT,
+            description="How a training step is computed (not what it computes): each option gives the same LoRA "
+                        "within float rounding. Connect to Train Init; without it every option is off. See "
+                        "docs/training.md.",
+            inputs=[
+                io.Combo.Input("optimizer_impl", options=list(speed_mod.OPTIMIZER_IMPLS), default="default",
+                               tooltip="How AdamW updates the LoRA: default (torch's choice), foreach (a few "
+                                       "multi-tensor kernels per step), fused (one fused kernel; fewest launches on "
+                                       "a GPU). Other optimizers keep their own code."),
+                io.Boolean.Input("channels_last", default=False,
+                                 tooltip="Run UNet convolutions in channels-last (NHWC) memory layout, which GPU "
+                                         "tensor cores prefer. SD1.5/SDXL only; transformers have no convolutions "
+                                         "to speak of."),
+                io.Combo.Input("lora_math", options=list(speed_mod.LORA_MATH), default="activation",
+                               tooltip="activation (default): the LoRA adds up(down(x)) beside each layer, no weight "
+                                       "copy. merged: the LoRA is merged into each layer's weight for the step, "
+                                       "faster when a layer sees many tokens (large batches/resolutions), more "
+                                       "memory."),
+                io.Combo.Input("compile", options=list(speed_mod.COMPILE), default="none",
+                               tooltip="blocks: compile each transformer/UNet block with torch.compile (the first "
+                                       "steps of each bucket size take longer while it compiles). none: plain "
+                                       "PyTorch."),
+            ],
+            outputs=[SPEED.Output("speed", tooltip="For Train Init.")],
+        )
+
+    @classmethod
+    def execute(cls, optimizer_impl, channels_last, lora_math, compile) -> io.NodeOutput:
+        cfg = speed_mod.SpeedConfig(optimizer_impl, channels_last, lora_math, compile)
+        cfg.validate()
+        return io.NodeOutput(cfg)
+
+
+NODES = [SpeedOptions]
