@@ -170,7 +170,9 @@ def main() -> int:
                     help="run the trainers this many times, interleaved; medians over all rounds")
     ap.add_argument("--trainers", default="floor,floor_act,ours,peer",
                     help="comma list of: floor (merge floor), floor_act (activation floor), ours, peer (diffusers' "
-                         "own LoRA training step with peft on diffusers' model classes: bench/peer.py)")
+                         "own LoRA training step with peft on diffusers' model classes: bench/peer.py); "
+                         "ours:<option>=<value> runs ours with a speed option (train/speed.py), e.g. "
+                         "ours:optimizer_impl=fused, ours:compile=blocks (several: ours:a=x+b=y)")
     ap.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args()
     global PROFILE_DIR, PYPROFILE
@@ -187,7 +189,7 @@ def main() -> int:
     common.set_threads(1 if args.device == "cpu" else max(1, min(8, torch.get_num_threads())))
     engine = common.light_comfy(cpu=args.device == "cpu")
     import bundles
-    from bench_ours import run_ours
+    from bench_ours import run_ours, speed_variant
     from floor import time_floor
 
     res = args.resolution or (64 if args.tiny else 1024)
@@ -257,6 +259,12 @@ def main() -> int:
 
         runs["peer"] = (run_peer, (), {})
         chosen = [t for t in args.trainers.split(",") if t]
+        for t in chosen:  # ours with speed options: its own row, timed like ours (no FLOP count)
+            if t not in runs and speed_variant(t) is not None:
+                runs[t] = (run_ours, runs["ours"][1], dict(precision=args.precision, speed=speed_variant(t)))
+        unknown = [t for t in chosen if t not in runs]
+        if unknown:
+            raise SystemExit(f"unknown trainer(s) {unknown}; see --trainers")
         if args.profile:
             floor_profile(model, dev_lat, cond, args.rank, args.batch, gc_on, args.precision, args.device, fam,
                           [f for t, f in (("floor", "merge"), ("floor_act", "activation")) if t in chosen])
@@ -303,7 +311,7 @@ def main() -> int:
             times, mem = res_
             ms = median_ms(times)
             tfs = model_flops / (ms / 1000) / 1e12
-            executed = {"ours": ours_flops.get("step"), "floor": step, "floor_act": act_step, "peer": None}[name]  # ours: None when
+            executed = {"ours": ours_flops.get("step"), "floor": step, "floor_act": act_step}.get(name)  # ours: None when
             # counted in a forked child (CPU)
             rows.append(dict(fam=fam, params=n_params, gc=gc_on, trainer=name, ms=ms, mib=mem["delta"],
                              peak=mem["peak"], model_tflop=model_flops / 1e12, exec_tflop=executed / 1e12 if executed else None, tfs=tfs,
@@ -320,18 +328,23 @@ def main() -> int:
              f"Command: `python {cmd}`", "",
              "| model | params | grad ckpt | trainer | ms/step | ours/floor (merge / activation) | peak mem GiB (over start) | model TFLOP/step "
              "| TFLOP/s | MFU | executed TFLOP/step | HFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    floor_ms = {(r["fam"], r["trainer"]): r["ms"] for r in rows if r["trainer"] != "ours" and "ms" in r}
+    floor_ms = {(r["fam"], r["trainer"]): r["ms"] for r in rows if r["trainer"] in ("floor", "floor_act", "peer")
+                and "ms" in r}
+    plain_ms = {(r["fam"], r["trainer"]): r["ms"] for r in rows if r["trainer"] == "ours" and "ms" in r}
     for r in rows:
         if r.get("oom"):
-            lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN[r['trainer']]} | "
+            lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN.get(r['trainer'], r['trainer'])} | "
                          "out of memory or failed | | | | | | | |")
             continue
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
+        ours = r["trainer"] == "ours" or r["trainer"].startswith("ours:")
         ratio = " / ".join(f"{r['ms'] / floor_ms[(r['fam'], f)]:.2f}" if (r["fam"], f) in floor_ms else "–"
-                           for f in ("floor", "floor_act")) if r["trainer"] == "ours" else ""
-        if r["trainer"] == "ours" and (r["fam"], "peer") in floor_ms:
+                           for f in ("floor", "floor_act")) if ours else ""
+        if ours and (r["fam"], "peer") in floor_ms:
             ratio += f"; peer/ours {floor_ms[(r['fam'], 'peer')] / r['ms']:.2f}x"
-        lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN[r['trainer']]} | "
+        if r["trainer"].startswith("ours:") and (r["fam"], "ours") in plain_ms:
+            ratio += f"; x plain ours {r['ms'] / plain_ms[(r['fam'], 'ours')]:.2f}"
+        lines.append(f"| {r['fam']} | {r['params'] / 1e9:.2f}B | {'on' if r['gc'] else 'off'} | {SHOWN.get(r['trainer'], r['trainer'])} | "
                      f"{r['ms']:.1f} | {ratio} | {r['peak'] / 1024:.2f} ({r['mib'] / 1024:.2f}) | {r['model_tflop']:.4g} | "
                      f"{r['tfs']:.4g} | {pct(r['mfu'])} | {'n/a' if r['exec_tflop'] is None else format(r['exec_tflop'], '.4g')} | "
                      f"{pct(r['hfu'])} |")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 
 def run_ours(engine, model, latents, cond, rank, steps, warmup, batch, gc_on, dataset_size: int | None = None,
-             precision: str = "fp32", on_trainer=None) -> list[float]:
+             precision: str = "fp32", on_trainer=None, speed: dict | None = None) -> list[float]:
     """``engine(name)`` imports an engine module (``Comfy.engine`` or ``common.light_comfy``'s). ``on_trainer``
-    is called once with the live Trainer after the first step (the GPU mode counts FLOPs with it)."""
+    is called once with the live Trainer after the first step (the GPU mode counts FLOPs with it). ``speed``:
+    speed options of the run (train/speed.py field -> value; see :func:`speed_variant`)."""
     import torch
 
     types = engine("data.types")
@@ -26,7 +27,7 @@ def run_ours(engine, model, latents, cond, rank, steps, warmup, batch, gc_on, da
     run = loop.init_run(model, ts, C.LoraConfig(rank=rank, alpha=float(rank), preset="all-linear+conv"),
                         C.TimestepConfig(), C.OptimizerConfig(lr=1e-4, grad_clip=0.0, weight_decay=0.0),
                         st.RunSettings(batch_size=batch, gradient_checkpointing=gc_on, run_name="bench",
-                                       precision=precision),
+                                       precision=precision, **(speed or {})),
                         runs_root=Path(tempfile.mkdtemp()))
     stamps = []
     cuda = torch.device(getattr(model, "load_device", "cpu")).type == "cuda"
@@ -41,3 +42,18 @@ def run_ours(engine, model, latents, cond, rank, steps, warmup, batch, gc_on, da
     loop.train_steps(run, steps + warmup + 1, on_step=on_step)
     d = [b - a for a, b in zip(stamps, stamps[1:])]
     return d[warmup:]
+
+
+def speed_variant(name: str) -> dict | None:
+    """The speed options of a benchmark trainer name: ``ours`` -> {} (the plain path), ``ours:<option>=<value>``
+    (e.g. ``ours:optimizer_impl=fused``, ``ours:channels_last=true``; several joined by ``+``) -> those options;
+    any other name -> None."""
+    if name == "ours":
+        return {}
+    if not name.startswith("ours:"):
+        return None
+    out = {}
+    for kv in name[len("ours:"):].split("+"):
+        k, _, v = kv.partition("=")
+        out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
