@@ -87,11 +87,11 @@ def test_plan_arithmetic_with_given_activations(T, comfy, sd15, sd15_training_se
     # eligible full weight is on the device next to the packed ones
     largest = max(m.weight.numel() * m.weight.element_size() for m in dm.modules() if quantize.eligible(m))
     assert p.load == weights and int8.load == weights + packed + largest
-    # the probe's two shapes: the latent's area cut to about PROBE_AREA (256) latent pixels, aspect kept, even
-    # sides, the second half as wide (by hand)
-    assert memory._probe_shapes((4, 8, 8)) == [(4, 8, 8), (4, 8, 4)]
-    assert memory._probe_shapes((16, 128, 128)) == [(16, 16, 16), (16, 16, 8)]
-    assert memory._probe_shapes((16, 5, 60, 104)) == [(16, 5, 12, 20), (16, 5, 12, 10)]
+    # the probe's three shapes: the latent's area cut to about PROBE_AREA (256) latent pixels, aspect kept, even
+    # sides, the second half as wide, the third a quarter (by hand)
+    assert memory._probe_shapes((4, 8, 8)) == [(4, 8, 8), (4, 8, 4), (4, 8, 2)]
+    assert memory._probe_shapes((16, 128, 128)) == [(16, 16, 16), (16, 16, 8), (16, 16, 4)]
+    assert memory._probe_shapes((16, 5, 60, 104)) == [(16, 5, 12, 20), (16, 5, 12, 10), (16, 5, 12, 4)]
     # the streamed layers: the last offload_blocks layers, in checkpoint_units' order (the block lists in order,
     # the middle block last)
     layers = [c for b in [*dm.input_blocks, *dm.output_blocks, dm.middle_block] for c in b

@@ -137,16 +137,30 @@ def test_weight_bytes_counted_layer_by_layer(comfy, sd15):
 
 def test_probe_shapes_of_odd_latents(comfy):
     """Written out by hand: f = max(1, sqrt(h * w / 256)); ph = max(2, even(h / f)), pw = max(4, even(w / f));
-    the second probe max(2, even(pw / 2))."""
+    the second probe max(2, even(pw / 2)), the third max(2, even(pw / 4))."""
     memory = comfy.engine("train.memory")
-    assert memory._probe_shapes((4, 6, 14)) == [(4, 6, 14), (4, 6, 6)]
-    assert memory._probe_shapes((4, 14, 6)) == [(4, 14, 6), (4, 14, 2)]
-    assert memory._probe_shapes((4, 1, 2)) == [(4, 2, 4), (4, 2, 2)]
-    assert memory._probe_shapes((4, 3, 7)) == [(4, 2, 6), (4, 2, 2)]
-    # 64 x 36: f = sqrt(9) = 3 -> 21.33 -> 20, 12 -> 12; second 6
-    assert memory._probe_shapes((16, 64, 36)) == [(16, 20, 12), (16, 20, 6)]
-    # 20 x 180: f = sqrt(3600 / 256) = 3.75 -> 5.33 -> 4, 48 -> 48; second 24
-    assert memory._probe_shapes((16, 20, 180)) == [(16, 4, 48), (16, 4, 24)]
+    assert memory._probe_shapes((4, 6, 14)) == [(4, 6, 14), (4, 6, 6), (4, 6, 2)]
+    assert memory._probe_shapes((4, 14, 6)) == [(4, 14, 6), (4, 14, 2), (4, 14, 2)]
+    assert memory._probe_shapes((4, 1, 2)) == [(4, 2, 4), (4, 2, 2), (4, 2, 2)]
+    assert memory._probe_shapes((4, 3, 7)) == [(4, 2, 6), (4, 2, 2), (4, 2, 2)]
+    # 64 x 36: f = sqrt(9) = 3 -> 21.33 -> 20, 12 -> 12; second 6, third 12 // 4 = 3 -> 2
+    assert memory._probe_shapes((16, 64, 36)) == [(16, 20, 12), (16, 20, 6), (16, 20, 2)]
+    # 20 x 180: f = sqrt(3600 / 256) = 3.75 -> 5.33 -> 4, 48 -> 48; second 24, third 12
+    assert memory._probe_shapes((16, 20, 180)) == [(16, 4, 48), (16, 4, 24), (16, 4, 12)]
+
+
+def test_probe_fit_by_hand(comfy):
+    """fit(): exact through three points of 10 + 2 A + 0.5 A^2; downward curvature is not extrapolated (the line
+    through the two largest areas); repeated areas count once."""
+    memory = comfy.engine("train.memory")
+    assert memory.fit([(8, 58.0), (4, 26.0), (2, 16.0)]) == pytest.approx((10.0, 2.0, 0.5))
+    assert memory.fit([(2, 16.0), (8, 58.0), (4, 26.0)]) == pytest.approx((10.0, 2.0, 0.5))  # any order
+    # 10 + 2 A - 0.1 A^2 at 8, 4, 2: 19.6, 16.4, 13.6 -> the line through (8, 19.6) and (4, 16.4)
+    assert memory.fit([(8, 19.6), (4, 16.4), (2, 13.6)]) == pytest.approx((13.2, 0.8, 0.0))
+    assert memory.fit([(8, 58.0), (4, 26.0), (4, 26.0)]) == pytest.approx((-6.0, 8.0, 0.0))
+    assert memory.fit([(4, 26.0), (4, 26.0)]) == pytest.approx((0.0, 6.5, 0.0))
+    a = memory.Activations(10.0, 2.0, True, 0.5)
+    assert a.at(3, 8) == 3 * 58 and a.per_element(8) == 48.0
 
 
 def test_estimate_probe_plan_and_alternatives(T, comfy, sd15, mixed_set, tmp_path, monkeypatch):

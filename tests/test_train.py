@@ -206,7 +206,7 @@ def test_validation_batches_a_samples_timesteps_when_they_fit(T, sd15, sd15_trai
     k, n = run.settings.val_timesteps, len(sd15_training_set.samples)
     assert calls == [k] * n, calls  # CPU: plenty of free memory
     calls.clear()
-    monkeypatch.setattr(T.loop.Trainer, "_timesteps_per_forward", lambda self, shape, k: 1)  # no room for two
+    monkeypatch.setattr(T.loop.Trainer, "_timesteps_per_forward", lambda self, shape, k, sample=None: 1)  # no room for two
     single = T.loop.validation_loss(run)
     assert calls == [1] * (k * n), calls
     assert batched == pytest.approx(single, rel=1e-6) and batched > 0

@@ -605,7 +605,7 @@ class Trainer:
                 x0 = self.patcher.model.process_latent_in(sample.latent[None].float())
                 noise = torch.randn(x0.shape, generator=g).to(self.device)
                 x0 = x0.to(self.device)
-                n = self._timesteps_per_forward(x0.shape, k)
+                n = self._timesteps_per_forward(x0.shape, k, sample)
                 for i in range(0, k, n):  # a sample's timesteps batched, as many as fit (same noise, same caption)
                     sig = torch.tensor(sigmas[i:i + n], device=self.device)
                     m = len(sig)
@@ -616,13 +616,14 @@ class Trainer:
             a.train()
         return sum(losses) / len(losses)
 
-    def _timesteps_per_forward(self, shape: torch.Size, k: int) -> int:
+    def _timesteps_per_forward(self, shape: torch.Size, k: int, sample=None) -> int:
         """How many of a validation sample's ``k`` timesteps run in one forward: the most whose inference memory
-        fits in free memory with ComfyUI's sampler's margin (``comfy.samplers.calc_cond_batch`` batches conds by the
-        same rule: ``memory_required(shape) * 1.5 < free``); 1 when none does."""
+        (its reference latents included) fits in free memory with ComfyUI's sampler's margin
+        (``comfy.samplers.calc_cond_batch`` batches conds by the same rule: ``memory_required(shape) * 1.5 <
+        free``); 1 when none does."""
         free = mm.get_free_memory(self.device)
         for n in range(k, 1, -1):
-            if self.patcher.memory_required([n, *shape[1:]]) * 1.5 < free:
+            if memory.inference_bytes(self.patcher, [n, *shape[1:]], sample) * 1.5 < free:
                 return n
         return 1
 
@@ -641,8 +642,8 @@ class Trainer:
         # load_models_gpu already counts the model's weights; memory_required is what training needs on top:
         # adapter fp32 params/grads/two optimizer moments (+ EMA) and the activations of the largest training
         # batch kept for backward (ComfyUI's inference estimate x3; x1 with gradient checkpointing)
-        largest = max(self.samples, key=lambda smp: smp.latent.numel()).latent.shape
-        acts = self.patcher.memory_required([self.run.settings.batch_size, *largest])
+        biggest = memory.biggest_sample(self)
+        acts = memory.inference_bytes(self.patcher, [self.run.settings.batch_size, *biggest.latent.shape], biggest)
         est = sum(p.numel() * 4 * (5 if self.ema else 4) for p in self.params)
         est += acts * (1 if self.run.settings.gradient_checkpointing else 3)
         self.memory_estimate = int(est)

@@ -7,10 +7,12 @@ peak = base weights on the device (by dtype as loaded, or quantized; offloaded b
 
 The last term is measured, not guessed, when it matters (a budget set by hand, or ComfyUI's rough estimate above
 half the budget): a probe runs the trainer's own forward and backward (same hooks,
-precision and checkpointing) at batch 1 on two small latents cut to the largest bucket's aspect, counts the live
-bytes of every tensor the step allocates (:class:`LiveBytes`), and extrapolates linearly in latent area and
-batch (a slider with an anchor back-propagates the target and the anchor prompt in one forward of twice the
-batch: :func:`grad_batch`; the extra latent adds the per-pixel part only). Models above ``PROBE_MAX_PARAMS`` on a
+precision and checkpointing, the largest sample's reference latents for image-edit runs) at batch 1 on three small
+latents cut from the largest bucket, counts the live bytes of every tensor the step allocates
+(:class:`LiveBytes`), and extrapolates in latent area (a quadratic term where the probes show attention scores held
+in memory: :func:`fit`) and linearly in batch (a slider with an anchor back-propagates the target and the anchor
+prompt in one forward of twice the batch: :func:`grad_batch`; the extra latent adds the per-pixel part only).
+Models above ``PROBE_MAX_PARAMS`` on a
 CPU are not probed (a forward there takes minutes); they use ComfyUI's inference estimate times 3 (1 with
 checkpointing), as the loader did before, and the plan says so.
 
@@ -31,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import offload, quantize
+from ..data.types import with_reference
 from .config import ConfigError
 
 GiB = 1024 ** 3
@@ -76,13 +79,19 @@ class LiveBytes(TorchDispatchMode):
 
 @dataclass(frozen=True)
 class Activations:
-    """Bytes of one step's activations and gradients: ``batch * (fixed + per_pixel * latent area)``."""
+    """Bytes of one step's activations and gradients: ``batch * (fixed + per_pixel * A + quad * A**2)`` for a
+    latent area ``A``. ``quad``: attention that materialises its token-by-token scores (every token of the image,
+    its reference images and the text); 0 where attention streams them (flash / memory-efficient kernels)."""
     fixed: float
     per_pixel: float
     probed: bool
+    quad: float = 0.0
+
+    def per_element(self, area: float) -> float:
+        return self.per_pixel * area + self.quad * area * area
 
     def at(self, batch: int, area: int) -> int:
-        return int(batch * max(self.fixed + self.per_pixel * area, 0.0))
+        return int(batch * max(self.fixed + self.per_element(area), 0.0))
 
 
 @dataclass(frozen=True)
@@ -194,21 +203,64 @@ def adapter_bytes(trainer) -> int:
 
 
 def _probe_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Two probe shapes cut from a latent's (C, [frames,] H, W): the frame count kept, the area reduced."""
+    """Three probe shapes cut from a latent's (C, [frames,] H, W): the frame count kept, the area reduced (the
+    first to at most ``PROBE_AREA`` at the latent's aspect, then its width halved and quartered)."""
     lead, h, w = tuple(shape[:-2]), shape[-2], shape[-1]
     f = max(1.0, math.sqrt(h * w / PROBE_AREA))
     ph, pw = max(2, int(h / f) // 2 * 2), max(4, int(w / f) // 2 * 2)
-    return [(*lead, ph, pw), (*lead, ph, max(2, pw // 2 // 2 * 2))]
+    return [(*lead, ph, pw), (*lead, ph, max(2, pw // 2 // 2 * 2)), (*lead, ph, max(2, pw // 4 // 2 * 2))]
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """``(fixed, per_pixel, quad)`` of ``fixed + per_pixel * A + quad * A**2`` through the probes' ``(area, peak)``
+    points (largest area first): exact through three distinct areas when the curvature is upward (attention
+    scores held in memory), else the line through the two largest (the peak then grows linearly, or a probe too
+    small to tell: curvature is never extrapolated downward)."""
+    pts = sorted({a: m for a, m in points}.items(), reverse=True)
+    if len(pts) >= 3:
+        (a1, m1), (a2, m2), (a3, m3) = pts[:3]
+        s12, s23 = (m1 - m2) / (a1 - a2), (m2 - m3) / (a2 - a3)
+        quad = (s12 - s23) / (a1 - a3)
+        if quad > 0:
+            per = s12 - quad * (a1 + a2)
+            return m1 - per * a1 - quad * a1 * a1, per, quad
+    if len(pts) >= 2:
+        (a1, m1), (a2, m2) = pts[:2]
+        per = (m1 - m2) / (a1 - a2)
+        return m1 - per * a1, per, 0.0
+    (a1, m1), = pts
+    return 0.0, m1 / a1, 0.0
+
+
+def inference_bytes(patcher, shape, sample=None) -> float:
+    """ComfyUI's inference estimate for a batch of latents of ``shape`` (batch first) whose every element carries
+    ``sample``'s control latents as reference latents: the model's ``memory_required`` with the cond shapes its own
+    ``extra_conds_shapes`` gives them, as ComfyUI's sampler asks it (``sampler_helpers``). Each reference adds its
+    image tokens to the transformer's sequence (FLUX Kontext, FLUX.2, Qwen-Image-Edit)."""
+    model = patcher.model
+    refs = list(getattr(sample, "control_latents", ()) or ())
+    if not refs:
+        return model.memory_required(list(shape))
+    extra = model.extra_conds_shapes(reference_latents=[r[None] for r in refs])
+    return model.memory_required(list(shape), cond_shapes={k: [v] * int(shape[0]) for k, v in extra.items()})
+
+
+def biggest_sample(trainer):
+    """The training sample of the largest latent (with its control latents, if any)."""
+    return max(trainer.samples, key=lambda smp: smp.latent.numel()
+               + sum(c.numel() for c in (getattr(smp, "control_latents", ()) or ())))
 
 
 def comfy_estimate(trainer, shape: tuple[int, ...]) -> Activations:
-    """ComfyUI's inference estimate for the shape, x3 (x1 with checkpointing): what the loader used before."""
-    acts = trainer.patcher.memory_required([1, *shape]) * (1 if trainer.run.settings.gradient_checkpointing else 3)
+    """ComfyUI's inference estimate for the shape (and the largest sample's reference latents), x3 (x1 with
+    checkpointing): what the loader used before."""
+    acts = inference_bytes(trainer.patcher, [1, *shape], biggest_sample(trainer))
+    acts *= 1 if trainer.run.settings.gradient_checkpointing else 3
     return Activations(0.0, acts / max(1, shape[-1] * shape[-2]), False)
 
 
 def probe(trainer, shape: tuple[int, ...]) -> Activations:
-    """Activation bytes per step from two probes (see the module's doc)."""
+    """Activation bytes per step from three probes (see the module's doc)."""
     from .loop import checkpointed_blocks
 
     dm = trainer.patcher.model.diffusion_model
@@ -217,8 +269,9 @@ def probe(trainer, shape: tuple[int, ...]) -> Activations:
     where = {p.device for p in dm.parameters()}
     if (n_params > PROBE_MAX_PARAMS and trainer.device.type == "cpu") or where != {torch.device(trainer.device)}:
         return comfy_estimate(trainer, shape)
-    sample = trainer.samples[0]
+    sample = biggest_sample(trainer)
     cond = sample.captions[0].conditioning
+    n_refs = len(getattr(sample, "control_latents", ()) or ())
     points = []
     g = torch.Generator().manual_seed(0)
     rng = (trainer.gen.get_state(), trainer.py_rng.getstate())
@@ -231,13 +284,16 @@ def probe(trainer, shape: tuple[int, ...]) -> Activations:
             x0 = torch.randn((1, *shp), generator=g).to(trainer.device)
             noise = torch.randn((1, *shp), generator=g).to(trainer.device)
             sigma = torch.tensor([float(trainer.ms.percent_to_sigma(0.5))], device=trainer.device)
+            # control latents come at the target's geometry (data/dataset.py): the probe's references too
+            refs = [torch.randn(shp, generator=g).to(trainer.device) for _ in range(n_refs)]
+            c = with_reference(cond, dataclasses.replace(sample, control_latents=tuple(refs))) if refs else cond
             for attempt in (0, 1):
                 meter = LiveBytes()
                 try:
                     with trainer.hooked(), checkpointed_blocks(dm, s.gradient_checkpointing,
                                                                lambda: trainer.clone_saved), \
                             trainer._saved_tensor_mode(), meter:
-                        loss = trainer.predict_loss(x0, noise, sigma, [cond]).mean()
+                        loss = trainer.predict_loss(x0, noise, sigma, [c]).mean()
                         loss.backward()
                     break
                 except RuntimeError as e:  # FLUX: in-place changes of saved tensors, as Trainer.backward retries
@@ -250,9 +306,8 @@ def probe(trainer, shape: tuple[int, ...]) -> Activations:
             points.append((shp[-1] * shp[-2], meter.peak))
     trainer.gen.set_state(rng[0])
     trainer.py_rng.setstate(rng[1])
-    (a1, m1), (a2, m2) = points
-    per = (m1 - m2) / (a1 - a2) if a1 != a2 else m1 / a1
-    return Activations(m1 - per * a1, per, True)
+    fixed, per, quad = fit(points)
+    return Activations(fixed, per, True, quad)
 
 
 def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan, Activations]:
@@ -261,7 +316,7 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
     s0 = trainer.run.settings
     s = settings or s0
     dm = trainer.patcher.model.diffusion_model
-    biggest = max(trainer.samples, key=lambda smp: smp.latent.numel())
+    biggest = biggest_sample(trainer)
     largest = biggest.latent.shape
     if acts is None:  # probe only when the budget is tight or set by hand (a probe costs a few steps' time)
         acts = comfy_estimate(trainer, tuple(largest))
@@ -272,7 +327,7 @@ def plan(trainer, settings=None, acts: Activations | None = None) -> tuple[Plan,
     a = acts.at(s.batch_size, int(area))
     # latents an objective back-propagates beside each batch element's (a slider's anchor) add their per-pixel part;
     # the probe's intercept (weight casts and buffers of the step, whatever the batch) is not repeated
-    a += int((grad_batch(trainer) - 1) * s.batch_size * max(acts.per_pixel * area, 0.0))
+    a += int((grad_batch(trainer) - 1) * s.batch_size * max(acts.per_element(area), 0.0))
     a = int(a * _factor(s) / _factor(s0))
     same = trainer.device == torch.device(trainer.patcher.offload_device)
     p = Plan(weight_bytes(dm, s.quantize, s.offload_blocks, same), adapter_bytes(trainer), a,
