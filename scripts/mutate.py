@@ -186,7 +186,8 @@ TESTS = {
     "te/inspect.py": ["tests/test_pin_inspect.py", "tests/test_pin_te.py", "tests/test_te_nodes.py"],
     "te/tokenizers.py": ["tests/test_pin_tokenizers.py"],
     # te/mistral_compat.py: ComfyUI's FLUX.2 tokenizer under transformers 5 (the fast tokenizer tests, no encoder)
-    "te/mistral_compat.py": ["tests/test_te_flux2.py::test_comfyui_own_mistral_loader_needs_transformers_4",
+    "te/mistral_compat.py": ["tests/test_pin_mistral_compat.py",
+                             "tests/test_te_flux2.py::test_comfyui_own_mistral_loader_needs_transformers_4",
                              "tests/test_te_flux2.py::test_flux2_tokenizer_builds_with_the_pack_loaded",
                              "tests/test_te_flux2.py::test_compat_tokenizer_is_transformers_4s",
                              "tests/test_te_flux2.py::test_compat_applies_once_logs_one_line_and_leaves_a_working_loader_alone",
