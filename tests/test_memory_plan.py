@@ -132,8 +132,13 @@ def test_edit_references_counted_in_the_estimate(comfy, family_bundle, tmp_path)
         shape = [1, 16, side, side]
         assert memory.inference_bytes(tr.patcher, shape, sample) == pytest.approx(
             3 * memory.inference_bytes(tr.patcher, shape, plain.samples[0]))
-        assert memory.comfy_estimate(tr, (16, side, side)).per_pixel == pytest.approx(
-            3 * memory.inference_bytes(tr.patcher, shape) * 3 / (side * side))
+        # not probed (large models on a CPU): x3 without checkpointing, per pixel of the target (a wide one here)
+        wide = (16, side, side // 2)
+        est = memory.comfy_estimate(tr, wide)
+        assert not est.probed and est.per_pixel == pytest.approx(
+            memory.inference_bytes(tr.patcher, [1, *wide], sample) * 3 / (side * side // 2))
+        assert memory.inference_bytes(tr.patcher, [1, *wide], sample) == pytest.approx(
+            5 * memory.inference_bytes(tr.patcher, [1, *wide]))  # 2 references of 32x32 = 4 targets of 32x16
         try:
             meter = memory.LiveBytes()
             with meter:
