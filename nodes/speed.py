@@ -36,13 +36,19 @@ class SpeedOptions(io.ComfyNode):
                                tooltip="blocks: compile each transformer/UNet block with torch.compile (the first "
                                        "steps of each bucket size take longer while it compiles). none: plain "
                                        "PyTorch."),
+                io.Combo.Input("attention", options=list(speed_mod.ATTENTION), default="comfy",
+                               tooltip="The attention kernel while training: comfy (ComfyUI's choice: PyTorch SDPA "
+                                       "on GPUs, chunked on a CPU); pytorch, sub_quad, split, or flash/sage/xformers "
+                                       "when installed (ComfyUI's functions); sdpa_flash/sdpa_efficient/sdpa_cudnn/"
+                                       "sdpa_math hold PyTorch's SDPA to one kernel. Same math; speed and memory "
+                                       "differ. Train Init refuses one this machine lacks."),
             ],
             outputs=[SPEED.Output("speed", tooltip="For Train Init.")],
         )
 
     @classmethod
-    def execute(cls, optimizer_impl, channels_last, lora_math, compile) -> io.NodeOutput:
-        cfg = speed_mod.SpeedConfig(optimizer_impl, channels_last, lora_math, compile)
+    def execute(cls, optimizer_impl, channels_last, lora_math, compile, attention="comfy") -> io.NodeOutput:
+        cfg = speed_mod.SpeedConfig(optimizer_impl, channels_last, lora_math, compile, attention)
         cfg.validate()
         return io.NodeOutput(cfg)
 

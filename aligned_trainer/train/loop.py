@@ -24,7 +24,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet, with_reference
 from ..te import specs
 from . import adapters as ad
-from . import experts, memory, placement, quantize, slider, speed, te_swap, text_mask
+from . import attention, experts, memory, placement, quantize, slider, speed, te_swap, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -79,6 +79,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
         raise ConfigError("the training set is empty")
     quantize.check(settings.quantize)
     speed.of(settings).validate()
+    attention.check(settings.attention, mm.get_torch_device())
     if settings.offload_blocks < 0 or settings.memory_budget_gb < 0:
         raise ConfigError("offload_blocks and memory_budget_gb must be >= 0")
     names = ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
@@ -307,6 +308,7 @@ class Trainer:
         self.shift_rule = ts.resolution_rule(run.model)  # the family's resolution shift (resolution_shift.json)
         dm = self.patcher.model.diffusion_model
         self.device = mm.get_torch_device()  # where load() puts the model; RNG draws stay on the CPU
+        self.forward_options = attention.transformer_options(s.attention)  # the model's transformer_options
         self.gen = torch.Generator().manual_seed(s.seed)
         init_gen = torch.Generator().manual_seed(s.seed + 1)
         self.names = ad.target_layers(dm, run.lora)
@@ -444,7 +446,8 @@ class Trainer:
         # states) run in separate forwards, as ComfyUI's sampler runs them; one group when they all batch
         for idx in concat_groups(per):
             with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                outs.append(self.patcher.model.apply_model(xt[idx], sigma[idx], **concat_conds([per[i] for i in idx])))
+                outs.append(self.patcher.model.apply_model(xt[idx], sigma[idx], **concat_conds([per[i] for i in idx]),
+                                                           transformer_options=dict(self.forward_options)))
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
 
     def predict_at(self, xt: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:

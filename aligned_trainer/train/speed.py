@@ -10,11 +10,14 @@ plain path until one does.
 - ``lora_math``: LoRA on the activation side (the default, ``train/adapters.py``) or ``merged`` into the layer's
   weight for each forward (faster where a layer sees many tokens per weight: SDXL at batch 4 on a GPU);
 - ``compile``: ``blocks`` compiles each transformer/UNet block with ``torch.compile`` (regional compilation:
-  blocks of one shape share their compiled code, each bucket's shapes compile once)."""
+  blocks of one shape share their compiled code, each bucket's shapes compile once);
+- ``attention``: ComfyUI's choice (``comfy``), another function ComfyUI registers, or PyTorch's SDPA held to one
+  kernel (train/attention.py)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from .attention import CHOICES as ATTENTION
 from .config import ConfigError
 
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
@@ -28,9 +31,11 @@ class SpeedConfig:
     channels_last: bool = False
     lora_math: str = "activation"
     compile: str = "none"
+    attention: str = "comfy"
 
     def validate(self) -> None:
-        for name, options in (("optimizer_impl", OPTIMIZER_IMPLS), ("lora_math", LORA_MATH), ("compile", COMPILE)):
+        for name, options in (("optimizer_impl", OPTIMIZER_IMPLS), ("lora_math", LORA_MATH), ("compile", COMPILE),
+                              ("attention", ATTENTION)):
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name} must be one of {options} (got {getattr(self, name)!r})")
         if not isinstance(self.channels_last, bool):

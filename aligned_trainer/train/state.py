@@ -65,6 +65,7 @@ class RunSettings:
     channels_last: bool = False
     lora_math: str = "activation"    # activation | merged
     compile: str = "none"            # none | blocks
+    attention: str = "comfy"         # comfy (ComfyUI's choice) | a registered function | sdpa_<kernel> (attention.py)
 
     def __post_init__(self):
         check_finite(self)  # NaN passes every range check of a JSON prompt
