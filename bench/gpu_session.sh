@@ -5,7 +5,8 @@
 # importlib_metadata, prodigyopt, lion-pytorch; see BENCHMARKS.md) and .work/ComfyUI travel with the working tree.
 # Each part has its own time limit, so one that hangs or fails leaves the others' tables; logs go to $OUT.
 #   bash bench/gpu_session.sh            (on the GPU machine, from the repository root)
-# Speed against the diffusers+peft peer (issue #25): python3 bench/bench_gpu.py --family flux1,sdxl
+# Speed (issue #25: the floors, ours, the diffusers+peft peer and each speed option) is the second command:
+# bash bench/gpu_speed.sh
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
