@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from . import optim, speed_channels_last
 from .config import ConfigError
 
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
@@ -48,3 +49,11 @@ def apply(settings, cfg: SpeedConfig | None):
         return settings
     cfg.validate()
     return replace(settings, **asdict(cfg))
+
+
+def note(settings, optimizer, diffusion_model) -> str | None:
+    """Train Init's lines on the speed options that cannot act on this run (or, for channels_last, on what they
+    act on); None when there is nothing to say."""
+    lines = [optim.impl_note(optimizer, settings.optimizer_impl),
+             speed_channels_last.note(diffusion_model, settings.channels_last)]
+    return "\n".join(x for x in lines if x) or None
