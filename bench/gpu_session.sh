@@ -5,7 +5,8 @@
 # importlib_metadata, prodigyopt, lion-pytorch; see BENCHMARKS.md) and .work/ComfyUI travel with the working tree.
 # Each part has its own time limit, so one that hangs or fails leaves the others' tables; logs go to $OUT.
 #   bash bench/gpu_session.sh            (on the GPU machine, from the repository root)
-# Speed against the diffusers+peft peer (issue #25): python3 bench/bench_gpu.py --family flux1,sdxl
+# Speed against the diffusers+peft peer (issue #25): python3 bench/bench_gpu.py --family flux1,sdxl; each speed
+# option against plain ours: the 'speed' parts at the end
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -31,3 +32,8 @@ t0=$SECONDS  # issue #24: the same run as 1 process x grad_accum 2 and as 2 proc
 # server, tiny SD1.5; it needs ComfyUI's server requirements such as aiohttp: if the machine lacks them, the log says so)
 timeout "${DDP_S:-150}" python3 bench/bench_ddp.py --device cuda --steps 6 2>&1 | filt > "$OUT/ddp.log"
 echo "ddp: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/ddp.log" | head -20
+t0=$SECONDS  # issue #25: optimizer_impl=fused and channels_last=true, each on its own against plain ours (full SDXL,
+# random weights, bf16, 1024 px, batch 4); the table's "x plain ours" ratio decides whether each is kept
+timeout "${SPEED_OPT_S:-150}" python3 bench/bench_gpu.py --family sdxl --batch 4 --steps 6 --warmup 2 \
+  --trainers ours,ours:optimizer_impl=fused,ours:channels_last=true 2>&1 | filt > "$OUT/speed_opt.log"
+echo "speed (optimizer_impl, channels_last): rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/speed_opt.log" | head -20
