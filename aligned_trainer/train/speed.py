@@ -4,9 +4,10 @@ same adapters after N steps within float rounding (fp32, tests/test_speed.py), s
 resume. Which ones pay is a GPU measurement (bench/bench_gpu.py measures each on its own); all default to the
 plain path until one does.
 
-- ``optimizer_impl``: torch's per-tensor loop (``default``), its multi-tensor ``foreach`` kernels, or its
-  ``fused`` kernels (AdamW; other optimizers keep their own implementation and the plan says so);
-- ``channels_last``: UNet convolutions and their activations in NHWC memory layout;
+- ``optimizer_impl``: torch's choice (``default``), its multi-tensor ``foreach`` kernels, or its ``fused`` kernels
+  (AdamW, ``optim.py``; other optimizers keep their own implementation and Train Init's text says so);
+- ``channels_last``: UNet convolutions and their activations in NHWC memory layout during Train Steps
+  (``speed_channels_last.py``; a model without 2-D convolutions: nothing to do, Train Init's text says so);
 - ``lora_math``: LoRA on the activation side (the default, ``train/adapters.py``) or ``merged`` into the layer's
   weight for each forward (faster where a layer sees many tokens per weight: SDXL at batch 4 on a GPU);
 - ``compile``: ``blocks`` compiles each transformer/UNet block with ``torch.compile`` (regional compilation:
