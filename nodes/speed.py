@@ -20,13 +20,16 @@ class SpeedOptions(io.ComfyNode):
                         "docs/training.md.",
             inputs=[
                 io.Combo.Input("optimizer_impl", options=list(speed_mod.OPTIMIZER_IMPLS), default="default",
-                               tooltip="How AdamW updates the LoRA: default (torch's choice), foreach (a few "
+                               tooltip="How AdamW updates the LoRA (same result): default (torch's choice: "
+                                       "foreach on a GPU, one tensor at a time on the CPU), foreach (a few "
                                        "multi-tensor kernels per step), fused (one fused kernel; fewest launches on "
-                                       "a GPU). Other optimizers keep their own code."),
+                                       "a GPU). AdamW only: other optimizers keep their own code, as Train Init "
+                                       "says. A run may switch it on resume."),
                 io.Boolean.Input("channels_last", default=False,
                                  tooltip="Run UNet convolutions in channels-last (NHWC) memory layout, which GPU "
-                                         "tensor cores prefer. SD1.5/SDXL only; transformers have no convolutions "
-                                         "to speak of."),
+                                         "tensor cores prefer (same result). SD1.5/SDXL; on a model without 2-D "
+                                         "convolutions (FLUX) it changes nothing, as Train Init says. The model is "
+                                         "back in its usual layout after Train Steps."),
                 io.Combo.Input("lora_math", options=list(speed_mod.LORA_MATH), default="activation",
                                tooltip="activation (default): the LoRA adds up(down(x)) beside each layer, no weight "
                                        "copy. merged: the LoRA is merged into each layer's weight for the step, "

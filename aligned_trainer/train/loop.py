@@ -24,12 +24,12 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet, with_reference
 from ..te import specs
 from . import adapters as ad
-from . import attention, experts, memory, placement, quantize, slider, speed, te_swap, text_mask
+from . import attention, experts, memory, placement, quantize, slider, speed, speed_channels_last, te_swap, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
 from .config import ConfigError, LoraConfig, OptimizerConfig, TimestepConfig
-from .optim import build_ema, build_optimizer, build_scheduler
+from .optim import build_ema, build_optimizer, build_scheduler, load_optimizer_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PROCESSES = 64  # data-parallel workers on one machine (Train Init's ``processes``)
@@ -99,7 +99,8 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     run = st.TrainRun(model=model, training_set=training_set, lora=lora, timesteps=timesteps, optimizer=optimizer,
                       settings=settings, run_dir=str(run_dir), te_spec=te_spec,
                       meta={"dataset_hash": training_set.meta.get("dataset_hash"), "started_at": time.time(),
-                            "expert_note": experts.note(timesteps, model)},
+                            "expert_note": experts.note(timesteps, model),
+                            "speed_note": speed.note(settings, optimizer, model.model.diffusion_model)},
                       preservation=preservation if settings.dop_weight > 0 else None)
     if opened.checkpoint is not None:
         ck = opened.checkpoint
@@ -327,7 +328,7 @@ class Trainer:
         te_swap.attach(self)  # a text-encoder swap's projection joins the adapters and sets ``context``
         self.dropout = any(a.rank_dropout or a.module_dropout or a.network_dropout for a in self.adapters.values())
         self.params = [p for a in self.adapters.values() for n, p in a.named_parameters() if p.requires_grad]
-        self.opt = build_optimizer(run.optimizer, self.params)
+        self.opt = build_optimizer(run.optimizer, self.params, s.optimizer_impl)
         self.sched = build_scheduler(run.optimizer, self.opt)
         # fp16 autocast: scale the loss so small gradients do not underflow (bf16/fp32 need no scaling)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.precision == "fp16")
@@ -381,7 +382,7 @@ class Trainer:
         sd = state["adapters"]
         for n, a in self.adapters.items():
             a.inner.load_state_dict({k: sd[f"{n}.{k}"] for k in a.inner.state_dict()})
-        self.opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.opt, state["optimizer"])  # keeps this run's optimizer_impl
         self.sched.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
@@ -719,7 +720,8 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
         trainer = trainer_cls(run)  # adapters, optimizer state: normal tensors even when called under inference mode
         dm = trainer.patcher.model.diffusion_model
         with placement.placed(trainer) as placed, \
-                checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved):
+                checkpointed_blocks(dm, run.settings.gradient_checkpointing, lambda: trainer.clone_saved), \
+                speed_channels_last.applied(trainer):
             for a in trainer.adapters.values():
                 a.train()
             in_step = None  # the random state before the step in progress (None between steps)

@@ -4,9 +4,10 @@ same adapters after N steps within float rounding (fp32, tests/test_speed.py), s
 resume. Which ones pay is a GPU measurement (bench/bench_gpu.py measures each on its own); all default to the
 plain path until one does.
 
-- ``optimizer_impl``: torch's per-tensor loop (``default``), its multi-tensor ``foreach`` kernels, or its
-  ``fused`` kernels (AdamW; other optimizers keep their own implementation and the plan says so);
-- ``channels_last``: UNet convolutions and their activations in NHWC memory layout;
+- ``optimizer_impl``: torch's choice (``default``), its multi-tensor ``foreach`` kernels, or its ``fused`` kernels
+  (AdamW, ``optim.py``; other optimizers keep their own implementation and Train Init's text says so);
+- ``channels_last``: UNet convolutions and their activations in NHWC memory layout during Train Steps
+  (``speed_channels_last.py``; a model without 2-D convolutions: nothing to do, Train Init's text says so);
 - ``lora_math``: LoRA on the activation side (the default, ``train/adapters.py``) or ``merged`` into the layer's
   weight for each forward (faster where a layer sees many tokens per weight: SDXL at batch 4 on a GPU);
 - ``compile``: ``blocks`` compiles each transformer/UNet block with ``torch.compile`` (regional compilation:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from . import optim, speed_channels_last
 from .attention import CHOICES as ATTENTION
 from .config import ConfigError
 
@@ -53,3 +55,11 @@ def apply(settings, cfg: SpeedConfig | None):
         return settings
     cfg.validate()
     return replace(settings, **asdict(cfg))
+
+
+def note(settings, optimizer, diffusion_model) -> str | None:
+    """Train Init's lines on the speed options that cannot act on this run (or, for channels_last, on what they
+    act on); None when there is nothing to say."""
+    lines = [optim.impl_note(optimizer, settings.optimizer_impl),
+             speed_channels_last.note(diffusion_model, settings.channels_last)]
+    return "\n".join(x for x in lines if x) or None
