@@ -5,7 +5,8 @@
 # importlib_metadata, prodigyopt, lion-pytorch; see BENCHMARKS.md) and .work/ComfyUI travel with the working tree.
 # Each part has its own time limit, so one that hangs or fails leaves the others' tables; logs go to $OUT.
 #   bash bench/gpu_session.sh            (on the GPU machine, from the repository root)
-# Speed against the diffusers+peft peer (issue #25): python3 bench/bench_gpu.py --family flux1,sdxl
+# Speed against the diffusers+peft peer (issue #25): python3 bench/bench_gpu.py --family flux1,sdxl; the speed options
+# each as their own row of ours with an "x plain ours" ratio (the speed parts at the end)
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -31,3 +32,11 @@ t0=$SECONDS  # issue #24: the same run as 1 process x grad_accum 2 and as 2 proc
 # server, tiny SD1.5; it needs ComfyUI's server requirements such as aiohttp: if the machine lacks them, the log says so)
 timeout "${DDP_S:-150}" python3 bench/bench_ddp.py --device cuda --steps 6 2>&1 | filt > "$OUT/ddp.log"
 echo "ddp: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/ddp.log" | head -20
+t0=$SECONDS  # issue #25 lora_math merged against plain ours (activation side): SDXL batch 4, where merging should pay
+timeout "${LM_SDXL_S:-150}" python3 bench/bench_gpu.py --family sdxl --batch 4 --steps 8 --warmup 2 \
+  --trainers ours,ours:lora_math=merged 2>&1 | filt > "$OUT/speed_lora_math_sdxl.log"
+echo "speed lora_math sdxl: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/speed_lora_math_sdxl.log" | head -20
+t0=$SECONDS  # ... and FLUX.1-dev batch 1 (checkpointing on, bench_gpu's default for flux1)
+timeout "${LM_FLUX_S:-150}" python3 bench/bench_gpu.py --family flux1 --batch 1 --steps 6 --warmup 2 \
+  --trainers ours,ours:lora_math=merged 2>&1 | filt > "$OUT/speed_lora_math_flux1.log"
+echo "speed lora_math flux1: rc $? in $((SECONDS - t0)) s"; grep "^|\|Error\|error" "$OUT/speed_lora_math_flux1.log" | head -20
