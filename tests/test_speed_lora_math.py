@@ -73,14 +73,17 @@ def _assert_equal_adapters(a, b):
     return worst
 
 
-@pytest.mark.parametrize("family,gc", [("sd15", False), ("sd15", True), ("flux1", False), ("flux1", True)])
+@pytest.mark.parametrize("family,gc,offload", [("sd15", False, 0), ("sd15", True, 0), ("flux1", False, 0),
+                                               ("flux1", True, 0), ("flux1", True, 1)])
 def test_merged_equals_activation_after_5_steps(comfy, T, sd15, sd15_training_set, family_bundle, tmp_path,
-                                                 family, gc):
+                                                 family, gc, offload):
+    """``offload``: the last block's weights streamed in for each forward (train/offload.py): the merged weight is
+    built from the streamed copy, in the forward and in the recomputation."""
     model, tset, lora = _case(comfy, T, sd15, sd15_training_set, family_bundle, family)
     plain, n_plain, hooks_plain = _train(T, _run(T, model, tset, tmp_path, "plain", lora, batch_size=2,
-                                                 gradient_checkpointing=gc))
+                                                 gradient_checkpointing=gc, offload_blocks=offload))
     merged, n_merged, hooks_merged = _train(T, _run(T, model, tset, tmp_path, "merged", lora, "merged",
-                                                    batch_size=2, gradient_checkpointing=gc))
+                                                    batch_size=2, gradient_checkpointing=gc, offload_blocks=offload))
     _assert_equal_adapters(plain, merged)
     # it acted: every LoRA layer built its merged weight in each forward (5 steps; a layer in a checkpointed block
     # builds it again when recomputed), no activation hook was put on any of them; the plain path built none
