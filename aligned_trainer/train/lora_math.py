@@ -77,10 +77,13 @@ class _Merged:
             layer.forward = self.forward
         else:  # ComfyUI computes this weight per call: the merge joins its weight functions
             self.functions = d.get("weight_function", _ABSENT)
-            layer.weight_function = [*layer.weight_function, quantize.weight_wrapper(layer, self.merge)]
+            layer.weight_function = [*layer.weight_function, quantize.weight_wrapper(layer, self)]
 
-    def merge(self, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:  # as one of ComfyUI's weight functions
         return merged_weight(self.adapter, w)
+
+    def move_to(self, device) -> int:  # ComfyUI's ModelPatcher asks weight functions to move (the adapter does)
+        return self.adapter.move_to(device)
 
     def forward(self, x, *args, **kwargs):
         import comfy.ops
