@@ -32,9 +32,11 @@ class SpeedOptions(io.ComfyNode):
                                          "back in its usual layout after Train Steps."),
                 io.Combo.Input("lora_math", options=list(speed_mod.LORA_MATH), default="activation",
                                tooltip="activation (default): the LoRA adds up(down(x)) beside each layer, no weight "
-                                       "copy. merged: the LoRA is merged into each layer's weight for the step, "
-                                       "faster when a layer sees many tokens (large batches/resolutions), more "
-                                       "memory."),
+                                       "copy. merged: each LoRA/LoCon layer computes with W + up @ down, built at "
+                                       "each forward; meant for layers that see many tokens (large batches or "
+                                       "resolutions; a GPU measurement decides), keeps a weight-sized tensor per "
+                                       "layer for backward instead of the LoRA's per-token ones. Not with "
+                                       "network_dropout, rank_dropout or quantize (Train Init refuses them)."),
                 io.Combo.Input("compile", options=list(speed_mod.COMPILE), default="none",
                                tooltip="blocks: compile each transformer/UNet block with torch.compile (the first "
                                        "steps of each bucket size take longer while it compiles). none: plain "

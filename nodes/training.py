@@ -267,7 +267,8 @@ class TrainInit(io.ComfyNode):
         run = loop.init_run(model, training_set, lora_config, timesteps, optimizer, settings, resume,
                             preservation=preservation_prompt, if_exists=if_exists, init_lora=init_lora)
         text = "\n".join(filter(None, (run.meta.get("resume_note"), run.meta.get("expert_note"),
-                                       run.meta.get("speed_note"), run.meta.get("memory_plan", ""))))
+                                       run.meta.get("speed_note"), run.meta.get("lora_math_note"),
+                                       run.meta.get("memory_plan", ""))))
         return io.NodeOutput(run, ui={"text": [text]})
 
 

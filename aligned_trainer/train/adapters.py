@@ -117,6 +117,7 @@ class TrainAdapter(torch.nn.Module):
             self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
             self.kernel = tuple(layer.weight.shape[1:])
         self.enabled = True  # off: the base model's weight (differential output preservation's reference)
+        self.merged_forwards = 0  # forwards that built the merged weight (speed option lora_math merged)
 
     def hook(self, layer, args, out):
         """Forward hook of the layer (activation side): ``out + scale * up(drop(down(x)))``. Under autocast

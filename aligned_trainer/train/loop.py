@@ -24,7 +24,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from ..data.types import TrainingSet, with_reference
 from ..te import specs
 from . import adapters as ad
-from . import attention, experts, memory, placement, quantize, slider, speed, speed_channels_last, te_swap, text_mask
+from . import attention, experts, lora_math, memory, placement, quantize, slider, speed, speed_channels_last, te_swap, text_mask
 from . import resume as resume_mod
 from . import state as st
 from . import timesteps as ts
@@ -80,6 +80,7 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     quantize.check(settings.quantize)
     speed.of(settings).validate()
     attention.check(settings.attention, mm.get_torch_device())
+    lora_math.check(lora, settings)
     if settings.offload_blocks < 0 or settings.memory_budget_gb < 0:
         raise ConfigError("offload_blocks and memory_budget_gb must be >= 0")
     names = ad.target_layers(model.model.diffusion_model, lora)  # fails early on an incompatible preset
@@ -115,7 +116,8 @@ def init_run(model, training_set: TrainingSet, lora: LoraConfig, timesteps: Time
     with torch.inference_mode(False):
         probe = Trainer(run)
         try:
-            run = run.advanced(meta={**run.meta, "memory_plan": memory.check(probe).text()})
+            run = run.advanced(meta={**run.meta, "memory_plan": memory.check(probe).text(),
+                                     "lora_math_note": lora_math.note(probe)})
         finally:
             probe.release()
     for old in opened.replaced:  # if_exists 'overwrite', after every check has passed
@@ -483,7 +485,7 @@ class Trainer:
         handles = []
         try:
             for layer, a in self.hooked_layers:
-                handles.append(layer.register_forward_hook(a.hook))
+                handles.append(lora_math.attach(layer, a, self.run.settings.lora_math))
             yield
         finally:
             for h in handles:
@@ -778,6 +780,7 @@ def train_steps(run: st.TrainRun, steps: int, checkpoint_every: int = 0, keep_la
                 for a in trainer.adapters.values():
                     a.eval()
                 trainer.release()
+                lora_math.report(trainer, step - run.step)
     return snapshot()
 
 
