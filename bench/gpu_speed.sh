@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.work/ComfyUI PYTHONUNBUFFERED=1
 filt() { grep -v "Warning\|_pytree\|torchao\|register_constant"; }
 OPTS="ours:attention=sdpa_flash,ours:attention=sdpa_cudnn,ours:attention=sdpa_efficient,ours:optimizer_impl=fused"
-OPTS="$OPTS,ours:optimizer_impl=foreach,ours:lora_math=merged,ours:compile=blocks"
+OPTS="$OPTS,ours:optimizer_impl=foreach,ours:lora_math=merged"
 t0=$SECONDS
 timeout "${SDXL_S:-280}" python3 bench/bench_gpu.py --family sdxl --batch 4 --steps 6 --warmup 3 \
   --trainers "floor,floor_act,ours,peer,ours:channels_last=true,$OPTS" 2>&1 | filt > "$OUT/speed_sdxl.log"

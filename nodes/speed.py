@@ -37,10 +37,6 @@ class SpeedOptions(io.ComfyNode):
                                        "resolutions; a GPU measurement decides), keeps a weight-sized tensor per "
                                        "layer for backward instead of the LoRA's per-token ones. Not with "
                                        "network_dropout, rank_dropout or quantize (Train Init refuses them)."),
-                io.Combo.Input("compile", options=list(speed_mod.COMPILE), default="none",
-                               tooltip="blocks: compile each transformer/UNet block with torch.compile (the first "
-                                       "steps of each bucket size take longer while it compiles). none: plain "
-                                       "PyTorch."),
                 io.Combo.Input("attention", options=list(speed_mod.ATTENTION), default="comfy",
                                tooltip="The attention kernel while training: comfy (ComfyUI's choice: PyTorch SDPA "
                                        "on GPUs, chunked on a CPU); pytorch, sub_quad, split, or flash/sage/xformers "
@@ -52,8 +48,8 @@ class SpeedOptions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, optimizer_impl, channels_last, lora_math, compile, attention="comfy") -> io.NodeOutput:
-        cfg = speed_mod.SpeedConfig(optimizer_impl, channels_last, lora_math, compile, attention)
+    def execute(cls, optimizer_impl, channels_last, lora_math, attention="comfy") -> io.NodeOutput:
+        cfg = speed_mod.SpeedConfig(optimizer_impl, channels_last, lora_math, attention)
         cfg.validate()
         return io.NodeOutput(cfg)
 

@@ -247,7 +247,7 @@ class TrainInit(io.ComfyNode):
                                      "while training with more than 1."),
                 SPEED.Input("speed", optional=True,
                             tooltip="From Speed Options: how each step is computed (fused optimizer, channels-last, "
-                                    "merged LoRA, compiled blocks, attention kernel). Not connected: the plain path."),
+                                    "merged LoRA, attention kernel). Not connected: the plain path."),
             ],
             outputs=[TRAIN_RUN.Output("run", tooltip="The training run (for Train Steps); its memory plan (estimated "
                                                      "peak against the budget) is shown under the node.")],

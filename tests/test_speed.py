@@ -9,11 +9,10 @@ def test_speed_options_validate_and_reach_the_settings(comfy):
     C = comfy.engine("train.config")
     base = state.RunSettings(run_name="x")
     assert speed.of(base) == speed.SpeedConfig()  # nothing connected: the plain path
-    cfg = speed.SpeedConfig("fused", True, "merged", "blocks")
+    cfg = speed.SpeedConfig("fused", True, "merged", "pytorch")
     s = speed.apply(base, cfg)
     assert speed.of(s) == cfg and s.run_name == "x"
     assert speed.apply(base, None) is base
-    for bad in (dict(optimizer_impl="apex"), dict(lora_math="fast"), dict(compile="max-autotune"),
-                dict(channels_last="yes")):
+    for bad in (dict(optimizer_impl="apex"), dict(lora_math="fast"), dict(attention="fastest"), dict(channels_last="yes")):
         with pytest.raises(C.ConfigError, match=next(iter(bad))):
             speed.apply(base, speed.SpeedConfig(**bad))

@@ -110,7 +110,7 @@ def test_speed_options_node_through_the_server(server):
     def prompt(name, attention):
         p = train_prompt.prompt(name, 2, dataset="speed_ds", checkpoint_every=2)
         p["11"] = {"class_type": "AlignedTrainer_SpeedOptions", "inputs": {
-            "optimizer_impl": "default", "channels_last": False, "lora_math": "activation", "compile": "none",
+            "optimizer_impl": "default", "channels_last": False, "lora_math": "activation",
             "attention": attention}}
         p["8"]["inputs"]["speed"] = ["11", 0]
         return p

@@ -138,7 +138,7 @@ def test_speed_options_node_through_the_server(server):
     make_dataset(server.input_dir / "speed_ds", n=4, sizes=((64, 64),))
     p = train_prompt.prompt("speed_server", 2, dataset="speed_ds")
     p["11"] = {"class_type": train_prompt.P + "SpeedOptions", "inputs": {
-        "optimizer_impl": "fused", "channels_last": True, "lora_math": "activation", "compile": "none"}}
+        "optimizer_impl": "fused", "channels_last": True, "lora_math": "activation"}}
     p["8"]["inputs"]["speed"] = ["11", 0]
     before = server.log_path.read_text(errors="replace")
     hist = server.run(p)

@@ -248,7 +248,7 @@ def test_speed_options_node_through_the_server(server):
                                 lr=1e-4)
         if how == "merged":
             p["11"] = {"class_type": train_prompt.P + "SpeedOptions", "inputs": {
-                "optimizer_impl": "default", "channels_last": False, "lora_math": "merged", "compile": "none"}}
+                "optimizer_impl": "default", "channels_last": False, "lora_math": "merged"}}
             p["8"]["inputs"]["speed"] = ["11", 0]
         entry = server.run(p, timeout=600)
         text = entry["outputs"]["8"]["text"][0]

@@ -10,8 +10,6 @@ plain path until one does.
   (``speed_channels_last.py``; a model without 2-D convolutions: nothing to do, Train Init's text says so);
 - ``lora_math``: LoRA on the activation side (the default, ``train/adapters.py``) or ``merged`` into the layer's
   weight for each forward (faster where a layer sees many tokens per weight: SDXL at batch 4 on a GPU);
-- ``compile``: ``blocks`` compiles each transformer/UNet block with ``torch.compile`` (regional compilation:
-  blocks of one shape share their compiled code, each bucket's shapes compile once);
 - ``attention``: ComfyUI's choice (``comfy``), another function ComfyUI registers, or PyTorch's SDPA held to one
   kernel (train/attention.py)."""
 from __future__ import annotations
@@ -24,7 +22,6 @@ from .config import ConfigError
 
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
 LORA_MATH = ("activation", "merged")
-COMPILE = ("none", "blocks")
 
 
 @dataclass(frozen=True)
@@ -32,11 +29,10 @@ class SpeedConfig:
     optimizer_impl: str = "default"
     channels_last: bool = False
     lora_math: str = "activation"
-    compile: str = "none"
     attention: str = "comfy"
 
     def validate(self) -> None:
-        for name, options in (("optimizer_impl", OPTIMIZER_IMPLS), ("lora_math", LORA_MATH), ("compile", COMPILE),
+        for name, options in (("optimizer_impl", OPTIMIZER_IMPLS), ("lora_math", LORA_MATH),
                               ("attention", ATTENTION)):
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name} must be one of {options} (got {getattr(self, name)!r})")

@@ -64,7 +64,6 @@ class RunSettings:
     optimizer_impl: str = "default"  # default | foreach | fused
     channels_last: bool = False
     lora_math: str = "activation"    # activation | merged
-    compile: str = "none"            # none | blocks
     attention: str = "comfy"         # comfy (ComfyUI's choice) | a registered function | sdpa_<kernel> (attention.py)
 
     def __post_init__(self):
