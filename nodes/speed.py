@@ -37,7 +37,7 @@ class SpeedOptions(io.ComfyNode):
                                        "resolutions; a GPU measurement decides), keeps a weight-sized tensor per "
                                        "layer for backward instead of the LoRA's per-token ones. Not with "
                                        "network_dropout, rank_dropout or quantize (Train Init refuses them)."),
-                io.Combo.Input("attention", options=list(speed_mod.ATTENTION), default="comfy",
+                io.Combo.Input("attention", options=list(speed_mod.ATTENTION), default="comfy", optional=True,
                                tooltip="The attention kernel while training: comfy (ComfyUI's choice: PyTorch SDPA "
                                        "on GPUs, chunked on a CPU); pytorch, sub_quad, split, or flash/sage/xformers "
                                        "when installed (ComfyUI's functions); sdpa_flash/sdpa_efficient/sdpa_cudnn/"
