@@ -19,6 +19,19 @@ def _tset(comfy, family_bundle, name, side):
                                            bucket=(side * 8, side * 8)),))
 
 
+def measured_peak(memory, tr) -> int:
+    """The diffusion model's weights and buffers plus the live bytes of one real training step (the first: the
+    optimizer's state appears in it); releases the trainer."""
+    dm = tr.patcher.model.diffusion_model
+    try:
+        meter = memory.LiveBytes()
+        with meter:
+            tr.step()
+    finally:
+        tr.release()
+    return sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()]) + meter.peak
+
+
 @pytest.mark.parametrize("name,side,gc", [("flux1-dev", 32, False), ("flux1-dev", 48, False), ("flux1-dev", 32, True),
                                         ("sdxl", 24, True)])
 def test_estimate_within_15_percent_of_measured_peak(comfy, family_bundle, name, side, gc, tmp_path):
@@ -37,16 +50,9 @@ def test_estimate_within_15_percent_of_measured_peak(comfy, family_bundle, name,
         dm = tr.patcher.model.diffusion_model
         plan, acts = memory.plan(tr)
         assert acts.probed and max(s[-1] * s[-2] for s in memory._probe_shapes((1, side, side))) < side * side
-        try:
-            with loop.checkpointed_blocks(dm, gc, lambda: tr.clone_saved):
-                meter = memory.LiveBytes()
-                with meter:  # the first step: the optimizer's state appears in it
-                    tr.step()
-        finally:
-            tr.release()
-    weights = sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
-    measured = weights + meter.peak
-    assert plan.weights == weights
+        with loop.checkpointed_blocks(dm, gc, lambda: tr.clone_saved):
+            measured = measured_peak(memory, tr)
+    assert plan.weights == sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
     assert abs(plan.total - measured) / measured < 0.15, (plan.text(), measured)
 
 
@@ -125,7 +131,6 @@ def test_edit_references_counted_in_the_estimate(comfy, family_bundle, tmp_path)
     with torch.inference_mode(False):
         tr = loop.Trainer(run)
         tr.load()
-        dm = tr.patcher.model.diffusion_model
         plan, acts = memory.plan(tr)
         assert acts.probed
         # ComfyUI's estimate: each reference adds as many image tokens as the target has
@@ -139,12 +144,5 @@ def test_edit_references_counted_in_the_estimate(comfy, family_bundle, tmp_path)
             memory.inference_bytes(tr.patcher, [1, *wide], sample) * 3 / (side * side // 2))
         assert memory.inference_bytes(tr.patcher, [1, *wide], sample) == pytest.approx(
             5 * memory.inference_bytes(tr.patcher, [1, *wide]))  # 2 references of 32x32 = 4 targets of 32x16
-        try:
-            meter = memory.LiveBytes()
-            with meter:
-                tr.step()
-        finally:
-            tr.release()
-    weights = sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
-    measured = weights + meter.peak
+        measured = measured_peak(memory, tr)
     assert abs(plan.total - measured) / measured < 0.15, (plan.text(), measured)

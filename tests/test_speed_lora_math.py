@@ -8,15 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_train_activation import _flux_set
+
 ATOL = 1e-6  # issue #25: adapters after 5 steps within 1e-6 (fp32)
-
-
-def _flux_set(comfy, T, family_bundle):
-    model, clip, _ = family_bundle("flux1-dev")
-    (cond,) = comfy.nodes.CLIPTextEncode().encode(clip, "ohwx, a red circle")
-    lat = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0))
-    return model, T.types.TrainingSet((T.types.Sample("a", lat, (T.types.CaptionVariant("ohwx", cond),),
-                                                      bucket=(64, 64)),))
 
 
 def _case(comfy, T, sd15, sd15_training_set, family_bundle, family):

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from support.factories import te_wan, wan, wan22
+from test_memory_plan import measured_peak
 
 RANK = dict(rank=4, alpha=4, preset="attention")
 
@@ -179,15 +180,8 @@ def test_memory_plan_counts_the_frames_of_video_latents(comfy, clip, tmp_path):
         dm = tr.patcher.model.diffusion_model
         plan, acts = memory.plan(tr, acts=memory.probe(tr, shape))
         assert acts.probed
-        try:
-            meter = memory.LiveBytes()
-            with meter:
-                tr.step()
-        finally:
-            tr.release()
-    weights = sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
-    measured = weights + meter.peak
-    assert plan.weights == weights
+        measured = measured_peak(memory, tr)
+    assert plan.weights == sum(t.numel() * t.element_size() for t in [*dm.parameters(), *dm.buffers()])
     assert abs(plan.total - measured) / measured < 0.15, (plan.text(), measured)
 
 
